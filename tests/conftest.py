@@ -1,0 +1,35 @@
+"""Shared fixtures. Everything runs offline on the CPU with tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+# Model hubs are unreachable in tests: fail fast instead of retrying for ~45 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A :class:`ModelConfig` pointing at tiny random models written by ``make_tiny_models``."""
+    from dalda_aug.testing import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = os.environ.get("RUN_SLOW", "0") not in ("", "0", "false")
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_cuda = False
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="needs real weights; set RUN_SLOW=1"))
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
