@@ -1,1 +1,67 @@
+"""dalda_aug — DALDA generative data augmentation for few-shot image classification.
+
+``import dalda_aug`` is light: the public names below are imported on first use, so torch,
+diffusers, transformers, open_clip and timm load only when a feature needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "ModelConfig": "config",
+    "AGSConfig": "ags",
+    "Scaling": "ags",
+    "sample_lambda": "ags",
+    "sample_scales": "ags",
+    "CLIPScorer": "clipscore",
+    "ImageSource": "data",
+    "load_image": "data",
+    "image_sha256": "data",
+    "readable_class_name": "data",
+    "few_shot_indices": "data",
+    "AugmentationPlan": "plan",
+    "Variant": "plan",
+    "build_plan": "plan",
+    "derive_seed": "plan",
+    "PromptBank": "prompts",
+    "generate_prompt_bank": "prompts",
+    "GenerationConfig": "generation",
+    "GenerationRequest": "generation",
+    "IPAdapterGenerator": "generation",
+    "DaldaError": "errors",
+    "InputError": "errors",
+    "MissingFileError": "errors",
+    "ImageError": "errors",
+    "ModelLoadError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dalda_aug' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ags import AGSConfig, Scaling, sample_lambda, sample_scales
+    from .clipscore import CLIPScorer
+    from .config import ModelConfig
+    from .data import ImageSource, few_shot_indices, image_sha256, load_image, readable_class_name
+    from .errors import DaldaError, ImageError, InputError, MissingFileError, ModelLoadError
+    from .generation import GenerationConfig, GenerationRequest, IPAdapterGenerator
+    from .plan import AugmentationPlan, Variant, build_plan, derive_seed
+    from .prompts import PromptBank, generate_prompt_bank

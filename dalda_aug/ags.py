@@ -1,0 +1,224 @@
+"""Choosing the IP-Adapter scale λ of each generated image.
+
+Parameter choice is kept apart from its use (torchvision v2's ``make_params``): these
+functions are pure functions of (scores, n_shot, config, rng) and the generator only applies
+the λ it is given.
+
+Strategies, selected with the one explicit field :attr:`Scaling.strategy`:
+
+``"ags"``
+    Adaptive guidance scaling (DALDA, Eq. 2–3). An image CLIP recognises poorly
+    (score ≤ α) gets a *Low*-confidence range [0.7, 0.9] — keep close to the real image; a
+    well-recognised image gets the *High* range [0.1, 0.4] — let the text prompt add diversity.
+    Within the range, μ = min + (max − min)·(1 − score), σ = 0.05·n for n shots per class, and
+    λ ~ TruncNormal(μ, σ², min, max) (:attr:`AGSConfig.mode` ``"truncnorm"``, the paper).
+    ``mode="clip"`` reproduces the reference code instead: a normal draw clipped to the range
+    (mass piles up on the bounds) with the High upper bound widened to 0.4 + 0.1·√n.
+``"rs"``
+    Random scaling: λ ~ U(0, 1).
+``"fixed"``
+    The same λ = :attr:`Scaling.value` for every image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters"]
+
+_MODES = ("truncnorm", "clip")
+_STRATEGIES = ("ags", "rs", "fixed")
+
+
+def _check_range(name: str, rng_: tuple[float, float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in rng_)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"AGSConfig.{name} must be a pair (min, max), got {rng_!r}") from exc
+    if not (0.0 <= lo < hi) or not math.isfinite(hi):
+        raise InputError(f"AGSConfig.{name} must satisfy 0 <= min < max, got {rng_!r}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class AGSConfig:
+    """The constants of adaptive guidance scaling (paper defaults)."""
+
+    # Threshold on the CLIPScore (zero-shot class probability): score <= alpha is "Low".
+    alpha: float = 0.3
+    # λ range for images CLIP recognises poorly (stay close to the reference image).
+    low: tuple[float, float] = (0.7, 0.9)
+    # λ range for well-recognised images (let the prompt add diversity).
+    high: tuple[float, float] = (0.1, 0.4)
+    # σ = sigma_per_shot · n, for n shots per class.
+    sigma_per_shot: float = 0.05
+    # "truncnorm": exact truncated normal (paper); "clip": clipped normal (reference code).
+    mode: Literal["truncnorm", "clip"] = "truncnorm"
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= float(self.alpha) <= 1.0):
+            raise InputError(f"AGSConfig.alpha must lie in [0, 1], got {self.alpha!r}")
+        object.__setattr__(self, "low", _check_range("low", self.low))
+        object.__setattr__(self, "high", _check_range("high", self.high))
+        if not (float(self.sigma_per_shot) > 0.0) or not math.isfinite(self.sigma_per_shot):
+            raise InputError(f"AGSConfig.sigma_per_shot must be > 0, got {self.sigma_per_shot!r}")
+        if self.mode not in _MODES:
+            raise InputError(f"AGSConfig.mode must be one of {_MODES}, got {self.mode!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "low": list(self.low),
+            "high": list(self.high),
+            "sigma_per_shot": self.sigma_per_shot,
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AGSConfig":
+        data = dict(data)
+        for key in ("low", "high"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Which λ strategy to use: ``"ags"`` (with :attr:`ags`), ``"rs"``, or ``"fixed"`` (:attr:`value`)."""
+
+    strategy: Literal["ags", "rs", "fixed"] = "ags"
+    ags: AGSConfig = field(default_factory=AGSConfig)
+    # λ for strategy "fixed" (ignored otherwise).
+    value: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.strategy not in _STRATEGIES:
+            raise InputError(f"unknown scaling strategy {self.strategy!r}; expected one of {_STRATEGIES}")
+        if not isinstance(self.ags, AGSConfig):
+            raise InputError(f"Scaling.ags must be an AGSConfig, got {type(self.ags).__name__}")
+        if self.strategy == "fixed" and not (0.0 <= float(self.value) and math.isfinite(self.value)):
+            raise InputError(f"fixed λ must be a finite number >= 0, got {self.value!r}")
+
+    @classmethod
+    def parse(cls, text: str, ags: AGSConfig | None = None) -> "Scaling":
+        """Parse the CLI form: ``ags``, ``rs`` or ``fixed:0.5``."""
+        ags = ags or AGSConfig()
+        text = str(text).strip()
+        if text in ("ags", "rs"):
+            return cls(strategy=text, ags=ags)
+        if text.startswith("fixed:"):
+            raw = text[len("fixed:"):]
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InputError(f"invalid --scaling value {text!r}: {raw!r} is not a number") from None
+            return cls(strategy="fixed", ags=ags, value=value)
+        raise InputError(f"invalid --scaling value {text!r}; expected 'ags', 'rs' or 'fixed:<λ>' (e.g. fixed:0.5)")
+
+    def describe(self) -> str:
+        if self.strategy == "fixed":
+            return f"fixed:{self.value:g}"
+        if self.strategy == "ags":
+            return f"ags({self.ags.mode})"
+        return "rs"
+
+    def to_dict(self) -> dict:
+        out: dict = {"strategy": self.strategy}
+        if self.strategy == "ags":
+            out["ags"] = self.ags.to_dict()
+        if self.strategy == "fixed":
+            out["value"] = self.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Scaling":
+        ags = AGSConfig.from_dict(data["ags"]) if "ags" in data else AGSConfig()
+        return cls(strategy=data["strategy"], ags=ags, value=data.get("value", 0.5))
+
+
+def _validate_scores(scores) -> np.ndarray:
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1:
+        raise InputError(f"scores must be a 1-D sequence, got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0.0) | (arr > 1.0))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(f"score {arr[i]!r} at position {i} lies outside [0, 1]")
+    return arr
+
+
+def _validate_n_shot(n_shot) -> np.ndarray:
+    arr = np.asarray(n_shot)
+    if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.mod(arr, 1) == 0):
+        raise InputError(f"n_shot must be a whole number >= 1, got {n_shot!r}")
+    if np.any(arr < 1):
+        raise InputError(f"n_shot must be >= 1, got {n_shot!r}")
+    return arr.astype(np.float64)
+
+
+def ags_parameters(scores, n_shot, config: AGSConfig = AGSConfig()):
+    """Per-score (μ, σ, lower bound, upper bound) of the AGS distribution.
+
+    ``n_shot`` is an int or one int per score. In ``clip`` mode the High upper bound is
+    0.4 + 0.1·√n, as in the reference code.
+    """
+    s = _validate_scores(scores)
+    n = np.broadcast_to(_validate_n_shot(n_shot), s.shape)
+    is_low = s <= config.alpha
+    lo = np.where(is_low, config.low[0], config.high[0])
+    hi_high = config.high[1] + (0.1 * np.sqrt(n) if config.mode == "clip" else 0.0)
+    hi = np.where(is_low, config.low[1], hi_high)
+    mu = lo + (hi - lo) * (1.0 - s)
+    sigma = config.sigma_per_shot * n
+    return mu, sigma, lo, hi
+
+
+def _as_rng(rng) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None:
+        raise InputError("an explicit rng (numpy Generator) or integer seed is required")
+    return np.random.default_rng(rng)
+
+
+def sample_lambda(scores, n_shot, rng, config: AGSConfig = AGSConfig()) -> np.ndarray:
+    """Draw one AGS λ per CLIPScore.
+
+    Args:
+        scores: CLIPScores in [0, 1] (DALDA's zero-shot class probability).
+        n_shot: shots per class (int, or one per score); σ = ``config.sigma_per_shot``·n.
+        rng: a ``numpy.random.Generator`` or an int seed — the only source of randomness.
+        config: :class:`AGSConfig`.
+    """
+    mu, sigma, lo, hi = ags_parameters(scores, n_shot, config)
+    gen = _as_rng(rng)
+    if config.mode == "clip":
+        return np.clip(gen.normal(mu, sigma), lo, hi)
+    # Exact truncated normal by inversion: robust when μ sits on a bound or σ is large.
+    from scipy.stats import truncnorm
+
+    a = (lo - mu) / sigma
+    b = (hi - mu) / sigma
+    u = gen.random(mu.shape)
+    out = truncnorm.ppf(u, a, b, loc=mu, scale=sigma)
+    return np.clip(out, lo, hi)  # guards the last ulp only
+
+
+def sample_scales(scores, n_shot, rng, scaling: Scaling = Scaling()) -> np.ndarray:
+    """One λ per score under ``scaling`` (``ags``, ``rs`` or ``fixed``)."""
+    s = _validate_scores(scores)
+    if scaling.strategy == "ags":
+        return sample_lambda(s, n_shot, rng, scaling.ags)
+    _validate_n_shot(n_shot)
+    if scaling.strategy == "rs":
+        return _as_rng(rng).uniform(0.0, 1.0, size=s.shape)
+    return np.full(s.shape, float(scaling.value))

@@ -1,0 +1,145 @@
+"""The ``dalda-aug`` command line: ``main(argv=None) -> int``.
+
+Each subcommand lives next to the feature it drives and registers itself through a
+``register(subparsers)`` function; this module only assembles them and turns the library's
+:class:`~dalda_aug.errors.DaldaError` into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import DaldaError
+
+__all__ = ["main", "build_parser", "load_models_arg"]
+
+# Modules contributing subcommands (each defines ``register(subparsers)``).
+_COMMAND_MODULES: tuple[str, ...] = (
+    __name__,
+)
+
+
+def load_models_arg(path: str | None):
+    """``--models FILE.json`` -> :class:`ModelConfig` (the paper's hub models when omitted)."""
+    from .config import ModelConfig
+
+    return ModelConfig() if path is None else ModelConfig.load(path)
+
+
+# -- make-tiny-models ------------------------------------------------------------------
+def _run_make_tiny_models(args) -> int:
+    from .testing import make_tiny_models
+
+    config = make_tiny_models(args.dir, seed=args.seed)
+    print(f"wrote tiny models to {Path(args.dir).resolve()}; config: {Path(args.dir).resolve() / 'models.json'}")
+    if args.verbose:
+        print(json.dumps(config.to_dict(), indent=2))
+    return 0
+
+
+# -- plan ------------------------------------------------------------------------------
+def _run_plan(args) -> int:
+    from .ags import AGSConfig, Scaling
+    from .clipscore import CLIPScorer
+    from .plan import build_plan
+
+    models = load_models_arg(args.models)
+    scaling = Scaling.parse(args.scaling, AGSConfig(mode=args.ags_mode))
+    prompts = None
+    if args.prompts:
+        from .prompts import PromptBank
+
+        prompts = PromptBank.load(args.prompts)
+    scorer = CLIPScorer.from_models(models, device=args.device, kind=args.score_kind, batch_size=args.batch_size)
+    plan = build_plan(
+        args.data,
+        variants=args.variants,
+        seed=args.seed,
+        n_shot=args.shots,
+        scaling=scaling,
+        prompts=prompts,
+        models=models,
+        scorer=scorer,
+    )
+    out = plan.save(args.out)
+    s = plan.summary
+    print(
+        f"planned {s['variants']} images for {s['sources']} source images in {s['classes']} classes "
+        f"(scaling {scaling.describe()}, mean score {s['mean_score']:.3f}, "
+        f"Low {s['low_share']:.0%} / High {s['high_share']:.0%}) -> {out}"
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "make-tiny-models",
+        help="write tiny random models (offline) and DIR/models.json",
+        description="Write tiny random-weight SD 1.x, IP-Adapter and open_clip models in the real "
+                    "formats, plus DIR/models.json pointing at them (for tests, CI and offline demos).",
+    )
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_run_make_tiny_models)
+
+    p = subparsers.add_parser(
+        "plan",
+        help="score source images and plan M variants per image (prompt, λ, seed)",
+        description="Score every source image with CLIP, draw λ per variant and write "
+                    "OUT/plan.jsonl, OUT/plan.json and OUT/summary.json.",
+    )
+    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+    p.add_argument("--out", required=True, help="output plan folder")
+    p.add_argument("--shots", type=int, default=None,
+                   help="keep N images per class (seeded split); default: all images")
+    p.add_argument("--variants", "-M", type=int, default=10, help="synthetic images per source image (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scaling", default="ags", help="ags | rs | fixed:<λ> (default ags)")
+    p.add_argument("--ags-mode", choices=("truncnorm", "clip"), default="truncnorm",
+                   help="truncnorm: the paper's truncated normal (default); clip: the reference code's clipped normal")
+    p.add_argument("--prompts", default=None, help="prompt bank JSON (dalda-aug prompts); default 'a photo of a {class}'")
+    p.add_argument("--models", default=None, help="models JSON (see ModelConfig); default: the paper's hub models")
+    p.add_argument("--score-kind", choices=("softmax", "cosine"), default="softmax")
+    p.add_argument("--device", default="cpu", help="torch device for CLIP scoring (default cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per CLIP batch")
+    p.set_defaults(func=_run_plan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dalda-aug",
+        description="DALDA generative data augmentation for few-shot image classification.",
+    )
+    parser.add_argument("--version", action="version", version=f"dalda-aug {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        module = sys.modules[__name__] if name == __name__ else importlib.import_module(name)
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DaldaError as exc:
+        print(f"dalda-aug {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dalda-aug {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""CLIPScore as DALDA uses it: CLIP's zero-shot probability of an image's own class.
+
+For class prompts "a photo of a {class}" over *every* class of the dataset, the score of an
+image is ``softmax(100 · cos(image, texts))[own class]`` — a probability in [0, 1]. The
+cosine CLIPScore of Hessel et al. (``2.5 · max(cos(image, own text), 0)``) is available with
+``kind="cosine"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from .errors import InputError, ModelLoadError, require
+
+__all__ = ["CLIPScorer", "load_open_clip"]
+
+LOGIT_SCALE = 100.0  # CLIP ViT-B/16 (OpenAI) learned logit scale, as DALDA uses it
+HESSEL_W = 2.5
+
+
+def load_open_clip(model_name: str, pretrained: str | None, device="cpu"):
+    """Load an open_clip model, its eval transform and tokenizer.
+
+    ``model_name`` is a registered open_clip name (``"ViT-B-16"``) or a path to a model-config
+    JSON file (registered with ``open_clip.add_model_config``). ``pretrained`` is a tag
+    (``"openai"``) or a checkpoint file.
+    """
+    require("open_clip", "generate", package="open_clip_torch")
+    import open_clip
+
+    name = model_name
+    if model_name.endswith(".json"):
+        cfg_path = Path(model_name)
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"open_clip model config not found: {cfg_path}")
+        open_clip.add_model_config(cfg_path)
+        name = cfg_path.stem
+    if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        if not Path(pretrained).is_file():
+            raise ModelLoadError(f"open_clip checkpoint not found: {pretrained} (for model {model_name!r})")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc) or "not found" in str(exc).lower():
+            raise ModelLoadError(f"cannot load open_clip model {model_name!r} / {pretrained!r}: {exc}") from exc
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load open_clip model {model_name!r} with pretrained={pretrained!r}: {exc}. "
+            "Offline? Point clip_pretrained at a local checkpoint file."
+        ) from exc
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, preprocess, tokenizer
+
+
+class CLIPScorer:
+    """Scores how well CLIP recognises each image as its own class.
+
+    Args:
+        model_name: open_clip model name or model-config JSON path (``ModelConfig.clip_model``).
+        pretrained: open_clip pretrained tag or checkpoint path (``ModelConfig.clip_pretrained``).
+        device: torch device for the model (CPU by default).
+        template: class prompt; ``{}`` is replaced by the class name.
+        kind: ``"softmax"`` (DALDA's zero-shot probability) or ``"cosine"`` (Hessel's CLIPScore).
+        batch_size: images per forward pass.
+
+    The model is loaded on first use; text features are computed once per class list.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-16",
+        pretrained: str | None = "openai",
+        device="cpu",
+        template: str = "a photo of a {}",
+        kind: Literal["softmax", "cosine"] = "softmax",
+        batch_size: int = 64,
+    ):
+        if "{}" not in template:
+            raise InputError(f"template must contain '{{}}' for the class name, got {template!r}")
+        if kind not in ("softmax", "cosine"):
+            raise InputError(f"kind must be 'softmax' or 'cosine', got {kind!r}")
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = device
+        self.template = template
+        self.kind = kind
+        self.batch_size = int(batch_size)
+        self._model = None
+        self._preprocess = None
+        self._tokenizer = None
+        self._text_cache: dict[tuple[str, ...], "object"] = {}
+
+    @classmethod
+    def from_models(cls, models, **kwargs) -> "CLIPScorer":
+        """Build from a :class:`~dalda_aug.config.ModelConfig`."""
+        return cls(models.clip_model, models.clip_pretrained, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"CLIPScorer(model_name={self.model_name!r}, pretrained={self.pretrained!r}, "
+                f"device={self.device!r}, kind={self.kind!r}, template={self.template!r})")
+
+    def _load(self):
+        if self._model is None:
+            self._model, self._preprocess, self._tokenizer = load_open_clip(
+                self.model_name, self.pretrained, self.device
+            )
+        return self._model
+
+    def text_features(self, class_names: Sequence[str]):
+        """L2-normalised text features of the class prompts (cached per class list)."""
+        import torch
+
+        key = tuple(class_names)
+        if key not in self._text_cache:
+            if not key:
+                raise InputError("class_names is empty")
+            model = self._load()
+            tokens = self._tokenizer([self.template.format(c) for c in key]).to(self.device)
+            with torch.inference_mode():
+                feats = model.encode_text(tokens).float()
+            self._text_cache[key] = feats / feats.norm(dim=-1, keepdim=True)
+        return self._text_cache[key]
+
+    def image_features(self, images: Sequence, progress: bool | None = None):
+        """L2-normalised image features, in batches (``images`` are PIL images)."""
+        import torch
+        from tqdm.auto import tqdm
+
+        model = self._load()
+        out = []
+        show = progress if progress is not None else len(images) > 4 * self.batch_size
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc="CLIPScore", unit="batch", disable=not show):
+            batch = [self._preprocess(img) for img in images[start : start + self.batch_size]]
+            pixels = torch.stack(batch).to(self.device)
+            with torch.inference_mode():
+                feats = model.encode_image(pixels).float()
+            out.append(feats / feats.norm(dim=-1, keepdim=True))
+        return torch.cat(out) if out else torch.empty(0)
+
+    def score(self, images: Sequence, labels: Sequence[int], class_names: Sequence[str],
+              progress: bool | None = None) -> np.ndarray:
+        """One score per image: see the module docstring. ``labels`` index ``class_names``."""
+        images = list(images)
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(images) != len(labels):
+            raise InputError(f"{len(images)} images but {len(labels)} labels")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise InputError(f"labels must lie in [0, {len(class_names)}), got {labels.min()}..{labels.max()}")
+        if not images:
+            return np.zeros(0, dtype=np.float64)
+        import torch
+
+        text = self.text_features(class_names)
+        img = self.image_features(images, progress=progress)
+        cos = img @ text.T  # (N, C)
+        idx = torch.as_tensor(labels, device=cos.device)
+        if self.kind == "cosine":
+            own = cos.gather(1, idx[:, None])[:, 0]
+            result = HESSEL_W * own.clamp(min=0)
+        else:
+            probs = (LOGIT_SCALE * cos).softmax(dim=-1)
+            result = probs.gather(1, idx[:, None])[:, 0]
+        return result.double().cpu().numpy()

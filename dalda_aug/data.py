@@ -1,0 +1,251 @@
+"""Reading source images: image folders, generic datasets, few-shot splits, content hashes.
+
+The folder layout is torchvision's ``ImageFolder`` (``root/<class>/<image>``) with the same
+class and sample order, so dataset index ``i`` here is index ``i`` there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError, InputError, MissingFileError
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "SourceItem",
+    "ImageSource",
+    "load_image",
+    "to_rgb",
+    "image_sha256",
+    "readable_class_name",
+    "find_classes",
+    "few_shot_indices",
+]
+
+# Same extensions as torchvision.datasets.folder.IMG_EXTENSIONS.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def readable_class_name(folder_name: str) -> str:
+    """``"american_bulldog"`` -> ``"american bulldog"``; ``"001.ak47"`` -> ``"ak47"``."""
+    name = re.sub(r"^\d+[._-]", "", folder_name)  # Caltech-256 style "001.name" prefixes
+    name = re.sub(r"[_]+", " ", name)
+    name = re.sub(r"\s+", " ", name).strip()
+    return name or folder_name
+
+
+def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
+    """Convert any PIL image to 8-bit RGB, or raise :class:`ImageError` naming ``source``.
+
+    CMYK, palette, grey and 16/32-bit images are converted; transparency is composited on
+    white (not dropped, which would turn transparent areas black).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif mode == "I":
+            top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+            arr = arr * (255.0 / top)
+        else:  # float images: assume [0, 1] when they fit, otherwise min-max
+            lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+            arr = arr * 255.0 if lo >= 0.0 and hi <= 1.0 else (arr - lo) * (255.0 / max(hi - lo, 1e-12))
+        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"cannot convert image {source} from mode {mode!r} to RGB: {exc}") from exc
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file fully and return it as RGB; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img, str(path))
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"cannot read image {path}: not a recognised image file") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"cannot read image {path}: {exc} (truncated or corrupt file?)") from exc
+
+
+def image_sha256(img: Image.Image) -> str:
+    """SHA-256 of an image's decoded RGB pixels and size.
+
+    Pixels, not file bytes, so a folder image and the same image from an in-memory dataset
+    hash alike; any pixel change gives a new hash (and so new seeds and cache keys).
+    """
+    rgb = to_rgb(img)
+    h = hashlib.sha256()
+    h.update(f"RGB:{rgb.width}x{rgb.height}:".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
+
+
+def find_classes(root: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+    """Sorted class folders of ``root`` (torchvision's rule: every sub-folder is a class)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingFileError(f"dataset folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise MissingFileError(f"Couldn't find any class folder in {root}.")
+    return classes, {c: i for i, c in enumerate(classes)}
+
+
+def few_shot_indices(targets: Sequence[int], n_shot: int, seed: int) -> list[int]:
+    """Indices of ``n_shot`` items per class, chosen by a seeded per-class permutation.
+
+    Nested: the first ``n`` of the permutation are taken, so the 1-shot set is contained in
+    the 2-shot set for the same seed. Returned in ascending index order.
+    """
+    if int(n_shot) != n_shot or n_shot < 1:
+        raise InputError(f"n_shot must be an integer >= 1, got {n_shot!r}")
+    targets = np.asarray(targets)
+    chosen: list[int] = []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        if members.size < n_shot:
+            raise InputError(f"class {int(label)} has only {members.size} image(s), fewer than n_shot={n_shot}")
+        perm = np.random.default_rng([int(seed), int(label)]).permutation(members.size)
+        chosen.extend(int(i) for i in members[perm[: int(n_shot)]])
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One real source image: its key in the plan, label and how to load it."""
+
+    source: str | int  # relative POSIX path in the folder, or the dataset index
+    label: int
+    load: Callable[[], Image.Image]
+
+
+class ImageSource:
+    """Real images to augment: an image folder, or any dataset of ``(PIL image, label)``.
+
+    ``classes`` are the raw class identifiers (folder names); ``class_names`` the readable
+    names used in prompts.
+    """
+
+    def __init__(self, items: list[SourceItem], classes: Sequence[str], class_names: Sequence[str] | None = None,
+                 root: str | None = None):
+        self.items = list(items)
+        self.classes = list(classes)
+        self.class_names = list(class_names) if class_names is not None else [readable_class_name(c) for c in classes]
+        self.root = root
+        if len(self.class_names) != len(self.classes):
+            raise InputError(f"{len(self.class_names)} class names given for {len(self.classes)} classes")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def targets(self) -> list[int]:
+        return [it.label for it in self.items]
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike) -> "ImageSource":
+        """Scan ``root/<class>/<image>`` in torchvision ImageFolder order."""
+        root = Path(root)
+        classes, class_to_idx = find_classes(root)
+        items: list[SourceItem] = []
+        for cls_name in classes:
+            folder = root / cls_name
+            files = []
+            for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+                for fname in sorted(filenames):
+                    if fname.lower().endswith(IMG_EXTENSIONS):
+                        files.append(Path(dirpath) / fname)
+            if not files:
+                raise MissingFileError(
+                    f"class folder {folder} holds no image file (looked for {', '.join(IMG_EXTENSIONS)})"
+                )
+            for path in files:
+                rel = path.relative_to(root).as_posix()
+                items.append(SourceItem(rel, class_to_idx[cls_name], _PathLoader(str(path))))
+        return cls(items, classes, root=str(root.resolve()))
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, class_names: Sequence[str] | None = None) -> "ImageSource":
+        """Wrap any indexable dataset whose items are ``(PIL image, label)``.
+
+        Class names come from ``class_names`` or the dataset's ``classes`` attribute.
+        """
+        classes = class_names if class_names is not None else getattr(dataset, "classes", None)
+        if classes is None:
+            raise InputError("class_names are required: the dataset has no `classes` attribute")
+        items = [SourceItem(i, _dataset_label(dataset, i), _DatasetLoader(dataset, i)) for i in range(len(dataset))]
+        bad = [it.label for it in items if not 0 <= it.label < len(classes)]
+        if bad:
+            raise InputError(f"label {bad[0]} is outside the {len(classes)} classes given")
+        return cls(items, list(classes), class_names=[readable_class_name(str(c)) for c in classes])
+
+    def subset(self, indices: Sequence[int]) -> "ImageSource":
+        return ImageSource([self.items[i] for i in indices], self.classes, self.class_names, self.root)
+
+    def few_shot(self, n_shot: int, seed: int) -> "ImageSource":
+        """The seeded few-shot subset (see :func:`few_shot_indices`)."""
+        try:
+            idx = few_shot_indices(self.targets, n_shot, seed)
+        except InputError as exc:
+            # name the class rather than its index
+            m = re.match(r"class (\d+) ", str(exc))
+            if m:
+                raise InputError(str(exc).replace(f"class {m.group(1)}", f"class {self.classes[int(m.group(1))]!r}", 1)) from None
+            raise
+        return self.subset(idx)
+
+
+def _dataset_label(dataset: Any, index: int) -> int:
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return int(targets[index])
+    return int(dataset[index][1])
+
+
+class _PathLoader:
+    """Picklable loader of one image file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self) -> Image.Image:
+        return load_image(self.path)
+
+
+class _DatasetLoader:
+    def __init__(self, dataset: Any, index: int):
+        self.dataset = dataset
+        self.index = index
+
+    def __call__(self) -> Image.Image:
+        item = self.dataset[self.index]
+        img = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(img, Image.Image):
+            raise InputError(
+                f"dataset item {self.index} is a {type(img).__name__}, expected a PIL image "
+                "(wrap the dataset without its tensor transform)"
+            )
+        return to_rgb(img, f"dataset item {self.index}")

@@ -1,0 +1,352 @@
+"""The augmentation plan: which images to generate, with which prompt, λ and seed.
+
+A plan lists M variants per real source image. It is a pure function of its inputs (images,
+class names, prompts, scores, scaling, seed), stored as
+
+* ``plan.jsonl`` — one JSON row per variant with ``source``, ``label``, ``class_name``,
+  ``score``, ``variant``, ``prompt``, ``lambda``, ``seed``, ``source_sha256``;
+* ``plan.json`` — how it was made (seed, shots, scaling, models, data root, prompts);
+* ``summary.json`` — counts, the CLIPScore histogram and the share of Low/High images.
+
+Seeds come from (plan seed, source content hash, variant index), so a variant keeps its seed
+whatever the dataset order, n-shot or batch it ends up in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .ags import Scaling, sample_scales
+from .config import ModelConfig
+from .data import ImageSource, image_sha256
+from .errors import InputError, MissingFileError
+
+__all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "PLAN_FORMAT"]
+
+PLAN_FORMAT = "dalda_aug.plan/1"
+BASE_TEMPLATE = "a photo of a {}"
+
+
+def derive_seed(seed: int, source_sha256: str, variant: int, purpose: str = "generation") -> int:
+    """A 63-bit seed from (plan seed, source content hash, variant index, purpose)."""
+    blob = f"{int(seed)}:{source_sha256}:{int(variant)}:{purpose}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One planned synthetic image (``lam`` is λ, stored as ``"lambda"`` in JSON)."""
+
+    source: str | int
+    label: int
+    class_name: str
+    score: float
+    variant: int
+    prompt: str
+    lam: float
+    seed: int
+    source_sha256: str
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "label": self.label,
+            "class_name": self.class_name,
+            "score": self.score,
+            "variant": self.variant,
+            "prompt": self.prompt,
+            "lambda": self.lam,
+            "seed": self.seed,
+            "source_sha256": self.source_sha256,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], where: str = "plan") -> "Variant":
+        try:
+            return cls(
+                source=row["source"],
+                label=int(row["label"]),
+                class_name=str(row["class_name"]),
+                score=float(row["score"]),
+                variant=int(row["variant"]),
+                prompt=str(row["prompt"]),
+                lam=float(row["lambda"]),
+                seed=int(row["seed"]),
+                source_sha256=str(row["source_sha256"]),
+            )
+        except KeyError as exc:
+            raise InputError(f"{where}: row is missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{where}: bad value in row: {exc}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+class AugmentationPlan:
+    """An ordered list of :class:`Variant` plus how it was made. Iterate it for the variants."""
+
+    def __init__(self, variants: Sequence[Variant], config: dict[str, Any], summary: dict[str, Any] | None = None):
+        self.variants: list[Variant] = list(variants)
+        self.config: dict[str, Any] = dict(config)
+        self.summary: dict[str, Any] = summary if summary is not None else summarize(self.variants, self.config)
+        self._by_source: dict[Any, list[Variant]] | None = None
+
+    # -- container protocol -------------------------------------------------------------
+    def __iter__(self) -> Iterator[Variant]:
+        return iter(self.variants)
+
+    def __len__(self) -> int:
+        return len(self.variants)
+
+    def __getitem__(self, index: int) -> Variant:
+        return self.variants[index]
+
+    def __repr__(self) -> str:
+        return (f"AugmentationPlan({self.summary.get('sources', '?')} sources x "
+                f"{self.config.get('variants_per_image', '?')} variants = {len(self)} images, "
+                f"scaling={self.config.get('scaling', {}).get('strategy', '?')}, seed={self.config.get('seed')})")
+
+    # -- lookups -----------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.get("class_names", []))
+
+    @property
+    def data_root(self) -> str | None:
+        return self.config.get("data_root")
+
+    def by_source(self) -> dict[Any, list[Variant]]:
+        """``{source: [variants in variant order]}``."""
+        if self._by_source is None:
+            groups: dict[Any, list[Variant]] = {}
+            for v in self.variants:
+                groups.setdefault(v.source, []).append(v)
+            for vs in groups.values():
+                vs.sort(key=lambda v: v.variant)
+            self._by_source = groups
+        return self._by_source
+
+    def sources(self) -> list[Any]:
+        """Distinct sources in plan order."""
+        return list(self.by_source())
+
+    def variants_for(self, source: Any) -> list[Variant]:
+        return self.by_source().get(source, [])
+
+    @property
+    def models(self) -> ModelConfig | None:
+        data = self.config.get("models")
+        return ModelConfig.from_dict(data) if data else None
+
+    # -- files -------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``plan.jsonl``, ``plan.json`` and ``summary.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = "".join(_dumps(v.to_row()) + "\n" for v in self.variants)
+        _write_atomic(directory / "plan.jsonl", rows)
+        _write_atomic(directory / "summary.json", json.dumps(self.summary, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+        # plan.json last: its presence marks a complete plan.
+        _write_atomic(directory / "plan.json", json.dumps(self.config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "AugmentationPlan":
+        directory = Path(directory)
+        meta_path, rows_path = directory / "plan.json", directory / "plan.jsonl"
+        if not directory.is_dir():
+            raise MissingFileError(f"plan folder not found: {directory}")
+        for p in (meta_path, rows_path):
+            if not p.is_file():
+                raise MissingFileError(f"not a complete plan folder: {p} is missing (write one with `dalda-aug plan`)")
+        try:
+            config = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{meta_path} is not valid JSON: {exc}") from None
+        if config.get("format") != PLAN_FORMAT:
+            raise InputError(f"{meta_path}: unsupported plan format {config.get('format')!r} (expected {PLAN_FORMAT!r})")
+        variants = []
+        with rows_path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{rows_path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{where}: invalid JSON: {exc}") from None
+                variants.append(Variant.from_row(row, where))
+        summary_path = directory / "summary.json"
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        return cls(variants, config, summary)
+
+
+def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, Any]:
+    """Counts, the score histogram (10 bins on [0, 1]) and the Low/High shares."""
+    alpha = float(config.get("scaling", {}).get("ags", {}).get("alpha", 0.3))
+    per_source: dict[Any, Variant] = {}
+    for v in variants:
+        per_source.setdefault(v.source, v)
+    scores = np.array([v.score for v in per_source.values()], dtype=np.float64)
+    lams = np.array([v.lam for v in variants], dtype=np.float64)
+    counts, edges = np.histogram(scores, bins=10, range=(0.0, 1.0))
+    per_class: dict[str, dict[str, Any]] = {}
+    src_per_class = Counter(v.class_name for v in per_source.values())
+    var_per_class = Counter(v.class_name for v in variants)
+    for name in sorted(src_per_class):
+        cls_scores = [v.score for v in per_source.values() if v.class_name == name]
+        per_class[name] = {
+            "sources": src_per_class[name],
+            "variants": var_per_class[name],
+            "mean_score": round(float(np.mean(cls_scores)), 6),
+        }
+    low = int((scores <= alpha).sum())
+    return {
+        "sources": len(per_source),
+        "variants": len(variants),
+        "classes": len(per_class),
+        "alpha": alpha,
+        "low_sources": low,
+        "high_sources": len(per_source) - low,
+        "low_share": round(low / len(per_source), 6) if per_source else 0.0,
+        "high_share": round(1 - low / len(per_source), 6) if per_source else 0.0,
+        "mean_score": round(float(scores.mean()), 6) if scores.size else None,
+        "score_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]},
+        "lambda": {
+            "mean": round(float(lams.mean()), 6) if lams.size else None,
+            "min": round(float(lams.min()), 6) if lams.size else None,
+            "max": round(float(lams.max()), 6) if lams.size else None,
+        },
+        "per_class": per_class,
+    }
+
+
+def _class_prompts(prompts, class_name: str) -> list[str]:
+    if prompts is None:
+        return [BASE_TEMPLATE.format(class_name)]
+    if class_name not in prompts:
+        raise InputError(f"the prompt bank has no prompts for class {class_name!r}")
+    found = [str(p).replace("{name}", class_name) for p in prompts[class_name]]
+    if not found:
+        raise InputError(f"the prompt bank has an empty prompt list for class {class_name!r}")
+    return found
+
+
+def build_plan(
+    source: ImageSource | str | os.PathLike,
+    *,
+    variants: int = 10,
+    seed: int = 0,
+    n_shot: int | None = None,
+    scaling: Scaling = Scaling(),
+    prompts=None,
+    models: ModelConfig | None = None,
+    scorer=None,
+    scores: Sequence[float] | None = None,
+    progress: bool | None = None,
+) -> AugmentationPlan:
+    """Plan ``variants`` synthetic images per real image.
+
+    Args:
+        source: an image folder path or an :class:`~dalda_aug.data.ImageSource`
+            (``ImageSource.from_dataset(ds)`` wraps any dataset of ``(PIL image, label)``).
+        variants: M, images to generate per source image.
+        seed: the plan seed; every λ, prompt order and generation seed derives from it.
+        n_shot: if given, keep ``n_shot`` images per class with a seeded split (nested in n);
+            σ of AGS uses it. Otherwise all images are used and n is each class's image count.
+        scaling: λ strategy (:class:`~dalda_aug.ags.Scaling`).
+        prompts: a :class:`~dalda_aug.prompts.PromptBank` (or ``{class name: [prompts]}``);
+            ``None`` uses "a photo of a {class}". Variant k gets prompt k of its class in a
+            per-image seeded order (cycling if the class has fewer than M prompts).
+        models: where the CLIP model lives (``ModelConfig()`` by default); recorded in the plan.
+        scorer: a :class:`~dalda_aug.clipscore.CLIPScorer` (built from ``models`` if omitted).
+        scores: precomputed CLIPScores, one per source image (skips the scorer).
+    """
+    if int(variants) != variants or variants < 1:
+        raise InputError(f"variants must be an integer >= 1, got {variants!r}")
+    if not isinstance(scaling, Scaling):
+        raise InputError(f"scaling must be a Scaling, got {type(scaling).__name__}")
+    if not isinstance(source, ImageSource):
+        source = ImageSource.from_folder(source)
+    if n_shot is not None:
+        source = source.few_shot(n_shot, seed)
+    if len(source) == 0:
+        raise InputError("no source images to plan for")
+    models = models or ModelConfig()
+    class_names = source.class_names
+    for name in set(class_names):
+        _class_prompts(prompts, name)  # fail early on a missing class
+
+    images = [item.load() for item in source.items]
+    hashes = [image_sha256(img) for img in images]
+    labels = [item.label for item in source.items]
+    if scores is None:
+        if scorer is None:
+            from .clipscore import CLIPScorer
+
+            scorer = CLIPScorer.from_models(models)
+        scores_arr = scorer.score(images, labels, class_names, progress=progress)
+        score_kind = getattr(scorer, "kind", "softmax")
+    else:
+        scores_arr = np.asarray(scores, dtype=np.float64)
+        if scores_arr.shape != (len(images),):
+            raise InputError(f"got {scores_arr.size} scores for {len(images)} source images")
+        score_kind = "given"
+    del images
+    bad = np.flatnonzero(~np.isfinite(scores_arr) | (scores_arr < 0) | (scores_arr > 1))
+    if bad.size and scaling.strategy == "ags":
+        i = int(bad[0])
+        raise InputError(f"score {scores_arr[i]!r} of {source.items[i].source!r} lies outside [0, 1]")
+
+    per_class = Counter(labels)
+    rows: list[Variant] = []
+    for item, sha, score in zip(source.items, hashes, scores_arr):
+        name = class_names[item.label]
+        n = n_shot if n_shot is not None else per_class[item.label]
+        lam_rng = np.random.default_rng(derive_seed(seed, sha, 0, "lambda"))
+        lams = sample_scales(np.full(variants, score), n, lam_rng, scaling)
+        options = _class_prompts(prompts, name)
+        order = np.random.default_rng(derive_seed(seed, sha, 0, "prompts")).permutation(len(options))
+        for k in range(variants):
+            rows.append(Variant(
+                source=item.source,
+                label=item.label,
+                class_name=name,
+                score=round(float(score), 8),
+                variant=k,
+                prompt=options[int(order[k % len(options)])],
+                lam=round(float(lams[k]), 8),
+                seed=derive_seed(seed, sha, k),
+                source_sha256=sha,
+            ))
+    provenance = dict(getattr(prompts, "provenance", None) or {"backend": "unknown"}) if prompts is not None else None
+    config = {
+        "format": PLAN_FORMAT,
+        "seed": int(seed),
+        "n_shot": n_shot,
+        "variants_per_image": int(variants),
+        "scaling": scaling.to_dict(),
+        "score_kind": score_kind,
+        "models": models.to_dict(),
+        "data_root": source.root,
+        "classes": source.classes,
+        "class_names": class_names,
+        "prompts": provenance if prompts is not None else {"backend": "template", "template": BASE_TEMPLATE},
+    }
+    return AugmentationPlan(rows, config)
