@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalda_aug.clipscore import CLIPScorer
+from dalda_aug.errors import InputError, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def images():
+    from skimage import data
+
+    return [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee()), Image.fromarray(data.rocket()),
+            Image.fromarray(data.astronaut())]
+
+
+def _independent(models, images, labels, classes):
+    import open_clip
+
+    open_clip.add_model_config(models.clip_model)
+    name = models.clip_model.rsplit("/", 1)[-1][: -len(".json")]
+    model, _, pre = open_clip.create_model_and_transforms(name, pretrained=models.clip_pretrained)
+    tok = open_clip.get_tokenizer(name)
+    model.eval()
+    with torch.no_grad():
+        t = model.encode_text(tok([f"a photo of a {c}" for c in classes]))
+        i = model.encode_image(torch.stack([pre(im) for im in images]))
+    t = t / t.norm(dim=-1, keepdim=True)
+    i = i / i.norm(dim=-1, keepdim=True)
+    cos = (i @ t.T).numpy().astype(np.float64)
+    logits = 100.0 * cos
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return probs[np.arange(len(labels)), labels], cos[np.arange(len(labels)), labels]
+
+
+def test_softmax_score_matches_open_clip(tiny_models, images):
+    classes = ["cat", "coffee", "rocket", "astronaut", "dog"]
+    labels = [0, 1, 2, 3]
+    scorer = CLIPScorer.from_models(tiny_models, batch_size=3)  # two batches
+    got = scorer.score(images, labels, classes)
+    expected, cos = _independent(tiny_models, images, labels, classes)
+    assert got.shape == (4,) and np.all((got >= 0) & (got <= 1))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    cosine = CLIPScorer.from_models(tiny_models, kind="cosine").score(images, labels, classes)
+    np.testing.assert_allclose(cosine, 2.5 * np.maximum(cos, 0), atol=1e-5)
+
+
+def test_text_features_computed_once_per_class_list(tiny_models, images):
+    scorer = CLIPScorer.from_models(tiny_models)
+    classes = ["cat", "coffee"]
+    first = scorer.text_features(classes)
+    scorer.score(images[:2], [0, 1], classes)
+    assert scorer.text_features(classes) is first
+    assert len(scorer._text_cache) == 1
+    scorer.text_features(["cat", "coffee", "dog"])
+    assert len(scorer._text_cache) == 2
+
+
+def test_score_depends_on_every_class(tiny_models, images):
+    scorer = CLIPScorer.from_models(tiny_models)
+    two = scorer.score(images[:1], [0], ["cat", "coffee"])
+    three = scorer.score(images[:1], [0], ["cat", "coffee", "rocket"])
+    assert three[0] < two[0]
+
+
+def test_bad_inputs(tiny_models, images):
+    scorer = CLIPScorer.from_models(tiny_models)
+    with pytest.raises(InputError, match="labels"):
+        scorer.score(images[:1], [3], ["cat", "dog"])
+    with pytest.raises(InputError, match="1 images but 2 labels"):
+        scorer.score(images[:1], [0, 1], ["cat", "dog"])
+    with pytest.raises(InputError, match="template"):
+        CLIPScorer(template="a photo")
+    with pytest.raises(ModelLoadError, match="nope.pt"):
+        CLIPScorer(tiny_models.clip_model, "/tmp/definitely/nope.pt").score(images[:1], [0], ["cat"])
+    assert scorer.score([], [], ["cat"]).shape == (0,)

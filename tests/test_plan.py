@@ -1,0 +1,165 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalda_aug.ags import AGSConfig, Scaling
+from dalda_aug.cli import main
+from dalda_aug.data import ImageSource, image_sha256
+from dalda_aug.errors import InputError, MissingFileError
+from dalda_aug.plan import AugmentationPlan, build_plan, derive_seed
+
+FIELDS = {"source", "label", "class_name", "score", "variant", "prompt", "lambda", "seed", "source_sha256"}
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    from skimage import data
+
+    photos = {"tabby_cat": ["chelsea", "cat"], "coffee_cup": ["coffee"], "rocket": ["rocket", "astronaut"]}
+    root = tmp_path / "data"
+    for cls, names in photos.items():
+        (root / cls).mkdir(parents=True)
+        for n in names:
+            Image.fromarray(getattr(data, n)()).resize((64, 48)).save(root / cls / f"{n}.png")
+    return root
+
+
+def _plan_cli(folder, out, models, *extra):
+    argv = ["plan", "--data", str(folder), "--out", str(out), "--variants", "3", "--models", str(models), *extra]
+    assert main(argv) == 0
+    return AugmentationPlan.load(out)
+
+
+def test_plan_files_fields_and_determinism(folder, tmp_path, tiny_models):
+    models_json = tmp_path / "models.json"
+    tiny_models.save(models_json)
+    a = _plan_cli(folder, tmp_path / "a", models_json, "--seed", "1")
+    b = _plan_cli(folder, tmp_path / "b", models_json, "--seed", "1")
+    c = _plan_cli(folder, tmp_path / "c", models_json, "--seed", "2")
+    for name in ("plan.jsonl", "plan.json", "summary.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    rows = [json.loads(line) for line in (tmp_path / "a" / "plan.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * 3 and all(set(r) == FIELDS for r in rows)
+    assert {r["source"] for r in rows} == {"tabby_cat/chelsea.png", "tabby_cat/cat.png", "coffee_cup/coffee.png",
+                                           "rocket/rocket.png", "rocket/astronaut.png"}
+    assert {r["class_name"] for r in rows} == {"tabby cat", "coffee cup", "rocket"}
+    assert all(r["prompt"] == f"a photo of a {r['class_name']}" for r in rows)
+    # a different seed changes λ and seeds but not the scores
+    assert [v.lam for v in a] != [v.lam for v in c]
+    assert not {v.seed for v in a} & {v.seed for v in c}
+    assert [v.score for v in a] == [v.score for v in c]
+    # seeds derive from (seed, content hash, variant)
+    v = a.variants[4]
+    assert v.seed == derive_seed(1, v.source_sha256, v.variant)
+    assert v.source_sha256 == image_sha256(Image.open(folder / v.source))
+    # summary
+    s = a.summary
+    assert s["sources"] == 5 and s["variants"] == 15 and s["classes"] == 3
+    assert sum(s["score_histogram"]["counts"]) == 5
+    assert s["low_sources"] + s["high_sources"] == 5
+    assert s["low_share"] == pytest.approx(sum(1 for src, vs in a.by_source().items() if vs[0].score <= 0.3) / 5)
+
+
+def test_plan_ags_ranges_follow_scores(folder, tiny_models):
+    src = ImageSource.from_folder(folder)
+    scores = [0.1, 0.9, 0.3, 0.31, 1.0]
+    plan = build_plan(src, variants=20, seed=0, scores=scores, models=tiny_models)
+    for item, score in zip(src.items, scores):
+        lams = [v.lam for v in plan.variants_for(item.source)]
+        lo, hi = (0.7, 0.9) if score <= 0.3 else (0.1, 0.4)
+        assert all(lo <= lam <= hi for lam in lams), (score, lams)
+    # n = images per class when no few-shot split: tabby cat has 2 -> sigma 0.1; coffee cup has 1
+    assert plan.config["n_shot"] is None
+
+
+def test_plan_scaling_strategies(folder, tiny_models):
+    src = ImageSource.from_folder(folder)
+    fixed = build_plan(src, variants=2, scores=[0.5] * 5, scaling=Scaling.parse("fixed:0.6"), models=tiny_models)
+    assert {v.lam for v in fixed} == {0.6}
+    rs = build_plan(src, variants=50, scores=[0.5] * 5, scaling=Scaling("rs"), models=tiny_models)
+    lams = np.array([v.lam for v in rs])
+    assert lams.min() < 0.1 and lams.max() > 0.9
+    clip = build_plan(src, variants=50, scores=[0.5] * 5, scaling=Scaling("ags", AGSConfig(mode="clip")),
+                      models=tiny_models)
+    assert max(v.lam for v in clip) > 0.4  # the reference's widened High bound
+    assert clip.config["scaling"] == {"strategy": "ags", "ags": AGSConfig(mode="clip").to_dict()}
+
+
+def test_plan_prompts_bank_order_is_per_image_and_seeded(folder, tiny_models):
+    bank = {
+        "tabby cat": [f"a {{name}} doing thing {i}" for i in range(4)],
+        "coffee cup": ["a coffee cup on a table", "a coffee cup in the sun"],
+        "rocket": [f"rocket prompt {i}" for i in range(4)],
+    }
+    src = ImageSource.from_folder(folder)
+    plan = build_plan(src, variants=4, seed=3, scores=[0.5] * 5, prompts=bank, models=tiny_models)
+    cat = plan.variants_for("tabby_cat/cat.png")
+    assert sorted(v.prompt for v in cat) == sorted(p.replace("{name}", "tabby cat") for p in bank["tabby cat"])
+    coffee = [v.prompt for v in plan.variants_for("coffee_cup/coffee.png")]
+    assert sorted(coffee) == sorted(bank["coffee cup"] * 2)  # cycles when M > prompts
+    again = build_plan(src, variants=4, seed=3, scores=[0.5] * 5, prompts=bank, models=tiny_models)
+    assert [v.prompt for v in again] == [v.prompt for v in plan]
+    other = [build_plan(src, variants=4, seed=s, scores=[0.5] * 5, prompts=bank, models=tiny_models) for s in range(4, 8)]
+    assert any([v.prompt for v in o] != [v.prompt for v in plan] for o in other)
+    with pytest.raises(InputError, match="'rocket'"):
+        build_plan(src, variants=2, scores=[0.5] * 5, prompts={"tabby cat": ["x"], "coffee cup": ["y"]},
+                   models=tiny_models)
+
+
+def test_plan_few_shot_and_seed_reuse(folder, tiny_models):
+    src = ImageSource.from_folder(folder)
+    one = build_plan(src, variants=2, seed=0, n_shot=1, scores=None, models=tiny_models)
+    assert one.summary["sources"] == 3 and one.config["n_shot"] == 1
+    # a source that is in both the 1-shot and full plan keeps its generation seeds
+    full = build_plan(src, variants=2, seed=0, models=tiny_models)
+    for v in one:
+        match = [w for w in full.variants_for(v.source) if w.variant == v.variant][0]
+        assert (match.seed, match.score, match.prompt) == (v.seed, v.score, v.prompt)
+    with pytest.raises(InputError, match="fewer than n_shot=3"):
+        build_plan(src, variants=2, n_shot=3, models=tiny_models)
+
+
+def test_plan_from_dataset(tiny_models):
+    imgs = [Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)) for i in range(4)]
+    data = [(imgs[i], i % 2) for i in range(4)]
+    src = ImageSource.from_dataset(data, class_names=["sea_lion", "dog"])
+    plan = build_plan(src, variants=2, models=tiny_models)
+    assert plan.sources() == [0, 1, 2, 3]
+    assert plan.variants_for(1)[0].class_name == "dog"
+    assert plan.variants_for(0)[0].class_name == "sea lion"
+
+
+def test_plan_load_errors(tmp_path):
+    with pytest.raises(MissingFileError, match="plan folder not found"):
+        AugmentationPlan.load(tmp_path / "nope")
+    (tmp_path / "p").mkdir()
+    with pytest.raises(MissingFileError, match="plan.json"):
+        AugmentationPlan.load(tmp_path / "p")
+    (tmp_path / "p" / "plan.json").write_text('{"format": "dalda_aug.plan/1"}')
+    (tmp_path / "p" / "plan.jsonl").write_text('{"source": "a"}\n')
+    with pytest.raises(InputError, match=r"plan.jsonl:1.*'label'"):
+        AugmentationPlan.load(tmp_path / "p")
+
+
+def test_plan_rejects_bad_scores(folder, tiny_models):
+    src = ImageSource.from_folder(folder)
+    with pytest.raises(InputError, match=r"score 1\.5 of 'rocket/astronaut.png'"):
+        build_plan(src, variants=2, scores=[0.5, 1.5, 0.5, 0.5, 0.5], models=tiny_models)
+    with pytest.raises(InputError, match="variants"):
+        build_plan(src, variants=0, scores=[0.5] * 5, models=tiny_models)
+
+
+def test_cli_errors_are_one_line(folder, tmp_path, capsys):
+    assert main(["plan", "--data", str(folder), "--out", str(tmp_path / "o"), "--models", str(tmp_path / "none.json")]) == 2
+    assert "models file not found" in capsys.readouterr().err
+    assert main(["plan", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--scaling", "fixed:x"]) == 2
+    assert "invalid --scaling value 'fixed:x'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    models_json = tmp_path / "m.json"
+    from dalda_aug.config import ModelConfig
+
+    ModelConfig().save(models_json)
+    assert main(["plan", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--models", str(models_json)]) == 2
+    assert "Couldn't find any class folder" in capsys.readouterr().err
