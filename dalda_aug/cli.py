@@ -22,6 +22,7 @@ __all__ = ["main", "build_parser", "load_models_arg"]
 # Modules contributing subcommands (each defines ``register(subparsers)``).
 _COMMAND_MODULES: tuple[str, ...] = (
     __name__,
+    "dalda_aug._cli_prompts",
 )
 
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ._io import write_atomic
 from .ags import Scaling, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, image_sha256
@@ -86,12 +87,6 @@ class Variant:
             raise InputError(f"{where}: row is missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise InputError(f"{where}: bad value in row: {exc}") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _dumps(obj: Any) -> str:
@@ -160,10 +155,10 @@ class AugmentationPlan:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         rows = "".join(_dumps(v.to_row()) + "\n" for v in self.variants)
-        _write_atomic(directory / "plan.jsonl", rows)
-        _write_atomic(directory / "summary.json", json.dumps(self.summary, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+        write_atomic(directory / "plan.jsonl", rows)
+        write_atomic(directory / "summary.json", json.dumps(self.summary, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
         # plan.json last: its presence marks a complete plan.
-        _write_atomic(directory / "plan.json", json.dumps(self.config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+        write_atomic(directory / "plan.json", json.dumps(self.config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
         return directory
 
     @classmethod
@@ -312,7 +307,7 @@ def build_plan(
     bad = np.flatnonzero(~np.isfinite(scores_arr) | (scores_arr < 0) | (scores_arr > 1))
     if bad.size and scaling.strategy == "ags":
         i = int(bad[0])
-        raise InputError(f"score {scores_arr[i]!r} of {source.items[i].source!r} lies outside [0, 1]")
+        raise InputError(f"score {float(scores_arr[i])!r} of {source.items[i].source!r} lies outside [0, 1]")
 
     per_class = Counter(labels)
     rows: list[Variant] = []

@@ -163,3 +163,25 @@ def test_cli_errors_are_one_line(folder, tmp_path, capsys):
     ModelConfig().save(models_json)
     assert main(["plan", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--models", str(models_json)]) == 2
     assert "Couldn't find any class folder" in capsys.readouterr().err
+
+
+def test_plan_cli_consumes_prompt_banks(folder, tmp_path, tiny_models):
+    from dalda_aug.prompts import PromptBank
+
+    models_json = tiny_models.save(tmp_path / "models.json")
+    assert main(["prompts", "--data", str(folder), "--out", str(tmp_path / "t.json"), "--llm", "template"]) == 0
+    plan = _plan_cli(folder, tmp_path / "p1", models_json, "--prompts", str(tmp_path / "t.json"))
+    assert {v.prompt for v in plan.variants_for("coffee_cup/coffee.png")} == {"a photo of a coffee cup"}
+
+    bank = PromptBank({"tabby cat": ["a {name} asleep on a red sofa", "a {name} in the snow", "a {name} on a roof"],
+                       "coffee cup": ["a coffee cup on a café table in Paris"],
+                       "rocket": ["a rocket lifting off at dawn", "a rocket on the launch pad"]},
+                      provenance={"backend": "openai", "model": "test"})
+    bank.save(tmp_path / "bank.json")
+    plan = _plan_cli(folder, tmp_path / "p2", models_json, "--prompts", str(tmp_path / "bank.json"))
+    cat = plan.variants_for("tabby_cat/chelsea.png")
+    assert sorted(v.prompt for v in cat) == ["a tabby cat asleep on a red sofa", "a tabby cat in the snow",
+                                             "a tabby cat on a roof"]
+    assert {v.prompt for v in plan.variants_for("coffee_cup/coffee.png")} == {"a coffee cup on a café table in Paris"}
+    assert plan.config["prompts"]["model"] == "test"
+    assert "café" in (tmp_path / "p2" / "plan.jsonl").read_text(encoding="utf-8")

@@ -1,0 +1,177 @@
+"""``dalda-aug prompts``: write a prompt bank (M LLM sentences per class) to a JSON file.
+
+Registered into the main parser by :func:`register`; the work is done by
+:func:`dalda_aug.prompts.generate_prompt_bank`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import InputError, MissingFileError
+from .prompts import CLIP_MAX_TOKENS, DEFAULT_PREFIX
+
+__all__ = ["register", "run", "read_class_file"]
+
+
+def read_class_file(path: str) -> list[str]:
+    """One class name per line; blank lines are skipped; a repeated name is an error."""
+    file = Path(path)
+    if not file.is_file():
+        raise MissingFileError(f"class list file not found: {file}")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"class list file {file} is not UTF-8 text: {exc}") from None
+    names: list[str] = []
+    for number, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in names:
+            raise InputError(f"{file}:{number}: class {name!r} is listed twice")
+        names.append(name)
+    if not names:
+        raise InputError(f"class list file {file} holds no class name")
+    return names
+
+
+def _class_names(args) -> list[str]:
+    if args.classes is not None:
+        return read_class_file(args.classes)
+    from .data import find_classes, readable_class_name
+
+    folders, _ = find_classes(args.data)
+    names = [readable_class_name(f) for f in folders]
+    seen: dict[str, str] = {}
+    for folder, name in zip(folders, names):
+        if name in seen:
+            raise InputError(f"class folders {seen[name]!r} and {folder!r} in {args.data} both read as {name!r}")
+        seen[name] = folder
+    return names
+
+
+def _description(args) -> str:
+    if args.description_file is None:
+        return args.description
+    file = Path(args.description_file)
+    if not file.is_file():
+        raise MissingFileError(f"description file not found: {file}")
+    return file.read_text(encoding="utf-8").strip()
+
+
+def _tokenizer(args):
+    from .prompts import load_clip_tokenizer
+
+    if args.tokenizer is not None:
+        return load_clip_tokenizer(args.tokenizer)
+    if args.models is not None:
+        from .config import ModelConfig
+
+        models = ModelConfig.load(args.models)
+        return load_clip_tokenizer(models.base, revision=models.base_revision)
+    return load_clip_tokenizer()
+
+
+def run(args) -> int:
+    from .prompts import IncompletePromptBankError, PromptBank, generate_prompt_bank, parse_backend
+
+    names = _class_names(args)
+    description = _description(args)
+    backend = parse_backend(
+        args.llm,
+        base_url=args.base_url,
+        api_key_env=args.api_key_env,
+        api_version=args.api_version,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        base_delay=args.retry_delay,
+        json_mode=args.json_mode,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    resume = None
+    if out.exists() and not args.overwrite:
+        resume = PromptBank.load(out)
+        have = sum(len(v) for v in resume.prompts.values())
+        print(f"resuming from {out} ({have} prompts for {len(resume)} classes; --overwrite starts afresh)",
+              file=sys.stderr)
+    try:
+        bank = generate_prompt_bank(
+            names,
+            backend,
+            m=args.m,
+            description=description,
+            temperature=args.temperature,
+            tokenizer=_tokenizer(args),
+            prefix=args.prefix,
+            max_tokens=args.max_tokens,
+            chunk_size=args.chunk_size,
+            max_rounds=args.max_rounds,
+            out=out,
+            resume_from=resume,
+            progress=not args.no_progress,
+        )
+    except IncompletePromptBankError as exc:
+        print(f"dalda-aug prompts: {exc}", file=sys.stderr)
+        return 1
+    total = sum(len(v) for v in bank.prompts.values())
+    print(f"wrote {total} prompts for {len(bank)} classes ({backend.describe()['backend']}) -> {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prompts",
+        help="write a prompt bank: M LLM-written sentences per class (JSON)",
+        description="Ask an LLM for M realistic one-sentence prompts per class, check each one (names its "
+                    "class and no other, one sentence, fits CLIP's 77 tokens with the prefix, no duplicate), "
+                    "re-ask the failures and write the bank to --out after every request. An existing --out "
+                    "is resumed. Exit status 1 when some classes are still short after --max-rounds.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="image folder ROOT/<class>/...: the class names are its sub-folders, "
+                                    "made readable (american_bulldog -> american bulldog)")
+    src.add_argument("--classes", help="text file with one class name per line")
+    p.add_argument("--out", required=True, help="prompt bank JSON to write (resumed when it exists)")
+    p.add_argument("-M", "--prompts-per-class", dest="m", type=int, default=10,
+                   help="prompts per class (default 10)")
+    desc = p.add_mutually_exclusive_group()
+    desc.add_argument("--description", default="", help="a description of the dataset for the LLM")
+    desc.add_argument("--description-file", help="a UTF-8 text file holding the dataset description")
+    p.add_argument("--llm", required=True, metavar="BACKEND",
+                   help="openai:MODEL (any OpenAI-compatible endpoint) | hf:MODEL_ID_OR_PATH (local "
+                        "transformers chat model) | template[:TEMPLATE] (no LLM, default 'a photo of a {}')")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--chunk-size", type=int, default=120,
+                   help="classes per request; longer class lists are split (default 120)")
+    p.add_argument("--max-rounds", type=int, default=None,
+                   help="rounds before giving up on short classes (default 2*M+2)")
+    tok = p.add_argument_group("prompt length")
+    tok.add_argument("--tokenizer", help="CLIP tokenizer folder (or SD pipeline folder) used to count tokens")
+    tok.add_argument("--models", help="models JSON: count tokens with its base model's tokenizer")
+    tok.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"generation prefix (default {DEFAULT_PREFIX!r})")
+    tok.add_argument("--max-tokens", type=int, default=CLIP_MAX_TOKENS,
+                     help=f"token window of prefix + prompt (default {CLIP_MAX_TOKENS})")
+    api = p.add_argument_group("openai backend")
+    api.add_argument("--base-url", help="API root (default https://api.openai.com/v1), e.g. "
+                                        "http://localhost:8000/v1 for vLLM")
+    api.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the API key (default OPENAI_API_KEY)")
+    api.add_argument("--api-version", help="Azure OpenAI api-version query parameter")
+    api.add_argument("--json-mode", action="store_true", help="send response_format=json_object")
+    api.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default 120)")
+    api.add_argument("--max-retries", type=int, default=5,
+                     help="retries on HTTP 429/5xx, time-outs and connection errors (default 5)")
+    api.add_argument("--retry-delay", type=float, default=1.0,
+                     help="first backoff delay in seconds, doubled per retry (default 1)")
+    hf = p.add_argument_group("hf backend")
+    hf.add_argument("--device", default="cpu", help="torch device of the chat model (default cpu)")
+    hf.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    hf.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out exists")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
