@@ -33,6 +33,15 @@ _EXPORTS = {
     "GenerationConfig": "generation",
     "GenerationRequest": "generation",
     "IPAdapterGenerator": "generation",
+    "build_classifier": "classify",
+    "ClassifierSpec": "classify",
+    "TrainConfig": "classify",
+    "train_classifier": "classify",
+    "evaluate": "classify",
+    "train_transform": "classify",
+    "eval_transform": "classify",
+    "EmbeddingStore": "metrics",
+    "diversity_metrics": "metrics",
     "DaldaError": "errors",
     "InputError": "errors",
     "MissingFileError": "errors",
@@ -58,10 +67,13 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ags import AGSConfig, Scaling, sample_lambda, sample_scales
+    from .classify import (ClassifierSpec, TrainConfig, build_classifier, eval_transform, evaluate,
+                           train_classifier, train_transform)
     from .clipscore import CLIPScorer
     from .config import ModelConfig
     from .data import ImageSource, few_shot_indices, image_sha256, load_image, readable_class_name
     from .errors import DaldaError, ImageError, InputError, MissingFileError, ModelLoadError
+    from .metrics import EmbeddingStore, diversity_metrics
     from .generation import GenerationConfig, GenerationRequest, IPAdapterGenerator
     from .plan import AugmentationPlan, Variant, build_plan, derive_seed
     from .prompts import PromptBank, generate_prompt_bank
