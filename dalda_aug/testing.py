@@ -109,16 +109,10 @@ def _tiny_vae():
 
 
 def ddim_scheduler_config() -> dict:
-    """The DDIM configuration of the paper's reference code (also used by the generator)."""
-    return dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        num_train_timesteps=1000,
-    )
+    """The paper's DDIM configuration; defined in :mod:`dalda_aug.generation`, which uses it."""
+    from .generation import ddim_scheduler_config as config
+
+    return config()
 
 
 def _ip_adapter_state_dict(unet, torch):

@@ -1,0 +1,54 @@
+"""Smoke test of benchmarks/bench_generation.py on the tiny models (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generation.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_generation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_generation_tiny_prints_ratio_and_writes_json(tiny_models, tmp_path, capsys):
+    # Reuses the session's tiny models (DIR/models.json); without --models-dir the script builds them.
+    bench = _load_script()
+    out = tmp_path / "gen.json"
+    argv = ["--arch", "tiny", "--device", "cpu", "--num-images", "2", "--steps", "2", "--size", "64",
+            "--batch-sizes", "1,2", "--threads", "1", "--models-dir", str(Path(tiny_models.base).parent), "--json", str(out)]
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads changed it for this process
+    printed = capsys.readouterr().out
+    assert "ratio ours/baseline: x" in printed
+    assert "baseline" in printed and "ours, batch   2" in printed
+
+    result = json.loads(out.read_text())
+    assert result["arch"] == "tiny" and result["num_images"] == 2 and result["steps"] == 2
+    assert [run["batch_size"] for run in result["ours"]] == [1, 2]
+    assert result["baseline"]["images_per_s"] > 0 and result["ratio"] > 0
+    # Batched output equals the stock pipeline's images within 2/255 (fp32 CPU).
+    assert all(run["max_pixel_diff_vs_baseline"] <= 2 for run in result["ours"])
+    assert result["tflop_per_image"] is None  # the SD1.5 model does not describe the tiny models
+
+
+def test_performance_model_matches_design():
+    bench = _load_script()
+    assert bench.tflop_per_image(512, 30) == pytest.approx(51, abs=0.5)  # DESIGN.md: ≈ 51 TFLOP
+    assert bench.tflop_per_image(256, 30) < bench.tflop_per_image(512, 30) / 3
+    assert bench.tflop_per_image(512, 15) < bench.tflop_per_image(512, 30) / 1.8
