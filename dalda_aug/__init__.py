@@ -33,6 +33,18 @@ _EXPORTS = {
     "GenerationConfig": "generation",
     "GenerationRequest": "generation",
     "IPAdapterGenerator": "generation",
+    "SyntheticCache": "cache",
+    "GenerationSpec": "cache",
+    "GeneratorFactory": "cache",
+    "CachedImage": "cache",
+    "SyntheticAugmentedDataset": "dataset",
+    "CacheMissError": "dataset",
+    "GeneratorPool": "pool",
+    "PoolError": "pool",
+    "WarmReport": "warm",
+    "run_demo": "demo",
+    "RealGuidanceConfig": "real_guidance",
+    "RealGuidanceGenerator": "real_guidance",
     "build_classifier": "classify",
     "ClassifierSpec": "classify",
     "TrainConfig": "classify",
@@ -67,6 +79,12 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ags import AGSConfig, Scaling, sample_lambda, sample_scales
+    from .cache import CachedImage, GenerationSpec, GeneratorFactory, SyntheticCache
+    from .dataset import CacheMissError, SyntheticAugmentedDataset
+    from .demo import run_demo
+    from .pool import GeneratorPool, PoolError
+    from .real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+    from .warm import WarmReport
     from .classify import (ClassifierSpec, TrainConfig, build_classifier, eval_transform, evaluate,
                            train_classifier, train_transform)
     from .clipscore import CLIPScorer

@@ -23,6 +23,9 @@ __all__ = ["main", "build_parser", "load_models_arg"]
 _COMMAND_MODULES: tuple[str, ...] = (
     __name__,
     "dalda_aug._cli_prompts",
+    "dalda_aug._cli_cache",
+    "dalda_aug._cli_inspect",
+    "dalda_aug.demo",
 )
 
 

@@ -1,4 +1,5 @@
-"""Plots of a plan: the CLIPScore histogram (paper Fig. 4) and the λ distribution.
+"""Pictures of a plan: the CLIPScore histogram (paper Fig. 4), the λ distribution, and contact
+sheets of real images next to their generated variants.
 
 matplotlib is imported on use (``pip install 'dalda-aug[viz]'``) with the non-interactive Agg
 backend, so the plots work on headless machines.
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import InputError, require
 
-__all__ = ["plot_score_histogram", "plot_lambda_distribution"]
+__all__ = ["plot_score_histogram", "plot_lambda_distribution", "contact_sheet", "contact_sheet_size",
+           "plan_contact_sheet"]
 
 
 def _pyplot():
@@ -79,3 +81,145 @@ def plot_lambda_distribution(plan, path: str | os.PathLike, bins: int = 40) -> P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# Contact-sheet layout (pixels).
+_GAP = 8
+_TITLE = 30
+_CAPTION = 58
+_FONT_SIZE = 12
+
+
+
+
+def _font_file() -> str | None:
+    """A TrueType font with Greek letters (for "λ"): DejaVu Sans from matplotlib or the system."""
+    import importlib.util
+
+    candidates = []
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf")
+    candidates.append(Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"))
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+def _font(size: int = _FONT_SIZE):
+    from PIL import ImageFont
+
+    path = _font_file()
+    if path is not None:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:  # pragma: no cover - no FreeType support
+            pass
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _lambda_label() -> str:
+    return "λ" if _font_file() is not None else "lambda"
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels, at most ``max_lines`` lines (ellipsis if cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            while draw.textlength(word, font=font) > width and len(word) > 1:  # a very long word
+                cut = len(word)
+                while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                    cut -= 1
+                lines.append(word[:cut])
+                word = word[cut:]
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and draw.textlength(last + "…", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last + "…"
+    return lines
+
+
+def contact_sheet_size(rows: int, columns: int, tile: int) -> tuple[int, int]:
+    """Pixel size ``(width, height)`` of a contact sheet with that grid."""
+    width = columns * tile + (columns + 1) * _GAP
+    height = _TITLE + rows * (tile + _CAPTION) + (rows + 1) * _GAP
+    return width, height
+
+
+def contact_sheet(rows: Sequence[tuple[Any, str, Sequence[tuple[Any, str]]]], tile: int = 256,
+                  title: str = "") -> Any:
+    """One row per source: ``(original image, caption, [(variant image, caption), ...])``.
+
+    Images are fitted into ``tile`` x ``tile`` squares (aspect ratio kept) above their
+    captions; rows with fewer variants leave blank cells. Returns a PIL RGB image of
+    :func:`contact_sheet_size`.
+    """
+    from PIL import Image, ImageDraw, ImageOps
+
+    if not rows:
+        raise InputError("a contact sheet needs at least one row")
+    columns = 1 + max(len(r[2]) for r in rows)
+    sheet = Image.new("RGB", contact_sheet_size(len(rows), columns, tile), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font()
+    draw.text((_GAP, 8), title, fill="black", font=_font(16))
+    line_height = _FONT_SIZE + 3
+    for r, (original, caption, variants) in enumerate(rows):
+        y = _TITLE + _GAP + r * (tile + _CAPTION + _GAP)
+        cells = [(original, caption)] + list(variants)
+        for c, (image, text) in enumerate(cells):
+            x = _GAP + c * (tile + _GAP)
+            fitted = ImageOps.pad(image.convert("RGB"), (tile, tile), method=Image.Resampling.BICUBIC,
+                                  color=(235, 235, 235))
+            sheet.paste(fitted, (x, y))
+            for k, line in enumerate(_wrap(draw, text, font, tile, _CAPTION // line_height)):
+                draw.text((x, y + tile + 2 + k * line_height), line, fill="black", font=font)
+    return sheet
+
+
+def plan_contact_sheet(plan, cache, *, classes: Sequence[str] | None = None, per_class: int | None = None,
+                       tile: int = 256, title: str = "", load_source: Callable[[Any], Any] | None = None):
+    """A contact sheet of a plan: per source image, the original and its cached variants.
+
+    Each variant is captioned with its λ and prompt; a variant missing from ``cache`` gets a
+    grey "not generated" tile. ``classes`` (readable names) and ``per_class`` (source images
+    per class) select the rows; ``load_source`` loads a plan source (default: the image file
+    under the plan's data root).
+    """
+    from PIL import Image
+
+    from .data import load_image
+
+    if load_source is None:
+        if not plan.data_root:
+            raise InputError("the plan has no data_root; pass load_source to load its source images")
+        root = Path(plan.data_root)
+        load_source = lambda source: load_image(root / str(source))  # noqa: E731
+    known = set(plan.class_names)
+    unknown = sorted(set(classes or ()) - known)
+    if unknown:
+        raise InputError(f"unknown class name(s) {unknown}; the plan's classes are {sorted(known)}")
+    rows, shown = [], {}
+    lam = _lambda_label()
+    for source, variants in plan.by_source().items():
+        name = variants[0].class_name
+        if classes is not None and name not in classes:
+            continue
+        if per_class is not None and shown.get(name, 0) >= per_class:
+            continue
+        shown[name] = shown.get(name, 0) + 1
+        cells = []
+        for v in variants:
+            entry = cache.get(v)
+            image = entry.image if entry is not None else Image.new("RGB", (tile, tile), (200, 200, 200))
+            note = "" if entry is not None else " (not generated)"
+            cells.append((image, f"{lam}={v.lam:.2f}{note} · {v.prompt}"))
+        rows.append((load_source(source), f"original: {name} (CLIPScore {variants[0].score:.2f})", cells))
+    return contact_sheet(rows, tile=tile, title=title)

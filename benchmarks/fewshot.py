@@ -1,0 +1,741 @@
+#!/usr/bin/env python
+"""The paper's few-shot table in one command: real-only, Real Guidance and the DALDA variants.
+
+For every seed and n-shot setting, each method gets the same seeded few-shot subset of the
+training images and its own augmentation plan; all plans share one synthetic-image cache. Per
+(seed, shots, method) the pipeline is:
+
+1. **score** — CLIPScore of every few-shot image, computed once and reused by every method;
+2. **plan** — ``build_plan`` with the method's prompts and λ scaling (saved under ``OUT/plans``);
+3. **warm** — generate what the cache lacks (``dalda_aug.warm.warm``);
+4. **train** — a fresh classifier on ``SyntheticAugmentedDataset(few-shot images, plan, cache, p)``
+   (real-only: the few-shot images alone), the paper's recipe unless overridden;
+5. **evaluate** — the model after the last epoch on the *whole* test split: top-1 and mean
+   per-class accuracy (no epoch is picked on test data).
+
+Methods (``--methods``, default all but ``llm_fixed``):
+
+==============  ==============================================================================
+real            the few-shot real images only
+real_guidance   Real Guidance (He et al. 2023): SD img2img at strength 0.5, "a photo of a {class}"
+fixed           base prompt "a photo of a {class}" + IP-Adapter, fixed λ (``--fixed-lambda``)
+llm_fixed       LLM prompts + fixed λ (not in the default set)
+base_rs         base prompt + random scaling, λ ~ U(0, 1)
+llm_rs          LLM prompts + random scaling
+base_ags        base prompt + adaptive guidance scaling
+dalda           DALDA: LLM prompts + adaptive guidance scaling
+==============  ==============================================================================
+
+LLM methods need ``--prompts FILE`` (``dalda-aug prompts``). Outputs in ``--out``:
+``results.json``, ``results.csv`` (one row per seed/shots/method, plus mean ± std over seeds),
+``table.md`` (rows = methods, columns = shots × accuracy, like the paper's Table 2),
+``config.json`` (the resolved configuration), ``runs.jsonl`` (finished runs: a rerun with the
+same settings skips them) and ``plans/``.
+
+    python benchmarks/fewshot.py --train data/pets/train --test data/pets/test \\
+        --prompts prompts/pets.json --shots 1 --seeds 0,1,2 --backbone clip --out runs/pets-clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+FORMAT = "dalda_aug.fewshot/1"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: which prompts, which λ strategy, which generator."""
+
+    name: str
+    label: str
+    prompts: str | None  # "base" ("a photo of a {class}"), "llm" (the prompt bank) or None (no synthetic images)
+    scaling: str | None  # "ags", "rs", "fixed" (--fixed-lambda), "none" (λ unused) or None
+    generator: str | None  # "ip_adapter", "real_guidance" or None
+
+
+# Table order: baselines, then the ablations, then DALDA.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("real", "Real images only", None, None, None),
+    Method("real_guidance", "Real Guidance (img2img, strength 0.5)", "base", "none", "real_guidance"),
+    Method("fixed", "Base prompt + fixed λ", "base", "fixed", "ip_adapter"),
+    Method("llm_fixed", "LLM prompts + fixed λ", "llm", "fixed", "ip_adapter"),
+    Method("base_rs", "Base prompt + RS", "base", "rs", "ip_adapter"),
+    Method("llm_rs", "LLM prompts + RS", "llm", "rs", "ip_adapter"),
+    Method("base_ags", "Base prompt + AGS", "base", "ags", "ip_adapter"),
+    Method("dalda", "DALDA (LLM prompts + AGS)", "llm", "ags", "ip_adapter"),
+)}
+DEFAULT_METHODS = tuple(name for name in METHODS if name != "llm_fixed")
+
+# The paper's 1-shot accuracies (mean of 3 seeds) of DALDA, for comparison in table.md.
+PAPER_1SHOT = {
+    ("pets", "resnet50"): 0.807, ("pets", "clip"): 0.875,
+    ("caltech101", "resnet50"): 0.788, ("caltech101", "clip"): 0.920,
+    ("flowers102", "resnet50"): 0.521, ("flowers102", "clip"): 0.819,
+}
+_DATASET_ALIASES = {
+    "pets": "pets", "oxfordpets": "pets", "oxfordiiitpet": "pets", "oxfordiiitpets": "pets",
+    "caltech101": "caltech101", "flowers102": "flowers102", "oxfordflowers102": "flowers102",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated value in {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fewshot.py",
+        description="Few-shot classification with real-only, Real Guidance and DALDA-augmented training sets; "
+                    "writes the paper's Table 2 layout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--train", type=Path, help="training image folder ROOT/<class>/<image>")
+    data.add_argument("--test", type=Path, help="test image folder (same class folders as --train)")
+    data.add_argument("--data", type=Path, help="one image folder, split per class into train and test")
+    data.add_argument("--test-fraction", type=float, default=0.5, help="share of each class held out with --data")
+    data.add_argument("--split-seed", type=int, default=0, help="seed of the --data train/test split")
+    data.add_argument("--name", default=None, help="dataset name in the outputs (default: from the folder)")
+    data.add_argument("--shots", type=_int_list, default=[1], help="images per class, e.g. 1,2,4,8,16")
+    data.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="seeds of few-shot sampling, plans, training")
+
+    meth = p.add_argument_group("methods and augmentation")
+    meth.add_argument("--methods", type=_name_list, default=None,
+                      help=f"comma list from {', '.join(METHODS)} (default: all but llm_fixed)")
+    meth.add_argument("--prompts", type=Path, default=None, help="prompt bank JSON (dalda-aug prompts) for LLM methods")
+    meth.add_argument("--variants", "-M", type=int, default=10, help="synthetic images per real image")
+    meth.add_argument("--p", type=float, default=0.5, help="probability that a training item is synthetic")
+    meth.add_argument("--fixed-lambda", type=float, default=0.5, help="λ of the fixed-scaling methods")
+    meth.add_argument("--ags-mode", choices=("truncnorm", "clip"), default="truncnorm",
+                      help="AGS sampler: the paper's truncated normal or the reference code's clipped normal")
+    meth.add_argument("--models", type=Path, default=None,
+                      help="models JSON (ModelConfig); default: the paper's hub models")
+    meth.add_argument("--cache", type=Path, default=None, help="synthetic image cache folder (default OUT/cache)")
+    meth.add_argument("--cache-format", choices=("png", "webp", "raw"), default="png",
+                      help="encoding of new cache entries: raw takes ~2x the disk of png but decodes ~5x faster, "
+                           "which matters when data loading limits training")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--steps", type=int, default=30, help="denoising steps")
+    gen.add_argument("--size", type=int, default=512, help="generated image height and width")
+    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance weight")
+    gen.add_argument("--dtype", default=None, help="generation dtype (default float16 on CUDA, else float32)")
+    gen.add_argument("--device", default=None, help="torch device for everything (default cuda if available)")
+    gen.add_argument("--gen-batch-size", type=int, default=None,
+                     help="images per generator call (default: automatic for IP-Adapter, 8 for Real Guidance)")
+
+    clf = p.add_argument_group("classifier and training (defaults: the paper's)")
+    clf.add_argument("--backbone", choices=("resnet50", "clip", "efficientnet_lite0"), default="resnet50")
+    clf.add_argument("--mode", choices=("linear", "finetune"), default="linear",
+                     help="linear probe on a frozen backbone (the reference) or full fine-tuning")
+    clf.add_argument("--pretrained", default=None,
+                     help="backbone weights: a local file for resnet50/efficientnet_lite0 (default: ImageNet); "
+                          "clip takes clip_model/clip_pretrained from --models")
+    clf.add_argument("--epochs", type=int, default=50)
+    clf.add_argument("--batch-size", type=int, default=32)
+    clf.add_argument("--iterations-per-epoch", type=int, default=200,
+                     help="batches per epoch drawn with replacement; 0 = one shuffled pass")
+    clf.add_argument("--lr", type=float, default=None, help="default: 2e-4 AdamW (clip), 1e-4 Adam (CNNs)")
+    clf.add_argument("--image-size", type=int, default=None,
+                     help="classifier input size (default: the backbone's, 224)")
+    clf.add_argument("--autocast", choices=("bfloat16",), default=None, help="train and evaluate under autocast")
+    clf.add_argument("--num-workers", type=int, default=None,
+                     help="DataLoader workers (default: min(8, cores - 1) on CUDA, 0 on CPU)")
+    clf.add_argument("--eval-batch-size", type=int, default=64)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", type=Path, required=True, help="output folder")
+    run.add_argument("--stop-after", choices=("plan", "warm"), default=None,
+                     help="stop after writing the plans, or after warming the cache")
+    run.add_argument("--overwrite", action="store_true", help="rerun runs already in OUT/runs.jsonl")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    """The training images (``source``: an ImageSource) and where the test images are."""
+
+    name: str
+    source: Any  # ImageSource of the training split
+    train_root: Path  # ImageFolder root holding the training images
+    train_indices: list[int]  # source item i = ImageFolder(train_root)[train_indices[i]]
+    test_root: Path
+    test_indices: list[int] | None  # None: every image of test_root
+    split: dict[str, Any]
+
+    @property
+    def num_test(self) -> int:
+        return self.split["test_images"]
+
+
+def _dataset_name(args) -> str:
+    if args.name:
+        return args.name
+    folder = (args.data or args.train).resolve()
+    return folder.parent.name if folder.name.lower() in ("train", "training", "trainval") else folder.name
+
+
+def split_per_class(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded per-class split: ``round(fraction · count)`` images of each class go to test (at
+    least one, and at least one stays for training)."""
+    import numpy as np
+
+    from dalda_aug.errors import InputError
+
+    targets = np.asarray(targets)
+    train, test = [], []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        if members.size < 2:
+            raise InputError(f"class {int(label)} has {members.size} image: need 2 or more to split train/test")
+        n_test = min(max(int(round(members.size * fraction)), 1), members.size - 1)
+        perm = np.random.default_rng([int(seed), int(label), 0x7E57]).permutation(members.size)
+        test.extend(int(i) for i in members[perm[:n_test]])
+        train.extend(int(i) for i in members[perm[n_test:]])
+    return sorted(train), sorted(test)
+
+
+def _check_folder_order(source, root: Path) -> None:
+    """ImageSource and torchvision's ImageFolder must list the same files in the same order."""
+    from torchvision.datasets import ImageFolder
+
+    from dalda_aug.dataset import source_ids
+    from dalda_aug.errors import InputError
+
+    folder = ImageFolder(str(root))
+    if folder.classes != source.classes or source_ids(folder) != [it.source for it in source.items]:
+        raise InputError(f"torchvision's ImageFolder lists {root} differently from dalda_aug "
+                         "(hidden class folders or unusual file names?)")
+
+
+def load_data(args) -> Data:
+    from dalda_aug.data import ImageSource, find_classes
+    from dalda_aug.errors import InputError
+
+    if args.data is not None:
+        if args.train is not None or args.test is not None:
+            raise InputError("give either --data (one folder, split here) or --train and --test, not both")
+        if not 0.0 < args.test_fraction < 1.0:
+            raise InputError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}")
+        full = ImageSource.from_folder(args.data)
+        _check_folder_order(full, args.data)
+        train_idx, test_idx = split_per_class(full.targets, args.test_fraction, args.split_seed)
+        root = Path(full.root)
+        split = {"kind": "per-class split", "folder": str(root), "test_fraction": args.test_fraction,
+                 "split_seed": args.split_seed, "train_images": len(train_idx), "test_images": len(test_idx)}
+        return Data(_dataset_name(args), full.subset(train_idx), root, train_idx, root, test_idx, split)
+    if args.train is None or args.test is None:
+        raise InputError("give --train DIR and --test DIR, or --data DIR (with --test-fraction)")
+    source = ImageSource.from_folder(args.train)
+    _check_folder_order(source, args.train)
+    test_classes, _ = find_classes(args.test)
+    if test_classes != source.classes:
+        missing = sorted(set(source.classes) ^ set(test_classes))
+        raise InputError(f"the class folders of --test {args.test} differ from --train's (e.g. {missing[:3]})")
+    from torchvision.datasets import ImageFolder
+
+    n_test = len(ImageFolder(str(args.test)))
+    split = {"kind": "folders", "train": str(Path(source.root)), "test": str(args.test.resolve()),
+             "train_images": len(source), "test_images": n_test}
+    return Data(_dataset_name(args), source, Path(source.root), list(range(len(source))), args.test.resolve(), None,
+                split)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+class _Lazy:
+    """A zero-argument factory that builds its object once (``warm`` calls it on the first miss)."""
+
+    def __init__(self, build):
+        self._build = build
+        self.instance = None
+
+    def __call__(self):
+        if self.instance is None:
+            self.instance = self._build()
+        return self.instance
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[fewshot] {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+CSV_COLUMNS = ["dataset", "backbone", "mode", "method", "shots", "seed", "top1", "top1_std", "mean_per_class",
+               "mean_per_class_std", "n_test", "seeds", "n_train_real", "n_synthetic", "p", "train_seconds"]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per (backbone, mode, method, shots), in table order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["backbone"], row["mode"], row["method"], row["shots"]), []).append(row)
+    order = list(METHODS)
+    summary = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]), k[3])):
+        group = sorted(groups[key], key=lambda r: r["seed"])
+        top1, top1_std = _mean_std([r["top1"] for r in group])
+        mpc, mpc_std = _mean_std([r["mean_per_class"] for r in group])
+        summary.append({
+            "dataset": group[0]["dataset"], "backbone": key[0], "mode": key[1], "method": key[2],
+            "label": METHODS[key[2]].label, "shots": key[3], "seeds": [r["seed"] for r in group],
+            "top1": top1, "top1_std": top1_std, "mean_per_class": mpc, "mean_per_class_std": mpc_std,
+            "n_test": group[0]["n_test"],
+        })
+    return summary
+
+
+def _cell(mean: float, std: float | None) -> str:
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def render_table(summary: list[dict], dataset: str, backbone: str, mode: str, shots: list[int]) -> str:
+    """The paper's Table 2 layout: rows = methods, columns = shots × (top-1, mean per-class)."""
+    rows = [s for s in summary if s["backbone"] == backbone and s["mode"] == mode]
+    methods = [m for m in METHODS if any(s["method"] == m for s in rows)]
+    by_key = {(s["method"], s["shots"]): s for s in rows}
+    seeds = sorted({seed for s in rows for seed in s["seeds"]})
+    n_test = rows[0]["n_test"] if rows else 0
+    what = "linear probe" if mode == "linear" else "fine-tuned"
+    lines = [
+        f"# Few-shot accuracy: {dataset}, {backbone} ({what})",
+        "",
+        f"Accuracy of the model after the last epoch on the whole test split (n = {n_test}); "
+        f"mean ± sample std over seeds {', '.join(map(str, seeds))}. Best per column in bold.",
+        "",
+    ]
+    header = ["Method"]
+    for n in shots:
+        header += [f"{n}-shot top-1", f"{n}-shot mean/class"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---" + "|---:" * (len(header) - 1) + "|")
+    best = {}
+    for n in shots:
+        for field in ("top1", "mean_per_class"):
+            values = [by_key[(m, n)][field] for m in methods if (m, n) in by_key]
+            best[(n, field)] = max(values) if values else None
+    for m in methods:
+        cells = [METHODS[m].label]
+        for n in shots:
+            for field in ("top1", "mean_per_class"):
+                s = by_key.get((m, n))
+                if s is None:
+                    cells.append("–")
+                    continue
+                text = _cell(s[field], s[f"{field}_std"])
+                cells.append(f"**{text}**" if round(s[field], 3) == round(best[(n, field)], 3) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    key = _DATASET_ALIASES.get("".join(ch for ch in dataset.lower() if ch.isalnum()))
+    paper = PAPER_1SHOT.get((key, backbone)) if key else None
+    if paper is not None and 1 in shots:
+        lines += ["", f"Paper (DALDA, {key}, 1-shot, {backbone}, mean of 3 seeds): accuracy {paper:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any], shots: list[int]) -> dict[str, Path]:
+    summary = summarize(rows)
+    result = {"format": FORMAT, **meta, "runs": rows, "summary": summary}
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "table": out / "table.md"}
+    paths["json"].write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with paths["csv"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        order = list(METHODS)
+        for row in sorted(rows, key=lambda r: (r["backbone"], order.index(r["method"]), r["shots"], r["seed"])):
+            writer.writerow({**row, "seeds": 1})
+        for s in summary:
+            writer.writerow({**s, "seed": "mean", "seeds": len(s["seeds"]),
+                             "top1_std": "" if s["top1_std"] is None else s["top1_std"],
+                             "mean_per_class_std": "" if s["mean_per_class_std"] is None else s["mean_per_class_std"]})
+    tables = [render_table(summary, meta["dataset"], b, m, shots)
+              for b, m in sorted({(s["backbone"], s["mode"]) for s in summary})]
+    paths["table"].write_text("\n".join(tables), encoding="utf-8")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------
+def resolve_methods(args) -> tuple[list[str], dict[str, str]]:
+    """The methods to run (table order) and those skipped, with the reason."""
+    from dalda_aug.errors import InputError
+
+    requested = args.methods if args.methods is not None else list(DEFAULT_METHODS)
+    skipped: dict[str, str] = {}
+    if args.prompts is None:
+        llm = [m for m in requested if METHODS[m].prompts == "llm"]
+        if llm and args.methods is not None:
+            raise InputError(f"method(s) {', '.join(llm)} need LLM prompts: pass --prompts FILE "
+                             "(write one with `dalda-aug prompts`)")
+        for m in llm:
+            skipped[m] = "needs LLM prompts (--prompts FILE, written by `dalda-aug prompts`)"
+    methods = [m for m in METHODS if m in requested and m not in skipped]
+    return methods, skipped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from dalda_aug.errors import DaldaError
+
+    try:
+        return run(args, list(sys.argv[1:] if argv is None else argv))
+    except DaldaError as exc:
+        print(f"fewshot.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept in one place
+    import torch
+    from tqdm.auto import tqdm
+
+    import dalda_aug
+    from dalda_aug.ags import AGSConfig, Scaling
+    from dalda_aug.cache import GenerationSpec, SyntheticCache
+    from dalda_aug.classify import (TrainConfig, build_classifier, eval_transform, evaluate, train_classifier,
+                                    train_transform)
+    from dalda_aug.clipscore import CLIPScorer
+    from dalda_aug.config import ModelConfig
+    from dalda_aug.data import few_shot_indices
+    from dalda_aug.dataset import SyntheticAugmentedDataset
+    from dalda_aug.errors import InputError
+    from dalda_aug.generation import GenerationConfig, IPAdapterGenerator
+    from dalda_aug.plan import build_plan
+    from dalda_aug.prompts import PromptBank
+    from dalda_aug.real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+    from dalda_aug.warm import warm
+
+    started = time.perf_counter()
+    progress = not args.no_progress
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    for name in ("variants", "steps", "size", "epochs", "batch_size", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.shots) < 1:
+        raise InputError(f"--shots must be >= 1, got {args.shots}")
+    if min(args.seeds) < 0:
+        raise InputError(f"--seeds must be >= 0, got {args.seeds}")
+    if not 0.0 <= args.p <= 1.0:
+        raise InputError(f"--p must lie in [0, 1], got {args.p}")
+    if args.iterations_per_epoch < 0:
+        raise InputError(f"--iterations-per-epoch must be >= 0, got {args.iterations_per_epoch}")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    num_workers = args.num_workers
+    if num_workers is None:
+        num_workers = min(8, max((os.cpu_count() or 1) - 1, 0)) if device.startswith("cuda") else 0
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = args.cache if args.cache is not None else out / "cache"
+
+    methods, skipped = resolve_methods(args)
+    for m, why in skipped.items():
+        _log(f"skipping method {m!r}: it {why}")
+    if not methods:
+        raise InputError("no method left to run")
+    models = ModelConfig.load(args.models) if args.models is not None else ModelConfig()
+    data = load_data(args)
+    source = data.source
+    source.few_shot(max(args.shots), 0)  # fails early, naming a class with too few images
+    bank = None
+    if args.prompts is not None and any(METHODS[m].prompts == "llm" for m in methods):
+        bank = PromptBank.load(args.prompts)
+        missing = [c for c in source.class_names if c not in bank]
+        if missing:
+            raise InputError(f"the prompt bank {args.prompts} has no prompts for class(es) {missing[:5]}")
+        short = bank.short_classes(args.variants)
+        if short:
+            _log(f"{len(short)} class(es) have fewer than M={args.variants} prompts; their prompts repeat "
+                 f"(e.g. {next(iter(short))!r}: {next(iter(short.values()))})")
+
+    gen_config = GenerationConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                                  height=args.size, width=args.size)
+    rg_config = RealGuidanceConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                                   height=args.size, width=args.size)
+    specs = {"ip_adapter": GenerationSpec(models, gen_config, dtype),
+             "real_guidance": GenerationSpec(models, rg_config, dtype)}
+    caches = {kind: SyntheticCache(cache_dir, spec, image_format=args.cache_format) for kind, spec in specs.items()}
+    train_config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        iterations_per_epoch=args.iterations_per_epoch or None, num_workers=num_workers,
+        device=device, autocast_dtype=args.autocast,
+    )
+    pretrained: bool | str = True
+    if args.backbone == "clip":
+        pretrained = models.clip_pretrained
+        if args.pretrained is not None:
+            raise InputError("--pretrained is for resnet50/efficientnet_lite0; CLIP weights come from --models")
+    elif args.pretrained is not None:
+        pretrained = args.pretrained
+
+    # Everything a result row depends on: a finished run with the same identity is reused.
+    identity = {
+        "format": FORMAT,
+        "data": {k: v for k, v in data.split.items()},
+        "classes": source.classes,
+        "models": models.to_dict(),
+        "generation": {kind: spec.fingerprint for kind, spec in specs.items()},
+        "variants": args.variants, "p": args.p, "fixed_lambda": args.fixed_lambda, "ags_mode": args.ags_mode,
+        "prompts": _digest(bank.to_dict()) if bank is not None else None,
+        "classifier": {"backbone": args.backbone, "mode": args.mode, "pretrained": str(pretrained),
+                       "image_size": args.image_size},
+        "train": {k: v for k, v in train_config.to_dict().items() if k not in ("num_workers", "device", "seed")},
+    }
+    config = {
+        "format": FORMAT,
+        "argv": argv,
+        "dataset": data.name,
+        "data": data.split,
+        "classes": source.classes,
+        "class_names": source.class_names,
+        "methods": methods,
+        "skipped_methods": skipped,
+        "method_definitions": {m: vars(METHODS[m]) for m in methods},
+        "shots": args.shots,
+        "seeds": args.seeds,
+        "variants": args.variants,
+        "p": args.p,
+        "fixed_lambda": args.fixed_lambda,
+        "ags": AGSConfig(mode=args.ags_mode).to_dict(),
+        "prompts": {"path": str(args.prompts.resolve()), "provenance": bank.provenance} if bank is not None else None,
+        "models": models.to_dict(),
+        "generation": {
+            "ip_adapter": {**gen_config.pixel_dict(), "fingerprint": specs["ip_adapter"].fingerprint},
+            "real_guidance": {**rg_config.pixel_dict(), "fingerprint": specs["real_guidance"].fingerprint},
+            "dtype": dtype, "batch_size": args.gen_batch_size,
+        },
+        "cache": {"folder": str(Path(cache_dir).resolve()), "format": args.cache_format},
+        "classifier": {"backbone": args.backbone, "mode": args.mode, "pretrained": pretrained,
+                       "clip_model": models.clip_model if args.backbone == "clip" else None,
+                       "image_size": args.image_size},
+        "train": {**train_config.to_dict(), "seed": "= run seed"},
+        "eval": {"split": "whole test split", "epoch": "last", "batch_size": args.eval_batch_size},
+        "device": device,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "dalda_aug": dalda_aug.__version__, "platform": platform.platform(),
+                        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
+        "identity": _digest(identity),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n",
+                                     encoding="utf-8")
+
+    # Finished runs of an earlier invocation with the same settings.
+    runs_path = out / "runs.jsonl"
+    done: dict[str, dict] = {}
+    if runs_path.is_file() and not args.overwrite:
+        for line in runs_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["run_key"]] = row
+    elif runs_path.is_file():
+        runs_path.unlink()
+
+    def run_key(seed: int, shots: int, method: str) -> str:
+        return _digest({"identity": identity, "seed": seed, "shots": shots, "method": method})
+
+    grid = [(seed, shots, m) for seed in args.seeds for shots in args.shots for m in methods]
+    todo = [g for g in grid if run_key(*g) not in done]
+    if len(todo) < len(grid):
+        _log(f"{len(grid) - len(todo)} of {len(grid)} runs already in {runs_path}; running {len(todo)}")
+    timing = {"scores": 0.0, "plan": 0.0, "warm": 0.0, "train": 0.0, "evaluate": 0.0}
+    meta = {"dataset": data.name, "config": "config.json", "skipped_methods": skipped, "timing_seconds": timing}
+
+    # -- 1. CLIPScores, once per few-shot image ----------------------------------------------
+    t0 = time.perf_counter()
+    fewshot: dict[tuple[int, int], list[int]] = {}
+    for seed, shots, m in todo:
+        fewshot.setdefault((seed, shots), few_shot_indices(source.targets, shots, seed))
+    needs_plan = [(seed, shots, m) for seed, shots, m in todo if METHODS[m].generator is not None]
+    wanted = sorted({i for seed, shots, _ in needs_plan for i in fewshot[(seed, shots)]})
+    scores: dict[Any, float] = {}
+    if wanted:
+        scorer = CLIPScorer.from_models(models, device=device)
+        values = scorer.score([source.items[i].load() for i in wanted], [source.items[i].label for i in wanted],
+                              source.class_names, progress=progress)
+        scores = {source.items[i].source: float(v) for i, v in zip(wanted, values)}
+        del scorer
+        _log(f"CLIPScore of {len(wanted)} few-shot images: mean {sum(scores.values()) / len(scores):.3f}")
+    timing["scores"] = time.perf_counter() - t0
+
+    # -- 2. plans ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    plans: dict[tuple[int, int, str], Any] = {}
+    for seed, shots, m in tqdm(needs_plan, desc="plans", unit="plan", disable=not progress or not needs_plan):
+        method = METHODS[m]
+        if method.scaling == "ags":
+            scaling = Scaling("ags", ags=AGSConfig(mode=args.ags_mode))
+        elif method.scaling == "rs":
+            scaling = Scaling("rs")
+        elif method.scaling == "fixed":
+            scaling = Scaling("fixed", value=args.fixed_lambda)
+        else:  # Real Guidance ignores λ; a constant keeps its cache keys independent of n-shot
+            scaling = Scaling("fixed", value=0.0)
+        idx = fewshot[(seed, shots)]
+        plan = build_plan(source, variants=args.variants, seed=seed, n_shot=shots, scaling=scaling,
+                          prompts=bank if method.prompts == "llm" else None, models=models,
+                          scores=[scores[source.items[i].source] for i in idx], progress=False)
+        plan.save(out / "plans" / f"seed{seed}-{shots}shot-{m}")
+        plans[(seed, shots, m)] = plan
+    timing["plan"] = time.perf_counter() - t0
+    if args.stop_after == "plan":
+        _log(f"wrote {len(plans)} plans to {out / 'plans'}; stopping (--stop-after plan)")
+        return 0
+
+    # -- 3. warm the cache: every IP-Adapter plan, then every Real Guidance plan ---------------
+    t0 = time.perf_counter()
+    warm_reports = []
+    for kind in ("ip_adapter", "real_guidance"):
+        keys = [k for k in plans if METHODS[k[2]].generator == kind]
+        if not keys:
+            continue
+        if kind == "ip_adapter":
+            holder = _Lazy(lambda: IPAdapterGenerator(models, gen_config, device=device, dtype=dtype))
+            batch_size = args.gen_batch_size
+        else:  # RealGuidanceGenerator has no automatic batch size
+            holder = _Lazy(lambda: RealGuidanceGenerator(models, rg_config, device=device, dtype=dtype))
+            batch_size = args.gen_batch_size or 8
+        for key in keys:
+            report = warm(plans[key], caches[kind], generator=holder, batch_size=batch_size, progress=progress)
+            warm_reports.append({"seed": key[0], "shots": key[1], "method": key[2], **report.to_dict()})
+            if report.generated:
+                _log(f"seed {key[0]}, {key[1]}-shot, {key[2]}: {report.summary()}")
+        holder.instance = None  # free the pipeline before the next one (or training) needs the memory
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    timing["warm"] = time.perf_counter() - t0
+    meta["warm"] = warm_reports
+    if args.stop_after == "warm":
+        _log(f"cache warm for {len(plans)} plans in {cache_dir}; stopping (--stop-after warm)")
+        return 0
+
+    # -- 4./5. train and evaluate ------------------------------------------------------------
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+
+    train_folder = ImageFolder(str(data.train_root))  # no transform: the wrapper applies it
+    test_sets: dict[tuple, Any] = {}
+    rows = [done[run_key(*g)] for g in grid if run_key(*g) in done]
+    bar = tqdm(todo, desc="runs", unit="run", disable=not progress)
+    for seed, shots, m in bar:
+        bar.set_postfix(seed=seed, shots=shots, method=m, refresh=True)
+        model = build_classifier(args.backbone, len(source.classes), class_names=source.class_names,
+                                 mode=args.mode, pretrained=pretrained, clip_model=models.clip_model,
+                                 seed=seed, device=device)
+        spec = model.spec
+        train_tf = train_transform(model, args.image_size)
+        folder_idx = [data.train_indices[i] for i in fewshot[(seed, shots)]]
+        plan = plans.get((seed, shots, m))
+        if plan is None:  # real images only
+            train_set = Subset(ImageFolder(str(data.train_root), transform=train_tf), folder_idx)
+        else:
+            train_set = SyntheticAugmentedDataset(Subset(train_folder, folder_idx), plan,
+                                                  caches[METHODS[m].generator], p=args.p, transform=train_tf,
+                                                  on_miss="error", seed=seed)
+        t0 = time.perf_counter()
+        history = train_classifier(model, train_set, TrainConfig(**{**train_config.to_dict(), "seed": seed}),
+                                   progress=progress)
+        train_seconds = time.perf_counter() - t0
+        timing["train"] += train_seconds
+
+        tf_key = (spec.mean, spec.std, spec.input_size, spec.interpolation, spec.crop_pct, args.image_size)
+        if tf_key not in test_sets:
+            folder = ImageFolder(str(data.test_root), transform=eval_transform(model, args.image_size))
+            test_sets[tf_key] = folder if data.test_indices is None else Subset(folder, data.test_indices)
+        t0 = time.perf_counter()
+        metrics = evaluate(model, test_sets[tf_key], batch_size=args.eval_batch_size, num_workers=num_workers,
+                           device=device, autocast_dtype=args.autocast, progress=progress)
+        eval_seconds = time.perf_counter() - t0
+        timing["evaluate"] += eval_seconds
+        if metrics["n"] != data.num_test:
+            raise InputError(f"evaluated {metrics['n']} test images, expected {data.num_test}")
+        row = {
+            "run_key": run_key(seed, shots, m), "dataset": data.name, "backbone": args.backbone, "mode": args.mode,
+            "method": m, "label": METHODS[m].label, "shots": shots, "seed": seed,
+            "top1": metrics["top1"], "mean_per_class": metrics["mean_per_class"], "n_test": metrics["n"],
+            "per_class": metrics["per_class"], "per_class_n": metrics["per_class_n"],
+            "n_train_real": len(folder_idx), "n_synthetic": len(plan) if plan is not None else 0,
+            "p": args.p if plan is not None else 0.0,
+            "plan": None if plan is None else {
+                "folder": f"plans/seed{seed}-{shots}shot-{m}", "mean_score": plan.summary["mean_score"],
+                "low_share": plan.summary["low_share"], "lambda": plan.summary["lambda"],
+            },
+            "classifier": {"weights": spec.weights, "optimizer": train_config.optimizer or spec.optimizer,
+                           "lr": train_config.lr or spec.lr, "image_size": args.image_size or spec.input_size},
+            "final_epoch": history[-1], "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        }
+        with runs_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        rows.append(row)
+        _log(f"seed {seed}, {shots}-shot, {m}: top-1 {row['top1']:.4f}, mean per-class "
+             f"{row['mean_per_class']:.4f} (n = {row['n_test']}, {train_seconds:.0f} s training)")
+        timing["total"] = time.perf_counter() - started
+        write_outputs(out, rows, meta, args.shots)
+        del model, train_set
+    bar.close()
+
+    timing["total"] = time.perf_counter() - started
+    paths = write_outputs(out, rows, meta, args.shots)
+    print(paths["table"].read_text(encoding="utf-8"))
+    print(f"results: {paths['json']}, {paths['csv']}, {paths['table']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""``dalda-aug warm`` and ``dalda-aug cache stats|verify|export``.
+
+Registered into the main parser by :func:`register`; the work is done by
+:func:`dalda_aug.warm.warm` and :class:`dalda_aug.cache.SyntheticCache`.
+
+The generation settings (``--models``, ``--steps``, ``--size``, ``--guidance-scale``,
+``--scheduler``, ``--dtype``) decide the cache keys: give ``cache stats --plan`` the same ones
+as ``warm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+
+__all__ = ["register", "spec_from_args", "add_spec_arguments"]
+
+
+def add_spec_arguments(parser, *, plan_required: bool) -> None:
+    """The options that make up a :class:`~dalda_aug.cache.GenerationSpec`."""
+    parser.add_argument("--plan", required=plan_required, default=None, help="plan folder (dalda-aug plan)")
+    parser.add_argument("--models", default=None,
+                        help="models JSON (ModelConfig); default: the models recorded in the plan")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
+    parser.add_argument("--size", type=int, default=None, help="output height and width in pixels (default 512)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default 7.5)")
+    parser.add_argument("--scheduler", default=None, help="ddim (default) or dpmsolver++")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+
+
+def spec_from_args(args, plan=None):
+    """:class:`GenerationSpec` from the options of :func:`add_spec_arguments`."""
+    from .cache import GenerationSpec
+    from .cli import load_models_arg
+    from .generation import GenerationConfig
+
+    if args.models is not None:
+        models = load_models_arg(args.models)
+    elif plan is not None and plan.models is not None:
+        models = plan.models
+    else:
+        models = load_models_arg(None)
+    changes = {}
+    if args.steps is not None:
+        changes["num_inference_steps"] = args.steps
+    if args.size is not None:
+        changes["height"] = changes["width"] = args.size
+    if args.guidance_scale is not None:
+        changes["guidance_scale"] = args.guidance_scale
+    if args.scheduler is not None:
+        changes["scheduler"] = args.scheduler
+    config = dataclasses.replace(GenerationConfig(), **changes)
+    return GenerationSpec(models, config, args.dtype)
+
+
+def _load_plan(path):
+    from .plan import AugmentationPlan
+
+    return AugmentationPlan.load(path) if path else None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+# -- warm ---------------------------------------------------------------------------------------
+def _partial_state(device: str | None):
+    """``accelerate.PartialState`` (rank and world size under ``accelerate launch``).
+
+    Processes run on the CPU (gloo) when ``--device cpu`` is given, when accelerate was told
+    ``--cpu`` (``ACCELERATE_USE_CPU``) or when there is no CUDA device. Note that
+    ``accelerate launch --cpu`` starts a single process unless MPI is set up; on a machine
+    without GPUs, ``accelerate launch --multi_gpu --num_processes N`` starts N CPU processes.
+    """
+    import os
+
+    import torch
+
+    from .errors import require
+
+    accelerate = require("accelerate", "generate")
+    cpu = (
+        (device is not None and device.startswith("cpu"))
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or not torch.cuda.is_available()
+    )
+    return accelerate.PartialState(cpu=cpu)
+
+
+def _run_warm(args) -> int:
+    from .cache import SyntheticCache, default_shard_name
+    from .warm import warm
+
+    plan = _load_plan(args.plan)
+    spec = spec_from_args(args, plan)
+    state = _partial_state(args.device)
+    rank, world = state.process_index, state.num_processes
+    shard = args.shard or default_shard_name(rank)
+    if args.shard and world > 1:
+        shard = f"{args.shard}-{rank}"
+    cache = SyntheticCache(args.cache, spec, image_format=args.format, shard=shard)
+    device = args.device or str(state.device)
+    report = warm(
+        plan,
+        cache,
+        device=device,
+        batch_size=args.batch_size,
+        process_index=rank,
+        num_processes=world,
+        verify=args.verify,
+        progress=not args.no_progress,
+    )
+    print(f"dalda-aug warm: {report.summary()}", flush=True)
+    if args.report:
+        with open(args.report.replace("{rank}", str(rank)), "w", encoding="utf-8") as fh:
+            json.dump(report.to_dict(), fh, indent=2)
+    if world > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            stats = cache.stats(plan)["plan"]
+            print(f"dalda-aug warm: all {world} processes done; the cache holds {stats['cached']}/{stats['images']} "
+                  f"images of the plan ({stats['coverage']:.1%})", flush=True)
+    return 0
+
+
+# -- cache stats | verify | export -----------------------------------------------------------
+def _cache_for_reading(args, plan=None):
+    from .cache import SyntheticCache, open_cache_dir
+
+    open_cache_dir(args.cache)
+    spec = spec_from_args(args, plan) if plan is not None else None
+    return SyntheticCache(args.cache, spec)
+
+
+def _run_stats(args) -> int:
+    plan = _load_plan(args.plan)
+    cache = _cache_for_reading(args, plan)
+    stats = cache.stats(plan)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"cache {stats['directory']}: {stats['entries']} images, {_human_bytes(stats['bytes'])} on disk, "
+          f"{len(stats['shards'])} shard(s), {stats['corrupt_removed']} corrupt entries removed so far")
+    for shard in stats["shards"]:
+        print(f"  shard {shard['name']}: {shard['entries']} images, {_human_bytes(shard['bytes'])}")
+    if plan is not None:
+        p = stats["plan"]
+        print(f"plan {args.plan}: {p['cached']}/{p['images']} images cached ({p['coverage']:.1%}), "
+              f"{p['missing']} missing (generation fingerprint {p['fingerprint']})")
+    return 0
+
+
+def _run_verify(args) -> int:
+    cache = _cache_for_reading(args)
+    report = cache.verify(remove=args.remove, progress=not args.no_progress)
+    for bad in report["bad"]:
+        print(f"bad entry {bad['key']} in shard {bad['shard']}: {bad['error']}")
+    action = f", removed {report['removed']}" if args.remove else ""
+    print(f"verified {report['checked']} entries: {report['ok']} ok, {len(report['bad'])} bad{action}")
+    return 1 if report["bad"] and not args.remove else 0
+
+
+def _run_export(args) -> int:
+    plan = _load_plan(args.plan)
+    cache = _cache_for_reading(args, plan)
+    result = cache.export(args.out, plan, progress=not args.no_progress)
+    extra = f" ({result['missing']} images of the plan are not cached)" if result["missing"] else ""
+    print(f"exported {result['exported']} images to {result['out']} (+ metadata.csv){extra}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "warm",
+        help="generate every image of a plan that is not cached yet (resumable, multi-GPU with accelerate)",
+        description="Generate the plan's images missing from the cache. Runs alone or under `accelerate launch` "
+                    "(each process takes a disjoint share of the keys and writes its own cache shard "
+                    "CACHE/shard-<host>-<rank>). Resumable: rerun after an interruption to finish.",
+    )
+    add_spec_arguments(p, plan_required=True)
+    p.add_argument("--cache", required=True, help="cache folder")
+    p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
+    p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
+    p.add_argument("--format", choices=("png", "webp", "raw"), default="png",
+                   help="lossless image encoding: png (default), webp, or raw (2x the disk, fastest to read)")
+    p.add_argument("--shard", default=None,
+                   help=f"cache shard name (default <host>-<rank>, e.g. {socket.gethostname()}-0)")
+    p.add_argument("--verify", action="store_true",
+                   help="first decode this process's cached entries, regenerate bad ones")
+    p.add_argument("--report", default=None, help="write this process's summary as JSON ({rank} is replaced)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_warm)
+
+    p = subparsers.add_parser(
+        "cache",
+        help="inspect a synthetic-image cache: stats, verify, export",
+        description="Inspect a synthetic-image cache folder.",
+    )
+    sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+
+    s = sub.add_parser("stats", help="entries, bytes, shards and the share of a plan covered")
+    s.add_argument("--cache", required=True, help="cache folder")
+    add_spec_arguments(s, plan_required=False)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=_run_stats)
+
+    s = sub.add_parser("verify", help="decode every entry; report (or --remove) bad ones")
+    s.add_argument("--cache", required=True, help="cache folder")
+    s.add_argument("--remove", action="store_true", help="delete bad entries (they are regenerated on next use)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_run_verify)
+
+    s = sub.add_parser("export", help="write cached images as an image folder + metadata.csv")
+    s.add_argument("--cache", required=True, help="cache folder")
+    s.add_argument("--out", required=True, help="output folder: OUT/<class>/<key>.png and OUT/metadata.csv")
+    add_spec_arguments(s, plan_required=False)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_run_export)
+

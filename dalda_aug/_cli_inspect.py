@@ -1,0 +1,141 @@
+"""``dalda-aug metrics`` and ``dalda-aug inspect``: measure and look at what a plan produced.
+
+Both read a plan and a cache; the generation options (``--models``, ``--steps``, ``--size``,
+...) must be the ones ``warm`` used, since they decide the cache keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ._cli_cache import add_spec_arguments, spec_from_args
+from .errors import InputError
+
+__all__ = ["register"]
+
+
+def _open(args):
+    from .cache import SyntheticCache, open_cache_dir
+    from .plan import AugmentationPlan
+
+    plan = AugmentationPlan.load(args.plan)
+    open_cache_dir(args.cache)
+    return plan, SyntheticCache(args.cache, spec_from_args(args, plan))
+
+
+def _source_loader(plan):
+    from .data import load_image
+
+    if not plan.data_root:
+        raise InputError("the plan has no data_root (it was built from an in-memory dataset); "
+                         "use dalda_aug.metrics.diversity_metrics from Python instead")
+    root = Path(plan.data_root)
+    return lambda source: load_image(root / str(source))
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def _run_metrics(args) -> int:
+    from .clipscore import CLIPScorer
+    from .metrics import EmbeddingStore, diversity_metrics, load_lpips
+
+    plan, cache = _open(args)
+    load_source = _source_loader(plan)
+    variants, sources, labels, missing = {}, {}, {}, 0
+    for source, vs in plan.by_source().items():
+        images = []
+        for v in vs:
+            entry = cache.get(v)
+            if entry is None:
+                missing += 1
+            else:
+                images.append(entry.image)
+        if images:
+            variants[source], sources[source], labels[source] = images, load_source(source), vs[0].label
+    if not variants:
+        raise InputError(f"none of the plan's images are in the cache {args.cache}; run `dalda-aug warm` first")
+    scorer = CLIPScorer.from_models(spec_from_args(args, plan).models, device=args.device)
+    store = EmbeddingStore(scorer, Path(args.cache) / "embeddings")
+    lpips_net = None if args.no_lpips else load_lpips(args.device, random_backbone=args.lpips_random)
+    report = diversity_metrics(variants, sources, labels, plan.class_names, scorer, lpips_net=lpips_net,
+                               embeddings=store, progress=True)
+    report["missing_images"] = missing
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    o = report["overall"]
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    print(f"{o['n_images']} images of {o['n_sources']} sources ({missing} not cached): "
+          f"CLIP-I within source {fmt(o['clip_i_within_source'])}, within class {fmt(o['clip_i_within_class'])}; "
+          f"LPIPS within source {fmt(o['lpips_within_source'])}, within class {fmt(o['lpips_within_class'])}; "
+          f"fidelity CLIP-I {fmt(o['fidelity_clip_i'])}, zero-shot accuracy {fmt(o['zero_shot_acc'])}")
+    if args.out:
+        print(f"per-class and per-source figures: {args.out}")
+    return 0
+
+
+# -- inspect ---------------------------------------------------------------------------------
+def _run_inspect(args) -> int:
+    from .plan import AugmentationPlan
+    from .viz import plan_contact_sheet, plot_lambda_distribution, plot_score_histogram
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plans = {}
+    for item in [args.plan, *args.also]:
+        name, _, path = item.rpartition("=")
+        plans[name or Path(path).name] = AugmentationPlan.load(path)
+    written = [plot_score_histogram(plans, out / "clipscore_histogram.png")]
+    for name, plan in plans.items():
+        suffix = "" if len(plans) == 1 else f"_{name}"
+        written.append(plot_lambda_distribution(plan, out / f"lambda_distribution{suffix}.png"))
+    if args.cache:
+        args.plan = args.plan.rpartition("=")[2]
+        plan, cache = _open(args)
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        sheet = plan_contact_sheet(plan, cache, classes=classes, per_class=args.per_class, tile=args.tile)
+        path = out / "contact_sheet.png"
+        sheet.save(path)
+        written.append(path)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "metrics",
+        help="diversity (CLIP-I, LPIPS) and fidelity of the cached images of a plan",
+        description="CLIP-I (mean pairwise cosine of CLIP image embeddings; lower = more diverse) and LPIPS "
+                    "(mean pairwise; higher = more diverse) within each source image's variants and within each "
+                    "class, plus fidelity: CLIP-I to the source image and CLIP's zero-shot accuracy. LPIPS needs "
+                    "torchvision's AlexNet weights in $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth.",
+    )
+    add_spec_arguments(p, plan_required=True)
+    p.add_argument("--cache", required=True, help="cache folder")
+    p.add_argument("--out", default=None, help="write the full report (per class, per source) as JSON")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--lpips-random", action="store_true",
+                   help="random AlexNet trunk for LPIPS (testing only: uncalibrated distances)")
+    p.set_defaults(func=_run_metrics)
+
+    p = subparsers.add_parser(
+        "inspect",
+        help="plots: CLIPScore histogram, λ distribution, contact sheet of real images and their variants",
+        description="Write clipscore_histogram.png (α marked, as the paper's Figure 4), lambda_distribution.png "
+                    "(Low and High sources) and, with --cache, contact_sheet.png (each real image and its "
+                    "variants, labelled with λ and prompt).",
+    )
+    add_spec_arguments(p, plan_required=True)
+    p.add_argument("--also", action="append", default=[], metavar="NAME=PLAN",
+                   help="another dataset's plan for the histogram (repeatable); --plan may be NAME=DIR too")
+    p.add_argument("--cache", default=None, help="cache folder (for the contact sheet)")
+    p.add_argument("--classes", default=None, help="comma-separated class names for the contact sheet (default all)")
+    p.add_argument("--per-class", type=int, default=1, help="source images per class on the contact sheet")
+    p.add_argument("--tile", type=int, default=192, help="contact-sheet tile size in pixels")
+    p.add_argument("--out", required=True, help="output folder for the PNGs")
+    p.set_defaults(func=_run_inspect)

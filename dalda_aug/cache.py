@@ -1,0 +1,728 @@
+"""The synthetic-image cache: generated images on disk, keyed by what fixes their pixels.
+
+:class:`SyntheticCache` is an embedded store (no server) built on `diskcache`_ (SQLite plus
+files). It holds one entry per generated image:
+
+* the **key** is a SHA-256 over the generation fingerprint (model locations and revisions,
+  dtype, scheduler, steps, CFG weight, size, prompt prefix and negative prompt — see
+  :func:`~dalda_aug.generation.generation_fingerprint`) and the variant's prompt, λ, seed and
+  source-image content hash. Changing any of them gives a new key, so nothing stale is ever
+  served; the n-shot setting and dataset indices are not part of it, so the images of a
+  1-shot run are reused by the 2-shot run.
+* the **value** is the image, encoded losslessly as PNG, WebP or raw RGB, behind a small header with
+  JSON metadata (λ, prompt, seed, CLIPScore, model fingerprint, size, a CRC-32 of the
+  encoded bytes).
+
+Guarantees:
+
+* **No silent eviction.** Shards are opened with ``eviction_policy="none"``: diskcache's
+  default 1 GB limit with least-recently-stored eviction never applies.
+* **Atomic entries.** diskcache writes a large value's file completely before the SQLite row
+  that points at it is committed (small values live in the row itself), so a reader sees a
+  whole entry or none; a process killed mid-write leaves at most an orphan file, no entry.
+* **Corruption is detected, never returned.** An entry whose header, checksum or image fails
+  to decode is removed, counted (:attr:`SyntheticCache.corrupt_removed`, and a persistent
+  counter reported by :meth:`SyntheticCache.stats`) and reported as a miss, so the caller
+  regenerates it.
+* **Process safety.** SQLite locking makes one shard safe for concurrent readers and writers
+  on one machine (DataLoader workers, several warmers). Handles are opened lazily in each
+  process and reopened after a fork (pid check); a pickled cache carries only its settings.
+
+Sharding and shared filesystems
+-------------------------------
+SQLite must not be written from several machines through a network filesystem (NFS, Lustre,
+GPFS...): its file locks are unreliable there and its WAL mode needs shared memory. So the
+cache directory holds *shards*: ``CACHE/shard-<name>/``, each an independent diskcache. A
+process writes only to its own shard (by default ``shard-<host>-<rank>``, rank from the
+``RANK`` environment variable that ``accelerate``/``torchrun`` set, else 0), and reads all of
+them as one cache. ``dalda-aug warm`` under ``accelerate launch`` gives each process its own
+shard, so on a shared filesystem no SQLite file is ever written by two machines. Shards on a
+network filesystem are opened with a rollback journal instead of WAL and without mmap
+(detected from ``/proc/mounts``, or forced with ``journal_mode``). Because keys are content
+hashes, shards never conflict: copying ``shard-*`` folders from several caches into one
+folder merges them (e.g. warm on node-local disks, then ``rsync`` the shards together).
+
+.. _diskcache: https://grantjenks.com/docs/diskcache/
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .config import ModelConfig
+from .errors import DaldaError, InputError, MissingFileError, require
+
+__all__ = [
+    "SyntheticCache",
+    "GenerationSpec",
+    "GeneratorFactory",
+    "CachedImage",
+    "CorruptEntryError",
+    "encode_entry",
+    "decode_entry",
+    "default_shard_name",
+    "variant_key",
+    "is_network_filesystem",
+    "open_cache_dir",
+    "IMAGE_FORMATS",
+]
+
+log = logging.getLogger(__name__)
+
+KEY_FORMAT = "dalda_aug.cache/1"
+IMAGE_FORMATS = ("png", "webp", "raw")
+SHARD_PREFIX = "shard-"
+# Entry layout: magic (8 bytes), layout version (1 byte), metadata length (4 bytes, big
+# endian), metadata (UTF-8 JSON), encoded image.
+_MAGIC = b"DALDAIMG"
+_HEADER = struct.Struct(">8sBI")
+_LAYOUT_VERSION = 1
+# Persistent counter of corrupt entries removed, kept in each shard under a non-string key
+# (entry keys are 64-character hex strings).
+_CORRUPT_COUNTER = ("dalda_aug", "corrupt_removed")
+# Network filesystems on which SQLite's WAL mode and mmap are unsafe.
+_NETWORK_FS = {
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
+    "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.juicefs", "9p", "afs", "panfs", "wekafs",
+}
+# A miss rescans the cache folder for shards created since, at most this often (seconds).
+_RESCAN_INTERVAL = 0.5
+# Handles inherited through fork() are parked here instead of being closed or garbage-
+# collected in the child: SQLite connections must not be used or closed across a fork.
+_ABANDONED: list[Any] = []
+
+
+class CorruptEntryError(DaldaError, ValueError):
+    """A cache entry that fails to decode (bad header, checksum or image data)."""
+
+
+# ------------------------------------------------------------------------------------------
+# keys
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything that fixes a generated image's pixels apart from the variant itself.
+
+    ``models`` and ``config`` (a :class:`~dalda_aug.generation.GenerationConfig`, the paper's
+    settings when ``None``) and ``dtype`` ("float32", "bfloat16", "float16" or a torch dtype).
+    :meth:`key` gives the cache key of a plan variant; :meth:`make_generator` builds the
+    generator that produces exactly those images. Small and picklable.
+    """
+
+    models: ModelConfig
+    config: Any = None
+    dtype: Any = "float32"
+
+    def __post_init__(self) -> None:
+        from .generation import GenerationConfig, _dtype_name
+
+        if not isinstance(self.models, ModelConfig):
+            raise InputError(f"GenerationSpec.models must be a ModelConfig, got {type(self.models).__name__}")
+        config = self.config if self.config is not None else GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise InputError(f"GenerationSpec.config must be a GenerationConfig, got {type(config).__name__}")
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+
+    @classmethod
+    def of(cls, generator: Any) -> "GenerationSpec":
+        """The spec of an :class:`~dalda_aug.generation.IPAdapterGenerator`."""
+        return cls(generator.models, generator.config, generator.dtype)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`~dalda_aug.generation.generation_fingerprint` of models, config and dtype."""
+        from .generation import generation_fingerprint
+
+        return generation_fingerprint(self.models, self.config, self.dtype)
+
+    def key(self, variant: Any) -> str:
+        """The cache key (64 hex characters) of a :class:`~dalda_aug.plan.Variant`."""
+        return variant_key(self.fingerprint, variant.prompt, variant.lam, variant.seed, variant.source_sha256)
+
+    def make_generator(self, device: Any = "cpu"):
+        """A (not yet loaded) generator for this spec: an
+        :class:`~dalda_aug.generation.IPAdapterGenerator`, or a
+        :class:`~dalda_aug.real_guidance.RealGuidanceGenerator` for a Real Guidance config."""
+        from .generation import GenerationConfig, IPAdapterGenerator
+
+        cls = IPAdapterGenerator
+        if type(self.config) is not GenerationConfig:  # a subclass: maybe another method
+            from .real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+
+            if isinstance(self.config, RealGuidanceConfig):
+                cls = RealGuidanceGenerator
+        return cls(self.models, self.config, device=device, dtype=self.dtype)
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{c.width}x{c.height}, {c.num_inference_steps} {c.scheduler} steps, CFG {c.guidance_scale:g}, "
+                f"{self.dtype}, fingerprint {self.fingerprint}")
+
+
+def variant_key(fingerprint: str, prompt: str, lam: float, seed: int, source_sha256: str) -> str:
+    """SHA-256 key of one image: generation fingerprint + prompt + λ + seed + source hash."""
+    blob = json.dumps([KEY_FORMAT, fingerprint, prompt, float(lam), int(seed), source_sha256], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _is_entry_key(key: Any) -> bool:
+    return isinstance(key, str) and len(key) == 64
+
+
+class GeneratorFactory:
+    """A picklable zero-argument callable that builds the generator of a spec on a device.
+
+    Give it to :class:`~dalda_aug.dataset.SyntheticAugmentedDataset` (``generator=``) so each
+    DataLoader worker builds its own generator on first need instead of receiving a model.
+    """
+
+    def __init__(self, spec: GenerationSpec, device: Any = "cpu"):
+        if not isinstance(spec, GenerationSpec):
+            raise InputError(f"spec must be a GenerationSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.device = str(device)
+
+    def __call__(self):
+        return self.spec.make_generator(self.device)
+
+    def __repr__(self) -> str:
+        return f"GeneratorFactory(device={self.device!r}, fingerprint={self.spec.fingerprint!r})"
+
+
+# ------------------------------------------------------------------------------------------
+# entry encoding
+# ------------------------------------------------------------------------------------------
+def encode_entry(image, metadata: dict[str, Any], image_format: str = "png", *, png_compress_level: int = 1) -> bytes:
+    """Encode ``image`` losslessly behind a header holding ``metadata``.
+
+    ``image_format``: ``"png"``, ``"webp"`` (lossless) or ``"raw"`` (the 8-bit RGB pixels,
+    uncompressed: ~2x the bytes of PNG, but decoding is a copy instead of ~9 ms of PNG
+    inflating and unfiltering per 512x512 image). ``width``, ``height``, ``format``,
+    ``nbytes`` and ``crc32`` (of the encoded image) are added to the metadata.
+    """
+    from .data import to_rgb
+
+    if image_format not in IMAGE_FORMATS:
+        raise InputError(f"image_format must be one of {list(IMAGE_FORMATS)}, got {image_format!r}")
+    rgb = to_rgb(image)
+    buf = io.BytesIO()
+    if image_format == "png":
+        rgb.save(buf, "PNG", compress_level=png_compress_level)
+        payload = buf.getvalue()
+    elif image_format == "webp":  # lossless; quality/method are the compression effort (least: ~5x faster
+        rgb.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)  # than the default, ~10 % bigger)
+        payload = buf.getvalue()
+    else:
+        payload = rgb.tobytes()
+    meta = dict(metadata)
+    meta.update(format=image_format, width=rgb.width, height=rgb.height, nbytes=len(payload),
+                crc32=zlib.crc32(payload))
+    meta_bytes = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return _HEADER.pack(_MAGIC, _LAYOUT_VERSION, len(meta_bytes)) + meta_bytes + payload
+
+
+def decode_entry(blob: Any, key: str | None = None):
+    """``(PIL RGB image, metadata)`` of an encoded entry, or :class:`CorruptEntryError`."""
+    from PIL import Image
+
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CorruptEntryError(f"entry holds a {type(blob).__name__}, not encoded bytes")
+    blob = bytes(blob)
+    if len(blob) < _HEADER.size:
+        raise CorruptEntryError(f"entry is truncated ({len(blob)} bytes)")
+    magic, version, meta_len = _HEADER.unpack_from(blob)
+    if magic != _MAGIC or version != _LAYOUT_VERSION:
+        raise CorruptEntryError("entry has a bad header")
+    start = _HEADER.size + meta_len
+    try:
+        meta = json.loads(blob[_HEADER.size:start].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptEntryError(f"entry metadata is unreadable: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CorruptEntryError("entry metadata is not an object")
+    payload = blob[start:]
+    if len(payload) != meta.get("nbytes") or zlib.crc32(payload) != meta.get("crc32"):
+        raise CorruptEntryError(f"entry image bytes fail their checksum ({len(payload)} bytes, "
+                                f"expected {meta.get('nbytes')})")
+    if key is not None and meta.get("key") not in (None, key):
+        raise CorruptEntryError(f"entry is stored under {key} but belongs to {meta.get('key')}")
+    if meta.get("format") == "raw":
+        width, height = meta.get("width"), meta.get("height")
+        if not isinstance(width, int) or not isinstance(height, int) or len(payload) != 3 * width * height:
+            raise CorruptEntryError(f"raw entry holds {len(payload)} bytes, not 3 x {width} x {height}")
+        return Image.frombytes("RGB", (width, height), payload), meta
+    try:
+        with Image.open(io.BytesIO(payload)) as img:
+            img.load()
+            image = img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for bad data
+        raise CorruptEntryError(f"entry image does not decode: {type(exc).__name__}: {exc}") from None
+    if image.size != (meta.get("width"), meta.get("height")):
+        raise CorruptEntryError(f"entry image is {image.size}, metadata says {meta.get('width')}x{meta.get('height')}")
+    return image, meta
+
+
+@dataclass
+class CachedImage:
+    """A decoded cache entry."""
+
+    key: str
+    image: Any  # PIL.Image.Image (RGB)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lam(self) -> float:
+        return float(self.metadata["lambda"])
+
+    @property
+    def prompt(self) -> str:
+        return str(self.metadata["prompt"])
+
+
+# ------------------------------------------------------------------------------------------
+# shards
+# ------------------------------------------------------------------------------------------
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "x"
+
+
+def default_shard_name(rank: int | None = None) -> str:
+    """``<host>-<rank>``: the shard this process writes to (rank: argument, ``$RANK`` or 0)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    return f"{_sanitize(socket.gethostname())}-{int(rank)}"
+
+
+def _mount_fstype(path: Path) -> str | None:
+    """Filesystem type of the mount holding ``path`` (Linux ``/proc/mounts``), else None."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type
+
+
+def is_network_filesystem(path: str | os.PathLike) -> bool:
+    """True when ``path`` (or its nearest existing parent) is on a known network filesystem."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return (_mount_fstype(p) or "").lower() in _NETWORK_FS
+
+
+class SyntheticCache:
+    """Generated images on disk, keyed by :class:`GenerationSpec` + variant (see module doc).
+
+    Args:
+        directory: the cache folder (created on first write); holds ``shard-*/`` sub-folders.
+        spec: the generation settings this cache serves; needed to turn plan variants into
+            keys (:meth:`key`, ``variant`` arguments). Low-level methods take keys and work
+            without it.
+        image_format: ``"png"`` (default), ``"webp"`` or ``"raw"``, all lossless (see
+            :func:`encode_entry`); used for new entries, entries in any format are read.
+            ``"raw"`` takes about twice the disk of PNG and is the one fast enough for a
+            training epoch with p = 0.5 to cost about as much as one on the real JPEGs.
+        shard: name of the shard this process writes to (``CACHE/shard-<shard>/``); default
+            :func:`default_shard_name` (``<host>-<rank>``).
+        journal_mode: SQLite journal of the shards: ``"wal"`` (local disks), ``"delete"``
+            (network filesystems) or ``None`` to pick from the filesystem type.
+        timeout: seconds a writer waits for a SQLite lock before retrying.
+        png_compress_level: zlib level of PNG entries (0-9; 1 encodes ~3x faster than 6 for
+            ~10 % more bytes; decoding speed hardly depends on it).
+
+    Example::
+
+        spec = GenerationSpec(models, GenerationConfig(), "float16")
+        cache = SyntheticCache("cache/", spec)
+        for variant in plan:
+            if variant not in cache: ...
+        entry = cache.get(plan[0])          # CachedImage or None
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        spec: GenerationSpec | None = None,
+        *,
+        image_format: str = "png",
+        shard: str | None = None,
+        journal_mode: str | None = None,
+        timeout: float = 60.0,
+        png_compress_level: int = 1,
+    ):
+        if spec is not None and not isinstance(spec, GenerationSpec):
+            raise InputError(f"spec must be a GenerationSpec or None, got {type(spec).__name__}")
+        if image_format not in IMAGE_FORMATS:
+            raise InputError(f"image_format must be one of {list(IMAGE_FORMATS)}, got {image_format!r}")
+        if journal_mode not in (None, "wal", "delete", "truncate", "persist"):
+            raise InputError(
+                f"journal_mode must be 'wal', 'delete', 'truncate', 'persist' or None, got {journal_mode!r}")
+        if not 0 <= int(png_compress_level) <= 9:
+            raise InputError(f"png_compress_level must be in 0..9, got {png_compress_level!r}")
+        self.directory = Path(directory).expanduser().absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise InputError(f"cache directory {self.directory} exists and is not a folder")
+        self.spec = spec
+        self.image_format = image_format
+        self.shard = _sanitize(shard) if shard is not None else default_shard_name()
+        self.timeout = float(timeout)
+        self.png_compress_level = int(png_compress_level)
+        self._journal_mode = journal_mode
+        #: Corrupt entries this process found and removed.
+        self.corrupt_removed = 0
+        self._reset_handles()
+
+    # -- per-process state ------------------------------------------------------------------
+    def _reset_handles(self) -> None:
+        self._pid = os.getpid()
+        self._handles: dict[str, Any] = {}  # shard name -> diskcache.Cache
+        self._known: list[str] = []  # shard names found by the last scan
+        self._scanned_at = float("-inf")
+        self._network: bool | None = None
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():  # forked: never touch the parent's SQLite connections
+            _ABANDONED.extend(self._handles.values())
+            self._reset_handles()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_pid", "_handles", "_known", "_scanned_at", "_network"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()
+
+    def __repr__(self) -> str:
+        fp = self.spec.fingerprint if self.spec is not None else None
+        return (f"SyntheticCache({str(self.directory)!r}, format={self.image_format!r}, shard={self.shard!r}, "
+                f"fingerprint={fp!r})")
+
+    def __enter__(self) -> "SyntheticCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this process's handles (they reopen on next use)."""
+        if self._pid == os.getpid():
+            for handle in self._handles.values():
+                handle.close()
+        self._reset_handles()
+
+    def _settings(self) -> dict[str, Any]:
+        if self._network is None:
+            self._network = is_network_filesystem(self.directory)
+        journal = self._journal_mode or ("delete" if self._network else "wal")
+        return dict(
+            eviction_policy="none",  # never evict: a full disk is an error, not a silent loss
+            size_limit=2**62,
+            cull_limit=0,
+            statistics=0,
+            sqlite_journal_mode=journal,
+            sqlite_mmap_size=0 if self._network else 2**26,
+        )
+
+    def _open(self, name: str):
+        self._check_process()
+        handle = self._handles.get(name)
+        if handle is None:
+            diskcache = require("diskcache", "generate")
+            path = self.directory / f"{SHARD_PREFIX}{name}"
+            handle = diskcache.Cache(str(path), timeout=self.timeout, **self._settings())
+            self._handles[name] = handle
+            if name not in self._known:  # e.g. our own shard, created by this write
+                self._known = sorted([*self._known, name], key=lambda n: (n != self.shard, n))
+        return handle
+
+    def _scan(self, force: bool = False) -> list[str]:
+        """Names of the shards on disk (rescanned at most every 0.5 s unless ``force``)."""
+        self._check_process()
+        now = time.monotonic()
+        if force or now - self._scanned_at >= _RESCAN_INTERVAL:
+            names = []
+            if self.directory.is_dir():
+                for entry in os.scandir(self.directory):
+                    if entry.name.startswith(SHARD_PREFIX) and os.path.isfile(os.path.join(entry.path, "cache.db")):
+                        names.append(entry.name[len(SHARD_PREFIX):])
+            self._known = sorted(names, key=lambda n: (n != self.shard, n))
+            self._scanned_at = now
+        return self._known
+
+    def shard_names(self) -> list[str]:
+        """Every shard in the cache folder (this process's own first)."""
+        return list(self._scan(force=True))
+
+    def _readers(self, force_scan: bool = False) -> Iterator[tuple[str, Any]]:
+        for name in self._scan(force_scan):
+            yield name, self._open(name)
+
+    # -- keys -----------------------------------------------------------------------------
+    def _require_spec(self) -> GenerationSpec:
+        if self.spec is None:
+            raise InputError("this SyntheticCache has no GenerationSpec: give spec= to turn plan variants into keys")
+        return self.spec
+
+    def key(self, variant: Any) -> str:
+        """Cache key of a plan variant (needs :attr:`spec`); a ``str`` key is returned as is."""
+        if isinstance(variant, str):
+            return variant
+        return self._require_spec().key(variant)
+
+    def keys(self, shard: str | None = None) -> set[str]:
+        """Every entry key in every shard (or in the one named ``shard``)."""
+        found: set[str] = set()
+        for name, handle in self._readers(force_scan=True):
+            if shard is None or name == shard:
+                found.update(k for k in handle.iterkeys() if _is_entry_key(k))
+        return found
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, variant_or_key: Any) -> bool:
+        key = self.key(variant_or_key)
+        if any(key in handle for _, handle in self._readers()):
+            return True
+        return any(key in handle for _, handle in self._readers(force_scan=True))
+
+    def missing(self, variants: Iterable[Any]) -> list[Any]:
+        """The variants (or keys) without an entry, in order (one key listing, no decoding)."""
+        present = self.keys()
+        return [v for v in variants if self.key(v) not in present]
+
+    # -- read ------------------------------------------------------------------------------
+    def get(self, variant_or_key: Any) -> CachedImage | None:
+        """The decoded entry, or ``None`` if absent; corrupt entries are removed and give ``None``."""
+        # Shards created by other processes are picked up by the periodic rescan of _scan().
+        return self._lookup(self.key(variant_or_key), force_scan=False)
+
+    def get_image(self, variant_or_key: Any):
+        """The PIL image of an entry, or ``None``."""
+        entry = self.get(variant_or_key)
+        return None if entry is None else entry.image
+
+    def _lookup(self, key: str, force_scan: bool) -> CachedImage | None:
+        for name, handle in self._readers(force_scan):
+            blob = handle.get(key, default=None, retry=True)
+            if blob is None:
+                continue
+            try:
+                image, meta = decode_entry(blob, key)
+            except CorruptEntryError as exc:
+                self._remove_corrupt(name, key, str(exc))
+                continue
+            return CachedImage(key, image, meta)
+        return None
+
+    def get_raw(self, variant_or_key: Any) -> bytes | None:
+        """The encoded entry bytes (header + image) as stored, without decoding."""
+        key = self.key(variant_or_key)
+        for _, handle in self._readers(force_scan=True):
+            blob = handle.get(key, default=None, retry=True)
+            if blob is not None:
+                return bytes(blob)
+        return None
+
+    def _remove_corrupt(self, shard: str, key: str, reason: str) -> None:
+        log.warning("removing corrupt cache entry %s in shard %s: %s", key, shard, reason)
+        self.corrupt_removed += 1
+        try:
+            self._open(shard).delete(key, retry=True)
+            self._open(shard).incr(_CORRUPT_COUNTER, 1, default=0, retry=True)
+        except Exception as exc:  # read-only cache: report, still never return the entry
+            log.warning("could not remove corrupt entry %s from shard %s: %s", key, shard, exc)
+
+    # -- write -----------------------------------------------------------------------------
+    def put(self, variant: Any, image, *, metadata: dict[str, Any] | None = None) -> str:
+        """Store the image generated for ``variant``; returns its key.
+
+        The entry's metadata records the variant (λ, prompt, seed, score, class, source) and
+        the generation and model fingerprints, plus ``metadata``.
+        """
+        spec = self._require_spec()
+        key = spec.key(variant)
+        meta = {
+            "key": key,
+            "lambda": float(variant.lam),
+            "prompt": variant.prompt,
+            "seed": int(variant.seed),
+            "score": float(variant.score),
+            "class_name": variant.class_name,
+            "label": int(variant.label),
+            "source": variant.source,
+            "variant": int(variant.variant),
+            "source_sha256": variant.source_sha256,
+            "generation_fingerprint": spec.fingerprint,
+            "model_fingerprint": spec.models.fingerprint(),
+            "prompt_prefix": spec.config.prompt_prefix,
+            "negative_prompt": spec.config.negative_prompt,
+            "dtype": spec.dtype,
+            "created": round(time.time(), 3),
+        }
+        if metadata:
+            meta.update(metadata)
+        self.put_encoded(key, encode_entry(image, meta, self.image_format, png_compress_level=self.png_compress_level))
+        return key
+
+    def put_encoded(self, key: str, blob: bytes) -> None:
+        """Store an already encoded entry (from :func:`encode_entry`) under ``key``."""
+        if not _is_entry_key(key):
+            raise InputError(f"cache keys are 64 hex characters, got {key!r}")
+        self._open(self.shard).set(key, blob, retry=True)
+
+    def delete(self, variant_or_key: Any) -> bool:
+        """Remove an entry from every shard; True if one was there."""
+        key = self.key(variant_or_key)
+        return any([handle.delete(key, retry=True) for _, handle in self._readers(force_scan=True)])
+
+    # -- maintenance -------------------------------------------------------------------------
+    def iter_entries(self, keys: Iterable[str] | None = None, *, remove_corrupt: bool = True) -> Iterator[CachedImage]:
+        """Decode and yield every valid entry (or those of ``keys``), each key once."""
+        seen: set[str] = set()
+        wanted = set(keys) if keys is not None else None
+        for name, handle in list(self._readers(force_scan=True)):
+            for key in list(handle.iterkeys()):
+                if not _is_entry_key(key) or key in seen or (wanted is not None and key not in wanted):
+                    continue
+                blob = handle.get(key, default=None, retry=True)
+                if blob is None:
+                    continue
+                try:
+                    image, meta = decode_entry(blob, key)
+                except CorruptEntryError as exc:
+                    if remove_corrupt:
+                        self._remove_corrupt(name, key, str(exc))
+                    continue
+                seen.add(key)
+                yield CachedImage(key, image, meta)
+
+    def verify(self, *, remove: bool = False, progress: bool = False) -> dict[str, Any]:
+        """Decode every entry; report (and with ``remove`` delete) the bad ones.
+
+        Returns ``{"checked", "ok", "bad": [{"shard", "key", "error"}], "removed"}``. An entry
+        whose row exists but whose value file is gone counts as bad.
+        """
+        from tqdm.auto import tqdm
+
+        report: dict[str, Any] = {"checked": 0, "ok": 0, "bad": [], "removed": 0}
+        for name, handle in list(self._readers(force_scan=True)):
+            keys = [k for k in handle.iterkeys() if _is_entry_key(k)]
+            for key in tqdm(keys, desc=f"verifying {name}", unit="img", disable=not progress):
+                report["checked"] += 1
+                blob = handle.get(key, default=None, retry=True)
+                try:
+                    if blob is None:
+                        raise CorruptEntryError("the entry's value file is missing")
+                    decode_entry(blob, key)
+                except CorruptEntryError as exc:
+                    report["bad"].append({"shard": name, "key": key, "error": str(exc)})
+                    if remove:
+                        self._remove_corrupt(name, key, str(exc))
+                        report["removed"] += 1
+                    continue
+                report["ok"] += 1
+        return report
+
+    def stats(self, plan: Any = None) -> dict[str, Any]:
+        """Entries, bytes on disk, shards, corrupt entries removed; with a plan, its coverage."""
+        shards = []
+        keys: set[str] = set()
+        corrupt = 0
+        for name, handle in self._readers(force_scan=True):
+            shard_keys = [k for k in handle.iterkeys() if _is_entry_key(k)]
+            keys.update(shard_keys)
+            corrupt += int(handle.get(_CORRUPT_COUNTER, default=0, retry=True) or 0)
+            shards.append({"name": name, "entries": len(shard_keys), "bytes": int(handle.volume())})
+        result: dict[str, Any] = {
+            "directory": str(self.directory),
+            "entries": len(keys),
+            "bytes": sum(s["bytes"] for s in shards),
+            "shards": shards,
+            "corrupt_removed": corrupt,
+        }
+        if plan is not None:
+            plan_keys = {self.key(v) for v in plan}
+            covered = len(plan_keys & keys)
+            result["plan"] = {
+                "images": len(plan_keys),
+                "cached": covered,
+                "missing": len(plan_keys) - covered,
+                "coverage": covered / len(plan_keys) if plan_keys else 1.0,
+                "fingerprint": self._require_spec().fingerprint,
+            }
+        return result
+
+    def export(self, out: str | os.PathLike, plan: Any = None, *, progress: bool = False) -> dict[str, Any]:
+        """Write cached images as an image folder ``OUT/<class>/<key16>.png`` + ``OUT/metadata.csv``.
+
+        With a plan, only its images are exported and class folders are the plan's class
+        folder names; otherwise every entry, in folders named after its class name.
+        """
+        from tqdm.auto import tqdm
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        classes = list(plan.config.get("classes") or []) if plan is not None else []
+        wanted = None
+        if plan is not None:
+            wanted = {self.key(v) for v in plan}
+        columns = ["path", "key", "class", "label", "class_name", "source", "variant", "prompt", "lambda",
+                   "seed", "score", "width", "height", "generation_fingerprint", "model_fingerprint"]
+        rows = []
+        for entry in tqdm(self.iter_entries(wanted), desc="exporting", unit="img", disable=not progress):
+            meta = entry.metadata
+            label = meta.get("label")
+            if classes and isinstance(label, int) and 0 <= label < len(classes):
+                folder = classes[label]
+            else:
+                folder = _sanitize(str(meta.get("class_name") or "unknown"))
+            rel = Path(folder) / f"{entry.key[:16]}.png"
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            entry.image.save(out / rel, "PNG", compress_level=self.png_compress_level)
+            row = {c: meta.get(c, "") for c in columns}
+            row.update(path=rel.as_posix(), key=entry.key, **{"class": folder})
+            rows.append(row)
+        rows.sort(key=lambda r: r["path"])
+        with (out / "metadata.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        missing = len(wanted) - len(rows) if wanted is not None else 0
+        return {"exported": len(rows), "out": str(out), "missing": missing}
+
+
+def open_cache_dir(directory: str | os.PathLike) -> Path:
+    """Check that ``directory`` is an existing cache folder (for read-only commands)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise MissingFileError(f"cache folder not found: {path}")
+    return path

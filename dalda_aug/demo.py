@@ -1,0 +1,245 @@
+"""The end-to-end demo (``make demo`` / ``dalda-aug demo``): photos in, a contact sheet out.
+
+1. builds a 1-shot image folder from photos that ship with scikit-image (Chelsea the cat,
+   a coffee cup, a rocket, an astronaut, a motorcycle);
+2. writes the prompt bank: the base template "a photo of a {class}", or M sentences per class
+   from an LLM when ``DALDA_LLM`` (or ``--llm``) names one (``openai:MODEL``, ``hf:MODEL``);
+3. plans M variants per photo (CLIPScore, adaptive λ, seeds);
+4. warms a synthetic-image cache with the generator;
+5. writes ``contact_sheet.png``: per photo, the original and its variants, each labelled with
+   λ and its prompt.
+
+Models: ``DALDA_MODELS`` (or ``--models``) is ``tiny`` — tiny random models written by
+:func:`~dalda_aug.testing.make_tiny_models`, fully offline on a CPU in well under two minutes
+(the images are noise: the weights are random) — or a models JSON file; unset, the paper's
+models from the Hugging Face hub. The GPU is used when there is one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InputError
+
+__all__ = ["run_demo", "write_demo_folder", "resolve_models", "register", "main", "DEMO_IMAGES"]
+
+# class folder -> scikit-image loader name (all bundled with scikit-image, no download).
+DEMO_IMAGES = {
+    "cat": "chelsea",
+    "coffee_cup": "coffee",
+    "rocket": "rocket",
+    "astronaut": "astronaut",
+    "motorcycle": "stereo_motorcycle",
+}
+
+@dataclass(frozen=True)
+class _Settings:
+    models: Any
+    tiny: bool
+    size: int
+    steps: int
+    tile: int
+
+
+def write_demo_folder(root: str | os.PathLike) -> Path:
+    """Write ``root/<class>/<name>.png``, one scikit-image photo per class (1-shot)."""
+    from PIL import Image
+
+    from .errors import require
+
+    data = require("skimage.data", "dev", package="scikit-image")
+    root = Path(root)
+    for folder, name in DEMO_IMAGES.items():
+        array = getattr(data, name)()
+        if isinstance(array, tuple):  # stereo_motorcycle: (left, right, disparity)
+            array = array[0]
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).convert("RGB").save(root / folder / f"{name}.png")
+    return root
+
+
+def resolve_models(choice: str | None, workdir: str | os.PathLike):
+    """``(ModelConfig, tiny?)`` for ``choice``: ``"tiny"``, a models JSON path, or None (the hub)."""
+    from .config import ModelConfig
+
+    if choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default"):
+        return ModelConfig(), False
+    if choice.strip().lower() == "tiny":
+        from .testing import make_tiny_models
+
+        folder = Path(workdir) / "tiny-models"
+        if (folder / "models.json").is_file():
+            return ModelConfig.load(folder / "models.json"), True
+        return make_tiny_models(folder), True
+    return ModelConfig.load(choice), False
+
+
+def _settings(models_choice: str | None, out: Path, size: int | None, steps: int | None) -> _Settings:
+    models, tiny = resolve_models(models_choice, out)
+    if tiny:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
+        return _Settings(models, True, size or 64, steps or 2, 128)
+    return _Settings(models, False, size or 512, steps or 30, 256)
+
+
+def _prompt_bank(class_names: list[str], variants: int, llm: str | None, models, out: Path):
+    from .prompts import PromptBank
+
+    path = out / "prompts.json"
+    if not llm:
+        bank = PromptBank.from_template(class_names)
+    else:
+        from .prompts import generate_prompt_bank, load_clip_tokenizer, parse_backend
+
+        tokenizer = load_clip_tokenizer(models.base, revision=models.base_revision)
+        bank = generate_prompt_bank(
+            class_names, parse_backend(llm), m=variants,
+            description="Everyday photographs, each showing one animal, object or person.",
+            tokenizer=tokenizer, out=path, allow_short=True,
+        )
+    bank.save(path)
+    return bank
+
+
+def run_demo(
+    out: str | os.PathLike = "demo_out",
+    *,
+    models: str | None = None,
+    llm: str | None = None,
+    variants: int = 4,
+    device: str | None = None,
+    dtype: str | None = None,
+    size: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo into ``out``; returns the paths written and the timings.
+
+    ``models``: ``"tiny"``, a models JSON path, or None for the paper's hub models.
+    ``llm``: an LLM backend (``openai:MODEL``, ``hf:MODEL``) for the prompts; None: template.
+    Defaults per model kind: tiny 64 px, 2 steps, 128 px tiles; real 512 px, 30 steps.
+    """
+    import torch
+
+    from .cache import GenerationSpec, SyntheticCache
+    from .clipscore import CLIPScorer
+    from .viz import plan_contact_sheet
+    from .generation import GenerationConfig
+    from .plan import build_plan
+    from .warm import warm
+
+    if int(variants) != variants or variants < 1:
+        raise InputError(f"variants must be an integer >= 1, got {variants!r}")
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _settings(models, out, size, steps)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")
+    if settings.tiny and str(device) == "cpu":
+        torch.set_num_threads(1)  # tiny layers: thread hand-offs cost more than they save
+
+    data_dir = write_demo_folder(out / "data")
+    from .data import ImageSource
+
+    source = ImageSource.from_folder(data_dir)
+    bank = _prompt_bank(source.class_names, variants, llm, settings.models, out)
+    scorer = CLIPScorer.from_models(settings.models, device=device)
+    plan = build_plan(source, variants=variants, seed=seed, prompts=bank, models=settings.models, scorer=scorer)
+    plan.save(out / "plan")
+
+    config = replace(GenerationConfig(), num_inference_steps=settings.steps, height=settings.size, width=settings.size)
+    spec = GenerationSpec(settings.models, config, dtype)
+    cache = SyntheticCache(out / "cache", spec)
+    report = warm(plan, cache, device=device, batch_size=batch_size, progress=progress)
+
+    kind = "tiny random models (noise images)" if settings.tiny else settings.models.base
+    title = (f"DALDA demo: {len(plan.sources())} photos x {variants} variants - {kind}, {settings.size}px, "
+             f"{settings.steps} steps, {device}")
+    sheet = plan_contact_sheet(plan, cache, tile=settings.tile, title=title)
+    sheet_path = out / "contact_sheet.png"
+    sheet.save(sheet_path)
+    cache.close()
+    return {
+        "contact_sheet": sheet_path,
+        "size": sheet.size,
+        "plan": out / "plan",
+        "cache": out / "cache",
+        "prompts": out / "prompts.json",
+        "data": data_dir,
+        "warm": report,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _run(args) -> int:
+    result = run_demo(
+        args.out,
+        models=args.models if args.models is not None else os.environ.get("DALDA_MODELS"),
+        llm=args.llm if args.llm is not None else os.environ.get("DALDA_LLM"),
+        variants=args.variants,
+        device=args.device,
+        dtype=args.dtype,
+        size=args.size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    w, h = result["size"]
+    print(f"dalda-aug demo: {result['warm'].summary()}")
+    print(f"dalda-aug demo: wrote {result['contact_sheet']} ({w}x{h}) in {result['seconds']:.0f} s "
+          f"(plan {result['plan']}, cache {result['cache']}, prompts {result['prompts']})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="end-to-end demo: scikit-image photos -> prompts, plan, cache -> contact sheet PNG",
+        description="Build a 1-shot folder from photos bundled with scikit-image, write prompts, plan, warm the "
+                    "cache and write OUT/contact_sheet.png. DALDA_MODELS=tiny runs offline on a CPU.",
+    )
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--models", default=None,
+                   help="'tiny', a models JSON, or omit for the paper's hub models (default: $DALDA_MODELS)")
+    p.add_argument("--llm", default=None, help="LLM for prompts, e.g. openai:gpt-4o-mini (default: $DALDA_LLM; "
+                                               "unset: the template 'a photo of a {class}')")
+    p.add_argument("--variants", "-M", type=int, default=4, help="variants per photo (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float16 on cuda)")
+    p.add_argument("--size", type=int, default=None, help="image size (default 512; 64 with tiny models)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; 2 with tiny models)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dalda_aug.demo [options]``: the demo without the rest of the CLI."""
+    import argparse
+
+    from .errors import DaldaError
+
+    parser = argparse.ArgumentParser(prog="dalda-aug demo")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except DaldaError as exc:
+        print(f"dalda-aug demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

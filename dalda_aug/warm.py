@@ -1,0 +1,253 @@
+"""Cache warming: generate every image of a plan that is not cached yet.
+
+:func:`warm` is the generation step of the pipeline, run ahead of training:
+
+* **Keys first.** Every variant's cache key is computed and the cache's key listing read
+  before any model is loaded, so a rerun with everything cached returns in about a second.
+* **Sharded.** With ``num_processes`` > 1 (``accelerate launch``: one process per GPU, over
+  any number of nodes), process ``r`` takes every n-th of the plan's sorted keys, starting at
+  ``r``: a deterministic, disjoint and balanced split that needs no communication. Each
+  process writes its own cache shard (``CACHE/shard-<host>-<rank>``), which keeps SQLite off shared-filesystem
+  locking (see :mod:`dalda_aug.cache`).
+* **Overlapped writes.** Generated batches go to writer threads that encode (PNG, WebP or raw)
+  and store them while the next batch is generated; a bounded queue keeps memory flat.
+* **Resumable.** Entries are written atomically as their batch finishes. After a crash or
+  ``kill -9`` at any moment, rerunning generates exactly what is missing; nothing written is
+  lost or regenerated.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .cache import SyntheticCache
+from .data import image_sha256, load_image, to_rgb
+from .errors import InputError, MissingFileError
+
+__all__ = ["warm", "WarmReport", "shard_keys", "plan_keys"]
+
+
+def shard_keys(keys: Iterable[str], process_index: int, num_processes: int) -> list[str]:
+    """The keys process ``process_index`` of ``num_processes`` generates.
+
+    Every n-th key in sorted order: deterministic (the same split in every process and on
+    every rerun, with no communication), disjoint, complete, and balanced to within one image.
+    """
+    return sorted(set(keys))[process_index::num_processes]
+
+
+def plan_keys(plan: Any, cache: SyntheticCache) -> dict[str, Any]:
+    """``{key: variant}`` for a plan's variants, first variant per key, in plan order."""
+    keys: dict[str, Any] = {}
+    for variant in plan:
+        keys.setdefault(cache.key(variant), variant)
+    return keys
+
+
+@dataclass
+class WarmReport:
+    """What one warming process did."""
+
+    planned: int  # distinct images in the plan
+    assigned: int  # images of this process's shard
+    already_cached: int  # of those, found in the cache
+    generated: int  # generated and written by this run
+    seconds: float
+    process_index: int = 0
+    num_processes: int = 1
+    shard: str = ""
+    verified_removed: int = 0  # corrupt entries removed by verify=True
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_second": round(self.images_per_second, 4)}
+
+    def summary(self) -> str:
+        who = f"process {self.process_index}/{self.num_processes}: " if self.num_processes > 1 else ""
+        rate = f" at {self.images_per_second:.2f} images/s" if self.generated else ""
+        return (f"{who}{self.planned} planned images, {self.assigned} in this shard, {self.already_cached} already "
+                f"cached, {self.generated} generated in {self.seconds:.1f} s{rate} (cache shard {self.shard})")
+
+
+class _SourceImages:
+    """Loads plan source images (folder plans: ``data_root/source``; else ``images[source]``)
+    and checks them against the plan's content hashes."""
+
+    def __init__(self, plan: Any, images: Any = None):
+        self.root = Path(plan.data_root) if plan.data_root else None
+        self.images = images
+        self._last: tuple[Any, Any] | None = None
+
+    def __call__(self, variant: Any):
+        if self._last is not None and self._last[0] == variant.source:
+            return self._last[1]
+        if self.images is not None:
+            item = self.images[variant.source]
+            image = to_rgb(item[0] if isinstance(item, (tuple, list)) else item, f"source {variant.source!r}")
+        elif self.root is not None and isinstance(variant.source, str):
+            image = load_image(self.root / variant.source)
+        else:
+            raise InputError(
+                f"plan source {variant.source!r} is a dataset index: pass images= (the dataset the plan was made from)"
+            )
+        if image_sha256(image) != variant.source_sha256:
+            raise InputError(f"source image {variant.source!r} differs from the one the plan was made from "
+                             "(content hash changed); re-plan")
+        self._last = (variant.source, image)
+        return image
+
+
+class _Writer:
+    """Background threads that encode and store generated images while generation goes on.
+
+    PIL's encoders release the GIL, so ``threads`` writers encode in parallel with each other
+    and with the generator; a bounded queue keeps memory flat (the generator waits when the
+    writers fall behind).
+    """
+
+    def __init__(self, cache: SyntheticCache, max_pending: int, threads: int = 2):
+        self.cache = cache
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self.error: BaseException | None = None
+        self.threads = [threading.Thread(target=self._run, name=f"dalda-cache-writer-{i}", daemon=True)
+                        for i in range(max(1, threads))]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure
+            variant, image = item
+            try:
+                self.cache.put(variant, image)
+            except BaseException as exc:  # reported to the generating thread
+                self.error = exc
+
+    def put(self, variant: Any, image: Any) -> None:
+        self._raise()
+        self.queue.put((variant, image))
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing to the cache failed: {self.error}") from self.error
+
+
+def warm(
+    plan: Any,
+    cache: SyntheticCache,
+    *,
+    generator: Any = None,
+    device: Any = "cpu",
+    batch_size: int | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    images: Any = None,
+    verify: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+    writer_threads: int = 2,
+) -> WarmReport:
+    """Generate the images of ``plan`` that ``cache`` lacks (this process's shard of them).
+
+    Args:
+        plan: an :class:`~dalda_aug.plan.AugmentationPlan` (or its folder).
+        cache: the target cache; its spec decides the generation settings and keys. Pass one
+            whose ``shard`` is this process's (the CLI uses ``<host>-<rank>``).
+        generator: an ``IPAdapterGenerator`` or a zero-argument factory; default
+            ``cache.spec.make_generator(device)``. Only built if something is missing.
+        batch_size: requests per generator call (default: the generator's automatic choice).
+        process_index, num_processes: this process's share (``accelerate.PartialState``).
+        images: for plans whose sources are dataset indices, the dataset they index.
+        verify: first decode this shard's cached entries and remove corrupt ones (which are
+            then regenerated).
+        progress: show a progress bar (images/s, ETA).
+        on_batch: called with the running count of generated images after each batch.
+        writer_threads: threads encoding and storing images while the generator runs.
+    """
+    from .plan import AugmentationPlan
+
+    started = time.perf_counter()
+    if not isinstance(plan, AugmentationPlan):
+        plan = AugmentationPlan.load(plan)
+    if cache.spec is None:
+        raise InputError("warm() needs a cache with a GenerationSpec (SyntheticCache(dir, spec))")
+    if int(num_processes) != num_processes or num_processes < 1 or not 0 <= process_index < num_processes:
+        raise InputError(f"need 0 <= process_index < num_processes, got {process_index}/{num_processes}")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if plan.data_root and images is None and not Path(plan.data_root).is_dir():
+        raise MissingFileError(f"the plan's image folder {plan.data_root} is missing")
+
+    keys = plan_keys(plan, cache)
+    mine = {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}
+    removed = 0
+    if verify:
+        before = cache.corrupt_removed
+        for key in list(mine):
+            cache.get(key)  # decodes; removes a corrupt entry
+        removed = cache.corrupt_removed - before
+    present = cache.keys()
+    todo = [v for k, v in mine.items() if k not in present]
+    report = WarmReport(
+        planned=len(keys), assigned=len(mine), already_cached=len(mine) - len(todo), generated=0, seconds=0.0,
+        process_index=int(process_index), num_processes=int(num_processes), shard=cache.shard,
+        verified_removed=removed,
+    )
+    if not todo:
+        report.seconds = time.perf_counter() - started
+        return report
+
+    from tqdm.auto import tqdm
+
+    from .generation import GenerationRequest
+
+    # Group by source: each reference image is loaded (and embedded) once.
+    order = {source: i for i, source in enumerate(plan.sources())}
+    todo.sort(key=lambda v: (order.get(v.source, len(order)), v.variant))
+    load_source = _SourceImages(plan, images)
+    if generator is None:
+        generator = cache.spec.make_generator(device)
+    elif not hasattr(generator, "generate"):
+        generator = generator()
+    if batch_size is None:
+        auto = getattr(generator, "auto_batch_size", None)
+        batch_size = auto(len(todo)) if auto is not None else min(4, len(todo))
+
+    writer = _Writer(cache, max_pending=2 * batch_size, threads=writer_threads)
+    desc = f"warming [{process_index + 1}/{num_processes}]" if num_processes > 1 else "warming"
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+               position=process_index if num_processes > 1 else None)
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            requests = [GenerationRequest(load_source(v), v.prompt, v.lam, v.seed) for v in chunk]
+            for variant, image in zip(chunk, generator.generate(requests, batch_size=batch_size)):
+                writer.put(variant, image)
+            report.generated += len(chunk)
+            bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(report.generated)
+    finally:
+        bar.close()
+        writer.close()
+    report.seconds = time.perf_counter() - started
+    return report

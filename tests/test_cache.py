@@ -1,0 +1,384 @@
+"""SyntheticCache: keys, lossless round trips, no eviction, corruption, shards, processes, CLI."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import multiprocessing as mp
+import pickle
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalda_aug.cache import GenerationSpec, SyntheticCache, decode_entry, encode_entry, is_network_filesystem
+from dalda_aug.errors import InputError
+from dalda_aug.generation import GenerationConfig
+from dalda_aug.plan import Variant
+
+
+def _variant(i: int = 0, **changes) -> Variant:
+    values = dict(source=f"cls/img{i}.png", label=0, class_name="cls", score=0.5, variant=i,
+                  prompt=f"a photo of a cls, take {i}", lam=0.25 + i / 100, seed=1000 + i, source_sha256="ab" * 32)
+    values.update(changes)
+    return Variant(**values)
+
+
+def _image(seed: int, size=(48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture()
+def spec(tiny_models) -> GenerationSpec:
+    return GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+
+
+@pytest.fixture()
+def cache(tmp_path, spec) -> SyntheticCache:
+    return SyntheticCache(tmp_path / "cache", spec, shard="test")
+
+
+def _shard_db(cache: SyntheticCache) -> Path:
+    return cache.directory / f"shard-{cache.shard}" / "cache.db"
+
+
+# -- keys ----------------------------------------------------------------------------------------
+def test_key_changes_with_everything_that_changes_pixels(spec):
+    base_key = spec.key(_variant())
+    models = spec.models
+    other_specs = [
+        dataclasses.replace(spec, models=dataclasses.replace(models, base=models.base + "-other")),
+        dataclasses.replace(spec, models=dataclasses.replace(models, base_revision="v2")),
+        dataclasses.replace(spec, models=dataclasses.replace(models, ip_adapter_revision="v2")),
+        dataclasses.replace(spec, models=dataclasses.replace(models, vae=None)),
+        dataclasses.replace(spec, models=dataclasses.replace(models, ip_adapter_weight="other.bin")),
+        dataclasses.replace(spec, dtype="float16"),
+        dataclasses.replace(spec, dtype="bfloat16"),
+        dataclasses.replace(spec, config=dataclasses.replace(spec.config, scheduler="dpmsolver++")),
+        dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_inference_steps=3)),
+        dataclasses.replace(spec, config=dataclasses.replace(spec.config, guidance_scale=5.0)),
+        dataclasses.replace(spec, config=dataclasses.replace(spec.config, height=64)),
+        dataclasses.replace(spec, config=dataclasses.replace(spec.config, width=64)),
+        dataclasses.replace(spec, config=dataclasses.replace(spec.config, prompt_prefix="")),
+        dataclasses.replace(spec, config=dataclasses.replace(spec.config, negative_prompt="blurry")),
+    ]
+    keys = [s.key(_variant()) for s in other_specs]
+    keys += [spec.key(_variant(prompt="another prompt")), spec.key(_variant(lam=0.2500001)),
+             spec.key(_variant(seed=1001)), spec.key(_variant(source_sha256="cd" * 32))]
+    assert base_key not in keys
+    assert len(set(keys)) == len(keys)
+    assert len(base_key) == 64 and int(base_key, 16) >= 0
+
+
+def test_key_ignores_index_shots_score_and_clip_model(spec):
+    key = spec.key(_variant())
+    # Same pixels whatever the dataset position, label index, variant slot or CLIPScore...
+    assert spec.key(_variant(source=17, label=3, variant=9, score=0.99, class_name="x")) == key
+    # ...and the CLIP model used for scoring does not change the generated pixels.
+    clip = dataclasses.replace(spec.models, clip_model="ViT-L-14", clip_pretrained="other")
+    assert dataclasses.replace(spec, models=clip).key(_variant()) == key
+    # Speed-ups that compute the same function do not change keys either.
+    fast = dataclasses.replace(spec.config, channels_last=True, attention="math")
+    assert dataclasses.replace(spec, config=fast).key(_variant()) == key
+
+
+def test_real_guidance_spec_builds_its_generator_and_has_its_own_keys(spec):
+    from dalda_aug.real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+
+    rg = GenerationSpec(spec.models, RealGuidanceConfig(num_inference_steps=2, height=32, width=32))
+    assert isinstance(rg.make_generator(), RealGuidanceGenerator)
+    assert type(spec.make_generator()).__name__ == "IPAdapterGenerator"
+    assert rg.key(_variant()) != spec.key(_variant())
+
+
+def test_spec_validates_inputs(tiny_models):
+    with pytest.raises(InputError):
+        GenerationSpec("not a ModelConfig")
+    with pytest.raises(InputError):
+        GenerationSpec(tiny_models, dtype="int8")
+    assert GenerationSpec(tiny_models).config == GenerationConfig()
+    assert GenerationSpec(tiny_models, dtype="fp16").dtype == "float16"
+
+
+# -- entries -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["png", "webp", "raw"])
+def test_round_trip_is_lossless_with_metadata(tmp_path, spec, fmt):
+    cache = SyntheticCache(tmp_path / "c", spec, image_format=fmt)
+    variant, image = _variant(3), _image(3)
+    key = cache.put(variant, image)
+    assert key == spec.key(variant) and variant in cache and key in cache
+    entry = cache.get(variant)
+    assert entry.key == key
+    assert np.array_equal(np.asarray(entry.image), np.asarray(image))
+    meta = entry.metadata
+    assert meta["format"] == fmt
+    assert meta["lambda"] == variant.lam and meta["prompt"] == variant.prompt and meta["seed"] == variant.seed
+    assert meta["score"] == variant.score
+    assert meta["model_fingerprint"] == spec.models.fingerprint()
+    assert meta["generation_fingerprint"] == spec.fingerprint
+    assert (meta["width"], meta["height"]) == image.size
+    assert cache.get(_variant(4)) is None
+    assert len(cache) == 1 and cache.keys() == {key}
+
+
+def test_own_writes_are_visible_at_once(cache):
+    variant = _variant(5)
+    assert cache.get(variant) is None  # first scan: no shard yet
+    cache.put(variant, _image(5))
+    assert cache.get(variant) is not None  # no waiting for the periodic rescan
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "raw"])
+def test_encode_decode_detects_damage(fmt):
+    blob = encode_entry(_image(1), {"key": "k" * 64}, fmt)
+    image, meta = decode_entry(blob, "k" * 64)
+    assert image.size == (48, 40) and meta["nbytes"] > 0
+    from dalda_aug.cache import CorruptEntryError
+
+    flipped = bytearray(blob)
+    flipped[-20] ^= 0xFF
+    for bad in (blob[: len(blob) // 2], bytes(flipped), b"junk", b"", blob.replace(b"DALDAIMG", b"XXXXXXXX")):
+        with pytest.raises(CorruptEntryError):
+            decode_entry(bad)
+    with pytest.raises(CorruptEntryError):
+        decode_entry(blob, "z" * 64)  # stored under another key
+
+
+def test_no_eviction(cache):
+    cache.put(_variant(), _image(0))
+    with sqlite3.connect(_shard_db(cache)) as db:
+        settings = dict(db.execute("SELECT key, value FROM Settings").fetchall())
+    assert settings["eviction_policy"] == "none"
+    assert settings["size_limit"] >= 2**60  # diskcache's 1 GB default does not apply
+
+
+# -- corruption ----------------------------------------------------------------------------------
+def test_corrupt_inline_entry_is_removed_and_counted(cache):
+    import diskcache
+
+    variant = _variant(1)
+    key = cache.put(variant, _image(1))
+    blob = cache.get_raw(key)
+    with diskcache.Cache(str(_shard_db(cache).parent)) as raw:
+        raw.set(key, blob[: len(blob) - 7])  # truncated image bytes
+    assert cache.get(variant) is None
+    assert cache.corrupt_removed == 1
+    assert variant not in cache
+    assert cache.stats()["corrupt_removed"] == 1
+
+
+def test_corrupt_file_entry_is_removed(cache):
+    variant = _variant(2)
+    cache.put(variant, _image(2, size=(256, 256)))  # noise: > 32 KB, stored as a file by diskcache
+    files = [p for p in _shard_db(cache).parent.rglob("*.val")]
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) // 2])
+    assert cache.get(variant) is None
+    assert cache.corrupt_removed == 1 and variant not in cache
+
+
+def test_verify_reports_and_removes_bad_entries(cache):
+    import diskcache
+
+    good = [cache.put(_variant(i), _image(i)) for i in range(3)]
+    big = cache.put(_variant(9), _image(9, size=(256, 256)))
+    with diskcache.Cache(str(_shard_db(cache).parent)) as raw:
+        raw.set(good[0], b"not an entry")
+    next(_shard_db(cache).parent.rglob("*.val")).unlink()  # the big entry's value file is gone
+    report = cache.verify()
+    assert report["checked"] == 4 and report["ok"] == 2
+    assert {b["key"] for b in report["bad"]} == {good[0], big}
+    assert len(cache) == 4  # only reported
+    report = cache.verify(remove=True)
+    assert report["removed"] == 2
+    assert cache.keys() == set(good[1:])
+    assert cache.verify()["bad"] == []
+
+
+# -- shards, processes ---------------------------------------------------------------------------
+def test_shards_read_as_one_and_merge_by_copying(tmp_path, spec):
+    import shutil
+
+    a = SyntheticCache(tmp_path / "c", spec, shard="node1-0")
+    b = SyntheticCache(tmp_path / "c", spec, shard="node2-1")
+    ka = a.put(_variant(1), _image(1))
+    kb = b.put(_variant(2), _image(2))
+    reader = SyntheticCache(tmp_path / "c", spec, shard="reader")
+    assert reader.keys() == {ka, kb}
+    assert reader.get(_variant(1)) is not None and reader.get(_variant(2)) is not None
+    assert {s["name"] for s in reader.stats()["shards"]} == {"node1-0", "node2-1"}
+    assert not (tmp_path / "c" / "shard-reader").exists()  # readers create nothing
+    # A shard created after the reader's first scan is found too.
+    c = SyntheticCache(tmp_path / "c", spec, shard="late")
+    kc = c.put(_variant(3), _image(3))
+    assert _variant(3) in reader and reader.get(kc) is not None
+    # Merging caches = copying shard folders.
+    for name in ("node1-0", "node2-1", "late"):
+        shutil.copytree(tmp_path / "c" / f"shard-{name}", tmp_path / "merged" / f"shard-{name}")
+    assert SyntheticCache(tmp_path / "merged", spec).keys() == {ka, kb, kc}
+
+
+def test_default_shard_is_host_and_rank(tmp_path, spec, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("RANK", "3")
+    cache = SyntheticCache(tmp_path / "c", spec)
+    assert cache.shard.endswith("-3") and cache.shard.startswith(socket.gethostname()[:3].replace(".", "_"))
+
+
+def test_pickles_without_handles(cache):
+    key = cache.put(_variant(), _image(0))
+    data = pickle.dumps(cache)
+    assert len(data) < 4096
+    clone = pickle.loads(data)
+    assert clone.get(key) is not None
+
+
+def _child_writes(cache, start, count, queue):
+    try:
+        for i in range(start, start + count):
+            cache.put(_variant(i), _image(i))
+        queue.put(("ok", sorted(cache.keys())))
+    except BaseException as exc:  # pragma: no cover - reported to the parent
+        queue.put(("error", repr(exc)))
+
+
+def test_fork_and_concurrent_writers(cache):
+    # The parent opens its handles first: children must not reuse them after fork.
+    first = cache.put(_variant(100), _image(100))
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_child_writes, args=(cache, 20 * n, 20, queue)) for n in range(3)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    assert all(status == "ok" for status, _ in results), results
+    assert len(cache) == 61 and first in cache
+    assert cache.verify()["ok"] == 61
+
+
+def _reader_loop(directory, spec, keys, expected, seconds, queue):
+    import time
+
+    reader = SyntheticCache(directory, spec, shard="reader")
+    seen = 0
+    deadline = None
+    while deadline is None or time.monotonic() < deadline:
+        for key in keys:
+            entry = reader.get(key)
+            if entry is not None:
+                assert np.asarray(entry.image).tobytes() == expected[key]
+                seen += 1
+                deadline = deadline or time.monotonic() + seconds
+    queue.put((seen, reader.corrupt_removed))
+
+
+def test_readers_never_see_half_written_entries(tmp_path, spec):
+    """A reader polling while a writer stores large (file-backed) entries sees whole entries only."""
+    import queue as queue_module
+
+    writer = SyntheticCache(tmp_path / "c", spec, shard="writer")
+    variants = [_variant(i) for i in range(12)]
+    images = [_image(i, size=(320, 320)) for i in range(12)]
+    keys = [spec.key(v) for v in variants]
+    expected = {k: np.asarray(im).tobytes() for k, im in zip(keys, images)}
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    reader = ctx.Process(target=_reader_loop, args=(tmp_path / "c", spec, keys, expected, 3.0, queue))
+    reader.start()
+    result, writes = None, 0
+    while result is None:  # write and overwrite until the reader has polled for 3 s
+        for v, im in zip(variants, images):
+            writer.put(v, im)
+            writes += 1
+        try:
+            result = queue.get(timeout=0.01)
+        except queue_module.Empty:
+            assert reader.is_alive() or reader.exitcode == 0, "the reader failed"
+    reader.join(60)
+    seen, corrupt = result
+    assert reader.exitcode == 0
+    assert corrupt == 0
+    assert seen > 0 and writes > len(keys)
+
+
+def test_journal_mode(tmp_path, spec):
+    assert not is_network_filesystem(tmp_path)
+    local = SyntheticCache(tmp_path / "wal", spec)
+    local.put(_variant(), _image(0))
+    assert local._open(local.shard)._sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rollback = SyntheticCache(tmp_path / "nfs-like", spec, journal_mode="delete")
+    rollback.put(_variant(), _image(0))
+    assert rollback._open(rollback.shard)._sql("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_bad_arguments(tmp_path, spec):
+    with pytest.raises(InputError):
+        SyntheticCache(tmp_path, spec, image_format="jpeg")
+    with pytest.raises(InputError):
+        SyntheticCache(tmp_path, "spec")
+    with pytest.raises(InputError, match="GenerationSpec"):
+        SyntheticCache(tmp_path).key(_variant())
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
+    import diskcache
+
+    from dalda_aug.cli import main
+    from dalda_aug.plan import build_plan
+
+    root = tmp_path / "data"
+    for c, cls in enumerate(["red_fox", "tabby_cat"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            _image(10 * c + i, size=(24, 20)).save(root / cls / f"{i}.png")
+    plan = build_plan(root, variants=2, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
+    plan.save(tmp_path / "plan")
+    spec = GenerationSpec(tiny_models, dataclasses.replace(GenerationConfig(), num_inference_steps=2, height=32,
+                                                           width=32))
+    cache = SyntheticCache(tmp_path / "cache", spec)
+    for v in plan.variants[:4]:  # half of the plan, with stand-in pixels
+        cache.put(v, _image(v.seed % 1000))
+    args = ["--cache", str(tmp_path / "cache"), "--plan", str(tmp_path / "plan"), "--steps", "2", "--size", "32"]
+
+    assert main(["cache", "stats", *args, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["entries"] == 4 and stats["bytes"] > 0
+    assert stats["plan"] == {"images": 8, "cached": 4, "missing": 4, "coverage": 0.5, "fingerprint": spec.fingerprint}
+    assert main(["cache", "stats", *args]) == 0
+    assert "4/8 images cached (50.0%)" in capsys.readouterr().out
+
+    # Other settings -> other keys -> nothing of the plan cached.
+    assert main(["cache", "stats", *args[:4], "--steps", "3", "--size", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["cached"] == 0
+
+    assert main(["cache", "export", *args, "--out", str(tmp_path / "export"), "--no-progress"]) == 0
+    pngs = sorted((tmp_path / "export").rglob("*.png"))
+    assert len(pngs) == 4 and {p.parent.name for p in pngs} <= {"red_fox", "tabby_cat"}
+    with (tmp_path / "export" / "metadata.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4
+    assert {"path", "prompt", "lambda", "seed", "score", "model_fingerprint"} <= set(rows[0])
+    for row in rows:
+        assert (tmp_path / "export" / row["path"]).is_file()
+        v = next(v for v in plan if cache.key(v) == row["key"])
+        assert float(row["lambda"]) == v.lam and row["prompt"] == v.prompt and int(row["seed"]) == v.seed
+
+    key = cache.key(plan.variants[0])
+    with diskcache.Cache(str(cache.directory / f"shard-{cache.shard}")) as raw:
+        raw.set(key, b"garbage")
+    capsys.readouterr()
+    assert main(["cache", "verify", "--cache", str(tmp_path / "cache"), "--no-progress"]) == 1
+    assert key in capsys.readouterr().out
+    assert main(["cache", "verify", "--cache", str(tmp_path / "cache"), "--remove", "--no-progress"]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert main(["cache", "stats", "--cache", str(tmp_path / "missing")]) == 2

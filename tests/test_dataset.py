@@ -1,0 +1,323 @@
+"""SyntheticAugmentedDataset on tiny models and a real diskcache (plus the GeneratorPool)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from dalda_aug.cache import GenerationSpec, GeneratorFactory, SyntheticCache
+from dalda_aug.dataset import CacheMissError, SyntheticAugmentedDataset, source_ids
+from dalda_aug.errors import InputError
+from dalda_aug.generation import GenerationConfig, GenerationRequest
+from dalda_aug.plan import build_plan
+from dalda_aug.pool import GeneratorPool, PoolError
+from dalda_aug.warm import warm
+
+CLASSES = ["ant", "bee", "cat"]
+PER_CLASS = 3
+VARIANTS = 3
+TO_TENSOR = T.Compose([T.Resize((24, 24)), T.PILToTensor()])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded; several threads on a busy 2-core box crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_folder(root):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            pixels = rng.integers(0, 256, (20 + i, 28 + c, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"img_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_models):
+    root = _write_folder(tmp_path_factory.mktemp("data") / "folder")
+    n = len(CLASSES) * PER_CLASS
+    plan = build_plan(root, variants=VARIANTS, seed=1, scores=np.linspace(0.05, 0.95, n), models=tiny_models)
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    return root, plan, spec
+
+
+@pytest.fixture(scope="module")
+def generator(data):
+    return data[2].make_generator("cpu").load()
+
+
+@pytest.fixture(scope="module")
+def warm_cache(data, generator, tmp_path_factory):
+    root, plan, spec = data
+    cache = SyntheticCache(tmp_path_factory.mktemp("warm") / "cache", spec)
+    report = warm(plan, cache, generator=generator, batch_size=4, progress=False)
+    assert report.generated == len(plan)
+    return cache
+
+
+def _dataset(data, cache, **kwargs):
+    root, plan, _ = data
+    kwargs.setdefault("transform", TO_TENSOR)
+    return SyntheticAugmentedDataset(ImageFolder(root), plan, cache, **kwargs)
+
+
+def _tensor(image):
+    return TO_TENSOR(image)
+
+
+# -- the torchvision contract ----------------------------------------------------------------------
+def test_p0_equals_imagefolder(data, warm_cache):
+    root = data[0]
+    reference = ImageFolder(root, transform=TO_TENSOR)
+    ds = _dataset(data, warm_cache, p=0.0)
+    assert len(ds) == len(reference)
+    assert ds.classes == reference.classes and ds.class_to_idx == reference.class_to_idx
+    assert ds.targets == reference.targets
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            x, y = ds[i]
+            rx, ry = reference[i]
+            assert y == ry and torch.equal(x, rx)
+
+
+def test_p1_every_item_synthetic_with_its_label(data, warm_cache):
+    reference = ImageFolder(data[0], transform=TO_TENSOR)
+    ds = _dataset(data, warm_cache, p=1.0, on_miss="error", target_transform=lambda y: y + 100)
+    for i in range(len(ds)):
+        x, y = ds[i]
+        variant = ds.choose(i)
+        assert variant is not None and variant in data[1].variants_for(source_ids(ds.base)[i])
+        assert y == reference.targets[i] + 100 and variant.label == reference.targets[i]
+        assert torch.equal(x, _tensor(warm_cache.get(variant).image))
+        assert not torch.equal(x, reference[i][0])
+
+
+def test_substitution_rate_and_uniform_variants(data, warm_cache):
+    ds = _dataset(data, warm_cache, p=0.3, seed=7)
+    counts = np.zeros(VARIANTS, dtype=int)
+    synthetic = draws = 0
+    for epoch in range(400):
+        for i in range(len(ds)):
+            draws += 1
+            v = ds.choose(i, epoch)
+            if v is not None:
+                synthetic += 1
+                counts[v.variant] += 1
+    rate = synthetic / draws
+    assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / draws)
+    expected = synthetic / VARIANTS
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))
+    # __getitem__ follows choose(): a synthetic item equals its cached variant.
+    ds.set_epoch(5)
+    for i in range(len(ds)):
+        v = ds.choose(i)
+        if v is not None:
+            assert torch.equal(ds[i][0], _tensor(warm_cache.get(v).image))
+
+
+def test_choices_depend_on_seed_epoch_index_only(data, warm_cache):
+    a = _dataset(data, warm_cache, p=0.5, seed=3)
+    b = _dataset(data, warm_cache, p=0.5, seed=3)
+    c = _dataset(data, warm_cache, p=0.5, seed=4)
+    pick = lambda ds, e: [ds.choose(i, e) for i in range(len(ds))]  # noqa: E731
+    assert pick(a, 0) == pick(b, 0)
+    assert any(pick(a, e) != pick(a, 0) for e in range(1, 4))
+    assert any(pick(a, e) != pick(c, e) for e in range(4))
+
+
+def _epochs(ds, num_workers, epochs=(0, 1, 2), persistent=False):
+    loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=num_workers,
+                        persistent_workers=persistent and num_workers > 0)
+    out = []
+    for epoch in epochs:
+        ds.set_epoch(epoch)
+        out.append([(x.clone(), y.clone()) for x, y in loader])
+    return out
+
+
+def test_same_choices_with_0_and_2_workers(data, warm_cache):
+    ds = _dataset(data, warm_cache, p=0.5, seed=11, on_miss="error")
+    serial = _epochs(ds, 0)
+    for persistent in (False, True):
+        parallel = _epochs(ds, 2, persistent=persistent)
+        for e, (s_batches, p_batches) in enumerate(zip(serial, parallel)):
+            for (sx, sy), (px, py) in zip(s_batches, p_batches):
+                assert torch.equal(sx, px) and torch.equal(sy, py), (persistent, e)
+    # ...and the epochs differ.
+    flat = [torch.cat([x for x, _ in batches]) for batches in serial]
+    assert not torch.equal(flat[0], flat[1]) or not torch.equal(flat[1], flat[2])
+
+
+# -- misses -------------------------------------------------------------------------------------
+def test_on_miss_error_and_real(data, tmp_path):
+    empty = SyntheticCache(tmp_path / "empty", data[2])
+    reference = ImageFolder(data[0], transform=TO_TENSOR)
+    with pytest.raises(CacheMissError, match="not in"):
+        _dataset(data, empty, p=1.0, on_miss="error")[0]
+    ds = _dataset(data, empty, p=1.0, on_miss="real")
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert torch.equal(x, reference[i][0]) and y == reference.targets[i]
+    with pytest.raises(InputError, match="pool"):
+        _dataset(data, empty, p=1.0, on_miss="wait")[0]
+
+
+def test_on_miss_generate_with_generator_instance(data, generator, tmp_path):
+    cache = SyntheticCache(tmp_path / "c", data[2])
+    ds = _dataset(data, cache, p=1.0, on_miss="generate", generator=generator)
+    x, _ = ds[4]
+    variant = ds.choose(4)
+    assert variant in cache
+    source = ds.base[4][0]
+    expected = generator.generate([GenerationRequest(source, variant.prompt, variant.lam, variant.seed)])[0]
+    assert torch.equal(x, _tensor(expected))
+    assert torch.equal(ds[4][0], x)  # now a cache hit
+    assert len(cache) == 1
+
+
+def test_on_miss_generate_in_dataloader_workers_with_factory(data, tmp_path):
+    cache = SyntheticCache(tmp_path / "c", data[2])
+    factory = GeneratorFactory(data[2], "cpu")
+    ds = _dataset(data, cache, p=1.0, on_miss="generate", generator=factory)
+    batches = list(DataLoader(Subset(ds, [0, 4, 8]), batch_size=1, num_workers=2))
+    assert len(batches) == 3
+    assert len(cache) == 3
+    for i, (x, _) in zip([0, 4, 8], batches):
+        assert torch.equal(x[0], _tensor(cache.get(ds.choose(i)).image))
+
+
+def test_corrupt_entry_is_regenerated(data, generator, tmp_path):
+    import diskcache
+
+    root, plan, spec = data
+    cache = SyntheticCache(tmp_path / "c", spec)
+    ds = _dataset(data, cache, p=1.0, on_miss="generate", generator=generator)
+    first, _ = ds[2]
+    variant = ds.choose(2)
+    key = cache.key(variant)
+    with diskcache.Cache(str(cache.directory / f"shard-{cache.shard}")) as raw:
+        blob = raw[key]
+        raw[key] = blob[:-10]  # damaged image bytes
+    again, _ = ds[2]
+    assert cache.corrupt_removed == 1
+    assert torch.equal(again, first)  # regenerated: same seed, same pixels
+    assert cache.get(variant) is not None and cache.verify()["bad"] == []
+
+
+# -- pickling and construction -----------------------------------------------------------------------
+def test_pickles_small_without_models(data, warm_cache, generator):
+    ds = _dataset(data, warm_cache, p=0.5, generator=generator)
+    ds[0]
+    blob = pickle.dumps(ds)
+    assert len(blob) < 64 * 1024
+    assert b"UNet2DConditionModel" not in blob and b"sqlite3" not in blob
+    clone = pickle.loads(blob)
+    assert isinstance(clone._generator, GeneratorFactory)
+    assert [clone.choose(i) for i in range(len(ds))] == [ds.choose(i) for i in range(len(ds))]
+    assert torch.equal(clone[3][0], ds[3][0])
+
+
+def test_construction_loads_nothing_and_validates(data, warm_cache, tmp_path):
+    root, plan, spec = data
+
+    def exploding_factory():
+        raise AssertionError("a model was built")
+
+    ds = SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, generator=exploding_factory)
+    ds[0]  # warm cache: no miss, no model
+    text = repr(ds)
+    assert "p=0.5" in text and "on_miss='generate'" in text and str(len(ds)) in text
+    with pytest.raises(InputError, match="transform"):
+        SyntheticAugmentedDataset(ImageFolder(root, transform=TO_TENSOR), plan, warm_cache)
+    with pytest.raises(InputError, match="p must be"):
+        SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, p=1.5)
+    with pytest.raises(InputError, match="on_miss"):
+        SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, on_miss="skip")
+    with pytest.raises(InputError, match="GenerationSpec"):
+        SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(tmp_path / "x"))
+    other = _write_folder(tmp_path / "other")
+    for f in (other / "ant").iterdir():
+        f.rename(other / "ant" / f"renamed_{f.name}")
+    for name in ("bee", "cat"):
+        for f in (other / name).iterdir():
+            f.rename(other / name / f"renamed_{f.name}")
+    with pytest.raises(InputError, match="none of the"):
+        SyntheticAugmentedDataset(ImageFolder(other), plan, warm_cache)
+    other_spec = dataclasses.replace(spec, dtype="float16")
+    with pytest.raises(InputError, match="fingerprint"):
+        SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, generator=other_spec.make_generator())
+
+
+def test_subset_and_plain_datasets(data, warm_cache):
+    root, plan, _ = data
+    folder = ImageFolder(root)
+    subset = Subset(folder, [8, 1, 5])
+    ds = SyntheticAugmentedDataset(subset, plan, warm_cache, p=1.0, on_miss="error", transform=TO_TENSOR)
+    assert ds.targets == [folder.targets[i] for i in (8, 1, 5)]
+    for j, i in enumerate((8, 1, 5)):
+        assert ds.choose(j).source == source_ids(folder)[i]
+        assert ds[j][1] == folder.targets[i]
+
+
+# -- the GPU worker pool (CPU workers here) ------------------------------------------------------------
+def test_pool_wait_and_real(data, tmp_path):
+    root, plan, spec = data
+    cache = SyntheticCache(tmp_path / "c", spec)
+    reference = ImageFolder(root, transform=TO_TENSOR)
+    with GeneratorPool(cache, devices=["cpu"], batch_size=4, start_timeout=300, torch_threads=1) as pool:
+        waiting = _dataset(data, cache, p=1.0, on_miss="wait", pool=pool, wait_timeout=300)
+        x, y = waiting[0]
+        assert torch.equal(x, _tensor(cache.get(waiting.choose(0)).image)) and y == reference.targets[0]
+        # Through DataLoader workers (the handle is shared with them).
+        for (bx, _), i in zip(DataLoader(Subset(waiting, [1, 2]), batch_size=1, num_workers=2), (1, 2)):
+            assert torch.equal(bx[0], _tensor(cache.get(waiting.choose(i)).image))
+
+        real = _dataset(data, cache, p=1.0, on_miss="real", pool=pool)
+        x, _ = real[6]
+        assert torch.equal(x, reference[6][0])  # the real item now...
+        pool.wait(real.choose(6), timeout=300)  # ...and the variant is being generated
+        assert torch.equal(real[6][0], _tensor(cache.get(real.choose(6)).image))
+    assert pool.handle().state == "closed"
+    assert all(not p.is_alive() for p in pool.processes)
+
+
+def test_pool_worker_exception_is_reported(data, tmp_path):
+    root, plan, spec = data
+    broken = dataclasses.replace(spec, models=dataclasses.replace(spec.models, base=str(tmp_path / "no-such-model")))
+    cache = SyntheticCache(tmp_path / "c", broken)
+    with GeneratorPool(cache, devices=["cpu"]) as pool:
+        ds = SyntheticAugmentedDataset(ImageFolder(root), plan, cache, p=1.0, on_miss="wait", pool=pool,
+                                       wait_timeout=300)
+        started = time.monotonic()
+        with pytest.raises(PoolError, match="no-such-model") as info:
+            ds[0]
+        assert "Traceback" in str(info.value)
+        assert time.monotonic() - started < 120
+
+
+def test_pool_killed_worker_is_reported(data, tmp_path):
+    root, plan, spec = data
+    cache = SyntheticCache(tmp_path / "c", spec)
+    with GeneratorPool(cache, devices=["cpu"], start_timeout=300, torch_threads=1) as pool:
+        os.kill(pool.processes[0].pid, signal.SIGKILL)
+        ds = _dataset(data, cache, p=1.0, on_miss="wait", pool=pool, wait_timeout=300)
+        with pytest.raises(PoolError, match="exited with code -9"):
+            ds[0]

@@ -1,0 +1,214 @@
+"""Cache warming: completeness, the no-op rerun, sharding, kill -9 resume, accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalda_aug.cache import GenerationSpec, SyntheticCache
+from dalda_aug.generation import GenerationConfig
+from dalda_aug.plan import build_plan
+from dalda_aug.warm import plan_keys, shard_keys, warm
+
+STEPS, SIZE = 2, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded; several threads on a busy 2-core box crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_folder(root, classes=("ant", "bee"), per_class=3):
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (18 + i, 22 + c, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_models):
+    base = tmp_path_factory.mktemp("warm")
+    root = _write_folder(base / "data")
+    plan = build_plan(root, variants=4, seed=2, scores=[0.1, 0.3, 0.5, 0.7, 0.9, 0.2], models=tiny_models)
+    plan.save(base / "plan")
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
+    return base, plan, spec
+
+
+@pytest.fixture(scope="module")
+def generator(setup):
+    return setup[2].make_generator("cpu").load()
+
+
+def _no_model():
+    raise AssertionError("warm() built a generator although everything was cached")
+
+
+def test_warm_fills_the_cache_then_reruns_without_models(setup, generator, tmp_path):
+    _, plan, spec = setup
+    cache = SyntheticCache(tmp_path / "cache", spec)
+    batches = []
+    report = warm(plan, cache, generator=generator, batch_size=3, progress=False, on_batch=batches.append)
+    assert report.planned == report.assigned == report.generated == len(plan) == 24
+    assert report.already_cached == 0 and batches[-1] == 24 and len(batches) == 8
+    assert cache.keys() == set(plan_keys(plan, cache))
+    assert cache.verify()["ok"] == 24
+    entry = cache.get(plan[5])
+    assert entry.metadata["prompt"] == plan[5].prompt and entry.metadata["lambda"] == plan[5].lam
+
+    started = time.perf_counter()
+    again = warm(plan, cache, generator=_no_model, progress=False)
+    assert again.generated == 0 and again.already_cached == 24
+    assert time.perf_counter() - started < 5
+
+    # Same pixels as a one-by-one generation: batch companions do not matter.
+    from dalda_aug.data import load_image
+    from dalda_aug.generation import GenerationRequest
+
+    v = plan[7]
+    alone = generator.generate([GenerationRequest(load_image(plan.data_root + "/" + v.source), v.prompt, v.lam,
+                                                  v.seed)], batch_size=1)[0]
+    assert np.abs(np.asarray(alone, dtype=int) - np.asarray(cache.get(v).image, dtype=int)).max() <= 2
+
+
+def test_warm_verify_regenerates_corrupt_entries(setup, generator, tmp_path):
+    import diskcache
+
+    _, plan, spec = setup
+    cache = SyntheticCache(tmp_path / "cache", spec)
+    warm(plan, cache, generator=generator, batch_size=8, progress=False)
+    key = cache.key(plan[0])
+    with diskcache.Cache(str(cache.directory / f"shard-{cache.shard}")) as raw:
+        raw[key] = b"broken"
+    assert warm(plan, cache, generator=_no_model, progress=False).generated == 0  # keys only: not noticed
+    report = warm(plan, cache, generator=generator, verify=True, progress=False)
+    assert report.verified_removed == 1 and report.generated == 1
+    assert cache.verify()["bad"] == []
+
+
+def test_sharding_is_disjoint_and_complete(setup, generator, tmp_path):
+    _, plan, spec = setup
+    n = 3
+    reports = []
+    for rank in range(n):
+        cache = SyntheticCache(tmp_path / "cache", spec, shard=f"host-{rank}")
+        reports.append(warm(plan, cache, generator=generator, batch_size=4, process_index=rank, num_processes=n,
+                            progress=False))
+    reader = SyntheticCache(tmp_path / "cache", spec)
+    keys = plan_keys(plan, reader)
+    shards = [reader.keys(shard=f"host-{rank}") for rank in range(n)]
+    for rank, shard in enumerate(shards):
+        assert shard == set(shard_keys(keys, rank, n)) == set(sorted(keys)[rank::n])
+        assert len(shard) == reports[rank].generated == reports[rank].assigned == len(keys) // n
+    assert sum(len(s) for s in shards) == len(set().union(*shards)) == len(keys)
+    assert sum(r.generated for r in reports) == len(keys)
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "dalda_aug", *args]
+
+
+def _warm_args(base, cache, models_json, *extra):
+    return ["warm", "--plan", str(base / "plan"), "--cache", str(cache), "--models", str(models_json),
+            "--steps", str(STEPS), "--size", str(SIZE), "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def models_json(setup, tiny_models):
+    path = setup[0] / "models.json"
+    tiny_models.save(path)
+    return path
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+def test_warm_survives_kill_9_and_resumes(setup, models_json, tmp_path):
+    base, plan, spec = setup
+    bigger = build_plan(base / "data", variants=12, seed=5, scores=[0.1, 0.3, 0.5, 0.7, 0.9, 0.2],
+                        models=spec.models)
+    bigger.save(tmp_path / "plan")
+    cache_dir = tmp_path / "cache"
+    reader = SyntheticCache(cache_dir, spec)
+    args = _warm_args(tmp_path, cache_dir, models_json, "--batch-size", "2")
+    proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while len(reader.keys()) < 4:  # kill -9 once a few batches are in the cache
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "warm wrote nothing in 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    before = {e.key: e.metadata["created"] for e in reader.iter_entries()}
+    assert 4 <= len(before) < len(bigger), "the kill came after the end; nothing to resume"
+
+    done = subprocess.run(_cmd(*args, "--report", str(tmp_path / "report.json")), env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["already_cached"] == len(before)
+    assert report["generated"] == len(bigger) - len(before)
+    after = {e.key: e.metadata["created"] for e in reader.iter_entries()}
+    assert set(after) == set(plan_keys(bigger, reader))  # complete, every entry decodes
+    assert all(after[k] == t for k, t in before.items())  # nothing written before the kill was lost or redone
+    assert "0 already cached" not in done.stdout
+
+    # Everything present: the rerun does nothing.
+    again = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"{len(bigger)} already cached, 0 generated" in again.stdout
+
+
+def test_accelerate_launch_two_processes_split_the_work(setup, models_json, tmp_path):
+    pytest.importorskip("accelerate")
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if launcher is None:
+        pytest.skip("the accelerate launcher is not installed next to this Python")
+    base, plan, spec = setup
+    cache_dir = tmp_path / "cache"
+    # `accelerate launch --cpu` starts one process unless MPI is set up; --multi_gpu starts N
+    # processes through torchrun, which warm runs on the CPU (gloo) when given --device cpu.
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "dalda_aug",
+           *_warm_args(base, cache_dir, models_json, "--batch-size", "3", "--device", "cpu", "--report",
+                       str(tmp_path / "report-{rank}.json"))]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report-{r}.json").read_text()) for r in range(2)]
+    assert sorted(r["process_index"] for r in reports) == [0, 1]
+    assert all(r["num_processes"] == 2 for r in reports)
+    reader = SyntheticCache(cache_dir, spec)
+    keys = set(plan_keys(plan, reader))
+    assert reader.keys() == keys
+    # Each process wrote its own shard, only keys of its share, and no key was generated twice.
+    per_shard = {}
+    for r in reports:
+        per_shard[r["process_index"]] = reader.keys(shard=r["shard"])
+        assert len(per_shard[r["process_index"]]) == r["generated"]
+    assert all(shard == set(shard_keys(keys, rank, 2)) for rank, shard in per_shard.items())
+    assert per_shard[0].isdisjoint(per_shard[1])
+    assert sum(r["generated"] for r in reports) == len(keys)
+    assert "all 2 processes done" in done.stdout
