@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="generation dtype (default float16 on CUDA, else float32)")
     gen.add_argument("--device", default=None, help="torch device for everything (default cuda if available)")
     gen.add_argument("--gen-batch-size", type=int, default=None,
-                     help="images per generator call (default: automatic for IP-Adapter, 8 for Real Guidance)")
+                     help="images per generator call (default: warm()'s automatic choice)")
 
     clf = p.add_argument_group("classifier and training (defaults: the paper's)")
     clf.add_argument("--backbone", choices=("resnet50", "clip", "efficientnet_lite0"), default="resnet50")
@@ -453,10 +453,10 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     from dalda_aug.data import few_shot_indices
     from dalda_aug.dataset import SyntheticAugmentedDataset
     from dalda_aug.errors import InputError
-    from dalda_aug.generation import GenerationConfig, IPAdapterGenerator
+    from dalda_aug.generation import GenerationConfig
     from dalda_aug.plan import build_plan
     from dalda_aug.prompts import PromptBank
-    from dalda_aug.real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+    from dalda_aug.real_guidance import RealGuidanceConfig
     from dalda_aug.warm import warm
 
     started = time.perf_counter()
@@ -645,14 +645,12 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         keys = [k for k in plans if METHODS[k[2]].generator == kind]
         if not keys:
             continue
-        if kind == "ip_adapter":
-            holder = _Lazy(lambda: IPAdapterGenerator(models, gen_config, device=device, dtype=dtype))
-            batch_size = args.gen_batch_size
-        else:  # RealGuidanceGenerator has no automatic batch size
-            holder = _Lazy(lambda: RealGuidanceGenerator(models, rg_config, device=device, dtype=dtype))
-            batch_size = args.gen_batch_size or 8
+        # One generator per kind for all plans, built on the first miss (loading it costs more
+        # than warming a small plan).
+        holder = _Lazy(lambda spec=specs[kind]: spec.make_generator(device))
         for key in keys:
-            report = warm(plans[key], caches[kind], generator=holder, batch_size=batch_size, progress=progress)
+            report = warm(plans[key], caches[kind], generator=holder, batch_size=args.gen_batch_size,
+                          progress=progress)
             warm_reports.append({"seed": key[0], "shots": key[1], "method": key[2], **report.to_dict()})
             if report.generated:
                 _log(f"seed {key[0]}, {key[1]}-shot, {key[2]}: {report.summary()}")
