@@ -160,9 +160,8 @@ def run_demo(
     cache = SyntheticCache(out / "cache", spec)
     report = warm(plan, cache, device=device, batch_size=batch_size, progress=progress)
 
-    kind = "tiny random models (noise images)" if settings.tiny else settings.models.base
-    title = (f"DALDA demo: {len(plan.sources())} photos x {variants} variants - {kind}, {settings.size}px, "
-             f"{settings.steps} steps, {device}")
+    kind = "tiny random models (noise)" if settings.tiny else settings.models.base
+    title = f"DALDA demo · {kind} · {settings.size}px, {settings.steps} steps, {device}"
     sheet = plan_contact_sheet(plan, cache, tile=settings.tile, title=title)
     sheet_path = out / "contact_sheet.png"
     sheet.save(sheet_path)

@@ -169,7 +169,9 @@ def contact_sheet(rows: Sequence[tuple[Any, str, Sequence[tuple[Any, str]]]], ti
     sheet = Image.new("RGB", contact_sheet_size(len(rows), columns, tile), "white")
     draw = ImageDraw.Draw(sheet)
     font = _font()
-    draw.text((_GAP, 8), title, fill="black", font=_font(16))
+    title_font = _font(16)
+    for line in _wrap(draw, title, title_font, sheet.width - 2 * _GAP, 1):  # one line, "…" if cut
+        draw.text((_GAP, 8), line, fill="black", font=title_font)
     line_height = _FONT_SIZE + 3
     for r, (original, caption, variants) in enumerate(rows):
         y = _TITLE + _GAP + r * (tile + _CAPTION + _GAP)
