@@ -27,6 +27,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _source_scores(plan) -> np.ndarray:
     return np.array([vs[0].score for vs in plan.by_source().values()], dtype=np.float64)
 
@@ -51,12 +60,7 @@ def plot_score_histogram(plans: Mapping[str, object], path: str | os.PathLike, a
         ax.set_xlabel("CLIPScore (zero-shot probability of own class)")
         ax.set_ylabel("source images")
         ax.legend(loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_lambda_distribution(plan, path: str | os.PathLike, bins: int = 40) -> Path:
@@ -75,12 +79,7 @@ def plot_lambda_distribution(plan, path: str | os.PathLike, bins: int = 40) -> P
     ax.set_ylabel("variants")
     ax.set_title(f"λ per variant — {plan.config.get('scaling', {}).get('strategy', '?')}")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # Contact-sheet layout (pixels).

@@ -30,14 +30,6 @@ VARIANTS = 3
 TO_TENSOR = T.Compose([T.Resize((24, 24)), T.PILToTensor()])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest single-threaded; several threads on a busy 2-core box crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _write_folder(root):
     rng = np.random.default_rng(0)

@@ -7,21 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from dalda_aug import demo, viz
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def test_demo_main_with_tiny_models(tmp_path, monkeypatch, capsys, one_thread):
+def test_demo_main_with_tiny_models(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DALDA_MODELS", "tiny")
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--variants", "2", "--no-progress"]) == 0
@@ -58,7 +50,7 @@ def test_make_demo_target_is_offline_capable():
     assert "-m dalda_aug.demo" in dry.stdout and "pip install" in dry.stdout
 
 
-def test_inspect_writes_plots_and_a_selected_contact_sheet(tmp_path, monkeypatch, one_thread):
+def test_inspect_writes_plots_and_a_selected_contact_sheet(tmp_path, monkeypatch):
     from dalda_aug.cli import main
 
     monkeypatch.setenv("DALDA_MODELS", "tiny")
@@ -81,7 +73,7 @@ def test_inspect_writes_plots_and_a_selected_contact_sheet(tmp_path, monkeypatch
     assert main(bad) == 2
 
 
-def test_metrics_command_reports_diversity(tmp_path, monkeypatch, one_thread, capsys):
+def test_metrics_command_reports_diversity(tmp_path, monkeypatch, capsys):
     import json
 
     from dalda_aug.cli import main

@@ -43,15 +43,6 @@ def _max_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(_pixels(a) - _pixels(b)).max())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """The tiny models gain nothing from intra-op threads, and oversubscribed OpenMP threads
-    (other processes on the machine) slow them down many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def config():

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dalda_aug.cache import GenerationSpec, SyntheticCache
@@ -22,14 +21,6 @@ from dalda_aug.warm import plan_keys, shard_keys, warm
 
 STEPS, SIZE = 2, 32
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest single-threaded; several threads on a busy 2-core box crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write_folder(root, classes=("ant", "bee"), per_class=3):
