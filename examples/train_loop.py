@@ -1,8 +1,8 @@
 """Train a few-shot classifier on real + DALDA images in a plain PyTorch loop.
 
-    dalda-aug plan data/pets/train --n-shot 1 --seed 0 --out runs/pets-1shot/plan   # (see README)
-    dalda-aug warm runs/pets-1shot/plan --cache runs/cache                           # optional
-    python examples/train_loop.py --plan runs/pets-1shot/plan --cache runs/cache \
+    dalda-aug plan --data data/pets/train --shots 1 --seed 0 --out runs/pets-1shot/plan
+    dalda-aug warm --plan runs/pets-1shot/plan --cache runs/cache --dtype float16     # optional
+    python examples/train_loop.py --plan runs/pets-1shot/plan --cache runs/cache --gen-dtype float16 \
         --test data/pets/test --backbone clip --out runs/pets-1shot/clip-seed0.json
 
 The training set is the plan's few-shot subset of its image folder; with probability ``--p``
@@ -33,8 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip model name or config JSON")
     parser.add_argument("--p", type=float, default=0.5, help="probability of replacing an image by a synthetic one")
     parser.add_argument("--on-miss", default="generate", help="what a cache miss does (see SyntheticAugmentedDataset)")
-    parser.add_argument("--gen-dtype", default="float16",
-                        help="dtype the synthetic images were (or will be) generated in; part of their cache keys")
+    parser.add_argument("--gen-dtype", default="float32",
+                        help="dtype the synthetic images were (or will be) generated in; part of their cache keys "
+                             "(give warm's --dtype)")
+    parser.add_argument("--gen-steps", type=int, default=30, help="denoising steps of the synthetic images (warm's --steps)")
+    parser.add_argument("--gen-size", type=int, default=512, help="size of the synthetic images (warm's --size)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--iterations-per-epoch", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -50,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torchvision.datasets import ImageFolder
     from tqdm.auto import tqdm
 
-    from dalda_aug import AugmentationPlan, ModelConfig, SyntheticAugmentedDataset, SyntheticCache, few_shot_indices
-    from dalda_aug.cache import GenerationSpec
+    from dalda_aug import (AugmentationPlan, GenerationConfig, GenerationSpec, ModelConfig, SyntheticAugmentedDataset,
+                           SyntheticCache, few_shot_indices)
     from dalda_aug.classify import build_classifier, eval_transform, evaluate, train_transform
 
     plan = AugmentationPlan.load(args.plan)
@@ -61,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if plan.config.get("n_shot") is not None:
         base = Subset(base, few_shot_indices(base.targets, plan.config["n_shot"], plan.config["seed"]))
     class_names = plan.config["class_names"]
-    # The generation settings the cached images are keyed by (the paper's, the plan's models).
-    cache = SyntheticCache(args.cache, GenerationSpec(ModelConfig.from_dict(plan.config["models"]),
+    # The generation settings the cached images are keyed by: the plan's models, warm's options.
+    gen_config = GenerationConfig(num_inference_steps=args.gen_steps, height=args.gen_size, width=args.gen_size)
+    cache = SyntheticCache(args.cache, GenerationSpec(ModelConfig.from_dict(plan.config["models"]), gen_config,
                                                       dtype=args.gen_dtype))
 
     pretrained = args.pretrained if args.pretrained is not None else True

@@ -269,6 +269,33 @@ def test_train_loop_example_help():
     assert exc.value.code == 0
 
 
+def test_train_loop_example_end_to_end(tmp_path, tiny_models, photos):
+    """The example trains on real + cached synthetic images and evaluates on the test folder."""
+    import json
+
+    from dalda_aug.cli import main as cli
+
+    for split, n in (("train", 2), ("test", 2)):
+        for name, img in (("cat", photos["chelsea"]), ("cup", photos["coffee"])):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                img.resize((64, 48)).rotate(10 * i + (5 if split == "test" else 0)).save(tmp_path / split / name / f"{i}.png")
+    models = tiny_models.save(tmp_path / "models.json")
+    assert cli(["plan", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "plan"), "--shots", "1",
+                "--variants", "2", "--models", str(models)]) == 0
+    assert cli(["warm", "--plan", str(tmp_path / "plan"), "--cache", str(tmp_path / "cache"), "--steps", "2",
+                "--size", "32", "--device", "cpu", "--no-progress"]) == 0
+    loop = _load_example("train_loop")
+    argv = ["--plan", str(tmp_path / "plan"), "--cache", str(tmp_path / "cache"), "--test", str(tmp_path / "test"),
+            "--backbone", "clip", "--clip-model", tiny_models.clip_model, "--pretrained", tiny_models.clip_pretrained,
+            "--p", "1.0", "--on-miss", "error", "--gen-steps", "2", "--gen-size", "32", "--epochs", "1",
+            "--iterations-per-epoch", "2", "--batch-size", "2", "--out", str(tmp_path / "result.json")]
+    assert loop.main(argv) == 0  # on_miss="error": every synthetic image came from the warm cache
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["test"]["n"] == 4 and 0.0 <= result["test"]["top1"] <= 1.0
+    assert len(result["history"]) == 1
+
+
 # -- real downloaded weights (RUN_SLOW=1) ---------------------------------------------------------------
 @pytest.mark.slow
 def test_resnet50_imagenet_weights(photos):
