@@ -34,6 +34,7 @@ __all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "PLAN_FOR
 
 PLAN_FORMAT = "dalda_aug.plan/1"
 BASE_TEMPLATE = "a photo of a {}"
+_CHUNK = 256  # source images read and scored at a time
 
 
 def derive_seed(seed: int, source_sha256: str, variant: int, purpose: str = "generation") -> int:
@@ -288,22 +289,32 @@ def build_plan(
     for name in set(class_names):
         _class_prompts(prompts, name)  # fail early on a missing class
 
-    images = [item.load() for item in source.items]
-    hashes = [image_sha256(img) for img in images]
     labels = [item.label for item in source.items]
-    if scores is None:
-        if scorer is None:
-            from .clipscore import CLIPScorer
-
-            scorer = CLIPScorer.from_models(models)
-        scores_arr = scorer.score(images, labels, class_names, progress=progress)
-        score_kind = getattr(scorer, "kind", "softmax")
-    else:
+    if scores is not None:
         scores_arr = np.asarray(scores, dtype=np.float64)
-        if scores_arr.shape != (len(images),):
-            raise InputError(f"got {scores_arr.size} scores for {len(images)} source images")
+        if scores_arr.shape != (len(labels),):
+            raise InputError(f"got {scores_arr.size} scores for {len(labels)} source images")
         score_kind = "given"
-    del images
+    elif scorer is None:
+        from .clipscore import CLIPScorer
+
+        scorer = CLIPScorer.from_models(models)
+    # Images are read (and scored) a chunk at a time, so memory stays flat on large datasets.
+    from tqdm.auto import tqdm
+
+    hashes: list[str] = []
+    chunk_scores: list[np.ndarray] = []
+    show = progress if progress is not None else len(labels) > _CHUNK
+    with tqdm(total=len(labels), desc="reading and scoring sources", unit="img", disable=not show) as bar:
+        for start in range(0, len(labels), _CHUNK):
+            images = [item.load() for item in source.items[start : start + _CHUNK]]
+            hashes.extend(image_sha256(img) for img in images)
+            if scores is None:
+                chunk_scores.append(scorer.score(images, labels[start : start + _CHUNK], class_names, progress=False))
+            bar.update(len(images))
+    if scores is None:
+        scores_arr = np.concatenate(chunk_scores)
+        score_kind = getattr(scorer, "kind", "softmax")
     bad = np.flatnonzero(~np.isfinite(scores_arr) | (scores_arr < 0) | (scores_arr > 1))
     if bad.size and scaling.strategy == "ags":
         i = int(bad[0])

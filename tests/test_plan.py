@@ -185,3 +185,13 @@ def test_plan_cli_consumes_prompt_banks(folder, tmp_path, tiny_models):
     assert {v.prompt for v in plan.variants_for("coffee_cup/coffee.png")} == {"a coffee cup on a café table in Paris"}
     assert plan.config["prompts"]["model"] == "test"
     assert "café" in (tmp_path / "p2" / "plan.jsonl").read_text(encoding="utf-8")
+
+
+def test_plan_reads_sources_in_chunks_with_the_same_result(folder, tiny_models, monkeypatch):
+    import dalda_aug.plan as plan_module
+
+    src = ImageSource.from_folder(folder)
+    whole = build_plan(src, variants=2, seed=4, models=tiny_models)
+    monkeypatch.setattr(plan_module, "_CHUNK", 2)  # 5 sources -> chunks of 2, 2, 1
+    chunked = build_plan(src, variants=2, seed=4, models=tiny_models)
+    assert [v.to_row() for v in chunked] == [v.to_row() for v in whole]
