@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs per measurement; the fastest counts (use >1 on a shared machine)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (ours)")
     p.add_argument("--channels-last", action="store_true", help="channels-last UNet/VAE (ours)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="step caching (DeepCache) for ours: the full UNet every N-th step, only its shallow "
+                        "part in between (GenerationConfig.cache_interval; 1 = off, the default). "
+                        "Changes pixels, so the max pixel diff vs the baseline is no longer ~0")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"device bf16 peak for the utilisation figure (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
@@ -313,8 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}", file=sys.stderr)
         return 2
-    if not batch_sizes or min([*batch_sizes, args.steps, num_images, args.variants_per_source, args.repeats]) < 1:
-        print("batch sizes, --steps, --num-images, --variants-per-source and --repeats must be >= 1",
+    if not batch_sizes or min(
+        [*batch_sizes, args.steps, num_images, args.variants_per_source, args.repeats, args.cache_interval]
+    ) < 1:
+        print("batch sizes, --steps, --num-images, --variants-per-source, --repeats and --cache-interval "
+              "must be >= 1",
               file=sys.stderr)
         return 2
     kept = [b for b in batch_sizes if b <= num_images] or [num_images]
@@ -328,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         width=size,
         compile=args.compile,
         channels_last=args.channels_last,
+        cache_interval=args.cache_interval,
     )
     requests, n_sources = make_requests(num_images, args.variants_per_source)
     work = tflop_per_image(size, args.steps, guidance=config.guidance_scale > 1)
@@ -341,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"device: {_device_name(torch, device)}, dtype {dtype}, {size}x{size}, {args.steps} steps, "
             f"CFG {config.guidance_scale:g}, {num_images} images from {n_sources} reference image(s)"
+            + (f", ours with step caching every {config.cache_interval} steps" if config.cache_interval > 1 else "")
         )
 
         # Baseline: the reference approach, loaded, measured and freed before ours loads.
@@ -430,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": args.compile,
             "repeats": args.repeats,
             "channels_last": args.channels_last,
+            "cache_interval": args.cache_interval,
             "tflop_per_image": work if model_applies else None,
             "peak_tflops": args.peak_tflops,
             "baseline": baseline,

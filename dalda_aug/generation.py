@@ -117,10 +117,13 @@ def _check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> 
 class GenerationConfig:
     """How images are generated (the paper's settings by default; diffusers' argument names).
 
-    The first eight fields change pixels and make up :meth:`fingerprint`. The last four are
-    speed-ups that compute the same function and only change results by floating-point
-    rounding; they are excluded from the fingerprint. Output-changing speed-ups (``tiny_vae``,
-    ``scheduler="dpmsolver++"`` with fewer steps) are off by default.
+    The fields listed in ``_PIXEL_FIELDS`` change pixels and make up :meth:`fingerprint`
+    (``cache_interval``/``cache_branch`` only when step caching is on, so that fingerprints
+    from before they existed stay valid). ``attention``, ``channels_last``, ``compile`` and
+    ``compile_mode`` are speed-ups that compute the same function and only change results by
+    floating-point rounding; they are excluded from the fingerprint. Output-changing speed-ups
+    (``tiny_vae``, ``scheduler="dpmsolver++"`` with fewer steps, ``cache_interval > 1``) are
+    off by default.
     """
 
     # Denoising steps (paper: 30).
@@ -144,6 +147,16 @@ class GenerationConfig:
     # sizes, and most of the per-image peak memory) becomes far cheaper, but the pixels are an
     # approximation (softer fine detail). Changes pixels.
     tiny_vae: str | None = None
+    # Opt-in step caching (DeepCache, Ma et al., CVPR 2024): every ``cache_interval``-th
+    # denoising step (the first included) runs the full UNet and caches the deep features
+    # entering the up-block paired with down-block ``cache_branch``; the steps in between run
+    # only the shallow part (conv_in, down_blocks[:cache_branch + 1], the up-blocks from the
+    # paired one on, conv_out) on the cached deep features. 1 = off (every step runs the full
+    # UNet). Interval 3 needs ~2-2.5x fewer full-UNet FLOPs at a small quality cost. Changes pixels.
+    cache_interval: int = 1
+    # Which skip branch stays live on cached steps: 0 = the shallowest (DeepCache's default,
+    # the cheapest cached steps); up to len(unet.down_blocks) - 1, checked when the models load.
+    cache_branch: int = 0
     # Attention kernel: "sdpa" (torch's fused scaled_dot_product_attention, flash/memory-
     # efficient kernels on GPU) or "math" (its plain softmax(QK^T)V fallback; slow, for
     # debugging numerical problems).
@@ -167,7 +180,13 @@ class GenerationConfig:
         "negative_prompt",
         "scheduler",
         "tiny_vae",
+        # In pixel_dict only when step caching is on (see pixel_dict).
+        "cache_interval",
+        "cache_branch",
     )
+    # Step-caching fields left out of pixel_dict at their "off" value, so that fingerprints
+    # computed before they existed stay valid.
+    _OFF_BY_DEFAULT = ("cache_interval", "cache_branch")
 
     def __post_init__(self) -> None:
         owner = "GenerationConfig"
@@ -193,6 +212,11 @@ class GenerationConfig:
         _check_choice(owner, "scheduler", self.scheduler, SCHEDULERS)
         if self.tiny_vae is not None and (not isinstance(self.tiny_vae, str) or not self.tiny_vae.strip()):
             raise InputError(f"{owner}.tiny_vae must be None or a hub id / folder, got {self.tiny_vae!r}")
+        _check_int(owner, "cache_interval", self.cache_interval, 1)
+        object.__setattr__(self, "cache_interval", int(self.cache_interval))
+        # Upper bound (the UNet's down-block count) is checked by IPAdapterGenerator.load.
+        _check_int(owner, "cache_branch", self.cache_branch, 0)
+        object.__setattr__(self, "cache_branch", int(self.cache_branch))
         _check_choice(owner, "attention", self.attention, _ATTENTION)
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
@@ -214,6 +238,9 @@ class GenerationConfig:
     def pixel_dict(self) -> dict[str, Any]:
         """The fields that change the generated pixels, plus the sampler constants they imply."""
         values = {name: getattr(self, name) for name in self._PIXEL_FIELDS}
+        if self.cache_interval == 1:  # step caching off: cache_branch is unused, pixels as before
+            for name in self._OFF_BY_DEFAULT:
+                del values[name]
         values["scheduler_config"] = ddim_scheduler_config()
         values["eta"] = 0.0
         return values
@@ -628,6 +655,130 @@ def _install_per_sample_processors(unet) -> int:
     return n_ip
 
 
+# --------------------------------------------------------------------------------------------
+# step caching (DeepCache) over the UNet's public submodules
+# --------------------------------------------------------------------------------------------
+def _check_step_caching_unet(unet, branch: int) -> None:
+    """Fail early when :func:`_unet_step` does not cover this UNet or ``branch`` is out of range."""
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    if not 0 <= branch < n_down:
+        raise InputError(
+            f"GenerationConfig.cache_branch must lie in [0, {n_down - 1}] for this UNet "
+            f"({n_down} down blocks), got {branch}"
+        )
+    cfg = unet.config
+    unsupported = {
+        "center_input_sample": cfg.center_input_sample,
+        "class_embedding": unet.class_embedding is not None,
+        "addition_embed_type": cfg.addition_embed_type,
+        "time_embed_act": unet.time_embed_act is not None,
+        "text_encoder_hid_proj": getattr(unet, "text_encoder_hid_proj", None) is not None,
+        "encoder_hid_dim_type != 'ip_image_proj'": cfg.encoder_hid_dim_type != "ip_image_proj",
+        "up/down block counts differ": n_up != n_down,
+    }
+    bad = [name for name, value in unsupported.items() if value]
+    # The up-blocks from the paired one on must consume only skip connections of down_blocks[:branch+1].
+    produced = 1 + sum(
+        len(block.resnets) + (1 if getattr(block, "downsamplers", None) else 0)
+        for block in unet.down_blocks[: branch + 1]
+    )
+    needed = sum(len(block.resnets) for block in unet.up_blocks[n_up - 1 - branch :])
+    if produced < needed:
+        bad.append(f"up-blocks from {n_up - 1 - branch} on need {needed} skip connections, "
+                   f"down_blocks[:{branch + 1}] give {produced}")
+    if bad:
+        raise ModelLoadError(f"step caching (cache_interval > 1) supports SD1.x UNets only; this one has {bad}")
+
+
+def _unet_step(unet, sample, timestep, encoder_hidden_states, cross_attention_kwargs, added_cond_kwargs,
+               branch: int, deep=None):
+    """One UNet evaluation with DeepCache-style step caching; returns ``(noise, deep_features)``.
+
+    Mirrors ``UNet2DConditionModel.forward`` for SD1.x with an IP-Adapter image projection (no
+    class/addition embeddings, masks, ControlNet or adapter residuals), over the UNet's public
+    submodules. Up-block ``n_up - 1 - branch`` pairs with down-block ``branch``: it consumes the
+    skip connections of ``down_blocks[branch]`` (and of the input entering it).
+
+    * ``deep=None``: the full UNet; ``deep_features`` is the hidden state entering the paired
+      up-block (the output of the deeper up-blocks), to be cached.
+    * ``deep=<cached features>``: only the shallow part: conv_in, the time embedding,
+      ``down_blocks[:branch + 1]``, then the up-blocks from the paired one on with ``deep``
+      in place of the deeper blocks' output plus fresh skip connections, and conv_norm_out /
+      conv_act / conv_out; ``deep_features`` is ``deep``.
+    """
+    import torch
+
+    n_up = len(unet.up_blocks)
+    paired = n_up - 1 - branch
+    # Upsample sizes are forwarded when the latent is not a multiple of the overall factor.
+    overall_up_factor = 2**unet.num_upsamplers
+    forward_upsample_size = any(dim % overall_up_factor != 0 for dim in sample.shape[-2:])
+
+    # Time embedding (get_time_embed + time_embedding; time_proj is float32 -> sample dtype).
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        timesteps = torch.tensor([timesteps], dtype=torch.int64, device=sample.device)
+    elif timesteps.ndim == 0:
+        timesteps = timesteps[None].to(sample.device)
+    timesteps = timesteps.expand(sample.shape[0])
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=sample.dtype), None)
+
+    # encoder_hid_dim_type == "ip_image_proj": (text states, [image tokens per IP-Adapter]).
+    states = (encoder_hidden_states, unet.encoder_hid_proj(added_cond_kwargs["image_embeds"]))
+
+    sample = unet.conv_in(sample)
+    res_samples = (sample,)
+    down_blocks = unet.down_blocks if deep is None else unet.down_blocks[: branch + 1]
+    for block in down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(
+                hidden_states=sample, temb=emb, encoder_hidden_states=states,
+                cross_attention_kwargs=cross_attention_kwargs,
+            )
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        res_samples += res
+
+    if deep is None:
+        first = 0
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                sample = unet.mid_block(
+                    sample, emb, encoder_hidden_states=states, cross_attention_kwargs=cross_attention_kwargs
+                )
+            else:
+                sample = unet.mid_block(sample, emb)
+    else:
+        # Keep the skip connections the live up-blocks consume (the first ones; down_blocks[branch]'s
+        # downsampler output, if any, belonged to the deeper, cached up-block), so that the
+        # slicing below, and the upsample sizes, are those of the full pass.
+        first = paired
+        needed = sum(len(block.resnets) for block in unet.up_blocks[paired:])
+        res_samples = res_samples[:needed]
+        sample = deep
+
+    upsample_size = None
+    for i in range(first, n_up):
+        block = unet.up_blocks[i]
+        if i == paired:
+            deep = sample
+        res = res_samples[-len(block.resnets) :]
+        res_samples = res_samples[: -len(block.resnets)]
+        if i != n_up - 1 and forward_upsample_size:
+            upsample_size = res_samples[-1].shape[2:]
+        if getattr(block, "has_cross_attention", False):
+            sample = block(
+                hidden_states=sample, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=states,
+                cross_attention_kwargs=cross_attention_kwargs, upsample_size=upsample_size,
+            )
+        else:
+            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+
+    if unet.conv_norm_out is not None:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample), deep
+
+
 def _image_key(image: "Image.Image") -> str:
     """Content hash of an image exactly as given (mode, size, palette, pixel bytes)."""
     h = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
@@ -682,6 +833,7 @@ class IPAdapterGenerator:
         self.max_cached_embeddings = int(max_cached_embeddings)
         self._pipe = None
         self._unet_forward = None
+        self._cached_step = None
         self._negative_text = None
         self._embeddings: OrderedDict[str, Any] = OrderedDict()
 
@@ -736,6 +888,9 @@ class IPAdapterGenerator:
                 f"{self.models.ip_adapter_weight}: expected one IP-Adapter in ip-adapter_sd15's format "
                 f"(ImageProjection), got projection layers {kinds}"
             )
+        caching = self.config.cache_interval > 1
+        if caching:
+            _check_step_caching_unet(unet, self.config.cache_branch)
         _install_per_sample_processors(unet)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder):
             module.eval()
@@ -743,6 +898,15 @@ class IPAdapterGenerator:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         self._unet_forward = torch.compile(unet, mode=self.config.compile_mode) if self.config.compile else unet
+        if caching:
+            branch = self.config.cache_branch
+
+            def step(sample, t, text, cross_attention_kwargs, added_cond_kwargs, deep=None):
+                return _unet_step(unet, sample, t, text, cross_attention_kwargs, added_cond_kwargs, branch, deep)
+
+            # One compiled callable; the full (deep=None) and shallow (deep=tensor) calls get a
+            # graph each (a guard on ``deep``). λ stays a tensor input.
+            self._cached_step = torch.compile(step, mode=self.config.compile_mode) if self.config.compile else step
         self._pipe = pipe
         return self
 
@@ -884,17 +1048,24 @@ class IPAdapterGenerator:
         cross_attention_kwargs = {"ip_scale": scale}
         added_cond_kwargs = {"image_embeds": [image]}
 
-        for t in scheduler.timesteps:
+        deep = None  # step caching: the cached deep features
+        for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self._unet_forward(
-                model_input,
-                t,
-                encoder_hidden_states=text,
-                cross_attention_kwargs=cross_attention_kwargs,
-                added_cond_kwargs=added_cond_kwargs,
-                return_dict=False,
-            )[0]
+            if cfg.cache_interval == 1:
+                noise = self._unet_forward(
+                    model_input,
+                    t,
+                    encoder_hidden_states=text,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+            else:  # full UNet every cache_interval-th step (the first included), shallow between
+                noise, deep = self._cached_step(
+                    model_input, t, text, cross_attention_kwargs, added_cond_kwargs,
+                    deep=None if i % cfg.cache_interval == 0 else deep,
+                )
             if guided:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + cfg.guidance_scale * (cond - uncond)

@@ -46,6 +46,8 @@ class RealGuidanceConfig(GenerationConfig):
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or not 0 < s <= 1:
             raise InputError(f"RealGuidanceConfig.strength must lie in (0, 1], got {s!r}")
         object.__setattr__(self, "strength", float(s))
+        if self.cache_interval != 1:  # the stock img2img pipeline has no step caching
+            raise InputError(f"RealGuidanceConfig.cache_interval must be 1 (not supported), got {self.cache_interval!r}")
 
     def pixel_dict(self) -> dict[str, Any]:
         values = super().pixel_dict()

@@ -437,3 +437,101 @@ def test_compiled_unet_matches_eager_and_never_recompiles_for_new_lambdas(tiny_m
         if graphs is None:
             graphs = counters["stats"]["unique_graphs"]
         assert counters["stats"]["unique_graphs"] == graphs  # λ is a tensor input: no recompilation
+
+
+# -- step caching (DeepCache), opt-in ----------------------------------------------------------
+def _unet_inputs(generator, batch=4):
+    unet = generator.pipeline.unet
+    g = torch.Generator("cpu").manual_seed(0)
+    sample = torch.randn(batch, unet.config.in_channels, SIZE // 2, SIZE // 2, generator=g)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
+    image_dim = unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+    image = torch.randn(batch, 1, image_dim, generator=g)
+    scale = torch.tensor([0.0, 0.4, 1.0, 0.7][:batch])
+    return unet, sample, torch.tensor(481), text, {"ip_scale": scale}, {"image_embeds": [image]}
+
+
+@pytest.mark.parametrize("branch", [0, 1])
+def test_step_function_reproduces_the_unet(generator, branch):
+    from dalda_aug.generation import _unet_step
+
+    unet, sample, t, text, cak, acak = _unet_inputs(generator)
+    with torch.inference_mode():
+        ref = unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs=cak, added_cond_kwargs=acak,
+                   return_dict=False)[0]
+        full, deep = _unet_step(unet, sample, t, text, cak, acak, branch)
+        # A shallow pass on the deep features of the same inputs is the full pass again.
+        shallow, same = _unet_step(unet, sample, t, text, cak, acak, branch, deep=deep)
+        # ... and on other deep features it is not (the cached features are used).
+        other, _ = _unet_step(unet, sample, t, text, cak, acak, branch, deep=torch.zeros_like(deep))
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shallow, ref, rtol=1e-5, atol=1e-5)
+    assert same is deep
+    assert (other - ref).abs().max() > 1e-3
+
+
+def _count_full_unet_calls(unet):
+    calls = []
+    handle = unet.mid_block.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls, handle
+
+
+def test_cache_interval_one_is_the_default(tiny_models, requests_, config):
+    import dataclasses
+
+    off = dataclasses.replace(config, cache_interval=1, cache_branch=1)  # branch unused when off
+    assert off.fingerprint() == config.fingerprint()
+    # Fresh generators on both sides (cached image embeddings encoded in other batches may
+    # differ by rounding): bit-identical images.
+    ours = IPAdapterGenerator(tiny_models, off).generate(requests_[1:3], batch_size=2)
+    assert ours == IPAdapterGenerator(tiny_models, config).generate(requests_[1:3], batch_size=2)
+
+
+@pytest.mark.parametrize("branch", [0, 1])
+def test_cache_interval_three_runs_fewer_full_unets_and_stays_close(tiny_models, requests_, branch):
+    import dataclasses
+
+    steps = 4  # full UNet at steps 0 and 3
+    plain_config = GenerationConfig(num_inference_steps=steps, height=SIZE, width=SIZE)
+    cached_config = GenerationConfig(num_inference_steps=steps, height=SIZE, width=SIZE, cache_interval=3,
+                                     cache_branch=branch)
+    plain, cached = IPAdapterGenerator(tiny_models, plain_config), IPAdapterGenerator(tiny_models, cached_config)
+    batch = requests_[1:3]
+    counts = []
+    outputs = []
+    for gen in (plain, cached):
+        calls, handle = _count_full_unet_calls(gen.pipeline.unet)
+        try:
+            outputs.append(gen.generate(batch, batch_size=2))
+        finally:
+            handle.remove()
+        counts.append(len(calls))
+    assert counts == [steps, 2]
+    other_seed = plain.generate([dataclasses.replace(r, seed=r.seed + 1000) for r in batch], batch_size=2)
+    for ref, ours, other in zip(*outputs, other_seed):
+        change = np.abs(_pixels(ours) - _pixels(ref)).mean()
+        assert change > 0  # output-changing
+        assert change < 0.2 * np.abs(_pixels(other) - _pixels(ref)).mean()
+
+
+def test_cache_settings_fingerprint_and_validation(tiny_models):
+    import dataclasses
+
+    base = GenerationConfig()
+    assert "cache_interval" not in base.pixel_dict() and "cache_branch" not in base.pixel_dict()
+    # Unchanged at the defaults (the value from before step caching existed).
+    assert base.fingerprint() == "aac3c8ab435fb6c7"
+    on = dataclasses.replace(base, cache_interval=3)
+    assert on.fingerprint() != base.fingerprint()
+    assert dataclasses.replace(on, cache_interval=5).fingerprint() != on.fingerprint()
+    assert dataclasses.replace(on, cache_branch=1).fingerprint() != on.fingerprint()
+    assert generation_fingerprint(tiny_models, on) != generation_fingerprint(tiny_models, base)
+    assert GenerationConfig.from_dict(on.to_dict()) == on
+    for bad in (dict(cache_interval=0), dict(cache_interval=1.5), dict(cache_interval=True),
+                dict(cache_branch=-1), dict(cache_branch="0")):
+        with pytest.raises(InputError, match="cache_"):
+            GenerationConfig(**bad)
+    # The branch's upper bound is the UNet's down-block count (2 in the tiny UNet), checked on load.
+    config = GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE, cache_interval=2, cache_branch=2)
+    with pytest.raises(InputError, match=r"cache_branch must lie in \[0, 1\]"):
+        IPAdapterGenerator(tiny_models, config).load()

@@ -47,3 +47,5 @@ def test_bad_input():
         RealGuidanceConfig(strength=0)
     with pytest.raises(InputError, match="strength"):
         RealGuidanceConfig(strength=1.5)
+    with pytest.raises(InputError, match="cache_interval"):
+        RealGuidanceConfig(cache_interval=3)  # the stock img2img pipeline has no step caching
