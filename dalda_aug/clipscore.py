@@ -44,14 +44,14 @@ def load_open_clip(model_name: str, pretrained: str | None, device="cpu"):
             raise ModelLoadError(f"open_clip checkpoint not found: {pretrained} (for model {model_name!r})")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc) or "not found" in str(exc).lower():
-            raise ModelLoadError(f"cannot load open_clip model {model_name!r} / {pretrained!r}: {exc}") from exc
-        raise
-    except (OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:
+        text = str(exc)
+        loading = ("Unknown model", "not found", "download", "Hub", "checkpoint", "state_dict")
+        if isinstance(exc, RuntimeError) and not any(s.lower() in text.lower() for s in loading):
+            raise  # a genuine runtime failure, not a loading problem
         raise ModelLoadError(
-            f"cannot load open_clip model {model_name!r} with pretrained={pretrained!r}: {exc}. "
-            "Offline? Point clip_pretrained at a local checkpoint file."
+            f"cannot load open_clip model {model_name!r} with pretrained={pretrained!r}: {text}. "
+            "Offline? Point ModelConfig.clip_pretrained at a local checkpoint file."
         ) from exc
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)

@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dalda_aug.demo [options]``: the demo without the rest of the CLI."""
     import argparse
 
-    from .errors import DaldaError
+    from .errors import DaldaError, ModelLoadError
 
     parser = argparse.ArgumentParser(prog="dalda-aug demo")
     sub = parser.add_subparsers(dest="command")
@@ -237,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except DaldaError as exc:
         print(f"dalda-aug demo: error: {exc}", file=sys.stderr)
+        if isinstance(exc, ModelLoadError) and (args.models or os.environ.get("DALDA_MODELS")) is None:
+            print("dalda-aug demo: no access to the model hub? `DALDA_MODELS=tiny make demo` runs fully offline "
+                  "with tiny random models", file=sys.stderr)
         return 2
 
 

@@ -77,3 +77,9 @@ def test_bad_inputs(tiny_models, images):
     with pytest.raises(ModelLoadError, match="nope.pt"):
         CLIPScorer(tiny_models.clip_model, "/tmp/definitely/nope.pt").score(images[:1], [0], ["cat"])
     assert scorer.score([], [], ["cat"]).shape == (0,)
+
+
+def test_unreachable_hub_weights_give_a_clear_error(images, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"'ViT-B-16' with pretrained='openai'.*local checkpoint"):
+        CLIPScorer("ViT-B-16", "openai").score(images[:1], [0], ["cat"])
