@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+from .errors import InputError, MissingFileError
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -17,3 +21,19 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """Read a UTF-8 JSON file holding an object; errors name ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import InputError, MissingFileError
+from ._io import read_json_object
+from .errors import InputError
 
 __all__ = ["ModelConfig"]
 
@@ -85,14 +86,7 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
         """Read a models JSON file (as written by :meth:`save` or ``make-tiny-models``)."""
         path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"models file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"models file {path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InputError(f"models file {path} must hold a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "models file")
         return cls.from_dict(data, base_dir=path.parent)
 
     def fingerprint(self) -> str:

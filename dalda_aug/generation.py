@@ -411,6 +411,18 @@ def _resolve_torch_dtype(dtype: Any):
     return getattr(torch, _dtype_name(dtype))
 
 
+def _load_vae_override(models: ModelConfig, dtype):
+    """The ``AutoencoderKL`` at ``models.vae`` that replaces the base pipeline's VAE."""
+    diffusers = require("diffusers", "generate")
+    return _loading(
+        "the VAE",
+        f"an AutoencoderKL in {_where(models.vae)}",
+        diffusers.AutoencoderKL.from_pretrained,
+        models.vae,
+        dtype=dtype,
+    )
+
+
 def _load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device, dtype):
     """Stock diffusers SD1.x pipeline with the IP-Adapter loaded and the configured scheduler."""
     require("torch", "generate")
@@ -430,13 +442,7 @@ def _load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device, 
     )
     components: dict[str, Any] = {"image_encoder": image_encoder}
     if models.vae is not None:
-        components["vae"] = _loading(
-            "the VAE",
-            f"an AutoencoderKL in {_where(models.vae)}",
-            diffusers.AutoencoderKL.from_pretrained,
-            models.vae,
-            dtype=dtype,
-        )
+        components["vae"] = _load_vae_override(models, dtype)
     pipe = _loading(
         "the Stable Diffusion pipeline",
         f"a diffusers StableDiffusionPipeline (model_index.json) in {_where(models.base, None, models.base_revision)}",

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ._io import write_atomic
+from ._io import read_json_object, write_atomic
 from .ags import Scaling, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, image_sha256
@@ -171,10 +171,7 @@ class AugmentationPlan:
         for p in (meta_path, rows_path):
             if not p.is_file():
                 raise MissingFileError(f"not a complete plan folder: {p} is missing (write one with `dalda-aug plan`)")
-        try:
-            config = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{meta_path} is not valid JSON: {exc}") from None
+        config = read_json_object(meta_path, "plan file")
         if config.get("format") != PLAN_FORMAT:
             raise InputError(f"{meta_path}: unsupported plan format {config.get('format')!r} (expected {PLAN_FORMAT!r})")
         variants = []

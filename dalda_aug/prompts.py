@@ -35,7 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ._io import write_atomic
+from ._io import read_json_object, write_atomic
 from .errors import DaldaError, InputError, MissingFileError, ModelLoadError, require
 
 __all__ = [
@@ -231,16 +231,7 @@ class PromptBank:
     def load(cls, path: str | os.PathLike) -> "PromptBank":
         """Read a bank written by :meth:`save` (or a plain ``{class: [prompts]}`` JSON object)."""
         path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"prompt bank file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise InputError(f"prompt bank file {path} is not UTF-8 text: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise InputError(f"prompt bank file {path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InputError(f"prompt bank file {path} must hold a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "prompt bank file")
         if "format" in data:
             if data["format"] != PROMPTS_FORMAT:
                 raise InputError(f"prompt bank file {path} has format {data['format']!r}, expected {PROMPTS_FORMAT!r}")

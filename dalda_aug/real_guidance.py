@@ -21,6 +21,7 @@ from .generation import (
     GenerationConfig,
     GenerationRequest,
     _dtype_name,
+    _load_vae_override,
     _loading,
     _make_scheduler,
     _resolve_torch_dtype,
@@ -91,8 +92,7 @@ class RealGuidanceGenerator:
 
         components = {}
         if self.models.vae is not None:
-            components["vae"] = _loading("the VAE", f"an AutoencoderKL in {_where(self.models.vae)}",
-                                         diffusers.AutoencoderKL.from_pretrained, self.models.vae, dtype=self.dtype)
+            components["vae"] = _load_vae_override(self.models, self.dtype)
         pipe = _loading(
             "the Stable Diffusion img2img pipeline",
             f"a diffusers StableDiffusionPipeline (model_index.json) in "

@@ -54,8 +54,6 @@ def tiny_dataset(tmp_path):
 
 
 def test_fewshot_end_to_end(tiny_models, tiny_dataset, tmp_path, capsys):
-    import torch
-
     from dalda_aug.prompts import PromptBank
 
     models = tiny_models.save(tmp_path / "models.json")
@@ -70,11 +68,7 @@ def test_fewshot_end_to_end(tiny_models, tiny_dataset, tmp_path, capsys):
             "--backbone", "clip", "--epochs", "1", "--iterations-per-epoch", "2", "--batch-size", "4",
             "--out", str(out), "--no-progress", "--threads", "1"]
     bench = _load_script()
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert _run(bench, argv) == 0
     assert "results:" in capsys.readouterr().out
 
     result = json.loads((out / "results.json").read_text())
@@ -103,17 +97,23 @@ def test_fewshot_end_to_end(tiny_models, tiny_dataset, tmp_path, capsys):
     assert len(list((out / "plans").iterdir())) == len(METHODS) - 1
 
     # A rerun with the same settings reuses the finished runs and generates nothing.
-    try:
-        assert bench.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert _run(bench, argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in runs]
 
 
-def test_one_folder_split_evaluates_on_the_held_out_half(tiny_models, tiny_dataset, tmp_path):
+def _run(bench, argv):
+    """Run the benchmark; put back the torch thread count its --threads option changes."""
     import torch
 
+    threads = torch.get_num_threads()
+    try:
+        return bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_one_folder_split_evaluates_on_the_held_out_half(tiny_models, tiny_dataset, tmp_path):
     models = tiny_models.save(tmp_path / "models.json")
     out = tmp_path / "out"
     argv = ["--data", str(tiny_dataset / "train"), "--test-fraction", "0.5", "--models", str(models),
@@ -121,11 +121,7 @@ def test_one_folder_split_evaluates_on_the_held_out_half(tiny_models, tiny_datas
             "--size", "32", "--device", "cpu", "--backbone", "clip", "--epochs", "1",
             "--iterations-per-epoch", "1", "--batch-size", "2", "--out", str(out), "--no-progress", "--threads", "1"]
     bench = _load_script()
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert _run(bench, argv) == 0
     result = json.loads((out / "results.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["test_images"] == 4 and config["data"]["train_images"] == 2  # round(3 * 0.5) = 2 per class
