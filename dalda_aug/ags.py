@@ -13,7 +13,8 @@ Strategies, selected with the one explicit field :attr:`Scaling.strategy`:
     Within the range, μ = min + (max − min)·(1 − score), σ = 0.05·n for n shots per class, and
     λ ~ TruncNormal(μ, σ², min, max) (:attr:`AGSConfig.mode` ``"truncnorm"``, the paper).
     ``mode="clip"`` reproduces the reference code instead: a normal draw clipped to the range
-    (mass piles up on the bounds) with the High upper bound widened to 0.4 + 0.1·√n.
+    (mass piles up on the bounds); μ uses the High range [0.1, 0.4] as above, and only the
+    upper clipping bound of a High draw is widened to 0.4 + 0.1·√n.
 ``"rs"``
     Random scaling: λ ~ U(0, 1).
 ``"fixed"``
@@ -168,16 +169,19 @@ def _validate_n_shot(n_shot) -> np.ndarray:
 def ags_parameters(scores, n_shot, config: AGSConfig = AGSConfig()):
     """Per-score (μ, σ, lower bound, upper bound) of the AGS distribution.
 
-    ``n_shot`` is an int or one int per score. In ``clip`` mode the High upper bound is
-    0.4 + 0.1·√n, as in the reference code.
+    ``n_shot`` is an int or one int per score. μ is computed from the configured range
+    (High: 0.1–0.4) in both modes; in ``clip`` mode only the returned High *upper bound*, the
+    value draws are clipped to, is widened to 0.4 + 0.1·√n, as in the reference code.
     """
     s = _validate_scores(scores)
     n = np.broadcast_to(_validate_n_shot(n_shot), s.shape)
     is_low = s <= config.alpha
     lo = np.where(is_low, config.low[0], config.high[0])
+    # μ always uses the configured range (the reference code's μ line uses max_val = 0.4 too);
+    # ``clip`` widens only the bound the High draw is clipped to.
+    mu = lo + (np.where(is_low, config.low[1], config.high[1]) - lo) * (1.0 - s)
     hi_high = config.high[1] + (0.1 * np.sqrt(n) if config.mode == "clip" else 0.0)
     hi = np.where(is_low, config.low[1], hi_high)
-    mu = lo + (hi - lo) * (1.0 - s)
     sigma = config.sigma_per_shot * n
     return mu, sigma, lo, hi
 

@@ -46,15 +46,26 @@ def test_truncnorm_far_tail_is_finite():
 
 
 def _reference_clip(scores, n, rng):
-    # the reference code's rule, written out independently
+    # kkyuhun94/dalda, semantic_aug/augmentations/dalda.py, DALDAAugmentation.forward, lines 128-137:
+    #     if clip_score <= threshold_clipscore:            # 0.3
+    #         min_val = 0.7; max_val = 0.9
+    #         mu = min_val + (max_val - min_val) * (1 - clip_score)
+    #         scale = min(max(np.random.normal(mu, self.sigma, 1)[0], min_val), max_val)
+    #     else:
+    #         min_val = 0.1; max_val = 0.4
+    #         mu = min_val + (max_val - min_val) * (1 - clip_score)
+    #         scale = min(max(np.random.normal(mu, self.sigma, 1)[0], min_val),
+    #                     max_val + 0.1 * math.sqrt(self.examples_per_class))
+    # with self.sigma = 0.05 * examples_per_class (line 80). μ uses max_val = 0.4; only the clip
+    # bound is widened.
     out = []
     for s in scores:
         if s <= 0.3:
-            lo, hi = 0.7, 0.9
+            mu = 0.7 + (0.9 - 0.7) * (1 - s)
+            out.append(min(max(rng.normal(mu, 0.05 * n), 0.7), 0.9))
         else:
-            lo, hi = 0.1, 0.4 + 0.1 * math.sqrt(n)
-        mu = lo + (hi - lo) * (1 - s)
-        out.append(min(max(rng.normal(mu, 0.05 * n), lo), hi))
+            mu = 0.1 + (0.4 - 0.1) * (1 - s)
+            out.append(min(max(rng.normal(mu, 0.05 * n), 0.1), 0.4 + 0.1 * math.sqrt(n)))
     return np.array(out)
 
 
@@ -66,6 +77,33 @@ def test_clip_mode_reproduces_reference_formula():
     # the widened High upper bound is reachable, and mass piles on the bounds
     assert ours[scores > 0.3].max() > 0.4
     assert np.any(ours == 0.7) or np.any(ours == 0.9) or np.any(ours == 0.1)
+
+
+@pytest.mark.parametrize("mode", ["truncnorm", "clip"])
+def test_mu_uses_the_high_range_upper_bound_04(mode):
+    # Worked by hand from the reference's μ line (dalda.py line 136) and the paper's Eq. 3:
+    # score 0.5, n = 4: μ = 0.1 + (0.4 - 0.1)·(1 - 0.5) = 0.25 (not 0.35, which 0.4 + 0.1·√4 = 0.6
+    # in μ would give); σ = 0.05·4 = 0.2. Score 0.2 (Low), n = 1: μ = 0.7 + 0.2·0.8 = 0.86.
+    mu, sigma, lo, hi = ags_parameters([0.5, 0.2], [4, 1], AGSConfig(mode=mode))
+    np.testing.assert_allclose(mu, [0.25, 0.86], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma, [0.2, 0.05], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(lo, [0.1, 0.7], rtol=0, atol=1e-12)
+    # clipping bound: 0.4 + 0.1·√4 = 0.6 in clip mode (dalda.py line 137), the range's 0.4 otherwise
+    np.testing.assert_allclose(hi, [0.6 if mode == "clip" else 0.4, 0.9], rtol=0, atol=1e-12)
+
+
+def test_clip_mode_high_draws_centre_on_025():
+    # score 0.5, n = 4 -> normal(0.25, 0.2) clipped to [0.1, 0.6]. Its mean, written out:
+    # E[clip(X, a, b)] = a·Φ(α) + b·(1 - Φ(β)) + μ·(Φ(β) - Φ(α)) + σ·(φ(α) - φ(β)),
+    # α = (a - μ)/σ = -0.75, β = (b - μ)/σ = 1.75.
+    draws = sample_lambda(np.full(20000, 0.5), 4, 11, AGSConfig(mode="clip"))
+    al, be = -0.75, 1.75
+    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    expected = 0.1 * Phi(al) + 0.6 * (1 - Phi(be)) + 0.25 * (Phi(be) - Phi(al)) + 0.2 * (phi(al) - phi(be))
+    assert abs(draws.mean() - expected) < 4 * 0.2 / math.sqrt(20000)
+    assert draws.min() == 0.1 and draws.max() == 0.4 + 0.1 * math.sqrt(4)  # the clip bound, as computed there
+    assert np.mean(draws == 0.1) == pytest.approx(Phi(al), abs=0.015)  # ≈ 22.7 % pile on 0.1
 
 
 def test_ags_parameters_low_high_split():
