@@ -16,10 +16,19 @@ import numpy as np
 
 from .errors import InputError, ModelLoadError, require
 
-__all__ = ["CLIPScorer", "load_open_clip"]
+__all__ = ["CLIPScorer", "load_open_clip", "SCORE_BLOCK"]
 
 LOGIT_SCALE = 100.0  # CLIP ViT-B/16 (OpenAI) learned logit scale, as DALDA uses it
 HESSEL_W = 2.5
+# Images per forward pass in :meth:`CLIPScorer.score`. float32 CPU/GPU kernels may round
+# differently for different batch shapes (it happens on Intel Xeons), so a score, and through it a
+# plan's λ and cache keys, would depend on which other images shared its batch. Scores are
+# therefore computed in blocks of SCORE_BLOCK consecutive images aligned to the first image of the
+# call, and SCORE_BLOCK is 1: a score is a function of the image, the class list and the model
+# alone. The same image then gets the same score (on one machine: bit for bit) in a 1-shot and a
+# 16-shot plan, whatever the reading chunk, the batch size or the order, so their variants share
+# cache entries. Scoring is a small share of the work (few-shot sources, one pass each).
+SCORE_BLOCK = 1
 
 
 def load_open_clip(model_name: str, pretrained: str | None, device="cpu"):
@@ -67,7 +76,9 @@ class CLIPScorer:
         device: torch device for the model (CPU by default).
         template: class prompt; ``{}`` is replaced by the class name.
         kind: ``"softmax"`` (DALDA's zero-shot probability) or ``"cosine"`` (Hessel's CLIPScore).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass in :meth:`image_features`. :meth:`score` always works
+            in index-aligned blocks of :data:`SCORE_BLOCK` images (one image), so a score never
+            depends on the batch size, the reading chunk size or the other images of the call.
 
     The model is loaded on first use; text features are computed once per class list.
     """
@@ -134,17 +145,22 @@ class CLIPScorer:
         import torch
         from tqdm.auto import tqdm
 
-        model = self._load()
         out = []
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         starts = range(0, len(images), self.batch_size)
         for start in tqdm(starts, desc="CLIPScore", unit="batch", disable=not show):
-            batch = [self._preprocess(img) for img in images[start : start + self.batch_size]]
-            pixels = torch.stack(batch).to(self.device)
-            with torch.inference_mode():
-                feats = model.encode_image(pixels).float()
-            out.append(feats / feats.norm(dim=-1, keepdim=True))
+            out.append(self._encode(images[start : start + self.batch_size]))
         return torch.cat(out) if out else torch.empty(0)
+
+    def _encode(self, images: Sequence):
+        """L2-normalised features of one forward pass over ``images``."""
+        import torch
+
+        model = self._load()
+        pixels = torch.stack([self._preprocess(img) for img in images]).to(self.device)
+        with torch.inference_mode():
+            feats = model.encode_image(pixels).float()
+        return feats / feats.norm(dim=-1, keepdim=True)
 
     def score(self, images: Sequence, labels: Sequence[int], class_names: Sequence[str],
               progress: bool | None = None) -> np.ndarray:
@@ -158,15 +174,22 @@ class CLIPScorer:
         if not images:
             return np.zeros(0, dtype=np.float64)
         import torch
+        from tqdm.auto import tqdm
 
         text = self.text_features(class_names)
-        img = self.image_features(images, progress=progress)
-        cos = img @ text.T  # (N, C)
-        idx = torch.as_tensor(labels, device=cos.device)
-        if self.kind == "cosine":
-            own = cos.gather(1, idx[:, None])[:, 0]
-            result = HESSEL_W * own.clamp(min=0)
-        else:
-            probs = (LOGIT_SCALE * cos).softmax(dim=-1)
-            result = probs.gather(1, idx[:, None])[:, 0]
-        return result.double().cpu().numpy()
+        out = []
+        show = progress if progress is not None else len(images) > 4 * self.batch_size
+        starts = range(0, len(images), SCORE_BLOCK)
+        for start in tqdm(starts, desc="CLIPScore", unit="block", disable=not show):
+            block = images[start : start + SCORE_BLOCK]
+            img = self._encode(block)
+            cos = img @ text.T  # (B, C)
+            idx = torch.as_tensor(labels[start : start + SCORE_BLOCK], device=cos.device)
+            if self.kind == "cosine":
+                own = cos.gather(1, idx[:, None])[:, 0]
+                result = HESSEL_W * own.clamp(min=0)
+            else:
+                probs = (LOGIT_SCALE * cos).softmax(dim=-1)
+                result = probs.gather(1, idx[:, None])[:, 0]
+            out.append(result.double().cpu().numpy())
+        return np.concatenate(out)

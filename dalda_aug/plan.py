@@ -296,21 +296,38 @@ def build_plan(
         from .clipscore import CLIPScorer
 
         scorer = CLIPScorer.from_models(models)
-    # Images are read (and scored) a chunk at a time, so memory stays flat on large datasets.
+    # Images are read a chunk at a time, so memory stays flat on large datasets. They are scored
+    # in index-aligned blocks of SCORE_BLOCK (whatever _CHUNK is), so each score, and with it the
+    # plan, does not depend on how the sources were read: see clipscore.SCORE_BLOCK.
+    # (SCORE_BLOCK is read at call time, so a different block size still aligns.)
     from tqdm.auto import tqdm
 
+    from .clipscore import SCORE_BLOCK
+
     hashes: list[str] = []
-    chunk_scores: list[np.ndarray] = []
+    block_scores: list[np.ndarray] = []
+    pending: list = []  # read images not yet scored; always fewer than SCORE_BLOCK between chunks
+
+    def score_pending(final: bool) -> None:
+        done = sum(s.size for s in block_scores)
+        full = len(pending) if final else len(pending) // SCORE_BLOCK * SCORE_BLOCK
+        if full:
+            block_scores.append(scorer.score(pending[:full], labels[done : done + full], class_names, progress=False))
+            del pending[:full]
+
     show = progress if progress is not None else len(labels) > _CHUNK
     with tqdm(total=len(labels), desc="reading and scoring sources", unit="img", disable=not show) as bar:
         for start in range(0, len(labels), _CHUNK):
             images = [item.load() for item in source.items[start : start + _CHUNK]]
             hashes.extend(image_sha256(img) for img in images)
             if scores is None:
-                chunk_scores.append(scorer.score(images, labels[start : start + _CHUNK], class_names, progress=False))
+                pending.extend(images)
+                score_pending(final=False)
             bar.update(len(images))
+        if scores is None:
+            score_pending(final=True)
     if scores is None:
-        scores_arr = np.concatenate(chunk_scores)
+        scores_arr = np.concatenate(block_scores)
         score_kind = getattr(scorer, "kind", "softmax")
     bad = np.flatnonzero(~np.isfinite(scores_arr) | (scores_arr < 0) | (scores_arr > 1))
     if bad.size and scaling.strategy == "ags":

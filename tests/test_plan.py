@@ -195,3 +195,47 @@ def test_plan_reads_sources_in_chunks_with_the_same_result(folder, tiny_models, 
     monkeypatch.setattr(plan_module, "_CHUNK", 2)  # 5 sources -> chunks of 2, 2, 1
     chunked = build_plan(src, variants=2, seed=4, models=tiny_models)
     assert [v.to_row() for v in chunked] == [v.to_row() for v in whole]
+
+
+def _forward_passes(monkeypatch, scorer):
+    """Record, for every CLIP forward pass of ``scorer``, the content hashes of its images."""
+    passes: list[tuple[str, ...]] = []
+    encode = scorer._encode
+
+    def recording(images):
+        passes.append(tuple(image_sha256(img) for img in images))
+        return encode(images)
+
+    monkeypatch.setattr(scorer, "_encode", recording)
+    return passes
+
+
+def test_a_score_is_computed_in_a_block_fixed_by_dataset_order(folder, tiny_models, monkeypatch):
+    """Issue 14: float32 kernels round differently per batch shape on some CPUs, so the images
+    that share an image's forward pass may depend only on the dataset order, never on the reading
+    chunk or the scorer's batch size."""
+    import dalda_aug.clipscore as clipscore_module
+    import dalda_aug.plan as plan_module
+    from dalda_aug.clipscore import CLIPScorer
+
+    monkeypatch.setattr(clipscore_module, "SCORE_BLOCK", 2)  # 5 sources -> blocks [0,1] [2,3] [4]
+    src = ImageSource.from_folder(folder)
+    hashes = [image_sha256(item.load()) for item in src.items]
+    expected_passes = [tuple(hashes[0:2]), tuple(hashes[2:4]), tuple(hashes[4:5])]
+    results = []
+    for chunk, batch_size in [(256, 64), (3, 1), (1, 3), (2, 5)]:
+        monkeypatch.setattr(plan_module, "_CHUNK", chunk)
+        scorer = CLIPScorer.from_models(tiny_models, batch_size=batch_size)
+        passes = _forward_passes(monkeypatch, scorer)
+        plan = build_plan(src, variants=2, seed=4, models=tiny_models, scorer=scorer)
+        assert passes == expected_passes, (chunk, batch_size)
+        results.append([v.to_row() for v in plan])
+    assert all(r == results[0] for r in results[1:])
+    # Each source's score is the one its block alone gives (an independent call per block).
+    scorer = CLIPScorer.from_models(tiny_models)
+    images = [item.load() for item in src.items]
+    labels = [item.label for item in src.items]
+    alone = np.concatenate([scorer.score(images[i : i + 2], labels[i : i + 2], src.class_names)
+                            for i in range(0, 5, 2)])
+    planned = {v.source: v.score for v in plan}
+    assert [planned[item.source] for item in src.items] == [round(float(x), 8) for x in alone]
