@@ -6,6 +6,7 @@ class and sample order, so dataset index ``i`` here is index ``i`` there.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -77,6 +78,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file fully and return it as RGB; errors name the file."""
     path = Path(path)
     if not path.is_file():
+        if _is_symlink_loop(path):
+            raise ImageError(f"cannot read image {path}: it is a symlink loop (the link points, directly or "
+                             "through other links, back to itself)")
         raise MissingFileError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
@@ -103,15 +107,77 @@ def image_sha256(img: Image.Image) -> str:
     return h.hexdigest()
 
 
+def _is_symlink_loop(path: Path) -> bool:
+    """True when ``path`` is a symbolic link that never resolves (it leads back to itself)."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def _has_image(folder: Path) -> bool:
+    for _, _, filenames in os.walk(folder):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in filenames):
+            return True
+    return False
+
+
 def find_classes(root: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
-    """Sorted class folders of ``root`` (torchvision's rule: every sub-folder is a class)."""
+    """Sorted class folders of ``root`` (torchvision's rule: every sub-folder is a class).
+
+    A hidden sub-folder (``.ipynb_checkpoints``) that holds images is an :class:`InputError`:
+    torchvision's ``ImageFolder`` counts it as a class, which shifts the labels of every class
+    after it, while a plan should not augment it. Remove or move it. Hidden folders without
+    images are skipped.
+    """
     root = Path(root)
     if not root.is_dir():
         raise MissingFileError(f"dataset folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    entries = [e for e in os.scandir(root) if e.is_dir()]
+    hidden = sorted(e.name for e in entries if e.name.startswith(".") and _has_image(Path(e.path)))
+    if hidden:
+        raise InputError(
+            f"hidden folder {root / hidden[0]} holds images: torchvision's ImageFolder counts it as a class "
+            "(shifting the labels of the classes after it) while it is not one; remove or move it"
+        )
+    classes = sorted(e.name for e in entries if not e.name.startswith("."))
     if not classes:
         raise MissingFileError(f"Couldn't find any class folder in {root}.")
     return classes, {c: i for i, c in enumerate(classes)}
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` in torchvision's order (``sorted(os.walk(followlinks=True))``).
+
+    Symlinked folders are followed, as torchvision does, but a link back to a folder that contains
+    it (``cat/loop -> .``) would list the same images again and again: it is an
+    :class:`InputError` naming the link. A file link that points back to itself is one too.
+    """
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = os.path.realpath(dirpath)
+        for d in dirnames:
+            link = os.path.join(dirpath, d)
+            if os.path.islink(link):
+                target = os.path.realpath(link)
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    raise InputError(f"symlink loop: {link} points to {target}, a folder that contains it; "
+                                     "remove the link")
+        walked.append((dirpath, filenames))
+    files = []
+    for dirpath, filenames in sorted(walked):
+        for fname in sorted(filenames):
+            if fname.lower().endswith(IMG_EXTENSIONS):
+                path = Path(dirpath) / fname
+                if _is_symlink_loop(path):
+                    raise InputError(f"symlink loop: {path} points back to itself; remove the link")
+                files.append(path)
+    return files
 
 
 def few_shot_indices(targets: Sequence[int], n_shot: int, seed: int) -> list[int]:
@@ -173,11 +239,7 @@ class ImageSource:
         items: list[SourceItem] = []
         for cls_name in classes:
             folder = root / cls_name
-            files = []
-            for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
-                for fname in sorted(filenames):
-                    if fname.lower().endswith(IMG_EXTENSIONS):
-                        files.append(Path(dirpath) / fname)
+            files = _walk_images(folder)
             if not files:
                 raise MissingFileError(
                     f"class folder {folder} holds no image file (looked for {', '.join(IMG_EXTENSIONS)})"

@@ -128,3 +128,60 @@ def test_from_dataset():
     assert src.items[2].load().getpixel((0, 0)) == (2, 0, 0)
     with pytest.raises(InputError, match="class_names"):
         ImageSource.from_dataset([(imgs[0], 0)])
+
+
+def test_symlinked_folders_are_followed_like_torchvision_but_loops_are_refused(tmp_path):
+    """Issue 11.12: ``cat/loop -> .`` made ``plan`` list 84 rows for 6 images."""
+    import os
+    import subprocess
+    import sys
+
+    from torchvision.datasets import ImageFolder
+
+    elsewhere = _write_folder(tmp_path / "elsewhere", {"more": ["m1.png", "m2.png"]})
+    root = _write_folder(tmp_path / "data", {"cat": ["1.png", "2.png", "3.png"], "dog": ["4.png", "5.png", "6.png"]})
+    os.symlink(elsewhere / "more", root / "dog" / "more")  # a link to another folder: followed, as torchvision does
+    src = ImageSource.from_folder(root)
+    assert [str(root / it.source) for it in src.items] == [p for p, _ in ImageFolder(root).samples]
+    assert len(src) == 8
+
+    os.symlink(".", root / "cat" / "loop")
+    with pytest.raises(InputError, match=r"symlink loop: .*cat/loop"):
+        ImageSource.from_folder(root)
+    proc = subprocess.run([sys.executable, "-m", "dalda_aug", "plan", "--data", str(root), "--out",
+                           str(tmp_path / "plan"), "--scaling", "fixed:0.5"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "symlink loop" in proc.stderr and "cat/loop" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "plan" / "plan.jsonl").exists()
+
+    os.remove(root / "cat" / "loop")
+    os.symlink(root.parent / "data" / "cat", root / "cat" / "up")  # a link to its own folder by absolute path
+    with pytest.raises(InputError, match=r"symlink loop: .*cat/up"):
+        ImageSource.from_folder(root)
+    os.remove(root / "cat" / "up")
+
+    selfie = root / "cat" / "self.png"
+    os.symlink(selfie, selfie)
+    with pytest.raises(InputError, match=r"symlink loop: .*self\.png points back to itself"):
+        ImageSource.from_folder(root)
+    with pytest.raises(ImageError, match=r"self\.png.*symlink loop"):
+        load_image(selfie)
+
+
+def test_hidden_class_folders(tmp_path):
+    """Issue 11.13: torchvision counts ``.ipynb_checkpoints`` as a class; a plan that skips it would
+    disagree with the dataset's labels, so a hidden folder holding images is named as the cause."""
+    from torchvision.datasets import ImageFolder
+
+    root = _write_folder(tmp_path, {"cat": ["1.png"], "dog": ["2.png"]})
+    (root / ".cache").mkdir()  # hidden, no image: skipped
+    (root / ".cache" / "notes.txt").write_text("x")
+    assert ImageSource.from_folder(root).classes == ["cat", "dog"]
+    (root / ".cache" / "notes.txt").unlink()
+    (root / ".cache").rmdir()
+    _write_folder(root, {".ipynb_checkpoints": ["1-checkpoint.png"]})
+    assert ImageFolder(root).classes[0] == ".ipynb_checkpoints"  # why it matters: labels shift
+    with pytest.raises(InputError, match=r"hidden folder .*\.ipynb_checkpoints holds images"):
+        ImageSource.from_folder(root)
