@@ -52,8 +52,27 @@ def _class_names(args) -> list[str]:
     return names
 
 
+def _preset(args):
+    if getattr(args, "preset", None) is None:
+        return None
+    from .presets import get_preset
+
+    return get_preset(args.preset)
+
+
+def _instruction(args):
+    from .prompts import Instruction
+
+    if getattr(args, "instruction_file", None) is not None:
+        return Instruction.from_file(args.instruction_file)
+    return Instruction.builtin(getattr(args, "instruction", None) or "default")
+
+
 def _description(args) -> str:
+    preset = _preset(args)
     if args.description_file is None:
+        if args.description is None:  # neither given: the preset's (Table 5), else none
+            return preset.description if preset is not None else ""
         return args.description
     file = Path(args.description_file)
     if not file.is_file():
@@ -79,6 +98,8 @@ def run(args) -> int:
 
     names = _class_names(args)
     description = _description(args)
+    preset = _preset(args)
+    instruction = _instruction(args)
     backend = parse_backend(
         args.llm,
         base_url=args.base_url,
@@ -114,6 +135,8 @@ def run(args) -> int:
             out=out,
             resume_from=resume,
             progress=not args.no_progress,
+            instruction=instruction,
+            llm_names=preset.llm_names(names) if preset is not None else None,
         )
     except IncompletePromptBankError as exc:
         print(f"dalda-aug prompts: {exc}", file=sys.stderr)
@@ -140,8 +163,22 @@ def register(subparsers) -> None:
     p.add_argument("-M", "--prompts-per-class", dest="m", type=int, default=10,
                    help="prompts per class (default 10)")
     desc = p.add_mutually_exclusive_group()
-    desc.add_argument("--description", default="", help="a description of the dataset for the LLM")
+    desc.add_argument("--description", default=None, help="a description of the dataset for the LLM")
     desc.add_argument("--description-file", help="a UTF-8 text file holding the dataset description")
+    p.add_argument("--preset", choices=("pets", "caltech101", "flowers102"), default=None,
+                   help="one of the paper's datasets: its Table 5 description (unless --description or "
+                        "--description-file is given) and, for caltech101, the class names the reference "
+                        "code shows the LLM (bass -> 'bass fish', faces -> 'face', faces easy -> "
+                        "'closed-up face'); sentences are still filed under the folder names")
+    ins = p.add_mutually_exclusive_group()
+    ins.add_argument("--instruction", choices=("default", "reference"), default="default",
+                     help="wording of the request: default (ours: adds a 30-word cap and asks for the class "
+                          "name exactly as written) or reference (only the reference code's asks); see "
+                          "docs/prompts.md")
+    ins.add_argument("--instruction-file", metavar="FILE",
+                     help="your own request text: placeholders {description} {classes} {n_classes} "
+                          "{requested} {n_requested} {notes} {example}; optional [system] / [user] lines "
+                          "split it into two messages (docs/prompts.md)")
     p.add_argument("--llm", required=True, metavar="BACKEND",
                    help="openai:MODEL (any OpenAI-compatible endpoint) | hf:MODEL_ID_OR_PATH (local "
                         "transformers chat model) | template[:TEMPLATE] (no LLM, default 'a photo of a {}')")

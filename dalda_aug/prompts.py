@@ -56,6 +56,11 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "CLIP_MAX_TOKENS",
     "DEFAULT_BASE_URL",
+    "INSTRUCTIONS",
+    "INSTRUCTION_PLACEHOLDERS",
+    "Instruction",
+    "OPENAI_SAMPLING",
+    "redact",
 ]
 
 PROMPTS_FORMAT = "dalda_aug.prompts/1"
@@ -398,6 +403,153 @@ def validate_prompt(
 
 
 # -- the request and the answer ------------------------------------------------------------
+INSTRUCTIONS = ("default", "reference")
+# Placeholders an instruction template may hold; each is replaced literally (other braces, such
+# as a JSON example, stay as written).
+INSTRUCTION_PLACEHOLDERS = {
+    "{description}": "the dataset description",
+    "{classes}": "the dataset's class list shown to the model, as a JSON list",
+    "{n_classes}": "how many classes {classes} holds",
+    "{requested}": "the classes this request asks a sentence for, as a JSON list",
+    "{n_requested}": "how many classes {requested} holds",
+    "{notes}": "why earlier sentences were rejected, one '- \"class\": reason' line each (empty in the first round)",
+    "{example}": "a JSON object with the first two requested classes as keys and '...' as values",
+}
+_ROLE_LINE = re.compile(r"^\[(system|user)\][ \t]*$", re.MULTILINE)
+
+# The reference code's instruction, reworded: its structure (an instruction part, then the data:
+# dataset description and class list, the answer a JSON object) and only its asks (one sentence
+# per class that fits the description, realistic view/colour/action/background/foreground/
+# environment details, no other class in it). No length cap, no "use the name exactly".
+_REFERENCE_TEMPLATE = """[system]
+Instructions:
+1. For each requested class, write a sentence describing an image centred on that class, in the setting of the dataset description.
+2. Keep what makes the class recognisable, and add elements beyond the class itself.
+3. Add details such as the viewpoint, colours, action, background, foreground and surroundings.
+4. Every added detail must suit the dataset description and be realistic.
+5. Write exactly one sentence for each requested class.
+
+A class's sentence must not include any other class of the dataset.
+
+Answer only with a JSON object, no other text, in this form:
+{
+    "class1": "sentence",
+    "class2": "sentence",
+    ...
+}
+[user]
+Dataset description:
+{description}
+
+Classes of the dataset ({n_classes}):
+{classes}
+
+Write one sentence for each of these {n_requested} classes: {requested}
+"""
+
+
+class Instruction:
+    """The text of a request for sentences: built in (``"default"``, ``"reference"``) or a
+    user's template (:meth:`from_file`).
+
+    A template is plain text with the placeholders of :data:`INSTRUCTION_PLACEHOLDERS`. Lines
+    ``[system]`` and ``[user]`` split it into a system and a user message; without them the
+    whole text is one user message. It must hold ``{requested}`` or ``{classes}``, so the model
+    learns which classes to write for. Each message is sent with the placeholders filled in and
+    the white space at its start and end removed.
+    """
+
+    def __init__(self, name: str, template: str | None = None):
+        self.name = name
+        self.template = template
+        if template is not None:
+            self.messages = self._split(template)
+
+    @staticmethod
+    def _split(template: str) -> list[tuple[str, str]]:
+        if "{requested}" not in template and "{classes}" not in template:
+            raise InputError("an instruction template must hold {requested} or {classes} (the classes to write for)")
+        marks = list(_ROLE_LINE.finditer(template))
+        if not marks:
+            return [("user", template.strip())]
+        if template[: marks[0].start()].strip():
+            raise InputError("an instruction template with [system]/[user] lines must start with one of them")
+        parts = []
+        for i, m in enumerate(marks):
+            end = marks[i + 1].start() if i + 1 < len(marks) else len(template)
+            parts.append((m.group(1), template[m.end() : end].strip()))
+        if not any(role == "user" and text for role, text in parts):
+            raise InputError("an instruction template needs a non-empty [user] part")
+        return [(role, text) for role, text in parts if text]
+
+    @classmethod
+    def builtin(cls, name: str) -> "Instruction":
+        """``"default"`` (ours, see docs/prompts.md) or ``"reference"``."""
+        if name == "default":
+            return cls("default")
+        if name == "reference":
+            return cls("reference", _REFERENCE_TEMPLATE)
+        raise InputError(f"unknown instruction {name!r}; choose one of {', '.join(INSTRUCTIONS)} or give a file")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Instruction":
+        """A template read from a UTF-8 text file (errors name the file)."""
+        file = Path(path)
+        if not file.is_file():
+            raise MissingFileError(f"instruction file not found: {file}")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"instruction file {file} is not UTF-8 text: {exc}") from None
+        try:
+            return cls(f"file:{file}", text)
+        except InputError as exc:
+            raise InputError(f"instruction file {file}: {exc}") from None
+
+    def describe(self) -> dict[str, Any]:
+        """What the prompt bank's provenance records."""
+        out: dict[str, Any] = {"instruction": self.name}
+        if self.template is not None and self.name != "reference":
+            out["instruction_text"] = self.template
+        return out
+
+    def render(
+        self,
+        description: str,
+        class_names: Sequence[str],
+        requested: Sequence[str],
+        notes: Mapping[str, str] | None = None,
+    ) -> list[dict[str, str]]:
+        dumps = lambda obj: json.dumps(obj, ensure_ascii=False)  # noqa: E731
+        values = {
+            "{description}": description.strip() or "(none given)",
+            "{classes}": dumps(list(class_names)),
+            "{n_classes}": str(len(class_names)),
+            "{requested}": dumps(list(requested)),
+            "{n_requested}": str(len(requested)),
+            "{notes}": "\n".join(f"- {dumps(n)}: {why}" for n, why in (notes or {}).items()),
+            "{example}": dumps({name: "..." for name in list(requested)[:2]}),
+        }
+        pattern = re.compile("|".join(re.escape(k) for k in values))
+        return [
+            {"role": role, "content": pattern.sub(lambda m: values[m.group(0)], text).strip()}
+            for role, text in (self.messages or [])
+        ]
+
+    def __repr__(self) -> str:
+        return f"Instruction({self.name!r})"
+
+
+def _as_instruction(instruction: "Instruction | str | None") -> Instruction:
+    if instruction is None:
+        return Instruction.builtin("default")
+    if isinstance(instruction, Instruction):
+        return instruction
+    if isinstance(instruction, str):
+        return Instruction.builtin(instruction)
+    raise InputError(f"instruction must be 'default', 'reference' or an Instruction, got {instruction!r}")
+
+
 _SYSTEM_MESSAGE = (
     "You write one-sentence image descriptions that serve as prompts for a text-to-image model. "
     "The images become extra training data for an image classifier, so every description shows "
@@ -411,13 +563,18 @@ def build_messages(
     requested: Sequence[str],
     notes: Mapping[str, str] | None = None,
     max_words: int = 30,
+    instruction: "Instruction | str | None" = None,
 ) -> list[dict[str, str]]:
     """The chat messages asking for one sentence for each class in ``requested``.
 
     ``class_names`` are the classes shown as the dataset's (all of them, or the chunk when the
     list is too long for one request); ``notes`` map a class to why its last sentence was
-    rejected, so the model can do better.
+    rejected, so the model can do better. ``instruction``: ``"default"`` (ours, below),
+    ``"reference"`` (the reference code's asks, reworded) or an :class:`Instruction`.
     """
+    chosen = _as_instruction(instruction)
+    if chosen.template is not None:
+        return chosen.render(description, class_names, requested, notes)
     dumps = lambda obj: json.dumps(list(obj), ensure_ascii=False)  # noqa: E731
     lines = [f"Dataset description: {description.strip() or '(none given)'}", ""]
     lines.append(f"Classes of the dataset ({len(class_names)}): {dumps(class_names)}")
@@ -513,6 +670,50 @@ class TemplateBackend:
 
 _AZURE_HOSTS = (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com")
 _RETRY_STATUS = {408, 409, 425, 429}
+# Table 4 of the paper / the reference's chat call: sent explicitly, as servers' defaults differ
+# (temperature is sent too, from the ``temperature`` argument, 1.0 by default).
+OPENAI_SAMPLING: dict[str, float] = {"top_p": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+_BEARER = re.compile(r"(?i)\b(bearer)(\s+|%20|\+)[^\s\"',;}\]]+")
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every ``secrets`` value and every ``Bearer <token>`` replaced by [REDACTED]."""
+    out = str(text)
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        out = out.replace(secret, REDACTED)
+        quoted = urllib.parse.quote(secret, safe="")
+        if quoted != secret:
+            out = out.replace(quoted, REDACTED)
+    return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", out)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the endpoint's origin; a redirect elsewhere would carry the
+    API key (urllib copies the ``Authorization`` header) to another host, so it is refused."""
+
+    def __init__(self, backend: "OpenAIChatBackend"):
+        self.backend = backend
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if _origin(target) != _origin(req.full_url):
+            fp.close()
+            raise BackendError(self.backend._redact(
+                f"chat endpoint {self.backend.endpoint} redirected (HTTP {code}) to another origin, "
+                f"{target}; refusing to send the API key there. Set --base-url to the address that "
+                "should receive it"
+            ))
+        if code in (307, 308) and req.get_method() == "POST":  # keeps method and body (RFC 9110)
+            return urllib.request.Request(target, data=req.data, headers=dict(req.headers), method="POST")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class OpenAIChatBackend:
@@ -570,6 +771,8 @@ class OpenAIChatBackend:
         self.max_delay = float(max_delay)
         self.json_mode = bool(json_mode)
         key = api_key if api_key is not None else os.environ.get(api_key_env)
+        self._secrets = (key,) if key else ()
+        self._opener = urllib.request.build_opener(_SameOriginRedirects(self))
         if not key and (host == "api.openai.com" or self.azure):
             raise InputError(f"no API key for {self.endpoint}: set the environment variable {api_key_env}")
         self._headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "dalda-aug"}
@@ -582,9 +785,14 @@ class OpenAIChatBackend:
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIChatBackend({self.model!r}, base_url={self.base_url!r})"
 
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key or any ``Bearer`` token (what a server may echo back)."""
+        return redact(text, self._secrets)
+
     def chat(self, messages: list[dict[str, str]], *, temperature: float = 1.0, max_tokens: int | None = None) -> str:
         """The assistant's answer to ``messages``. ``max_tokens`` is a hint this backend ignores."""
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature}
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
+                                **OPENAI_SAMPLING}
         if self.json_mode:
             body["response_format"] = {"type": "json_object"}
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -593,10 +801,10 @@ class OpenAIChatBackend:
             delay = min(self.max_delay, self.base_delay * 2**attempt)
             request = urllib.request.Request(self.endpoint, data=data, headers=self._headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with self._opener.open(request, timeout=self.timeout) as response:
                     raw = response.read()
             except urllib.error.HTTPError as exc:
-                detail = _http_error_detail(exc)
+                detail = self._redact(_http_error_detail(exc))
                 if exc.code not in _RETRY_STATUS and exc.code < 500:
                     raise BackendError(
                         f"chat endpoint {self.endpoint} refused the request: HTTP {exc.code} {detail}"
@@ -606,9 +814,9 @@ class OpenAIChatBackend:
                 if retry_after is not None:
                     delay = min(self.max_delay, retry_after)
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+                last_error = self._redact(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}")
             else:
-                return self._content(raw)
+                return self._redact(self._content(raw))
             if attempt < self.max_retries:
                 time.sleep(delay)
         raise BackendError(
@@ -617,6 +825,12 @@ class OpenAIChatBackend:
         )
 
     def _content(self, raw: bytes) -> str:
+        try:
+            return self._parse_content(raw)
+        except BackendError as exc:
+            raise BackendError(self._redact(str(exc))) from None
+
+    def _parse_content(self, raw: bytes) -> str:
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -725,7 +939,13 @@ class HFChatBackend:
             )
         if limit is not None:
             new_tokens = min(new_tokens, limit - n_prompt)
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        # Table 4: temperature 1, top-p 1, no frequency/presence penalty. Set explicitly, so a model's
+        # generation_config.json (often top_k 20-50, top_p < 1, a repetition penalty) is overridden.
+        sampling: dict[str, Any] = dict(top_k=None, top_p=None, min_p=None, typical_p=None, repetition_penalty=None)
+        if temperature > 0:
+            sampling.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            sampling.update(do_sample=False, temperature=None)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = torch.device(self.device)
         forked = [device.index or 0] if device.type == "cuda" else []
@@ -848,6 +1068,8 @@ def generate_prompt_bank(
     resume_from: "PromptBank | str | os.PathLike | None" = None,
     allow_short: bool = False,
     progress: bool = False,
+    instruction: "Instruction | str | None" = None,
+    llm_names: Mapping[str, str] | None = None,
 ) -> PromptBank:
     """Ask ``backend`` for ``m`` validated prompts per class; return the :class:`PromptBank`.
 
@@ -862,8 +1084,24 @@ def generate_prompt_bank(
     bank is written there atomically after every request and at the end. ``resume_from``: a
     bank (or its file) whose prompts are kept; only the missing ones are asked for.
     :class:`TemplateBackend` makes one prompt per class, without rounds.
+
+    ``instruction``: the request's wording, ``"default"``, ``"reference"`` or an
+    :class:`Instruction` (e.g. ``Instruction.from_file(path)``). ``llm_names``: ``{class name:
+    name shown to the LLM}`` for classes the LLM should see under another name (a preset's
+    :meth:`~dalda_aug.presets.DatasetPreset.llm_names`); sentences are checked against the
+    shown names and filed under the class names.
     """
     names = _check_class_names(class_names)
+    chosen = _as_instruction(instruction)
+    shown_name = {n: n for n in names}
+    if llm_names and not isinstance(backend, TemplateBackend):  # a template writes the class names
+        unknown = [n for n in llm_names if n not in shown_name]
+        if unknown:
+            raise InputError(f"llm_names holds classes that are not in the class list: {unknown[:10]}")
+        shown_name.update({n: str(v) for n, v in llm_names.items()})
+        _check_class_names(shown_name.values(), "the class names shown to the LLM")
+    real_name = {v: k for k, v in shown_name.items()}
+    names = [shown_name[n] for n in names]  # from here on, the names the LLM sees
     if int(m) != m or m < 1:
         raise InputError(f"m (prompts per class) must be an integer >= 1, got {m!r}")
     if int(chunk_size) != chunk_size or chunk_size < 1:
@@ -882,14 +1120,14 @@ def generate_prompt_bank(
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         previous = resume_from if isinstance(resume_from, PromptBank) else PromptBank.load(resume_from)
-        unknown = [c for c in previous.class_names if c not in prompts]
+        unknown = [c for c in previous.class_names if c not in shown_name]
         if unknown:
             where = f" in {resume_from}" if not isinstance(resume_from, PromptBank) else ""
             raise InputError(
                 f"the bank to resume{where} has classes that are not in the class list: {unknown[:10]}"
             )
         for name, items in previous.prompts.items():
-            prompts[name] = list(items)
+            prompts[shown_name[name]] = list(items)
         earlier = {k: v for k, v in previous.provenance.items() if k != "history"}
         history = list(previous.provenance.get("history", [])) + ([earlier] if earlier else [])
 
@@ -897,7 +1135,7 @@ def generate_prompt_bank(
     target = 1 if template else int(m)  # a template gives one prompt per class
     provenance: dict[str, Any] = {
         **backend.describe(),
-        **({} if template else {"temperature": temperature}),
+        **({} if template else {"temperature": temperature, **chosen.describe()}),
         "description": description,
         "date": _now(),
         "m": target,
@@ -906,6 +1144,8 @@ def generate_prompt_bank(
     }
     if history:
         provenance["history"] = history
+    if not template and shown_name != {n: n for n in shown_name}:
+        provenance["llm_names"] = {k: v for k, v in shown_name.items() if k != v}
     reasons: dict[str, list[str]] = {}  # every rejection, for the final report
     notes: dict[str, str] = {}  # why the last candidate of a class failed, told to the model
 
@@ -916,8 +1156,8 @@ def generate_prompt_bank(
         short = short_classes()
         prov = dict(provenance, date=_now(), complete=not short)
         if short:
-            prov["short"] = short
-        return PromptBank(prompts, prov)
+            prov["short"] = {real_name[n]: c for n, c in short.items()}
+        return PromptBank({real_name[n]: p for n, p in prompts.items()}, prov)
 
     def reject(name: str, why: str) -> None:
         reasons.setdefault(name, []).append(why)
@@ -957,7 +1197,8 @@ def generate_prompt_bank(
                 for start in range(0, len(wanted), chunk_size):
                     chunk = wanted[start : start + chunk_size]
                     shown = names if len(names) <= chunk_size else chunk
-                    messages = build_messages(description, shown, chunk, {n: notes[n] for n in chunk if n in notes})
+                    messages = build_messages(description, shown, chunk, {n: notes[n] for n in chunk if n in notes},
+                                              instruction=chosen)
                     answer = backend.chat(messages, temperature=temperature, max_tokens=64 + 60 * len(chunk))
                     provenance["requests"] += 1
                     try:
@@ -977,7 +1218,8 @@ def generate_prompt_bank(
             bar.close()
 
     bank = snapshot()
-    short = short_classes()
+    short = {real_name[n]: c for n, c in short_classes().items()}
+    reasons = {real_name[n]: r for n, r in reasons.items()}
     if out_path is not None:
         bank.save(out_path)
     if short and not allow_short:

@@ -1,7 +1,8 @@
 """A real chat-completions HTTP server on 127.0.0.1 for tests, answering from a script.
 
 It speaks the OpenAI protocol: ``POST /v1/chat/completions`` with a JSON body holding
-``model``, ``messages`` and ``temperature``; it answers
+``model``, ``messages`` and ``temperature`` (every body is kept in ``requests``, every request
+of any method in ``hits``); it answers
 ``{"choices": [{"message": {"role": "assistant", "content": ...}}]}``. Requests that break the
 protocol get HTTP 400/404, so a client bug fails the test instead of passing silently.
 
@@ -28,6 +29,8 @@ __all__ = [
     "per_class",
     "status",
     "stall",
+    "redirect",
+    "echo_auth",
 ]
 
 
@@ -43,10 +46,15 @@ class ChatRequest:
 
     @property
     def requested(self) -> list[str]:
-        """The classes this request asks sentences for (from the user message)."""
+        """The classes this request asks sentences for (from the user message): the list after
+        "each of these N classes:", else the last JSON list of strings in the message (a custom
+        instruction template)."""
         m = re.search(r"each of these \d+ classes: (\[.*\])", self.user_message)
-        assert m, f"no requested class list in: {self.user_message}"
-        return json.loads(m.group(1))
+        if m:
+            return json.loads(m.group(1))
+        lists = re.findall(r"\[\s*\"[^\[\]]*\]", self.user_message)
+        assert lists, f"no requested class list in: {self.user_message}"
+        return json.loads(lists[-1])
 
 
 @dataclass
@@ -106,6 +114,27 @@ def status(code: int, body: str = "", retry_after: float | None = None) -> Step:
     return lambda request: Response(code, payload, headers)
 
 
+def redirect(location: str, code: int = 302) -> Step:
+    """Answer with HTTP ``code`` and ``Location: location`` (e.g. another server's endpoint)."""
+    return lambda request: Response(code, b"", {"Location": location})
+
+
+def echo_auth(code: int = 200, as_error: bool = True) -> Step:
+    """Echo the request's ``Authorization`` (or ``api-key``) header back, as a hostile or buggy
+    server does: in an error body with HTTP ``code``, or (``as_error=False``) as the assistant's
+    message of a 200 answer."""
+
+    def step(request: ChatRequest) -> Response:
+        header = request.headers.get("authorization") or request.headers.get("api-key") or ""
+        if not as_error:
+            return _completion(f"Your header was {header}")
+        body = json.dumps({"error": {"message": f"invalid credentials: Authorization: {header}",
+                                     "received_headers": request.headers}}).encode()
+        return Response(code, body, {"Content-Type": "application/json"})
+
+    return step
+
+
 def stall(seconds: float, then: Step) -> Step:
     """Wait ``seconds`` before answering as ``then`` would (the client may have given up)."""
 
@@ -125,6 +154,8 @@ class ChatServer:
         self.default = default or status(500, "script exhausted")
         self.api_key = api_key
         self.requests: list[ChatRequest] = []
+        # Every HTTP request that reached the server, whatever its method: (method, path, headers).
+        self.hits: list[tuple[str, str, dict[str, str]]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -175,7 +206,16 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
 
+            def _hit(self) -> None:
+                with server._lock:
+                    server.hits.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+
+            def do_GET(self):
+                self._hit()
+                self._send(Response(405, b'{"error": {"message": "use POST"}}'))
+
             def do_POST(self):
+                self._hit()
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
                 if self.path.split("?")[0] != "/v1/chat/completions":

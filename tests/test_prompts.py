@@ -669,3 +669,216 @@ def test_default_tokenizer_is_built_once_offline(tmp_path, monkeypatch, clip_tok
     load_clip_tokenizer()
     assert (folder / "vocab.json").stat().st_mtime_ns == stamp
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name != "clip-tokenizer"]
+
+
+# -- fidelity to the paper and the reference code (issue 12) --------------------------------------
+def test_table4_sampling_is_sent_explicitly(clip_tok):
+    # Paper Table 4 / reference generate_prompt_by_LLM.py get_gpt_response(): temperature=1,
+    # top_p=1, frequency_penalty=0, presence_penalty=0.
+    with ChatServer([], default=per_class(good)) as server:
+        generate_prompt_bank(["cat", "dog"], backend_for(server), m=1, tokenizer=clip_tok)
+    body = server.requests[0].body
+    assert (body["temperature"], body["top_p"], body["frequency_penalty"], body["presence_penalty"]) == (1.0, 1.0, 0.0, 0.0)
+    raw = json.dumps(body)
+    assert '"top_p": 1.0' in raw and '"frequency_penalty": 0.0' in raw and '"presence_penalty": 0.0' in raw
+
+
+def test_hf_backend_samples_at_t1_top_p1_whatever_the_generation_config(tiny_chat_lm, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "lm"
+    shutil.copytree(tiny_chat_lm, folder)
+    # a model whose own generation config would sample almost greedily, with a repetition penalty
+    (folder / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.05, "top_k": 1, "top_p": 0.1, "repetition_penalty": 1.5,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    messages = [{"role": "user", "content": "A cat, please."}]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1].float()
+    probs = torch.softmax(logits, dim=-1)  # temperature 1, no top-k/top-p cut, no penalty
+    got, expected = [], []
+    for seed in range(6):
+        got.append(HFChatBackend(str(folder), max_new_tokens=1, seed=seed).chat(messages))
+        g = torch.Generator().manual_seed(seed)
+        token = int(torch.multinomial(probs, 1, generator=g))
+        expected.append(tok.decode([token], skip_special_tokens=True))
+    assert got == expected
+    assert len(set(got)) > 1  # top_k=1 from the model's config would give one token every time
+
+
+def test_reference_instruction_asks_only_what_the_reference_asks(clip_tok):
+    with ChatServer([], default=per_class(good)) as server:
+        bank = generate_prompt_bank(PETS, backend_for(server), m=1, description="Pet photos.", tokenizer=clip_tok,
+                                    instruction="reference")
+    assert bank.provenance["instruction"] == "reference"
+    system, user = (m["content"] for m in server.requests[0].body["messages"])
+    assert "one sentence" in system.lower() and "must not include any other class" in system
+    assert "JSON" in system
+    assert "30 words" not in system + user and "exactly as written" not in system + user
+    assert "Dataset description:\nPet photos." in user
+    assert json.dumps(PETS) in user  # the full class list, and the classes asked for
+    assert server.requests[0].requested == PETS
+
+
+def test_default_instruction_is_unchanged_and_recorded(clip_tok):
+    with ChatServer([], default=per_class(good)) as server:
+        bank = generate_prompt_bank(["cat", "dog"], backend_for(server), m=1, tokenizer=clip_tok)
+    assert "at most 30 words" in server.requests[0].user_message
+    assert bank.provenance["instruction"] == "default"
+
+
+def test_instruction_file_placeholders_and_roles(tmp_path, clip_tokenizer_dir):
+    text = ("[system]\nYou are terse. Output JSON like {\"class\": \"sentence\"}.\n[user]\n"
+            "About: {description}\nAll {n_classes}: {classes}\nNow {n_requested}: {requested}\n{notes}\n")
+    (tmp_path / "ins.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "c.txt").write_text("cat\nsea lion\n", encoding="utf-8")
+    out = tmp_path / "bank.json"
+    first = per_class(lambda n, call: good(n, call) if n == "cat" else "A cat and a sea lion.")
+    with ChatServer([first], default=per_class(good)) as server:
+        rc = run_cli("--classes", str(tmp_path / "c.txt"), "--out", str(out), "-M", "1", "--llm",
+                     "openai:test-model", "--base-url", server.base_url, "--retry-delay", "0.001",
+                     "--description", "Zoo photos.", "--instruction-file", str(tmp_path / "ins.txt"),
+                     "--tokenizer", str(clip_tokenizer_dir), "--no-progress")
+    assert rc == 0
+    # written out by hand from the file above
+    assert server.requests[0].body["messages"] == [
+        {"role": "system", "content": 'You are terse. Output JSON like {"class": "sentence"}.'},
+        {"role": "user", "content": 'About: Zoo photos.\nAll 2: ["cat", "sea lion"]\n'
+                                    'Now 2: ["cat", "sea lion"]'},
+    ]
+    assert server.requests[1].body["messages"][1]["content"] == (
+        'About: Zoo photos.\nAll 2: ["cat", "sea lion"]\nNow 1: ["sea lion"]\n'
+        "- \"sea lion\": it names another class: 'cat'")
+    prov = PromptBank.load(out).provenance
+    assert prov["instruction"] == f"file:{tmp_path / 'ins.txt'}" and prov["instruction_text"] == text
+    (tmp_path / "bad.txt").write_text("Describe the classes, please.", encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad\.txt.*\{requested\}"):
+        run_cli("--classes", str(tmp_path / "c.txt"), "--out", str(out), "--llm", "openai:m",
+                "--base-url", "http://127.0.0.1:1/v1", "--instruction-file", str(tmp_path / "bad.txt"))
+    with pytest.raises(MissingFileError, match="nope.txt"):
+        run_cli("--classes", str(tmp_path / "c.txt"), "--out", str(out), "--llm", "openai:m",
+                "--base-url", "http://127.0.0.1:1/v1", "--instruction-file", str(tmp_path / "nope.txt"))
+
+
+# The paper's Table 5, verbatim (also the reference's prompt_for_LLM/llm_prompt_1_user_*.txt).
+TABLE5 = {
+    "pets": "We have created a 37 category pet dataset with roughly 200 images for each class. The images "
+            "have a large variations in scale, pose and lighting.",
+    "caltech101": "Caltech101 dataset is pictures of objects belonging to 101 categories. About 40 to 800 images "
+                  "per category. Most categories have about 50 images. The size of each image is roughly "
+                  "300 x 200 pixels. We have carefully clicked outlines of each object in these pictures.",
+    "flowers102": "We have created a 102 category dataset, consisting of 102 flower categories. The flowers "
+                  "chosen to be flower commonly occuring in the United Kingdom. Each class consists of "
+                  "between 40 and 258 images.",
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TABLE5))
+def test_preset_supplies_the_table5_description(preset, tmp_path, clip_tokenizer_dir):
+    (tmp_path / "c.txt").write_text("cat\ndog\n", encoding="utf-8")
+    with ChatServer([], default=per_class(good)) as server:
+        rc = run_cli("--classes", str(tmp_path / "c.txt"), "--out", str(tmp_path / "b.json"), "-M", "1",
+                     "--llm", "openai:test-model", "--base-url", server.base_url, "--preset", preset,
+                     "--tokenizer", str(clip_tokenizer_dir), "--no-progress")
+    assert rc == 0
+    assert f"Dataset description: {TABLE5[preset]}\n" in server.requests[0].user_message
+    assert PromptBank.load(tmp_path / "b.json").provenance["description"] == TABLE5[preset]
+
+
+def test_caltech_preset_shows_the_references_llm_class_names(tmp_path, clip_tokenizer_dir):
+    # Reference: datasets/caltech101.py lists 'bass', 'faces', 'faces easy'; its LLM prompt file
+    # llm_prompt_1_user_caltech.txt shows 'bass fish', 'face', 'closed-up face' in their place.
+    data = tmp_path / "101_ObjectCategories"
+    for folder in ("accordion", "bass", "Faces", "Faces_easy"):
+        (data / folder).mkdir(parents=True)
+    out = tmp_path / "b.json"
+    with ChatServer([], default=per_class(good)) as server:
+        rc = run_cli("--data", str(data), "--out", str(out), "-M", "1", "--llm", "openai:test-model",
+                     "--base-url", server.base_url, "--preset", "caltech101", "--instruction", "reference",
+                     "--tokenizer", str(clip_tokenizer_dir), "--no-progress")
+    assert rc == 0
+    shown = ["Faces", "Faces easy", "accordion", "bass"]  # find_classes sorts the folders
+    llm = ["face", "closed-up face", "accordion", "bass fish"]
+    assert server.requests[0].requested == llm
+    assert TABLE5["caltech101"] in server.requests[0].user_message
+    bank = PromptBank.load(out)
+    assert bank.class_names == shown
+    assert {n: bank[n] for n in shown} == {n: [good(s, 1)] for n, s in zip(shown, llm)}
+    assert bank.provenance["llm_names"] == {"Faces": "face", "Faces easy": "closed-up face", "bass": "bass fish"}
+
+
+# -- the API key never leaves in a message, a log or a file (issue 11, points 2 and 3) -------------
+KEY = "sk-live-Zx81-very-secret"
+
+
+@pytest.mark.parametrize("code", [401, 500])
+def test_echoed_key_is_redacted_from_errors(code, monkeypatch, capsys, tmp_path):
+    from dalda_aug.cli import main
+    from llm_server import echo_auth
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    (tmp_path / "c.txt").write_text("cat\n", encoding="utf-8")
+    with ChatServer([], default=echo_auth(code)) as server:
+        rc = main(["prompts", "--classes", str(tmp_path / "c.txt"), "--out", str(tmp_path / "b.json"),
+                   "--llm", "openai:test-model", "--base-url", server.base_url, "--retry-delay", "0.001",
+                   "--max-retries", "1", "--no-progress"])
+        assert server.requests[0].headers["authorization"] == f"Bearer {KEY}"  # the server did see it
+    err = capsys.readouterr().err
+    assert rc == 2 and f"HTTP {code}" in err and err.count("\n") == 1
+    assert KEY not in err and "Bearer sk-" not in err and "[REDACTED]" in err
+    assert not (tmp_path / "b.json").exists() or KEY not in (tmp_path / "b.json").read_text()
+
+
+def test_echoed_key_in_a_200_error_body_or_answer_is_redacted(tmp_path, clip_tok):
+    from llm_server import echo_auth
+
+    with ChatServer([], default=echo_auth(200)) as server:
+        with pytest.raises(BackendError) as info:
+            backend_for(server, api_key=KEY).chat([{"role": "user", "content": "hi"}])
+    assert "answered with an error" in str(info.value) and KEY not in str(info.value)
+    assert "[REDACTED]" in str(info.value)
+    # a 200 answer whose text carries the header: the key reaches neither the bank file nor the report
+    out = tmp_path / "bank.json"
+    with ChatServer([], default=echo_auth(200, as_error=False)) as server:
+        with pytest.raises(IncompletePromptBankError) as info:
+            generate_prompt_bank(["cat"], backend_for(server, api_key=KEY), m=1, max_rounds=1, tokenizer=clip_tok,
+                                 out=out)
+    assert KEY not in str(info.value) and KEY not in out.read_text(encoding="utf-8")
+    assert KEY not in json.dumps(info.value.reasons)
+
+
+def test_redact_bearer_values_and_the_key():
+    from dalda_aug.prompts import redact
+
+    assert redact(f"Authorization: Bearer abc.def-123 and {KEY}", [KEY]) == \
+        "Authorization: Bearer [REDACTED] and [REDACTED]"
+    assert redact('{"h": "bearer xyz"}') == '{"h": "bearer [REDACTED]"}'
+
+
+def test_cross_origin_redirect_is_refused_without_sending_the_key(monkeypatch):
+    from llm_server import redirect
+
+    with ChatServer([], default=reply("stolen")) as other:
+        with ChatServer([], default=redirect(other.endpoint, 302)) as server:
+            backend = backend_for(server, api_key=KEY)
+            with pytest.raises(BackendError, match="redirected .*another origin") as info:
+                backend.chat([{"role": "user", "content": "hi"}])
+            assert len(server.requests) == 1
+        assert other.hits == []  # nothing, and so no Authorization header, reached the other origin
+    assert other.endpoint in str(info.value) and KEY not in str(info.value)
+
+
+def test_same_origin_redirect_is_followed(monkeypatch):
+    from llm_server import redirect
+
+    with ChatServer([], default=reply("ok")) as server:
+        server.script = [redirect(server.endpoint + "?moved=1", 307)]
+        assert backend_for(server, api_key=KEY).chat([{"role": "user", "content": "hi"}]) == "ok"
+        assert [r.path for r in server.requests] == ["/v1/chat/completions", "/v1/chat/completions?moved=1"]
+        assert server.requests[1].headers["authorization"] == f"Bearer {KEY}"
