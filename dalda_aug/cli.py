@@ -70,6 +70,7 @@ def _run_plan(args) -> int:
         prompts=prompts,
         models=models,
         scorer=scorer,
+        base_prompt_names=args.class_names,
     )
     out = plan.save(args.out)
     s = plan.summary
@@ -109,6 +110,9 @@ def register(subparsers) -> None:
     p.add_argument("--ags-mode", choices=("truncnorm", "clip"), default="truncnorm",
                    help="truncnorm: the paper's truncated normal (default); clip: the reference code's clipped normal")
     p.add_argument("--prompts", default=None, help="prompt bank JSON (dalda-aug prompts); default 'a photo of a {class}'")
+    p.add_argument("--class-names", choices=("readable", "folder"), default="readable",
+                   help="class name in the base prompt 'a photo of a {class}': readable (american bulldog, the "
+                        "paper) or folder (american_bulldog, as the reference code writes it)")
     p.add_argument("--models", default=None, help="models JSON (see ModelConfig); default: the paper's hub models")
     p.add_argument("--score-kind", choices=("softmax", "cosine"), default="softmax")
     p.add_argument("--device", default="cpu", help="torch device for CLIP scoring (default cpu)")

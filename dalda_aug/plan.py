@@ -230,12 +230,12 @@ def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, 
     }
 
 
-def _class_prompts(prompts, class_name: str) -> list[str]:
+def _class_prompts(prompts, class_name: str, base_name: str | None = None) -> list[str]:
     if prompts is None:
-        return [BASE_TEMPLATE.format(class_name)]
+        return [BASE_TEMPLATE.format(base_name if base_name is not None else class_name)]
     if class_name not in prompts:
         raise InputError(f"the prompt bank has no prompts for class {class_name!r}")
-    found = [str(p).replace("{name}", class_name) for p in prompts[class_name]]
+    found = [str(p).replace("{name}", base_name if base_name is not None else class_name) for p in prompts[class_name]]
     if not found:
         raise InputError(f"the prompt bank has an empty prompt list for class {class_name!r}")
     return found
@@ -253,6 +253,7 @@ def build_plan(
     scorer=None,
     scores: Sequence[float] | None = None,
     progress: bool | None = None,
+    base_prompt_names: str = "readable",
 ) -> AugmentationPlan:
     """Plan ``variants`` synthetic images per real image.
 
@@ -270,7 +271,14 @@ def build_plan(
         models: where the CLIP model lives (``ModelConfig()`` by default); recorded in the plan.
         scorer: a :class:`~dalda_aug.clipscore.CLIPScorer` (built from ``models`` if omitted).
         scores: precomputed CLIPScores, one per source image (skips the scorer).
+        base_prompt_names: the class name written into the base prompt (and into a prompt
+            bank's ``{name}`` placeholders): ``"readable"`` ("a photo of a american bulldog",
+            the paper's text) or ``"folder"`` (the folder name as is, "a photo of a
+            american_bulldog", as the reference code writes it). CLIPScores always use the
+            readable names.
     """
+    if base_prompt_names not in ("readable", "folder"):
+        raise InputError(f"base_prompt_names must be 'readable' or 'folder', got {base_prompt_names!r}")
     if int(variants) != variants or variants < 1:
         raise InputError(f"variants must be an integer >= 1, got {variants!r}")
     if not isinstance(scaling, Scaling):
@@ -341,7 +349,8 @@ def build_plan(
         n = n_shot if n_shot is not None else per_class[item.label]
         lam_rng = np.random.default_rng(derive_seed(seed, sha, 0, "lambda"))
         lams = sample_scales(np.full(variants, score), n, lam_rng, scaling)
-        options = _class_prompts(prompts, name)
+        options = _class_prompts(prompts, name,
+                                 source.classes[item.label] if base_prompt_names == "folder" else None)
         order = np.random.default_rng(derive_seed(seed, sha, 0, "prompts")).permutation(len(options))
         for k in range(variants):
             rows.append(Variant(
@@ -367,6 +376,7 @@ def build_plan(
         "data_root": source.root,
         "classes": source.classes,
         "class_names": class_names,
-        "prompts": provenance if prompts is not None else {"backend": "template", "template": BASE_TEMPLATE},
+        "prompts": provenance if prompts is not None else {"backend": "template", "template": BASE_TEMPLATE,
+                                                           "class_names": base_prompt_names},
     }
     return AugmentationPlan(rows, config)
