@@ -4,8 +4,9 @@ Registered into the main parser by :func:`register`; the work is done by
 :func:`dalda_aug.warm.warm` and :class:`dalda_aug.cache.SyntheticCache`.
 
 The generation settings (``--models``, ``--steps``, ``--size``, ``--guidance-scale``,
-``--scheduler``, ``--dtype``) decide the cache keys: give ``cache stats --plan`` the same ones
-as ``warm``.
+``--scheduler``, ``--dtype``) decide the cache keys. ``warm`` records them in the cache folder,
+so the reading commands (``cache stats|export``, ``metrics``, ``inspect``) need none of them;
+given, they win over the recorded spec.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import json
 import socket
 
-__all__ = ["register", "spec_from_args", "add_spec_arguments"]
+__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan"]
 
 
 def add_spec_arguments(parser, *, plan_required: bool) -> None:
@@ -26,7 +27,7 @@ def add_spec_arguments(parser, *, plan_required: bool) -> None:
     parser.add_argument("--size", type=int, default=None, help="output height and width in pixels (default 512)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default 7.5)")
     parser.add_argument("--scheduler", default=None, help="ddim (default) or dpmsolver++")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
 
 
 def spec_from_args(args, plan=None):
@@ -51,7 +52,25 @@ def spec_from_args(args, plan=None):
     if args.scheduler is not None:
         changes["scheduler"] = args.scheduler
     config = dataclasses.replace(GenerationConfig(), **changes)
-    return GenerationSpec(models, config, args.dtype)
+    return GenerationSpec(models, config, args.dtype or "float32")
+
+
+def spec_given(args) -> bool:
+    """Whether any generation option of :func:`add_spec_arguments` was given."""
+    return any(getattr(args, name, None) is not None
+               for name in ("models", "steps", "size", "guidance_scale", "scheduler", "dtype"))
+
+
+def cache_for_plan(args, plan):
+    """The cache ``args.cache`` (must exist) bound to the spec of ``plan``'s images: the one the
+    options give, else the one ``warm`` recorded in the folder."""
+    from .cache import SyntheticCache, open_cache_dir
+
+    open_cache_dir(args.cache)
+    if spec_given(args):
+        return SyntheticCache(args.cache, spec_from_args(args, plan))
+    cache = SyntheticCache(args.cache)
+    return cache.with_spec(cache.resolve_spec(plan))
 
 
 def _load_plan(path):
@@ -132,9 +151,10 @@ def _run_warm(args) -> int:
 def _cache_for_reading(args, plan=None):
     from .cache import SyntheticCache, open_cache_dir
 
+    if plan is not None:
+        return cache_for_plan(args, plan)
     open_cache_dir(args.cache)
-    spec = spec_from_args(args, plan) if plan is not None else None
-    return SyntheticCache(args.cache, spec)
+    return SyntheticCache(args.cache)
 
 
 def _run_stats(args) -> int:
@@ -186,8 +206,9 @@ def register(subparsers) -> None:
     p.add_argument("--cache", required=True, help="cache folder")
     p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
-    p.add_argument("--format", choices=("png", "webp", "raw"), default="png",
-                   help="lossless image encoding: png (default), webp, or raw (2x the disk, fastest to read)")
+    p.add_argument("--format", choices=("lz4", "png", "webp", "raw"), default="lz4",
+                   help="lossless image encoding: lz4 (default; fastest to read in training), png, webp "
+                        "(smallest), or raw (uncompressed)")
     p.add_argument("--shard", default=None,
                    help=f"cache shard name (default <host>-<rank>, e.g. {socket.gethostname()}-0)")
     p.add_argument("--verify", action="store_true",

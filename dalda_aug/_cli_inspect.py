@@ -1,7 +1,7 @@
 """``dalda-aug metrics`` and ``dalda-aug inspect``: measure and look at what a plan produced.
 
-Both read a plan and a cache; the generation options (``--models``, ``--steps``, ``--size``,
-...) must be the ones ``warm`` used, since they decide the cache keys.
+Both read a plan and a cache. The generation options (``--models``, ``--steps``, ``--size``,
+...) decide the cache keys; without them the spec ``warm`` recorded in the cache folder is used.
 """
 
 from __future__ import annotations
@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._cli_cache import add_spec_arguments, spec_from_args
+from ._cli_cache import add_spec_arguments, cache_for_plan
 from .errors import InputError
 
 __all__ = ["register"]
 
 
 def _open(args):
-    from .cache import SyntheticCache, open_cache_dir
     from .plan import AugmentationPlan
 
     plan = AugmentationPlan.load(args.plan)
-    open_cache_dir(args.cache)
-    return plan, SyntheticCache(args.cache, spec_from_args(args, plan))
+    return plan, cache_for_plan(args, plan)
 
 
 def _source_loader(plan):
@@ -54,7 +52,7 @@ def _run_metrics(args) -> int:
             variants[source], sources[source], labels[source] = images, load_source(source), vs[0].label
     if not variants:
         raise InputError(f"none of the plan's images are in the cache {args.cache}; run `dalda-aug warm` first")
-    scorer = CLIPScorer.from_models(spec_from_args(args, plan).models, device=args.device)
+    scorer = CLIPScorer.from_models(cache.spec.models, device=args.device)
     store = EmbeddingStore(scorer, Path(args.cache) / "embeddings")
     lpips_net = None if args.no_lpips else load_lpips(args.device, random_backbone=args.lpips_random)
     report = diversity_metrics(variants, sources, labels, plan.class_names, scorer, lpips_net=lpips_net,

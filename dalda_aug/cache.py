@@ -9,9 +9,15 @@ files). It holds one entry per generated image:
   source-image content hash. Changing any of them gives a new key, so nothing stale is ever
   served; the n-shot setting and dataset indices are not part of it, so the images of a
   1-shot run are reused by the 2-shot run.
-* the **value** is the image, encoded losslessly as PNG, WebP or raw RGB, behind a small header with
-  JSON metadata (λ, prompt, seed, CLIPScore, model fingerprint, size, a CRC-32 of the
-  encoded bytes).
+* the **value** is the image, encoded losslessly (by default LZ4-compressed raw RGB, the
+  fastest to decode; PNG, WebP or uncompressed raw RGB on request) behind a small header
+  with JSON metadata (λ, prompt, seed, CLIPScore, model fingerprint, size, a CRC-32 of the
+  encoded bytes). Entries of every format stay readable whatever the cache's current format.
+
+The cache describes itself: :func:`~dalda_aug.warm.warm` records in ``CACHE/specs/`` the
+:class:`GenerationSpec` it wrote with and for which plan (:meth:`SyntheticCache.record_spec`),
+so ``SyntheticCache(directory)`` with no spec finds the plan's images
+(:meth:`SyntheticCache.resolve_spec`); an explicit spec still wins.
 
 Guarantees:
 
@@ -79,12 +85,21 @@ __all__ = [
     "is_network_filesystem",
     "open_cache_dir",
     "IMAGE_FORMATS",
+    "DEFAULT_IMAGE_FORMAT",
+    "plan_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
 
 KEY_FORMAT = "dalda_aug.cache/1"
-IMAGE_FORMATS = ("png", "webp", "raw")
+IMAGE_FORMATS = ("lz4", "png", "webp", "raw")
+# The format new entries are written in unless told otherwise: LZ4-compressed raw RGB decodes
+# in ~0.2 ms at 512x512 (PNG: ~10 ms), so a training epoch at p = 0.5 costs about as much as
+# one on the real JPEGs (benchmarks/bench_dataset.py), still lossless.
+DEFAULT_IMAGE_FORMAT = "lz4"
+# Spec records written by warm: CACHE/specs/<spec fingerprint>-<plan fingerprint>.json.
+SPECS_DIR = "specs"
+SPEC_RECORD_FORMAT = "dalda_aug.cache-spec/1"
 SHARD_PREFIX = "shard-"
 # Entry layout: magic (8 bytes), layout version (1 byte), metadata length (4 bytes, big
 # endian), metadata (UTF-8 JSON), encoded image.
@@ -128,13 +143,14 @@ class GenerationSpec:
     dtype: Any = "float32"
 
     def __post_init__(self) -> None:
-        from .generation import GenerationConfig, _dtype_name
+        from .generators import GenerationConfig, GeneratorConfig, dtype_name as _dtype_name
 
         if not isinstance(self.models, ModelConfig):
             raise InputError(f"GenerationSpec.models must be a ModelConfig, got {type(self.models).__name__}")
         config = self.config if self.config is not None else GenerationConfig()
-        if not isinstance(config, GenerationConfig):
-            raise InputError(f"GenerationSpec.config must be a GenerationConfig, got {type(config).__name__}")
+        if not isinstance(config, GeneratorConfig):
+            raise InputError(f"GenerationSpec.config must be a generator config (GenerationConfig, "
+                             f"RealGuidanceConfig, DAFusionConfig, ...), got {type(config).__name__}")
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
 
@@ -155,23 +171,58 @@ class GenerationSpec:
         return variant_key(self.fingerprint, variant.prompt, variant.lam, variant.seed, variant.source_sha256)
 
     def make_generator(self, device: Any = "cpu"):
-        """A (not yet loaded) generator for this spec: an
-        :class:`~dalda_aug.generation.IPAdapterGenerator`, or a
-        :class:`~dalda_aug.real_guidance.RealGuidanceGenerator` for a Real Guidance config."""
-        from .generation import GenerationConfig, IPAdapterGenerator
+        """A (not yet loaded) generator for this spec: the one registered for the config's class
+        (:func:`~dalda_aug.generators.register_generator`; e.g. ``GenerationConfig`` ->
+        :class:`~dalda_aug.generation.IPAdapterGenerator`)."""
+        from .generators import generator_class_for
 
-        cls = IPAdapterGenerator
-        if type(self.config) is not GenerationConfig:  # a subclass: maybe another method
-            from .real_guidance import RealGuidanceConfig, RealGuidanceGenerator
-
-            if isinstance(self.config, RealGuidanceConfig):
-                cls = RealGuidanceGenerator
+        cls = generator_class_for(self.config)
         return cls(self.models, self.config, device=device, dtype=self.dtype)
 
     def describe(self) -> str:
         c = self.config
         return (f"{c.width}x{c.height}, {c.num_inference_steps} {c.scheduler} steps, CFG {c.guidance_scale:g}, "
                 f"{self.dtype}, fingerprint {self.fingerprint}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (models, config class and fields, dtype, fingerprint)."""
+        import dataclasses
+
+        config_cls = type(self.config)
+        return {
+            "fingerprint": self.fingerprint,
+            "models": self.models.to_dict(),
+            "config_class": f"{config_cls.__module__}:{config_cls.__qualname__}",
+            "config": dataclasses.asdict(self.config),
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> "GenerationSpec":
+        """Rebuild a spec written by :meth:`to_dict` (``where`` names the source in errors)."""
+        import dataclasses
+        import importlib
+
+        try:
+            module_name, _, qualname = str(data.get("config_class", "dalda_aug.generation:GenerationConfig")).partition(":")
+            if not module_name.startswith("dalda_aug"):
+                raise InputError(f"{where}: config class {module_name}:{qualname} is not a dalda_aug class")
+            config_cls = getattr(importlib.import_module(module_name), qualname)
+            known = {f.name for f in dataclasses.fields(config_cls)}
+            config = config_cls(**{k: v for k, v in dict(data.get("config") or {}).items() if k in known})
+            return cls(ModelConfig.from_dict(data["models"]), config, data.get("dtype", "float32"))
+        except DaldaError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, ImportError) as exc:
+            raise InputError(f"{where}: not a readable generation spec ({type(exc).__name__}: {exc})") from None
+
+
+def plan_fingerprint(plan: Any) -> str:
+    """A short hash of what a plan asks to generate (each variant's source hash, prompt, λ,
+    seed), independent of generation settings: names the plan in a cache's spec records."""
+    rows = sorted(json.dumps([v.source_sha256, v.prompt, float(v.lam), int(v.seed)], ensure_ascii=False)
+                  for v in plan)
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()[:16]
 
 
 def variant_key(fingerprint: str, prompt: str, lam: float, seed: int, source_sha256: str) -> str:
@@ -207,13 +258,16 @@ class GeneratorFactory:
 # ------------------------------------------------------------------------------------------
 # entry encoding
 # ------------------------------------------------------------------------------------------
-def encode_entry(image, metadata: dict[str, Any], image_format: str = "png", *, png_compress_level: int = 1) -> bytes:
+def encode_entry(image, metadata: dict[str, Any], image_format: str = DEFAULT_IMAGE_FORMAT, *,
+                 png_compress_level: int = 1) -> bytes:
     """Encode ``image`` losslessly behind a header holding ``metadata``.
 
-    ``image_format``: ``"png"``, ``"webp"`` (lossless) or ``"raw"`` (the 8-bit RGB pixels,
-    uncompressed: ~2x the bytes of PNG, but decoding is a copy instead of ~9 ms of PNG
-    inflating and unfiltering per 512x512 image). ``width``, ``height``, ``format``,
-    ``nbytes`` and ``crc32`` (of the encoded image) are added to the metadata.
+    ``image_format``: ``"lz4"`` (default: the 8-bit RGB pixels compressed with LZ4's block
+    format; ~0.9 of the raw bytes on photos, decoded in ~0.2 ms per 512x512 image), ``"png"``,
+    ``"webp"`` (lossless; the smallest, slowest to decode) or ``"raw"`` (the pixels,
+    uncompressed: decoding is a copy instead of ~9 ms of PNG inflating and unfiltering).
+    ``width``, ``height``, ``format``, ``nbytes`` and ``crc32`` (of the encoded image) are
+    added to the metadata.
     """
     from .data import to_rgb
 
@@ -227,6 +281,9 @@ def encode_entry(image, metadata: dict[str, Any], image_format: str = "png", *, 
     elif image_format == "webp":  # lossless; quality/method are the compression effort (least: ~5x faster
         rgb.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)  # than the default, ~10 % bigger)
         payload = buf.getvalue()
+    elif image_format == "lz4":
+        lz4_block = require("lz4.block", "generate", "lz4")
+        payload = lz4_block.compress(rgb.tobytes(), mode="default", store_size=False)
     else:
         payload = rgb.tobytes()
     meta = dict(metadata)
@@ -266,6 +323,18 @@ def decode_entry(blob: Any, key: str | None = None):
         if not isinstance(width, int) or not isinstance(height, int) or len(payload) != 3 * width * height:
             raise CorruptEntryError(f"raw entry holds {len(payload)} bytes, not 3 x {width} x {height}")
         return Image.frombytes("RGB", (width, height), payload), meta
+    if meta.get("format") == "lz4":
+        width, height = meta.get("width"), meta.get("height")
+        if not isinstance(width, int) or not isinstance(height, int) or width < 1 or height < 1:
+            raise CorruptEntryError(f"lz4 entry has a bad size {width} x {height}")
+        lz4_block = require("lz4.block", "generate", "lz4")
+        try:
+            pixels = lz4_block.decompress(payload, uncompressed_size=3 * width * height)
+        except Exception as exc:  # lz4.block.LZ4BlockError
+            raise CorruptEntryError(f"lz4 entry does not decompress: {exc}") from None
+        if len(pixels) != 3 * width * height:
+            raise CorruptEntryError(f"lz4 entry holds {len(pixels)} pixel bytes, not 3 x {width} x {height}")
+        return Image.frombytes("RGB", (width, height), pixels), meta
     try:
         with Image.open(io.BytesIO(payload)) as img:
             img.load()
@@ -340,13 +409,14 @@ class SyntheticCache:
 
     Args:
         directory: the cache folder (created on first write); holds ``shard-*/`` sub-folders.
-        spec: the generation settings this cache serves; needed to turn plan variants into
-            keys (:meth:`key`, ``variant`` arguments). Low-level methods take keys and work
-            without it.
-        image_format: ``"png"`` (default), ``"webp"`` or ``"raw"``, all lossless (see
+        spec: the generation settings this cache serves; they turn plan variants into keys
+            (:meth:`key`, ``variant`` arguments). ``None`` (default): the spec ``warm``
+            recorded in the folder (:meth:`resolve_spec`) — the only one, or the one recorded
+            for the plan in use. Low-level methods take keys and need no spec.
+        image_format: ``"lz4"`` (default), ``"png"``, ``"webp"`` or ``"raw"``, all lossless (see
             :func:`encode_entry`); used for new entries, entries in any format are read.
-            ``"raw"`` takes about twice the disk of PNG and is the one fast enough for a
-            training epoch with p = 0.5 to cost about as much as one on the real JPEGs.
+            ``"lz4"`` is fast enough for a training epoch with p = 0.5 to cost about as much as
+            one on the real JPEGs; ``"png"`` and ``"webp"`` take less disk.
         shard: name of the shard this process writes to (``CACHE/shard-<shard>/``); default
             :func:`default_shard_name` (``<host>-<rank>``).
         journal_mode: SQLite journal of the shards: ``"wal"`` (local disks), ``"delete"``
@@ -357,8 +427,7 @@ class SyntheticCache:
 
     Example::
 
-        spec = GenerationSpec(models, GenerationConfig(), "float16")
-        cache = SyntheticCache("cache/", spec)
+        cache = SyntheticCache("cache/")    # the spec warm recorded; or SyntheticCache("cache/", spec)
         for variant in plan:
             if variant not in cache: ...
         entry = cache.get(plan[0])          # CachedImage or None
@@ -369,7 +438,7 @@ class SyntheticCache:
         directory: str | os.PathLike,
         spec: GenerationSpec | None = None,
         *,
-        image_format: str = "png",
+        image_format: str = DEFAULT_IMAGE_FORMAT,
         shard: str | None = None,
         journal_mode: str | None = None,
         timeout: float = 60.0,
@@ -395,6 +464,7 @@ class SyntheticCache:
         self._journal_mode = journal_mode
         #: Corrupt entries this process found and removed.
         self.corrupt_removed = 0
+        self._recorded: list[tuple[GenerationSpec, str | None]] | None = None
         self._reset_handles()
 
     # -- per-process state ------------------------------------------------------------------
@@ -412,12 +482,13 @@ class SyntheticCache:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_pid", "_handles", "_known", "_scanned_at", "_network"):
+        for name in ("_pid", "_handles", "_known", "_scanned_at", "_network", "_recorded"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._recorded = None
         self._reset_handles()
 
     def __repr__(self) -> str:
@@ -485,11 +556,95 @@ class SyntheticCache:
         for name in self._scan(force_scan):
             yield name, self._open(name)
 
+    # -- the generation specs the cache describes itself with --------------------------------
+    def record_spec(self, plan: Any = None, spec: GenerationSpec | None = None) -> Path:
+        """Record in ``CACHE/specs/`` that images of ``plan`` are (being) written with ``spec``
+        (default: this cache's); :func:`~dalda_aug.warm.warm` calls it. One small JSON file
+        per (spec, plan), written atomically: concurrent warmers writing the same record are
+        safe, and copying ``specs/`` along with the shards merges caches."""
+        spec = spec if spec is not None else self.spec
+        if spec is None:
+            raise InputError("record_spec needs a GenerationSpec (this cache has none)")
+        record: dict[str, Any] = {"format": SPEC_RECORD_FORMAT, "spec": spec.to_dict(), "plan": None}
+        plan_fp = "any"
+        if plan is not None:
+            plan_fp = plan_fingerprint(plan)
+            record["plan"] = {"fingerprint": plan_fp, "images": len(plan),
+                              "data_root": getattr(plan, "data_root", None)}
+        folder = self.directory / SPECS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{spec.fingerprint}-{plan_fp}.json"
+        tmp = folder / f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp"
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        self._recorded = None
+        return path
+
+    def recorded_specs(self, plan: Any = None) -> list[GenerationSpec]:
+        """The specs recorded in the cache folder (by fingerprint), or those recorded for ``plan``."""
+        records = self._read_records()
+        wanted = plan_fingerprint(plan) if plan is not None else None
+        found: dict[str, GenerationSpec] = {}
+        for spec, plan_fp in records:
+            if wanted is None or plan_fp == wanted:
+                found.setdefault(spec.fingerprint, spec)
+        return list(found.values())
+
+    def _read_records(self) -> list[tuple[GenerationSpec, str | None]]:
+        if getattr(self, "_recorded", None) is None:
+            records = []
+            folder = self.directory / SPECS_DIR
+            for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+                try:
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise InputError(f"{path}: unreadable spec record ({exc}); delete it and rerun warm") from None
+                if not isinstance(data, dict) or data.get("format") != SPEC_RECORD_FORMAT:
+                    raise InputError(f"{path}: not a spec record of format {SPEC_RECORD_FORMAT!r}")
+                spec = GenerationSpec.from_dict(data.get("spec") or {}, str(path))
+                plan = data.get("plan") or {}
+                records.append((spec, plan.get("fingerprint") if isinstance(plan, dict) else None))
+            self._recorded = records
+        return self._recorded
+
+    def resolve_spec(self, plan: Any = None) -> GenerationSpec:
+        """The spec to read ``plan``'s images with: this cache's explicit spec; else the only
+        one recorded in the folder; else the one recorded for ``plan``; else an
+        :class:`~dalda_aug.errors.InputError` listing what the folder holds."""
+        if self.spec is not None:
+            return self.spec
+        specs = self.recorded_specs()
+        if len(specs) == 1:
+            return specs[0]
+        if not specs:
+            where = "does not exist" if not self.directory.is_dir() else "records no generation spec"
+            raise InputError(
+                f"the cache folder {self.directory} {where}: give the spec the images were made with "
+                "(SyntheticCache(dir, GenerationSpec(...))) or fill the folder with `dalda-aug warm`")
+        if plan is not None:
+            mine = self.recorded_specs(plan)
+            if len(mine) == 1:
+                return mine[0]
+        listing = "; ".join(s.describe() for s in specs)
+        if plan is None:
+            why = "and no plan says which one to use"
+        else:
+            why = f"and {'several' if self.recorded_specs(plan) else 'none'} of them are recorded for this plan"
+        raise InputError(
+            f"the cache folder {self.directory} holds images of {len(specs)} generation specs ({listing}) {why}: "
+            "pass the spec explicitly (SyntheticCache(dir, spec))")
+
+    def with_spec(self, spec: GenerationSpec) -> "SyntheticCache":
+        """The same cache folder and settings, serving ``spec``."""
+        if not isinstance(spec, GenerationSpec):
+            raise InputError(f"spec must be a GenerationSpec, got {type(spec).__name__}")
+        return SyntheticCache(self.directory, spec, image_format=self.image_format, shard=self.shard,
+                              journal_mode=self._journal_mode, timeout=self.timeout,
+                              png_compress_level=self.png_compress_level)
+
     # -- keys -----------------------------------------------------------------------------
     def _require_spec(self) -> GenerationSpec:
-        if self.spec is None:
-            raise InputError("this SyntheticCache has no GenerationSpec: give spec= to turn plan variants into keys")
-        return self.spec
+        return self.resolve_spec()
 
     def key(self, variant: Any) -> str:
         """Cache key of a plan variant (needs :attr:`spec`); a ``str`` key is returned as is."""
@@ -670,14 +825,15 @@ class SyntheticCache:
             "corrupt_removed": corrupt,
         }
         if plan is not None:
-            plan_keys = {self.key(v) for v in plan}
+            spec = self.resolve_spec(plan)
+            plan_keys = {spec.key(v) for v in plan}
             covered = len(plan_keys & keys)
             result["plan"] = {
                 "images": len(plan_keys),
                 "cached": covered,
                 "missing": len(plan_keys) - covered,
                 "coverage": covered / len(plan_keys) if plan_keys else 1.0,
-                "fingerprint": self._require_spec().fingerprint,
+                "fingerprint": spec.fingerprint,
             }
         return result
 
@@ -694,7 +850,8 @@ class SyntheticCache:
         classes = list(plan.config.get("classes") or []) if plan is not None else []
         wanted = None
         if plan is not None:
-            wanted = {self.key(v) for v in plan}
+            spec = self.resolve_spec(plan)
+            wanted = {spec.key(v) for v in plan}
         columns = ["path", "key", "class", "label", "class_name", "source", "variant", "prompt", "lambda",
                    "seed", "score", "width", "height", "generation_fingerprint", "model_fingerprint"]
         rows = []

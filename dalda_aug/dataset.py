@@ -3,20 +3,36 @@
 DALDA's training recipe: with probability ``p`` an item is replaced by one of its M planned
 variants, chosen uniformly; the label and the train transform stay the same. The wrapper
 follows torchvision's dataset contract (``(sample, target)``, ``classes``, ``class_to_idx``,
-``targets``, ``transform``/``target_transform``) and can stand in for the base dataset in any
-training loop::
+``targets``, ``transform``/``target_transform``) and stands in for the base dataset in any
+training loop, with no glue::
 
     base = torchvision.datasets.ImageFolder("data/pets-1shot")          # transform=None
-    cache = SyntheticCache("cache/", GenerationSpec(models, GenerationConfig(), "float16"))
+    cache = SyntheticCache("cache/")                                    # the spec warm recorded
     train = SyntheticAugmentedDataset(base, plan, cache, p=0.5, transform=train_tf, on_miss="real")
     for epoch in range(50):
-        train.set_epoch(epoch)
         for x, y in DataLoader(train, batch_size=32, shuffle=True, num_workers=8): ...
 
-Reproducibility: whether item ``i`` is synthetic and which variant it gets are a hash of
-``(seed, epoch, i)`` — no global RNG — so the choices are the same with 0, 2 or 8 DataLoader
-workers and differ between epochs. The epoch lives in a shared-memory tensor, so
-:meth:`set_epoch` reaches persistent DataLoader workers too.
+Choices: every access of an item is a fresh seeded draw (real, or which variant). The n-th
+access of item ``i`` is a hash of ``(seed, n, i)`` — no global RNG — counted per item in shared
+memory, so the choices change from epoch to epoch with no ``set_epoch`` call (Lightning,
+samplers that only get ``sampler.set_epoch``, timm's multi-epoch loader), repeated draws of an
+item within an epoch (sampling with replacement) are independent, and the choices do not depend
+on the number of DataLoader workers (persistent or not, fork or spawn). :meth:`set_epoch` is
+optional and pins epoch ``e`` exactly: it resets the counts, the first access of each item is
+then the draw of epoch ``e`` — the same as epoch ``e`` of a run through epochs 0..e that drew
+each item once per epoch, with or without ``set_epoch`` — and further accesses within the epoch
+are fresh draws of their own. Under DDP each rank counts its own accesses; a rank other than 0
+adds its rank to the draws that are not an epoch's first, so ranks never repeat each other.
+
+Base datasets: torchvision ``ImageFolder``/``DatasetFolder`` (and ``Subset`` of them), timm
+``ImageDataset`` (file paths from its reader), Hugging Face ``datasets`` image folders (dict
+items with ``image``/``label``; paths from the image column), or any dataset of
+``(image, label)`` with ``source_ids=`` naming each item's plan source (plans made from an
+in-memory dataset use indices).
+
+At construction the dataset checks every planned source's pixels against the plan's content
+hash (a changed file is an :class:`~dalda_aug.errors.InputError`) and measures how much of the
+plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
 
 Misses (a chosen variant not in the cache), by ``on_miss``:
 
@@ -36,8 +52,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import warnings
+import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -55,23 +74,76 @@ class CacheMissError(DaldaError, LookupError):
     """A chosen synthetic variant is not in the cache and ``on_miss="error"``."""
 
 
-def source_ids(dataset: Any) -> list[Any]:
+# ------------------------------------------------------------------------------------------
+# base datasets
+# ------------------------------------------------------------------------------------------
+def _is_hf_dataset(dataset: Any) -> bool:
+    return type(dataset).__module__.split(".")[0] == "datasets" and hasattr(dataset, "features")
+
+
+def _hf_columns(dataset: Any) -> tuple[str, str]:
+    """The image and label columns of a Hugging Face dataset."""
+    import datasets
+
+    features = dataset.features
+    image = next((name for name, f in features.items() if isinstance(f, datasets.Image)), None)
+    label = next((name for name, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    image = image or next((n for n in ("image", "img") if n in features), None)
+    label = label or next((n for n in ("label", "labels") if n in features), None)
+    if image is None or label is None:
+        raise InputError(f"the Hugging Face dataset has columns {list(features)}; SyntheticAugmentedDataset needs "
+                         "an image column (datasets.Image) and a label column")
+    return image, label
+
+
+def _timm_reader(dataset: Any) -> Any:
+    reader = getattr(dataset, "reader", None) or getattr(dataset, "parser", None)  # timm < 0.8: .parser
+    return reader if reader is not None and hasattr(reader, "filenames") else None
+
+
+def _describe_ids(dataset: Any, root: str | os.PathLike | None = None) -> tuple[list[Any], str]:
+    """``(source id of every item, what they are)``; see :func:`source_ids`."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner, what = _describe_ids(dataset.dataset, root)
+        return [inner[int(i)] for i in dataset.indices], what
+    samples = getattr(dataset, "samples", None)
+    base_root = getattr(dataset, "root", None)
+    if samples is not None and base_root is not None:
+        base_root = os.path.abspath(os.fspath(base_root))
+        ids = [Path(os.path.relpath(os.path.abspath(path), base_root)).as_posix() for path, *_ in samples]
+        return ids, f"{type(dataset).__name__} file paths relative to its root {base_root}"
+    reader = _timm_reader(dataset)
+    if reader is not None:
+        ids = [Path(name).as_posix() for name in reader.filenames(basename=False, absolute=False)]
+        return ids, f"timm {type(reader).__name__} file paths relative to its root {getattr(reader, 'root', '?')}"
+    if _is_hf_dataset(dataset):
+        import datasets
+
+        image_col, _ = _hf_columns(dataset)
+        column = dataset.cast_column(image_col, datasets.Image(decode=False))[image_col]
+        paths = [item.get("path") if isinstance(item, dict) else None for item in column]
+        if all(paths):
+            base = os.path.abspath(os.fspath(root)) if root else None
+            ids = []
+            for path in paths:
+                path = os.path.abspath(path)
+                inside = base is not None and (path == base or path.startswith(base.rstrip(os.sep) + os.sep))
+                ids.append(Path(os.path.relpath(path, base)).as_posix() if inside else Path(path).as_posix())
+            return ids, ("Hugging Face image paths" + (f" relative to the plan's data_root {base}" if base else ""))
+    return list(range(len(dataset))), "item indices (the dataset lists no file paths; pass source_ids=)"
+
+
+def source_ids(dataset: Any, root: str | os.PathLike | None = None) -> list[Any]:
     """Plan source id of every item of ``dataset``.
 
-    Folder datasets (torchvision ``ImageFolder``/``DatasetFolder``: ``samples`` and ``root``)
-    give each file's POSIX path relative to the root, as :func:`~dalda_aug.plan.build_plan`
-    records it; a ``torch.utils.data.Subset`` maps through its indices; any other dataset
+    torchvision ``ImageFolder``/``DatasetFolder`` (``samples`` and ``root``) give each file's
+    POSIX path relative to the root, as :func:`~dalda_aug.plan.build_plan` records it; timm
+    ``ImageDataset`` gives its reader's root-relative file names; a Hugging Face ``datasets``
+    image dataset gives its image files' paths, relative to ``root`` (the plan's ``data_root``)
+    when inside it; a ``torch.utils.data.Subset`` maps through its indices; any other dataset
     gives its indices.
     """
-    if isinstance(dataset, torch.utils.data.Subset):
-        inner = source_ids(dataset.dataset)
-        return [inner[int(i)] for i in dataset.indices]
-    samples = getattr(dataset, "samples", None)
-    root = getattr(dataset, "root", None)
-    if samples is not None and root is not None:
-        root = os.path.abspath(os.fspath(root))
-        return [Path(os.path.relpath(os.path.abspath(path), root)).as_posix() for path, *_ in samples]
-    return list(range(len(dataset)))
+    return _describe_ids(dataset, root)[0]
 
 
 def _base_targets(dataset: Any) -> list[int] | None:
@@ -79,7 +151,14 @@ def _base_targets(dataset: Any) -> list[int] | None:
         inner = _base_targets(dataset.dataset)
         return None if inner is None else [inner[int(i)] for i in dataset.indices]
     targets = getattr(dataset, "targets", None)
-    return None if targets is None else [int(t) for t in targets]
+    if targets is not None:
+        return [int(t) for t in targets]
+    reader = _timm_reader(dataset)
+    if reader is not None and getattr(reader, "samples", None) is not None:
+        return [int(t) for _, t, *_ in reader.samples]
+    if _is_hf_dataset(dataset):
+        return [int(t) for t in dataset[_hf_columns(dataset)[1]]]
+    return None
 
 
 def _base_attr(dataset: Any, name: str) -> Any:
@@ -92,27 +171,80 @@ def _base_attr(dataset: Any, name: str) -> Any:
         return None
 
 
+def _base_class_to_idx(dataset: Any) -> dict[str, int] | None:
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    mapping = getattr(dataset, "class_to_idx", None)
+    if mapping is None:
+        reader = _timm_reader(dataset)
+        mapping = getattr(reader, "class_to_idx", None) if reader is not None else None
+    if mapping is None and _is_hf_dataset(dataset):
+        names = getattr(dataset.features[_hf_columns(dataset)[1]], "names", None)
+        mapping = {name: i for i, name in enumerate(names)} if names else None
+    return dict(mapping) if mapping is not None else None
+
+
+def _unwrap(dataset: Any) -> Any:
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------
+# per-item draw counts shared by every process of one training job
+# ------------------------------------------------------------------------------------------
+def _unlink_lock(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _process_rank(hint: int | None) -> int:
+    """This process's distributed rank: torch.distributed's, else the one seen when the dataset
+    was sent to this worker, else ``$RANK``, else 0."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:  # pragma: no cover - a broken process group: fall back
+        pass
+    if hint is not None:
+        return int(hint)
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 class SyntheticAugmentedDataset(Dataset):
     """Replace each item of ``base``, with probability ``p``, by one of its planned variants.
 
     Args:
-        base: the real dataset, giving ``(PIL image, label)``; typically a torchvision
-            ``ImageFolder`` (or a ``Subset`` of one) created *without* a transform — the
-            wrapper applies ``transform`` to real and synthetic images alike.
-        plan: an :class:`~dalda_aug.plan.AugmentationPlan` (or its folder). Item ``i`` maps
-            to the plan source ``base.samples[i][0]`` relative to ``base.root`` for folder
-            datasets, else to ``i``. Items absent from the plan are always real.
-        cache: a :class:`~dalda_aug.cache.SyntheticCache` with the
-            :class:`~dalda_aug.cache.GenerationSpec` the images were (or will be) made with.
-        p: probability that an item is synthetic (0 gives exactly the base's items).
+        base: the real dataset, created *without* a transform (the wrapper applies
+            ``transform`` to real and synthetic images alike): torchvision ``ImageFolder`` /
+            ``DatasetFolder`` (or a ``Subset``), timm ``ImageDataset``, a Hugging Face
+            ``datasets`` image dataset (dict items with an image and a label column), or any
+            dataset of ``(PIL image, label)``.
+        plan: an :class:`~dalda_aug.plan.AugmentationPlan` (or its folder). Items absent from
+            the plan are always real.
+        cache: a :class:`~dalda_aug.cache.SyntheticCache`; without a spec, the one ``warm``
+            recorded in its folder for this plan is used (an explicit spec wins).
+        p: probability that an access is synthetic (0 gives exactly the base's items).
         transform, target_transform: applied to the image and the label of every item.
         on_miss: ``"generate"``, ``"wait"``, ``"real"`` or ``"error"`` (see module doc).
         generator: for ``"generate"``: an ``IPAdapterGenerator`` or a zero-argument factory
             returning one; default a CPU generator built from the cache's spec.
         seed: seed of the substitution choices.
+        source_ids: the plan source of every item of ``base`` (default :func:`source_ids`:
+            file paths for folder, timm and Hugging Face datasets, else indices).
         pool: a :class:`~dalda_aug.pool.GeneratorPool` (or its handle) for ``"wait"`` and
             ``"real"``; also settable later with :meth:`attach_pool`.
         wait_timeout: seconds ``"wait"`` waits for one image.
+
+    Raises:
+        InputError: bad arguments, an item shape other than ``(image, label)`` or an
+            image/label dict, no item of ``base`` in the plan, labels that disagree with the
+            plan, or a planned source whose pixels changed since planning.
     """
 
     def __init__(
@@ -121,15 +253,16 @@ class SyntheticAugmentedDataset(Dataset):
         plan: Any,
         cache: SyntheticCache,
         p: float = 0.5,
-        transform: Callable | None = None,
-        target_transform: Callable | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[Any], Any] | None = None,
         on_miss: str = "generate",
         generator: Any = None,
         seed: int = 0,
         *,
+        source_ids: Sequence[Any] | None = None,
         pool: Any = None,
         wait_timeout: float = 600.0,
-    ):
+    ) -> None:
         from .plan import AugmentationPlan
 
         if isinstance(plan, (str, os.PathLike)):
@@ -138,8 +271,6 @@ class SyntheticAugmentedDataset(Dataset):
             raise InputError(f"plan must be an AugmentationPlan or a plan folder, got {type(plan).__name__}")
         if not isinstance(cache, SyntheticCache):
             raise InputError(f"cache must be a SyntheticCache, got {type(cache).__name__}")
-        if cache.spec is None:
-            raise InputError("the cache needs a GenerationSpec (SyntheticCache(dir, spec)) to find the plan's images")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
             raise InputError(f"p must be a probability in [0, 1], got {p!r}")
         if on_miss not in ON_MISS:
@@ -148,24 +279,25 @@ class SyntheticAugmentedDataset(Dataset):
             raise InputError(f"seed must be an integer >= 0, got {seed!r}")
         if wait_timeout <= 0:
             raise InputError(f"wait_timeout must be > 0, got {wait_timeout!r}")
+        if type(base).__name__ in ("DatasetDict", "IterableDatasetDict"):
+            raise InputError("the base is a Hugging Face DatasetDict: pick a split (dataset['train'])")
         for attr in ("transform", "target_transform"):
             if _base_attr(base, attr) is not None:
                 raise InputError(
                     f"the base dataset has a {attr}; create it with {attr}=None and give the {attr} to "
                     "SyntheticAugmentedDataset, which applies it to real and synthetic items alike"
                 )
+        inner = _unwrap(base)
+        self._hf_columns: tuple[str, str] | None = None
+        if _is_hf_dataset(inner):
+            if (getattr(inner, "format", None) or {}).get("type") is not None:
+                raise InputError("the Hugging Face base dataset has a format or transform set (set_format / "
+                                 "with_transform); give the transform to SyntheticAugmentedDataset instead")
+            self._hf_columns = _hf_columns(inner)
         if generator is not None and not (hasattr(generator, "generate") or callable(generator)):
             raise InputError(f"generator must be an IPAdapterGenerator or a factory, got {type(generator).__name__}")
-        if generator is not None and hasattr(generator, "generate") and hasattr(generator, "models"):
-            theirs = GenerationSpec.of(generator).fingerprint
-            if theirs != cache.spec.fingerprint:
-                raise InputError(
-                    f"the generator's settings (fingerprint {theirs}) differ from the cache's spec "
-                    f"({cache.spec.fingerprint}): its images would not match their cache keys"
-                )
 
         self.base = base
-        self.cache = cache
         self.p = float(p)
         self.transform = transform
         self.target_transform = target_transform
@@ -176,21 +308,25 @@ class SyntheticAugmentedDataset(Dataset):
         self._generator_pid: int | None = None
         self._built = None  # the generator a factory made in this process
         self._pool = None
-        if pool is not None:
-            self.attach_pool(pool)
         self._plan_repr = repr(plan)
-        # The epoch is shared memory: set_epoch() reaches persistent DataLoader workers.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        n = len(base)
+        if n > 0:
+            self._check_item_shape()
 
-        # Per item: the variants it may become (plan order) and their cache keys.
-        ids = source_ids(base)
-        if len(ids) != len(base):
-            raise InputError(f"the base dataset has {len(base)} items but lists {len(ids)} samples")
+        # -- which plan source each item is ---------------------------------------------------
+        if source_ids is not None:
+            ids = list(source_ids)
+            looked_for = "the source_ids= given"
+            if len(ids) != n:
+                raise InputError(f"source_ids= lists {len(ids)} ids for a base dataset of {n} items")
+        else:
+            ids, looked_for = _describe_ids(base, plan.data_root)
+            if len(ids) != n:
+                raise InputError(f"the base dataset has {n} items but lists {len(ids)} samples")
         targets = _base_targets(base)
         self._targets = targets
         by_source = plan.by_source()
-        self._options: list[tuple[Any, ...]] = []
-        self._keys: list[tuple[str, ...]] = []
+        options: list[tuple[Any, ...]] = []
         matched = 0
         for index, source in enumerate(ids):
             variants = tuple(by_source.get(source, ()))
@@ -201,16 +337,123 @@ class SyntheticAugmentedDataset(Dataset):
                         f"item {index} ({source!r}) has label {targets[index]} in the dataset but "
                         f"{variants[0].label} ({variants[0].class_name!r}) in the plan: do they list classes alike?"
                     )
-            self._options.append(variants)
-            self._keys.append(tuple(cache.spec.key(v) for v in variants))
+            options.append(variants)
         if matched == 0 and self.p > 0:
+            example = next(iter(by_source), None)
             raise InputError(
-                f"none of the {len(ids)} items of the base dataset is a source of the plan "
-                f"({len(by_source)} sources, e.g. {next(iter(by_source), None)!r}; the dataset's first "
-                f"item is {ids[0] if ids else None!r}): is it the dataset the plan was made from?"
+                f"none of the {n} items of the base dataset is a source of the plan: looked for {looked_for} "
+                f"(the first is {ids[0] if ids else None!r}) among the plan's {len(by_source)} sources "
+                f"(e.g. {example!r}, data_root {plan.data_root!r}); is it the dataset the plan was made from? "
+                "Otherwise pass source_ids= with each item's plan source"
             )
+        self._options = options
         #: Number of base items that have planned variants.
         self.num_augmentable = matched
+        self._ids = ids
+        self._root = getattr(_unwrap(base), "root", None) or getattr(_timm_reader(_unwrap(base)), "root", None) \
+            or plan.data_root
+
+        # -- the cache and its spec -------------------------------------------------------------
+        spec = cache.spec
+        missing_folder = not cache.directory.is_dir()
+        if spec is None and self.p > 0 and not (missing_folder and on_miss == "real"):
+            spec = cache.resolve_spec(plan)  # InputError naming the folder and what it holds
+        if spec is not None and cache.spec is None:
+            cache = cache.with_spec(spec)
+        self.cache = cache
+        if generator is not None and spec is not None and hasattr(generator, "generate") \
+                and hasattr(generator, "models"):
+            theirs = GenerationSpec.of(generator).fingerprint
+            if theirs != spec.fingerprint:
+                raise InputError(
+                    f"the generator's settings (fingerprint {theirs}) differ from the cache's spec "
+                    f"({spec.fingerprint}): its images would not match their cache keys"
+                )
+        self._keys: list[tuple[str, ...]] = [
+            tuple(spec.key(v) for v in variants) if spec is not None else () for variants in options]
+        if pool is not None:
+            self.attach_pool(pool)
+
+        self.planned_variants = sum(len(v) for v in options)
+        self.cached_variants: int | None = None  # measured below when p > 0
+        if self.p > 0 and matched:
+            self._check_sources()
+            self._measure_coverage(plan, missing_folder)
+
+        # -- shared draw state: reaches DataLoader workers (fork or spawn, persistent or not) ----
+        # -1: set_epoch never called; else the pinned epoch.
+        self._epoch = torch.full((), -1, dtype=torch.int64).share_memory_()
+        # Accesses of each item since construction or the last set_epoch.
+        self._draws = torch.zeros(max(n, 1), dtype=torch.int64).share_memory_()
+        fd, self._lock_path = tempfile.mkstemp(prefix="dalda-aug-draws-", suffix=".lock")
+        os.close(fd)
+        weakref.finalize(self, _unlink_lock, self._lock_path, os.getpid())
+        self._rank_hint: int | None = None
+        self._reset_process_state()
+
+    # -- construction checks ------------------------------------------------------------------------
+    def _check_item_shape(self) -> None:
+        item = self.base[0]
+        if isinstance(item, dict):
+            if self._hf_columns is None or not all(c in item for c in self._hf_columns):
+                raise InputError(
+                    f"item 0 of the base dataset is a dict with keys {sorted(item)}; SyntheticAugmentedDataset "
+                    "understands (image, label) pairs and Hugging Face image datasets (image and label columns)")
+            image = item[self._hf_columns[0]]
+        elif isinstance(item, (tuple, list)) and len(item) >= 2:
+            image = item[0]
+        else:
+            raise InputError(
+                f"item 0 of the base dataset is a {type(item).__name__}; SyntheticAugmentedDataset needs "
+                "(image, label) pairs or dicts with image and label (Hugging Face datasets)")
+        if not hasattr(image, "mode") or not hasattr(image, "convert"):
+            raise InputError(
+                f"item 0 of the base dataset holds a {type(image).__name__} where a PIL image belongs: create "
+                "the base dataset without a transform and give the transform to SyntheticAugmentedDataset")
+
+    def _describe_item(self, index: int) -> str:
+        source = self._ids[index]
+        if isinstance(source, str) and os.path.isabs(source):
+            return source
+        if isinstance(source, str) and self._root is not None:
+            return os.path.join(os.fspath(self._root), source)
+        return f"item {index} ({source!r})"
+
+    def _check_sources(self) -> None:
+        """Every planned source's pixels against the plan's content hash."""
+        for index, variants in enumerate(self._options):
+            if variants:
+                image = to_rgb(self._base_item(index)[0], self._describe_item(index))
+                if image_sha256(image) != variants[0].source_sha256:
+                    raise InputError(
+                        f"{self._describe_item(index)} changed since the plan was made (its pixels no longer match "
+                        "the plan's content hash): re-plan with `dalda-aug plan`, or restore the file")
+
+    def _measure_coverage(self, plan: Any, missing_folder: bool) -> None:
+        planned = {key for keys in self._keys for key in keys}
+        present = set() if missing_folder else self.cache.keys()
+        self.cached_variants = len(planned & present)
+        if self.on_miss != "real" or (planned and self.cached_variants == len(planned)):
+            return
+        effect = ("items whose chosen variant is missing are served real (on_miss='real'), so fewer than "
+                  f"p={self.p:g} of the items are synthetic")
+        if missing_folder:
+            warnings.warn(f"the cache folder {self.cache.directory} does not exist: {effect}; warm it with "
+                          "`dalda-aug warm`", UserWarning, stacklevel=3)
+            return
+        spec = self.cache.spec
+        held = []
+        variants = [v for vs in self._options for v in vs]
+        for other in self.cache.recorded_specs():
+            count = len({other.key(v) for v in variants} & present)
+            held.append(f"{other.describe()} ({count} of these variants)")
+        holds = "; ".join(held) if held else "no recorded spec"
+        warnings.warn(
+            f"{self.cached_variants}/{len(planned)} synthetic variants of the plan are cached in "
+            f"{self.cache.directory} under the spec in use ({spec.describe() if spec else None}); the cache "
+            f"holds {len(present)} images, specs: {holds}. {effect[0].upper() + effect[1:]}. Warm the cache "
+            "(`dalda-aug warm`) or use the spec it was warmed with (SyntheticCache(directory) reads it).",
+            UserWarning, stacklevel=3)
 
     # -- torchvision dataset contract -----------------------------------------------------------
     def __len__(self) -> int:
@@ -218,25 +461,31 @@ class SyntheticAugmentedDataset(Dataset):
 
     @property
     def classes(self) -> list[str] | None:
-        return _base_attr(self.base, "classes")
+        classes = _base_attr(self.base, "classes")
+        if classes is None:
+            mapping = _base_class_to_idx(self.base)
+            classes = sorted(mapping, key=mapping.__getitem__) if mapping is not None else None
+        return classes
 
     @property
     def class_to_idx(self) -> dict[str, int] | None:
-        return _base_attr(self.base, "class_to_idx")
+        return _base_class_to_idx(self.base)
 
     @property
     def targets(self) -> list[int]:
         if self._targets is None:
-            self._targets = [int(self.base[i][1]) for i in range(len(self.base))]
+            self._targets = [int(self._base_item(i)[1]) for i in range(len(self.base))]
         return self._targets
 
     def __repr__(self) -> str:
+        root = self._root
         lines = [
             f"Number of datapoints: {len(self)} ({self.num_augmentable} with synthetic variants)",
-            f"Base: {type(self.base).__name__}" + (f" at {self.base.root}" if hasattr(self.base, "root") else ""),
+            f"Base: {type(self.base).__name__}" + (f" at {root}" if root else ""),
             f"Plan: {self._plan_repr}",
             f"Cache: {self.cache!r}",
-            f"p={self.p}, on_miss={self.on_miss!r}, seed={self.seed}, epoch={self.epoch}"
+            f"p={self.p}, on_miss={self.on_miss!r}, seed={self.seed}, "
+            + (f"epoch={self.epoch} (pinned)" if self.epoch is not None else "epoch not pinned")
             + (f", pool={self._pool!r}" if self._pool is not None else ""),
         ]
         if self.transform is not None:
@@ -247,49 +496,100 @@ class SyntheticAugmentedDataset(Dataset):
 
     # -- randomness ---------------------------------------------------------------------------
     @property
-    def epoch(self) -> int:
-        return int(self._epoch.item())
+    def epoch(self) -> int | None:
+        """The epoch pinned by :meth:`set_epoch`, or None if it was never called."""
+        value = int(self._epoch.item())
+        return None if value < 0 else value
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose substitution choices to use (call before each epoch)."""
+        """Pin epoch ``epoch``: the next access of each item gets that epoch's draw (optional;
+        without it every access is a fresh draw all the same)."""
         if isinstance(epoch, bool) or int(epoch) != epoch or epoch < 0:
             raise InputError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self._epoch.fill_(int(epoch))
+        with self._locked():
+            self._epoch.fill_(int(epoch))
+            self._draws.zero_()
 
     def variants_for(self, index: int) -> tuple[Any, ...]:
         """The plan variants item ``index`` may be replaced by."""
         return self._options[index]
 
-    def choose(self, index: int, epoch: int | None = None):
-        """The variant that replaces item ``index`` in ``epoch`` (default: the current one), or None."""
-        position = self._position(index, epoch)
+    def choose(self, index: int, epoch: int | None = None, draw: int = 0) -> Any:
+        """The variant (or None: real) of access number ``draw`` (0 = the first) of item ``index``
+        in epoch ``epoch`` (default: the pinned epoch, else 0), as :meth:`__getitem__` would pick
+        it on rank 0. Pure: consumes no draw."""
+        if epoch is None:
+            epoch = self.epoch or 0
+        position = self._position(index, self._draw_name(index, int(epoch), int(draw), 0))
         return None if position is None else self._options[index][position]
 
-    def _position(self, index: int, epoch: int | None = None) -> int | None:
-        """Which of item ``index``'s variants it becomes, or None (real).
+    def _draw_name(self, index: int, epoch: int, count: int, rank: int) -> str:
+        """What one access hashes: the first access in an epoch is that epoch's draw (without
+        set_epoch, the n-th access is epoch n's); other accesses have their own names."""
+        if count == 0:
+            return f"{self.seed}:{epoch}:{index}"
+        return f"{self.seed}:{epoch}:{index}:{count}" + (f":r{rank}" if rank else "")
 
-        A pure function of ``(seed, epoch, index)``: a 128-bit hash gives a uniform draw
-        u in [0, 1) (synthetic when u < p) and the variant's position among the item's M.
+    def _next_draw(self, index: int) -> str:
+        """Consume item ``index``'s next draw (counted across all processes) and name it."""
+        with self._locked():
+            pinned = int(self._epoch_np[()])
+            count = int(self._draws_np[index])
+            self._draws_np[index] = count + 1
+        if pinned < 0:
+            # Never pinned: access n is epoch n's draw. Under DDP each rank counts its own
+            # accesses, so ranks other than 0 name theirs apart (never repeating rank 0's).
+            rank = _process_rank(self._rank_hint)
+            return self._draw_name(index, count, 0, 0) + (f":r{rank}" if rank else "")
+        return self._draw_name(index, pinned, count, _process_rank(self._rank_hint) if count else 0)
+
+    def _position(self, index: int, name: str) -> int | None:
+        """Which of item ``index``'s variants a draw named ``name`` picks, or None (real).
+
+        A 128-bit hash of the name gives a uniform u in [0, 1) (synthetic when u < p) and the
+        variant's position among the item's M.
         """
         options = self._options[index]
         if not options or self.p <= 0.0:
             return None
-        epoch = self.epoch if epoch is None else int(epoch)
-        digest = hashlib.blake2b(f"{self.seed}:{epoch}:{index}".encode(), digest_size=16).digest()
+        digest = hashlib.blake2b(name.encode(), digest_size=16).digest()
         if int.from_bytes(digest[:8], "big") / 2.0**64 >= self.p:
             return None
         return int.from_bytes(digest[8:], "big") % len(options)
 
+    # -- per-process state --------------------------------------------------------------------------
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock_fd: int | None = None
+        self._epoch_np = self._epoch.numpy()
+        self._draws_np = self._draws.numpy()
+
+    def _locked(self) -> "_FileLock":
+        if self._pid != os.getpid():
+            self._reset_process_state()
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        return _FileLock(self._lock_fd)
+
     # -- items ----------------------------------------------------------------------------------
-    def __getitem__(self, index: int):
+    def _base_item(self, index: int) -> tuple[Any, Any]:
+        item = self.base[index]
+        if self._hf_columns is not None:
+            image_col, label_col = self._hf_columns
+            return item[image_col], item[label_col]
+        return item[0], item[1]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items")
-        position = self._position(index)
+        position = None
+        if self._options[index] and self.p > 0.0:
+            position = self._position(index, self._next_draw(index))
         image = self._synthetic(index, position) if position is not None else None
         if image is None:
-            image, target = self.base[index]
+            image, target = self._base_item(index)
         else:  # the plan's label is the base's (checked at construction when the base lists targets)
             target = self._targets[index] if self._targets is not None else self._options[index][position].label
         if self.transform is not None:
@@ -298,9 +598,11 @@ class SyntheticAugmentedDataset(Dataset):
             target = self.target_transform(target)
         return image, target
 
-    def _synthetic(self, index: int, position: int):
+    def _synthetic(self, index: int, position: int) -> Any:
         """The cached image of variant ``position`` of item ``index``; a miss is handled by
         ``on_miss`` (None: use the real item)."""
+        if not self._keys[index]:  # no cache folder and no spec: everything is real (warned)
+            return None
         variant, key = self._options[index][position], self._keys[index][position]
         entry = self.cache.get(key)
         if entry is not None:
@@ -329,20 +631,20 @@ class SyntheticAugmentedDataset(Dataset):
         self.cache.put(variant, image)
         return image
 
-    def _source_image(self, index: int, variant: Any):
+    def _source_image(self, index: int, variant: Any) -> Any:
         """The real image of item ``index``, checked against the plan's content hash."""
-        image = to_rgb(self.base[index][0], f"item {index}")
+        image = to_rgb(self._base_item(index)[0], self._describe_item(index))
         if image_sha256(image) != variant.source_sha256:
             raise InputError(
-                f"item {index} ({variant.source!r}) is not the image the plan was made from (content hash differs); "
+                f"{self._describe_item(index)} is not the image the plan was made from (content hash differs); "
                 "re-plan after changing the dataset"
             )
         return image
 
-    def _get_generator(self):
+    def _get_generator(self) -> Any:
         generator = self._generator
         if generator is None:
-            generator = self._generator = GeneratorFactory(self.cache.spec, "cpu")
+            generator = self._generator = GeneratorFactory(self.cache.resolve_spec(), "cpu")
         if hasattr(generator, "generate"):
             return generator
         # A factory: build once per process.
@@ -357,7 +659,7 @@ class SyntheticAugmentedDataset(Dataset):
         from .pool import GeneratorPool, PoolHandle
 
         if isinstance(pool, GeneratorPool):
-            if pool.cache.spec.fingerprint != self.cache.spec.fingerprint:
+            if self.cache.spec is None or pool.cache.spec.fingerprint != self.cache.spec.fingerprint:
                 raise InputError("the pool generates with other settings than the dataset's cache spec")
             pool = pool.handle()
         if pool is not None and not isinstance(pool, PoolHandle):
@@ -368,9 +670,39 @@ class SyntheticAugmentedDataset(Dataset):
         state = self.__dict__.copy()
         state["_built"] = None
         state["_generator_pid"] = None
+        for name in ("_pid", "_lock_fd", "_epoch_np", "_draws_np"):
+            state.pop(name, None)
+        # Spawned DataLoader workers do not join the process group: they keep the rank seen here.
+        state["_rank_hint"] = _process_rank(self._rank_hint)
         generator = state.get("_generator")
         if generator is not None and hasattr(generator, "generate"):
             # Never ship a model: workers rebuild the same generator from its settings.
             device = str(getattr(generator, "device", "cpu"))
             state["_generator"] = GeneratorFactory(GenerationSpec.of(generator), device)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_process_state()
+
+
+class _FileLock:
+    """An exclusive ``flock`` on an open file: serialises draw counting across processes
+    (a no-op where ``fcntl`` is missing, i.e. Windows)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_UN)

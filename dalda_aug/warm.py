@@ -9,8 +9,11 @@
   ``r``: a deterministic, disjoint and balanced split that needs no communication. Each
   process writes its own cache shard (``CACHE/shard-<host>-<rank>``), which keeps SQLite off shared-filesystem
   locking (see :mod:`dalda_aug.cache`).
-* **Overlapped writes.** Generated batches go to writer threads that encode (PNG, WebP or raw)
+* **Overlapped writes.** Generated batches go to writer threads that encode (LZ4, PNG, WebP or raw)
   and store them while the next batch is generated; a bounded queue keeps memory flat.
+* **Self-describing.** Before generating, the cache's spec is recorded in the cache folder
+  for this plan (``CACHE/specs/``, :meth:`~dalda_aug.cache.SyntheticCache.record_spec`), so
+  readers (the dataset, ``cache stats``, ``metrics``, ``inspect``) need no generation options.
 * **Resumable.** Entries are written atomically as their batch finishes. After a crash or
   ``kill -9`` at any moment, rerunning generates exactly what is missing; nothing written is
   lost or regenerated.
@@ -170,8 +173,9 @@ def warm(
 
     Args:
         plan: an :class:`~dalda_aug.plan.AugmentationPlan` (or its folder).
-        cache: the target cache; its spec decides the generation settings and keys. Pass one
-            whose ``shard`` is this process's (the CLI uses ``<host>-<rank>``).
+        cache: the target cache; its spec decides the generation settings and keys (a cache
+            without one uses the spec recorded in its folder). Pass one whose ``shard`` is this
+            process's (the CLI uses ``<host>-<rank>``). The spec is recorded for the plan.
         generator: an ``IPAdapterGenerator`` or a zero-argument factory; default
             ``cache.spec.make_generator(device)``. Only built if something is missing.
         batch_size: requests per generator call (default: the generator's automatic choice).
@@ -189,7 +193,7 @@ def warm(
     if not isinstance(plan, AugmentationPlan):
         plan = AugmentationPlan.load(plan)
     if cache.spec is None:
-        raise InputError("warm() needs a cache with a GenerationSpec (SyntheticCache(dir, spec))")
+        cache = cache.with_spec(cache.resolve_spec(plan))
     if int(num_processes) != num_processes or num_processes < 1 or not 0 <= process_index < num_processes:
         raise InputError(f"need 0 <= process_index < num_processes, got {process_index}/{num_processes}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
@@ -197,6 +201,7 @@ def warm(
     if plan.data_root and images is None and not Path(plan.data_root).is_dir():
         raise MissingFileError(f"the plan's image folder {plan.data_root} is missing")
 
+    cache.record_spec(plan)
     keys = plan_keys(plan, cache)
     mine = {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}
     removed = 0
