@@ -10,8 +10,17 @@ training images and its own augmentation plan; all plans share one synthetic-ima
 3. **warm** — generate what the cache lacks (``dalda_aug.warm.warm``);
 4. **train** — a fresh classifier on ``SyntheticAugmentedDataset(few-shot images, plan, cache, p)``
    (real-only: the few-shot images alone), the paper's recipe unless overridden;
-5. **evaluate** — the model after the last epoch on the *whole* test split: top-1 and mean
-   per-class accuracy (no epoch is picked on test data).
+5. **evaluate** — ``--protocol honest`` (default): the model after the last epoch on the
+   *whole* test split: top-1 and mean per-class accuracy (no epoch is picked on test data).
+   ``--protocol reference``: as the reference code (kkyuhun94/dalda) reports its numbers: the
+   test split is evaluated after every epoch, the epoch with the best seed-averaged mean
+   per-class accuracy is reported, and the few-shot images are drawn by one seeded permutation
+   per dataset (:func:`reference_few_shot_indices`). Every row of ``results.json`` names its
+   ``protocol`` (and, for ``reference``, its own ``best_epoch``); ``table.md`` names the
+   protocol and the metric, and prints the paper's number only next to the same metric.
+
+``table.md`` and ``results.json`` (``significance``) also compare DALDA with each baseline: the
+mean difference and the p-value of a paired t-test over seeds (and shot settings).
 
 Methods (``--methods``, default all but ``llm_fixed``):
 
@@ -78,7 +87,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 DEFAULT_METHODS = tuple(name for name in METHODS if name != "llm_fixed")
 
-# The paper's 1-shot accuracies (mean of 3 seeds) of DALDA, for comparison in table.md.
+# The paper's 1-shot accuracies (mean of 3 seeds) of DALDA, for comparison in table.md. They are
+# mean per-class accuracies at the best epoch (the reference code's protocol): shown next to
+# ``--protocol reference`` results only.
 PAPER_1SHOT = {
     ("pets", "resnet50"): 0.807, ("pets", "clip"): 0.875,
     ("caltech101", "resnet50"): 0.788, ("caltech101", "clip"): 0.920,
@@ -134,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--methods", type=_name_list, default=None,
                       help=f"comma list from {', '.join(METHODS)} (default: all but llm_fixed)")
     meth.add_argument("--prompts", type=Path, default=None, help="prompt bank JSON (dalda-aug prompts) for LLM methods")
+    meth.add_argument("--preset", choices=("pets", "caltech101", "flowers102"), default=None,
+                      help="one of the paper's datasets: names it for the paper's numbers and, with --llm, gives "
+                           "the LLM its Table 5 description (and Caltech-101's reference class names)")
+    meth.add_argument("--llm", default=None, metavar="BACKEND",
+                      help="write the prompt bank OUT/prompts.json with this backend (openai:MODEL, hf:MODEL, "
+                           "as `dalda-aug prompts --llm`) when LLM methods run without --prompts")
+    meth.add_argument("--instruction", choices=("default", "reference"), default="default",
+                      help="wording of the --llm request (see docs/prompts.md)")
+    meth.add_argument("--base-url", default=None,
+                      help="API root of an --llm openai:MODEL endpoint (default https://api.openai.com/v1)")
     meth.add_argument("--variants", "-M", type=int, default=10, help="synthetic images per real image")
     meth.add_argument("--p", type=float, default=0.5, help="probability that a training item is synthetic")
     meth.add_argument("--fixed-lambda", type=float, default=0.5, help="λ of the fixed-scaling methods")
@@ -157,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     clf = p.add_argument_group("classifier and training (defaults: the paper's)")
     clf.add_argument("--backbone", choices=("resnet50", "clip", "efficientnet_lite0"), default="resnet50")
+    clf.add_argument("--clip-head", choices=("normalized", "reference"), default="normalized",
+                     help="CLIP head: normalized (unit features, logit-scaled text head) or reference "
+                          "(the reference code's raw features and raw text-feature head)")
     clf.add_argument("--mode", choices=("linear", "finetune"), default="linear",
                      help="linear probe on a frozen backbone (the reference) or full fine-tuning")
     clf.add_argument("--pretrained", default=None,
@@ -175,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     clf.add_argument("--eval-batch-size", type=int, default=64)
 
     run = p.add_argument_group("run")
+    run.add_argument("--protocol", choices=PROTOCOLS, default="honest",
+                     help="honest: last epoch, whole test split; reference: the reference code's best-epoch mean "
+                          "per-class accuracy and few-shot draw (see the module docstring)")
     run.add_argument("--out", type=Path, required=True, help="output folder")
     run.add_argument("--stop-after", choices=("plan", "warm"), default=None,
                      help="stop after writing the plans, or after warming the cache")
@@ -315,12 +342,57 @@ def _log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------
-CSV_COLUMNS = ["dataset", "backbone", "mode", "method", "shots", "seed", "top1", "top1_std", "mean_per_class",
-               "mean_per_class_std", "n_test", "seeds", "n_train_real", "n_synthetic", "p", "train_seconds"]
+CSV_COLUMNS = ["dataset", "backbone", "mode", "method", "shots", "seed", "protocol", "best_epoch", "top1", "top1_std",
+               "mean_per_class", "mean_per_class_std", "n_test", "seeds", "n_train_real", "n_synthetic", "p",
+               "train_seconds"]
+
+PROTOCOLS = ("honest", "reference")
+# What each protocol reports, as table.md names it.
+PROTOCOL_TEXT = {
+    "honest": "the model after the last epoch, evaluated once on the whole test split",
+    "reference": "the reference code's protocol: the model is evaluated on the whole test split after every "
+                 "epoch and the epoch with the highest seed-averaged mean per-class accuracy is reported "
+                 "(as its plot.py selects it); few-shot images drawn by one seeded permutation per dataset",
+}
+# Paired test used for DALDA against each baseline (the paper's Table 3 compares the same way).
+PAIRED_TEST = "paired two-sided t-test (scipy.stats.ttest_rel)"
+SIGNIFICANCE_BASELINE_ORDER = ("real", "real_guidance", "fixed", "llm_fixed", "base_rs", "llm_rs", "base_ags")
+
+
+def reference_few_shot_indices(targets: Sequence[int], shots: int, seed: int) -> list[int]:
+    """Few-shot indices drawn as the reference code draws them (kkyuhun94/dalda
+    ``semantic_aug/datasets/*.py``): one ``np.random.default_rng(seed)`` for the dataset; for
+    each class in class order ``rng.permutation(n_class)``, its first half
+    (``np.array_split(perm, 2)[0]``) is the training pool, whose first ``shots`` are used.
+    Returned in ascending index order; nested in ``shots`` for a seed."""
+    import numpy as np
+
+    from dalda_aug.errors import InputError
+
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        pool = np.array_split(rng.permutation(members.size), 2)[0]
+        if pool.size < shots:
+            raise InputError(f"class {int(label)} has {members.size} training image(s); the reference draw keeps "
+                             f"the first half ({pool.size}), fewer than {shots} shots")
+        chosen.extend(int(i) for i in members[pool[:shots]])
+    return sorted(chosen)
+
+
+def best_epoch(curve: Sequence[float]) -> int:
+    """The first epoch with the highest value (pandas ``idxmax``, as the reference's plot.py)."""
+    return max(range(len(curve)), key=lambda e: (curve[e], -e))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (backbone, mode, method, shots), in table order."""
+    """Mean ± std over seeds per (backbone, mode, method, shots), in table order.
+
+    ``reference`` rows: the epoch whose seed-averaged mean per-class accuracy is highest is
+    picked (``best_epoch``) and every metric is read at that epoch, as the reference's plot.py.
+    """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["backbone"], row["mode"], row["method"], row["shots"]), []).append(row)
@@ -328,67 +400,155 @@ def summarize(rows: list[dict]) -> list[dict]:
     summary = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]), k[3])):
         group = sorted(groups[key], key=lambda r: r["seed"])
-        top1, top1_std = _mean_std([r["top1"] for r in group])
-        mpc, mpc_std = _mean_std([r["mean_per_class"] for r in group])
+        protocol = group[0].get("protocol", "honest")
+        extra: dict[str, Any] = {}
+        if protocol == "reference":
+            n_epochs = min(len(r["epoch_mean_per_class"]) for r in group)
+            mean_curve = [sum(r["epoch_mean_per_class"][e] for r in group) / len(group) for e in range(n_epochs)]
+            epoch = best_epoch(mean_curve)
+            top1_values = [r["epoch_top1"][epoch] for r in group]
+            mpc_values = [r["epoch_mean_per_class"][epoch] for r in group]
+            extra = {"best_epoch": epoch, "run_best_epochs": [r["best_epoch"] for r in group]}
+        else:
+            top1_values = [r["top1"] for r in group]
+            mpc_values = [r["mean_per_class"] for r in group]
+        top1, top1_std = _mean_std(top1_values)
+        mpc, mpc_std = _mean_std(mpc_values)
         summary.append({
             "dataset": group[0]["dataset"], "backbone": key[0], "mode": key[1], "method": key[2],
             "label": METHODS[key[2]].label, "shots": key[3], "seeds": [r["seed"] for r in group],
+            "protocol": protocol, **extra,
             "top1": top1, "top1_std": top1_std, "mean_per_class": mpc, "mean_per_class_std": mpc_std,
+            "per_seed": {"top1": top1_values, "mean_per_class": mpc_values},
             "n_test": group[0]["n_test"],
         })
     return summary
+
+
+def paired_tests(summary: list[dict], metrics: Sequence[str]) -> list[dict]:
+    """DALDA against each baseline: mean difference and the p-value of a paired t-test.
+
+    Pairs are the (dataset, shots, seed) cells both methods ran, per backbone and mode, one
+    test over all of them (several datasets, when ``summary`` holds several, and several shot
+    settings add pairs). Values are those the table reports (for ``reference``, at the
+    selected epoch). The p-value is None when there are fewer than 2 pairs or all differences
+    are equal.
+    """
+    import math as _math
+
+    from scipy import stats
+
+    out = []
+    for backbone, mode in sorted({(s["backbone"], s["mode"]) for s in summary}):
+        cells = [s for s in summary if s["backbone"] == backbone and s["mode"] == mode]
+        dalda = {(s["dataset"], s["shots"]): s for s in cells if s["method"] == "dalda"}
+        if not dalda:
+            continue
+        for base in [m for m in SIGNIFICANCE_BASELINE_ORDER if any(s["method"] == m for s in cells)]:
+            other = {(s["dataset"], s["shots"]): s for s in cells if s["method"] == base}
+            for metric in metrics:
+                a, b, where = [], [], []
+                for key in sorted(set(dalda) & set(other), key=str):
+                    seeds_a = dict(zip(dalda[key]["seeds"], dalda[key]["per_seed"][metric]))
+                    seeds_b = dict(zip(other[key]["seeds"], other[key]["per_seed"][metric]))
+                    for seed in sorted(set(seeds_a) & set(seeds_b)):
+                        a.append(seeds_a[seed])
+                        b.append(seeds_b[seed])
+                        where.append({"dataset": key[0], "shots": key[1], "seed": seed})
+                if not a:
+                    continue
+                diffs = [x - y for x, y in zip(a, b)]
+                p = None
+                if len(diffs) >= 2 and max(diffs) != min(diffs):
+                    p = float(stats.ttest_rel(a, b).pvalue)
+                    p = None if _math.isnan(p) else p
+                out.append({
+                    "backbone": backbone, "mode": mode, "method": "dalda", "baseline": base, "metric": metric,
+                    "test": PAIRED_TEST, "n_pairs": len(diffs), "mean_difference": sum(diffs) / len(diffs),
+                    "p_value": p, "pairs": where,
+                })
+    return out
 
 
 def _cell(mean: float, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def render_table(summary: list[dict], dataset: str, backbone: str, mode: str, shots: list[int]) -> str:
-    """The paper's Table 2 layout: rows = methods, columns = shots × (top-1, mean per-class)."""
+_METRIC_NAMES = {"top1": "top-1 accuracy", "mean_per_class": "mean per-class accuracy"}
+
+
+def render_table(summary: list[dict], dataset: str, backbone: str, mode: str, shots: list[int],
+                 significance: list[dict] | None = None, paper_key: str | None = None) -> str:
+    """The paper's Table 2 layout: rows = methods, columns = shots × the protocol's metrics."""
     rows = [s for s in summary if s["backbone"] == backbone and s["mode"] == mode]
     methods = [m for m in METHODS if any(s["method"] == m for s in rows)]
     by_key = {(s["method"], s["shots"]): s for s in rows}
     seeds = sorted({seed for s in rows for seed in s["seeds"]})
     n_test = rows[0]["n_test"] if rows else 0
+    protocol = rows[0]["protocol"] if rows else "honest"
+    fields = ("top1", "mean_per_class") if protocol == "honest" else ("mean_per_class",)
     what = "linear probe" if mode == "linear" else "fine-tuned"
+    metric_text = " and ".join(_METRIC_NAMES[f] for f in fields)
     lines = [
         f"# Few-shot accuracy: {dataset}, {backbone} ({what})",
         "",
-        f"Accuracy of the model after the last epoch on the whole test split (n = {n_test}); "
-        f"mean ± sample std over seeds {', '.join(map(str, seeds))}. Best per column in bold.",
+        f"Protocol: **{protocol}** — {PROTOCOL_TEXT[protocol]}. Metric: {metric_text} on the test split "
+        f"(n = {n_test}); mean ± sample std over seeds {', '.join(map(str, seeds))}. Best per column in bold.",
         "",
     ]
     header = ["Method"]
     for n in shots:
-        header += [f"{n}-shot top-1", f"{n}-shot mean/class"]
+        header += [f"{n}-shot top-1", f"{n}-shot mean/class"] if protocol == "honest" else \
+            [f"{n}-shot mean/class", f"{n}-shot best epoch"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|---" + "|---:" * (len(header) - 1) + "|")
     best = {}
     for n in shots:
-        for field in ("top1", "mean_per_class"):
+        for field in fields:
             values = [by_key[(m, n)][field] for m in methods if (m, n) in by_key]
             best[(n, field)] = max(values) if values else None
     for m in methods:
         cells = [METHODS[m].label]
         for n in shots:
-            for field in ("top1", "mean_per_class"):
-                s = by_key.get((m, n))
+            s = by_key.get((m, n))
+            for field in fields:
                 if s is None:
                     cells.append("–")
                     continue
                 text = _cell(s[field], s[f"{field}_std"])
                 cells.append(f"**{text}**" if round(s[field], 3) == round(best[(n, field)], 3) else text)
+            if protocol == "reference":
+                cells.append("–" if s is None else str(s["best_epoch"]))
         lines.append("| " + " | ".join(cells) + " |")
-    key = _DATASET_ALIASES.get("".join(ch for ch in dataset.lower() if ch.isalnum()))
+    key = paper_key or _DATASET_ALIASES.get("".join(ch for ch in dataset.lower() if ch.isalnum()))
     paper = PAPER_1SHOT.get((key, backbone)) if key else None
     if paper is not None and 1 in shots:
-        lines += ["", f"Paper (DALDA, {key}, 1-shot, {backbone}, mean of 3 seeds): accuracy {paper:.3f}."]
+        if protocol == "reference":
+            lines += ["", f"Paper (DALDA, {key}, 1-shot, {backbone}, mean of 3 seeds, mean per-class accuracy at "
+                          f"the best epoch, the same metric): {paper:.3f}."]
+        else:
+            lines += ["", "The paper's numbers are best-epoch mean per-class accuracies (the reference protocol), "
+                          "not comparable with these; run with `--protocol reference` to compare."]
+    tests = [t for t in (significance or []) if t["backbone"] == backbone and t["mode"] == mode]
+    if tests:
+        lines += ["", f"DALDA against each baseline: mean difference (DALDA − baseline) and p-value of a "
+                      f"{PAIRED_TEST}, paired over seeds (and datasets and shot settings, when several).", "",
+                  "| Baseline | Metric | Pairs | Mean difference | p-value |", "|---|---|---:|---:|---:|"]
+        for t in tests:
+            p = "–" if t["p_value"] is None else f"{t['p_value']:.3g}"
+            lines.append(f"| {METHODS[t['baseline']].label} | {_METRIC_NAMES[t['metric']]} | {t['n_pairs']} | "
+                         f"{t['mean_difference']:+.3f} | {p} |")
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any], shots: list[int]) -> dict[str, Path]:
     summary = summarize(rows)
-    result = {"format": FORMAT, **meta, "runs": rows, "summary": summary}
+    protocol = summary[0]["protocol"] if summary else "honest"
+    metrics = ("top1", "mean_per_class") if protocol == "honest" else ("mean_per_class",)
+    significance = paired_tests(summary, metrics)
+    result = {"format": FORMAT, **meta, "protocol": protocol,
+              "metrics": [_METRIC_NAMES[m] for m in metrics], "runs": rows, "summary": summary,
+              "significance": significance}
     paths = {"json": out / "results.json", "csv": out / "results.csv", "table": out / "table.md"}
     paths["json"].write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with paths["csv"].open("w", newline="", encoding="utf-8") as fh:
@@ -396,12 +556,12 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any], shots: list
         writer.writeheader()
         order = list(METHODS)
         for row in sorted(rows, key=lambda r: (r["backbone"], order.index(r["method"]), r["shots"], r["seed"])):
-            writer.writerow({**row, "seeds": 1})
+            writer.writerow({"protocol": "honest", **row, "seeds": 1})
         for s in summary:
             writer.writerow({**s, "seed": "mean", "seeds": len(s["seeds"]),
                              "top1_std": "" if s["top1_std"] is None else s["top1_std"],
                              "mean_per_class_std": "" if s["mean_per_class_std"] is None else s["mean_per_class_std"]})
-    tables = [render_table(summary, meta["dataset"], b, m, shots)
+    tables = [render_table(summary, meta["dataset"], b, m, shots, significance, meta.get("paper_key"))
               for b, m in sorted({(s["backbone"], s["mode"]) for s in summary})]
     paths["table"].write_text("\n".join(tables), encoding="utf-8")
     return paths
@@ -410,17 +570,39 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any], shots: list
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
+def write_prompts(args, class_names: list[str], models: Any, path: Path) -> Path:
+    """Write the prompt bank for the LLM methods with ``--llm`` (resumed if ``path`` exists),
+    with ``--preset``'s Table 5 description and LLM class names, as ``dalda-aug prompts`` does."""
+    from dalda_aug.prompts import PromptBank, generate_prompt_bank, load_clip_tokenizer, parse_backend
+
+    description, llm_names = "", None
+    if args.preset is not None:
+        from dalda_aug.presets import get_preset
+
+        preset = get_preset(args.preset)
+        description, llm_names = preset.description, preset.llm_names(class_names)
+    backend = parse_backend(args.llm, base_url=args.base_url,
+                            **({} if args.llm.startswith("openai") else {"device": args.device or "cpu"}))
+    resume = PromptBank.load(path) if path.is_file() and not args.overwrite else None
+    generate_prompt_bank(class_names, backend, m=args.variants, description=description,
+                         tokenizer=load_clip_tokenizer(models.base, revision=models.base_revision), out=path,
+                         resume_from=resume, progress=not args.no_progress, instruction=args.instruction,
+                         llm_names=llm_names)
+    _log(f"wrote the prompt bank {path} ({args.llm}{', preset ' + args.preset if args.preset else ''})")
+    return path
+
+
 def resolve_methods(args) -> tuple[list[str], dict[str, str]]:
     """The methods to run (table order) and those skipped, with the reason."""
     from dalda_aug.errors import InputError
 
     requested = args.methods if args.methods is not None else list(DEFAULT_METHODS)
     skipped: dict[str, str] = {}
-    if args.prompts is None:
+    if args.prompts is None and getattr(args, "llm", None) is None:
         llm = [m for m in requested if METHODS[m].prompts == "llm"]
         if llm and args.methods is not None:
             raise InputError(f"method(s) {', '.join(llm)} need LLM prompts: pass --prompts FILE "
-                             "(write one with `dalda-aug prompts`)")
+                             "(write one with `dalda-aug prompts`) or --llm BACKEND")
         for m in llm:
             skipped[m] = "needs LLM prompts (--prompts FILE, written by `dalda-aug prompts`)"
     methods = [m for m in METHODS if m in requested and m not in skipped]
@@ -493,6 +675,12 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     data = load_data(args)
     source = data.source
     source.few_shot(max(args.shots), 0)  # fails early, naming a class with too few images
+    if args.clip_head != "normalized" and args.backbone != "clip":
+        raise InputError(f"--clip-head {args.clip_head} applies to --backbone clip only")
+    if args.prompts is not None and args.llm is not None:
+        raise InputError("give --prompts FILE or --llm BACKEND (to write OUT/prompts.json), not both")
+    if args.prompts is None and args.llm is not None and any(METHODS[m].prompts == "llm" for m in methods):
+        args.prompts = write_prompts(args, source.class_names, models, out / "prompts.json")
     bank = None
     if args.prompts is not None and any(METHODS[m].prompts == "llm" for m in methods):
         bank = PromptBank.load(args.prompts)
@@ -537,6 +725,11 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
                        "image_size": args.image_size},
         "train": {k: v for k, v in train_config.to_dict().items() if k not in ("num_workers", "device", "seed")},
     }
+    # Non-default choices only, so the run keys of earlier honest runs stay valid.
+    if args.protocol != "honest":
+        identity["protocol"] = args.protocol
+    if args.clip_head != "normalized":
+        identity["classifier"]["clip_head"] = args.clip_head
     config = {
         "format": FORMAT,
         "argv": argv,
@@ -563,9 +756,14 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         "cache": {"folder": str(Path(cache_dir).resolve()), "format": args.cache_format},
         "classifier": {"backbone": args.backbone, "mode": args.mode, "pretrained": pretrained,
                        "clip_model": models.clip_model if args.backbone == "clip" else None,
+                       "clip_head": args.clip_head if args.backbone == "clip" else None,
                        "image_size": args.image_size},
         "train": {**train_config.to_dict(), "seed": "= run seed"},
-        "eval": {"split": "whole test split", "epoch": "last", "batch_size": args.eval_batch_size},
+        "eval": {"split": "whole test split", "protocol": args.protocol,
+                 "epoch": "last" if args.protocol == "honest" else "best seed-averaged mean per-class accuracy",
+                 "few_shot_draw": "per-class seeded permutation (dalda_aug.data.few_shot_indices)"
+                 if args.protocol == "honest" else "one seeded permutation per dataset (the reference's)",
+                 "batch_size": args.eval_batch_size},
         "device": device,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "dalda_aug": dalda_aug.__version__, "platform": platform.platform(),
@@ -595,13 +793,15 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     if len(todo) < len(grid):
         _log(f"{len(grid) - len(todo)} of {len(grid)} runs already in {runs_path}; running {len(todo)}")
     timing = {"scores": 0.0, "plan": 0.0, "warm": 0.0, "train": 0.0, "evaluate": 0.0}
-    meta = {"dataset": data.name, "config": "config.json", "skipped_methods": skipped, "timing_seconds": timing}
+    meta = {"dataset": data.name, "config": "config.json", "skipped_methods": skipped, "timing_seconds": timing,
+            "paper_key": args.preset}
 
     # -- 1. CLIPScores, once per few-shot image ----------------------------------------------
     t0 = time.perf_counter()
     fewshot: dict[tuple[int, int], list[int]] = {}
     for seed, shots, m in todo:
-        fewshot.setdefault((seed, shots), few_shot_indices(source.targets, shots, seed))
+        draw = few_shot_indices if args.protocol == "honest" else reference_few_shot_indices
+        fewshot.setdefault((seed, shots), draw(source.targets, shots, seed))
     needs_plan = [(seed, shots, m) for seed, shots, m in todo if METHODS[m].generator is not None]
     wanted = sorted({i for seed, shots, _ in needs_plan for i in fewshot[(seed, shots)]})
     scores: dict[Any, float] = {}
@@ -628,7 +828,10 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         else:  # Real Guidance ignores λ; a constant keeps its cache keys independent of n-shot
             scaling = Scaling("fixed", value=0.0)
         idx = fewshot[(seed, shots)]
-        plan = build_plan(source, variants=args.variants, seed=seed, n_shot=shots, scaling=scaling,
+        # honest: build_plan draws the same few-shot subset itself; reference: it is given the subset
+        # (σ still uses n = shots, each class holding `shots` images)
+        plan_source, plan_shots = (source, shots) if args.protocol == "honest" else (source.subset(idx), None)
+        plan = build_plan(plan_source, variants=args.variants, seed=seed, n_shot=plan_shots, scaling=scaling,
                           prompts=bank if method.prompts == "llm" else None, models=models,
                           scores=[scores[source.items[i].source] for i in idx], progress=False)
         plan.save(out / "plans" / f"seed{seed}-{shots}shot-{m}")
@@ -675,7 +878,8 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         bar.set_postfix(seed=seed, shots=shots, method=m, refresh=True)
         model = build_classifier(args.backbone, len(source.classes), class_names=source.class_names,
                                  mode=args.mode, pretrained=pretrained, clip_model=models.clip_model,
-                                 seed=seed, device=device)
+                                 seed=seed, device=device,
+                                 **({"clip_head": args.clip_head} if args.backbone == "clip" else {}))
         spec = model.spec
         train_tf = train_transform(model, args.image_size)
         folder_idx = [data.train_indices[i] for i in fewshot[(seed, shots)]]
@@ -686,26 +890,45 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
             train_set = SyntheticAugmentedDataset(Subset(train_folder, folder_idx), plan,
                                                   caches[METHODS[m].generator], p=args.p, transform=train_tf,
                                                   on_miss="error", seed=seed)
-        t0 = time.perf_counter()
-        history = train_classifier(model, train_set, TrainConfig(**{**train_config.to_dict(), "seed": seed}),
-                                   progress=progress)
-        train_seconds = time.perf_counter() - t0
-        timing["train"] += train_seconds
-
         tf_key = (spec.mean, spec.std, spec.input_size, spec.interpolation, spec.crop_pct, args.image_size)
         if tf_key not in test_sets:
             folder = ImageFolder(str(data.test_root), transform=eval_transform(model, args.image_size))
             test_sets[tf_key] = folder if data.test_indices is None else Subset(folder, data.test_indices)
+        eval_seconds = 0.0
+
+        def test_metrics() -> dict:
+            nonlocal eval_seconds
+            t_eval = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):  # evaluating must not change the training draws
+                result = evaluate(model, test_sets[tf_key], batch_size=args.eval_batch_size,
+                                  num_workers=num_workers, device=device, autocast_dtype=args.autocast,
+                                  progress=False)
+            eval_seconds += time.perf_counter() - t_eval
+            if result["n"] != data.num_test:
+                raise InputError(f"evaluated {result['n']} test images, expected {data.num_test}")
+            return result
+
+        epoch_metrics: list[dict] = []
+        on_epoch_end = (lambda record: epoch_metrics.append(test_metrics())) if args.protocol == "reference" else None
         t0 = time.perf_counter()
-        metrics = evaluate(model, test_sets[tf_key], batch_size=args.eval_batch_size, num_workers=num_workers,
-                           device=device, autocast_dtype=args.autocast, progress=progress)
-        eval_seconds = time.perf_counter() - t0
+        history = train_classifier(model, train_set, TrainConfig(**{**train_config.to_dict(), "seed": seed}),
+                                   progress=progress, on_epoch_end=on_epoch_end)
+        train_seconds = time.perf_counter() - t0 - eval_seconds
+        timing["train"] += train_seconds
+
+        protocol_fields: dict[str, Any] = {"protocol": args.protocol}
+        if args.protocol == "honest":
+            metrics = test_metrics()
+        else:  # the run's own best epoch; summarize() picks the epoch of the seed-averaged curve
+            curve = [e["mean_per_class"] for e in epoch_metrics]
+            run_best = best_epoch(curve)
+            metrics = epoch_metrics[run_best]
+            protocol_fields.update(best_epoch=run_best, epoch_mean_per_class=curve,
+                                   epoch_top1=[e["top1"] for e in epoch_metrics])
         timing["evaluate"] += eval_seconds
-        if metrics["n"] != data.num_test:
-            raise InputError(f"evaluated {metrics['n']} test images, expected {data.num_test}")
         row = {
             "run_key": run_key(seed, shots, m), "dataset": data.name, "backbone": args.backbone, "mode": args.mode,
-            "method": m, "label": METHODS[m].label, "shots": shots, "seed": seed,
+            "method": m, "label": METHODS[m].label, "shots": shots, "seed": seed, **protocol_fields,
             "top1": metrics["top1"], "mean_per_class": metrics["mean_per_class"], "n_test": metrics["n"],
             "per_class": metrics["per_class"], "per_class_n": metrics["per_class_n"],
             "n_train_real": len(folder_idx), "n_synthetic": len(plan) if plan is not None else 0,

@@ -146,3 +146,118 @@ def test_per_class_split_is_seeded_and_disjoint():
     assert sorted(train + test) == list(range(9)) and not set(train) & set(test)
     assert sum(targets[i] == 0 for i in test) == 2 and sum(targets[i] == 1 for i in test) == 2
     assert (train, test) == bench.split_per_class(targets, 0.5, seed=0)
+
+
+# -- protocols and significance (issue 12, points 8 and 9) -----------------------------------------
+def test_reference_few_shot_draw_is_the_references():
+    import numpy as np
+
+    bench = _load_script()
+    targets = [0] * 7 + [1] * 4 + [2] * 5
+    for seed in (0, 1, 2):
+        # kkyuhun94/dalda semantic_aug/datasets/pets.py (and caltech101.py, flowers102.py), written out:
+        #   rng = np.random.default_rng(seed)
+        #   class_to_ids = {key: rng.permutation(len(class_to_images[key])) for key in self.class_names}
+        #   class_to_ids = {key: np.array_split(class_to_ids[key], 2)[0] ...}   # split == "train"
+        #   class_to_ids = {key: ids[:examples_per_class] ...}
+        rng = np.random.default_rng(seed)
+        members = {0: list(range(0, 7)), 1: list(range(7, 11)), 2: list(range(11, 16))}
+        perms = {c: rng.permutation(len(members[c])) for c in (0, 1, 2)}
+        for shots in (1, 2):
+            expected = sorted(members[c][i] for c in (0, 1, 2) for i in np.array_split(perms[c], 2)[0][:shots])
+            assert bench.reference_few_shot_indices(targets, shots, seed) == expected
+    assert set(bench.reference_few_shot_indices(targets, 1, 0)) <= set(bench.reference_few_shot_indices(targets, 2, 0))
+    from dalda_aug.errors import InputError
+
+    with pytest.raises(InputError, match="first half"):
+        bench.reference_few_shot_indices(targets, 3, 0)  # class 1: 4 images, a half of 2
+
+
+def _summary_row(method, seeds, values, dataset="pets", shots=1, protocol="honest"):
+    return {"dataset": dataset, "backbone": "clip", "mode": "linear", "method": method, "shots": shots,
+            "seeds": seeds, "protocol": protocol, "per_seed": {"top1": values, "mean_per_class": values}}
+
+
+def test_paired_t_test_against_each_baseline_by_hand():
+    import math
+
+    bench = _load_script()
+    summary = [_summary_row("real", [0, 1, 2], [0.5, 0.6, 0.7]),
+               _summary_row("dalda", [0, 1, 2], [0.6, 0.8, 1.0]),
+               _summary_row("base_ags", [0, 1, 2], [0.6, 0.8, 1.0])]
+    tests = bench.paired_tests(summary, ["mean_per_class"])
+    vs_real = next(t for t in tests if t["baseline"] == "real")
+    # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / √3) = 2√3, df 2. The t
+    # distribution with 2 degrees of freedom has the closed form p = 1 − t / √(t² + 2) (two-sided).
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert vs_real["mean_difference"] == pytest.approx(0.2)
+    assert vs_real["p_value"] == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    assert vs_real["n_pairs"] == 3 and "paired" in vs_real["test"] and "t-test" in vs_real["test"]
+    same = next(t for t in tests if t["baseline"] == "base_ags")
+    assert same["mean_difference"] == 0.0 and same["p_value"] is None  # no spread: no test
+
+    # several datasets: their seeds are pooled into one test (6 pairs)
+    summary += [_summary_row("real", [0, 1, 2], [0.1, 0.2, 0.3], dataset="flowers"),
+                _summary_row("dalda", [0, 1, 2], [0.2, 0.3, 0.4], dataset="flowers")]
+    pooled = next(t for t in bench.paired_tests(summary, ["top1"]) if t["baseline"] == "real")
+    assert pooled["n_pairs"] == 6 and pooled["mean_difference"] == pytest.approx((0.6 + 0.3) / 6)
+    assert {p["dataset"] for p in pooled["pairs"]} == {"pets", "flowers"}
+
+
+def test_table_names_protocol_metric_and_shows_paper_numbers_only_for_the_same_metric():
+    bench = _load_script()
+    honest = [{**_summary_row("dalda", [0], [0.9]), "label": "DALDA", "top1": 0.9, "top1_std": None,
+               "mean_per_class": 0.88, "mean_per_class_std": None, "n_test": 10}]
+    table = bench.render_table(honest, "pets", "clip", "linear", [1])
+    assert "Protocol: **honest**" in table and "top-1 accuracy and mean per-class accuracy" in table
+    assert "0.875" not in table and "not comparable" in table
+    reference = [{**honest[0], "protocol": "reference", "best_epoch": 7}]
+    table = bench.render_table(reference, "pets", "clip", "linear", [1])
+    assert "Protocol: **reference**" in table and "Metric: mean per-class accuracy" in table
+    assert "0.875" in table and "| 1-shot mean/class | 1-shot best epoch |" in table and "| 7 |" in table
+    assert "top-1" not in table
+
+
+def test_reference_protocol_end_to_end(tiny_models, tiny_dataset, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llm_server import ChatServer, per_class
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    models = tiny_models.save(tmp_path / "models.json")
+    out = tmp_path / "out"
+    sentence = lambda name, call: f"A photo of a {name} seen from angle {call} on a sunny day."  # noqa: E731
+    with ChatServer([], default=per_class(sentence)) as server:
+        argv = ["--train", str(tiny_dataset / "train"), "--test", str(tiny_dataset / "test"),
+                "--models", str(models), "--llm", "openai:test-model", "--base-url", server.base_url,
+                "--preset", "pets", "--instruction", "reference", "--methods", "real,dalda",
+                "--shots", "1", "--seeds", "0,1", "--variants", "2", "--steps", "2", "--size", "32",
+                "--device", "cpu", "--dtype", "float32", "--backbone", "clip", "--clip-head", "reference",
+                "--epochs", "3", "--iterations-per-epoch", "1", "--batch-size", "2", "--protocol", "reference",
+                "--out", str(out), "--no-progress", "--threads", "1"]
+        bench = _load_script()
+        assert _run(bench, argv) == 0
+    assert "We have created a 37 category pet dataset" in server.requests[0].user_message
+    result = json.loads((out / "results.json").read_text())
+    assert result["protocol"] == "reference" and result["metrics"] == ["mean per-class accuracy"]
+    for r in result["runs"]:
+        assert r["protocol"] == "reference" and isinstance(r["best_epoch"], int) and 0 <= r["best_epoch"] < 3
+        assert len(r["epoch_mean_per_class"]) == 3
+        assert r["mean_per_class"] == max(r["epoch_mean_per_class"])
+        assert r["mean_per_class"] == r["epoch_mean_per_class"][r["best_epoch"]]
+    # few-shot images: the reference's draw (n_train_real 2 = 1 per class)
+    assert all(r["n_train_real"] == 2 for r in result["runs"])
+    for s in result["summary"]:
+        runs = [r for r in result["runs"] if r["method"] == s["method"]]
+        curve = np.mean([r["epoch_mean_per_class"] for r in runs], axis=0)
+        assert s["best_epoch"] == int(np.argmax(curve))
+        assert s["mean_per_class"] == pytest.approx(float(curve.max()))
+    sig = result["significance"]
+    assert [(t["baseline"], t["metric"], t["n_pairs"]) for t in sig] == [("real", "mean_per_class", 2)]
+    table = (out / "table.md").read_text()
+    assert "Protocol: **reference**" in table and "mean per-class accuracy" in table and "paired" in table
+    config = json.loads((out / "config.json").read_text())
+    assert config["classifier"]["clip_head"] == "reference" and config["eval"]["protocol"] == "reference"
+    assert json.loads((out / "prompts.json").read_text())["provenance"]["instruction"] == "reference"
