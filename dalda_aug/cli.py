@@ -12,12 +12,15 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__
 from .errors import DaldaError
 
-__all__ = ["main", "build_parser", "load_models_arg"]
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+__all__ = ["main", "build_parser", "load_models_arg", "version_report"]
 
 # Modules contributing subcommands (each defines ``register(subparsers)``).
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -29,7 +32,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def load_models_arg(path: str | None):
+def load_models_arg(path: str | None) -> "ModelConfig":
     """``--models FILE.json`` -> :class:`ModelConfig` (the paper's hub models when omitted)."""
     from .config import ModelConfig
 
@@ -37,7 +40,7 @@ def load_models_arg(path: str | None):
 
 
 # -- make-tiny-models ------------------------------------------------------------------
-def _run_make_tiny_models(args) -> int:
+def _run_make_tiny_models(args: argparse.Namespace) -> int:
     from .testing import make_tiny_models
 
     config = make_tiny_models(args.dir, seed=args.seed)
@@ -48,7 +51,7 @@ def _run_make_tiny_models(args) -> int:
 
 
 # -- plan ------------------------------------------------------------------------------
-def _run_plan(args) -> int:
+def _run_plan(args: argparse.Namespace) -> int:
     from .ags import AGSConfig, Scaling
     from .clipscore import CLIPScorer
     from .plan import build_plan
@@ -82,7 +85,7 @@ def _run_plan(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "make-tiny-models",
         help="write tiny random models (offline) and DIR/models.json",
@@ -120,12 +123,75 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run_plan)
 
 
+# -- --version -------------------------------------------------------------------------
+# (name shown, distribution name): the libraries whose versions a bug report needs.
+_REPORTED_PACKAGES: tuple[tuple[str, str], ...] = (
+    ("torch", "torch"),
+    ("diffusers", "diffusers"),
+    ("transformers", "transformers"),
+    ("open_clip", "open_clip_torch"),
+)
+
+
+def version_report() -> str:
+    """What ``dalda-aug --version`` prints: one ``name version`` line per package.
+
+    Versions are read from the installed distributions' metadata, so nothing heavy is imported;
+    a package that is not installed is reported as such.
+    """
+    import platform
+    from importlib import metadata
+
+    lines = [f"dalda-aug {__version__}", f"python {platform.python_version()}"]
+    for name, distribution in _REPORTED_PACKAGES:
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            lines.append(f"{name} not installed")
+            continue
+        if name == "torch":
+            version = _torch_build() or version
+        lines.append(f"{name} {version}")
+    return "\n".join(lines)
+
+
+def _torch_build() -> str | None:
+    """torch's own version string with its build (``2.5.1+cu124 (CUDA 12.4)``), read from
+    ``torch/version.py`` without importing torch; None if that file cannot be read."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        text = (Path(folders[0]) / "version.py").read_text(encoding="utf-8") if folders else ""
+    except (ImportError, OSError, ValueError):
+        return None
+    values: dict[str, str] = dict(re.findall(r"^(__version__|cuda|hip)\b[^=]*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE))
+    if "__version__" not in values:
+        return None
+    builds = [f"{label} {values[key]}" for key, label in (("cuda", "CUDA"), ("hip", "HIP")) if key in values]
+    return values["__version__"] + (f" ({', '.join(builds)})" if builds else "")
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_report())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dalda-aug",
         description="DALDA generative data augmentation for few-shot image classification.",
     )
-    parser.add_argument("--version", action="version", version=f"dalda-aug {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of dalda-aug, Python, torch, "
+                        "diffusers, transformers and open_clip, and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         module = sys.modules[__name__] if name == __name__ else importlib.import_module(name)

@@ -7,6 +7,8 @@ built-in exception a caller would expect (``ValueError``, ``FileNotFoundError``.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 
 class DaldaError(Exception):
     """Base class of the errors raised for bad input or bad state."""
@@ -32,7 +34,7 @@ class MissingDependencyError(DaldaError, ImportError):
     """An optional dependency is not installed (the message names the extra to install)."""
 
 
-def require(module: str, extra: str, package: str | None = None):
+def require(module: str, extra: str, package: str | None = None) -> ModuleType:
     """Import ``module`` or raise :class:`MissingDependencyError` naming the pip extra."""
     import importlib
 

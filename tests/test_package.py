@@ -1,6 +1,11 @@
 import json
+import os
+import platform
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +13,12 @@ import dalda_aug
 from dalda_aug.cli import main
 from dalda_aug.config import ModelConfig
 from dalda_aug.errors import InputError, MissingFileError
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_PACKAGE = SOURCE_ROOT / "dalda_aug"
+PACKAGE_DIR = Path(dalda_aug.__file__).resolve().parent  # the package under test
+# Set by `make test` to the folder the wheel was installed into.
+INSTALLED = os.environ.get("DALDA_TEST_INSTALLED")
 
 
 def test_import_is_light():
@@ -76,6 +87,72 @@ def test_make_tiny_models_cli(tmp_path, capsys):
 
 def test_cli_help_and_version(capsys):
     assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out  # the help
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
-    assert exc.value.code == 0 and dalda_aug.__version__ in capsys.readouterr().out
+    assert exc.value.code == 0
+    import diffusers
+    import open_clip
+    import torch
+    import transformers
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"dalda-aug {dalda_aug.__version__}", f"python {platform.python_version()}",
+                     f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""),
+                     f"diffusers {diffusers.__version__}",
+                     f"transformers {transformers.__version__}", f"open_clip {open_clip.__version__}"]
+
+
+def test_version_without_the_optional_packages():
+    # No site-packages at all (-S), only the dalda_aug under test: every library is reported missing.
+    code = f"import sys; sys.path.insert(0, {str(PACKAGE_DIR.parent)!r}); from dalda_aug.cli import main; main(['--version'])"
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[2:] == ["torch not installed", "diffusers not installed",
+                                           "transformers not installed", "open_clip not installed"]
+    assert out.stdout.splitlines()[0] == f"dalda-aug {dalda_aug.__version__}"
+
+
+# -- packaging: what a user gets from the wheel --------------------------------------------------
+def _package_files(package: Path) -> set[str]:
+    """Every file of a package folder, relative to it, bytecode caches aside."""
+    return {p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+            and not p.name.endswith("~")}
+
+
+def test_wheel_contains_every_file_of_the_package(tmp_path):
+    """Code, data files (presets, templates...) and py.typed: a file the wheel leaves out is missing
+    for every user who installs from PyPI."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for item in SOURCE_ROOT.iterdir():  # the project files (setup.cfg, README.md...) and the package
+        if item.is_file():
+            shutil.copy2(item, tree / item.name)
+    shutil.copytree(SOURCE_PACKAGE, tree / "dalda_aug", ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(tmp_path / "wheel"), str(tree)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("dalda_aug-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(f"dalda_aug-{dalda_aug.__version__}.dist-info/entry_points.txt").decode()
+    shipped = {n.removeprefix("dalda_aug/") for n in names if n.startswith("dalda_aug/")}
+    expected = _package_files(SOURCE_PACKAGE)
+    assert "py.typed" in expected and "__init__.py" in expected
+    assert sorted(expected - shipped) == []
+    assert "dalda-aug = dalda_aug.cli:main" in entry_points
+    assert not any(n.startswith("tests/") for n in names)
+
+
+@pytest.mark.skipif(not INSTALLED, reason="`make test` runs the suite against the installed wheel")
+def test_suite_runs_against_the_installed_wheel():
+    installed = Path(INSTALLED).resolve() / "dalda_aug"
+    assert PACKAGE_DIR == installed != SOURCE_PACKAGE
+    # The CLI in a subprocess (as the CLI tests run it) imports the installed package too.
+    code = "import dalda_aug.cli; print(dalda_aug.cli.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert Path(out.stdout.strip()).resolve() == installed / "cli.py"
+    # Every file the package reads at run time (all of its non-code files) was installed.
+    assert sorted(_package_files(SOURCE_PACKAGE) - _package_files(installed)) == []
