@@ -105,7 +105,7 @@ def test_spec_validates_inputs(tiny_models):
 
 
 # -- entries -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["png", "webp", "raw"])
+@pytest.mark.parametrize("fmt", ["lz4", "png", "webp", "raw"])
 def test_round_trip_is_lossless_with_metadata(tmp_path, spec, fmt):
     cache = SyntheticCache(tmp_path / "c", spec, image_format=fmt)
     variant, image = _variant(3), _image(3)
@@ -125,6 +125,75 @@ def test_round_trip_is_lossless_with_metadata(tmp_path, spec, fmt):
     assert len(cache) == 1 and cache.keys() == {key}
 
 
+def test_default_format_is_lz4_and_older_formats_stay_readable(tmp_path, spec):
+    import lz4.block
+
+    cache = SyntheticCache(tmp_path / "c", spec)
+    assert cache.image_format == "lz4"
+    # Entries written in every format (as older caches did) are read by a default cache.
+    for i, fmt in enumerate(["png", "webp", "raw"]):
+        SyntheticCache(tmp_path / "c", spec, image_format=fmt, shard=fmt).put(_variant(i), _image(i))
+    cache.put(_variant(3), _image(3))
+    for i, fmt in enumerate(["png", "webp", "raw", "lz4"]):
+        entry = cache.get(_variant(i))
+        assert entry.metadata["format"] == fmt
+        assert np.array_equal(np.asarray(entry.image), np.asarray(_image(i)))
+    # The lz4 payload is LZ4's block format of the raw RGB bytes, as an independent decoder reads it.
+    blob = cache.get_raw(_variant(3))
+    meta_len = int.from_bytes(blob[9:13], "big")
+    payload = blob[13 + meta_len:]
+    assert lz4.block.decompress(payload, uncompressed_size=48 * 40 * 3) == _image(3).tobytes()
+    # Content with repeated runs compresses (photos: ~0.88 of raw, see benchmarks/README.md).
+    y, x = np.mgrid[0:64, 0:64]
+    smooth = Image.fromarray(np.stack([x // 8 * 32, y // 8 * 32, (x + y) // 16 * 32], -1).astype(np.uint8))
+    assert len(encode_entry(smooth, {}, "lz4")) < 0.9 * 64 * 64 * 3
+
+
+def test_spec_records_make_the_cache_self_describing(tmp_path, spec):
+    from dalda_aug.plan import AugmentationPlan
+
+    plan_a = AugmentationPlan([_variant(0), _variant(1)], {})
+    plan_b = AugmentationPlan([_variant(2)], {})
+    other = dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_inference_steps=3))
+    assert GenerationSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert GenerationSpec.from_dict(spec.to_dict()).fingerprint == spec.fingerprint
+
+    directory = tmp_path / "c"
+    bare = SyntheticCache(directory)
+    with pytest.raises(InputError, match="does not exist"):
+        bare.resolve_spec(plan_a)
+    SyntheticCache(directory, spec).record_spec(plan_a)
+    assert [p.name for p in (directory / "specs").iterdir()] == [f"{spec.fingerprint}-{_plan_fp(plan_a)}.json"]
+    bare = SyntheticCache(directory)
+    assert bare.resolve_spec() == spec and bare.resolve_spec(plan_b) == spec  # the only one
+    SyntheticCache(directory, spec).put(_variant(0), _image(0))
+    assert bare.key(_variant(0)) == spec.key(_variant(0)) and bare.get(_variant(0)) is not None
+    assert bare.stats(plan_a)["plan"]["cached"] == 1
+
+    # Two specs: the one recorded for the plan in use, else an error listing both.
+    SyntheticCache(directory, other).record_spec(plan_b)
+    bare = SyntheticCache(directory)
+    assert bare.resolve_spec(plan_a) == spec and bare.resolve_spec(plan_b) == other
+    assert {s.fingerprint for s in bare.recorded_specs()} == {spec.fingerprint, other.fingerprint}
+    with pytest.raises(InputError, match=f"2 generation specs.*{spec.fingerprint}.*no plan says"):
+        bare.key(_variant(0))
+    plan_c = AugmentationPlan([_variant(9)], {})
+    with pytest.raises(InputError, match="none of them are recorded for this plan"):
+        bare.resolve_spec(plan_c)
+    # An explicit spec wins.
+    assert SyntheticCache(directory, other).resolve_spec(plan_a) == other
+    # A damaged record is named.
+    (directory / "specs" / "junk.json").write_text("{")
+    with pytest.raises(InputError, match="junk.json"):
+        SyntheticCache(directory).resolve_spec(plan_a)
+
+
+def _plan_fp(plan):
+    from dalda_aug.cache import plan_fingerprint
+
+    return plan_fingerprint(plan)
+
+
 def test_own_writes_are_visible_at_once(cache):
     variant = _variant(5)
     assert cache.get(variant) is None  # first scan: no shard yet
@@ -132,7 +201,7 @@ def test_own_writes_are_visible_at_once(cache):
     assert cache.get(variant) is not None  # no waiting for the periodic rescan
 
 
-@pytest.mark.parametrize("fmt", ["png", "webp", "raw"])
+@pytest.mark.parametrize("fmt", ["lz4", "png", "webp", "raw"])
 def test_encode_decode_detects_damage(fmt):
     blob = encode_entry(_image(1), {"key": "k" * 64}, fmt)
     image, meta = decode_entry(blob, "k" * 64)
@@ -325,7 +394,7 @@ def test_bad_arguments(tmp_path, spec):
         SyntheticCache(tmp_path, spec, image_format="jpeg")
     with pytest.raises(InputError):
         SyntheticCache(tmp_path, "spec")
-    with pytest.raises(InputError, match="GenerationSpec"):
+    with pytest.raises(InputError, match="records no generation spec"):
         SyntheticCache(tmp_path).key(_variant())
 
 
@@ -349,6 +418,12 @@ def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
     for v in plan.variants[:4]:  # half of the plan, with stand-in pixels
         cache.put(v, _image(v.seed % 1000))
     args = ["--cache", str(tmp_path / "cache"), "--plan", str(tmp_path / "plan"), "--steps", "2", "--size", "32"]
+    # Without warm's record, the reading commands need the options, and say so.
+    assert main(["cache", "stats", *args[:4]]) == 2
+    assert "records no generation spec" in capsys.readouterr().err
+    cache.record_spec(plan)  # what warm does; from now on no options are needed
+    assert main(["cache", "stats", *args[:4], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["cached"] == 4
 
     assert main(["cache", "stats", *args, "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
