@@ -18,9 +18,15 @@ Splits:
 * ``caltech101`` (101 classes, ``BACKGROUND_Google`` left out): there is no official split;
   each class is split in halves by a seeded permutation (``--seed``), as the reference code does.
 
-The reference code instead splits Pets and Flowers in random halves too and evaluates on a
-random half of the test images; we keep the official splits and evaluate on the whole test split.
-Few-shot subsets are drawn later (``dalda-aug plan --n-shot``), not here.
+The reference code (kkyuhun94/dalda, ``semantic_aug/datasets/``) splits every class in halves by
+one seeded permutation per dataset: Pets trains on the first half of ``trainval`` and validates
+on the second half of ``test``; Flowers-102 pools all 8,189 images (ignoring the official
+splits) and Caltech-101 its 101 classes, each split in halves; validation draws 6,400 images
+with replacement from the validation half every epoch. We keep the official Pets and Flowers
+splits and evaluate on the whole test split; only Caltech-101, which has no official split, is
+halved the reference's way (one seeded permutation per class in turn; the reference lists files
+in ``glob`` order, so its halves themselves are not reproducible). Few-shot subsets are drawn
+later (``dalda-aug plan --shots N``, or ``benchmarks/fewshot.py --shots``), not here.
 """
 
 from __future__ import annotations

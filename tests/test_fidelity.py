@@ -50,3 +50,20 @@ def test_plan_class_names_rejects_other_values(pets, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["plan", "--data", str(pets), "--out", str(tmp_path / "o"), "--class-names", "upper"])
     assert info.value.code == 2 and "--class-names" in capsys.readouterr().err
+
+
+def test_prepare_datasets_docstring_names_real_flags():
+    import argparse
+    import ast
+    import re
+    from pathlib import Path
+
+    from dalda_aug.cli import build_parser
+
+    source = Path(__file__).resolve().parents[1] / "examples" / "prepare_datasets.py"
+    doc = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8")))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    plan_flags = sub.choices["plan"]._option_string_actions
+    named = re.findall(r"dalda-aug plan (--[\w-]+)", doc)
+    assert named == ["--shots"]
+    assert all(flag in plan_flags for flag in named)
