@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import shutil
 import signal
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -164,7 +166,8 @@ def test_on_miss_error_and_real(data, tmp_path):
     reference = ImageFolder(data[0], transform=TO_TENSOR)
     with pytest.raises(CacheMissError, match="not in"):
         _dataset(data, empty, p=1.0, on_miss="error")[0]
-    ds = _dataset(data, empty, p=1.0, on_miss="real")
+    with pytest.warns(UserWarning, match="does not exist"):
+        ds = _dataset(data, empty, p=1.0, on_miss="real")
     for i in range(len(ds)):
         x, y = ds[i]
         assert torch.equal(x, reference[i][0]) and y == reference.targets[i]
@@ -243,7 +246,7 @@ def test_construction_loads_nothing_and_validates(data, warm_cache, tmp_path):
         SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, p=1.5)
     with pytest.raises(InputError, match="on_miss"):
         SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, on_miss="skip")
-    with pytest.raises(InputError, match="GenerationSpec"):
+    with pytest.raises(InputError, match="does not exist.*GenerationSpec"):
         SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(tmp_path / "x"))
     other = _write_folder(tmp_path / "other")
     for f in (other / "ant").iterdir():
@@ -251,7 +254,8 @@ def test_construction_loads_nothing_and_validates(data, warm_cache, tmp_path):
     for name in ("bee", "cat"):
         for f in (other / name).iterdir():
             f.rename(other / name / f"renamed_{f.name}")
-    with pytest.raises(InputError, match="none of the"):
+    with pytest.raises(InputError, match="none of the 9 items.*looked for ImageFolder file paths relative to its "
+                                         "root .*'ant/renamed_img_0.png'.*'ant/img_0.png'.*source_ids="):
         SyntheticAugmentedDataset(ImageFolder(other), plan, warm_cache)
     other_spec = dataclasses.replace(spec, dtype="float16")
     with pytest.raises(InputError, match="fingerprint"):
@@ -313,3 +317,122 @@ def test_pool_killed_worker_is_reported(data, tmp_path):
         ds = _dataset(data, cache, p=1.0, on_miss="wait", pool=pool, wait_timeout=300)
         with pytest.raises(PoolError, match="exited with code -9"):
             ds[0]
+
+
+# -- the cache describes itself; nothing degrades silently --------------------------------------------
+def test_spec_less_cache_serves_the_recorded_spec(data, warm_cache):
+    root, plan, spec = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full coverage: no warning
+        ds = SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(warm_cache.directory), p=1.0,
+                                       on_miss="error", transform=TO_TENSOR)
+    assert ds.cache.spec == spec and ds.cached_variants == ds.planned_variants == len(plan)
+    for i in range(len(ds)):
+        assert torch.equal(ds[i][0], _tensor(warm_cache.get(ds.choose(i)).image))
+
+
+def test_coverage_warning_names_the_specs(data, warm_cache):
+    root, plan, spec = data
+    other = dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_inference_steps=3))
+    with pytest.warns(UserWarning) as record:
+        ds = SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(warm_cache.directory, other), p=1.0,
+                                       on_miss="real")
+    text = str(record[0].message)
+    assert f"0/{len(plan)} synthetic variants" in text and other.fingerprint in text
+    assert f"fingerprint {spec.fingerprint} ({len(plan)} of these variants)" in text
+    assert ds.cached_variants == 0
+    # Other on_miss policies do not fall back silently, so they do not warn.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(warm_cache.directory, other), p=1.0,
+                                  on_miss="error")
+
+
+def test_changed_source_is_refused(data, warm_cache, tmp_path):
+    root, plan, _ = data
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    SyntheticAugmentedDataset(ImageFolder(copy), plan, warm_cache)  # same pixels elsewhere: fine
+    changed = copy / "bee" / "img_1.png"
+    pixels = np.asarray(Image.open(changed)).copy()
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(changed)
+    with pytest.raises(InputError, match=f"{changed}.*changed since the plan was made.*re-plan"):
+        SyntheticAugmentedDataset(ImageFolder(copy), plan, warm_cache)
+    SyntheticAugmentedDataset(ImageFolder(copy), plan, warm_cache, p=0.0)  # never synthetic: not checked
+
+
+# -- any base dataset ----------------------------------------------------------------------------------
+def _served_versions(ds):
+    """Per item: -1 if the real image came out, else the variant index (from the tensors)."""
+    out = []
+    for i in range(len(ds)):
+        x, _ = ds[i]
+        real = _tensor(ds._base_item(i)[0])
+        if torch.equal(x, real):
+            out.append(-1)
+            continue
+        out.append(next(v.variant for v in ds.variants_for(i) if torch.equal(x, _tensor(ds.cache.get(v).image))))
+    return out
+
+
+def _reference_versions(data, warm_cache, p=0.5):
+    ds = _dataset(data, warm_cache, p=p, seed=5, on_miss="error")
+    return ds, _served_versions(ds)
+
+
+def test_timm_image_dataset_base(data, warm_cache):
+    from timm.data import ImageDataset
+
+    root, plan, _ = data
+    reference, expected = _reference_versions(data, warm_cache)
+    ds = SyntheticAugmentedDataset(ImageDataset(str(root)), plan, warm_cache, p=0.5, seed=5, on_miss="error",
+                                   transform=TO_TENSOR)
+    assert ds.targets == reference.targets and ds.classes == reference.classes
+    assert ds.class_to_idx == reference.class_to_idx
+    assert source_ids(ds.base) == source_ids(reference.base)
+    assert _served_versions(ds) == expected and set(expected) != {-1}
+
+
+def test_hugging_face_imagefolder_base(data, warm_cache, tmp_path):
+    datasets = pytest.importorskip("datasets")
+
+    root, plan, _ = data
+    reference, expected = _reference_versions(data, warm_cache)
+    hf = datasets.load_dataset("imagefolder", data_dir=str(root), split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(hf[0], dict)
+    ds = SyntheticAugmentedDataset(hf, plan, warm_cache, p=0.5, seed=5, on_miss="error", transform=TO_TENSOR)
+    # HF may order the files differently: compare item by item through the source ids.
+    ids = source_ids(hf, root)
+    order = [source_ids(reference.base).index(source) for source in ids]
+    assert ds.classes == reference.classes
+    assert ds.targets == [reference.targets[j] for j in order]
+    assert ds.num_augmentable == len(ds)
+    versions = _served_versions(ds)
+    assert set(versions) != {-1}
+    # p = 0: (image, label) pairs, not the dict's keys.
+    plain = SyntheticAugmentedDataset(hf, plan, warm_cache, p=0.0, transform=TO_TENSOR)
+    x, y = plain[0]
+    assert isinstance(x, torch.Tensor) and y == reference.targets[order[0]]
+    assert torch.equal(x, _tensor(reference.base[order[0]][0]))
+
+
+def test_explicit_source_ids_and_item_shapes(data, warm_cache):
+    root, plan, _ = data
+    reference, expected = _reference_versions(data, warm_cache)
+    folder = ImageFolder(root)
+    pairs = [(Image.open(path).convert("RGB"), label) for path, label in folder.samples]
+    with pytest.raises(InputError, match="none of the 9 items.*looked for item indices.*source_ids="):
+        SyntheticAugmentedDataset(pairs, plan, warm_cache)
+    ds = SyntheticAugmentedDataset(pairs, plan, warm_cache, p=0.5, seed=5, on_miss="error", transform=TO_TENSOR,
+                                   source_ids=source_ids(folder))
+    assert _served_versions(ds) == expected
+    with pytest.raises(InputError, match="source_ids= lists 2 ids"):
+        SyntheticAugmentedDataset(pairs, plan, warm_cache, source_ids=["a", "b"])
+    tensors = [(TO_TENSOR(image), label) for image, label in pairs]
+    with pytest.raises(InputError, match="item 0 of the base dataset holds a Tensor"):
+        SyntheticAugmentedDataset(tensors, plan, warm_cache, source_ids=source_ids(folder))
+    with pytest.raises(InputError, match="item 0 of the base dataset is a dict with keys"):
+        SyntheticAugmentedDataset([{"pixels": 1}] * 9, plan, warm_cache, source_ids=source_ids(folder))
+    with pytest.raises(InputError, match="item 0 of the base dataset is a Image"):
+        SyntheticAugmentedDataset([image for image, _ in pairs], plan, warm_cache, source_ids=source_ids(folder))
