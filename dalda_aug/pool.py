@@ -212,8 +212,8 @@ class GeneratorPool:
     """One spawned generator process per device, filling ``cache`` on request.
 
     Args:
-        cache: where results go; its :attr:`~dalda_aug.cache.SyntheticCache.spec` says which
-            generator to build.
+        cache: where results go; its :attr:`~dalda_aug.cache.SyntheticCache.spec` (or, without
+            one, the spec recorded in its folder) says which generator to build.
         devices: one worker per entry (``["cuda:0", "cuda:1"]``, ``["cpu"]``); default every
             visible CUDA device, else one CPU worker.
         batch_size: most requests per generator call.
@@ -236,7 +236,7 @@ class GeneratorPool:
         if not isinstance(cache, SyntheticCache):
             raise InputError(f"cache must be a SyntheticCache, got {type(cache).__name__}")
         if cache.spec is None:
-            raise InputError("the pool's cache needs a GenerationSpec (SyntheticCache(dir, spec)) to build generators")
+            cache = cache.with_spec(cache.resolve_spec())  # the recorded one, or an InputError saying why not
         if int(batch_size) != batch_size or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if max_delay < 0:

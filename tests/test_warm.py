@@ -60,6 +60,9 @@ def test_warm_fills_the_cache_then_reruns_without_models(setup, generator, tmp_p
     assert report.already_cached == 0 and batches[-1] == 24 and len(batches) == 8
     assert cache.keys() == set(plan_keys(plan, cache))
     assert cache.verify()["ok"] == 24
+    # warm recorded its spec for this plan: a cache opened without one finds the images.
+    bare = SyntheticCache(tmp_path / "cache")
+    assert bare.resolve_spec(plan) == spec and bare.stats(plan)["plan"]["coverage"] == 1.0
     entry = cache.get(plan[5])
     assert entry.metadata["prompt"] == plan[5].prompt and entry.metadata["lambda"] == plan[5].lam
 
@@ -133,7 +136,7 @@ def _env():
     return env
 
 
-def test_warm_survives_kill_9_and_resumes(setup, models_json, tmp_path):
+def test_warm_survives_kill_9_and_resumes(setup, models_json, tmp_path, capsys):
     base, plan, spec = setup
     bigger = build_plan(base / "data", variants=12, seed=5, scores=[0.1, 0.3, 0.5, 0.7, 0.9, 0.2],
                         models=spec.models)
@@ -172,6 +175,12 @@ def test_warm_survives_kill_9_and_resumes(setup, models_json, tmp_path):
     again = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"{len(bigger)} already cached, 0 generated" in again.stdout
 
+    # The reading commands need none of warm's generation options.
+    from dalda_aug.cli import main
+
+    assert main(["cache", "stats", "--cache", str(cache_dir), "--plan", str(tmp_path / "plan")]) == 0
+    assert f"{len(bigger)}/{len(bigger)} images cached (100.0%)" in capsys.readouterr().out
+
 
 def test_accelerate_launch_two_processes_split_the_work(setup, models_json, tmp_path):
     pytest.importorskip("accelerate")
@@ -194,6 +203,7 @@ def test_accelerate_launch_two_processes_split_the_work(setup, models_json, tmp_
     reader = SyntheticCache(cache_dir, spec)
     keys = set(plan_keys(plan, reader))
     assert reader.keys() == keys
+    assert SyntheticCache(cache_dir).resolve_spec(plan).fingerprint == spec.fingerprint  # both ranks recorded it
     # Each process wrote its own shard, only keys of its share, and no key was generated twice.
     per_shard = {}
     for r in reports:
