@@ -45,6 +45,9 @@ _EXPORTS = {
     "run_demo": "demo",
     "RealGuidanceConfig": "real_guidance",
     "RealGuidanceGenerator": "real_guidance",
+    "DAFusionConfig": "generators",
+    "DAFusionGenerator": "generators",
+    "train_textual_inversion": "generators",
     "build_classifier": "classify",
     "ClassifierSpec": "classify",
     "TrainConfig": "classify",
@@ -84,6 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .demo import run_demo
     from .pool import GeneratorPool, PoolError
     from .real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+    from .generators import DAFusionConfig, DAFusionGenerator, train_textual_inversion
     from .warm import WarmReport
     from .classify import (ClassifierSpec, TrainConfig, build_classifier, eval_transform, evaluate,
                            train_classifier, train_transform)

@@ -160,60 +160,10 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
-_CLASSIFIER_CLS = None
-
-
 def _classifier_class():
-    """Define :class:`Classifier` on first use, so importing this module does not import torch."""
-    global _CLASSIFIER_CLS
-    if _CLASSIFIER_CLS is not None:
-        return _CLASSIFIER_CLS
-    import torch
+    """:class:`~dalda_aug.classifier.Classifier` (its module imports torch, so it is imported on use)."""
+    from .classifier import Classifier
 
-    class Classifier(torch.nn.Module):
-        """``head(features(x))``: a backbone giving one feature vector per image, a linear head.
-
-        In ``"linear"`` mode the backbone is frozen: it runs without gradients and stays in
-        eval mode (batch-norm statistics and dropout untouched) even after ``model.train()``.
-        """
-
-        def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, spec: ClassifierSpec,
-                     normalize_features: bool = False):
-            super().__init__()
-            self.backbone = backbone
-            self.head = head
-            self.spec = spec
-            self.normalize_features = normalize_features
-            if spec.mode == "linear":
-                self.backbone.requires_grad_(False)
-                self.backbone.eval()
-
-        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-            if self.spec.mode == "linear":
-                with torch.no_grad():
-                    feats = self.backbone(x)
-            else:
-                feats = self.backbone(x)
-            if self.normalize_features:
-                feats = torch.nn.functional.normalize(feats, dim=-1)
-            return feats
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.forward_features(x))
-
-        def train(self, mode: bool = True):
-            super().train(mode)
-            if self.spec.mode == "linear":
-                self.backbone.eval()
-            return self
-
-        def extra_repr(self) -> str:
-            s = self.spec
-            return f"backbone={s.backbone!r}, mode={s.mode!r}, num_classes={s.num_classes}, weights={s.weights!r}"
-
-    Classifier.__module__ = __name__
-    Classifier.__qualname__ = "Classifier"
-    _CLASSIFIER_CLS = Classifier
     return Classifier
 
 

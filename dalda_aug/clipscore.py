@@ -8,7 +8,6 @@ cosine CLIPScore of Hessel et al. (``2.5 · max(cos(image, own text), 0)``) is a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -41,14 +40,18 @@ def load_open_clip(model_name: str, pretrained: str | None, device="cpu"):
     require("open_clip", "generate", package="open_clip_torch")
     import open_clip
 
+    from .generators.loading import parse_location  # the one "hub id or local path" rule
+
     name = model_name
-    if model_name.endswith(".json"):
-        cfg_path = Path(model_name)
+    model_location = parse_location(model_name)
+    if model_location.is_local:
+        cfg_path = model_location.path
         if not cfg_path.is_file():
             raise ModelLoadError(f"open_clip model config not found: {cfg_path}")
         open_clip.add_model_config(cfg_path)
         name = cfg_path.stem
-    if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+    if pretrained and parse_location(pretrained).is_local:
+        pretrained = parse_location(pretrained).value
         if not Path(pretrained).is_file():
             raise ModelLoadError(f"open_clip checkpoint not found: {pretrained} (for model {model_name!r})")
     try:

@@ -70,10 +70,14 @@ class ModelConfig:
             raise InputError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
         values = dict(data)
         if base_dir is not None:
+            from .generators.loading import parse_location  # the one "hub id or local path" rule
+
             for name in ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained"):
                 value = values.get(name)
-                if isinstance(value, str) and value.startswith(("./", "../")):
-                    values[name] = str((Path(base_dir) / value).resolve())
+                if isinstance(value, str) and value.strip():
+                    location = parse_location(value, base_dir=base_dir)
+                    if location.is_local:
+                        values[name] = location.value
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> Path:

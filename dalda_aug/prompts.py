@@ -910,10 +910,15 @@ class HFChatBackend:
         if self._loaded is None:
             torch = require("torch", "llm")
             transformers = require("transformers", "llm")
+            from .generators.loading import parse_location  # the one "hub id or local path" rule
+
+            location = parse_location(self.model)
+            if location.is_local and not location.path.is_dir():
+                raise MissingFileError(f"chat model folder not found: {location.path}")
             try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(self.model, revision=self.revision)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(location.value, revision=self.revision)
                 model = transformers.AutoModelForCausalLM.from_pretrained(
-                    self.model, revision=self.revision, dtype=getattr(torch, self.dtype or "float32")
+                    location.value, revision=self.revision, dtype=getattr(torch, self.dtype or "float32")
                 )
             except OSError as exc:
                 raise ModelLoadError(f"could not load the chat model {self.model!r}: {exc}") from exc
@@ -1021,15 +1026,18 @@ def load_clip_tokenizer(path: str | os.PathLike | None = None, *, revision: str 
             except OSError:  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
         path = folder
-    local = Path(path).expanduser()
+    from .generators.loading import parse_location  # the one "hub id or local path" rule
+
+    location = parse_location(path)
+    local = location.path
     try:
-        if local.is_dir():
+        if location.is_local and local.is_dir():
             if (local / "tokenizer").is_dir() and not (local / "tokenizer_config.json").is_file():
                 local = local / "tokenizer"
             return transformers.CLIPTokenizer.from_pretrained(str(local))
-        if local.exists():
+        if location.is_local and local.exists():
             raise InputError(f"tokenizer path {path} is a file; give the tokenizer's folder")
-        if str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # a path, not a hub id
+        if location.is_local:
             raise MissingFileError(f"tokenizer folder not found: {path}")
         return transformers.CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer", revision=revision)
     except (OSError, ValueError) as exc:

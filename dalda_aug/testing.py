@@ -109,8 +109,8 @@ def _tiny_vae():
 
 
 def ddim_scheduler_config() -> dict:
-    """The paper's DDIM configuration; defined in :mod:`dalda_aug.generation`, which uses it."""
-    from .generation import ddim_scheduler_config as config
+    """The paper's DDIM configuration; defined in :mod:`dalda_aug.generators.loading`."""
+    from .generators.loading import ddim_scheduler_config as config
 
     return config()
 
@@ -187,7 +187,12 @@ def make_tiny_models(root: str | os.PathLike, *, seed: int = 0) -> ModelConfig:
     )
     tok_dir = write_clip_tokenizer(root / "tokenizer-src")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
-    scheduler = diffusers.DDIMScheduler(**ddim_scheduler_config())
+    # The scheduler CompVis/stable-diffusion-v1-4 ships (PNDM, PLMS steps), so that the
+    # "pipeline" scheduler of the img2img baselines is exercised as with the real model.
+    scheduler = diffusers.PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    )
     pipe = diffusers.StableDiffusionPipeline(
         unet=unet,
         vae=vae,

@@ -1,0 +1,58 @@
+"""The classifier ``nn.Module`` of :mod:`dalda_aug.classify`, defined at module level.
+
+Kept apart from :mod:`dalda_aug.classify` because it imports torch at import time; build one with
+:func:`dalda_aug.classify.build_classifier`. ``dalda_aug.classify.Classifier`` is this class.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .classify import ClassifierSpec
+
+__all__ = ["Classifier"]
+
+
+class Classifier(torch.nn.Module):
+    """``head(features(x))``: a backbone giving one feature vector per image, a linear head.
+
+    In ``"linear"`` mode the backbone is frozen: it runs without gradients and stays in
+    eval mode (batch-norm statistics and dropout untouched) even after ``model.train()``.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, spec: ClassifierSpec,
+                 normalize_features: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.spec = spec
+        self.normalize_features = normalize_features
+        if spec.mode == "linear":
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.mode == "linear":
+            with torch.no_grad():
+                feats = self.backbone(x)
+        else:
+            feats = self.backbone(x)
+        if self.normalize_features:
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.spec.mode == "linear":
+            self.backbone.eval()
+        return self
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"backbone={s.backbone!r}, mode={s.mode!r}, num_classes={s.num_classes}, weights={s.weights!r}"

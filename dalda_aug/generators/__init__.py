@@ -1,0 +1,109 @@
+"""The generator family: every way dalda_aug turns a plan variant into an image.
+
+========================  ===========================================================
+module                    what it holds
+========================  ===========================================================
+``loading``               :func:`parse_location` (the one "hub id or local path" rule),
+                          loader error policy, schedulers, VAE loaders
+``base``                  :class:`GenerationRequest`, :class:`GeneratorConfig` (fields declare
+                          whether they change pixels), fingerprints, dtypes, the registry
+``attention``             per-sample-λ attention processors (module-level classes)
+``step_cache``            DeepCache-style step caching
+``ip_adapter``            DALDA: :class:`GenerationConfig`, :class:`IPAdapterGenerator`
+``img2img``               what Real Guidance and DA-Fusion share
+``real_guidance``         :class:`RealGuidanceConfig`, :class:`RealGuidanceGenerator`
+``da_fusion``             :class:`DAFusionConfig`, :class:`DAFusionGenerator`
+``textual_inversion``     :func:`train_textual_inversion` (DA-Fusion's class tokens)
+========================  ===========================================================
+
+A new generator: a config dataclass derived from :class:`GeneratorConfig` whose fields use
+:func:`pixel_field` / :func:`speed_field`, a generator class with ``load``/``generate``/
+``fingerprint``, and one :func:`register_generator` call; ``GenerationSpec.make_generator``
+finds it. ``tests/test_generators_contract.py`` runs the family contract on it once it is added
+to that file's list. Names are imported on first use: ``import dalda_aug.generators`` is light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ModelLocation": "loading",
+    "parse_location": "loading",
+    "is_local_location": "loading",
+    "describe_location": "loading",
+    "check_local_folder": "loading",
+    "call_loader": "loading",
+    "ddim_scheduler_config": "loading",
+    "make_scheduler": "loading",
+    "load_vae": "loading",
+    "load_tiny_vae": "loading",
+    "GenerationRequest": "base",
+    "GeneratorConfig": "base",
+    "pixel_field": "base",
+    "speed_field": "base",
+    "field_changes_pixels": "base",
+    "generation_fingerprint": "base",
+    "dtype_name": "base",
+    "resolve_torch_dtype": "base",
+    "image_key": "base",
+    "check_requests": "base",
+    "register_generator": "base",
+    "generator_class_for": "base",
+    "registered_configs": "base",
+    "config_from_dict": "base",
+    "ScaleAwareAttnProcessor": "attention",
+    "PerSampleIPAdapterAttnProcessor": "attention",
+    "install_per_sample_processors": "attention",
+    "check_step_caching_unet": "step_cache",
+    "unet_step": "step_cache",
+    "GenerationConfig": "ip_adapter",
+    "IPAdapterGenerator": "ip_adapter",
+    "SCHEDULERS": "ip_adapter",
+    "estimate_sample_bytes": "ip_adapter",
+    "load_reference_pipeline": "ip_adapter",
+    "reference_generate": "ip_adapter",
+    "Img2ImgConfig": "img2img",
+    "Img2ImgGenerator": "img2img",
+    "RealGuidanceConfig": "real_guidance",
+    "RealGuidanceGenerator": "real_guidance",
+    "DAFusionConfig": "da_fusion",
+    "DAFusionGenerator": "da_fusion",
+    "DA_FUSION_STRENGTHS": "da_fusion",
+    "draw_strengths": "da_fusion",
+    "train_textual_inversion": "textual_inversion",
+    "TextualInversionConfig": "textual_inversion",
+    "TokenSet": "textual_inversion",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .attention import PerSampleIPAdapterAttnProcessor, ScaleAwareAttnProcessor, install_per_sample_processors
+    from .base import (GenerationRequest, GeneratorConfig, check_requests, config_from_dict, dtype_name,
+                       field_changes_pixels, generation_fingerprint, generator_class_for, image_key, pixel_field,
+                       register_generator, registered_configs, resolve_torch_dtype, speed_field)
+    from .da_fusion import DA_FUSION_STRENGTHS, DAFusionConfig, DAFusionGenerator, draw_strengths
+    from .img2img import Img2ImgConfig, Img2ImgGenerator
+    from .ip_adapter import (SCHEDULERS, GenerationConfig, IPAdapterGenerator, estimate_sample_bytes,
+                             load_reference_pipeline, reference_generate)
+    from .loading import (ModelLocation, call_loader, check_local_folder, ddim_scheduler_config, describe_location,
+                          is_local_location, load_tiny_vae, load_vae, make_scheduler, parse_location)
+    from .real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+    from .step_cache import check_step_caching_unet, unet_step
+    from .textual_inversion import TextualInversionConfig, TokenSet, train_textual_inversion

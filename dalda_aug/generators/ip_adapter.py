@@ -1,0 +1,591 @@
+"""Batched Stable Diffusion 1.x + IP-Adapter generation with a per-sample image weight λ.
+
+:class:`IPAdapterGenerator` (also importable from :mod:`dalda_aug.generation`) turns a list of :class:`GenerationRequest` (reference image,
+prompt, λ, seed) into images. A whole (sub)batch shares one UNet call per denoising step, yet
+every request gets, within floating-point tolerance, the image that stock diffusers gives for
+it alone::
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)   # (+ VAE override)
+    pipe.scheduler = DDIMScheduler(**ddim_scheduler_config())
+    pipe.load_ip_adapter(ip_adapter, subfolder="models", weight_name="ip-adapter_sd15.bin")
+    pipe.set_ip_adapter_scale(request.scale)
+    pipe(prompt_prefix + request.prompt, negative_prompt=..., ip_adapter_image=request.image,
+         num_inference_steps=30, guidance_scale=7.5, height=512, width=512,
+         generator=torch.Generator("cpu").manual_seed(request.seed))
+
+whatever the batch size and whatever the other requests in the batch. Stock diffusers cannot
+batch this: its IP-Adapter attention processor holds one Python-float scale for the whole
+batch, and its pipeline repeats one set of image embeddings over the batch. So we
+
+* replace the UNet's attention processors (after ``load_ip_adapter``, reusing its loaded
+  ``to_k_ip``/``to_v_ip`` layers) by ones that read a λ *tensor* of shape ``[batch]`` from
+  ``cross_attention_kwargs={"ip_scale": λ}`` (a tensor, so new λ values never recompile a
+  ``torch.compile``-d UNet), and
+* run our own denoising loop: one text embedding, one image embedding (computed once per
+  distinct reference image and cached), one CPU ``torch.Generator`` and one λ per sample,
+  the zero negative image embedding of ip-adapter_sd15, classifier-free guidance, DDIM with
+  eta = 0, the VAE decode and the pipeline's own post-processing.
+
+Nothing is imported or loaded at import time: torch, diffusers and transformers are imported
+by the functions that need them, and the models load on :meth:`IPAdapterGenerator.load` (or
+the first :meth:`~IPAdapterGenerator.generate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
+
+from ..config import ModelConfig
+from ..errors import InputError, ModelLoadError, require
+from .base import (
+    GenerationRequest,
+    GeneratorConfig,
+    check_choice,
+    check_int,
+    check_requests,
+    dtype_name,
+    generation_fingerprint,
+    image_key,
+    pixel_field,
+    register_generator,
+    resolve_torch_dtype,
+    speed_field,
+)
+from .loading import (
+    call_loader,
+    check_local_folder,
+    ddim_scheduler_config,
+    describe_location,
+    load_tiny_vae,
+    load_vae,
+    make_scheduler,
+    parse_location,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+__all__ = [
+    "GenerationConfig",
+    "IPAdapterGenerator",
+    "estimate_sample_bytes",
+    "load_reference_pipeline",
+    "reference_generate",
+    "SCHEDULERS",
+]
+
+SCHEDULERS = ("ddim", "dpmsolver++")
+_ATTENTION = ("sdpa", "math")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_GIB = 1024**3
+# Auto batch size: fraction of free accelerator memory we plan to use, and the bounds.
+_FREE_MEMORY_FRACTION = 0.85
+_MAX_AUTO_BATCH = 32
+_CPU_AUTO_BATCH = 4
+
+
+@dataclass(frozen=True)
+class GenerationConfig(GeneratorConfig):
+    """How DALDA's images are generated (the paper's settings by default; diffusers' argument names).
+
+    Each field declares in its metadata whether it changes pixels (:func:`~dalda_aug.generators.pixel_field`)
+    or not (:func:`~dalda_aug.generators.speed_field`); :meth:`fingerprint` is built from the
+    former (``cache_interval``/``cache_branch`` only away from their "off" defaults). ``attention``,
+    ``channels_last``, ``compile`` and ``compile_mode`` are speed-ups that compute the same
+    function and only change results by floating-point rounding. Output-changing speed-ups
+    (``tiny_vae``, ``scheduler="dpmsolver++"`` with fewer steps, ``cache_interval > 1``) are off
+    by default.
+    """
+
+    METHOD: ClassVar[str] = "ip_adapter"
+    SCHEDULERS: ClassVar[tuple[str, ...]] = SCHEDULERS
+
+    # Denoising steps (paper: 30).
+    num_inference_steps: int = pixel_field(30)
+    # Classifier-free guidance weight (paper: 7.5); guidance and the negative prompt are used
+    # only when it is > 1, as in diffusers.
+    guidance_scale: float = pixel_field(7.5)
+    # Output size in pixels; multiples of 8 (paper: 512 x 512).
+    height: int = pixel_field(512)
+    width: int = pixel_field(512)
+    # Prepended to every request's prompt (paper: "best quality, high quality, ").
+    prompt_prefix: str = pixel_field("best quality, high quality, ")
+    # Negative prompt of classifier-free guidance (paper's).
+    negative_prompt: str = pixel_field("monochrome, lowres, bad anatomy, worst quality, low quality")
+    # "ddim" (paper; eta = 0, :func:`ddim_scheduler_config`) or the opt-in "dpmsolver++"
+    # (DPM-Solver++ 2M built from the same betas), commonly run with ~20 steps instead of 30
+    # (1.5x fewer UNet calls); different pixels from the paper's sampler.
+    scheduler: str = pixel_field("ddim")
+    # Opt-in AutoencoderTiny (hub id or folder, e.g. "madebyollin/taesd") that decodes the
+    # latents instead of the full VAE: the decode (~5 % of the work at 512², more at small
+    # sizes, and most of the per-image peak memory) becomes far cheaper, but the pixels are an
+    # approximation (softer fine detail). Changes pixels.
+    tiny_vae: str | None = pixel_field(None)
+    # Opt-in step caching (DeepCache, Ma et al., CVPR 2024): every ``cache_interval``-th
+    # denoising step (the first included) runs the full UNet and caches the deep features
+    # entering the up-block paired with down-block ``cache_branch``; the steps in between run
+    # only the shallow part (conv_in, down_blocks[:cache_branch + 1], the up-blocks from the
+    # paired one on, conv_out) on the cached deep features. 1 = off (every step runs the full
+    # UNet). Interval 3 needs ~2-2.5x fewer full-UNet FLOPs at a small quality cost. Changes pixels.
+    cache_interval: int = pixel_field(1, omit_at_default=True)
+    # Which skip branch stays live on cached steps: 0 = the shallowest (DeepCache's default,
+    # the cheapest cached steps); up to len(unet.down_blocks) - 1, checked when the models load.
+    cache_branch: int = pixel_field(0, omit_at_default=True)
+    # Attention kernel: "sdpa" (torch's fused scaled_dot_product_attention, flash/memory-
+    # efficient kernels on GPU) or "math" (its plain softmax(QK^T)V fallback; slow, for
+    # debugging numerical problems).
+    attention: str = speed_field("sdpa")
+    # Store UNet and VAE activations channels-last: often faster convolutions on GPUs
+    # with bf16/fp16; no effect worth having on CPU.
+    channels_last: bool = speed_field(False)
+    # torch.compile the UNet: faster steps after a warm-up compile per distinct batch size
+    # (about a minute for the tiny test UNet on CPU); λ is a tensor input, so new λ values
+    # never recompile. Needs a C++ (CPU) or Triton (GPU) toolchain.
+    compile: bool = speed_field(False)
+    # torch.compile mode when ``compile`` is on.
+    compile_mode: str = speed_field("default")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        if self.tiny_vae is not None and (not isinstance(self.tiny_vae, str) or not self.tiny_vae.strip()):
+            raise InputError(f"{owner}.tiny_vae must be None or a hub id / folder, got {self.tiny_vae!r}")
+        object.__setattr__(self, "cache_interval", check_int(owner, "cache_interval", self.cache_interval, 1))
+        # Upper bound (the UNet's down-block count) is checked by IPAdapterGenerator.load.
+        object.__setattr__(self, "cache_branch", check_int(owner, "cache_branch", self.cache_branch, 0))
+        check_choice(owner, "attention", self.attention, _ATTENTION)
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}")
+        check_choice(owner, "compile_mode", self.compile_mode, _COMPILE_MODES)
+
+    def model_fields(self) -> tuple[str, ...]:
+        return ("base", "base_revision", "vae", "ip_adapter", "ip_adapter_subfolder", "ip_adapter_weight",
+                "image_encoder_subfolder", "ip_adapter_revision")
+
+    def fingerprint_extras(self) -> dict[str, Any]:
+        return {"scheduler_config": ddim_scheduler_config(), "eta": 0.0}
+
+    def pixel_dict(self) -> dict[str, Any]:
+        values = super().pixel_dict()
+        if self.cache_interval == 1:  # step caching off: cache_branch is unused, the pixels do not depend on it
+            values.pop("cache_branch", None)
+        return values
+
+
+def estimate_sample_bytes(config: GenerationConfig, dtype: Any = None) -> int:
+    """Rough extra peak accelerator memory one more image in a batch costs, in bytes.
+
+    Model: ≈ 1 GiB per image at 512x512 in a 16-bit dtype: the VAE decode of one image
+    (feature maps of 128-512 channels at up to full resolution, ≈ 0.7 GiB) plus the UNet
+    activations of its classifier-free-guidance pair with SDPA attention (≈ 0.3 GiB).
+    Proportional to the pixel count and to the element size (twice as much in float32).
+    A deliberately conservative estimate that has not been calibrated on a GPU yet;
+    ``benchmarks/bench_generation.py`` prints the measured peak per batch size.
+    """
+    itemsize = 4 if dtype_name(dtype) == "float32" else 2
+    pixels = config.height * config.width / (512 * 512)
+    return int(0.5 * _GIB * itemsize * pixels)
+
+
+
+def _check_ip_adapter_folder(models: ModelConfig) -> None:
+    """Fail early, naming the expected file, for a local IP-Adapter folder that is incomplete."""
+    parsed = parse_location(models.ip_adapter)
+    if not parsed.is_local:
+        return
+    root = parsed.path
+    if not root.is_dir():
+        raise ModelLoadError(f"IP-Adapter folder not found: {root} (ModelConfig.ip_adapter={models.ip_adapter!r})")
+    weight = root / models.ip_adapter_subfolder / models.ip_adapter_weight
+    if not weight.is_file():
+        raise ModelLoadError(
+            f"IP-Adapter weight file not found: expected {weight} "
+            f"(ModelConfig.ip_adapter_subfolder={models.ip_adapter_subfolder!r}, "
+            f"ip_adapter_weight={models.ip_adapter_weight!r})"
+        )
+    encoder = root / models.image_encoder_subfolder / "config.json"
+    if not encoder.is_file():
+        raise ModelLoadError(
+            f"IP-Adapter image encoder not found: expected {encoder} "
+            f"(ModelConfig.image_encoder_subfolder={models.image_encoder_subfolder!r})"
+        )
+
+
+def load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device: Any, dtype: Any) -> Any:
+    """Stock diffusers SD1.x pipeline with the IP-Adapter loaded and the configured scheduler."""
+    require("torch", "generate")
+    diffusers = require("diffusers", "generate")
+    transformers = require("transformers", "generate")
+    check_local_folder(models.base, "ModelConfig.base", "Stable Diffusion pipeline", "model_index.json")
+    _check_ip_adapter_folder(models)
+    if config.tiny_vae is not None:
+        check_local_folder(config.tiny_vae, "GenerationConfig.tiny_vae", "tiny VAE (AutoencoderTiny)", "config.json")
+
+    ip_rev = models.ip_adapter_revision
+    ip_location = parse_location(models.ip_adapter).value
+    image_encoder = call_loader(
+        "the IP-Adapter image encoder",
+        f"a CLIPVisionModelWithProjection in "
+        f"{describe_location(models.ip_adapter, models.image_encoder_subfolder, ip_rev)}",
+        transformers.CLIPVisionModelWithProjection.from_pretrained,
+        ip_location,
+        subfolder=models.image_encoder_subfolder,
+        revision=ip_rev,
+        dtype=dtype,
+    )
+    components: dict[str, Any] = {"image_encoder": image_encoder}
+    if models.vae is not None:
+        components["vae"] = load_vae(models.vae, dtype)
+    pipe = call_loader(
+        "the Stable Diffusion pipeline",
+        f"a diffusers StableDiffusionPipeline (model_index.json) in "
+        f"{describe_location(models.base, None, models.base_revision)}",
+        diffusers.StableDiffusionPipeline.from_pretrained,
+        parse_location(models.base).value,
+        revision=models.base_revision,
+        safety_checker=None,
+        requires_safety_checker=False,
+        dtype=dtype,
+        **components,
+    )
+    call_loader(
+        "the IP-Adapter weights",
+        f"{models.ip_adapter_subfolder}/{models.ip_adapter_weight} in {describe_location(models.ip_adapter, None, ip_rev)}",
+        pipe.load_ip_adapter,
+        ip_location,
+        subfolder=models.ip_adapter_subfolder,
+        weight_name=models.ip_adapter_weight,
+        image_encoder_folder=None,  # registered above, with its revision
+        revision=ip_rev,
+    )
+    pipe.scheduler = make_scheduler(config.scheduler)
+    if config.tiny_vae is not None:
+        pipe.vae = load_tiny_vae(config.tiny_vae, dtype, pipe.vae_scale_factor, field="GenerationConfig.tiny_vae")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_reference_pipeline(
+    models: ModelConfig, config: GenerationConfig | None = None, device: Any = "cpu", dtype: Any = None
+):
+    """The reference approach: a stock ``StableDiffusionPipeline`` with the IP-Adapter loaded.
+
+    Uses the configured scheduler (and tiny VAE, if any); generate with
+    :func:`reference_generate`, one pipeline call per image. For baselines and checks.
+    """
+    config = config if config is not None else GenerationConfig()
+    import torch
+
+    return load_stock_pipeline(models, config, torch.device(device), resolve_torch_dtype(dtype))
+
+
+def reference_generate(pipe, request: GenerationRequest, config: GenerationConfig | None = None):
+    """One image the stock way: ``set_ip_adapter_scale(λ)`` then one pipeline call."""
+    import torch
+
+    config = config if config is not None else GenerationConfig()
+    pipe.set_ip_adapter_scale(request.scale)
+    return pipe(
+        prompt=config.prompt_prefix + request.prompt,
+        negative_prompt=config.negative_prompt,
+        ip_adapter_image=request.image,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        height=config.height,
+        width=config.width,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).images[0]
+
+
+
+class IPAdapterGenerator:
+    """Batched SD1.x + IP-Adapter generator: per-sample reference image, prompt, λ and seed.
+
+    Args:
+        models: where the base pipeline, VAE override, IP-Adapter weights and image encoder live.
+        config: sampling settings (:class:`GenerationConfig`; the paper's by default).
+        device: torch device ("cpu" by default, "cuda", "cuda:1", ...).
+        dtype: ``None``/"float32" (default), "bfloat16" or "float16", or the torch dtype.
+        max_cached_embeddings: how many reference-image embeddings to keep (LRU).
+
+    The constructor loads nothing; :meth:`load` (called by the first :meth:`generate`) does,
+    with diffusers' and transformers' own loaders, from hub ids or local folders, and raises
+    :class:`~dalda_aug.errors.ModelLoadError` naming the file it expected where.
+    """
+
+    def __init__(
+        self,
+        models: ModelConfig,
+        config: GenerationConfig | None = None,
+        device: Any = "cpu",
+        dtype: Any = None,
+        *,
+        max_cached_embeddings: int = 4096,
+    ) -> None:
+        torch = require("torch", "generate")
+
+        if not isinstance(models, ModelConfig):
+            raise InputError(f"models must be a ModelConfig, got {type(models).__name__}")
+        config = config if config is not None else GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise InputError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        check_int("IPAdapterGenerator", "max_cached_embeddings", max_cached_embeddings, 1)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise InputError(f"invalid device {device!r}: {exc}") from None
+        self.models = models
+        self.config = config
+        self.dtype = resolve_torch_dtype(dtype)
+        self.max_cached_embeddings = int(max_cached_embeddings)
+        self._pipe = None
+        self._unet_forward = None
+        self._cached_step = None
+        self._negative_text = None
+        self._embeddings: OrderedDict[str, Any] = OrderedDict()
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._pipe is not None else "not loaded"
+        return (
+            f"{type(self).__name__}(base={self.models.base!r}, ip_adapter={self.models.ip_adapter!r}, "
+            f"device={str(self.device)!r}, dtype={dtype_name(self.dtype)!r}, {state})"
+        )
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def is_loaded(self) -> bool:
+        return self._pipe is not None
+
+    @property
+    def pipeline(self):
+        """The underlying ``StableDiffusionPipeline`` (loads it).
+
+        Its UNet carries the per-sample processors, which need ``ip_scale``: generate with
+        :meth:`generate`, not by calling the pipeline.
+        """
+        self.load()
+        return self._pipe
+
+    def fingerprint(self) -> str:
+        """:func:`generation_fingerprint` of this generator's models, config and dtype."""
+        return generation_fingerprint(self.models, self.config, self.dtype)
+
+    def clear_cache(self) -> None:
+        """Forget the cached reference-image embeddings."""
+        self._embeddings.clear()
+
+    def load(self) -> "IPAdapterGenerator":
+        """Load the models (once); returns ``self``."""
+        if self._pipe is not None:
+            return self
+        import torch
+
+        require("diffusers", "generate")  # before the modules below import it
+        require("transformers", "generate")
+        from .attention import install_per_sample_processors
+        from .step_cache import check_step_caching_unet, unet_step
+
+        pipe = load_stock_pipeline(self.models, self.config, self.device, self.dtype)
+        unet = pipe.unet
+        if unet.config.time_cond_proj_dim is not None:
+            raise ModelLoadError(
+                f"{self.models.base!r}: UNets with a guidance embedding (time_cond_proj_dim) are not supported"
+            )
+        from diffusers.models.embeddings import ImageProjection
+
+        layers = list(getattr(unet.encoder_hid_proj, "image_projection_layers", []))
+        if len(layers) != 1 or not isinstance(layers[0], ImageProjection):
+            kinds = [type(layer).__name__ for layer in layers]
+            raise ModelLoadError(
+                f"{self.models.ip_adapter_weight}: expected one IP-Adapter in ip-adapter_sd15's format "
+                f"(ImageProjection), got projection layers {kinds}"
+            )
+        caching = self.config.cache_interval > 1
+        if caching:
+            check_step_caching_unet(unet, self.config.cache_branch)
+        install_per_sample_processors(unet)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder):
+            module.eval()
+        if self.config.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        self._unet_forward = torch.compile(unet, mode=self.config.compile_mode) if self.config.compile else unet
+        if caching:
+            branch = self.config.cache_branch
+
+            def step(sample, t, text, cross_attention_kwargs, added_cond_kwargs, deep=None):
+                return unet_step(unet, sample, t, text, cross_attention_kwargs, added_cond_kwargs, branch, deep)
+
+            # One compiled callable; the full (deep=None) and shallow (deep=tensor) calls get a
+            # graph each (a guard on ``deep``). λ stays a tensor input.
+            self._cached_step = torch.compile(step, mode=self.config.compile_mode) if self.config.compile else step
+        self._pipe = pipe
+        return self
+
+    # -- batch sizing --------------------------------------------------------------------
+    def auto_batch_size(self, num_requests: int | None = None) -> int:
+        """Batch size for this device: free CUDA memory / :func:`estimate_sample_bytes`.
+
+        On CUDA, ``0.85 x torch.cuda.mem_get_info(device)`` free bytes (measured after the
+        models are loaded) divided by the per-sample estimate; 4 on other devices; always
+        between 1 and 32 and at most ``num_requests``.
+        """
+        import torch
+
+        if self.device.type == "cuda":
+            self.load()
+            free, _total = torch.cuda.mem_get_info(self.device)
+            size = int(free * _FREE_MEMORY_FRACTION // estimate_sample_bytes(self.config, self.dtype))
+        else:
+            size = _CPU_AUTO_BATCH
+        size = max(1, min(size, _MAX_AUTO_BATCH))
+        if num_requests:
+            size = min(size, num_requests)
+        return size
+
+    # -- encoders ------------------------------------------------------------------------
+    def _image_embeddings(self, images: Sequence["Image.Image"]):
+        """(n, D) image embeddings; each distinct image is encoded once and cached."""
+        import torch
+
+        pipe = self._pipe
+        keys = [image_key(image) for image in images]
+        fresh: dict[str, Any] = {}
+        todo: OrderedDict[str, Any] = OrderedDict()
+        for key, image in zip(keys, images):
+            if key in self._embeddings:
+                self._embeddings.move_to_end(key)
+            elif key not in todo:
+                todo[key] = image
+        if todo:
+            encoder_dtype = next(pipe.image_encoder.parameters()).dtype
+            pixels = pipe.feature_extractor(list(todo.values()), return_tensors="pt").pixel_values
+            pixels = pixels.to(device=self.device, dtype=encoder_dtype)
+            embeds = pipe.image_encoder(pixels).image_embeds
+            fresh = dict(zip(todo, embeds))
+        stacked = torch.stack([fresh[k] if k in fresh else self._embeddings[k] for k in keys])
+        for key, embed in fresh.items():
+            self._embeddings[key] = embed
+        while len(self._embeddings) > self.max_cached_embeddings:
+            self._embeddings.popitem(last=False)
+        return stacked
+
+    def _text_embeddings(self, prompts: Sequence[str]):
+        """(n, tokens, C) text-encoder states of ``prompts`` (each distinct prompt encoded once)."""
+        unique = list(dict.fromkeys(prompts))
+        embeds, _ = self._pipe.encode_prompt(unique, self.device, 1, False)
+        index = {prompt: i for i, prompt in enumerate(unique)}
+        return embeds[[index[p] for p in prompts]]
+
+    def _negative_embedding(self):
+        if self._negative_text is None:
+            self._negative_text = self._text_embeddings([self.config.negative_prompt])
+        return self._negative_text
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(
+        self,
+        requests: Iterable[GenerationRequest],
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> list["Image.Image"]:
+        """Generate one PIL image per request, in order, ``batch_size`` requests per UNet call.
+
+        ``batch_size=None`` picks :meth:`auto_batch_size`. Each image depends only on its own
+        request (within floating-point tolerance), not on the batch size or its batch mates.
+        """
+        import torch
+
+        requests = check_requests(requests)
+        if batch_size is not None:
+            check_int("generate", "batch_size", batch_size, 1)
+        self.load()
+        batch_size = int(batch_size) if batch_size is not None else self.auto_batch_size(len(requests))
+
+        from tqdm.auto import tqdm
+
+        chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+        images: list = []
+        with (
+            torch.inference_mode(),
+            self._attention_context(),
+            tqdm(total=len(chunks) * self.config.num_inference_steps, disable=not progress, unit="step",
+                 desc="generating") as bar,
+        ):
+            for chunk in chunks:
+                images.extend(self._generate_batch(chunk, bar))
+        return images
+
+    def _attention_context(self):
+        if self.config.attention == "math":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            return sdpa_kernel(SDPBackend.MATH)
+        return contextlib.nullcontext()
+
+    def _generate_batch(self, requests: Sequence[GenerationRequest], bar) -> list["Image.Image"]:
+        import inspect
+
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, cfg, device = self._pipe, self.config, self.device
+        n = len(requests)
+        guided = cfg.guidance_scale > 1.0
+
+        text = self._text_embeddings([cfg.prompt_prefix + r.prompt for r in requests])
+        image = self._image_embeddings([r.image for r in requests])[:, None, :]  # (n, 1, D)
+        scale = torch.tensor([r.scale for r in requests], dtype=torch.float32, device=device)
+        if guided:  # unconditional half first, as in diffusers
+            text = torch.cat([self._negative_embedding().expand(n, -1, -1), text])
+            image = torch.cat([torch.zeros_like(image), image])  # ip-adapter_sd15's negative: zeros
+            scale = torch.cat([scale, scale])
+
+        scheduler = make_scheduler(cfg.scheduler)
+        scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+        factor = pipe.vae_scale_factor
+        shape = (n, pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
+        # One CPU generator per sample, each drawing a (1, C, h, w) block: the same numbers as
+        # a batch-1 pipeline call with that generator.
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=text.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_params = set(inspect.signature(scheduler.step).parameters)
+        step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in step_params}
+        cross_attention_kwargs = {"ip_scale": scale}
+        added_cond_kwargs = {"image_embeds": [image]}
+
+        deep = None  # step caching: the cached deep features
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if cfg.cache_interval == 1:
+                noise = self._unet_forward(
+                    model_input,
+                    t,
+                    encoder_hidden_states=text,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+            else:  # full UNet every cache_interval-th step (the first included), shallow between
+                noise, deep = self._cached_step(
+                    model_input, t, text, cross_attention_kwargs, added_cond_kwargs,
+                    deep=None if i % cfg.cache_interval == 0 else deep,
+                )
+            if guided:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + cfg.guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            bar.update()
+
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
+
+
+
+register_generator(GenerationConfig, f"{__name__}:IPAdapterGenerator")
