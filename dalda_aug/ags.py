@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Mapping, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import InputError
 
 __all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters"]
+
+# Where randomness comes from: a NumPy Generator, or an integer seed for one.
+RNGLike = Union[np.random.Generator, int]
 
 _MODES = ("truncnorm", "clip")
 _STRATEGIES = ("ags", "rs", "fixed")
@@ -72,7 +76,7 @@ class AGSConfig:
         if self.mode not in _MODES:
             raise InputError(f"AGSConfig.mode must be one of {_MODES}, got {self.mode!r}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha,
             "low": list(self.low),
@@ -82,12 +86,12 @@ class AGSConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AGSConfig":
-        data = dict(data)
+    def from_dict(cls, data: Mapping[str, Any]) -> "AGSConfig":
+        values = dict(data)
         for key in ("low", "high"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,10 @@ class Scaling:
         """Parse the CLI form: ``ags``, ``rs`` or ``fixed:0.5``."""
         ags = ags or AGSConfig()
         text = str(text).strip()
-        if text in ("ags", "rs"):
-            return cls(strategy=text, ags=ags)
+        if text == "ags":
+            return cls(strategy="ags", ags=ags)
+        if text == "rs":
+            return cls(strategy="rs", ags=ags)
         if text.startswith("fixed:"):
             raw = text[len("fixed:"):]
             try:
@@ -130,8 +136,8 @@ class Scaling:
             return f"ags({self.ags.mode})"
         return "rs"
 
-    def to_dict(self) -> dict:
-        out: dict = {"strategy": self.strategy}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": self.strategy}
         if self.strategy == "ags":
             out["ags"] = self.ags.to_dict()
         if self.strategy == "fixed":
@@ -139,12 +145,12 @@ class Scaling:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Scaling":
+    def from_dict(cls, data: Mapping[str, Any]) -> "Scaling":
         ags = AGSConfig.from_dict(data["ags"]) if "ags" in data else AGSConfig()
         return cls(strategy=data["strategy"], ags=ags, value=data.get("value", 0.5))
 
 
-def _validate_scores(scores) -> np.ndarray:
+def _validate_scores(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
     arr = np.asarray(scores, dtype=np.float64)
     if arr.ndim == 0:
         arr = arr[None]
@@ -157,7 +163,7 @@ def _validate_scores(scores) -> np.ndarray:
     return arr
 
 
-def _validate_n_shot(n_shot) -> np.ndarray:
+def _validate_n_shot(n_shot: npt.ArrayLike) -> npt.NDArray[np.float64]:
     arr = np.asarray(n_shot)
     if not np.issubdtype(arr.dtype, np.integer) and not np.all(np.mod(arr, 1) == 0):
         raise InputError(f"n_shot must be a whole number >= 1, got {n_shot!r}")
@@ -166,7 +172,9 @@ def _validate_n_shot(n_shot) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-def ags_parameters(scores, n_shot, config: AGSConfig = AGSConfig()):
+def ags_parameters(scores: npt.ArrayLike, n_shot: npt.ArrayLike, config: AGSConfig = AGSConfig()
+                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64],
+                          npt.NDArray[np.float64]]:
     """Per-score (μ, σ, lower bound, upper bound) of the AGS distribution.
 
     ``n_shot`` is an int or one int per score. μ is computed from the configured range
@@ -186,7 +194,7 @@ def ags_parameters(scores, n_shot, config: AGSConfig = AGSConfig()):
     return mu, sigma, lo, hi
 
 
-def _as_rng(rng) -> np.random.Generator:
+def _as_rng(rng: RNGLike) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     if rng is None:
@@ -194,7 +202,8 @@ def _as_rng(rng) -> np.random.Generator:
     return np.random.default_rng(rng)
 
 
-def sample_lambda(scores, n_shot, rng, config: AGSConfig = AGSConfig()) -> np.ndarray:
+def sample_lambda(scores: npt.ArrayLike, n_shot: npt.ArrayLike, rng: RNGLike,
+                  config: AGSConfig = AGSConfig()) -> npt.NDArray[np.float64]:
     """Draw one AGS λ per CLIPScore.
 
     Args:
@@ -206,7 +215,7 @@ def sample_lambda(scores, n_shot, rng, config: AGSConfig = AGSConfig()) -> np.nd
     mu, sigma, lo, hi = ags_parameters(scores, n_shot, config)
     gen = _as_rng(rng)
     if config.mode == "clip":
-        return np.clip(gen.normal(mu, sigma), lo, hi)
+        return np.asarray(np.clip(gen.normal(mu, sigma), lo, hi), dtype=np.float64)
     # Exact truncated normal by inversion: robust when μ sits on a bound or σ is large.
     from scipy.stats import truncnorm
 
@@ -214,10 +223,11 @@ def sample_lambda(scores, n_shot, rng, config: AGSConfig = AGSConfig()) -> np.nd
     b = (hi - mu) / sigma
     u = gen.random(mu.shape)
     out = truncnorm.ppf(u, a, b, loc=mu, scale=sigma)
-    return np.clip(out, lo, hi)  # guards the last ulp only
+    return np.asarray(np.clip(out, lo, hi), dtype=np.float64)  # the clip guards the last ulp only
 
 
-def sample_scales(scores, n_shot, rng, scaling: Scaling = Scaling()) -> np.ndarray:
+def sample_scales(scores: npt.ArrayLike, n_shot: npt.ArrayLike, rng: RNGLike,
+                  scaling: Scaling = Scaling()) -> npt.NDArray[np.float64]:
     """One λ per score under ``scaling`` (``ags``, ``rs`` or ``fixed``)."""
     s = _validate_scores(scores)
     if scaling.strategy == "ags":

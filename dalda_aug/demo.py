@@ -22,11 +22,25 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import InputError
+from .config import ModelConfig
+from .errors import InputError, ModelLoadError
 
-__all__ = ["run_demo", "write_demo_folder", "resolve_models", "register", "main", "DEMO_IMAGES"]
+if TYPE_CHECKING:
+    import argparse
+
+    from .prompts import PromptBank
+
+__all__ = [
+    "run_demo", "write_demo_folder", "resolve_models", "register", "main", "DEMO_IMAGES",
+    "hub_endpoint", "hub_reachable", "missing_from_hub_cache", "HubUnreachableError", "OFFLINE_HINT",
+]
+
+# The one line an offline user gets when the demo needs the hub.
+OFFLINE_HINT = "`DALDA_MODELS=tiny make demo` runs the demo offline with tiny random models"
+# Seconds the hub probe waits for any answer (DNS included) before calling the hub unreachable.
+HUB_PROBE_TIMEOUT = 5.0
 
 # class folder -> scikit-image loader name (all bundled with scikit-image, no download).
 DEMO_IMAGES = {
@@ -37,36 +51,40 @@ DEMO_IMAGES = {
     "motorcycle": "stereo_motorcycle",
 }
 
+
+class HubUnreachableError(ModelLoadError):
+    """The demo needs models from the Hugging Face hub, which cannot be reached (offline mode or no
+    answer), and they are not in the local cache."""
+
+
 @dataclass(frozen=True)
 class _Settings:
-    models: Any
+    models: ModelConfig
     tiny: bool
     size: int
     steps: int
     tile: int
 
 
-def write_demo_folder(root: str | os.PathLike) -> Path:
+def write_demo_folder(root: str | os.PathLike[str]) -> Path:
     """Write ``root/<class>/<name>.png``, one scikit-image photo per class (1-shot)."""
     from PIL import Image
 
     from .errors import require
 
     data = require("skimage.data", "dev", package="scikit-image")
-    root = Path(root)
+    folder_root = Path(root)
     for folder, name in DEMO_IMAGES.items():
         array = getattr(data, name)()
         if isinstance(array, tuple):  # stereo_motorcycle: (left, right, disparity)
             array = array[0]
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).convert("RGB").save(root / folder / f"{name}.png")
-    return root
+        (folder_root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).convert("RGB").save(folder_root / folder / f"{name}.png")
+    return folder_root
 
 
-def resolve_models(choice: str | None, workdir: str | os.PathLike):
+def resolve_models(choice: str | None, workdir: str | os.PathLike[str]) -> tuple[ModelConfig, bool]:
     """``(ModelConfig, tiny?)`` for ``choice``: ``"tiny"``, a models JSON path, or None (the hub)."""
-    from .config import ModelConfig
-
     if choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default"):
         return ModelConfig(), False
     if choice.strip().lower() == "tiny":
@@ -84,10 +102,95 @@ def _settings(models_choice: str | None, out: Path, size: int | None, steps: int
     if tiny:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
         return _Settings(models, True, size or 64, steps or 2, 128)
+    if _uses_hub(models_choice):
+        _check_hub(models)
     return _Settings(models, False, size or 512, steps or 30, 256)
 
 
-def _prompt_bank(class_names: list[str], variants: int, llm: str | None, models, out: Path):
+# -- is the hub there? ----------------------------------------------------------------------------
+def _uses_hub(choice: str | None) -> bool:
+    return choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face hub's address: ``$HF_ENDPOINT``, else https://huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether ``endpoint`` (default :func:`hub_endpoint`) answers an HTTP request within ``timeout``
+    seconds. Any HTTP answer counts, an error status included; no answer (refused, unroutable, no
+    DNS, silence) does not. Proxies from the environment are used as the hub client uses them."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    url = f"{endpoint or hub_endpoint()}/api/models/{ModelConfig().base}"
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)  # the server is there; it just says no
+        except (OSError, ValueError):
+            answered.append(False)
+
+    # A thread, so that a hanging DNS lookup (not covered by urlopen's timeout) cannot hold us.
+    thread = threading.Thread(target=probe, name="dalda-aug-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered and answered[0])
+
+
+def missing_from_hub_cache(models: ModelConfig, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The hub repositories of ``models``' diffusion models (base pipeline, VAE, IP-Adapter) that
+    are not in the local Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE``)."""
+    from .errors import require
+
+    hub = require("huggingface_hub", "generate")
+    wanted = [(models.base, "model_index.json", models.base_revision),
+              (models.ip_adapter, f"{models.ip_adapter_subfolder}/{models.ip_adapter_weight}",
+               models.ip_adapter_revision)]
+    if models.vae is not None:
+        wanted.append((models.vae, "config.json", None))
+    missing = []
+    for repo, filename, revision in wanted:
+        found = hub.try_to_load_from_cache(repo, filename, cache_dir=None if cache_dir is None else str(cache_dir),
+                                           revision=revision)
+        if not isinstance(found, str):
+            missing.append(repo)
+    return missing
+
+
+def _check_hub(models: ModelConfig) -> None:
+    """Stop within seconds, with one line, when the hub models are neither reachable nor cached.
+
+    Without this, every loader retries an unreachable hub for about a minute before failing.
+    When the hub cannot be reached but the models are cached, the demo runs from the cache.
+    """
+    if _env_flag("HF_HUB_OFFLINE"):
+        why = "HF_HUB_OFFLINE is set"
+    elif hub_reachable():
+        return
+    else:
+        why = f"the model hub {hub_endpoint()} cannot be reached"
+        # Before huggingface_hub is imported: the loaders then read the cache and never retry.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    missing = missing_from_hub_cache(models)
+    if missing:
+        raise HubUnreachableError(
+            f"{why} and the paper's models are not in the local Hugging Face cache ({', '.join(missing)}); "
+            + OFFLINE_HINT)
+
+
+def _prompt_bank(class_names: list[str], variants: int, llm: str | None, models: ModelConfig,
+                 out: Path) -> PromptBank:
     from .prompts import PromptBank
 
     path = out / "prompts.json"
@@ -107,7 +210,7 @@ def _prompt_bank(class_names: list[str], variants: int, llm: str | None, models,
 
 
 def run_demo(
-    out: str | os.PathLike = "demo_out",
+    out: str | os.PathLike[str] = "demo_out",
     *,
     models: str | None = None,
     llm: str | None = None,
@@ -126,21 +229,22 @@ def run_demo(
     ``llm``: an LLM backend (``openai:MODEL``, ``hf:MODEL``) for the prompts; None: template.
     Defaults per model kind: tiny 64 px, 2 steps, 128 px tiles; real 512 px, 30 steps.
     """
-    import torch
-
-    from .cache import GenerationSpec, SyntheticCache
-    from .clipscore import CLIPScorer
-    from .viz import plan_contact_sheet
-    from .generation import GenerationConfig
-    from .plan import build_plan
-    from .warm import warm
-
     if int(variants) != variants or variants < 1:
         raise InputError(f"variants must be an integer >= 1, got {variants!r}")
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(models, out, size, steps)
+    settings = _settings(models, out, size, steps)  # before torch: an unreachable hub stops here
+
+    import torch
+
+    from .cache import GenerationSpec, SyntheticCache
+    from .clipscore import CLIPScorer
+    from .generation import GenerationConfig
+    from .plan import build_plan
+    from .viz import plan_contact_sheet
+    from .warm import warm
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")
     if settings.tiny and str(device) == "cpu":
@@ -179,7 +283,7 @@ def run_demo(
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     result = run_demo(
         args.out,
         models=args.models if args.models is not None else os.environ.get("DALDA_MODELS"),
@@ -200,7 +304,7 @@ def _run(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "demo",
         help="end-to-end demo: scikit-image photos -> prompts, plan, cache -> contact sheet PNG",
@@ -227,19 +331,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dalda_aug.demo [options]``: the demo without the rest of the CLI."""
     import argparse
 
-    from .errors import DaldaError, ModelLoadError
+    from .errors import DaldaError
 
     parser = argparse.ArgumentParser(prog="dalda-aug demo")
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
     try:
-        return args.func(args)
+        return _run(args)
     except DaldaError as exc:
-        print(f"dalda-aug demo: error: {exc}", file=sys.stderr)
-        if isinstance(exc, ModelLoadError) and (args.models or os.environ.get("DALDA_MODELS")) is None:
-            print("dalda-aug demo: no access to the model hub? `DALDA_MODELS=tiny make demo` runs fully offline "
-                  "with tiny random models", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line
+        hub = _uses_hub(args.models if args.models is not None else os.environ.get("DALDA_MODELS"))
+        if isinstance(exc, ModelLoadError) and hub and OFFLINE_HINT not in message:
+            message += f"; no access to the model hub? {OFFLINE_HINT}"
+        print(f"dalda-aug demo: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
+import os
 import shutil
+import socket
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from dalda_aug import demo, viz
+from dalda_aug.config import ModelConfig
 
 
 
@@ -93,3 +100,87 @@ def test_metrics_command_reports_diversity(tmp_path, monkeypatch, capsys):
     assert "CLIP-I within source" in capsys.readouterr().out
     # keys depend on the generation settings: other settings find nothing cached
     assert main(argv[:-2] + ["--steps", "3"]) == 2
+
+
+# -- the demo on a machine that cannot reach the model hub (issue 11, point 16) ------------------
+def _demo_without_models(tmp_path, **env):
+    """Run `python -m dalda_aug.demo` as `make demo` does, without DALDA_MODELS, with an empty
+    Hugging Face cache; returns the process and the seconds it took."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("DALDA_MODELS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_ENDPOINT")}
+    clean.update(HF_HOME=str(tmp_path / "hf-home"), **env)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dalda_aug.demo", "--out", str(tmp_path / "out"), "--no-progress"],
+                          env=clean, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - started
+
+
+def _assert_one_line_hint(proc, seconds, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert "`DALDA_MODELS=tiny make demo`" in lines[0] and "CompVis/stable-diffusion-v1-4" in lines[0]
+    assert all(w in lines[0] for w in words), lines[0]
+    # The issue's bound for the whole run (it used to take ~60 s of hub retries); the probe waits 5 s.
+    assert seconds < 20
+
+
+def test_demo_stops_at_once_when_the_hub_refuses_connections(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc, seconds = _demo_without_models(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    _assert_one_line_hint(proc, seconds, f"http://127.0.0.1:{port} cannot be reached")
+
+
+def test_demo_stops_within_seconds_when_the_hub_never_answers(tmp_path):
+    with socket.socket() as silent:  # accepts connections (kernel backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        proc, seconds = _demo_without_models(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    _assert_one_line_hint(proc, seconds, "cannot be reached")
+
+
+def test_demo_in_offline_mode_without_cached_models(tmp_path):
+    proc, seconds = _demo_without_models(tmp_path, HF_HUB_OFFLINE="1")
+    _assert_one_line_hint(proc, seconds, "HF_HUB_OFFLINE is set", "h94/IP-Adapter", "stabilityai/sd-vae-ft-mse")
+
+
+def test_hub_probe_counts_any_http_answer(tmp_path):
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert demo.hub_reachable(f"http://127.0.0.1:{server.server_address[1]}", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not demo.hub_reachable(f"http://127.0.0.1:{server.server_address[1]}", timeout=5)
+
+
+def test_hub_models_found_in_the_local_cache(tmp_path):
+    # The hub cache's layout: models--owner--name/refs/main -> commit, snapshots/<commit>/<file>.
+    def cache(repo, filename):
+        folder = tmp_path / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40) / filename).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots" / ("0" * 40) / filename).write_text("{}")
+
+    models = ModelConfig()
+    assert demo.missing_from_hub_cache(models, tmp_path) == [models.base, models.ip_adapter, models.vae]
+    cache(models.base, "model_index.json")
+    cache(models.ip_adapter, "models/ip-adapter_sd15.bin")
+    assert demo.missing_from_hub_cache(models, tmp_path) == [models.vae]
+    cache(models.vae, "config.json")
+    assert demo.missing_from_hub_cache(models, tmp_path) == []
+    assert demo.missing_from_hub_cache(ModelConfig(vae=None), tmp_path) == []
