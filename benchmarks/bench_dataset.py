@@ -13,7 +13,7 @@
 
 2. **Warm throughput.** Images/s of the generator alone (``generate`` on the same requests,
    nothing written) against :func:`~dalda_aug.warm.warm` into an empty cache (generation plus
-   PNG encoding and cache writes on the writer thread) and against generating then writing in
+   encoding (lz4 by default) and cache writes on the writer threads) and against generating then writing in
    the same thread. Target: warm keeps the generator's throughput. Tiny random models by
    default (``--models`` takes a models JSON, e.g. real weights on a GPU). Also reported: the
    time the single writer thread needs per 512x512 image and format (encode + store), i.e.
@@ -96,9 +96,9 @@ def train_transform():
     ])
 
 
-def _epoch_seconds(loader, dataset=None, epoch: int = 0) -> float:
-    if dataset is not None:
-        dataset.set_epoch(epoch)
+def _epoch_seconds(loader) -> float:
+    # No set_epoch: every access is a fresh draw anyway (the shared draw counter is part of
+    # what is measured).
     started = time.perf_counter()
     for _ in loader:
         pass
@@ -134,7 +134,7 @@ def bench_epochs(args, work: Path) -> dict:
         times: dict[str, list[float]] = {"imagefolder": [], "synthetic": []}
         for epoch in range(args.epochs + 1):  # epoch 0 warms workers and the page cache
             for name in ("imagefolder", "synthetic"):
-                seconds = _epoch_seconds(loaders[name], mixed if name == "synthetic" else None, epoch)
+                seconds = _epoch_seconds(loaders[name])
                 if epoch > 0:
                     times[name].append(seconds)
         med = {name: statistics.median(v) for name, v in times.items()}
@@ -158,7 +158,9 @@ def bench_epochs(args, work: Path) -> dict:
 
 
 def _decode_costs(photo: np.ndarray, repeats: int = 30) -> dict:
-    """Milliseconds to decode one image: the real JPEG vs 512x512 PNG and lossless WebP."""
+    """Milliseconds to decode one image: the real JPEG vs 512x512 PNG, lossless WebP and LZ4 raw."""
+    import lz4.block
+
     out = {}
     jpeg = Image.fromarray(photo).resize((500, 375))
     square = Image.fromarray(photo).resize((512, 512))
@@ -169,6 +171,13 @@ def _decode_costs(photo: np.ndarray, repeats: int = 30) -> dict:
         buf = io.BytesIO()
         image.save(buf, **kwargs)
         blobs[name] = buf.getvalue()
+    pixels = square.tobytes()
+    packed = lz4.block.compress(pixels, store_size=False)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        Image.frombytes("RGB", square.size, lz4.block.decompress(packed, uncompressed_size=len(pixels)))
+    out["lz4_raw_512"] = round(1000 * (time.perf_counter() - started) / repeats, 2)
+    out["lz4_raw_512_size_vs_raw"] = round(len(packed) / len(pixels), 3)
     for name, blob in blobs.items():
         started = time.perf_counter()
         for _ in range(repeats):
@@ -253,7 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (median reported)")
-    p.add_argument("--formats", type=lambda s: s.split(","), default=["png", "webp", "raw"])
+    p.add_argument("--formats", type=lambda s: s.split(","), default=["lz4", "png", "webp", "raw"])
     p.add_argument("--skip-epochs", action="store_true")
     p.add_argument("--skip-warm", action="store_true")
     p.add_argument("--models", default=None, help="models JSON for the warm part (default: tiny random models)")
