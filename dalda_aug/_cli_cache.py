@@ -51,7 +51,13 @@ def spec_from_args(args, plan=None):
         changes["guidance_scale"] = args.guidance_scale
     if args.scheduler is not None:
         changes["scheduler"] = args.scheduler
-    config = dataclasses.replace(GenerationConfig(), **changes)
+    base = GenerationConfig()
+    recorded = plan.config.get("generator") if plan is not None else None
+    if recorded:  # a plan made for another generator (e.g. DA-Fusion) names its config
+        from .generators import config_from_dict
+
+        base = config_from_dict(recorded["method"], recorded.get("config") or {})
+    config = dataclasses.replace(base, **changes)
     return GenerationSpec(models, config, args.dtype or "float32")
 
 

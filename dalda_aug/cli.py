@@ -29,6 +29,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "dalda_aug._cli_cache",
     "dalda_aug._cli_inspect",
     "dalda_aug.demo",
+    "dalda_aug._cli_da_fusion",
 )
 
 
@@ -64,6 +65,17 @@ def _run_plan(args: argparse.Namespace) -> int:
 
         prompts = PromptBank.load(args.prompts)
     scorer = CLIPScorer.from_models(models, device=args.device, kind=args.score_kind, batch_size=args.batch_size)
+    if args.method == "da-fusion":  # DA-Fusion: class-token prompts, a drawn img2img strength per variant
+        from .errors import InputError
+        from .generators.da_fusion import build_da_fusion_plan
+
+        if not args.tokens or prompts is not None:
+            raise InputError("--method da-fusion needs --tokens TOKENS (dalda-aug textual-inversion) and no --prompts")
+        plan = build_da_fusion_plan(args.data, args.tokens, variants=args.variants, seed=args.seed, n_shot=args.shots,
+                                    models=models, scorer=scorer)
+        print(f"planned {len(plan)} DA-Fusion images for {plan.summary['sources']} source images "
+              f"(strengths {plan.config['scaling']['strengths']}) -> {plan.save(args.out)}")
+        return 0
     plan = build_plan(
         args.data,
         variants=args.variants,
@@ -120,6 +132,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--score-kind", choices=("softmax", "cosine"), default="softmax")
     p.add_argument("--device", default="cpu", help="torch device for CLIP scoring (default cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per CLIP batch")
+    p.add_argument("--method", choices=("dalda", "da-fusion"), default="dalda",
+                   help="dalda (default): prompts + λ; da-fusion: 'a photo of a <class token>' + a drawn strength")
+    p.add_argument("--tokens", default=None, help="DA-Fusion token folder (dalda-aug textual-inversion)")
     p.set_defaults(func=_run_plan)
 
 

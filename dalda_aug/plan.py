@@ -56,9 +56,12 @@ class Variant:
     lam: float
     seed: int
     source_sha256: str
+    # img2img strength of a DA-Fusion variant (then equal to ``lam``, which carries it into the
+    # request and the cache key); None for the other methods.
+    strength: float | None = None
 
     def to_row(self) -> dict[str, Any]:
-        return {
+        row: dict[str, Any] = {
             "source": self.source,
             "label": self.label,
             "class_name": self.class_name,
@@ -69,6 +72,9 @@ class Variant:
             "seed": self.seed,
             "source_sha256": self.source_sha256,
         }
+        if self.strength is not None:
+            row["strength"] = self.strength
+        return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any], where: str = "plan") -> "Variant":
@@ -83,6 +89,7 @@ class Variant:
                 lam=float(row["lambda"]),
                 seed=int(row["seed"]),
                 source_sha256=str(row["source_sha256"]),
+                strength=float(row["strength"]) if row.get("strength") is not None else None,
             )
         except KeyError as exc:
             raise InputError(f"{where}: row is missing field {exc.args[0]!r}") from None

@@ -72,6 +72,7 @@ _EXPORTS = {
     "DAFusionGenerator": "da_fusion",
     "DA_FUSION_STRENGTHS": "da_fusion",
     "draw_strengths": "da_fusion",
+    "build_da_fusion_plan": "da_fusion",
     "train_textual_inversion": "textual_inversion",
     "TextualInversionConfig": "textual_inversion",
     "TokenSet": "textual_inversion",
@@ -98,7 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .base import (GenerationRequest, GeneratorConfig, check_requests, config_from_dict, dtype_name,
                        field_changes_pixels, generation_fingerprint, generator_class_for, image_key, pixel_field,
                        register_generator, registered_configs, resolve_torch_dtype, speed_field)
-    from .da_fusion import DA_FUSION_STRENGTHS, DAFusionConfig, DAFusionGenerator, draw_strengths
+    from .da_fusion import DA_FUSION_STRENGTHS, DAFusionConfig, DAFusionGenerator, build_da_fusion_plan, draw_strengths
     from .img2img import Img2ImgConfig, Img2ImgGenerator
     from .ip_adapter import (SCHEDULERS, GenerationConfig, IPAdapterGenerator, estimate_sample_bytes,
                              load_reference_pipeline, reference_generate)

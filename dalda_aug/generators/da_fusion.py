@@ -31,7 +31,8 @@ from .loading import call_loader
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["DAFusionConfig", "DAFusionGenerator", "DA_FUSION_STRENGTHS", "draw_strengths", "DA_FUSION_PROMPT"]
+__all__ = ["DAFusionConfig", "DAFusionGenerator", "DA_FUSION_STRENGTHS", "draw_strengths", "DA_FUSION_PROMPT",
+           "build_da_fusion_plan"]
 
 # The four strengths DA-Fusion composes with equal probability (its launch scripts).
 DA_FUSION_STRENGTHS = (1.0, 0.75, 0.5, 0.25)
@@ -118,6 +119,68 @@ class DAFusionGenerator(Img2ImgGenerator):
             files,
             token=names,
         )
+
+
+def build_da_fusion_plan(
+    source: Any,
+    tokens: str | os.PathLike[str],
+    *,
+    variants: int = 10,
+    seed: int = 0,
+    n_shot: int | None = None,
+    strengths: Sequence[float] = DA_FUSION_STRENGTHS,
+    models: Any = None,
+    scorer: Any = None,
+    scores: Sequence[float] | None = None,
+    config: DAFusionConfig | None = None,
+    progress: bool | None = None,
+) -> Any:
+    """A DA-Fusion :class:`~dalda_aug.plan.AugmentationPlan`: M variants per source image, each with
+    the prompt "a photo of a <class token>" and a strength drawn uniformly from ``strengths``.
+
+    Like :func:`~dalda_aug.plan.build_plan` (same few-shot split, seeds and CLIP scores, which only
+    describe the sources here); each row's ``strength`` (also its ``lambda``) is drawn from a seed
+    derived from (plan seed, source content hash, "strength"). The plan records the DA-Fusion
+    generation config (``plan.config["generator"]``), so ``dalda-aug warm`` builds the right generator.
+    """
+    import dataclasses
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..ags import Scaling
+    from ..data import ImageSource
+    from ..plan import build_plan, derive_seed, summarize
+    from .textual_inversion import TokenSet
+
+    token_set = TokenSet.load(tokens)
+    folder = str(Path(token_set.folder).resolve())
+    if not isinstance(source, ImageSource):
+        source = ImageSource.from_folder(source)
+    missing = sorted(set(source.class_names) - set(token_set.class_names))
+    if missing:
+        raise InputError(f"the tokens in {folder} have no token for class(es) {missing[:5]}; "
+                         "train them on the same data (dalda-aug textual-inversion)")
+    prompts = {name: [DA_FUSION_PROMPT.format(token_set.token_of(name))] for name in set(source.class_names)}
+    draw_strengths(1, np.random.default_rng(0), strengths)  # validates strengths before any work
+    plan = build_plan(source, variants=variants, seed=seed, n_shot=n_shot, scaling=Scaling(strategy="fixed", value=1.0),
+                      prompts=prompts, models=models, scorer=scorer, scores=scores, progress=progress)
+    rows = []
+    drawn: dict[str, Any] = {}
+    for v in plan.variants:
+        if v.source_sha256 not in drawn:
+            rng = np.random.default_rng(derive_seed(seed, v.source_sha256, 0, "strength"))
+            drawn[v.source_sha256] = draw_strengths(variants, rng, strengths)
+        s = float(drawn[v.source_sha256][v.variant])
+        rows.append(dataclasses.replace(v, lam=s, strength=s))
+    gen_config = dataclasses.replace(config, tokens=folder) if config is not None else DAFusionConfig(tokens=folder)
+    plan_config = dict(plan.config)
+    plan_config["method"] = "da-fusion"
+    plan_config["scaling"] = {"strategy": "da-fusion-strength", "strengths": [float(x) for x in strengths]}
+    plan_config["prompts"] = {"backend": "da-fusion", "template": DA_FUSION_PROMPT, "tokens": folder,
+                              "tokens_digest": token_set.digest}
+    plan_config["generator"] = {"method": DAFusionConfig.METHOD, "config": gen_config.to_dict()}
+    return type(plan)(rows, plan_config, summarize(rows, plan_config))
 
 
 register_generator(DAFusionConfig, f"{__name__}:DAFusionGenerator")

@@ -1,0 +1,51 @@
+"""``dalda-aug textual-inversion``: learn DA-Fusion's class tokens (see :mod:`dalda_aug.generators.textual_inversion`)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def _run_textual_inversion(args: argparse.Namespace) -> int:
+    from .cli import load_models_arg
+    from .generators.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+    changes = {name: getattr(args, name) for name in ("steps", "batch_size", "learning_rate", "resolution")
+               if getattr(args, name) is not None}
+    config = TextualInversionConfig(**changes)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = train_textual_inversion(args.data, args.out, models=load_models_arg(args.models), shots=args.shots,
+                                     seed=args.seed, config=config, device=device, dtype=args.dtype,
+                                     progress=not args.no_progress)
+    print(f"learned {len(tokens.class_names)} class tokens ({config.steps} steps each) -> {tokens.folder}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "textual-inversion",
+        help="learn one DA-Fusion token per class on its few-shot images",
+        description="Textual inversion with DA-Fusion's settings (1000 steps, batch 4, lr 5e-4 x 4, init 'the'): "
+                    "writes TOKENS/tokens.json and one diffusers textual-inversion file per class; learned "
+                    "tokens are cached by content, so a rerun reuses them. Then: dalda-aug plan --method "
+                    "da-fusion --tokens TOKENS.",
+    )
+    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+    p.add_argument("--out", required=True, help="token folder to write")
+    p.add_argument("--shots", type=int, default=None,
+                   help="keep N images per class, the same seeded split as `dalda-aug plan --shots N --seed S`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", default=None, help="models JSON (see ModelConfig); default: the paper's hub models")
+    p.add_argument("--steps", type=int, default=None, help="training steps per class (default 1000)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 4)")
+    p.add_argument("--learning-rate", type=float, default=None, help="base learning rate (default 5e-4, x batch size)")
+    p.add_argument("--resolution", type=int, default=None, help="training image size (default 512)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="dtype of the frozen UNet and VAE (default float32)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_textual_inversion)
