@@ -2,8 +2,11 @@
 
     dalda-aug plan --data data/pets/train --shots 1 --seed 0 --out runs/pets-1shot/plan
     dalda-aug warm --plan runs/pets-1shot/plan --cache runs/cache --dtype float16     # optional
-    python examples/train_loop.py --plan runs/pets-1shot/plan --cache runs/cache --gen-dtype float16 \
+    python examples/train_loop.py --plan runs/pets-1shot/plan --cache runs/cache \
         --test data/pets/test --backbone clip --out runs/pets-1shot/clip-seed0.json
+
+The cache's generation settings are the ones ``warm`` recorded in the cache folder; the
+``--gen-*`` options override them (or set them for a cache that warm never filled).
 
 The training set is the plan's few-shot subset of its image folder; with probability ``--p``
 an image is replaced by one of its cached synthetic variants (generated on a cache miss).
@@ -33,11 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip model name or config JSON")
     parser.add_argument("--p", type=float, default=0.5, help="probability of replacing an image by a synthetic one")
     parser.add_argument("--on-miss", default="generate", help="what a cache miss does (see SyntheticAugmentedDataset)")
-    parser.add_argument("--gen-dtype", default="float32",
+    parser.add_argument("--gen-dtype", default=None,
                         help="dtype the synthetic images were (or will be) generated in; part of their cache keys "
-                             "(give warm's --dtype)")
-    parser.add_argument("--gen-steps", type=int, default=30, help="denoising steps of the synthetic images (warm's --steps)")
-    parser.add_argument("--gen-size", type=int, default=512, help="size of the synthetic images (warm's --size)")
+                             "(default: the one warm recorded in the cache, else float32)")
+    parser.add_argument("--gen-steps", type=int, default=None,
+                        help="denoising steps of the synthetic images (default: warm's record, else 30)")
+    parser.add_argument("--gen-size", type=int, default=None,
+                        help="size of the synthetic images (default: warm's record, else 512)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--iterations-per-epoch", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -64,10 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if plan.config.get("n_shot") is not None:
         base = Subset(base, few_shot_indices(base.targets, plan.config["n_shot"], plan.config["seed"]))
     class_names = plan.config["class_names"]
-    # The generation settings the cached images are keyed by: the plan's models, warm's options.
-    gen_config = GenerationConfig(num_inference_steps=args.gen_steps, height=args.gen_size, width=args.gen_size)
-    cache = SyntheticCache(args.cache, GenerationSpec(ModelConfig.from_dict(plan.config["models"]), gen_config,
-                                                      dtype=args.gen_dtype))
+    # The generation settings the cached images are keyed by: the ones warm recorded in the cache
+    # folder, unless given here (or the cache was never warmed: the paper's, with the plan's models).
+    cache = SyntheticCache(args.cache)
+    overrides = (args.gen_steps, args.gen_size, args.gen_dtype)
+    if any(v is not None for v in overrides) or not cache.recorded_specs():
+        gen_config = GenerationConfig(num_inference_steps=args.gen_steps or 30, height=args.gen_size or 512,
+                                      width=args.gen_size or 512)
+        cache = SyntheticCache(args.cache, GenerationSpec(ModelConfig.from_dict(plan.config["models"]), gen_config,
+                                                          dtype=args.gen_dtype or "float32"))
 
     pretrained = args.pretrained if args.pretrained is not None else True
     model = build_classifier(args.backbone, len(class_names), class_names=class_names, mode=args.mode,
@@ -99,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # the train transform's random crops/flips in this process
     history = []
     for epoch in tqdm(range(args.epochs), desc="epochs"):
-        train_set.set_epoch(epoch)  # new synthetic/real draws each epoch
+        # No set_epoch needed: every access is a fresh seeded draw (real, or which variant).
         model.train()  # a linear-probe model keeps its frozen backbone in eval mode
         total, count = 0.0, 0
         for images, labels in loader:
