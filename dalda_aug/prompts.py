@@ -222,7 +222,7 @@ class PromptBank:
     def to_dict(self) -> dict[str, Any]:
         return {"format": PROMPTS_FORMAT, "provenance": self.provenance, "prompts": self.prompts}
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the bank as UTF-8 JSON, atomically (a crash leaves the previous file intact)."""
         path = Path(path)
         try:
@@ -233,7 +233,7 @@ class PromptBank:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PromptBank":
+    def load(cls, path: str | os.PathLike[str]) -> "PromptBank":
         """Read a bank written by :meth:`save` (or a plain ``{class: [prompts]}`` JSON object)."""
         path = Path(path)
         data = read_json_object(path, "prompt bank file")
@@ -492,7 +492,7 @@ class Instruction:
         raise InputError(f"unknown instruction {name!r}; choose one of {', '.join(INSTRUCTIONS)} or give a file")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Instruction":
+    def from_file(cls, path: str | os.PathLike[str]) -> "Instruction":
         """A template read from a UTF-8 text file (errors name the file)."""
         file = Path(path)
         if not file.is_file():
@@ -520,7 +520,7 @@ class Instruction:
         requested: Sequence[str],
         notes: Mapping[str, str] | None = None,
     ) -> list[dict[str, str]]:
-        dumps = lambda obj: json.dumps(obj, ensure_ascii=False)  # noqa: E731
+        dumps = _dumps
         values = {
             "{description}": description.strip() or "(none given)",
             "{classes}": dumps(list(class_names)),
@@ -538,6 +538,10 @@ class Instruction:
 
     def __repr__(self) -> str:
         return f"Instruction({self.name!r})"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
 
 
 def _as_instruction(instruction: "Instruction | str | None") -> Instruction:
@@ -575,7 +579,9 @@ def build_messages(
     chosen = _as_instruction(instruction)
     if chosen.template is not None:
         return chosen.render(description, class_names, requested, notes)
-    dumps = lambda obj: json.dumps(list(obj), ensure_ascii=False)  # noqa: E731
+    def dumps(obj: Iterable[str]) -> str:
+        return _dumps(list(obj))
+
     lines = [f"Dataset description: {description.strip() or '(none given)'}", ""]
     lines.append(f"Classes of the dataset ({len(class_names)}): {dumps(class_names)}")
     lines.append("")
@@ -642,11 +648,11 @@ def _match_answer(obj: Mapping[str, Any], requested: Sequence[str]) -> dict[str,
             obj = nested[0]
     found: dict[str, list[Any]] = {}
     for key, value in obj.items():
-        name = key if key in requested else by_key.get(_norm_key(str(key)))
-        if name is None:
+        match = key if key in requested else by_key.get(_norm_key(str(key)))
+        if match is None:
             continue  # a class we did not ask for, or no class at all
         values = value if isinstance(value, list) else [value]
-        found.setdefault(name, []).extend(values)
+        found.setdefault(match, []).extend(values)
     return found
 
 
@@ -702,7 +708,9 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, backend: "OpenAIChatBackend"):
         self.backend = backend
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
         target = urllib.parse.urljoin(req.full_url, newurl)
         if _origin(target) != _origin(req.full_url):
             fp.close()
@@ -958,7 +966,7 @@ class HFChatBackend:
             torch.manual_seed(self.seed + self._calls)
             self._calls += 1
             output = model.generate(**inputs, max_new_tokens=new_tokens, pad_token_id=pad, **sampling)
-        return tokenizer.decode(output[0, n_prompt:], skip_special_tokens=True)
+        return str(tokenizer.decode(output[0, n_prompt:], skip_special_tokens=True))
 
 
 def parse_backend(
@@ -1002,7 +1010,7 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def load_clip_tokenizer(path: str | os.PathLike | None = None, *, revision: str | None = None):
+def load_clip_tokenizer(path: str | os.PathLike[str] | None = None, *, revision: str | None = None) -> Any:
     """A transformers ``CLIPTokenizer`` to count prompt tokens as Stable Diffusion 1.x does.
 
     ``path`` is a tokenizer folder, a Stable Diffusion pipeline folder or hub id (its
@@ -1072,8 +1080,8 @@ def generate_prompt_bank(
     max_tokens: int = CLIP_MAX_TOKENS,
     chunk_size: int = 120,
     max_rounds: int | None = None,
-    out: str | os.PathLike | None = None,
-    resume_from: "PromptBank | str | os.PathLike | None" = None,
+    out: str | os.PathLike[str] | None = None,
+    resume_from: "PromptBank | str | os.PathLike[str] | None" = None,
     allow_short: bool = False,
     progress: bool = False,
     instruction: "Instruction | str | None" = None,
@@ -1183,7 +1191,7 @@ def generate_prompt_bank(
             else:
                 reject(name, why)
 
-    if template:
+    if isinstance(backend, TemplateBackend):  # = template
         for name in names:
             if not prompts[name]:
                 accept(name, [backend.template.replace("{}", name).replace(NAME_PLACEHOLDER, name)])
