@@ -248,3 +248,54 @@ def test_set_epoch_pins_an_epoch_with_any_workers(setup):
     fresh.set_epoch(e)
     assert dict(_served(table, DataLoader(fresh, batch_size=4, num_workers=2))) == spawned
     assert os.path.exists(fresh._lock_path)
+
+
+
+try:  # module level, so that ddp_spawn can pickle it
+    import lightning as _lightning
+except ImportError:  # pragma: no cover - lightning is in the dev extra
+    _lightning = None
+
+if _lightning is not None:
+    class _Recorder(_lightning.LightningModule):
+        """Saves every training batch it sees, with its epoch, to OUT/rank<r>.pt."""
+
+        def __init__(self, out_dir):
+            super().__init__()
+            self.layer = torch.nn.Linear(12 * 12 * 3, len(CLASSES))
+            self.out_dir = str(out_dir)
+            self.batches = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.batches.append((self.current_epoch, x.clone(), y.clone()))
+            return torch.nn.functional.cross_entropy(self.layer(x.float().flatten(1) / 255), y)
+
+        def on_train_end(self):
+            torch.save(self.batches, os.path.join(self.out_dir, f"rank{self.global_rank}.pt"))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.skipif(os.environ.get("RUN_DDP", "0") in ("", "0", "false"),
+                    reason="2 spawned Lightning processes take ~2 minutes on a small CPU machine; set RUN_DDP=1")
+def test_lightning_ddp_two_cpu_processes(setup, tmp_path):
+    """Lightning DDP (2 spawned CPU processes, gloo): Lightning gives each rank a
+    DistributedSampler and calls only its set_epoch; each rank has its own dataset copy."""
+    if _lightning is None:
+        pytest.skip("lightning is not installed")
+    ds = _dataset(setup)
+    table = _lookup(ds)
+    trainer = _lightning.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_Recorder(tmp_path), DataLoader(ds, batch_size=4, shuffle=True, num_workers=0))
+    per_epoch = collections.defaultdict(list)
+    for rank in (0, 1):
+        for epoch, x, y in torch.load(tmp_path / f"rank{rank}.pt"):
+            per_epoch[epoch].append((x, y))
+    epochs = [_served(table, per_epoch[e]) for e in range(EPOCHS)]
+    _check_epochs(epochs, len(ds))
