@@ -6,11 +6,17 @@ Registered into the main parser by :func:`register`; the work is done by
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, MissingFileError
 from .prompts import CLIP_MAX_TOKENS, DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from .presets import DatasetPreset
+    from .prompts import Instruction
 
 __all__ = ["register", "run", "read_class_file"]
 
@@ -37,7 +43,7 @@ def read_class_file(path: str) -> list[str]:
     return names
 
 
-def _class_names(args) -> list[str]:
+def _class_names(args: argparse.Namespace) -> list[str]:
     if args.classes is not None:
         return read_class_file(args.classes)
     from .data import find_classes, readable_class_name
@@ -52,7 +58,7 @@ def _class_names(args) -> list[str]:
     return names
 
 
-def _preset(args):
+def _preset(args: argparse.Namespace) -> "DatasetPreset | None":
     if getattr(args, "preset", None) is None:
         return None
     from .presets import get_preset
@@ -60,7 +66,7 @@ def _preset(args):
     return get_preset(args.preset)
 
 
-def _instruction(args):
+def _instruction(args: argparse.Namespace) -> "Instruction":
     from .prompts import Instruction
 
     if getattr(args, "instruction_file", None) is not None:
@@ -68,19 +74,19 @@ def _instruction(args):
     return Instruction.builtin(getattr(args, "instruction", None) or "default")
 
 
-def _description(args) -> str:
+def _description(args: argparse.Namespace) -> str:
     preset = _preset(args)
     if args.description_file is None:
         if args.description is None:  # neither given: the preset's (Table 5), else none
             return preset.description if preset is not None else ""
-        return args.description
+        return str(args.description)
     file = Path(args.description_file)
     if not file.is_file():
         raise MissingFileError(f"description file not found: {file}")
     return file.read_text(encoding="utf-8").strip()
 
 
-def _tokenizer(args):
+def _tokenizer(args: argparse.Namespace) -> Any:
     from .prompts import load_clip_tokenizer
 
     if args.tokenizer is not None:
@@ -93,7 +99,7 @@ def _tokenizer(args):
     return load_clip_tokenizer()
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from .prompts import IncompletePromptBankError, PromptBank, generate_prompt_bank, parse_backend
 
     names = _class_names(args)
@@ -146,7 +152,7 @@ def run(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "prompts",
         help="write a prompt bank: M LLM-written sentences per class (JSON)",
