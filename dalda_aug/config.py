@@ -62,7 +62,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None) -> "ModelConfig":
         """Build from a mapping; relative local paths are resolved against ``base_dir``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -80,14 +80,14 @@ class ModelConfig:
                         values[name] = location.value
         return cls(**values)
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+    def load(cls, path: str | os.PathLike[str]) -> "ModelConfig":
         """Read a models JSON file (as written by :meth:`save` or ``make-tiny-models``)."""
         path = Path(path)
         data = read_json_object(path, "models file")

@@ -74,7 +74,7 @@ def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
         raise ImageError(f"cannot convert image {source} from mode {mode!r} to RGB: {exc}") from exc
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open an image file fully and return it as RGB; errors name the file."""
     path = Path(path)
     if not path.is_file():
@@ -127,7 +127,7 @@ def _has_image(folder: Path) -> bool:
     return False
 
 
-def find_classes(root: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+def find_classes(root: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
     """Sorted class folders of ``root`` (torchvision's rule: every sub-folder is a class).
 
     A hidden sub-folder (``.ipynb_checkpoints``) that holds images is an :class:`InputError`:
@@ -188,10 +188,10 @@ def few_shot_indices(targets: Sequence[int], n_shot: int, seed: int) -> list[int
     """
     if int(n_shot) != n_shot or n_shot < 1:
         raise InputError(f"n_shot must be an integer >= 1, got {n_shot!r}")
-    targets = np.asarray(targets)
+    labels = np.asarray(targets)
     chosen: list[int] = []
-    for label in np.unique(targets):
-        members = np.flatnonzero(targets == label)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
         if members.size < n_shot:
             raise InputError(f"class {int(label)} has only {members.size} image(s), fewer than n_shot={n_shot}")
         perm = np.random.default_rng([int(seed), int(label)]).permutation(members.size)
@@ -232,7 +232,7 @@ class ImageSource:
         return [it.label for it in self.items]
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike) -> "ImageSource":
+    def from_folder(cls, root: str | os.PathLike[str]) -> "ImageSource":
         """Scan ``root/<class>/<image>`` in torchvision ImageFolder order."""
         root = Path(root)
         classes, class_to_idx = find_classes(root)

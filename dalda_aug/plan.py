@@ -20,7 +20,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -29,6 +29,13 @@ from .ags import Scaling, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, image_sha256
 from .errors import InputError, MissingFileError
+
+if TYPE_CHECKING:
+    from .clipscore import CLIPScorer
+    from .prompts import PromptBank
+
+# A prompt bank, or {class name: [prompts]}.
+Prompts = Union["PromptBank", Mapping[str, Sequence[str]]]
 
 __all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "PLAN_FORMAT"]
 
@@ -158,7 +165,7 @@ class AugmentationPlan:
         return ModelConfig.from_dict(data) if data else None
 
     # -- files -------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``plan.jsonl``, ``plan.json`` and ``summary.json`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -170,7 +177,7 @@ class AugmentationPlan:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "AugmentationPlan":
+    def load(cls, directory: str | os.PathLike[str]) -> "AugmentationPlan":
         directory = Path(directory)
         meta_path, rows_path = directory / "plan.json", directory / "plan.jsonl"
         if not directory.is_dir():
@@ -237,7 +244,7 @@ def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, 
     }
 
 
-def _class_prompts(prompts, class_name: str, base_name: str | None = None) -> list[str]:
+def _class_prompts(prompts: Prompts | None, class_name: str, base_name: str | None = None) -> list[str]:
     if prompts is None:
         return [BASE_TEMPLATE.format(base_name if base_name is not None else class_name)]
     if class_name not in prompts:
@@ -249,15 +256,15 @@ def _class_prompts(prompts, class_name: str, base_name: str | None = None) -> li
 
 
 def build_plan(
-    source: ImageSource | str | os.PathLike,
+    source: ImageSource | str | os.PathLike[str],
     *,
     variants: int = 10,
     seed: int = 0,
     n_shot: int | None = None,
     scaling: Scaling = Scaling(),
-    prompts=None,
+    prompts: Prompts | None = None,
     models: ModelConfig | None = None,
-    scorer=None,
+    scorer: CLIPScorer | None = None,
     scores: Sequence[float] | None = None,
     progress: bool | None = None,
     base_prompt_names: str = "readable",
@@ -321,12 +328,13 @@ def build_plan(
 
     hashes: list[str] = []
     block_scores: list[np.ndarray] = []
-    pending: list = []  # read images not yet scored; always fewer than SCORE_BLOCK between chunks
+    pending: list[Any] = []  # read images not yet scored; always fewer than SCORE_BLOCK between chunks
 
     def score_pending(final: bool) -> None:
         done = sum(s.size for s in block_scores)
         full = len(pending) if final else len(pending) // SCORE_BLOCK * SCORE_BLOCK
         if full:
+            assert scorer is not None  # scores is None here, so a scorer was built above
             block_scores.append(scorer.score(pending[:full], labels[done : done + full], class_names, progress=False))
             del pending[:full]
 
