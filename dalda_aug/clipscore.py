@@ -9,11 +9,21 @@ cosine CLIPScore of Hessel et al. (``2.5 · max(cos(image, own text), 0)``) is a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import InputError, ModelLoadError, require
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .config import ModelConfig
+
+# A torch device or its name ("cpu", "cuda:1").
+Device = Union[str, "torch.device"]
 
 __all__ = ["CLIPScorer", "load_open_clip", "SCORE_BLOCK"]
 
@@ -30,7 +40,7 @@ HESSEL_W = 2.5
 SCORE_BLOCK = 1
 
 
-def load_open_clip(model_name: str, pretrained: str | None, device="cpu"):
+def load_open_clip(model_name: str, pretrained: str | None, device: Device = "cpu") -> tuple[Any, Any, Any]:
     """Load an open_clip model, its eval transform and tokenizer.
 
     ``model_name`` is a registered open_clip name (``"ViT-B-16"``) or a path to a model-config
@@ -90,11 +100,11 @@ class CLIPScorer:
         self,
         model_name: str = "ViT-B-16",
         pretrained: str | None = "openai",
-        device="cpu",
+        device: Device = "cpu",
         template: str = "a photo of a {}",
         kind: Literal["softmax", "cosine"] = "softmax",
         batch_size: int = 64,
-    ):
+    ) -> None:
         if "{}" not in template:
             raise InputError(f"template must contain '{{}}' for the class name, got {template!r}")
         if kind not in ("softmax", "cosine"):
@@ -107,13 +117,13 @@ class CLIPScorer:
         self.template = template
         self.kind = kind
         self.batch_size = int(batch_size)
-        self._model = None
-        self._preprocess = None
-        self._tokenizer = None
-        self._text_cache: dict[tuple[str, ...], "object"] = {}
+        self._model: Any = None
+        self._preprocess: Any = None
+        self._tokenizer: Any = None
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     @classmethod
-    def from_models(cls, models, **kwargs) -> "CLIPScorer":
+    def from_models(cls, models: ModelConfig, **kwargs: Any) -> "CLIPScorer":
         """Build from a :class:`~dalda_aug.config.ModelConfig`."""
         return cls(models.clip_model, models.clip_pretrained, **kwargs)
 
@@ -121,14 +131,14 @@ class CLIPScorer:
         return (f"CLIPScorer(model_name={self.model_name!r}, pretrained={self.pretrained!r}, "
                 f"device={self.device!r}, kind={self.kind!r}, template={self.template!r})")
 
-    def _load(self):
+    def _load(self) -> Any:
         if self._model is None:
             self._model, self._preprocess, self._tokenizer = load_open_clip(
                 self.model_name, self.pretrained, self.device
             )
         return self._model
 
-    def text_features(self, class_names: Sequence[str]):
+    def text_features(self, class_names: Sequence[str]) -> torch.Tensor:
         """L2-normalised text features of the class prompts (cached per class list)."""
         import torch
 
@@ -143,19 +153,19 @@ class CLIPScorer:
             self._text_cache[key] = feats / feats.norm(dim=-1, keepdim=True)
         return self._text_cache[key]
 
-    def image_features(self, images: Sequence, progress: bool | None = None):
+    def image_features(self, images: Sequence[Image.Image], progress: bool | None = None) -> torch.Tensor:
         """L2-normalised image features, in batches (``images`` are PIL images)."""
         import torch
         from tqdm.auto import tqdm
 
-        out = []
+        out: list[torch.Tensor] = []
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         starts = range(0, len(images), self.batch_size)
         for start in tqdm(starts, desc="CLIPScore", unit="batch", disable=not show):
             out.append(self._encode(images[start : start + self.batch_size]))
         return torch.cat(out) if out else torch.empty(0)
 
-    def _encode(self, images: Sequence):
+    def _encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised features of one forward pass over ``images``."""
         import torch
 
@@ -163,31 +173,32 @@ class CLIPScorer:
         pixels = torch.stack([self._preprocess(img) for img in images]).to(self.device)
         with torch.inference_mode():
             feats = model.encode_image(pixels).float()
-        return feats / feats.norm(dim=-1, keepdim=True)
+        normed: torch.Tensor = feats / feats.norm(dim=-1, keepdim=True)
+        return normed
 
-    def score(self, images: Sequence, labels: Sequence[int], class_names: Sequence[str],
-              progress: bool | None = None) -> np.ndarray:
+    def score(self, images: Sequence[Image.Image], labels: Sequence[int] | npt.NDArray[np.integer[Any]],
+              class_names: Sequence[str], progress: bool | None = None) -> npt.NDArray[np.float64]:
         """One score per image: see the module docstring. ``labels`` index ``class_names``."""
         images = list(images)
-        labels = np.asarray(labels, dtype=np.int64)
-        if len(images) != len(labels):
-            raise InputError(f"{len(images)} images but {len(labels)} labels")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-            raise InputError(f"labels must lie in [0, {len(class_names)}), got {labels.min()}..{labels.max()}")
+        label_ids = np.asarray(labels, dtype=np.int64)
+        if len(images) != len(label_ids):
+            raise InputError(f"{len(images)} images but {len(label_ids)} labels")
+        if label_ids.size and (label_ids.min() < 0 or label_ids.max() >= len(class_names)):
+            raise InputError(f"labels must lie in [0, {len(class_names)}), got {label_ids.min()}..{label_ids.max()}")
         if not images:
             return np.zeros(0, dtype=np.float64)
         import torch
         from tqdm.auto import tqdm
 
         text = self.text_features(class_names)
-        out = []
+        out: list[npt.NDArray[np.float64]] = []
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         starts = range(0, len(images), SCORE_BLOCK)
         for start in tqdm(starts, desc="CLIPScore", unit="block", disable=not show):
             block = images[start : start + SCORE_BLOCK]
             img = self._encode(block)
             cos = img @ text.T  # (B, C)
-            idx = torch.as_tensor(labels[start : start + SCORE_BLOCK], device=cos.device)
+            idx = torch.as_tensor(label_ids[start : start + SCORE_BLOCK], device=cos.device)
             if self.kind == "cosine":
                 own = cos.gather(1, idx[:, None])[:, 0]
                 result = HESSEL_W * own.clamp(min=0)
