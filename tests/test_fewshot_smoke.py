@@ -258,6 +258,7 @@ def test_reference_protocol_end_to_end(tiny_models, tiny_dataset, tmp_path, caps
     assert [(t["baseline"], t["metric"], t["n_pairs"]) for t in sig] == [("real", "mean_per_class", 2)]
     table = (out / "table.md").read_text()
     assert "Protocol: **reference**" in table and "mean per-class accuracy" in table and "paired" in table
+    assert "0.875" in table  # --preset pets names the dataset: the paper's CLIP 1-shot number, same metric
     config = json.loads((out / "config.json").read_text())
     assert config["classifier"]["clip_head"] == "reference" and config["eval"]["protocol"] == "reference"
     assert json.loads((out / "prompts.json").read_text())["provenance"]["instruction"] == "reference"
