@@ -20,7 +20,9 @@ training images and its own augmentation plan; all plans share one synthetic-ima
    protocol and the metric, and prints the paper's number only next to the same metric.
 
 ``table.md`` and ``results.json`` (``significance``) also compare DALDA with each baseline: the
-mean difference and the p-value of a paired t-test over seeds (and shot settings).
+mean difference and the p-value of a paired t-test over seeds (and shot settings). To pair over
+datasets too, run once per dataset, then ``fewshot.py --combine OUT_PETS OUT_FLOWERS ... --out
+DIR`` writes ``DIR/significance.{json,md}``.
 
 Methods (``--methods``, default all but ``llm_fixed``):
 
@@ -203,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="honest: last epoch, whole test split; reference: the reference code's best-epoch mean "
                           "per-class accuracy and few-shot draw (see the module docstring)")
     run.add_argument("--out", type=Path, required=True, help="output folder")
+    run.add_argument("--combine", nargs="+", type=Path, default=None, metavar="DIR",
+                     help="instead of running: read DIR/results.json of earlier runs (e.g. one per dataset) and "
+                          "write OUT/significance.json and OUT/significance.md, DALDA against each baseline "
+                          "paired over datasets, shots and seeds")
     run.add_argument("--stop-after", choices=("plan", "warm"), default=None,
                      help="stop after writing the plans, or after warming the cache")
     run.add_argument("--overwrite", action="store_true", help="rerun runs already in OUT/runs.jsonl")
@@ -541,6 +547,50 @@ def render_table(summary: list[dict], dataset: str, backbone: str, mode: str, sh
     return "\n".join(lines) + "\n"
 
 
+def combine(folders: Sequence[Path], out: Path) -> int:
+    """``--combine``: one paired test per baseline over the results of several runs (datasets)."""
+    from dalda_aug.errors import InputError, MissingFileError
+
+    summary: list[dict] = []
+    protocols: dict[str, list[str]] = {}
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise MissingFileError(f"no results.json in {folder}")
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path} is not a results file: {exc}") from None
+        rows = result.get("summary") if isinstance(result, dict) else None
+        if not isinstance(rows, list) or any("per_seed" not in r for r in rows):
+            raise InputError(f"{path} has no per-seed summary (written by an older fewshot.py?); rerun it")
+        protocols.setdefault(result.get("protocol", "honest"), []).append(str(folder))
+        summary += rows
+    if len(protocols) > 1:
+        raise InputError(f"the results mix protocols ({protocols}); combine runs of one protocol")
+    protocol = next(iter(protocols))
+    metrics = ("top1", "mean_per_class") if protocol == "honest" else ("mean_per_class",)
+    tests = paired_tests(summary, metrics)
+    if not tests:
+        raise InputError("no DALDA result with a baseline to compare in " + ", ".join(map(str, folders)))
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = sorted({s["dataset"] for s in summary})
+    (out / "significance.json").write_text(json.dumps(
+        {"format": FORMAT, "protocol": protocol, "test": PAIRED_TEST, "sources": [str(f) for f in folders],
+         "datasets": datasets, "significance": tests}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    lines = [f"# DALDA against each baseline: {', '.join(datasets)}", "",
+             f"Protocol: **{protocol}** — {PROTOCOL_TEXT[protocol]}. Mean difference (DALDA − baseline) and "
+             f"p-value of a {PAIRED_TEST}, paired over datasets, shot settings and seeds.", "",
+             "| Backbone | Baseline | Metric | Pairs | Mean difference | p-value |", "|---|---|---|---:|---:|---:|"]
+    for t in tests:
+        p = "–" if t["p_value"] is None else f"{t['p_value']:.3g}"
+        lines.append(f"| {t['backbone']} ({t['mode']}) | {METHODS[t['baseline']].label} | {_METRIC_NAMES[t['metric']]} "
+                     f"| {t['n_pairs']} | {t['mean_difference']:+.3f} | {p} |")
+    (out / "significance.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
 def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any], shots: list[int]) -> dict[str, Path]:
     summary = summarize(rows)
     protocol = summary[0]["protocol"] if summary else "honest"
@@ -615,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dalda_aug.errors import DaldaError
 
     try:
+        if args.combine:
+            return combine(args.combine, args.out)
         return run(args, list(sys.argv[1:] if argv is None else argv))
     except DaldaError as exc:
         print(f"fewshot.py: error: {exc}", file=sys.stderr)

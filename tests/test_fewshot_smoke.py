@@ -262,3 +262,33 @@ def test_reference_protocol_end_to_end(tiny_models, tiny_dataset, tmp_path, caps
     config = json.loads((out / "config.json").read_text())
     assert config["classifier"]["clip_head"] == "reference" and config["eval"]["protocol"] == "reference"
     assert json.loads((out / "prompts.json").read_text())["provenance"]["instruction"] == "reference"
+
+
+def test_combine_pairs_over_datasets(tmp_path, capsys):
+    import math
+
+    from scipy import stats
+
+    bench = _load_script()
+    for dataset, real, dalda in (("pets", [0.5, 0.6, 0.7], [0.6, 0.8, 1.0]),
+                                 ("flowers", [0.2, 0.3, 0.4], [0.3, 0.4, 0.8])):
+        folder = tmp_path / dataset
+        folder.mkdir()
+        summary = [_summary_row("real", [0, 1, 2], real, dataset=dataset),
+                   _summary_row("dalda", [0, 1, 2], dalda, dataset=dataset)]
+        (folder / "results.json").write_text(json.dumps({"protocol": "honest", "summary": summary}))
+    assert bench.main(["--combine", str(tmp_path / "pets"), str(tmp_path / "flowers"), "--out", str(tmp_path / "all")]) == 0
+    result = json.loads((tmp_path / "all" / "significance.json").read_text())
+    assert result["datasets"] == ["flowers", "pets"] and "paired" in result["test"]
+    top1 = next(t for t in result["significance"] if t["metric"] == "top1")
+    # differences 0.1 0.2 0.3 0.1 0.1 0.4: mean 0.2, t = mean / (sd / √6), df 5
+    d = [0.1, 0.2, 0.3, 0.1, 0.1, 0.4]
+    mean = sum(d) / 6
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 5)
+    t = mean / (sd / math.sqrt(6))
+    assert top1["n_pairs"] == 6 and top1["mean_difference"] == pytest.approx(mean)
+    assert top1["p_value"] == pytest.approx(2 * stats.t.sf(t, 5), rel=1e-9)
+    assert "paired over datasets" in (tmp_path / "all" / "significance.md").read_text()
+    (tmp_path / "flowers" / "results.json").write_text(json.dumps({"protocol": "reference", "summary": []}))
+    assert bench.main(["--combine", str(tmp_path / "pets"), str(tmp_path / "flowers"), "--out", str(tmp_path / "x")]) == 2
+    assert "mix protocols" in capsys.readouterr().err
