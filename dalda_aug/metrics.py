@@ -16,12 +16,19 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from .data import image_sha256
 from .errors import InputError, ModelLoadError, require
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .clipscore import CLIPScorer, Device
 
 __all__ = [
     "mean_pairwise_cosine",
@@ -35,7 +42,7 @@ __all__ = [
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 
 
-def mean_pairwise_cosine(features) -> float:
+def mean_pairwise_cosine(features: npt.ArrayLike) -> float:
     """Mean cosine similarity over all unordered pairs of rows (NaN for fewer than 2 rows)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2:
@@ -54,7 +61,7 @@ def alexnet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
 
 
-def load_lpips(device="cpu", random_backbone: bool = False):
+def load_lpips(device: Device = "cpu", random_backbone: bool = False) -> torch.nn.Module:
     """The LPIPS (AlexNet, v0.1) network.
 
     ``random_backbone=True`` uses a randomly initialised AlexNet trunk (tests only: the
@@ -72,21 +79,22 @@ def load_lpips(device="cpu", random_backbone: bool = False):
                 f"(set TORCH_HOME to move it); download {ALEXNET_WEIGHTS} from download.pytorch.org "
                 "on a machine with internet access and copy it there"
             )
-    net = lpips.LPIPS(net="alex", pnet_rand=random_backbone, verbose=False).to(device).eval()
+    net: torch.nn.Module = lpips.LPIPS(net="alex", pnet_rand=random_backbone, verbose=False).to(device).eval()
     return net
 
 
-def _to_lpips_tensor(images: Sequence, size: int, device):
+def _to_lpips_tensor(images: Sequence[Image.Image], size: int, device: Device) -> torch.Tensor:
     import torch
 
     arrs = []
     for img in images:
-        img = img.convert("RGB").resize((size, size))
-        arrs.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+        rgb = img.convert("RGB").resize((size, size))
+        arrs.append(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).to(device)
 
 
-def mean_pairwise_lpips(images: Sequence, net, size: int = 224, device="cpu", batch_size: int = 32) -> float:
+def mean_pairwise_lpips(images: Sequence[Image.Image], net: torch.nn.Module, size: int = 224, device: Device = "cpu",
+                        batch_size: int = 32) -> float:
     """Mean LPIPS over all unordered pairs of ``images`` (resized to ``size``²); NaN if < 2."""
     import torch
 
@@ -110,12 +118,12 @@ class EmbeddingStore:
     ``directory=None`` keeps them in memory only.
     """
 
-    def __init__(self, scorer, directory: str | os.PathLike | None = None):
+    def __init__(self, scorer: CLIPScorer, directory: str | os.PathLike[str] | None = None) -> None:
         self.scorer = scorer
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self._memory: dict[str, np.ndarray] = {}
+        self._memory: dict[str, npt.NDArray[Any]] = {}
         self.computed = 0  # embeddings actually computed (not read back)
 
     def _path(self, key: str) -> Path | None:
@@ -127,7 +135,8 @@ class EmbeddingStore:
         model_tag = hashlib.sha256(tag.encode()).hexdigest()[:8]
         return self.directory / f"{model_tag}-{key}.npy"
 
-    def get(self, images: Sequence, progress: bool | None = None) -> np.ndarray:
+    def get(self, images: Sequence[Image.Image], progress: bool | None = None) -> npt.NDArray[Any]:
+        """The embeddings of ``images``, one row each (computed once per distinct image)."""
         keys = [image_sha256(img) for img in images]
         missing: list[int] = []
         seen: set[str] = set()
@@ -156,18 +165,18 @@ class EmbeddingStore:
         return np.stack([self._memory[k] for k in keys]) if keys else np.zeros((0, 0))
 
 
-def _nanmean(values) -> float | None:
+def _nanmean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not np.isnan(v)]
     return float(np.mean(vals)) if vals else None
 
 
 def diversity_metrics(
-    variants: Mapping[Any, Sequence],
+    variants: Mapping[Any, Sequence[Image.Image]],
     sources: Mapping[Any, Any],
     labels: Mapping[Any, int],
     class_names: Sequence[str],
-    scorer,
-    lpips_net=None,
+    scorer: CLIPScorer,
+    lpips_net: torch.nn.Module | None = None,
     embeddings: EmbeddingStore | None = None,
     lpips_size: int = 224,
     progress: bool | None = None,

@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import InputError, require
+
+if TYPE_CHECKING:
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .cache import SyntheticCache
+    from .plan import AugmentationPlan
+
+    Font = Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]
 
 __all__ = ["plot_score_histogram", "plot_lambda_distribution", "contact_sheet", "contact_sheet_size",
            "plan_contact_sheet"]
 
 
-def _pyplot():
+def _pyplot() -> Any:
     matplotlib = require("matplotlib", "viz")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -27,20 +36,20 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str | os.PathLike) -> Path:
+def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> Path:
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
     plt.close(fig)
-    return path
+    return out
 
 
-def _source_scores(plan) -> np.ndarray:
+def _source_scores(plan: AugmentationPlan) -> npt.NDArray[np.float64]:
     return np.array([vs[0].score for vs in plan.by_source().values()], dtype=np.float64)
 
 
-def plot_score_histogram(plans: Mapping[str, object], path: str | os.PathLike, alpha: float | None = None,
+def plot_score_histogram(plans: Mapping[str, AugmentationPlan], path: str | os.PathLike[str], alpha: float | None = None,
                          bins: int = 20) -> Path:
     """Histogram of the source images' CLIPScores, one panel per dataset, α marked.
 
@@ -63,7 +72,7 @@ def plot_score_histogram(plans: Mapping[str, object], path: str | os.PathLike, a
     return _save(plt, fig, path)
 
 
-def plot_lambda_distribution(plan, path: str | os.PathLike, bins: int = 40) -> Path:
+def plot_lambda_distribution(plan: AugmentationPlan, path: str | os.PathLike[str], bins: int = 40) -> Path:
     """Histogram of the planned λ, split into Low (score ≤ α) and High sources."""
     plt = _pyplot()
     a = float(plan.summary.get("alpha", 0.3))
@@ -103,7 +112,7 @@ def _font_file() -> str | None:
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
-def _font(size: int = _FONT_SIZE):
+def _font(size: int = _FONT_SIZE) -> Font:
     from PIL import ImageFont
 
     path = _font_file()
@@ -122,7 +131,7 @@ def _lambda_label() -> str:
     return "λ" if _font_file() is not None else "lambda"
 
 
-def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Font, width: int, max_lines: int) -> list[str]:
     """Greedy word wrap to ``width`` pixels, at most ``max_lines`` lines (ellipsis if cut)."""
     lines: list[str] = []
     for word in text.split():
@@ -152,8 +161,8 @@ def contact_sheet_size(rows: int, columns: int, tile: int) -> tuple[int, int]:
     return width, height
 
 
-def contact_sheet(rows: Sequence[tuple[Any, str, Sequence[tuple[Any, str]]]], tile: int = 256,
-                  title: str = "") -> Any:
+def contact_sheet(rows: Sequence[tuple[Image.Image, str, Sequence[tuple[Image.Image, str]]]], tile: int = 256,
+                  title: str = "") -> Image.Image:
     """One row per source: ``(original image, caption, [(variant image, caption), ...])``.
 
     Images are fitted into ``tile`` x ``tile`` squares (aspect ratio kept) above their
@@ -185,8 +194,9 @@ def contact_sheet(rows: Sequence[tuple[Any, str, Sequence[tuple[Any, str]]]], ti
     return sheet
 
 
-def plan_contact_sheet(plan, cache, *, classes: Sequence[str] | None = None, per_class: int | None = None,
-                       tile: int = 256, title: str = "", load_source: Callable[[Any], Any] | None = None):
+def plan_contact_sheet(plan: AugmentationPlan, cache: SyntheticCache, *, classes: Sequence[str] | None = None,
+                       per_class: int | None = None, tile: int = 256, title: str = "",
+                       load_source: Callable[[str], Image.Image] | None = None) -> Image.Image:
     """A contact sheet of a plan: per source image, the original and its cached variants.
 
     Each variant is captioned with its λ and prompt; a variant missing from ``cache`` gets a
@@ -207,7 +217,8 @@ def plan_contact_sheet(plan, cache, *, classes: Sequence[str] | None = None, per
     unknown = sorted(set(classes or ()) - known)
     if unknown:
         raise InputError(f"unknown class name(s) {unknown}; the plan's classes are {sorted(known)}")
-    rows, shown = [], {}
+    rows: list[tuple[Image.Image, str, list[tuple[Image.Image, str]]]] = []
+    shown: dict[str, int] = {}
     lam = _lambda_label()
     for source, variants in plan.by_source().items():
         name = variants[0].class_name
@@ -216,7 +227,7 @@ def plan_contact_sheet(plan, cache, *, classes: Sequence[str] | None = None, per
         if per_class is not None and shown.get(name, 0) >= per_class:
             continue
         shown[name] = shown.get(name, 0) + 1
-        cells = []
+        cells: list[tuple[Image.Image, str]] = []
         for v in variants:
             entry = cache.get(v)
             image = entry.image if entry is not None else Image.new("RGB", (tile, tile), (200, 200, 200))
