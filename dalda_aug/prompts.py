@@ -779,7 +779,8 @@ class OpenAIChatBackend:
         self.max_delay = float(max_delay)
         self.json_mode = bool(json_mode)
         key = api_key if api_key is not None else os.environ.get(api_key_env)
-        self._secrets = (key,) if key else ()
+        # a password in the URL (https://user:PASSWORD@host/v1) is a secret too
+        self._secrets = tuple(v for v in (key, parts.password) if v)
         self._opener = urllib.request.build_opener(_SameOriginRedirects(self))
         if not key and (host == "api.openai.com" or self.azure):
             raise InputError(f"no API key for {self.endpoint}: set the environment variable {api_key_env}")
@@ -788,10 +789,10 @@ class OpenAIChatBackend:
             self._headers.update({"api-key": key} if self.azure else {"Authorization": f"Bearer {key}"})
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": self.model, "base_url": self.base_url}
+        return {"backend": self.kind, "model": self.model, "base_url": self._redact(self.base_url)}
 
     def __repr__(self) -> str:  # never shows the key
-        return f"OpenAIChatBackend({self.model!r}, base_url={self.base_url!r})"
+        return f"OpenAIChatBackend({self.model!r}, base_url={self._redact(self.base_url)!r})"
 
     def _redact(self, text: str) -> str:
         """``text`` without the API key or any ``Bearer`` token (what a server may echo back)."""
@@ -814,9 +815,9 @@ class OpenAIChatBackend:
             except urllib.error.HTTPError as exc:
                 detail = self._redact(_http_error_detail(exc))
                 if exc.code not in _RETRY_STATUS and exc.code < 500:
-                    raise BackendError(
+                    raise BackendError(self._redact(
                         f"chat endpoint {self.endpoint} refused the request: HTTP {exc.code} {detail}"
-                    ) from None
+                    )) from None
                 last_error = f"HTTP {exc.code} {detail}"
                 retry_after = _retry_after(exc.headers)
                 if retry_after is not None:
@@ -827,10 +828,10 @@ class OpenAIChatBackend:
                 return self._redact(self._content(raw))
             if attempt < self.max_retries:
                 time.sleep(delay)
-        raise BackendError(
+        raise BackendError(self._redact(
             f"chat endpoint {self.endpoint} is unavailable: {self.max_retries + 1} attempt(s) failed, "
             f"the last with {last_error}"
-        )
+        ))
 
     def _content(self, raw: bytes) -> str:
         try:

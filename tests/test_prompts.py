@@ -882,3 +882,11 @@ def test_same_origin_redirect_is_followed(monkeypatch):
         assert backend_for(server, api_key=KEY).chat([{"role": "user", "content": "hi"}]) == "ok"
         assert [r.path for r in server.requests] == ["/v1/chat/completions", "/v1/chat/completions?moved=1"]
         assert server.requests[1].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_a_password_in_the_base_url_is_redacted_too(tmp_path):
+    backend = OpenAIChatBackend("m", base_url="http://user:pw-Secret-9@127.0.0.1:1/v1", max_retries=0, timeout=2)
+    with pytest.raises(BackendError) as info:
+        backend.chat([{"role": "user", "content": "hi"}])
+    assert "pw-Secret-9" not in str(info.value) and "[REDACTED]" in str(info.value)
+    assert "pw-Secret-9" not in json.dumps(backend.describe()) and "pw-Secret-9" not in repr(backend)
