@@ -234,7 +234,7 @@ def bench_warm(args, work: Path) -> dict:
     # What the single writer thread sustains on full-size images (encode + store), per format.
     photo = Image.fromarray(_photos()[0]).resize((512, 512))
     writer_ms = {}
-    for fmt in ("png", "webp", "raw"):
+    for fmt in ("lz4", "png", "webp", "raw"):
         cache = SyntheticCache(work / f"writer-{fmt}", spec, image_format=fmt)
         started = time.perf_counter()
         for v in plan.variants[:16]:
