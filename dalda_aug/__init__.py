@@ -45,9 +45,9 @@ _EXPORTS = {
     "run_demo": "demo",
     "RealGuidanceConfig": "real_guidance",
     "RealGuidanceGenerator": "real_guidance",
-    "DAFusionConfig": "generators",
-    "DAFusionGenerator": "generators",
-    "train_textual_inversion": "generators",
+    "DAFusionConfig": "generators.da_fusion",
+    "DAFusionGenerator": "generators.da_fusion",
+    "train_textual_inversion": "generators.textual_inversion",
     "build_classifier": "classify",
     "ClassifierSpec": "classify",
     "TrainConfig": "classify",
@@ -81,21 +81,47 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .ags import AGSConfig, Scaling, sample_lambda, sample_scales
-    from .cache import CachedImage, GenerationSpec, GeneratorFactory, SyntheticCache
-    from .dataset import CacheMissError, SyntheticAugmentedDataset
-    from .demo import run_demo
-    from .pool import GeneratorPool, PoolError
-    from .real_guidance import RealGuidanceConfig, RealGuidanceGenerator
-    from .generators import DAFusionConfig, DAFusionGenerator, train_textual_inversion
-    from .warm import WarmReport
-    from .classify import (ClassifierSpec, TrainConfig, build_classifier, eval_transform, evaluate,
-                           train_classifier, train_transform)
-    from .clipscore import CLIPScorer
-    from .config import ModelConfig
-    from .data import ImageSource, few_shot_indices, image_sha256, load_image, readable_class_name
-    from .errors import DaldaError, ImageError, InputError, MissingFileError, ModelLoadError
-    from .metrics import EmbeddingStore, diversity_metrics
-    from .generation import GenerationConfig, GenerationRequest, IPAdapterGenerator
-    from .plan import AugmentationPlan, Variant, build_plan, derive_seed
-    from .prompts import PromptBank, generate_prompt_bank
+    # Static imports for type checkers. `X as X` marks an explicit re-export: without it a user's
+    # `mypy --strict` reports "does not explicitly export" (tests/test_package.py checks the form).
+    from .ags import (
+        AGSConfig as AGSConfig, sample_lambda as sample_lambda, sample_scales as sample_scales,
+        Scaling as Scaling,
+    )
+    from .cache import (
+        CachedImage as CachedImage, GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory,
+        SyntheticCache as SyntheticCache,
+    )
+    from .classify import (
+        build_classifier as build_classifier, ClassifierSpec as ClassifierSpec,
+        eval_transform as eval_transform, evaluate as evaluate, train_classifier as train_classifier,
+        train_transform as train_transform, TrainConfig as TrainConfig,
+    )
+    from .clipscore import CLIPScorer as CLIPScorer
+    from .config import ModelConfig as ModelConfig
+    from .data import (
+        few_shot_indices as few_shot_indices, image_sha256 as image_sha256, ImageSource as ImageSource,
+        load_image as load_image, readable_class_name as readable_class_name,
+    )
+    from .dataset import CacheMissError as CacheMissError, SyntheticAugmentedDataset as SyntheticAugmentedDataset
+    from .demo import run_demo as run_demo
+    from .errors import (
+        DaldaError as DaldaError, ImageError as ImageError, InputError as InputError,
+        MissingFileError as MissingFileError, ModelLoadError as ModelLoadError,
+    )
+    from .generation import (
+        GenerationConfig as GenerationConfig, GenerationRequest as GenerationRequest,
+        IPAdapterGenerator as IPAdapterGenerator,
+    )
+    from .generators.da_fusion import DAFusionConfig as DAFusionConfig, DAFusionGenerator as DAFusionGenerator
+    from .generators.textual_inversion import train_textual_inversion as train_textual_inversion
+    from .metrics import diversity_metrics as diversity_metrics, EmbeddingStore as EmbeddingStore
+    from .plan import (
+        AugmentationPlan as AugmentationPlan, build_plan as build_plan, derive_seed as derive_seed,
+        Variant as Variant,
+    )
+    from .pool import GeneratorPool as GeneratorPool, PoolError as PoolError
+    from .prompts import generate_prompt_bank as generate_prompt_bank, PromptBank as PromptBank
+    from .real_guidance import (
+        RealGuidanceConfig as RealGuidanceConfig, RealGuidanceGenerator as RealGuidanceGenerator,
+    )
+    from .warm import WarmReport as WarmReport
