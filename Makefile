@@ -20,6 +20,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 DEMO_OUT ?= demo_out
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# What `make test` runs, relative to the repository root (e.g. TESTS=tests/test_package.py).
+TESTS ?= tests
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dalda-aug-installed
@@ -35,7 +37,7 @@ export DALDA_LLM
 
 test: typecheck wheel
 	cd $(INSTALLED) && PYTHONPATH=$(ROOT)/$(INSTALLED) DALDA_TEST_INSTALLED=$(ROOT)/$(INSTALLED) HF_HUB_OFFLINE=1 \
-		$(ROOT)/$(PY) -m pytest -q -c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(ROOT)/tests
+		$(ROOT)/$(PY) -m pytest -q -c $(ROOT)/pyproject.toml --rootdir $(ROOT) $(addprefix $(ROOT)/,$(TESTS))
 
 # mypy --strict on the modules listed in pyproject.toml's [tool.mypy] files.
 typecheck: $(STAMP)
