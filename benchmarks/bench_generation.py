@@ -8,6 +8,12 @@ On the same requests, in one process:
 * ours: :class:`dalda_aug.generation.IPAdapterGenerator`, one UNet call per step for a batch
   of requests with per-sample λ, reference image, prompt and seed — for each ``--batch-sizes``.
 
+The img2img baselines get the same treatment (``--img2img real_guidance,da_fusion``, default
+both): DA-Fusion's stock loop (resize to the canvas, one ``StableDiffusionImg2ImgPipeline`` call
+per image, resize back; DA-Fusion's class tokens loaded with ``load_textual_inversion``) against
+:class:`~dalda_aug.generators.RealGuidanceGenerator` / :class:`~dalda_aug.generators.DAFusionGenerator`
+(requests of equal strength batched; DA-Fusion draws one of four strengths per image).
+
 Prints images/s, the speed-up, the largest pixel difference from the baseline images, the
 achieved TFLOP/s as a fraction of the device's bf16 peak (DESIGN.md's SD1.5 performance model)
 and, on CUDA, the peak memory per batch size. ``--arch tiny`` builds the tiny random test models;
@@ -256,6 +262,73 @@ def _device_name(torch, device) -> str:
     return f"{device.type} ({cpu}, {torch.get_num_threads()} threads)"
 
 
+def bench_img2img(kind: str, models, requests, *, device, dtype: str, size: int, steps: int, batch_sizes: list[int],
+                  repeats: int, work_dir: Path) -> dict:
+    """Stock one-call-per-image img2img loop (as DA-Fusion runs it) vs our batched generator."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from dalda_aug.generators import (DAFusionConfig, DAFusionGenerator, RealGuidanceConfig, RealGuidanceGenerator,
+                                      draw_strengths, resolve_torch_dtype)
+
+    if kind == "da_fusion":  # class tokens (one step of textual inversion: their values do not change the speed)
+        from dalda_aug.generators.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+        data = work_dir / "ti-data"
+        for c in range(2):
+            (data / f"class {c}").mkdir(parents=True, exist_ok=True)
+            requests[c].image.convert("RGB").save(data / f"class {c}" / "0.png")
+        tokens = train_textual_inversion(data, work_dir / "tokens", models=models, device=device, dtype=dtype,
+                                         config=TextualInversionConfig(steps=1, batch_size=1, resolution=size),
+                                         cache_dir=work_dir / "ti-cache")
+        strengths = draw_strengths(len(requests), np.random.default_rng(0))
+        requests = [dataclasses.replace(r, prompt=f"a photo of a {tokens.token_of(f'class {i % 2}')}",
+                                        scale=float(s)) for i, (r, s) in enumerate(zip(requests, strengths))]
+        config = DAFusionConfig(num_inference_steps=steps, height=size, width=size, tokens=str(tokens.folder))
+        generator_cls = DAFusionGenerator
+    else:
+        config = RealGuidanceConfig(num_inference_steps=steps, height=size, width=size)
+        generator_cls = RealGuidanceGenerator
+
+    def strength(r) -> float:
+        return r.scale if kind == "da_fusion" else config.strength
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(models.base, safety_checker=None,
+                                                          dtype=resolve_torch_dtype(dtype)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if kind == "da_fusion":
+        for name in tokens.class_names:
+            pipe.load_textual_inversion(str(tokens.file_of(name)), token=tokens.token_of(name))
+
+    def stock(r):
+        canvas = r.image.convert("RGB").resize((size, size), Image.BILINEAR)
+        out = pipe(prompt=[r.prompt], image=canvas, strength=strength(r), guidance_scale=config.guidance_scale,
+                   num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(r.seed)).images[0]
+        return out.resize(r.image.size, Image.BILINEAR)
+
+    stock(requests[0])  # warm-up
+    baseline_images, seconds = _timed(torch, device, lambda: [stock(r) for r in requests], repeats)
+    baseline = {"images_per_s": len(requests) / seconds, "seconds": seconds}
+    pipe = None  # freed before ours loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    generator = generator_cls(models, config, device=device, dtype=dtype).load()
+    runs = []
+    for batch_size in batch_sizes:
+        generator.generate(requests[:batch_size], batch_size=batch_size)  # warm-up
+        images, seconds = _timed(torch, device, lambda: generator.generate(requests, batch_size=batch_size), repeats)
+        runs.append({"batch_size": batch_size, "images_per_s": len(requests) / seconds, "seconds": seconds,
+                     "speedup": (len(requests) / seconds) / baseline["images_per_s"],
+                     "max_pixel_diff_vs_baseline": _max_pixel_diff(images, baseline_images)})
+    best = max(runs, key=lambda r: r["images_per_s"])
+    return {"steps": steps, "baseline": baseline, "ours": runs, "best_batch_size": best["batch_size"],
+            "ratio": best["speedup"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -287,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"device bf16 peak for the utilisation figure (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--img2img", default="real_guidance,da_fusion",
+                   help="img2img baselines to measure too: comma list of real_guidance, da_fusion ('' = none)")
+    p.add_argument("--img2img-steps", type=int, default=50,
+                   help="denoising steps of the img2img baselines (DA-Fusion's implementation: 50)")
     return p
 
 
@@ -392,6 +469,15 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_memory_gib": _peak_gib(torch, device),
                 }
             )
+        generator = None  # free it before the img2img pipelines load
+        img2img = {}
+        for kind in [k.strip() for k in args.img2img.split(",") if k.strip()]:
+            if kind not in ("real_guidance", "da_fusion"):
+                print(f"--img2img: unknown baseline {kind!r}", file=sys.stderr)
+                return 2
+            img2img[kind] = bench_img2img(kind, models, requests, device=device, dtype=dtype, size=size,
+                                          steps=args.img2img_steps, batch_sizes=batch_sizes, repeats=args.repeats,
+                                          work_dir=Path(tmp) / kind)
 
     for entry in [baseline, *runs]:
         achieved = entry["images_per_s"] * work
@@ -425,6 +511,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per-sample memory estimate used by auto batch sizing: "
               f"{estimate_sample_bytes(config, dtype) / 1024**3:.2f} GiB")
 
+    labels = {"real_guidance": "Real Guidance", "da_fusion": "DA-Fusion"}
+    for kind, res in img2img.items():
+        print(f"{labels[kind]} ({res['steps']} steps), stock loop (1 img2img call per image): "
+              f"{res['baseline']['images_per_s']:.3f} images/s")
+        for run in res["ours"]:
+            print(f"{labels[kind]}, ours, batch {run['batch_size']:>3}: {run['images_per_s']:.3f} images/s, "
+                  f"x{run['speedup']:.2f}, max pixel diff {run['max_pixel_diff_vs_baseline']}/255")
+        print(f"{labels[kind]} ratio ours/stock: x{res['ratio']:.2f} (best batch size {res['best_batch_size']})")
+
     if args.json is not None:
         result = {
             "device": _device_name(torch, device),
@@ -446,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours": runs,
             "best_batch_size": best["batch_size"],
             "ratio": best["speedup"],
+            "img2img": img2img,
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@ Methods (``--methods``, default all but ``llm_fixed``):
 ==============  ==============================================================================
 real            the few-shot real images only
 real_guidance   Real Guidance (He et al. 2023): SD img2img at strength 0.5, "a photo of a {class}"
+da_fusion       DA-Fusion (Trabucco et al. 2024): a textual-inversion token per class (``--ti-steps``),
+                SD img2img at a strength drawn from {0.25, 0.5, 0.75, 1}, "a photo of a <class token>"
 fixed           base prompt "a photo of a {class}" + IP-Adapter, fixed λ (``--fixed-lambda``)
 llm_fixed       LLM prompts + fixed λ (not in the default set)
 base_rs         base prompt + random scaling, λ ~ U(0, 1)
@@ -73,13 +75,14 @@ class Method:
     label: str
     prompts: str | None  # "base" ("a photo of a {class}"), "llm" (the prompt bank) or None (no synthetic images)
     scaling: str | None  # "ags", "rs", "fixed" (--fixed-lambda), "none" (λ unused) or None
-    generator: str | None  # "ip_adapter", "real_guidance" or None
+    generator: str | None  # "ip_adapter", "real_guidance", "da_fusion" or None
 
 
 # Table order: baselines, then the ablations, then DALDA.
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("real", "Real images only", None, None, None),
     Method("real_guidance", "Real Guidance (img2img, strength 0.5)", "base", "none", "real_guidance"),
+    Method("da_fusion", "DA-Fusion (textual inversion + img2img)", "tokens", "strength", "da_fusion"),
     Method("fixed", "Base prompt + fixed λ", "base", "fixed", "ip_adapter"),
     Method("llm_fixed", "LLM prompts + fixed λ", "llm", "fixed", "ip_adapter"),
     Method("base_rs", "Base prompt + RS", "base", "rs", "ip_adapter"),
@@ -173,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=30, help="denoising steps")
     gen.add_argument("--size", type=int, default=512, help="generated image height and width")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance weight")
+    gen.add_argument("--img2img-steps", type=int, default=50,
+                     help="denoising steps of the img2img baselines (Real Guidance, DA-Fusion); default 50, "
+                          "diffusers' default with which DA-Fusion's implementation ran them")
+    gen.add_argument("--ti-steps", type=int, default=1000,
+                     help="textual-inversion steps per class for da_fusion (DA-Fusion: 1000; fewer for smoke runs)")
     gen.add_argument("--dtype", default=None, help="generation dtype (default float16 on CUDA, else float32)")
     gen.add_argument("--device", default=None, help="torch device for everything (default cuda if available)")
     gen.add_argument("--gen-batch-size", type=int, default=None,
@@ -362,7 +370,8 @@ PROTOCOL_TEXT = {
 }
 # Paired test used for DALDA against each baseline (the paper's Table 3 compares the same way).
 PAIRED_TEST = "paired two-sided t-test (scipy.stats.ttest_rel)"
-SIGNIFICANCE_BASELINE_ORDER = ("real", "real_guidance", "fixed", "llm_fixed", "base_rs", "llm_rs", "base_ags")
+SIGNIFICANCE_BASELINE_ORDER = ("real", "real_guidance", "da_fusion", "fixed", "llm_fixed", "base_rs", "llm_rs",
+                               "base_ags")
 
 
 def reference_few_shot_indices(targets: Sequence[int], shots: int, seed: int) -> list[int]:
@@ -690,6 +699,8 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     from dalda_aug.generation import GenerationConfig
     from dalda_aug.plan import build_plan
     from dalda_aug.prompts import PromptBank
+    from dalda_aug.generators.da_fusion import DAFusionConfig, build_da_fusion_plan
+    from dalda_aug.generators.textual_inversion import TextualInversionConfig, train_textual_inversion
     from dalda_aug.real_guidance import RealGuidanceConfig
     from dalda_aug.warm import warm
 
@@ -697,7 +708,7 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     progress = not args.no_progress
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    for name in ("variants", "steps", "size", "epochs", "batch_size", "eval_batch_size"):
+    for name in ("variants", "steps", "img2img_steps", "ti_steps", "size", "epochs", "batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.shots) < 1:
@@ -746,8 +757,12 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
 
     gen_config = GenerationConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                                   height=args.size, width=args.size)
-    rg_config = RealGuidanceConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+    rg_config = RealGuidanceConfig(num_inference_steps=args.img2img_steps, guidance_scale=args.guidance_scale,
                                    height=args.size, width=args.size)
+    # DA-Fusion: one spec (and cache binding) per token set, i.e. per (seed, shots); see the plans step.
+    da_config = DAFusionConfig(num_inference_steps=args.img2img_steps, guidance_scale=args.guidance_scale,
+                               height=args.size, width=args.size)
+    ti_config = TextualInversionConfig(steps=args.ti_steps, resolution=args.size)  # DA-Fusion: 512, as --size
     specs = {"ip_adapter": GenerationSpec(models, gen_config, dtype),
              "real_guidance": GenerationSpec(models, rg_config, dtype)}
     caches = {kind: SyntheticCache(cache_dir, spec, image_format=args.cache_format) for kind, spec in specs.items()}
@@ -771,6 +786,8 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         "classes": source.classes,
         "models": models.to_dict(),
         "generation": {kind: spec.fingerprint for kind, spec in specs.items()},
+        **({"da_fusion": {"generation": da_config.pixel_dict(), "textual_inversion": ti_config.to_dict(),
+                          "dtype": dtype}} if "da_fusion" in methods else {}),
         "variants": args.variants, "p": args.p, "fixed_lambda": args.fixed_lambda, "ags_mode": args.ags_mode,
         "prompts": _digest(bank.to_dict()) if bank is not None else None,
         "classifier": {"backbone": args.backbone, "mode": args.mode, "pretrained": str(pretrained),
@@ -803,6 +820,7 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         "generation": {
             "ip_adapter": {**gen_config.pixel_dict(), "fingerprint": specs["ip_adapter"].fingerprint},
             "real_guidance": {**rg_config.pixel_dict(), "fingerprint": specs["real_guidance"].fingerprint},
+            "da_fusion": {**da_config.pixel_dict(), "textual_inversion": ti_config.to_dict()},
             "dtype": dtype, "batch_size": args.gen_batch_size,
         },
         "cache": {"folder": str(Path(cache_dir).resolve()), "format": args.cache_format},
@@ -883,6 +901,18 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         # honest: build_plan draws the same few-shot subset itself; reference: it is given the subset
         # (σ still uses n = shots, each class holding `shots` images)
         plan_source, plan_shots = (source, shots) if args.protocol == "honest" else (source.subset(idx), None)
+        if method.generator == "da_fusion":  # tokens learned on this seed's few-shot images, cached by content
+            tokens = train_textual_inversion(plan_source, out / "tokens" / f"seed{seed}-{shots}shot", models=models,
+                                             shots=plan_shots, seed=seed, config=ti_config, device=device, dtype=dtype,
+                                             cache_dir=out / "textual-inversion-cache", progress=progress)
+            plan = build_da_fusion_plan(plan_source, tokens.folder, variants=args.variants, seed=seed,
+                                        n_shot=plan_shots, models=models, config=da_config,
+                                        scores=[scores[source.items[i].source] for i in idx], progress=False)
+            plan.save(out / "plans" / f"seed{seed}-{shots}shot-{m}")
+            plans[(seed, shots, m)] = plan
+            spec = GenerationSpec(models, DAFusionConfig.from_dict(plan.config["generator"]["config"]), dtype)
+            caches[(seed, shots, m)] = SyntheticCache(cache_dir, spec, image_format=args.cache_format)
+            continue
         plan = build_plan(plan_source, variants=args.variants, seed=seed, n_shot=plan_shots, scaling=scaling,
                           prompts=bank if method.prompts == "llm" else None, models=models,
                           scores=[scores[source.items[i].source] for i in idx], progress=False)
@@ -896,16 +926,19 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     # -- 3. warm the cache: every IP-Adapter plan, then every Real Guidance plan ---------------
     t0 = time.perf_counter()
     warm_reports = []
-    for kind in ("ip_adapter", "real_guidance"):
+    for kind in ("ip_adapter", "real_guidance", "da_fusion"):
         keys = [k for k in plans if METHODS[k[2]].generator == kind]
         if not keys:
             continue
         # One generator per kind for all plans, built on the first miss (loading it costs more
         # than warming a small plan).
-        holder = _Lazy(lambda spec=specs[kind]: spec.make_generator(device))
+        holder = _Lazy(lambda spec=specs.get(kind): spec.make_generator(device))
         for key in keys:
-            report = warm(plans[key], caches[kind], generator=holder, batch_size=args.gen_batch_size,
-                          progress=progress)
+            if key in caches:  # da_fusion: a token set, so a spec and generator, per plan
+                holder.instance = None
+                holder = _Lazy(lambda spec=caches[key].spec: spec.make_generator(device))
+            report = warm(plans[key], caches[key] if key in caches else caches[kind], generator=holder,
+                          batch_size=args.gen_batch_size, progress=progress)
             warm_reports.append({"seed": key[0], "shots": key[1], "method": key[2], **report.to_dict()})
             if report.generated:
                 _log(f"seed {key[0]}, {key[1]}-shot, {key[2]}: {report.summary()}")
@@ -940,7 +973,8 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
             train_set = Subset(ImageFolder(str(data.train_root), transform=train_tf), folder_idx)
         else:
             train_set = SyntheticAugmentedDataset(Subset(train_folder, folder_idx), plan,
-                                                  caches[METHODS[m].generator], p=args.p, transform=train_tf,
+                                                  caches.get((seed, shots, m), caches.get(METHODS[m].generator)),
+                                                  p=args.p, transform=train_tf,
                                                   on_miss="error", seed=seed)
         tf_key = (spec.mean, spec.std, spec.input_size, spec.interpolation, spec.crop_pct, args.image_size)
         if tf_key not in test_sets:

@@ -26,7 +26,7 @@ def test_bench_generation_tiny_prints_ratio_and_writes_json(tiny_models, tmp_pat
     bench = _load_script()
     out = tmp_path / "gen.json"
     argv = ["--arch", "tiny", "--device", "cpu", "--num-images", "2", "--steps", "2", "--size", "64",
-            "--batch-sizes", "1,2", "--threads", "1", "--models-dir", str(Path(tiny_models.base).parent), "--json", str(out)]
+            "--batch-sizes", "1,2", "--threads", "1", "--img2img-steps", "4", "--models-dir", str(Path(tiny_models.base).parent), "--json", str(out)]
     import torch
 
     threads = torch.get_num_threads()
@@ -45,6 +45,13 @@ def test_bench_generation_tiny_prints_ratio_and_writes_json(tiny_models, tmp_pat
     # Batched output equals the stock pipeline's images within 2/255 (fp32 CPU).
     assert all(run["max_pixel_diff_vs_baseline"] <= 2 for run in result["ours"])
     assert result["tflop_per_image"] is None  # the SD1.5 model does not describe the tiny models
+    # The img2img baselines against their stock one-call-per-image loops (DA-Fusion's recipe).
+    assert set(result["img2img"]) == {"real_guidance", "da_fusion"}
+    for kind, res in result["img2img"].items():
+        assert res["baseline"]["images_per_s"] > 0 and res["ratio"] > 0 and res["steps"] == 4
+        assert [run["batch_size"] for run in res["ours"]] == [1, 2]
+        assert all(run["max_pixel_diff_vs_baseline"] <= 2 for run in res["ours"]), kind
+    assert "Real Guidance ratio ours/stock: x" in printed and "DA-Fusion ratio ours/stock: x" in printed
 
 
 def test_performance_model_matches_design():

@@ -200,5 +200,53 @@ def test_cli_textual_inversion_plan_warm(tiny_models, data, tmp_path):
     assert isinstance(spec.config, DAFusionConfig)
     cache = cache.with_spec(spec)
     assert all(cache.get(v) is not None for v in plan)
+    # metrics (Table 1's CLIP-I / LPIPS) read the DA-Fusion images through the spec warm recorded
+    assert main(["metrics", "--plan", str(tmp_path / "plan"), "--cache", str(tmp_path / "cache"), "--lpips-random",
+                 "--out", str(tmp_path / "metrics.json")]) == 0
+    overall = json.loads((tmp_path / "metrics.json").read_text())["overall"]
+    assert overall["n_images"] == len(plan) and overall["n_sources"] == 2
+    assert overall["clip_i_within_source"] is not None and overall["lpips_within_source"] is not None
     assert main(["plan", "--method", "da-fusion", "--data", str(data), "--out", str(tmp_path / "p2"),
                  "--models", models]) == 2
+
+
+def test_fewshot_benchmark_runs_da_fusion_and_a_rerun_reuses_tokens_and_images(tiny_models, data, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fewshot.py"
+    spec = importlib.util.spec_from_file_location("fewshot_da_fusion", script)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    assert "da_fusion" in bench.DEFAULT_METHODS
+
+    models = tiny_models.save(tmp_path / "models.json")
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--test-fraction", "0.34", "--models", str(models), "--methods", "real,da_fusion",
+            "--shots", "1", "--seeds", "0", "--variants", "2", "--steps", "2", "--img2img-steps", "4",
+            "--ti-steps", "2", "--size", "32", "--device", "cpu", "--dtype", "float32", "--backbone", "clip",
+            "--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "4", "--out", str(out),
+            "--no-progress", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+        result = json.loads((out / "results.json").read_text())
+        runs = {r["method"]: r for r in result["runs"]}
+        assert set(runs) == {"real", "da_fusion"} and runs["da_fusion"]["n_synthetic"] == 2 * 2
+        assert json.loads((out / "tokens" / "seed0-1shot" / "tokens.json").read_text())["settings"]["steps"] == 2
+        rows = [json.loads(line) for line in
+                (out / "plans" / "seed0-1shot-da_fusion" / "plan.jsonl").read_text().splitlines()]
+        assert all(row["strength"] in DA_FUSION_STRENGTHS for row in rows)
+        stamps = {p: p.stat().st_mtime_ns for p in (out / "textual-inversion-cache").iterdir()}
+        # The same command again (--overwrite retrains the classifiers): tokens come from the content
+        # cache and images from the image cache; nothing is learned or generated again.
+        assert bench.main(argv + ["--overwrite"]) == 0
+        assert {p: p.stat().st_mtime_ns for p in (out / "textual-inversion-cache").iterdir()} == stamps
+        reports = json.loads((out / "results.json").read_text())["warm"]
+        assert reports and all(r["method"] == "da_fusion" and r["generated"] == 0 for r in reports)
+    finally:
+        torch.set_num_threads(threads)

@@ -162,13 +162,13 @@ class GenerationRequest:
 
 def check_requests(requests: Any) -> list[GenerationRequest]:
     """The requests as a non-empty list of :class:`GenerationRequest`, or :class:`InputError`."""
-    requests = list(requests)
-    if not requests:
+    items: list[GenerationRequest] = list(requests)
+    if not items:
         raise InputError("generate() needs at least one GenerationRequest, got an empty list")
-    for i, request in enumerate(requests):
+    for i, request in enumerate(items):
         if not isinstance(request, GenerationRequest):
             raise InputError(f"requests[{i}] must be a GenerationRequest, got {type(request).__name__}")
-    return requests
+    return items
 
 
 def image_key(image: "Image.Image") -> str:
@@ -337,7 +337,7 @@ def generation_fingerprint(models: ModelConfig, config: GeneratorConfig, dtype: 
 # registry: config class -> generator class
 # --------------------------------------------------------------------------------------------
 # config class -> "module:Class" of its generator (imported on first use: heavy modules stay unloaded)
-_REGISTRY: dict[type, str] = {}
+_REGISTRY: dict[type[GeneratorConfig], str] = {}
 
 
 def register_generator(config_class: type, generator: str) -> None:
@@ -349,7 +349,7 @@ def register_generator(config_class: type, generator: str) -> None:
     _REGISTRY[config_class] = generator
 
 
-def registered_configs() -> dict[str, type]:
+def registered_configs() -> dict[str, type[GeneratorConfig]]:
     """``{METHOD: config class}`` of every registered generator."""
     _import_builtin_generators()
     return {cls.METHOD: cls for cls in _REGISTRY}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .base import GenerationRequest, check_real, pixel_field, register_generator
 from .img2img import Img2ImgConfig, Img2ImgGenerator
@@ -42,7 +42,7 @@ class RealGuidanceConfig(Img2ImgConfig):
                                                         low_open=True))
 
     @classmethod
-    def with_dalda_sampler(cls, **changes: object) -> "RealGuidanceConfig":
+    def with_dalda_sampler(cls, **changes: Any) -> "RealGuidanceConfig":
         """The settings dalda_aug used before following DA-Fusion: DALDA's DDIM sampler at 30
         steps, ModelConfig.vae (sd-vae-ft-mse), the 512x512 canvas kept as output, bicubic resize."""
         base = cls(num_inference_steps=30, scheduler="ddim", vae="override", output_size="canvas", resample="bicubic")
