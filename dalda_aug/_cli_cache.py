@@ -11,9 +11,11 @@ given, they win over the recorded spec.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import socket
+from typing import Any
 
 __all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan"]
 
@@ -61,13 +63,13 @@ def spec_from_args(args, plan=None):
     return GenerationSpec(models, config, args.dtype or "float32")
 
 
-def spec_given(args) -> bool:
+def spec_given(args: argparse.Namespace) -> bool:
     """Whether any generation option of :func:`add_spec_arguments` was given."""
     return any(getattr(args, name, None) is not None
                for name in ("models", "steps", "size", "guidance_scale", "scheduler", "dtype"))
 
 
-def cache_for_plan(args, plan):
+def cache_for_plan(args: argparse.Namespace, plan: Any) -> Any:
     """The cache ``args.cache`` (must exist) bound to the spec of ``plan``'s images: the one the
     options give, else the one ``warm`` recorded in the folder."""
     from .cache import SyntheticCache, open_cache_dir

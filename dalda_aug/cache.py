@@ -248,7 +248,7 @@ class GeneratorFactory:
         self.spec = spec
         self.device = str(device)
 
-    def __call__(self):
+    def __call__(self) -> Any:
         return self.spec.make_generator(self.device)
 
     def __repr__(self) -> str:
@@ -258,7 +258,7 @@ class GeneratorFactory:
 # ------------------------------------------------------------------------------------------
 # entry encoding
 # ------------------------------------------------------------------------------------------
-def encode_entry(image, metadata: dict[str, Any], image_format: str = DEFAULT_IMAGE_FORMAT, *,
+def encode_entry(image: Any, metadata: dict[str, Any], image_format: str = DEFAULT_IMAGE_FORMAT, *,
                  png_compress_level: int = 1) -> bytes:
     """Encode ``image`` losslessly behind a header holding ``metadata``.
 
@@ -295,7 +295,7 @@ def encode_entry(image, metadata: dict[str, Any], image_format: str = DEFAULT_IM
     return _HEADER.pack(_MAGIC, _LAYOUT_VERSION, len(meta_bytes)) + meta_bytes + payload
 
 
-def decode_entry(blob: Any, key: str | None = None):
+def decode_entry(blob: Any, key: str | None = None) -> tuple[Any, dict[str, Any]]:
     """``(PIL RGB image, metadata)`` of an encoded entry, or :class:`CorruptEntryError`."""
     from PIL import Image
 
@@ -398,7 +398,7 @@ def _mount_fstype(path: Path) -> str | None:
     return best_type
 
 
-def is_network_filesystem(path: str | os.PathLike) -> bool:
+def is_network_filesystem(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` (or its nearest existing parent) is on a known network filesystem."""
     p = Path(path).expanduser().absolute()
     while not p.exists() and p != p.parent:
@@ -437,7 +437,7 @@ class SyntheticCache:
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike[str],
         spec: GenerationSpec | None = None,
         *,
         image_format: str = DEFAULT_IMAGE_FORMAT,
@@ -501,7 +501,7 @@ class SyntheticCache:
     def __enter__(self) -> "SyntheticCache":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def close(self) -> None:
@@ -524,7 +524,7 @@ class SyntheticCache:
             sqlite_mmap_size=0 if self._network else 2**26,
         )
 
-    def _open(self, name: str):
+    def _open(self, name: str) -> Any:
         self._check_process()
         handle = self._handles.get(name)
         if handle is None:
@@ -607,7 +607,8 @@ class SyntheticCache:
                 plan = data.get("plan") or {}
                 records.append((spec, plan.get("fingerprint") if isinstance(plan, dict) else None))
             self._recorded = records
-        return self._recorded
+            return records
+        return list(self._recorded or [])
 
     def resolve_spec(self, plan: Any = None) -> GenerationSpec:
         """The spec to read ``plan``'s images with: this cache's explicit spec; else the only
@@ -682,7 +683,7 @@ class SyntheticCache:
         # Shards created by other processes are picked up by the periodic rescan of _scan().
         return self._lookup(self.key(variant_or_key), force_scan=False)
 
-    def get_image(self, variant_or_key: Any):
+    def get_image(self, variant_or_key: Any) -> Any:
         """The PIL image of an entry, or ``None``."""
         entry = self.get(variant_or_key)
         return None if entry is None else entry.image
@@ -719,7 +720,7 @@ class SyntheticCache:
             log.warning("could not remove corrupt entry %s from shard %s: %s", key, shard, exc)
 
     # -- write -----------------------------------------------------------------------------
-    def put(self, variant: Any, image, *, metadata: dict[str, Any] | None = None) -> str:
+    def put(self, variant: Any, image: Any, *, metadata: dict[str, Any] | None = None) -> str:
         """Store the image generated for ``variant``; returns its key.
 
         The entry's metadata records the variant (λ, prompt, seed, score, class, source) and
@@ -839,7 +840,7 @@ class SyntheticCache:
             }
         return result
 
-    def export(self, out: str | os.PathLike, plan: Any = None, *, progress: bool = False) -> dict[str, Any]:
+    def export(self, out: str | os.PathLike[str], plan: Any = None, *, progress: bool = False) -> dict[str, Any]:
         """Write cached images as an image folder ``OUT/<class>/<key16>.png`` + ``OUT/metadata.csv``.
 
         With a plan, only its images are exported and class folders are the plan's class
@@ -879,7 +880,7 @@ class SyntheticCache:
         return {"exported": len(rows), "out": str(out), "missing": missing}
 
 
-def open_cache_dir(directory: str | os.PathLike) -> Path:
+def open_cache_dir(directory: str | os.PathLike[str]) -> Path:
     """Check that ``directory`` is an existing cache folder (for read-only commands)."""
     path = Path(directory)
     if not path.is_dir():

@@ -101,7 +101,7 @@ def _timm_reader(dataset: Any) -> Any:
     return reader if reader is not None and hasattr(reader, "filenames") else None
 
 
-def _describe_ids(dataset: Any, root: str | os.PathLike | None = None) -> tuple[list[Any], str]:
+def _describe_ids(dataset: Any, root: str | os.PathLike[str] | None = None) -> tuple[list[Any], str]:
     """``(source id of every item, what they are)``; see :func:`source_ids`."""
     if isinstance(dataset, torch.utils.data.Subset):
         inner, what = _describe_ids(dataset.dataset, root)
@@ -121,7 +121,7 @@ def _describe_ids(dataset: Any, root: str | os.PathLike | None = None) -> tuple[
 
         image_col, _ = _hf_columns(dataset)
         column = dataset.cast_column(image_col, datasets.Image(decode=False))[image_col]
-        paths = [item.get("path") if isinstance(item, dict) else None for item in column]
+        paths: list[str] = [str(item.get("path") or "") if isinstance(item, dict) else "" for item in column]
         if all(paths):
             base = os.path.abspath(os.fspath(root)) if root else None
             ids = []
@@ -133,7 +133,7 @@ def _describe_ids(dataset: Any, root: str | os.PathLike | None = None) -> tuple[
     return list(range(len(dataset))), "item indices (the dataset lists no file paths; pass source_ids=)"
 
 
-def source_ids(dataset: Any, root: str | os.PathLike | None = None) -> list[Any]:
+def source_ids(dataset: Any, root: str | os.PathLike[str] | None = None) -> list[Any]:
     """Plan source id of every item of ``dataset``.
 
     torchvision ``ImageFolder``/``DatasetFolder`` (``samples`` and ``root``) give each file's
@@ -216,7 +216,7 @@ def _process_rank(hint: int | None) -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-class SyntheticAugmentedDataset(Dataset):
+class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     """Replace each item of ``base``, with probability ``p``, by one of its planned variants.
 
     Args:
@@ -307,7 +307,7 @@ class SyntheticAugmentedDataset(Dataset):
         self._generator = generator
         self._generator_pid: int | None = None
         self._built = None  # the generator a factory made in this process
-        self._pool = None
+        self._pool: Any = None
         self._plan_repr = repr(plan)
         n = len(base)
         if n > 0:
@@ -382,9 +382,9 @@ class SyntheticAugmentedDataset(Dataset):
 
         # -- shared draw state: reaches DataLoader workers (fork or spawn, persistent or not) ----
         # -1: set_epoch never called; else the pinned epoch.
-        self._epoch = torch.full((), -1, dtype=torch.int64).share_memory_()
+        self._epoch = torch.full((), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
         # Accesses of each item since construction or the last set_epoch.
-        self._draws = torch.zeros(max(n, 1), dtype=torch.int64).share_memory_()
+        self._draws = torch.zeros(max(n, 1), dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
         fd, self._lock_path = tempfile.mkstemp(prefix="dalda-aug-draws-", suffix=".lock")
         os.close(fd)
         weakref.finalize(self, _unlink_lock, self._lock_path, os.getpid())
@@ -465,7 +465,7 @@ class SyntheticAugmentedDataset(Dataset):
         if classes is None:
             mapping = _base_class_to_idx(self.base)
             classes = sorted(mapping, key=mapping.__getitem__) if mapping is not None else None
-        return classes
+        return None if classes is None else list(classes)
 
     @property
     def class_to_idx(self) -> dict[str, int] | None:
@@ -588,7 +588,7 @@ class SyntheticAugmentedDataset(Dataset):
         if self._options[index] and self.p > 0.0:
             position = self._position(index, self._next_draw(index))
         image = self._synthetic(index, position) if position is not None else None
-        if image is None:
+        if image is None or position is None:
             image, target = self._base_item(index)
         else:  # the plan's label is the base's (checked at construction when the base lists targets)
             target = self._targets[index] if self._targets is not None else self._options[index][position].label
@@ -659,7 +659,8 @@ class SyntheticAugmentedDataset(Dataset):
         from .pool import GeneratorPool, PoolHandle
 
         if isinstance(pool, GeneratorPool):
-            if self.cache.spec is None or pool.cache.spec.fingerprint != self.cache.spec.fingerprint:
+            spec = self.cache.spec
+            if spec is None or pool.cache.spec is None or pool.cache.spec.fingerprint != spec.fingerprint:
                 raise InputError("the pool generates with other settings than the dataset's cache spec")
             pool = pool.handle()
         if pool is not None and not isinstance(pool, PoolHandle):

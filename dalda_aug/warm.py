@@ -89,7 +89,7 @@ class _SourceImages:
         self.images = images
         self._last: tuple[Any, Any] | None = None
 
-    def __call__(self, variant: Any):
+    def __call__(self, variant: Any) -> Any:
         if self._last is not None and self._last[0] == variant.source:
             return self._last[1]
         if self.images is not None:
@@ -118,7 +118,7 @@ class _Writer:
 
     def __init__(self, cache: SyntheticCache, max_pending: int, threads: int = 2):
         self.cache = cache
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, max_pending))
         self.error: BaseException | None = None
         self.threads = [threading.Thread(target=self._run, name=f"dalda-cache-writer-{i}", daemon=True)
                         for i in range(max(1, threads))]
@@ -192,8 +192,9 @@ def warm(
     started = time.perf_counter()
     if not isinstance(plan, AugmentationPlan):
         plan = AugmentationPlan.load(plan)
+    spec = cache.resolve_spec(plan)
     if cache.spec is None:
-        cache = cache.with_spec(cache.resolve_spec(plan))
+        cache = cache.with_spec(spec)
     if int(num_processes) != num_processes or num_processes < 1 or not 0 <= process_index < num_processes:
         raise InputError(f"need 0 <= process_index < num_processes, got {process_index}/{num_processes}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
@@ -230,7 +231,7 @@ def warm(
     todo.sort(key=lambda v: (order.get(v.source, len(order)), v.variant))
     load_source = _SourceImages(plan, images)
     if generator is None:
-        generator = cache.spec.make_generator(device)
+        generator = spec.make_generator(device)
     elif not hasattr(generator, "generate"):
         generator = generator()
     if batch_size is None:
