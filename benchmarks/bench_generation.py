@@ -12,7 +12,8 @@ The img2img baselines get the same treatment (``--img2img real_guidance,da_fusio
 both): DA-Fusion's stock loop (resize to the canvas, one ``StableDiffusionImg2ImgPipeline`` call
 per image, resize back; DA-Fusion's class tokens loaded with ``load_textual_inversion``) against
 :class:`~dalda_aug.generators.RealGuidanceGenerator` / :class:`~dalda_aug.generators.DAFusionGenerator`
-(requests of equal strength batched; DA-Fusion draws one of four strengths per image).
+(one UNet call per schedule position for a batch of any strengths; DA-Fusion draws one of four
+strengths per image).
 
 Prints images/s, the speed-up, the largest pixel difference from the baseline images, the
 achieved TFLOP/s as a fraction of the device's bf16 peak (DESIGN.md's SD1.5 performance model)

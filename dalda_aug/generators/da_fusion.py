@@ -86,7 +86,8 @@ class DAFusionGenerator(Img2ImgGenerator):
 
     The class tokens of ``config.tokens`` are loaded into the pipeline with diffusers'
     ``load_textual_inversion`` (one file per class, diffusers' format), so prompts such as
-    "a photo of a <golden_retriever>" use them. Requests of equal strength share pipeline calls.
+    "a photo of a <golden_retriever>" use them. Requests of different strengths share each UNet call
+    (see :mod:`dalda_aug.generators.img2img`).
     """
 
     config_class: ClassVar[type[Img2ImgConfig]] = DAFusionConfig

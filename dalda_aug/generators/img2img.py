@@ -8,15 +8,17 @@ step count (diffusers' 50) and the base model's own VAE, guidance 7.5, no negati
 and the result is resized back to the source image's size (bilinear). Those are the defaults
 of :class:`Img2ImgConfig`; each is a field, so other settings stay available.
 
-Batching: requests are grouped by strength (each group shares one timestep schedule) and each
-group runs as batched pipeline calls with one ``torch.Generator("cpu").manual_seed(seed)`` per
-request, so a request's image does not depend on its batch mates (diffusers encodes and noises
-each image with its own generator).
+Batching: our own loop over the pipeline's components computes, for each request, what one stock
+pipeline call computes for it alone (the same text encoding, canvas preprocessing, per-request
+``torch.Generator("cpu").manual_seed(seed)`` for the VAE sample and the noise, schedule suffix,
+guidance and post-processing), within floating-point tolerance. Requests of any strengths share a
+batch: each strength keeps its own scheduler (multistep schedulers such as PNDM keep per-run
+history) and, at each position of the schedule, one UNet call serves every request that has
+started, so a batch costs ``num_inference_steps`` UNet calls whatever its mix of strengths.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
@@ -180,44 +182,98 @@ class Img2ImgGenerator:
 
     def generate(self, requests: Iterable[GenerationRequest], batch_size: int | None = None,
                  progress: bool = False) -> list["Image.Image"]:
-        """One PIL image per request, in order; requests of equal strength share pipeline calls.
+        """One PIL image per request, in order; ``batch_size`` requests (default 4) share each UNet call.
 
-        ``batch_size`` (default 4) requests at most per pipeline call. Each image depends only on
-        its own request (within floating-point tolerance).
+        Requests of different strengths share a batch: each strength group keeps its own
+        scheduler (its own timestep suffix and, for multistep schedulers, its own history), and at
+        every position of the schedule one UNet call serves every group that has started. Each
+        image depends only on its own request (within floating-point tolerance).
         """
         import torch
-        from PIL import Image
         from tqdm.auto import tqdm
 
         requests = check_requests(requests)
         strengths = [self.strength_of(r) for r in requests]
         size = check_int("generate", "batch_size", batch_size, 1) if batch_size is not None else _CPU_BATCH
         self.load()
-        c = self.config
-        resample = getattr(Image.Resampling, c.resample.upper())
-        groups: dict[float, list[int]] = defaultdict(list)
-        for i, s in enumerate(strengths):
-            groups[s].append(i)
-        out: list[Any] = [None] * len(requests)
+        out: list[Any] = []
         with torch.inference_mode(), tqdm(total=len(requests), desc=f"{self.config.METHOD} img2img", unit="img",
                                           disable=not progress) as bar:
-            for strength, members in groups.items():
-                for start in range(0, len(members), size):
-                    chunk = members[start : start + size]
-                    chosen = [requests[i] for i in chunk]
-                    canvases = [r.image.convert("RGB").resize((c.width, c.height), resample) for r in chosen]
-                    images = self._pipe(
-                        prompt=[c.prompt_prefix + r.prompt for r in chosen],
-                        negative_prompt=[c.negative_prompt] * len(chosen) if c.negative_prompt else None,
-                        image=canvases,
-                        strength=strength,
-                        num_inference_steps=c.num_inference_steps,
-                        guidance_scale=c.guidance_scale,
-                        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in chosen],
-                    ).images
-                    for i, request, image in zip(chunk, chosen, images):
-                        if c.output_size == "source" and image.size != request.image.size:
-                            image = image.resize(request.image.size, resample)
-                        out[i] = image
-                    bar.update(len(chunk))
+            for start in range(0, len(requests), size):
+                out.extend(self._generate_batch(requests[start : start + size], strengths[start : start + size]))
+                bar.update(min(size, len(requests) - start))
         return out
+
+    def _generate_batch(self, requests: list[GenerationRequest], strengths: list[float]) -> list["Image.Image"]:
+        """The stock img2img pipeline's computation for each request, one UNet call per schedule position."""
+        import torch
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+        from diffusers.utils.torch_utils import randn_tensor
+        from PIL import Image
+
+        pipe, c, device = self._pipe, self.config, self.device
+        resample = getattr(Image.Resampling, c.resample.upper())
+        n = len(requests)
+        guided = c.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        prompts = [c.prompt_prefix + r.prompt for r in requests]
+        text, negative = pipe.encode_prompt(prompts, device, 1, guided,
+                                            [c.negative_prompt] * n if c.negative_prompt else None)
+        canvases = [r.image.convert("RGB").resize((c.width, c.height), resample) for r in requests]
+        pixels = pipe.image_processor.preprocess(canvases).to(device=device, dtype=text.dtype)
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+
+        # One scheduler per strength: the suffix of the schedule it runs, as the pipeline's get_timesteps.
+        groups: dict[float, dict[str, Any]] = {}
+        for i, s in enumerate(strengths):
+            groups.setdefault(s, {"members": []})["members"].append(i)
+        full = None
+        for s, g in groups.items():
+            scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+            scheduler.set_timesteps(c.num_inference_steps, device=device)
+            full = scheduler.timesteps
+            init = min(int(c.num_inference_steps * s), c.num_inference_steps)
+            t_start = max(c.num_inference_steps - init, 0) * scheduler.order
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start)
+            members = g["members"]
+            gens = [generators[i] for i in members]
+            # prepare_latents: each image encoded with its own generator, then its own noise.
+            latents = torch.cat([retrieve_latents(pipe.vae.encode(pixels[i : i + 1]), generator=generators[i])
+                                 for i in members]) * pipe.vae.config.scaling_factor
+            noise = randn_tensor(latents.shape, generator=gens, device=device, dtype=text.dtype)
+            timesteps = scheduler.timesteps[t_start:]
+            latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(members))) if len(timesteps) else latents
+            g.update(scheduler=scheduler, start=t_start, latents=latents,
+                     step_kwargs=pipe.prepare_extra_step_kwargs(gens, 0.0))
+        assert full is not None
+        for j, t in enumerate(full):
+            active = [g for g in groups.values() if g["start"] <= j]
+            if not active:
+                continue
+            index = [i for g in active for i in g["members"]]
+            model_in = torch.cat([g["scheduler"].scale_model_input(g["latents"], t) for g in active])
+            states = text[index]
+            if guided:
+                model_in = torch.cat([model_in, model_in])
+                states = torch.cat([negative[index], states])
+            noise_pred = pipe.unet(model_in, t, encoder_hidden_states=states, return_dict=False)[0]
+            if guided:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + c.guidance_scale * (cond - uncond)
+            offset = 0
+            for g in active:
+                k = len(g["members"])
+                g["latents"] = g["scheduler"].step(noise_pred[offset : offset + k], t, g["latents"],
+                                                   **g["step_kwargs"], return_dict=False)[0]
+                offset += k
+
+        latents = torch.empty((n, *next(iter(groups.values()))["latents"].shape[1:]), device=device,
+                              dtype=text.dtype)
+        for g in groups.values():
+            latents[g["members"]] = g["latents"]
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
+        if c.output_size == "source":
+            images = [image if image.size == r.image.size else image.resize(r.image.size, resample)
+                      for image, r in zip(images, requests)]
+        return list(images)
