@@ -430,28 +430,40 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                         "the plan's content hash): re-plan with `dalda-aug plan`, or restore the file")
 
     def _measure_coverage(self, plan: Any, missing_folder: bool) -> None:
+        """Count the planned variants the cache holds. With ``on_miss="real"`` anything short of
+        all of them changes what is trained on: warn. With any policy, warn when another spec
+        recorded in the folder holds more of them (an explicit spec that differs from warm's)."""
         planned = {key for keys in self._keys for key in keys}
         present = set() if missing_folder else self.cache.keys()
         self.cached_variants = len(planned & present)
-        if self.on_miss != "real" or (planned and self.cached_variants == len(planned)):
+        if planned and self.cached_variants == len(planned):
             return
         effect = ("items whose chosen variant is missing are served real (on_miss='real'), so fewer than "
                   f"p={self.p:g} of the items are synthetic")
         if missing_folder:
-            warnings.warn(f"the cache folder {self.cache.directory} does not exist: {effect}; warm it with "
-                          "`dalda-aug warm`", UserWarning, stacklevel=3)
+            if self.on_miss == "real":
+                warnings.warn(f"the cache folder {self.cache.directory} does not exist: {effect}; warm it with "
+                              "`dalda-aug warm`", UserWarning, stacklevel=3)
             return
         spec = self.cache.spec
         held = []
+        better = False
         variants = [v for vs in self._options for v in vs]
         for other in self.cache.recorded_specs():
             count = len({other.key(v) for v in variants} & present)
             held.append(f"{other.describe()} ({count} of these variants)")
+            better = better or count > self.cached_variants
+        if self.on_miss != "real" and not better:
+            return
         holds = "; ".join(held) if held else "no recorded spec"
+        if self.on_miss == "real":
+            consequence = effect[0].upper() + effect[1:]
+        else:
+            consequence = f"Missing variants are handled by on_miss={self.on_miss!r}"
         warnings.warn(
             f"{self.cached_variants}/{len(planned)} synthetic variants of the plan are cached in "
             f"{self.cache.directory} under the spec in use ({spec.describe() if spec else None}); the cache "
-            f"holds {len(present)} images, specs: {holds}. {effect[0].upper() + effect[1:]}. Warm the cache "
+            f"holds {len(present)} images, specs: {holds}. {consequence}. Warm the cache "
             "(`dalda-aug warm`) or use the spec it was warmed with (SyntheticCache(directory) reads it).",
             UserWarning, stacklevel=3)
 

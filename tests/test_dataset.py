@@ -342,11 +342,21 @@ def test_coverage_warning_names_the_specs(data, warm_cache):
     assert f"0/{len(plan)} synthetic variants" in text and other.fingerprint in text
     assert f"fingerprint {spec.fingerprint} ({len(plan)} of these variants)" in text
     assert ds.cached_variants == 0
-    # Other on_miss policies do not fall back silently, so they do not warn.
+    # Other policies do not fall back to real images, but a spec that misses what warm's spec
+    # holds (e.g. restated settings that differ) is still said: on_miss="generate" would redo it all.
+    with pytest.warns(UserWarning, match=f"on_miss='generate'.*Warm the cache"):
+        SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(warm_cache.directory, other), p=1.0,
+                                  on_miss="generate")
+    # ...and a partly warm cache under the right spec is no news for them.
+    partial = SyntheticCache(warm_cache.directory.parent / "partial", spec)
+    for variant in list(plan)[:5]:
+        partial.put(variant, warm_cache.get(variant).image)
+    partial.record_spec(plan)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(warm_cache.directory, other), p=1.0,
-                                  on_miss="error")
+        ds = SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(partial.directory), p=1.0,
+                                       on_miss="error")
+    assert ds.cached_variants == 5
 
 
 def test_changed_source_is_refused(data, warm_cache, tmp_path):
