@@ -10,7 +10,7 @@ from typing import Any
 from .errors import InputError, MissingFileError
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) so that a reader sees the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +23,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+def read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """Read a UTF-8 JSON file holding an object; errors name ``what`` and the path."""
     path = Path(path)
     if not path.is_file():

@@ -34,7 +34,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .cache import SyntheticCache
+from .cache import CachedImage, SyntheticCache
 from .errors import DaldaError, InputError
 
 __all__ = ["GeneratorPool", "PoolHandle", "PoolError", "PoolClosedError", "WaitTimeoutError"]
@@ -71,7 +71,8 @@ class PoolHandle:
     Shared with DataLoader workers by inheritance (fork) or when they are started (spawn).
     """
 
-    def __init__(self, requests, state, error, num_workers: int):
+    # requests: a multiprocessing Queue; state, error: a shared int Value and char Array.
+    def __init__(self, requests: Any, state: Any, error: Any, num_workers: int) -> None:
         self._requests = requests
         self._state = state
         self._error = error
@@ -105,7 +106,7 @@ class PoolHandle:
 
     def error_report(self) -> str:
         with self._error.get_lock():
-            return self._error.value.decode("utf-8", "replace")
+            return str(self._error.value.decode("utf-8", "replace"))
 
     def submit(self, key: str, variant: Any, image: Any, *, force: bool = False) -> bool:
         """Ask for the image of ``variant`` (``image`` is its source); False if already asked.
@@ -124,7 +125,7 @@ class PoolHandle:
         self._sent.add(key)
         return True
 
-    def wait(self, key: str, cache: SyntheticCache, timeout: float = 600.0, poll: float = 0.02):
+    def wait(self, key: str, cache: SyntheticCache, timeout: float = 600.0, poll: float = 0.02) -> CachedImage:
         """Wait until ``key`` is in ``cache``; returns the :class:`~dalda_aug.cache.CachedImage`.
 
         Raises :class:`PoolError` as soon as the pool fails, :class:`PoolClosedError` if it is
@@ -144,7 +145,7 @@ class PoolHandle:
             delay = min(delay * 1.5, 0.25)
 
 
-def _fail(state, error, message: str) -> None:
+def _fail(state: Any, error: Any, message: str) -> None:
     """Record the first failure report and mark the pool failed."""
     with error.get_lock():
         if not error.value:
@@ -156,7 +157,7 @@ def _fail(state, error, message: str) -> None:
 
 
 def _worker_main(index: int, device: str, cache: SyntheticCache, batch_size: int, max_delay: float,
-                 torch_threads: int | None, requests, state, error, ready) -> None:
+                 torch_threads: int | None, requests: Any, state: Any, error: Any, ready: Any) -> None:
     """Body of one worker process: load a generator, then serve batches until closed."""
     from .generation import GenerationRequest
 
@@ -165,6 +166,7 @@ def _worker_main(index: int, device: str, cache: SyntheticCache, batch_size: int
             import torch
 
             torch.set_num_threads(torch_threads)
+        assert cache.spec is not None  # GeneratorPool gives its workers a cache with a spec
         generator = cache.spec.make_generator(device).load()
         ready.release()
         while state.value == _RUNNING:
@@ -344,7 +346,7 @@ class GeneratorPool:
     def __enter__(self) -> "GeneratorPool":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- requests ------------------------------------------------------------------------------
@@ -362,7 +364,7 @@ class GeneratorPool:
         self.handle().submit(key, variant, image)
         return key
 
-    def wait(self, variant_or_key: Any, timeout: float = 600.0):
+    def wait(self, variant_or_key: Any, timeout: float = 600.0) -> CachedImage:
         """Wait for an image to be in the cache (see :meth:`PoolHandle.wait`)."""
         return self.handle().wait(self.cache.key(variant_or_key), self.cache, timeout)
 

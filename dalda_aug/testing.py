@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .config import ModelConfig
 from .errors import require
@@ -46,7 +47,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def write_clip_tokenizer(directory: str | os.PathLike) -> Path:
+def write_clip_tokenizer(directory: str | os.PathLike[str]) -> Path:
     """Write the real CLIP BPE tokenizer (``vocab.json``, ``merges.txt``) built offline.
 
     The merges come from open_clip's bundled ``bpe_simple_vocab_16e6.txt.gz`` (the same file
@@ -78,7 +79,7 @@ def write_clip_tokenizer(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _tiny_unet():
+def _tiny_unet() -> Any:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -94,7 +95,7 @@ def _tiny_unet():
     )
 
 
-def _tiny_vae():
+def _tiny_vae() -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -108,14 +109,14 @@ def _tiny_vae():
     )
 
 
-def ddim_scheduler_config() -> dict:
+def ddim_scheduler_config() -> dict[str, Any]:
     """The paper's DDIM configuration; defined in :mod:`dalda_aug.generators.loading`."""
     from .generators.loading import ddim_scheduler_config as config
 
     return config()
 
 
-def _ip_adapter_state_dict(unet, torch):
+def _ip_adapter_state_dict(unet: Any, torch: Any) -> dict[str, dict[str, Any]]:
     """A random state dict in ip-adapter_sd15's layout for ``unet``.
 
     ``image_proj`` maps the image embedding to 4 tokens; ``ip_adapter`` holds ``to_k_ip`` /
@@ -145,7 +146,7 @@ def _ip_adapter_state_dict(unet, torch):
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-def _tiny_open_clip_config() -> dict:
+def _tiny_open_clip_config() -> dict[str, Any]:
     return {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
@@ -153,7 +154,7 @@ def _tiny_open_clip_config() -> dict:
     }
 
 
-def make_tiny_models(root: str | os.PathLike, *, seed: int = 0) -> ModelConfig:
+def make_tiny_models(root: str | os.PathLike[str], *, seed: int = 0) -> ModelConfig:
     """Write tiny random models under ``root`` and return a :class:`ModelConfig` for them.
 
     Runs offline in a few seconds; also writes ``root/models.json``. Calling it again on the
