@@ -15,12 +15,16 @@ import argparse
 import dataclasses
 import json
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cache import GenerationSpec, SyntheticCache
+    from .plan import AugmentationPlan
 
 __all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan"]
 
 
-def add_spec_arguments(parser, *, plan_required: bool) -> None:
+def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) -> None:
     """The options that make up a :class:`~dalda_aug.cache.GenerationSpec`."""
     parser.add_argument("--plan", required=plan_required, default=None, help="plan folder (dalda-aug plan)")
     parser.add_argument("--models", default=None,
@@ -32,11 +36,12 @@ def add_spec_arguments(parser, *, plan_required: bool) -> None:
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
 
 
-def spec_from_args(args, plan=None):
+def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = None) -> GenerationSpec:
     """:class:`GenerationSpec` from the options of :func:`add_spec_arguments`."""
     from .cache import GenerationSpec
     from .cli import load_models_arg
     from .generation import GenerationConfig
+    from .generators.base import GeneratorConfig
 
     if args.models is not None:
         models = load_models_arg(args.models)
@@ -44,7 +49,7 @@ def spec_from_args(args, plan=None):
         models = plan.models
     else:
         models = load_models_arg(None)
-    changes = {}
+    changes: dict[str, Any] = {}
     if args.steps is not None:
         changes["num_inference_steps"] = args.steps
     if args.size is not None:
@@ -53,10 +58,10 @@ def spec_from_args(args, plan=None):
         changes["guidance_scale"] = args.guidance_scale
     if args.scheduler is not None:
         changes["scheduler"] = args.scheduler
-    base = GenerationConfig()
+    base: GeneratorConfig = GenerationConfig()
     recorded = plan.config.get("generator") if plan is not None else None
     if recorded:  # a plan made for another generator (e.g. DA-Fusion) names its config
-        from .generators import config_from_dict
+        from .generators.base import config_from_dict
 
         base = config_from_dict(recorded["method"], recorded.get("config") or {})
     config = dataclasses.replace(base, **changes)
@@ -69,7 +74,7 @@ def spec_given(args: argparse.Namespace) -> bool:
                for name in ("models", "steps", "size", "guidance_scale", "scheduler", "dtype"))
 
 
-def cache_for_plan(args: argparse.Namespace, plan: Any) -> Any:
+def cache_for_plan(args: argparse.Namespace, plan: AugmentationPlan) -> SyntheticCache:
     """The cache ``args.cache`` (must exist) bound to the spec of ``plan``'s images: the one the
     options give, else the one ``warm`` recorded in the folder."""
     from .cache import SyntheticCache, open_cache_dir
@@ -81,7 +86,7 @@ def cache_for_plan(args: argparse.Namespace, plan: Any) -> Any:
     return cache.with_spec(cache.resolve_spec(plan))
 
 
-def _load_plan(path):
+def _load_plan(path: str | None) -> AugmentationPlan | None:
     from .plan import AugmentationPlan
 
     return AugmentationPlan.load(path) if path else None
@@ -96,7 +101,7 @@ def _human_bytes(n: float) -> str:
 
 
 # -- warm ---------------------------------------------------------------------------------------
-def _partial_state(device: str | None):
+def _partial_state(device: str | None) -> Any:
     """``accelerate.PartialState`` (rank and world size under ``accelerate launch``).
 
     Processes run on the CPU (gloo) when ``--device cpu`` is given, when accelerate was told
@@ -119,7 +124,7 @@ def _partial_state(device: str | None):
     return accelerate.PartialState(cpu=cpu)
 
 
-def _run_warm(args) -> int:
+def _run_warm(args: argparse.Namespace) -> int:
     from .cache import SyntheticCache, default_shard_name
     from .warm import warm
 
@@ -156,7 +161,7 @@ def _run_warm(args) -> int:
 
 
 # -- cache stats | verify | export -----------------------------------------------------------
-def _cache_for_reading(args, plan=None):
+def _cache_for_reading(args: argparse.Namespace, plan: AugmentationPlan | None = None) -> SyntheticCache:
     from .cache import SyntheticCache, open_cache_dir
 
     if plan is not None:
@@ -165,7 +170,7 @@ def _cache_for_reading(args, plan=None):
     return SyntheticCache(args.cache)
 
 
-def _run_stats(args) -> int:
+def _run_stats(args: argparse.Namespace) -> int:
     plan = _load_plan(args.plan)
     cache = _cache_for_reading(args, plan)
     stats = cache.stats(plan)
@@ -183,7 +188,7 @@ def _run_stats(args) -> int:
     return 0
 
 
-def _run_verify(args) -> int:
+def _run_verify(args: argparse.Namespace) -> int:
     cache = _cache_for_reading(args)
     report = cache.verify(remove=args.remove, progress=not args.no_progress)
     for bad in report["bad"]:
@@ -193,7 +198,7 @@ def _run_verify(args) -> int:
     return 1 if report["bad"] and not args.remove else 0
 
 
-def _run_export(args) -> int:
+def _run_export(args: argparse.Namespace) -> int:
     plan = _load_plan(args.plan)
     cache = _cache_for_reading(args, plan)
     result = cache.export(args.out, plan, progress=not args.no_progress)
@@ -202,7 +207,7 @@ def _run_export(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "warm",
         help="generate every image of a plan that is not cached yet (resumable, multi-GPU with accelerate)",

@@ -6,23 +6,31 @@ Both read a plan and a cache. The generation options (``--models``, ``--steps``,
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._cli_cache import add_spec_arguments, cache_for_plan
 from .errors import InputError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .cache import SyntheticCache
+    from .plan import AugmentationPlan
+
 __all__ = ["register"]
 
 
-def _open(args):
+def _open(args: argparse.Namespace) -> tuple[AugmentationPlan, SyntheticCache]:
     from .plan import AugmentationPlan
 
     plan = AugmentationPlan.load(args.plan)
     return plan, cache_for_plan(args, plan)
 
 
-def _source_loader(plan):
+def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
     from .data import load_image
 
     if not plan.data_root:
@@ -33,15 +41,18 @@ def _source_loader(plan):
 
 
 # -- metrics ---------------------------------------------------------------------------------
-def _run_metrics(args) -> int:
+def _run_metrics(args: argparse.Namespace) -> int:
     from .clipscore import CLIPScorer
     from .metrics import EmbeddingStore, diversity_metrics, load_lpips
 
     plan, cache = _open(args)
     load_source = _source_loader(plan)
-    variants, sources, labels, missing = {}, {}, {}, 0
+    variants: dict[str, list[Image.Image]] = {}
+    sources: dict[str, Image.Image] = {}
+    labels: dict[str, int] = {}
+    missing = 0
     for source, vs in plan.by_source().items():
-        images = []
+        images: list[Image.Image] = []
         for v in vs:
             entry = cache.get(v)
             if entry is None:
@@ -52,6 +63,7 @@ def _run_metrics(args) -> int:
             variants[source], sources[source], labels[source] = images, load_source(source), vs[0].label
     if not variants:
         raise InputError(f"none of the plan's images are in the cache {args.cache}; run `dalda-aug warm` first")
+    assert cache.spec is not None  # cache_for_plan binds one
     scorer = CLIPScorer.from_models(cache.spec.models, device=args.device)
     store = EmbeddingStore(scorer, Path(args.cache) / "embeddings")
     lpips_net = None if args.no_lpips else load_lpips(args.device, random_backbone=args.lpips_random)
@@ -63,7 +75,7 @@ def _run_metrics(args) -> int:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     o = report["overall"]
 
-    def fmt(x):
+    def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
     print(f"{o['n_images']} images of {o['n_sources']} sources ({missing} not cached): "
@@ -76,13 +88,13 @@ def _run_metrics(args) -> int:
 
 
 # -- inspect ---------------------------------------------------------------------------------
-def _run_inspect(args) -> int:
+def _run_inspect(args: argparse.Namespace) -> int:
     from .plan import AugmentationPlan
     from .viz import plan_contact_sheet, plot_lambda_distribution, plot_score_histogram
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plans = {}
+    plans: dict[str, AugmentationPlan] = {}
     for item in [args.plan, *args.also]:
         name, _, path = item.rpartition("=")
         plans[name or Path(path).name] = AugmentationPlan.load(path)
@@ -103,7 +115,7 @@ def _run_inspect(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "metrics",
         help="diversity (CLIP-I, LPIPS) and fidelity of the cached images of a plan",
