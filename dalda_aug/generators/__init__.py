@@ -95,16 +95,42 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .attention import PerSampleIPAdapterAttnProcessor, ScaleAwareAttnProcessor, install_per_sample_processors
-    from .base import (GenerationRequest, GeneratorConfig, check_requests, config_from_dict, dtype_name,
-                       field_changes_pixels, generation_fingerprint, generator_class_for, image_key, pixel_field,
-                       register_generator, registered_configs, resolve_torch_dtype, speed_field)
-    from .da_fusion import DA_FUSION_STRENGTHS, DAFusionConfig, DAFusionGenerator, build_da_fusion_plan, draw_strengths
-    from .img2img import Img2ImgConfig, Img2ImgGenerator
-    from .ip_adapter import (SCHEDULERS, GenerationConfig, IPAdapterGenerator, estimate_sample_bytes,
-                             load_reference_pipeline, reference_generate)
-    from .loading import (ModelLocation, call_loader, check_local_folder, ddim_scheduler_config, describe_location,
-                          is_local_location, load_tiny_vae, load_vae, make_scheduler, parse_location)
-    from .real_guidance import RealGuidanceConfig, RealGuidanceGenerator
-    from .step_cache import check_step_caching_unet, unet_step
-    from .textual_inversion import TextualInversionConfig, TokenSet, train_textual_inversion
+    # `X as X`: explicit re-exports, so `from dalda_aug.generators import X` type-checks under --strict.
+    from .attention import (
+        PerSampleIPAdapterAttnProcessor as PerSampleIPAdapterAttnProcessor,
+        ScaleAwareAttnProcessor as ScaleAwareAttnProcessor,
+        install_per_sample_processors as install_per_sample_processors,
+    )
+    from .base import (
+        GenerationRequest as GenerationRequest, GeneratorConfig as GeneratorConfig,
+        check_requests as check_requests, config_from_dict as config_from_dict, dtype_name as dtype_name,
+        field_changes_pixels as field_changes_pixels, generation_fingerprint as generation_fingerprint,
+        generator_class_for as generator_class_for, image_key as image_key, pixel_field as pixel_field,
+        register_generator as register_generator, registered_configs as registered_configs,
+        resolve_torch_dtype as resolve_torch_dtype, speed_field as speed_field,
+    )
+    from .da_fusion import (
+        DA_FUSION_STRENGTHS as DA_FUSION_STRENGTHS, DAFusionConfig as DAFusionConfig,
+        DAFusionGenerator as DAFusionGenerator, build_da_fusion_plan as build_da_fusion_plan,
+        draw_strengths as draw_strengths,
+    )
+    from .img2img import Img2ImgConfig as Img2ImgConfig, Img2ImgGenerator as Img2ImgGenerator
+    from .ip_adapter import (
+        SCHEDULERS as SCHEDULERS, GenerationConfig as GenerationConfig, IPAdapterGenerator as IPAdapterGenerator,
+        estimate_sample_bytes as estimate_sample_bytes, load_reference_pipeline as load_reference_pipeline,
+        reference_generate as reference_generate,
+    )
+    from .loading import (
+        ModelLocation as ModelLocation, call_loader as call_loader, check_local_folder as check_local_folder,
+        ddim_scheduler_config as ddim_scheduler_config, describe_location as describe_location,
+        is_local_location as is_local_location, load_tiny_vae as load_tiny_vae, load_vae as load_vae,
+        make_scheduler as make_scheduler, parse_location as parse_location,
+    )
+    from .real_guidance import (
+        RealGuidanceConfig as RealGuidanceConfig, RealGuidanceGenerator as RealGuidanceGenerator,
+    )
+    from .step_cache import check_step_caching_unet as check_step_caching_unet, unet_step as unet_step
+    from .textual_inversion import (
+        TextualInversionConfig as TextualInversionConfig, TokenSet as TokenSet,
+        train_textual_inversion as train_textual_inversion,
+    )
