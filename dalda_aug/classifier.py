@@ -35,6 +35,7 @@ class Classifier(torch.nn.Module):
             self.backbone.eval()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        feats: torch.Tensor
         if self.spec.mode == "linear":
             with torch.no_grad():
                 feats = self.backbone(x)
@@ -45,7 +46,8 @@ class Classifier(torch.nn.Module):
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        logits: torch.Tensor = self.head(self.forward_features(x))
+        return logits
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)

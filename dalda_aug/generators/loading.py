@@ -151,7 +151,8 @@ def make_scheduler(name: str, pipeline_scheduler: Any = None) -> Any:
         return ddim
     if name == "dpmsolver++":
         # The usual diffusers recipe: DPM-Solver++ (2M) from the DDIM scheduler's config.
-        return DPMSolverMultistepScheduler.from_config(ddim.config, algorithm_type="dpmsolver++", solver_order=2)
+        config = ddim.config  # type: ignore[attr-defined]  # set at run time by diffusers' ConfigMixin
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     raise ValueError(f"unknown scheduler {name!r}")
 
 

@@ -276,7 +276,8 @@ class TextualInversionTrainer:
         """The current embedding of the trained token (a float32 copy)."""
         if self._token_id is None:
             raise InputError("add_token() first")
-        return self._embeddings.weight[self._token_id].detach().float().clone()
+        weight: torch.Tensor = self._embeddings.weight[self._token_id].detach().float().clone()
+        return weight
 
     def pixels(self, image: "Image.Image") -> "torch.Tensor":
         """(3, R, R) tensor in [-1, 1]: the image resized to the training resolution (bicubic)."""
@@ -325,7 +326,7 @@ class TextualInversionTrainer:
             raise InputError("add_token() first")
         self.text_encoder.train()
         loss = self.loss(pixels, prompts, generator)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
         self._optimizer.step()
         self._optimizer.zero_grad()
         self.text_encoder.eval()
