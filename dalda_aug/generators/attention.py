@@ -33,9 +33,14 @@ class ScaleAwareAttnProcessor(AttnProcessor2_0):
     does not make every self-attention layer warn about an unexpected argument.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 ip_scale=None):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # diffusers' __init__ is unannotated
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 ip_scale: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return out
 
 
 class PerSampleIPAdapterAttnProcessor(torch.nn.Module):
@@ -48,13 +53,14 @@ class PerSampleIPAdapterAttnProcessor(torch.nn.Module):
     arguments named in the processor's ``__call__`` signature.
     """
 
-    def __init__(self, to_k_ip: torch.nn.ModuleList, to_v_ip: torch.nn.ModuleList):
+    def __init__(self, to_k_ip: torch.nn.ModuleList, to_v_ip: torch.nn.ModuleList) -> None:
         super().__init__()
         self.to_k_ip = to_k_ip
         self.to_v_ip = to_v_ip
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 ip_scale=None):
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 ip_scale: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(encoder_hidden_states, tuple):
             raise ValueError(
                 "PerSampleIPAdapterAttnProcessor expects encoder_hidden_states=(text states, [image tokens]) "
@@ -90,10 +96,10 @@ class PerSampleIPAdapterAttnProcessor(torch.nn.Module):
         heads = attn.heads
         head_dim = key.shape[-1] // heads
 
-        def split_heads(x):  # (batch, tokens, heads*dim) -> (batch, heads, tokens, dim)
+        def split_heads(x: torch.Tensor) -> torch.Tensor:  # (batch, tokens, heads*dim) -> (batch, heads, tokens, dim)
             return x.view(batch_size, -1, heads, head_dim).transpose(1, 2)
 
-        def merge_heads(x):  # inverse of split_heads, back in the query's dtype
+        def merge_heads(x: torch.Tensor) -> torch.Tensor:  # inverse of split_heads, back in the query's dtype
             return x.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
 
         query = split_heads(query)
@@ -121,7 +127,8 @@ class PerSampleIPAdapterAttnProcessor(torch.nn.Module):
             out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        result: torch.Tensor = out / attn.rescale_output_factor
+        return result
 
 
 def install_per_sample_processors(unet: Any) -> int:
