@@ -30,6 +30,17 @@ items with ``image``/``label``; paths from the image column), or any dataset of
 ``(image, label)`` with ``source_ids=`` naming each item's plan source (plans made from an
 in-memory dataset use indices).
 
+Real images: every real image served, every reference image handed to the generator and every
+content hash go through one conversion, :func:`~dalda_aug.data.to_rgb` (the plan's): 8-bit RGB,
+transparency composited on white, 16-bit images scaled to 8 bits. torchvision's stock loader
+instead calls ``convert("RGB")``, which drops transparency (what lies under transparent pixels
+shows) and clips 16-bit values (a nearly white image), so for an ``ImageFolder``/``DatasetFolder``
+base with that loader the dataset reads each item's file itself with
+:func:`~dalda_aug.data.load_image`; for RGB, grey, CMYK and opaque palette files this gives
+exactly ``ImageFolder``'s pixels. A base with a custom loader is read through that loader.
+A file that cannot be read (truncated, corrupt) raises :class:`~dalda_aug.errors.ImageError`
+(an ``OSError``) naming it, also from DataLoader workers.
+
 At construction the dataset checks every planned source's pixels against the plan's content
 hash (a changed file is an :class:`~dalda_aug.errors.InputError`) and measures how much of the
 plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
@@ -62,8 +73,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
-from .data import image_sha256, to_rgb
-from .errors import DaldaError, InputError
+from .data import image_sha256, load_image, to_rgb
+from .errors import DaldaError, ImageError, InputError
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "source_ids"]
 
@@ -144,6 +155,27 @@ def source_ids(dataset: Any, root: str | os.PathLike[str] | None = None) -> list
     gives its indices.
     """
     return _describe_ids(dataset, root)[0]
+
+
+def _stock_folder_paths(dataset: Any) -> list[str] | None:
+    """The absolute file of every item when ``dataset`` is a torchvision ``DatasetFolder`` (or a
+    ``Subset`` of one) that reads files with torchvision's stock loader, which only calls
+    ``convert("RGB")``; else None (a custom loader is the user's choice and is kept)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = _stock_folder_paths(dataset.dataset)
+        return None if inner is None else [inner[int(i)] for i in dataset.indices]
+    samples = getattr(dataset, "samples", None)
+    loader = getattr(dataset, "loader", None)
+    if samples is None or loader is None:
+        return None
+    try:
+        from torchvision import get_image_backend
+        from torchvision.datasets import folder
+    except ImportError:  # pragma: no cover - torchvision not installed
+        return None
+    if loader not in (folder.default_loader, folder.pil_loader) or get_image_backend() != "PIL":
+        return None
+    return [os.path.abspath(path) for path, *_ in samples]
 
 
 def _base_targets(dataset: Any) -> list[int] | None:
@@ -229,7 +261,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             the plan are always real.
         cache: a :class:`~dalda_aug.cache.SyntheticCache`; without a spec, the one ``warm``
             recorded in its folder for this plan is used (an explicit spec wins).
-        p: probability that an access is synthetic (0 gives exactly the base's items).
+        p: probability that an access is synthetic (0 gives the base's items, as RGB images
+            converted like the plan's sources: see the module doc).
         transform, target_transform: applied to the image and the label of every item.
         on_miss: ``"generate"``, ``"wait"``, ``"real"`` or ``"error"`` (see module doc).
         generator: for ``"generate"``: an ``IPAdapterGenerator`` or a zero-argument factory
@@ -325,6 +358,10 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                 raise InputError(f"the base dataset has {n} items but lists {len(ids)} samples")
         targets = _base_targets(base)
         self._targets = targets
+        # Files read here with the plan's conversion (torchvision folder bases, stock loader).
+        self._paths = _stock_folder_paths(base)
+        if self._paths is not None and (targets is None or len(self._paths) != n):
+            self._paths = None
         by_source = plan.by_source()
         options: list[tuple[Any, ...]] = []
         matched = 0
@@ -423,11 +460,28 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         """Every planned source's pixels against the plan's content hash."""
         for index, variants in enumerate(self._options):
             if variants:
-                image = to_rgb(self._base_item(index)[0], self._describe_item(index))
+                image = self._real_image(index)
                 if image_sha256(image) != variants[0].source_sha256:
-                    raise InputError(
-                        f"{self._describe_item(index)} changed since the plan was made (its pixels no longer match "
-                        "the plan's content hash): re-plan with `dalda-aug plan`, or restore the file")
+                    raise InputError(self._mismatch(index, "changed since the plan was made (its pixels no longer "
+                                                    "match the plan's content hash): re-plan with `dalda-aug plan`, "
+                                                    "or restore the file"))
+
+    def _mismatch(self, index: int, what: str) -> str:
+        """The message for item ``index`` whose pixels differ from the plan's: when the file itself
+        still matches, the base's own loader converts it differently from the plan; say so."""
+        samples = getattr(_unwrap(self.base), "samples", None)
+        ids = self._ids[index]
+        if self._paths is None and samples is not None and isinstance(ids, str):
+            path = os.path.join(os.fspath(self._root or ""), ids)
+            try:
+                same_file = image_sha256(load_image(path)) == self._options[index][0].source_sha256
+            except (DaldaError, OSError):
+                same_file = False
+            if same_file:
+                return (f"{path}: the base dataset's loader gives other pixels than the file holds (it converts "
+                        "it differently from the plan, e.g. drops transparency or clips 16-bit values); give the "
+                        "base torchvision's default loader or dalda_aug.data.load_image")
+        return f"{self._describe_item(index)} {what}"
 
     def _measure_coverage(self, plan: Any, missing_folder: bool) -> None:
         """Count the planned variants the cache holds. With ``on_miss="real"`` anything short of
@@ -585,11 +639,31 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     # -- items ----------------------------------------------------------------------------------
     def _base_item(self, index: int) -> tuple[Any, Any]:
-        item = self.base[index]
+        """Item ``index`` of the base, as the base gives it; a file it cannot read is an
+        :class:`ImageError` naming the file (loaders' own errors seldom do)."""
+        try:
+            item = self.base[index]
+        except DaldaError:
+            raise
+        except OSError as exc:  # PIL's "image file is truncated", UnidentifiedImageError, a vanished file
+            raise ImageError(f"cannot read {self._describe_item(index)}: {exc}") from exc
         if self._hf_columns is not None:
             image_col, label_col = self._hf_columns
             return item[image_col], item[label_col]
         return item[0], item[1]
+
+    def _real_item(self, index: int) -> tuple[Any, Any]:
+        """Item ``index`` with its image converted as the plan converts sources (see the module doc)."""
+        if self._paths is not None and self._targets is not None:
+            return load_image(self._paths[index]), self._targets[index]
+        image, target = self._base_item(index)
+        if hasattr(image, "mode") and image.mode != "RGB":
+            image = to_rgb(image, self._describe_item(index))
+        return image, target
+
+    def _real_image(self, index: int) -> Any:
+        image = self._real_item(index)[0]
+        return to_rgb(image, self._describe_item(index))
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         if index < 0:
@@ -601,7 +675,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             position = self._position(index, self._next_draw(index))
         image = self._synthetic(index, position) if position is not None else None
         if image is None or position is None:
-            image, target = self._base_item(index)
+            image, target = self._real_item(index)
         else:  # the plan's label is the base's (checked at construction when the base lists targets)
             target = self._targets[index] if self._targets is not None else self._options[index][position].label
         if self.transform is not None:
@@ -645,12 +719,10 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     def _source_image(self, index: int, variant: Any) -> Any:
         """The real image of item ``index``, checked against the plan's content hash."""
-        image = to_rgb(self._base_item(index)[0], self._describe_item(index))
+        image = self._real_image(index)
         if image_sha256(image) != variant.source_sha256:
-            raise InputError(
-                f"{self._describe_item(index)} is not the image the plan was made from (content hash differs); "
-                "re-plan after changing the dataset"
-            )
+            raise InputError(self._mismatch(index, "is not the image the plan was made from (content hash differs); "
+                                                   "re-plan after changing the dataset"))
         return image
 
     def _get_generator(self) -> Any:
