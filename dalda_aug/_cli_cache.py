@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .cache import GenerationSpec, SyntheticCache
     from .plan import AugmentationPlan
 
-__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan"]
+__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype"]
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) -> None:
@@ -33,7 +33,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) 
     parser.add_argument("--size", type=int, default=None, help="output height and width in pixels (default 512)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default 7.5)")
     parser.add_argument("--scheduler", default=None, help="ddim (default) or dpmsolver++")
-    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--dtype", default=None,
+                        help="float16, bfloat16 or float32 (default: float16 when generating on a CUDA device, "
+                             "as the reference does; float32 on the CPU)")
 
 
 def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = None) -> GenerationSpec:
@@ -65,7 +67,21 @@ def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = Non
 
         base = config_from_dict(recorded["method"], recorded.get("config") or {})
     config = dataclasses.replace(base, **changes)
-    return GenerationSpec(models, config, args.dtype or "float32")
+    return GenerationSpec(models, config, args.dtype or default_dtype(getattr(args, "device", None)))
+
+
+def default_dtype(device: str | None = None) -> str:
+    """The generation dtype when ``--dtype`` is not given: ``"float16"`` on a CUDA device (the
+    reference code generates in float16), else ``"float32"``. Without ``device``: the device
+    ``warm`` would pick (CUDA when available and accelerate is not told ``--cpu``)."""
+    import os
+
+    if device is None:
+        import torch
+
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    return "float16" if str(device).startswith("cuda") else "float32"
 
 
 def spec_given(args: argparse.Namespace) -> bool:
