@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .config import ModelConfig
+from .data import class_folder_name, class_folder_names
 from .errors import DaldaError, InputError, MissingFileError, require
 
 __all__ = [
@@ -858,14 +859,23 @@ class SyntheticCache:
         columns = ["path", "key", "class", "label", "class_name", "source", "variant", "prompt", "lambda",
                    "seed", "score", "width", "height", "generation_fingerprint", "model_fingerprint"]
         rows = []
+        # Folder names come from files (plan.json, entry metadata) anyone could have written:
+        # class_folder_names keeps Unicode, removes separators/".."/control characters and never
+        # gives two classes one folder; the resolved path must still lie inside OUT.
+        plan_folders = class_folder_names([str(c) for c in classes])
+        out_real = os.path.realpath(out)
         for entry in tqdm(self.iter_entries(wanted), desc="exporting", unit="img", disable=not progress):
             meta = entry.metadata
             label = meta.get("label")
             if classes and isinstance(label, int) and 0 <= label < len(classes):
-                folder = classes[label]
+                folder = plan_folders[str(classes[label])]
             else:
-                folder = _sanitize(str(meta.get("class_name") or "unknown"))
+                folder = class_folder_name(str(meta.get("class_name") or "unknown"))
             rel = Path(folder) / f"{entry.key[:16]}.png"
+            target = os.path.realpath(out / rel)
+            if os.path.dirname(target) == out_real or not target.startswith(out_real + os.sep):
+                raise InputError(f"refusing to export {entry.key[:16]} to {target}: class folder {folder!r} "
+                                 f"leads outside {out} (a symbolic link in it?)")
             (out / folder).mkdir(parents=True, exist_ok=True)
             entry.image.save(out / rel, "PNG", compress_level=self.png_compress_level)
             row = {c: meta.get(c, "") for c in columns}

@@ -29,6 +29,9 @@ __all__ = [
     "readable_class_name",
     "find_classes",
     "few_shot_indices",
+    "source_path",
+    "class_folder_name",
+    "class_folder_names",
 ]
 
 # Same extensions as torchvision.datasets.folder.IMG_EXTENSIONS.
@@ -105,6 +108,66 @@ def image_sha256(img: Image.Image) -> str:
     h.update(f"RGB:{rgb.width}x{rgb.height}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
+
+
+def source_path(root: str | os.PathLike[str], source: str) -> Path:
+    """``root / source`` for a plan row's ``source``, refusing a path that leaves ``root``.
+
+    A plan file is text anyone can edit: a source that is absolute (or names a drive), or climbs out
+    with ``..`` (``"../../../etc/passwd"``) raises :class:`InputError` naming it, before anything
+    is opened. The check is on the path as written, not on where symbolic links lead: links that
+    already live inside the data folder (a symlinked class folder, which torchvision's
+    ``ImageFolder`` and :meth:`ImageSource.from_folder` follow) were put there by whoever owns the
+    folder and keep working; a plan cannot create one.
+    """
+    text = str(source)
+    parts = text.replace("\\", "/").split("/")
+    if (not text or "\0" in text or os.path.isabs(text) or text.startswith(("/", "\\"))
+            or (os.name == "nt" and re.match(r"^[A-Za-z]:", text)) or ".." in parts):
+        raise InputError(f"plan source {source!r} is not a path inside the plan's data root {os.fspath(root)}: "
+                         "sources are relative paths without '..'; is the plan file edited or from elsewhere?")
+    return Path(root) / text
+
+
+def _folder_name(name: str) -> str:
+    """``name`` with what a folder name cannot safely hold replaced by ``_``: path separators,
+    control characters, leading dots (``.`` / ``..`` / a hidden folder, which the plan's folder
+    scan refuses), surrounding spaces, and the empty name. Unicode letters stay."""
+    text = "".join("_" if ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 else ch for ch in name).strip()
+    stripped = text.lstrip(".")
+    return "_" * (len(text) - len(stripped)) + stripped or "_"
+
+
+def _name_hash(name: str, n: int) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:n]
+
+
+def class_folder_name(name: str) -> str:
+    """A safe folder name for class ``name``, the same whatever other classes exist.
+
+    A name that needs no change is its own folder (``"猫"`` stays ``"猫"``). Otherwise path
+    separators, control characters, leading dots (``.``, ``..``, hidden folders) and surrounding
+    spaces become ``_`` and a suffix of the name's own hash is added (``"../escaped"`` ->
+    ``"___escaped-<8 hex>"``), so two distinct names never share a folder.
+    """
+    folder = _folder_name(name)
+    return folder if folder == name else f"{folder}-{_name_hash(name, 8)}"
+
+
+def class_folder_names(names: Sequence[str]) -> dict[str, str]:
+    """:func:`class_folder_name` of each distinct name, with names alike but for letter case
+    (one folder on case-insensitive disks) told apart too: in such a group every name but the
+    first in sorted order gets its hash suffix. Deterministic, whatever order the names come in."""
+    unique = sorted(set(names))
+    result: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in unique:
+        folder = class_folder_name(name)
+        if folder.casefold() in taken:
+            folder = f"{_folder_name(name)}-{_name_hash(name, 16)}"
+        taken.add(folder.casefold())
+        result[name] = folder
+    return result
 
 
 def _is_symlink_loop(path: Path) -> bool:

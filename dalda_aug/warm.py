@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .cache import SyntheticCache
-from .data import image_sha256, load_image, to_rgb
+from .data import image_sha256, load_image, source_path, to_rgb
 from .errors import InputError, MissingFileError
 
 __all__ = ["warm", "WarmReport", "shard_keys", "plan_keys"]
@@ -96,7 +96,7 @@ class _SourceImages:
             item = self.images[variant.source]
             image = to_rgb(item[0] if isinstance(item, (tuple, list)) else item, f"source {variant.source!r}")
         elif self.root is not None and isinstance(variant.source, str):
-            image = load_image(self.root / variant.source)
+            image = load_image(source_path(self.root, variant.source))  # refuses paths leaving the root
         else:
             raise InputError(
                 f"plan source {variant.source!r} is a dataset index: pass images= (the dataset the plan was made from)"
