@@ -31,13 +31,13 @@ def _open(args: argparse.Namespace) -> tuple[AugmentationPlan, SyntheticCache]:
 
 
 def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
-    from .data import load_image
+    from .data import load_image, source_path
 
     if not plan.data_root:
         raise InputError("the plan has no data_root (it was built from an in-memory dataset); "
                          "use dalda_aug.metrics.diversity_metrics from Python instead")
     root = Path(plan.data_root)
-    return lambda source: load_image(root / str(source))
+    return lambda source: load_image(source_path(root, str(source)))
 
 
 # -- metrics ---------------------------------------------------------------------------------

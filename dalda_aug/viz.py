@@ -206,13 +206,13 @@ def plan_contact_sheet(plan: AugmentationPlan, cache: SyntheticCache, *, classes
     """
     from PIL import Image
 
-    from .data import load_image
+    from .data import load_image, source_path
 
     if load_source is None:
         if not plan.data_root:
             raise InputError("the plan has no data_root; pass load_source to load its source images")
         root = Path(plan.data_root)
-        load_source = lambda source: load_image(root / str(source))  # noqa: E731
+        load_source = lambda source: load_image(source_path(root, str(source)))  # noqa: E731
     known = set(plan.class_names)
     unknown = sorted(set(classes or ()) - known)
     if unknown:

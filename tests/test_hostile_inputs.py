@@ -191,6 +191,16 @@ def test_warm_cli_one_line_for_etc_passwd(folder_plan, tiny_models, tmp_path, ca
     assert "'../../../etc/passwd'" in err and "Traceback" not in err
 
 
+def test_contact_sheet_refuses_sources_outside_the_data_root(folder_plan, spec, tmp_path):
+    from dalda_aug.viz import plan_contact_sheet
+
+    base, plan = folder_plan
+    crafted = _edit_plan(base / "plan", tmp_path / "crafted",
+                         rows=lambda r: {**r, "source": "../outside/0.png"} if r["source"] == "ant/0.png" else r)
+    with pytest.raises(InputError, match="'../outside/0.png' is not a path inside"):
+        plan_contact_sheet(AugmentationPlan.load(crafted), SyntheticCache(tmp_path / "cache", spec), tile=32)
+
+
 def test_source_path_rules(tmp_path):
     assert source_path(tmp_path, "cat/0.png") == tmp_path / "cat" / "0.png"
     assert source_path(tmp_path, "cat/..png") == tmp_path / "cat" / "..png"  # a file name, not a parent
