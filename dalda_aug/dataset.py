@@ -35,7 +35,8 @@ content hash go through one conversion, :func:`~dalda_aug.data.to_rgb` (the plan
 transparency composited on white, 16-bit images scaled to 8 bits. torchvision's stock loader
 instead calls ``convert("RGB")``, which drops transparency (what lies under transparent pixels
 shows) and clips 16-bit values (a nearly white image), so for an ``ImageFolder``/``DatasetFolder``
-base with that loader the dataset reads each item's file itself with
+base with that loader, and a timm ``ImageDataset`` over a folder (whose retry loop would otherwise
+serve the next file in place of an unreadable one), the dataset reads each item's file itself with
 :func:`~dalda_aug.data.load_image`; for RGB, grey, CMYK and opaque palette files this gives
 exactly ``ImageFolder``'s pixels. A base with a custom loader is read through that loader.
 A file that cannot be read (truncated, corrupt) raises :class:`~dalda_aug.errors.ImageError`
@@ -159,11 +160,19 @@ def source_ids(dataset: Any, root: str | os.PathLike[str] | None = None) -> list
 
 def _stock_folder_paths(dataset: Any) -> list[str] | None:
     """The absolute file of every item when ``dataset`` is a torchvision ``DatasetFolder`` (or a
-    ``Subset`` of one) that reads files with torchvision's stock loader, which only calls
-    ``convert("RGB")``; else None (a custom loader is the user's choice and is kept)."""
+    ``Subset`` of one) that reads files with torchvision's stock loader, or a timm ``ImageDataset``
+    over an image folder in RGB mode: both only call ``convert("RGB")``. Else None (a custom
+    loader is the user's choice and is kept)."""
     if isinstance(dataset, torch.utils.data.Subset):
         inner = _stock_folder_paths(dataset.dataset)
         return None if inner is None else [inner[int(i)] for i in dataset.indices]
+    reader = _timm_reader(dataset)
+    if reader is not None and type(reader).__name__ == "ReaderImageFolder":
+        # timm's ImageDataset opens the file and calls convert(input_img_mode) on it.
+        stock = (getattr(dataset, "input_img_mode", "RGB") == "RGB" and not getattr(dataset, "load_bytes", False)
+                 and getattr(dataset, "additional_features", None) is None)
+        samples = getattr(reader, "samples", None)
+        return [os.path.abspath(path) for path, *_ in samples] if stock and samples is not None else None
     samples = getattr(dataset, "samples", None)
     loader = getattr(dataset, "loader", None)
     if samples is None or loader is None:

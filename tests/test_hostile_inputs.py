@@ -281,6 +281,29 @@ def test_odd_modes_real_pixels_and_reference_agree(tmp_path, tiny_models, spec, 
     assert len(fresh.keys()) == 3
 
 
+@pytest.mark.parametrize("kind", ["timm", "hugging_face"])
+def test_odd_modes_other_bases_serve_the_plans_pixels(tmp_path, tiny_models, spec, kind):
+    from dalda_aug.dataset import source_ids
+
+    root = tmp_path / "data"
+    expected = _odd_images(root)
+    plan = build_plan(root, variants=1, scores=[0.2, 0.5, 0.8], models=tiny_models)
+    if kind == "timm":
+        from timm.data import ImageDataset
+
+        base = ImageDataset(str(root))
+    else:
+        datasets = pytest.importorskip("datasets")
+        base = datasets.load_dataset("imagefolder", data_dir=str(root), split="train", cache_dir=str(tmp_path / "hf"))
+    # Constructing with p > 0 checks every source against the plan's hash (no false mismatch).
+    SyntheticAugmentedDataset(base, plan, SyntheticCache(tmp_path / "c", spec), p=0.5, on_miss="generate")
+    real = SyntheticAugmentedDataset(base, plan, SyntheticCache(tmp_path / "c", spec), p=0.0)
+    for index, source in enumerate(source_ids(base, root)):
+        image, _ = real[index]
+        assert image.mode == "RGB"
+        np.testing.assert_allclose(np.asarray(image, dtype=np.float64), expected[source], atol=1.0)
+
+
 def _convert_loader(path: str) -> Image.Image:
     with open(path, "rb") as fh:
         return Image.open(fh).convert("RGB")
@@ -306,14 +329,19 @@ def _truncated_folder(root):
     return root / "bee" / "1.jpg"
 
 
-@pytest.mark.parametrize("loader", ["stock", "custom"])
+@pytest.mark.parametrize("loader", ["stock", "custom", "timm"])
 def test_truncated_jpeg_in_dataloader_workers_names_the_file(tmp_path, tiny_models, spec, loader):
     root = tmp_path / "data"
     bad = _truncated_folder(root)
     with pytest.raises(OSError, match="truncated"):  # what PIL itself says, without a file name
         Image.open(bad).load()
-    base = ImageFolder(root) if loader == "stock" else DatasetFolder(str(root), loader=_convert_loader,
-                                                                      extensions=(".jpg",))
+    if loader == "timm":  # timm's own retry loop would serve the next file instead, with a log line
+        from timm.data import ImageDataset
+
+        base = ImageDataset(str(root))
+    else:
+        base = ImageFolder(root) if loader == "stock" else DatasetFolder(str(root), loader=_convert_loader,
+                                                                          extensions=(".jpg",))
     good = tmp_path / "good"  # the plan comes from a copy without the damaged file
     for name in ["ant", "bee"]:
         shutil.copytree(root / name, good / name)
