@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import warnings
 import weakref
@@ -166,11 +167,15 @@ def _stock_folder_paths(dataset: Any) -> list[str] | None:
     if isinstance(dataset, torch.utils.data.Subset):
         inner = _stock_folder_paths(dataset.dataset)
         return None if inner is None else [inner[int(i)] for i in dataset.indices]
+    # Only the stock __getitem__ (a subclass that overrides it does more than load a file).
+    own_getitem = getattr(type(dataset), "__getitem__", None)
     reader = _timm_reader(dataset)
     if reader is not None and type(reader).__name__ == "ReaderImageFolder":
         # timm's ImageDataset opens the file and calls convert(input_img_mode) on it.
+        timm_getitem = getattr(sys.modules.get("timm.data.dataset"), "ImageDataset", None)
         stock = (getattr(dataset, "input_img_mode", "RGB") == "RGB" and not getattr(dataset, "load_bytes", False)
-                 and getattr(dataset, "additional_features", None) is None)
+                 and getattr(dataset, "additional_features", None) is None
+                 and timm_getitem is not None and own_getitem is timm_getitem.__getitem__)
         samples = getattr(reader, "samples", None)
         return [os.path.abspath(path) for path, *_ in samples] if stock and samples is not None else None
     samples = getattr(dataset, "samples", None)
@@ -182,7 +187,8 @@ def _stock_folder_paths(dataset: Any) -> list[str] | None:
         from torchvision.datasets import folder
     except ImportError:  # pragma: no cover - torchvision not installed
         return None
-    if loader not in (folder.default_loader, folder.pil_loader) or get_image_backend() != "PIL":
+    if loader not in (folder.default_loader, folder.pil_loader) or get_image_backend() != "PIL" \
+            or own_getitem is not folder.DatasetFolder.__getitem__:
         return None
     return [os.path.abspath(path) for path, *_ in samples]
 

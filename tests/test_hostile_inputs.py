@@ -304,6 +304,24 @@ def test_odd_modes_other_bases_serve_the_plans_pixels(tmp_path, tiny_models, spe
         np.testing.assert_allclose(np.asarray(image, dtype=np.float64), expected[source], atol=1.0)
 
 
+class _MirroredFolder(ImageFolder):
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return image.transpose(Image.FLIP_LEFT_RIGHT), label
+
+
+def test_an_overridden_getitem_is_kept(tmp_path, tiny_models, spec):
+    """Only torchvision's own __getitem__ is replaced by a read of the file."""
+    root = tmp_path / "data"
+    for c, name in enumerate(["ant", "bee"]):
+        (root / name).mkdir(parents=True)
+        _noise(c).save(root / name / "0.png")
+    plan = build_plan(root, variants=1, scores=[0.3, 0.7], models=tiny_models)
+    ds = SyntheticAugmentedDataset(_MirroredFolder(root), plan, SyntheticCache(tmp_path / "c", spec), p=0.0)
+    image, _ = ds[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(_noise(0))[:, ::-1])
+
+
 def _convert_loader(path: str) -> Image.Image:
     with open(path, "rb") as fh:
         return Image.open(fh).convert("RGB")
