@@ -50,7 +50,10 @@ def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
     """Convert any PIL image to 8-bit RGB, or raise :class:`ImageError` naming ``source``.
 
     CMYK, palette, grey and 16/32-bit images are converted; transparency is composited on
-    white (not dropped, which would turn transparent areas black).
+    white (not dropped, which would show whatever colour lies under transparent pixels) and
+    16-bit values are scaled to 8 bits (not clipped, as ``convert("RGB")`` does). This is the
+    one conversion of the library: content hashes, the generator's reference images and the
+    real images :class:`~dalda_aug.dataset.SyntheticAugmentedDataset` serves all go through it.
     """
     mode = img.mode
     if mode == "RGB":
