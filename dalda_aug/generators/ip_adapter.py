@@ -66,6 +66,7 @@ from .loading import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from PIL import Image
 
 __all__ = [
@@ -271,7 +272,7 @@ def load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device: A
 
 def load_reference_pipeline(
     models: ModelConfig, config: GenerationConfig | None = None, device: Any = "cpu", dtype: Any = None
-):
+) -> Any:
     """The reference approach: a stock ``StableDiffusionPipeline`` with the IP-Adapter loaded.
 
     Uses the configured scheduler (and tiny VAE, if any); generate with
@@ -283,13 +284,13 @@ def load_reference_pipeline(
     return load_stock_pipeline(models, config, torch.device(device), resolve_torch_dtype(dtype))
 
 
-def reference_generate(pipe, request: GenerationRequest, config: GenerationConfig | None = None):
+def reference_generate(pipe: Any, request: GenerationRequest, config: GenerationConfig | None = None) -> Image.Image:
     """One image the stock way: ``set_ip_adapter_scale(λ)`` then one pipeline call."""
     import torch
 
     config = config if config is not None else GenerationConfig()
     pipe.set_ip_adapter_scale(request.scale)
-    return pipe(
+    image: Image.Image = pipe(
         prompt=config.prompt_prefix + request.prompt,
         negative_prompt=config.negative_prompt,
         ip_adapter_image=request.image,
@@ -299,6 +300,7 @@ def reference_generate(pipe, request: GenerationRequest, config: GenerationConfi
         width=config.width,
         generator=torch.Generator("cpu").manual_seed(request.seed),
     ).images[0]
+    return image
 
 
 
@@ -316,6 +318,8 @@ class IPAdapterGenerator:
     with diffusers' and transformers' own loaders, from hub ids or local folders, and raises
     :class:`~dalda_aug.errors.ModelLoadError` naming the file it expected where.
     """
+
+    _negative_text: torch.Tensor | None  # text states of the negative prompt, once encoded
 
     def __init__(
         self,
@@ -342,9 +346,10 @@ class IPAdapterGenerator:
         self.config = config
         self.dtype = resolve_torch_dtype(dtype)
         self.max_cached_embeddings = int(max_cached_embeddings)
-        self._pipe = None
-        self._unet_forward = None
-        self._cached_step = None
+        # diffusers objects (the pipeline, the UNet's forward, the step-caching step) are untyped.
+        self._pipe: Any = None
+        self._unet_forward: Any = None
+        self._cached_step: Any = None
         self._negative_text = None
         self._embeddings: OrderedDict[str, Any] = OrderedDict()
 
@@ -361,7 +366,7 @@ class IPAdapterGenerator:
         return self._pipe is not None
 
     @property
-    def pipeline(self):
+    def pipeline(self) -> Any:
         """The underlying ``StableDiffusionPipeline`` (loads it).
 
         Its UNet carries the per-sample processors, which need ``ip_scale``: generate with
@@ -417,7 +422,8 @@ class IPAdapterGenerator:
         if caching:
             branch = self.config.cache_branch
 
-            def step(sample, t, text, cross_attention_kwargs, added_cond_kwargs, deep=None):
+            def step(sample: Any, t: Any, text: Any, cross_attention_kwargs: Any, added_cond_kwargs: Any,
+                     deep: Any = None) -> Any:
                 return unet_step(unet, sample, t, text, cross_attention_kwargs, added_cond_kwargs, branch, deep)
 
             # One compiled callable; the full (deep=None) and shallow (deep=tensor) calls get a
@@ -448,7 +454,7 @@ class IPAdapterGenerator:
         return size
 
     # -- encoders ------------------------------------------------------------------------
-    def _image_embeddings(self, images: Sequence["Image.Image"]):
+    def _image_embeddings(self, images: Sequence["Image.Image"]) -> torch.Tensor:
         """(n, D) image embeddings; each distinct image is encoded once and cached."""
         import torch
 
@@ -474,14 +480,15 @@ class IPAdapterGenerator:
             self._embeddings.popitem(last=False)
         return stacked
 
-    def _text_embeddings(self, prompts: Sequence[str]):
+    def _text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """(n, tokens, C) text-encoder states of ``prompts`` (each distinct prompt encoded once)."""
         unique = list(dict.fromkeys(prompts))
         embeds, _ = self._pipe.encode_prompt(unique, self.device, 1, False)
         index = {prompt: i for i, prompt in enumerate(unique)}
-        return embeds[[index[p] for p in prompts]]
+        selected: torch.Tensor = embeds[[index[p] for p in prompts]]
+        return selected
 
-    def _negative_embedding(self):
+    def _negative_embedding(self) -> torch.Tensor:
         if self._negative_text is None:
             self._negative_text = self._text_embeddings([self.config.negative_prompt])
         return self._negative_text
@@ -509,7 +516,7 @@ class IPAdapterGenerator:
         from tqdm.auto import tqdm
 
         chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-        images: list = []
+        images: list[Image.Image] = []
         with (
             torch.inference_mode(),
             self._attention_context(),
@@ -520,14 +527,14 @@ class IPAdapterGenerator:
                 images.extend(self._generate_batch(chunk, bar))
         return images
 
-    def _attention_context(self):
+    def _attention_context(self) -> contextlib.AbstractContextManager[Any]:
         if self.config.attention == "math":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             return sdpa_kernel(SDPBackend.MATH)
         return contextlib.nullcontext()
 
-    def _generate_batch(self, requests: Sequence[GenerationRequest], bar) -> list["Image.Image"]:
+    def _generate_batch(self, requests: Sequence[GenerationRequest], bar: Any) -> list["Image.Image"]:
         import inspect
 
         import torch
@@ -584,7 +591,9 @@ class IPAdapterGenerator:
             bar.update()
 
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        return pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
+        images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil",
+                                                                     do_denormalize=[True] * n)
+        return images
 
 
 
