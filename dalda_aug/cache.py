@@ -54,15 +54,20 @@ folder merges them (e.g. warm on node-local disks, then ``rsync`` the shards tog
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import pickle
 import re
+import shutil
 import socket
+import sqlite3
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -79,6 +84,10 @@ __all__ = [
     "GeneratorFactory",
     "CachedImage",
     "CorruptEntryError",
+    "CacheStorageError",
+    "CacheReadOnlyError",
+    "CacheFullError",
+    "check_entry",
     "encode_entry",
     "decode_entry",
     "default_shard_name",
@@ -110,6 +119,13 @@ _LAYOUT_VERSION = 1
 # Persistent counter of corrupt entries removed, kept in each shard under a non-string key
 # (entry keys are 64-character hex strings).
 _CORRUPT_COUNTER = ("dalda_aug", "corrupt_removed")
+# Leases (warm: "this process is generating that key"), kept in the writer's shard under
+# ("dalda_aug", "lease", key) with a diskcache expiry time.
+_LEASE_PREFIX = ("dalda_aug", "lease")
+# The metadata field holding a CRC-32 of the rest of the metadata (see encode_entry).
+_META_CRC = "meta_crc32"
+# diskcache's value modes (diskcache.core.MODE_RAW, MODE_BINARY): bytes in the row, bytes in a file.
+_MODE_RAW, _MODE_BINARY = 1, 2
 # Network filesystems on which SQLite's WAL mode and mmap are unsafe.
 _NETWORK_FS = {
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
@@ -124,6 +140,18 @@ _ABANDONED: list[Any] = []
 
 class CorruptEntryError(DaldaError, ValueError):
     """A cache entry that fails to decode (bad header, checksum or image data)."""
+
+
+class CacheStorageError(DaldaError, OSError):
+    """The cache folder cannot be read or written (the message names the folder)."""
+
+
+class CacheReadOnlyError(CacheStorageError, PermissionError):
+    """A write to a cache folder that is read-only (read-only mount, no write permission)."""
+
+
+class CacheFullError(CacheStorageError):
+    """A write to a cache folder whose filesystem is full (the message gives the free space)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,14 +320,36 @@ def encode_entry(image: Any, metadata: dict[str, Any], image_format: str = DEFAU
     meta = dict(metadata)
     meta.update(format=image_format, width=rgb.width, height=rgb.height, nbytes=len(payload),
                 crc32=zlib.crc32(payload))
+    meta.pop(_META_CRC, None)
+    meta[_META_CRC] = _meta_checksum(meta)
     meta_bytes = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return _HEADER.pack(_MAGIC, _LAYOUT_VERSION, len(meta_bytes)) + meta_bytes + payload
 
 
-def decode_entry(blob: Any, key: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """``(PIL RGB image, metadata)`` of an encoded entry, or :class:`CorruptEntryError`."""
-    from PIL import Image
+def _meta_checksum(meta: dict[str, Any]) -> int:
+    """CRC-32 of the metadata without its own checksum field, in a canonical JSON form (sorted
+    keys, after a JSON round trip so that what was written and what is read hash alike)."""
+    rest = json.loads(json.dumps({k: v for k, v in meta.items() if k != _META_CRC}, ensure_ascii=False))
+    return zlib.crc32(json.dumps(rest, ensure_ascii=False, sort_keys=True).encode("utf-8"))
 
+
+def check_entry(blob: Any, key: str | None = None) -> dict[str, Any]:
+    """The metadata of an encoded entry after checking its header and checksums, without
+    decoding the image (fast: one CRC-32 pass); :class:`CorruptEntryError` if it fails.
+
+    Entries written since the metadata checksum exists carry ``meta_crc32``, a CRC-32 of the
+    rest of the metadata: a changed label, class, prompt... is caught like a changed pixel.
+    Older entries (no ``meta_crc32``) stay readable because what can be checked still is: the
+    image bytes have their CRC-32, and the fields the key is made of (generation fingerprint,
+    prompt, λ, seed, source hash) must hash to the key the entry is stored under. Their other
+    fields (label, class name, score) are not covered; rewarm to cover them (``cache verify``
+    counts such entries as ``unchecked_metadata``).
+    """
+    meta, _ = _checked_parts(blob, key)
+    return meta
+
+
+def _checked_parts(blob: Any, key: str | None) -> tuple[dict[str, Any], bytes]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CorruptEntryError(f"entry holds a {type(blob).__name__}, not encoded bytes")
     blob = bytes(blob)
@@ -321,6 +371,27 @@ def decode_entry(blob: Any, key: str | None = None) -> tuple[Any, dict[str, Any]
                                 f"expected {meta.get('nbytes')})")
     if key is not None and meta.get("key") not in (None, key):
         raise CorruptEntryError(f"entry is stored under {key} but belongs to {meta.get('key')}")
+    if _META_CRC in meta:
+        if meta[_META_CRC] != _meta_checksum(meta):
+            raise CorruptEntryError("entry metadata fails its checksum (a changed label, class or prompt?)")
+    elif key is not None and all(f in meta for f in ("generation_fingerprint", "prompt", "lambda", "seed",
+                                                     "source_sha256")):
+        try:
+            expected = variant_key(str(meta["generation_fingerprint"]), str(meta["prompt"]), float(meta["lambda"]),
+                                   int(meta["seed"]), str(meta["source_sha256"]))
+        except (TypeError, ValueError):
+            expected = None
+        if expected != key:
+            raise CorruptEntryError("entry metadata (an entry without metadata checksum) does not match its key")
+    return meta, payload
+
+
+def decode_entry(blob: Any, key: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(PIL RGB image, metadata)`` of an encoded entry, or :class:`CorruptEntryError`
+    (header, checksums as :func:`check_entry`, then the image itself)."""
+    from PIL import Image
+
+    meta, payload = _checked_parts(blob, key)
     if meta.get("format") == "raw":
         width, height = meta.get("width"), meta.get("height")
         if not isinstance(width, int) or not isinstance(height, int) or len(payload) != 3 * width * height:
@@ -407,6 +478,126 @@ def is_network_filesystem(path: str | os.PathLike[str]) -> bool:
     return (_mount_fstype(p) or "").lower() in _NETWORK_FS
 
 
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class _ShardReader:
+    """Read-only access to one shard (its SQLite file and value files) that never writes.
+
+    Opening a ``diskcache.Cache`` writes (tables, settings, journal mode), which fails on a
+    read-only folder and on a full disk; every read goes through this instead. The database is
+    opened with SQLite's ``mode=ro``, which sees what live writers commit (through the WAL).
+    Where that cannot open — a read-only folder without the WAL's ``-shm`` file, which a
+    reader may not create — it is opened ``immutable=1``: nobody can write there anyway.
+    It reads diskcache's table layout directly: a row (key, raw=1) holds the entry's bytes in
+    ``value`` (mode raw) or names the file holding them (mode binary).
+    """
+
+    def __init__(self, path: Path, timeout: float, mmap: bool) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.mmap = mmap
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+
+    def _connect(self, uri: str) -> sqlite3.Connection:
+        con = sqlite3.connect(uri, uri=True, timeout=self.timeout, check_same_thread=False, isolation_level=None)
+        try:
+            if not self.mmap:
+                con.execute("PRAGMA mmap_size = 0")
+            con.execute("SELECT count(*) FROM sqlite_master").fetchall()  # opens the file now
+        except sqlite3.Error:
+            con.close()
+            raise
+        return con
+
+    def _con(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            from urllib.request import pathname2url
+
+            db = "file:" + pathname2url(str(self.path / "cache.db"))
+            try:
+                con = self._connect(db + "?mode=ro")
+            except sqlite3.Error:
+                try:
+                    con = self._connect(db + "?immutable=1")
+                except sqlite3.Error as exc:
+                    raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+            self._local.con = con
+            with self._lock:
+                self._connections.append(con)
+        return con
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            return self._con().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a shard being created right now
+                return []
+            raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+
+    def keys(self) -> list[str]:
+        return [k for (k,) in self._rows("SELECT key FROM Cache WHERE raw = 1 ORDER BY rowid") if _is_entry_key(k)]
+
+    def __contains__(self, key: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM Cache WHERE key = ? AND raw = 1 LIMIT 1", (key,)))
+
+    def get(self, key: str) -> Any:
+        """The stored value (normally bytes), or None if absent or its value file is gone."""
+        rows = self._rows("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1 "
+                          "AND (expire_time IS NULL OR expire_time > ?)", (key, time.time()))
+        if not rows:
+            return None
+        mode, filename, value = rows[0]
+        if mode == _MODE_RAW:
+            return bytes(value) if isinstance(value, memoryview) else value
+        if mode == _MODE_BINARY and filename:
+            path = self.path / filename
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise CacheStorageError(f"cache file {path} cannot be read: {exc}") from None
+        return f"<diskcache value of mode {mode}>"  # not bytes: decoding reports it as corrupt
+
+    def corrupt_counter(self) -> int:
+        for key, value in self._rows("SELECT key, value FROM Cache WHERE raw = 0"):
+            try:
+                if pickle.loads(key) == _CORRUPT_COUNTER:
+                    return int(value or 0)
+            except Exception:  # another library's key: not ours
+                continue
+        return 0
+
+    def volume(self) -> int:
+        pages = self._rows("PRAGMA page_count")
+        page_size = self._rows("PRAGMA page_size")
+        size = self._rows("SELECT value FROM Settings WHERE key = 'size'")
+        return int(pages[0][0] * page_size[0][0] if pages and page_size else 0) + int(size[0][0] if size else 0)
+
+    def close(self) -> None:
+        with self._lock:
+            for con in self._connections:
+                con.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
 class SyntheticCache:
     """Generated images on disk, keyed by :class:`GenerationSpec` + variant (see module doc).
 
@@ -473,7 +664,10 @@ class SyntheticCache:
     # -- per-process state ------------------------------------------------------------------
     def _reset_handles(self) -> None:
         self._pid = os.getpid()
-        self._handles: dict[str, Any] = {}  # shard name -> diskcache.Cache
+        self._handles: dict[str, Any] = {}  # shard name -> diskcache.Cache (writing)
+        self._shard_readers: dict[str, _ShardReader] = {}  # shard name -> reader (never writes)
+        # Who holds a lease (warm): this object in this process.
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}:{time.time():.6f}"
         self._known: list[str] = []  # shard names found by the last scan
         self._scanned_at = float("-inf")
         self._network: bool | None = None
@@ -481,11 +675,13 @@ class SyntheticCache:
     def _check_process(self) -> None:
         if self._pid != os.getpid():  # forked: never touch the parent's SQLite connections
             _ABANDONED.extend(self._handles.values())
+            _ABANDONED.extend(self._shard_readers.values())
             self._reset_handles()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_pid", "_handles", "_known", "_scanned_at", "_network", "_recorded"):
+        for name in ("_pid", "_handles", "_shard_readers", "_owner", "_known", "_scanned_at", "_network",
+                     "_recorded"):
             state.pop(name, None)
         return state
 
@@ -510,6 +706,8 @@ class SyntheticCache:
         if self._pid == os.getpid():
             for handle in self._handles.values():
                 handle.close()
+            for reader in self._shard_readers.values():
+                reader.close()
         self._reset_handles()
 
     def _settings(self) -> dict[str, Any]:
@@ -525,13 +723,44 @@ class SyntheticCache:
             sqlite_mmap_size=0 if self._network else 2**26,
         )
 
+    def writable(self) -> bool:
+        """Whether this process may write in the cache folder (or where it would be created)."""
+        return os.access(_existing(self.directory), os.W_OK)
+
+    def free_bytes(self) -> int:
+        """Free space on the cache folder's filesystem, in bytes."""
+        return int(shutil.disk_usage(_existing(self.directory)).free)
+
+    def _storage_error(self, exc: BaseException, doing: str) -> CacheStorageError:
+        """One line naming the folder: read-only, full, or another write failure."""
+        if isinstance(exc, CacheStorageError):
+            return exc
+        text = str(exc).lower()
+        code = getattr(exc, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text or "no space" in text:
+            try:
+                free = _human_bytes(self.free_bytes())
+            except OSError:
+                free = "unknown"
+            return CacheFullError(
+                f"the cache folder {self.directory} is full ({free} free on its filesystem): {doing} failed; "
+                "free some space (or use another folder) and rerun: what was written is kept")
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text or "read-only" in text \
+                or not self.writable():
+            return CacheReadOnlyError(f"the cache folder {self.directory} is read-only: cannot {doing}")
+        return CacheStorageError(f"cannot {doing} in the cache folder {self.directory}: {type(exc).__name__}: {exc}")
+
     def _open(self, name: str) -> Any:
+        """The diskcache handle of shard ``name``, for writing (opening one writes)."""
         self._check_process()
         handle = self._handles.get(name)
         if handle is None:
             diskcache = require("diskcache", "generate")
             path = self.directory / f"{SHARD_PREFIX}{name}"
-            handle = diskcache.Cache(str(path), timeout=self.timeout, **self._settings())
+            try:
+                handle = diskcache.Cache(str(path), timeout=self.timeout, **self._settings())
+            except (OSError, sqlite3.Error) as exc:
+                raise self._storage_error(exc, f"open the shard {path.name} for writing") from None
             self._handles[name] = handle
             if name not in self._known:  # e.g. our own shard, created by this write
                 self._known = sorted([*self._known, name], key=lambda n: (n != self.shard, n))
@@ -555,9 +784,19 @@ class SyntheticCache:
         """Every shard in the cache folder (this process's own first)."""
         return list(self._scan(force=True))
 
-    def _readers(self, force_scan: bool = False) -> Iterator[tuple[str, Any]]:
+    def _reader(self, name: str) -> _ShardReader:
+        self._check_process()
+        reader = self._shard_readers.get(name)
+        if reader is None:
+            if self._network is None:
+                self._network = is_network_filesystem(self.directory)
+            reader = _ShardReader(self.directory / f"{SHARD_PREFIX}{name}", self.timeout, mmap=not self._network)
+            self._shard_readers[name] = reader
+        return reader
+
+    def _readers(self, force_scan: bool = False) -> Iterator[tuple[str, _ShardReader]]:
         for name in self._scan(force_scan):
-            yield name, self._open(name)
+            yield name, self._reader(name)
 
     # -- the generation specs the cache describes itself with --------------------------------
     def record_spec(self, plan: Any = None, spec: GenerationSpec | None = None) -> Path:
@@ -575,11 +814,24 @@ class SyntheticCache:
             record["plan"] = {"fingerprint": plan_fp, "images": len(plan),
                               "data_root": getattr(plan, "data_root", None)}
         folder = self.directory / SPECS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{spec.fingerprint}-{plan_fp}.json"
+        text = json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        try:
+            if path.read_text(encoding="utf-8") == text:
+                return path  # already recorded: nothing to write (a read-only cache stays usable)
+        except (OSError, UnicodeDecodeError):
+            pass
         tmp = folder / f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise self._storage_error(exc, f"record the generation spec in {SPECS_DIR}/") from None
         self._recorded = None
         return path
 
@@ -659,9 +911,9 @@ class SyntheticCache:
     def keys(self, shard: str | None = None) -> set[str]:
         """Every entry key in every shard (or in the one named ``shard``)."""
         found: set[str] = set()
-        for name, handle in self._readers(force_scan=True):
+        for name, reader in self._readers(force_scan=True):
             if shard is None or name == shard:
-                found.update(k for k in handle.iterkeys() if _is_entry_key(k))
+                found.update(reader.keys())
         return found
 
     def __len__(self) -> int:
@@ -669,9 +921,9 @@ class SyntheticCache:
 
     def __contains__(self, variant_or_key: Any) -> bool:
         key = self.key(variant_or_key)
-        if any(key in handle for _, handle in self._readers()):
+        if any(key in reader for _, reader in self._readers()):
             return True
-        return any(key in handle for _, handle in self._readers(force_scan=True))
+        return any(key in reader for _, reader in self._readers(force_scan=True))
 
     def missing(self, variants: Iterable[Any]) -> list[Any]:
         """The variants (or keys) without an entry, in order (one key listing, no decoding)."""
@@ -690,8 +942,8 @@ class SyntheticCache:
         return None if entry is None else entry.image
 
     def _lookup(self, key: str, force_scan: bool) -> CachedImage | None:
-        for name, handle in self._readers(force_scan):
-            blob = handle.get(key, default=None, retry=True)
+        for name, reader in self._readers(force_scan):
+            blob = reader.get(key)
             if blob is None:
                 continue
             try:
@@ -705,20 +957,29 @@ class SyntheticCache:
     def get_raw(self, variant_or_key: Any) -> bytes | None:
         """The encoded entry bytes (header + image) as stored, without decoding."""
         key = self.key(variant_or_key)
-        for _, handle in self._readers(force_scan=True):
-            blob = handle.get(key, default=None, retry=True)
+        for _, reader in self._readers(force_scan=True):
+            blob = reader.get(key)
             if blob is not None:
-                return bytes(blob)
+                return bytes(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else None
         return None
 
-    def _remove_corrupt(self, shard: str, key: str, reason: str) -> None:
+    def _remove_corrupt(self, shard: str, key: str, reason: str, *, strict: bool = False) -> bool:
+        """Delete a corrupt entry; True if done. A read-only or full folder: a warning (the
+        entry is still never returned), or with ``strict`` a :class:`CacheStorageError`."""
         log.warning("removing corrupt cache entry %s in shard %s: %s", key, shard, reason)
-        self.corrupt_removed += 1
         try:
-            self._open(shard).delete(key, retry=True)
-            self._open(shard).incr(_CORRUPT_COUNTER, 1, default=0, retry=True)
-        except Exception as exc:  # read-only cache: report, still never return the entry
-            log.warning("could not remove corrupt entry %s from shard %s: %s", key, shard, exc)
+            handle = self._open(shard)
+            handle.delete(key, retry=True)
+            handle.incr(_CORRUPT_COUNTER, 1, default=0, retry=True)
+        except Exception as exc:
+            error = self._storage_error(exc, f"remove the corrupt entry {key[:16]}") \
+                if isinstance(exc, (OSError, sqlite3.Error)) else exc
+            if strict:
+                raise error from None
+            log.warning("%s", error)
+            return False
+        self.corrupt_removed += 1
+        return True
 
     # -- write -----------------------------------------------------------------------------
     def put(self, variant: Any, image: Any, *, metadata: dict[str, Any] | None = None) -> str:
@@ -756,23 +1017,81 @@ class SyntheticCache:
         """Store an already encoded entry (from :func:`encode_entry`) under ``key``."""
         if not _is_entry_key(key):
             raise InputError(f"cache keys are 64 hex characters, got {key!r}")
-        self._open(self.shard).set(key, blob, retry=True)
+        handle = self._open(self.shard)
+        try:
+            handle.set(key, blob, retry=True)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._storage_error(exc, f"store entry {key[:16]}") from None
+
+    # -- leases: which process is generating which key -----------------------------------------
+    def claim(self, keys: Iterable[str], seconds: float) -> list[str]:
+        """Lease ``keys`` to this cache object for ``seconds``; returns those it got (in order).
+
+        A key leased by another process (or another cache object) whose lease has not expired
+        is left out; one leased by this object is renewed. Leases live in this process's shard,
+        so processes writing the same shard skip each other's work (:func:`~dalda_aug.warm.warm`
+        leases each batch before generating it); a killed process's leases simply expire.
+        """
+        keys = list(keys)
+        handle = self._open(self.shard)
+        got: list[str] = []
+        try:
+            with handle.transact(retry=True):
+                for key in keys:
+                    lease = (*_LEASE_PREFIX, key)
+                    if handle.add(lease, self._owner, expire=seconds):
+                        got.append(key)
+                    elif handle.get(lease) == self._owner:
+                        handle.set(lease, self._owner, expire=seconds)
+                        got.append(key)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._storage_error(exc, "lease keys") from None
+        return got
+
+    def renew(self, keys: Iterable[str], seconds: float) -> None:
+        """Extend this object's leases of ``keys`` by ``seconds`` from now."""
+        self._own_leases(keys, seconds)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Give back this object's leases of ``keys``."""
+        self._own_leases(keys, None)
+
+    def _own_leases(self, keys: Iterable[str], seconds: float | None) -> None:
+        handle = self._open(self.shard)
+        try:
+            with handle.transact(retry=True):
+                for key in keys:
+                    lease = (*_LEASE_PREFIX, key)
+                    if handle.get(lease) == self._owner:
+                        if seconds is None:
+                            handle.delete(lease)
+                        else:
+                            handle.set(lease, self._owner, expire=seconds)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._storage_error(exc, "update leases") from None
 
     def delete(self, variant_or_key: Any) -> bool:
         """Remove an entry from every shard; True if one was there."""
         key = self.key(variant_or_key)
-        return any([handle.delete(key, retry=True) for _, handle in self._readers(force_scan=True)])
+        found = False
+        for name, reader in list(self._readers(force_scan=True)):
+            if key in reader:
+                try:
+                    found = bool(self._open(name).delete(key, retry=True)) or found
+                except (OSError, sqlite3.Error) as exc:
+                    raise self._storage_error(exc, f"delete entry {key[:16]}") from None
+        return found
 
     # -- maintenance -------------------------------------------------------------------------
     def iter_entries(self, keys: Iterable[str] | None = None, *, remove_corrupt: bool = True) -> Iterator[CachedImage]:
         """Decode and yield every valid entry (or those of ``keys``), each key once."""
         seen: set[str] = set()
         wanted = set(keys) if keys is not None else None
-        for name, handle in list(self._readers(force_scan=True)):
-            for key in list(handle.iterkeys()):
-                if not _is_entry_key(key) or key in seen or (wanted is not None and key not in wanted):
+        for name, reader in list(self._readers(force_scan=True)):
+            for key in reader.keys():
+                if key in seen or (wanted is not None and key not in wanted):
                     continue
-                blob = handle.get(key, default=None, retry=True)
+                blob = reader.get(key)
                 if blob is None:
                     continue
                 try:
@@ -792,38 +1111,85 @@ class SyntheticCache:
         """
         from tqdm.auto import tqdm
 
-        report: dict[str, Any] = {"checked": 0, "ok": 0, "bad": [], "removed": 0}
-        for name, handle in list(self._readers(force_scan=True)):
-            keys = [k for k in handle.iterkeys() if _is_entry_key(k)]
+        report: dict[str, Any] = {"checked": 0, "ok": 0, "bad": [], "removed": 0, "unchecked_metadata": 0}
+        for name, reader in list(self._readers(force_scan=True)):
+            keys = reader.keys()
             for key in tqdm(keys, desc=f"verifying {name}", unit="img", disable=not progress):
                 report["checked"] += 1
-                blob = handle.get(key, default=None, retry=True)
+                blob = reader.get(key)
                 try:
                     if blob is None:
                         raise CorruptEntryError("the entry's value file is missing")
-                    decode_entry(blob, key)
+                    _, meta = decode_entry(blob, key)
+                    report["unchecked_metadata"] += _META_CRC not in meta
                 except CorruptEntryError as exc:
                     report["bad"].append({"shard": name, "key": key, "error": str(exc)})
                     if remove:
-                        self._remove_corrupt(name, key, str(exc))
+                        self._remove_corrupt(name, key, str(exc), strict=True)
                         report["removed"] += 1
                     continue
                 report["ok"] += 1
         return report
 
+    def check_entries(self, keys: Iterable[str] | None = None, *, remove: bool = False
+                      ) -> tuple[set[str], list[dict[str, str]]]:
+        """Check every entry's (or those of ``keys``) header and checksums without decoding
+        images (:func:`check_entry`): ``(good keys, [{"shard", "key", "error"}, ...])``.
+
+        With ``remove``, bad entries are deleted (and counted) where the folder allows it.
+        A key with a good copy in some shard is good.
+        """
+        good: set[str] = set()
+        bad: list[dict[str, str]] = []
+        wanted = None if keys is None else set(keys)
+        for name, reader in list(self._readers(force_scan=True)):
+            listed = reader.keys() if wanted is None else [k for k in wanted if k in reader]
+            for key in listed:
+                if key in good:
+                    continue
+                blob = reader.get(key)
+                try:
+                    if blob is None:
+                        raise CorruptEntryError("the entry's value file is missing")
+                    check_entry(blob, key)
+                except CorruptEntryError as exc:
+                    bad.append({"shard": name, "key": key, "error": str(exc)})
+                    if remove:
+                        self._remove_corrupt(name, key, str(exc))
+                    continue
+                good.add(key)
+        return good, [b for b in bad if b["key"] not in good]
+
     def stats(self, plan: Any = None) -> dict[str, Any]:
-        """Entries, bytes on disk, shards, corrupt entries removed; with a plan, its coverage."""
+        """Entries, bytes on disk, shards, corrupt entries removed; with a plan, its coverage.
+
+        Entries are counted after checking their checksums (no image decoding): ``entries``
+        and the plan's ``cached`` count only good ones, ``bad`` the others (``cache verify``
+        names them, ``warm`` regenerates them).
+        """
         shards = []
         keys: set[str] = set()
+        bad_keys: set[str] = set()
         corrupt = 0
-        for name, handle in self._readers(force_scan=True):
-            shard_keys = [k for k in handle.iterkeys() if _is_entry_key(k)]
-            keys.update(shard_keys)
-            corrupt += int(handle.get(_CORRUPT_COUNTER, default=0, retry=True) or 0)
-            shards.append({"name": name, "entries": len(shard_keys), "bytes": int(handle.volume())})
+        for name, reader in self._readers(force_scan=True):
+            shard_good = 0
+            for key in reader.keys():
+                blob = reader.get(key)
+                try:
+                    if blob is None:
+                        raise CorruptEntryError("the entry's value file is missing")
+                    check_entry(blob, key)
+                except CorruptEntryError:
+                    bad_keys.add(key)
+                    continue
+                keys.add(key)
+                shard_good += 1
+            corrupt += reader.corrupt_counter()
+            shards.append({"name": name, "entries": shard_good, "bytes": reader.volume()})
         result: dict[str, Any] = {
             "directory": str(self.directory),
             "entries": len(keys),
+            "bad": len(bad_keys - keys),
             "bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
             "corrupt_removed": corrupt,

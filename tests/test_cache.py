@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalda_aug.cache import GenerationSpec, SyntheticCache, decode_entry, encode_entry, is_network_filesystem
+from dalda_aug.cache import (CorruptEntryError, GenerationSpec, SyntheticCache, decode_entry, encode_entry,
+                             is_network_filesystem)
 from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import Variant
@@ -267,6 +268,88 @@ def test_verify_reports_and_removes_bad_entries(cache):
     assert report["removed"] == 2
     assert cache.keys() == set(good[1:])
     assert cache.verify()["bad"] == []
+
+
+def test_stats_counts_only_entries_that_pass_their_checksums(cache):
+    variants = [_variant(i) for i in range(3)]
+    keys = [cache.put(v, _image(i)) for i, v in enumerate(variants)]
+    blob = bytearray(cache.get_raw(keys[0]))
+    blob[-1] ^= 0x01  # one flipped bit in the image bytes
+    cache.put_encoded(keys[0], bytes(blob))
+    stats = cache.stats(variants)
+    assert stats["entries"] == 2 and stats["bad"] == 1 and stats["shards"][0]["entries"] == 2
+    assert stats["plan"]["cached"] == 2 and stats["plan"]["missing"] == 1
+    good, bad = cache.check_entries()
+    assert good == set(keys[1:]) and [b["key"] for b in bad] == [keys[0]]
+    assert len(cache) == 3  # stats and checks remove nothing
+
+
+def test_a_flipped_metadata_byte_fails_the_checksum(tmp_path, cache):
+    from dalda_aug.cache import CorruptEntryError, check_entry
+
+    variant = _variant(4, label=1, class_name="dog")
+    key = cache.put(variant, _image(4))
+    blob = cache.get_raw(key)
+    assert blob.count(b'"label": 1') == 1
+    flipped = blob.replace(b'"label": 1', b'"label": 0')  # dog -> cat, same length
+    cache.put_encoded(key, flipped)
+    for check in (check_entry, decode_entry):
+        with pytest.raises(CorruptEntryError, match="metadata fails its checksum"):
+            check(flipped, key)
+    report = cache.verify()
+    assert [b["key"] for b in report["bad"]] == [key] and report["ok"] == 0
+    assert cache.export(tmp_path / "out")["exported"] == 0  # not filed under any class
+    assert not list((tmp_path / "out").glob("*/*.png"))
+    assert cache.get(variant) is None  # removed, reported as a miss
+
+
+def _legacy_entry(key: str, meta: dict, image: Image.Image) -> bytes:
+    """An entry as written before the metadata checksum: header (magic, layout 1, metadata
+    length), JSON metadata with a CRC-32 of the raw RGB bytes only, the bytes."""
+    import struct
+    import zlib
+
+    payload = image.tobytes()
+    meta = dict(meta, key=key, format="raw", width=image.width, height=image.height, nbytes=len(payload),
+                crc32=zlib.crc32(payload))
+    meta_bytes = json.dumps(meta, sort_keys=True).encode()
+    return struct.pack(">8sBI", b"DALDAIMG", 1, len(meta_bytes)) + meta_bytes + payload
+
+
+def test_older_entries_without_metadata_checksum_stay_readable_where_safe(cache, spec):
+    variant, image = _variant(6), _image(6)
+    key = spec.key(variant)
+    meta = {"generation_fingerprint": spec.fingerprint, "prompt": variant.prompt, "lambda": variant.lam,
+            "seed": variant.seed, "source_sha256": variant.source_sha256, "label": 0, "class_name": "cls"}
+    cache.put_encoded(key, _legacy_entry(key, meta, image))
+    assert np.array_equal(np.asarray(cache.get(variant).image), np.asarray(image))
+    report = cache.verify()
+    assert report["ok"] == 1 and report["unchecked_metadata"] == 1
+    # The fields the key is made of are still checked: they must hash to the key.
+    changed = _legacy_entry(key, dict(meta, prompt="another prompt"), image)
+    with pytest.raises(CorruptEntryError, match="does not match its key"):
+        decode_entry(changed, key)
+    cache.put_encoded(key, changed)
+    assert cache.get(variant) is None
+
+
+def test_leases_keep_processes_off_each_others_keys(tmp_path, spec):
+    import time
+
+    a = SyntheticCache(tmp_path / "c", spec, shard="s")
+    b = SyntheticCache(tmp_path / "c", spec, shard="s")  # another process, as far as leases go
+    k1, k2, k3, k4 = (c * 64 for c in "1234")
+    assert a.claim([k1, k2], 30) == [k1, k2]
+    assert b.claim([k1, k3], 30) == [k3]
+    assert a.claim([k1], 30) == [k1]  # renewing one's own
+    b.release([k2])  # not b's: stays a's
+    assert b.claim([k2], 30) == []
+    a.release([k1])
+    assert b.claim([k1], 30) == [k1]
+    a.claim([k4], 0.3)
+    time.sleep(0.6)
+    assert b.claim([k4], 30) == [k4]  # expired: taken over
+    assert a.keys() == set() and a.stats()["entries"] == 0  # leases are not entries
 
 
 # -- shards, processes ---------------------------------------------------------------------------
