@@ -141,7 +141,10 @@ def _partial_state(device: str | None) -> Any:
 
 
 def _run_warm(args: argparse.Namespace) -> int:
+    import os
+
     from .cache import SyntheticCache, default_shard_name
+    from .errors import InputError
     from .warm import warm
 
     plan = _load_plan(args.plan)
@@ -153,6 +156,14 @@ def _run_warm(args: argparse.Namespace) -> int:
         shard = f"{args.shard}-{rank}"
     cache = SyntheticCache(args.cache, spec, image_format=args.format, shard=shard)
     device = args.device or str(state.device)
+    # Say which share this process takes: e.g. `accelerate launch --cpu --num_processes 2`
+    # starts ONE process (accelerate needs MPI for several CPU processes), silently otherwise.
+    note = ""
+    if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        note = ("; `accelerate launch --cpu` starts one process: for N CPU processes use "
+                "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
+    print(f"dalda-aug warm: process rank {rank} of world size {world}, device {device}, cache shard "
+          f"shard-{cache.shard}{note}", flush=True)
     report = warm(
         plan,
         cache,
@@ -165,8 +176,12 @@ def _run_warm(args: argparse.Namespace) -> int:
     )
     print(f"dalda-aug warm: {report.summary()}", flush=True)
     if args.report:
-        with open(args.report.replace("{rank}", str(rank)), "w", encoding="utf-8") as fh:
-            json.dump(report.to_dict(), fh, indent=2)
+        path = args.report.replace("{rank}", str(rank))
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump(report.to_dict(), fh, indent=2)
+        except OSError as exc:
+            raise InputError(f"cannot write the report {path}: {exc.strerror or exc}") from None
     if world > 1:
         state.wait_for_everyone()
         if state.is_main_process:
@@ -195,6 +210,9 @@ def _run_stats(args: argparse.Namespace) -> int:
         return 0
     print(f"cache {stats['directory']}: {stats['entries']} images, {_human_bytes(stats['bytes'])} on disk, "
           f"{len(stats['shards'])} shard(s), {stats['corrupt_removed']} corrupt entries removed so far")
+    if stats["bad"]:
+        print(f"  {stats['bad']} damaged entries not counted (they fail their checksums): `dalda-aug cache verify "
+              "--remove` removes them, `dalda-aug warm` regenerates them")
     for shard in stats["shards"]:
         print(f"  shard {shard['name']}: {shard['entries']} images, {_human_bytes(shard['bytes'])}")
     if plan is not None:
@@ -210,6 +228,9 @@ def _run_verify(args: argparse.Namespace) -> int:
     for bad in report["bad"]:
         print(f"bad entry {bad['key']} in shard {bad['shard']}: {bad['error']}")
     action = f", removed {report['removed']}" if args.remove else ""
+    if report["unchecked_metadata"]:
+        action += (f"; {report['unchecked_metadata']} older entries have no metadata checksum (their label and "
+                   "class are not verified)")
     print(f"verified {report['checked']} entries: {report['ok']} ok, {len(report['bad'])} bad{action}")
     return 1 if report["bad"] and not args.remove else 0
 

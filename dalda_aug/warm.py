@@ -16,11 +16,21 @@
   readers (the dataset, ``cache stats``, ``metrics``, ``inspect``) need no generation options.
 * **Resumable.** Entries are written atomically as their batch finishes. After a crash or
   ``kill -9`` at any moment, rerunning generates exactly what is missing; nothing written is
-  lost or regenerated.
+  lost or regenerated. What counts as cached is checked first (header and checksums, no image
+  decoding): a damaged entry is removed and regenerated.
+* **Cooperative.** Each batch is leased before it is generated
+  (:meth:`~dalda_aug.cache.SyntheticCache.claim`): two processes writing the same shard skip
+  each other's keys instead of generating everything twice. Leases are renewed while a batch
+  runs and expire ``lease_seconds`` after a process dies, so its keys are taken over.
+* **Clear failures.** A full disk or a read-only cache folder stops warming with one line
+  naming the folder (:class:`~dalda_aug.cache.CacheFullError`,
+  :class:`~dalda_aug.cache.CacheReadOnlyError`); everything written before stays valid.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import queue
 import threading
 import time
@@ -28,11 +38,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .cache import SyntheticCache
+from .cache import CacheReadOnlyError, SyntheticCache
 from .data import image_sha256, load_image, source_path, to_rgb
-from .errors import InputError, MissingFileError
+from .errors import DaldaError, InputError, MissingFileError
 
 __all__ = ["warm", "WarmReport", "shard_keys", "plan_keys"]
+
+log = logging.getLogger(__name__)
 
 
 def shard_keys(keys: Iterable[str], process_index: int, num_processes: int) -> list[str]:
@@ -65,6 +77,8 @@ class WarmReport:
     num_processes: int = 1
     shard: str = ""
     verified_removed: int = 0  # corrupt entries removed by verify=True
+    bad_entries: int = 0  # cached entries failing their checksums (regenerated)
+    generated_elsewhere: int = 0  # written meanwhile by another process warming the same cache
 
     @property
     def images_per_second(self) -> float:
@@ -76,8 +90,11 @@ class WarmReport:
     def summary(self) -> str:
         who = f"process {self.process_index}/{self.num_processes}: " if self.num_processes > 1 else ""
         rate = f" at {self.images_per_second:.2f} images/s" if self.generated else ""
+        bad = f", {self.bad_entries} damaged entries regenerated" if self.bad_entries else ""
+        elsewhere = f", {self.generated_elsewhere} by another process" if self.generated_elsewhere else ""
         return (f"{who}{self.planned} planned images, {self.assigned} in this shard, {self.already_cached} already "
-                f"cached, {self.generated} generated in {self.seconds:.1f} s{rate} (cache shard {self.shard})")
+                f"cached{bad}, {self.generated} generated in {self.seconds:.1f} s{rate}{elsewhere} "
+                f"(cache shard {self.shard})")
 
 
 class _SourceImages:
@@ -116,8 +133,10 @@ class _Writer:
     writers fall behind).
     """
 
-    def __init__(self, cache: SyntheticCache, max_pending: int, threads: int = 2):
+    def __init__(self, cache: SyntheticCache, max_pending: int, threads: int = 2,
+                 on_stored: Callable[[str], None] | None = None):
         self.cache = cache
+        self.on_stored = on_stored
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, max_pending))
         self.error: BaseException | None = None
         self.threads = [threading.Thread(target=self._run, name=f"dalda-cache-writer-{i}", daemon=True)
@@ -134,7 +153,9 @@ class _Writer:
                 continue  # drain after a failure
             variant, image = item
             try:
-                self.cache.put(variant, image)
+                key = self.cache.put(variant, image)
+                if self.on_stored is not None:
+                    self.on_stored(key)
             except BaseException as exc:  # reported to the generating thread
                 self.error = exc
 
@@ -151,7 +172,55 @@ class _Writer:
 
     def _raise(self) -> None:
         if self.error is not None:
+            if isinstance(self.error, DaldaError):  # full disk, read-only folder: one line naming it
+                raise self.error
             raise RuntimeError(f"writing to the cache failed: {self.error}") from self.error
+
+
+class _Leases:
+    """This process's leases on the keys it is generating (see :meth:`SyntheticCache.claim`),
+    renewed by a background thread every third of their lifetime until released."""
+
+    def __init__(self, cache: SyntheticCache, seconds: float):
+        self.cache = cache
+        self.seconds = float(seconds)
+        self.held: set[str] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._renew, name="dalda-warm-leases", daemon=True)
+        self.thread.start()
+
+    def claim(self, keys: list[str]) -> list[str]:
+        got = self.cache.claim(keys, self.seconds)
+        with self.lock:
+            self.held.update(got)
+        return got
+
+    def release(self, keys: list[str]) -> None:
+        with self.lock:
+            self.held.difference_update(keys)
+        self.cache.release(keys)
+
+    def _renew(self) -> None:
+        while not self.stop.wait(self.seconds / 3):
+            with self.lock:
+                keys = list(self.held)
+            if keys:
+                try:
+                    self.cache.renew(keys, self.seconds)
+                except Exception as exc:  # they expire: another process may then take them over
+                    log.warning("could not renew the leases of %d keys: %s", len(keys), exc)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        with self.lock:
+            keys = list(self.held)
+        if keys:
+            try:
+                self.release(keys)
+            except Exception as exc:  # a full disk (reported by the caller): they expire on their own
+                log.debug("could not release the leases of %d keys: %s", len(keys), exc)
 
 
 def warm(
@@ -168,6 +237,7 @@ def warm(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
     writer_threads: int = 2,
+    lease_seconds: float = 60.0,
 ) -> WarmReport:
     """Generate the images of ``plan`` that ``cache`` lacks (this process's shard of them).
 
@@ -186,6 +256,13 @@ def warm(
         progress: show a progress bar (images/s, ETA).
         on_batch: called with the running count of generated images after each batch.
         writer_threads: threads encoding and storing images while the generator runs.
+        lease_seconds: lifetime of the lease on a batch being generated (renewed while the
+            batch runs): how long other processes wait before taking over the keys of a
+            process that died.
+
+    Raises :class:`~dalda_aug.cache.CacheFullError` or
+    :class:`~dalda_aug.cache.CacheReadOnlyError` (one line naming the folder) when the cache
+    cannot be written; a read-only cache holding every image of the shard warms fine.
     """
     from .plan import AugmentationPlan
 
@@ -199,10 +276,11 @@ def warm(
         raise InputError(f"need 0 <= process_index < num_processes, got {process_index}/{num_processes}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not lease_seconds > 0:
+        raise InputError(f"lease_seconds must be > 0, got {lease_seconds!r}")
     if plan.data_root and images is None and not Path(plan.data_root).is_dir():
         raise MissingFileError(f"the plan's image folder {plan.data_root} is missing")
 
-    cache.record_spec(plan)
     keys = plan_keys(plan, cache)
     mine = {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}
     removed = 0
@@ -212,12 +290,22 @@ def warm(
             cache.get(key)  # decodes; removes a corrupt entry
         removed = cache.corrupt_removed - before
     present = cache.keys()
-    todo = [v for k, v in mine.items() if k not in present]
+    # What counts as cached must pass its checksums (image bytes and metadata; no decoding):
+    # damaged entries are removed where the folder allows it and regenerated.
+    good, bad = cache.check_entries([k for k in mine if k in present], remove=True)
+    todo = [v for k, v in mine.items() if k not in good]
     report = WarmReport(
         planned=len(keys), assigned=len(mine), already_cached=len(mine) - len(todo), generated=0, seconds=0.0,
         process_index=int(process_index), num_processes=int(num_processes), shard=cache.shard,
-        verified_removed=removed,
+        verified_removed=removed, bad_entries=len(bad),
     )
+    try:
+        cache.record_spec(plan)  # writes nothing when the same record is there
+    except CacheReadOnlyError:
+        if todo:
+            raise
+        log.warning("the cache folder %s is read-only and holds no spec record for this plan: readers need "
+                    "the generation options", cache.directory)
     if not todo:
         report.seconds = time.perf_counter() - started
         return report
@@ -238,13 +326,35 @@ def warm(
         auto = getattr(generator, "auto_batch_size", None)
         batch_size = auto(len(todo)) if auto is not None else min(4, len(todo))
 
-    writer = _Writer(cache, max_pending=2 * batch_size, threads=writer_threads)
+    leases = _Leases(cache, lease_seconds)
+    writer = _Writer(cache, max_pending=2 * batch_size, threads=writer_threads,
+                     on_stored=lambda key: leases.release([key]))
     desc = f"warming [{process_index + 1}/{num_processes}]" if num_processes > 1 else "warming"
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                position=process_index if num_processes > 1 else None)
+    pending = collections.deque((cache.key(v), v) for v in todo)
+    waiting: list[tuple[str, Any]] = []  # leased by another process: written by it, or retaken on expiry
+    poll = min(0.5, lease_seconds / 4)
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+        while pending or waiting:
+            if not pending:
+                time.sleep(poll)
+                pending.extend(waiting)
+                waiting = []
+            candidates = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            claimed = set(leases.claim([k for k, _ in candidates]))
+            chunk = []
+            for key, variant in candidates:
+                if key not in claimed:
+                    waiting.append((key, variant))
+                elif key in cache:  # another process wrote it since the listing
+                    leases.release([key])
+                    report.generated_elsewhere += 1
+                    bar.update(1)
+                else:
+                    chunk.append(variant)
+            if not chunk:
+                continue
             requests = [GenerationRequest(load_source(v), v.prompt, v.lam, v.seed) for v in chunk]
             for variant, image in zip(chunk, generator.generate(requests, batch_size=batch_size)):
                 writer.put(variant, image)
@@ -254,6 +364,9 @@ def warm(
                 on_batch(report.generated)
     finally:
         bar.close()
-        writer.close()
+        try:
+            writer.close()
+        finally:
+            leases.close()
     report.seconds = time.perf_counter() - started
     return report

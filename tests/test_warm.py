@@ -90,10 +90,70 @@ def test_warm_verify_regenerates_corrupt_entries(setup, generator, tmp_path):
     key = cache.key(plan[0])
     with diskcache.Cache(str(cache.directory / f"shard-{cache.shard}")) as raw:
         raw[key] = b"broken"
-    assert warm(plan, cache, generator=_no_model, progress=False).generated == 0  # keys only: not noticed
+    # A plain warm checks the checksums of what it counts as cached and regenerates bad entries.
+    report = warm(plan, cache, generator=generator, progress=False)
+    assert report.bad_entries == 1 and report.generated == 1 and report.already_cached == 23
+    assert cache.verify()["bad"] == []
+    with diskcache.Cache(str(cache.directory / f"shard-{cache.shard}")) as raw:
+        raw[key] = b"broken"
     report = warm(plan, cache, generator=generator, verify=True, progress=False)
     assert report.verified_removed == 1 and report.generated == 1
     assert cache.verify()["bad"] == []
+
+
+def test_warm_waits_for_leased_keys_and_takes_them_over_when_the_lease_expires(setup, generator, tmp_path):
+    _, plan, spec = setup
+    cache = SyntheticCache(tmp_path / "cache", spec, shard="one")
+    keys = list(plan_keys(plan, cache))
+    other = SyntheticCache(tmp_path / "cache", spec, shard="one")  # a process that died holding leases
+    assert other.claim(keys[:5], 2.0) == keys[:5]
+    report = warm(plan, cache, generator=generator, batch_size=4, progress=False, lease_seconds=5)
+    assert report.generated == 24 and report.generated_elsewhere == 0
+    assert cache.keys() == set(keys) and cache.verify()["bad"] == []
+
+
+_TWO_WARMERS = """
+import json, sys, time
+from pathlib import Path
+from dalda_aug.cache import GenerationSpec, SyntheticCache
+from dalda_aug.config import ModelConfig
+from dalda_aug.generation import GenerationConfig
+from dalda_aug.plan import AugmentationPlan
+from dalda_aug.warm import warm
+
+base, cache_dir, me, steps, size = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+spec = GenerationSpec(ModelConfig.load(base / "models.json"),
+                      GenerationConfig(num_inference_steps=steps, height=size, width=size))
+generator = spec.make_generator("cpu").load()
+(base / f"ready-{me}").touch()
+while not all((base / f"ready-{p}").exists() for p in "ab"):  # start together
+    time.sleep(0.05)
+cache = SyntheticCache(cache_dir, spec, shard="same")  # both processes write the same shard
+report = warm(AugmentationPlan.load(base / "plan"), cache, generator=generator, batch_size=2, progress=False,
+              on_batch=lambda n: time.sleep(0.3))  # slow enough for the two to overlap
+(base / f"report-{me}.json").write_text(json.dumps(report.to_dict()))
+"""
+
+
+def test_two_warm_processes_on_one_shard_share_the_work(setup, models_json, tmp_path):
+    base, plan, spec = setup
+    shutil.copytree(base / "plan", tmp_path / "plan")
+    shutil.copy(models_json, tmp_path / "models.json")
+    script = tmp_path / "warmer.py"
+    script.write_text(_TWO_WARMERS)
+    cache_dir = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(cache_dir), me, str(STEPS), str(SIZE)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for me in "ab"]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out.decode()[-3000:]
+    reports = [json.loads((tmp_path / f"report-{me}.json").read_text()) for me in "ab"]
+    assert sum(r["generated"] for r in reports) == 24  # nothing generated twice...
+    assert all(r["generated"] > 0 for r in reports)  # ...and both worked
+    for r in reports:
+        assert r["generated"] + r["generated_elsewhere"] + r["already_cached"] == 24
+    reader = SyntheticCache(cache_dir, spec)
+    assert reader.keys() == set(plan_keys(plan, reader)) and reader.verify()["bad"] == []
 
 
 def test_sharding_is_disjoint_and_complete(setup, generator, tmp_path):
@@ -200,6 +260,8 @@ def test_accelerate_launch_two_processes_split_the_work(setup, models_json, tmp_
     reports = [json.loads((tmp_path / f"report-{r}.json").read_text()) for r in range(2)]
     assert sorted(r["process_index"] for r in reports) == [0, 1]
     assert all(r["num_processes"] == 2 for r in reports)
+    for rank in (0, 1):  # each process says which share it takes, before working
+        assert f"process rank {rank} of world size 2" in done.stdout
     reader = SyntheticCache(cache_dir, spec)
     keys = set(plan_keys(plan, reader))
     assert reader.keys() == keys
