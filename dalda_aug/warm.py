@@ -3,7 +3,8 @@
 :func:`warm` is the generation step of the pipeline, run ahead of training:
 
 * **Keys first.** Every variant's cache key is computed and the cache's key listing read
-  before any model is loaded, so a rerun with everything cached returns in about a second.
+  (and the listed entries' checksums checked) before any model is loaded, so a rerun with
+  everything cached loads no model.
 * **Sharded.** With ``num_processes`` > 1 (``accelerate launch``: one process per GPU, over
   any number of nodes), process ``r`` takes every n-th of the plan's sorted keys, starting at
   ``r``: a deterministic, disjoint and balanced split that needs no communication. Each
