@@ -30,6 +30,13 @@ Guarantees:
   to decode is removed, counted (:attr:`SyntheticCache.corrupt_removed`, and a persistent
   counter reported by :meth:`SyntheticCache.stats`) and reported as a miss, so the caller
   regenerates it.
+* **Reads never write.** Shards are read through read-only SQLite connections
+  (:class:`_ShardReader`), so a read-only cache (a read-only mount, a published copy) and a
+  full disk serve every reader; a write there raises :class:`CacheReadOnlyError` or
+  :class:`CacheFullError`, one line naming the folder (and the free space).
+* **Checksummed metadata.** Entries carry a CRC-32 of their image bytes and one of their
+  metadata (:func:`check_entry`); :meth:`SyntheticCache.stats` and ``warm`` count only entries
+  that pass them.
 * **Process safety.** SQLite locking makes one shard safe for concurrent readers and writers
   on one machine (DataLoader workers, several warmers). Handles are opened lazily in each
   process and reopened after a fork (pid check); a pickled cache carries only its settings.
@@ -199,7 +206,7 @@ class GenerationSpec:
         """The cache key (64 hex characters) of a :class:`~dalda_aug.plan.Variant`."""
         return variant_key(self.fingerprint, variant.prompt, variant.lam, variant.seed, variant.source_sha256)
 
-    def make_generator(self, device: Any = "cpu"):
+    def make_generator(self, device: Any = "cpu") -> Any:
         """A (not yet loaded) generator for this spec: the one registered for the config's class
         (:func:`~dalda_aug.generators.register_generator`; e.g. ``GenerationConfig`` ->
         :class:`~dalda_aug.generation.IPAdapterGenerator`)."""

@@ -34,7 +34,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .cache import CachedImage, SyntheticCache
+from .cache import CachedImage, CacheStorageError, SyntheticCache
 from .errors import DaldaError, InputError
 
 __all__ = ["GeneratorPool", "PoolHandle", "PoolError", "PoolClosedError", "WaitTimeoutError"]
@@ -100,7 +100,9 @@ class PoolHandle:
         """Raise :class:`PoolError` if a worker crashed, :class:`PoolClosedError` if closed."""
         value = self._state.value
         if value == _FAILED:
-            raise PoolError(f"the generator pool failed:\n{self.error_report()}")
+            report = self.error_report()
+            sep = "\n" if "\n" in report else " "  # a traceback below, or one line
+            raise PoolError(f"the generator pool failed:{sep}{report}")
         if value == _CLOSED:
             raise PoolClosedError("the generator pool has been closed")
 
@@ -202,6 +204,10 @@ def _worker_main(index: int, device: str, cache: SyntheticCache, batch_size: int
                     cache.put(request.variant, image)
             if stop:
                 break
+    except CacheStorageError as exc:  # a full or read-only cache folder: its one line says it all
+        _fail(state, error, f"worker {index} on {device} (pid {os.getpid()}): {exc}")
+        ready.release()
+        raise SystemExit(1) from None
     except BaseException:  # report everything, including KeyboardInterrupt and SystemExit
         _fail(state, error, f"worker {index} on {device} (pid {os.getpid()}) raised:\n{traceback.format_exc()}")
         ready.release()

@@ -259,3 +259,21 @@ def test_warm_names_rank_and_world_size_and_the_one_process_cpu_launch(warmed, t
     assert main(_warm_args(base, cache)) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "process rank 0 of world size 1" in first and "starts one process" in first
+
+
+def test_a_generator_pool_writing_to_a_read_only_cache_fails_in_one_line(warmed, tmp_path):
+    import dataclasses
+
+    from dalda_aug.pool import GeneratorPool, PoolError
+
+    base, plan, spec, _ = warmed
+    src = tmp_path / "cache"
+    shutil.copytree(base / "cache", src)
+    other = dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_inference_steps=3))  # not cached
+    with _read_only_view(src, tmp_path / "ro") as ro:
+        source = Image.open(base / "data" / plan[0].source).convert("RGB")
+        with GeneratorPool(SyntheticCache(ro, other), devices=["cpu"], torch_threads=1) as pool:
+            pool.submit(plan[0], source)
+            with pytest.raises(PoolError, match=f"the cache folder {ro} is read-only") as info:
+                pool.wait(plan[0], timeout=300)
+            assert "Traceback" not in str(info.value) and len(str(info.value).splitlines()) == 1
