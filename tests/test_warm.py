@@ -105,11 +105,23 @@ def test_warm_waits_for_leased_keys_and_takes_them_over_when_the_lease_expires(s
     _, plan, spec = setup
     cache = SyntheticCache(tmp_path / "cache", spec, shard="one")
     keys = list(plan_keys(plan, cache))
-    other = SyntheticCache(tmp_path / "cache", spec, shard="one")  # a process that died holding leases
-    assert other.claim(keys[:5], 2.0) == keys[:5]
+    # A process that takes leases on five keys, then is killed (-9) before writing them.
+    holder = ("import sys, time; from dalda_aug.cache import SyntheticCache; "
+              "c = SyntheticCache(sys.argv[1], shard='one'); print(len(c.claim(sys.argv[2:], 3.0)), flush=True); "
+              "time.sleep(600)")
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "cache"), *keys[:5]], env=_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "5"
+    finally:
+        proc.kill()
+        proc.wait(60)
     report = warm(plan, cache, generator=generator, batch_size=4, progress=False, lease_seconds=5)
     assert report.generated == 24 and report.generated_elsewhere == 0
     assert cache.keys() == set(keys) and cache.verify()["bad"] == []
+    created = {e.key: e.metadata["created"] for e in cache.iter_entries()}
+    assert all(created[k] >= started + 3.0 for k in keys[:5])  # taken over only once the leases expired
 
 
 _TWO_WARMERS = """
