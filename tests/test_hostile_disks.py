@@ -277,3 +277,42 @@ def test_a_generator_pool_writing_to_a_read_only_cache_fails_in_one_line(warmed,
             with pytest.raises(PoolError, match=f"the cache folder {ro} is read-only") as info:
                 pool.wait(plan[0], timeout=300)
             assert "Traceback" not in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+_LIVE_WRITER = """
+import sys
+from PIL import Image
+from dalda_aug.cache import SyntheticCache, encode_entry
+cache = SyntheticCache(sys.argv[1], shard="live")
+for i, line in enumerate(sys.stdin):
+    key = f"{i + 1:064x}"
+    cache.put_encoded(key, encode_entry(Image.new("RGB", (4, 3), (i, 2 * i, 3 * i)), {"key": key}))
+    print(key, flush=True)
+"""
+
+
+def test_a_read_only_view_of_a_cache_being_written_sees_new_entries(tmp_path):
+    """Through a read-only mount, a cache another process is writing (its WAL live) is read
+    with its latest entries: SQLite's read-only mode, not a frozen snapshot."""
+    src = tmp_path / "cache"
+    src.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, str(src)], env=_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        first = writer.stdout.readline().strip()
+        assert list(src.glob("shard-live/cache.db-wal")), "the writer's WAL should be live"
+        with _read_only_view(src, tmp_path / "ro") as ro:
+            reader = SyntheticCache(ro)
+            assert reader.keys() == {first}
+            assert reader.get(first).image.getpixel((0, 0)) == (0, 0, 0)
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            second = writer.stdout.readline().strip()
+            assert reader.get(second).image.getpixel((0, 0)) == (1, 2, 3)  # the same reader sees it
+            assert reader.keys() == {first, second}
+            del reader
+    finally:
+        writer.stdin.close()
+        writer.wait(60)
