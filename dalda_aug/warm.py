@@ -279,8 +279,12 @@ def warm(
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not lease_seconds > 0:
         raise InputError(f"lease_seconds must be > 0, got {lease_seconds!r}")
-    if plan.data_root and images is None and not Path(plan.data_root).is_dir():
-        raise MissingFileError(f"the plan's image folder {plan.data_root} is missing")
+    if plan.data_root and images is None:
+        if not Path(plan.data_root).is_dir():
+            raise MissingFileError(f"the plan's image folder {plan.data_root} is missing")
+        for source in plan.sources():  # every row's path, before anything is generated or written
+            if isinstance(source, str):
+                source_path(plan.data_root, source)
 
     keys = plan_keys(plan, cache)
     mine = {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}

@@ -178,6 +178,17 @@ def test_warm_refuses_sources_outside_the_data_root(folder_plan, spec, generator
     assert len(cache.keys()) == 0
 
 
+def test_warm_checks_every_source_before_generating(folder_plan, spec, generator, tmp_path):
+    """A crafted row late in the plan stops warm before the first batch, not after some were written."""
+    base, plan = folder_plan
+    crafted = _edit_plan(base / "plan", tmp_path / "crafted",
+                         rows=lambda r: {**r, "source": "../outside/0.png"} if r["source"] == "bee/0.png" else r)
+    cache = SyntheticCache(tmp_path / "cache", spec)
+    with pytest.raises(InputError, match=r"'\.\./outside/0\.png'"):
+        warm(AugmentationPlan.load(crafted), cache, generator=generator, batch_size=1, progress=False)
+    assert len(cache.keys()) == 0
+
+
 def test_warm_cli_one_line_for_etc_passwd(folder_plan, tiny_models, tmp_path, capsys):
     base, plan = folder_plan
     crafted = _edit_plan(base / "plan", tmp_path / "crafted",
