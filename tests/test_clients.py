@@ -278,8 +278,7 @@ if _lightning is not None:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-@pytest.mark.skipif(os.environ.get("RUN_DDP", "0") in ("", "0", "false"),
-                    reason="2 spawned Lightning processes take ~2 minutes on a small CPU machine; set RUN_DDP=1")
+@pytest.mark.timeout(600)
 def test_lightning_ddp_two_cpu_processes(setup, tmp_path):
     """Lightning DDP (2 spawned CPU processes, gloo): Lightning gives each rank a
     DistributedSampler and calls only its set_epoch; each rank has its own dataset copy."""
