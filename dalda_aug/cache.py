@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ._io import read_json_object, write_atomic
 from .config import ModelConfig
 from .data import class_folder_name, class_folder_names
 from .errors import DaldaError, InputError, MissingFileError, require
@@ -828,16 +829,9 @@ class SyntheticCache:
                 return path  # already recorded: nothing to write (a read-only cache stays usable)
         except (OSError, UnicodeDecodeError):
             pass
-        tmp = folder / f".{path.name}.{os.getpid()}.{socket.gethostname()}.tmp"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(path, text)
         except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             raise self._storage_error(exc, f"record the generation spec in {SPECS_DIR}/") from None
         self._recorded = None
         return path
@@ -853,22 +847,21 @@ class SyntheticCache:
         return list(found.values())
 
     def _read_records(self) -> list[tuple[GenerationSpec, str | None]]:
-        if getattr(self, "_recorded", None) is None:
+        if self._recorded is None:
             records = []
             folder = self.directory / SPECS_DIR
             for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
                 try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise InputError(f"{path}: unreadable spec record ({exc}); delete it and rerun warm") from None
-                if not isinstance(data, dict) or data.get("format") != SPEC_RECORD_FORMAT:
+                    data = read_json_object(path, "spec record")
+                except (OSError, DaldaError) as exc:
+                    raise InputError(f"{exc}; delete it and rerun warm") from None
+                if data.get("format") != SPEC_RECORD_FORMAT:
                     raise InputError(f"{path}: not a spec record of format {SPEC_RECORD_FORMAT!r}")
                 spec = GenerationSpec.from_dict(data.get("spec") or {}, str(path))
                 plan = data.get("plan") or {}
                 records.append((spec, plan.get("fingerprint") if isinstance(plan, dict) else None))
             self._recorded = records
-            return records
-        return list(self._recorded or [])
+        return list(self._recorded)
 
     def resolve_spec(self, plan: Any = None) -> GenerationSpec:
         """The spec to read ``plan``'s images with: this cache's explicit spec; else the only
