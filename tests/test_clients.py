@@ -91,8 +91,13 @@ def _served(table, batches):
     return out
 
 
-def _check_epochs(epochs, n, *, expect=None):
-    """Each epoch serves every item once; the synthetic share is about p; choices change."""
+def _check_epochs(epochs, n, *, expect=None, across_epochs=False):
+    """Each epoch serves every item once; the synthetic share is about p; choices change.
+
+    ``expect(e)``: the draws epoch e must serve. With ``across_epochs`` (a loader that prefetches
+    across the epoch boundary, so item i of epoch e and item i of epoch e+1 may be fetched at the
+    same time by two workers, in either order), each item's draws over all epochs must be exactly
+    the expected ones, each consumed once: none repeated, none skipped."""
     draws = 0
     synthetic = 0
     for served in epochs:
@@ -105,7 +110,11 @@ def _check_epochs(epochs, n, *, expect=None):
     for a, b in zip(epochs, epochs[1:]):
         changed = sum(dict(a)[i] != dict(b)[i] for i in range(n))
         assert changed >= n // 4, f"only {changed}/{n} items changed version between epochs"
-    if expect is not None:  # each index once per epoch: epoch e is the pinned draw of epoch e
+    if expect is not None and across_epochs:
+        wanted = [expect(e) for e in range(len(epochs))]
+        for i in range(n):
+            assert sorted(dict(served)[i] for served in epochs) == sorted(w[i] for w in wanted), i
+    elif expect is not None:  # each index once per epoch: epoch e is the pinned draw of epoch e
         for e, served in enumerate(epochs):
             assert dict(served) == expect(e)
 
@@ -186,7 +195,7 @@ def test_timm_create_loader(setup, multi_epochs):
     table = _lookup(ds)
     epochs = [_served(table, loader) for _ in range(EPOCHS)]
     # The multi-epoch loader prefetches across epoch boundaries; each access still counts once.
-    _check_epochs(epochs, len(ds), expect=lambda e: _pinned(ds, e))
+    _check_epochs(epochs, len(ds), expect=lambda e: _pinned(ds, e), across_epochs=multi_epochs)
 
 
 def test_accelerate_prepare(setup):
