@@ -1,9 +1,15 @@
 """CLIPScore as DALDA uses it: CLIP's zero-shot probability of an image's own class.
 
 For class prompts "a photo of a {class}" over *every* class of the dataset, the score of an
-image is ``softmax(100 · cos(image, texts))[own class]`` — a probability in [0, 1]. The
-cosine CLIPScore of Hessel et al. (``2.5 · max(cos(image, own text), 0)``) is available with
-``kind="cosine"``.
+image is ``softmax(100 · cos(image, texts))[own class]`` — a probability in [0, 1]; the
+reference code computes this. Two other readings:
+
+* ``kind="cosine"``: the paper's wording taken literally ("the cosine similarity between the
+  image and text embeddings"): the raw cosine of the image and its own class text, clipped at
+  0, ``max(cos, 0)``, in [0, 1], which is the scale AGS's α = 0.3 and μ formula read.
+* ``kind="hessel"``: the CLIPScore of Hessel et al., ``2.5 · max(cos, 0)``, in [0, 2.5]; it
+  exceeds 1 once cos > 0.4, so it cannot feed AGS (whose scores must lie in [0, 1]) and is
+  for analysis only.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = ["CLIPScorer", "load_open_clip", "SCORE_BLOCK"]
 
 LOGIT_SCALE = 100.0  # CLIP ViT-B/16 (OpenAI) learned logit scale, as DALDA uses it
 HESSEL_W = 2.5
+KINDS = ("softmax", "cosine", "hessel")
 # Images per forward pass in :meth:`CLIPScorer.score`. float32 CPU/GPU kernels may round
 # differently for different batch shapes (it happens on Intel Xeons), so a score, and through it a
 # plan's λ and cache keys, would depend on which other images shared its batch. Scores are
@@ -88,7 +95,9 @@ class CLIPScorer:
         pretrained: open_clip pretrained tag or checkpoint path (``ModelConfig.clip_pretrained``).
         device: torch device for the model (CPU by default).
         template: class prompt; ``{}`` is replaced by the class name.
-        kind: ``"softmax"`` (DALDA's zero-shot probability) or ``"cosine"`` (Hessel's CLIPScore).
+        kind: ``"softmax"`` (DALDA's zero-shot probability, as the reference code), ``"cosine"``
+            (``max(cos, 0)``, the paper's wording) or ``"hessel"`` (``2.5 · max(cos, 0)``,
+            Hessel et al.; above 1 for cos > 0.4, so not for AGS).
         batch_size: images per forward pass in :meth:`image_features`. :meth:`score` always works
             in index-aligned blocks of :data:`SCORE_BLOCK` images (one image), so a score never
             depends on the batch size, the reading chunk size or the other images of the call.
@@ -102,13 +111,13 @@ class CLIPScorer:
         pretrained: str | None = "openai",
         device: Device = "cpu",
         template: str = "a photo of a {}",
-        kind: Literal["softmax", "cosine"] = "softmax",
+        kind: Literal["softmax", "cosine", "hessel"] = "softmax",
         batch_size: int = 64,
     ) -> None:
         if "{}" not in template:
             raise InputError(f"template must contain '{{}}' for the class name, got {template!r}")
-        if kind not in ("softmax", "cosine"):
-            raise InputError(f"kind must be 'softmax' or 'cosine', got {kind!r}")
+        if kind not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if int(batch_size) < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size!r}")
         self.model_name = model_name
@@ -199,9 +208,9 @@ class CLIPScorer:
             img = self._encode(block)
             cos = img @ text.T  # (B, C)
             idx = torch.as_tensor(label_ids[start : start + SCORE_BLOCK], device=cos.device)
-            if self.kind == "cosine":
-                own = cos.gather(1, idx[:, None])[:, 0]
-                result = HESSEL_W * own.clamp(min=0)
+            if self.kind in ("cosine", "hessel"):
+                own = cos.gather(1, idx[:, None])[:, 0].clamp(min=0)
+                result = own if self.kind == "cosine" else HESSEL_W * own
             else:
                 probs = (LOGIT_SCALE * cos).softmax(dim=-1)
                 result = probs.gather(1, idx[:, None])[:, 0]

@@ -44,8 +44,44 @@ def test_softmax_score_matches_open_clip(tiny_models, images):
     assert got.shape == (4,) and np.all((got >= 0) & (got <= 1))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
+    # "cosine": the paper's wording, the raw cosine clipped at 0 (in [0, 1], the scale AGS reads)
     cosine = CLIPScorer.from_models(tiny_models, kind="cosine").score(images, labels, classes)
-    np.testing.assert_allclose(cosine, 2.5 * np.maximum(cos, 0), atol=1e-5)
+    np.testing.assert_allclose(cosine, np.maximum(cos, 0), atol=1e-5)
+    hessel = CLIPScorer.from_models(tiny_models, kind="hessel").score(images, labels, classes)
+    np.testing.assert_allclose(hessel, 2.5 * np.maximum(cos, 0), atol=1e-5)
+
+
+def test_cosine_scores_feed_ags_even_above_hessels_range(tiny_models, tmp_path):
+    """An image whose cosine with its class text is above 0.4 (Hessel's 2.5·cos > 1) still plans
+    with --score-kind cosine: the score is the clipped cosine, at most 1."""
+    from dalda_aug.cli import main
+
+    # the tiny CLIP encodes a flat image and the text of a class made to match it; any cos works,
+    # what matters is that no score is > 1 and the plan is written
+    root = tmp_path / "data"
+    for name, colour in (("red", (250, 10, 10)), ("blue", (10, 10, 250))):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (40, 32), colour).save(root / name / "a.png")
+    models = tiny_models.save(tmp_path / "models.json")
+    assert main(["plan", "--data", str(root), "--out", str(tmp_path / "plan"), "--variants", "1",
+                 "--models", str(models), "--score-kind", "cosine"]) == 0
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "plan" / "plan.jsonl").read_text().splitlines() if line.strip()]
+    assert rows and all(0.0 <= r["score"] <= 1.0 for r in rows)
+
+
+def test_cosine_is_clipped_cos_not_hessel_for_high_similarity(tiny_models, images, monkeypatch):
+    """cos = 0.9 (fixed here): "cosine" gives 0.9, "hessel" 2.25."""
+    scorer = CLIPScorer.from_models(tiny_models, kind="cosine")
+    hessel = CLIPScorer.from_models(tiny_models, kind="hessel")
+    unit = torch.tensor([[1.0, 0.0]])
+    text = torch.tensor([[0.9, float(np.sqrt(1 - 0.81))], [0.0, 1.0]])
+    for s in (scorer, hessel):
+        monkeypatch.setattr(s, "_encode", lambda block: unit.repeat(len(block), 1))
+        monkeypatch.setattr(s, "text_features", lambda names: text)
+    assert scorer.score(images[:1], [0], ["a", "b"])[0] == pytest.approx(0.9)
+    assert hessel.score(images[:1], [0], ["a", "b"])[0] == pytest.approx(2.25)
 
 
 def test_text_features_computed_once_per_class_list(tiny_models, images):
@@ -74,6 +110,8 @@ def test_bad_inputs(tiny_models, images):
         scorer.score(images[:1], [0, 1], ["cat", "dog"])
     with pytest.raises(InputError, match="template"):
         CLIPScorer(template="a photo")
+    with pytest.raises(InputError, match="softmax, cosine, hessel"):
+        CLIPScorer(kind="clip")
     with pytest.raises(ModelLoadError, match="nope.pt"):
         CLIPScorer(tiny_models.clip_model, "/tmp/definitely/nope.pt").score(images[:1], [0], ["cat"])
     assert scorer.score([], [], ["cat"]).shape == (0,)
