@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             instruction=instruction,
             llm_names=preset.llm_names(names) if preset is not None else None,
+            validate=getattr(args, "validate", "on") == "on",
         )
     except IncompletePromptBankError as exc:
         print(f"dalda-aug prompts: {exc}", file=sys.stderr)
@@ -185,6 +186,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                      help="your own request text: placeholders {description} {classes} {n_classes} "
                           "{requested} {n_requested} {notes} {example}; optional [system] / [user] lines "
                           "split it into two messages (docs/prompts.md)")
+    p.add_argument("--validate", choices=("on", "off"), default="on",
+                   help="on (default): check every sentence and re-ask failures; off: take any answer that "
+                        "parses as JSON with one entry per class, mapped to the classes by position, unchecked, "
+                        "as the reference code does")
     p.add_argument("--llm", required=True, metavar="BACKEND",
                    help="openai:MODEL (any OpenAI-compatible endpoint) | hf:MODEL_ID_OR_PATH (local "
                         "transformers chat model) | template[:TEMPLATE] (no LLM, default 'a photo of a {}')")

@@ -2,10 +2,12 @@
 class names the reference code shows the LLM.
 
 ``dalda-aug prompts --preset NAME`` and ``benchmarks/fewshot.py --preset NAME`` use them. The
-descriptions are the texts the DALDA paper lists in Table 5, which are also the
-``<dataset description>`` sections of the reference code's LLM prompt files
-(kkyuhun94/dalda ``prompt_for_LLM/llm_prompt_1_user_{pets,caltech,flowers}.txt``), kept
-verbatim, including their spelling.
+descriptions follow the DALDA paper's Table 5, verbatim, including its spelling. Where the
+reference code's LLM prompt files (kkyuhun94/dalda
+``prompt_for_LLM/llm_prompt_1_user_{pets,caltech,flowers}.txt``, the ``<dataset description>``
+section) differ, the paper's wording is kept: Pets and Flowers-102 read the same in both; for
+Caltech-101 Table 5 writes "Caltech-101 dataset is pictures ..." where the reference's file
+writes "Caltech101 dataset is pictures ...".
 
 For Caltech-101 the reference's LLM prompt lists three classes under other names than its
 dataset class list (and the dataset's folders): ``bass`` is shown as "bass fish", ``faces`` as
@@ -32,7 +34,8 @@ class DatasetPreset:
 
     # Preset name, as given on the command line.
     name: str
-    # The paper's description of the dataset (Table 5), verbatim.
+    # The paper's description of the dataset (Table 5), verbatim (see the module docstring for
+    # where the reference code's prompt file differs).
     description: str
     # Class name (as read from the folders, compared ignoring case and "_"/"-"/spaces) ->
     # the name the reference code gives the LLM, where the two differ.
@@ -62,7 +65,7 @@ PRESETS: dict[str, DatasetPreset] = {
     "caltech101": DatasetPreset(
         name="caltech101",
         description=(
-            "Caltech101 dataset is pictures of objects belonging to 101 categories. About 40 to 800 "
+            "Caltech-101 dataset is pictures of objects belonging to 101 categories. About 40 to 800 "
             "images per category. Most categories have about 50 images. The size of each image is "
             "roughly 300 x 200 pixels. We have carefully clicked outlines of each object in these pictures."
         ),

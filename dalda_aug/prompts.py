@@ -656,6 +656,19 @@ def _match_answer(obj: Mapping[str, Any], requested: Sequence[str]) -> dict[str,
     return found
 
 
+def _match_by_position(obj: Mapping[str, Any], requested: Sequence[str]) -> dict[str, list[Any]]:
+    """``validate=False``: the answer's values in order, one per requested class, whatever the keys
+    (a single nested object is unwrapped); an answer with another count gives nothing."""
+    if len(obj) == 1 and len(requested) != 1:
+        inner = next(iter(obj.values()))
+        if isinstance(inner, dict):
+            obj = inner
+    values = list(obj.values())
+    if len(values) != len(requested):
+        raise _AnswerFormatError(f"it holds {len(values)} entries for {len(requested)} classes")
+    return {name: [value] for name, value in zip(requested, values)}
+
+
 # -- backends --------------------------------------------------------------------------------
 class TemplateBackend:
     """No LLM: one prompt per class from a template such as "a photo of a {}"."""
@@ -1087,6 +1100,7 @@ def generate_prompt_bank(
     progress: bool = False,
     instruction: "Instruction | str | None" = None,
     llm_names: Mapping[str, str] | None = None,
+    validate: bool = True,
 ) -> PromptBank:
     """Ask ``backend`` for ``m`` validated prompts per class; return the :class:`PromptBank`.
 
@@ -1107,6 +1121,11 @@ def generate_prompt_bank(
     name shown to the LLM}`` for classes the LLM should see under another name (a preset's
     :meth:`~dalda_aug.presets.DatasetPreset.llm_names`); sentences are checked against the
     shown names and filed under the class names.
+
+    ``validate=False`` takes answers as the reference code takes them: any answer holding a JSON
+    object with one string per requested class is used, its values mapped to the classes by
+    position (the reference's ``generate_prompt_by_LLM.py`` checks only the count), and no
+    sentence is checked. ``provenance["validate"]`` records the choice.
     """
     names = _check_class_names(class_names)
     chosen = _as_instruction(instruction)
@@ -1158,6 +1177,7 @@ def generate_prompt_bank(
         "m": target,
         "prefix": prefix,
         "max_tokens": int(max_tokens),
+        **({} if validate else {"validate": False}),
     }
     if history:
         provenance["history"] = history
@@ -1185,7 +1205,10 @@ def generate_prompt_bank(
             if len(prompts[name]) >= target:
                 break
             text = _clean(candidate) if isinstance(candidate, str) else candidate
-            why = _validate(text, name, matcher, tokenizer, prefix, prompts[name], max_tokens)
+            if validate:
+                why = _validate(text, name, matcher, tokenizer, prefix, prompts[name], max_tokens)
+            else:
+                why = None if isinstance(text, str) else f"it is not a string but {type(text).__name__}"
             if why is None:
                 prompts[name].append(text)
                 notes.pop(name, None)
@@ -1219,7 +1242,8 @@ def generate_prompt_bank(
                     answer = backend.chat(messages, temperature=temperature, max_tokens=64 + 60 * len(chunk))
                     provenance["requests"] += 1
                     try:
-                        found = _match_answer(parse_answer(answer), chunk)
+                        found = (_match_answer(parse_answer(answer), chunk) if validate
+                                 else _match_by_position(parse_answer(answer), chunk))
                         missing = "the answer had no sentence for it"
                     except _AnswerFormatError as exc:
                         found, missing = {}, f"the answer was unusable: {exc}"
