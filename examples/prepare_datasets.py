@@ -9,24 +9,40 @@ layout, which ``dalda-aug`` and ``ImageSource.from_folder`` read) plus ``OUT/<da
 ``_`` for spaces (``american_bulldog``, ``pink_primrose``); ``<index>`` is the image's index in
 the torchvision dataset. Images are re-encoded as RGB JPEG (quality 95). Needs internet.
 
-Splits:
+Splits (``--split``):
+
+``official`` (default):
 
 * ``pets`` (Oxford-IIIT Pet, 37 classes): the official ``trainval`` -> train, ``test`` -> test.
 * ``flowers102`` (Oxford Flowers-102): official ``train`` + ``val`` -> train (20 images per
   class, enough for 16-shot), ``test`` -> test. torchvision has no class names for it: the
   standard 102 names (Nilsback & Zisserman's order, as in the DALDA/DA-Fusion code) are below.
 * ``caltech101`` (101 classes, ``BACKGROUND_Google`` left out): there is no official split;
-  each class is split in halves by a seeded permutation (``--seed``), as the reference code does.
+  each class is split in halves by a seeded permutation (``--seed``).
 
-The reference code (kkyuhun94/dalda, ``semantic_aug/datasets/``) splits every class in halves by
-one seeded permutation per dataset: Pets trains on the first half of ``trainval`` and validates
-on the second half of ``test``; Flowers-102 pools all 8,189 images (ignoring the official
-splits) and Caltech-101 its 101 classes, each split in halves; validation draws 6,400 images
-with replacement from the validation half every epoch. We keep the official Pets and Flowers
-splits and evaluate on the whole test split; only Caltech-101, which has no official split, is
-halved the reference's way (one seeded permutation per class in turn; the reference lists files
-in ``glob`` order, so its halves themselves are not reproducible). Few-shot subsets are drawn
-later (``dalda-aug plan --shots N``, or ``benchmarks/fewshot.py --shots``), not here.
+``reference``: the pools the reference code (kkyuhun94/dalda, ``semantic_aug/datasets/``)
+halves, each class's files in the reference's order. The reference halves every class by
+``np.random.default_rng(seed).permutation`` (one generator per dataset, classes in its class
+order) with the *run's* seed, so its halves differ from seed to seed; they are therefore drawn
+per seed by ``benchmarks/fewshot.py --protocol reference`` (its ``--eval-split reference`` and
+few-shot draw), not fixed here:
+
+* ``pets``: ``train/`` = all of ``trainval`` (the reference trains on the first half of each
+  class's permutation), ``test/`` = all of ``test`` (it validates on the second half of a
+  permutation of ``test``), both in the annotation files' order. The same files as ``official``.
+* ``flowers102``: ``all/`` = all 8,189 images pooled, ignoring the official splits, in the
+  order of their file names (``image_00001.jpg`` ...; the reference sorts its ``glob``); training
+  and validation are the two halves of one permutation per class. Use ``fewshot.py --data
+  OUT/flowers102/all``.
+* ``caltech101``: ``all/`` = every image of the 101 classes in the order Python's ``glob``
+  lists ``101_ObjectCategories/*/*.jpg`` on this machine, as the reference reads them (a
+  filesystem's own order: the same extracted folder gives the same order, another filesystem may
+  not); files are numbered in that order and ``classes.json`` records each one's original name.
+
+``classes.json`` lists the classes in the reference's class order (the original label order;
+for Flowers-102 not alphabetical), which ``fewshot.py`` reads for the reference draws. Few-shot
+subsets are drawn later (``dalda-aug plan --shots N``, or ``benchmarks/fewshot.py --shots``),
+not here.
 """
 
 from __future__ import annotations
@@ -103,6 +119,62 @@ def prepare_flowers102(root: Path, out: Path) -> dict:
     return {"classes": FLOWERS102_CLASSES, "counts": counts}
 
 
+def _copy_as_jpeg(files: Sequence[tuple[Path, str, str]], out_dir: Path, desc: str) -> int:
+    """Save each ``(source file, class folder, file stem)`` as ``out_dir/<class>/<stem>.jpg``."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    for src, folder, stem in tqdm(files, desc=desc, unit="img"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as img:
+            img.convert("RGB").save(out_dir / folder / f"{stem}.jpg", quality=95)
+    return len(files)
+
+
+def prepare_flowers102_reference(root: Path, out: Path) -> dict:
+    """All 8,189 images in one pool ``out/all``, named by image id (the reference's sorted order)."""
+    from torchvision.datasets import Flowers102
+
+    pooled: dict[int, tuple[Path, int]] = {}
+    for split in ("train", "val", "test"):
+        ds = Flowers102(str(root), split=split, download=True)
+        for path, label in zip(ds._image_files, ds._labels):  # noqa: SLF001 - file names, no decoding
+            pooled[int(Path(path).stem.split("_")[-1])] = (Path(path), int(label))
+    files = [(path, folder_name(FLOWERS102_CLASSES[label]), f"{image_id:05d}")
+             for image_id, (path, label) in sorted(pooled.items())]
+    return {"classes": FLOWERS102_CLASSES, "counts": {"all": _copy_as_jpeg(files, out / "all", "flowers102/all")},
+            "split": "reference"}
+
+
+def caltech101_reference_files(categories_dir: Path) -> dict[str, list[Path]]:
+    """The reference's file lists: ``glob(categories_dir/*/*.jpg)`` in glob's order, grouped by
+    ``folder.lower().replace("_", " ")``, the background class left out."""
+    import glob
+    import os
+
+    by_class: dict[str, list[Path]] = {}
+    for path in glob.glob(os.path.join(str(categories_dir), "*/*.jpg")):
+        name = Path(path).parent.name.lower().replace("_", " ")
+        if name != "background google":
+            by_class.setdefault(name, []).append(Path(path))
+    return by_class
+
+
+def prepare_caltech101_reference(root: Path, out: Path) -> dict:
+    from torchvision.datasets import Caltech101
+
+    ds = Caltech101(str(root), target_type="category", download=True)
+    by_class = caltech101_reference_files(Path(ds.root) / "101_ObjectCategories")
+    names = sorted(by_class)  # the reference's class list is these names in alphabetical order
+    files, original = [], {}
+    for name in names:
+        for rank, path in enumerate(by_class[name]):
+            files.append((path, folder_name(name), f"{rank:05d}"))
+            original[f"{folder_name(name)}/{rank:05d}.jpg"] = f"{path.parent.name}/{path.name}"
+    count = _copy_as_jpeg(files, out / "all", "caltech101/all")
+    return {"classes": names, "counts": {"all": count}, "split": "reference", "original_files": original}
+
+
 def prepare_caltech101(root: Path, out: Path, seed: int) -> dict:
     import numpy as np
     from torchvision.datasets import Caltech101
@@ -133,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="which datasets to prepare (default: all)")
     parser.add_argument("--download-root", type=Path, default=None,
                         help="where torchvision downloads the archives (default: OUT/_downloads)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Caltech-101 train/test split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Caltech-101 train/test split (official)")
+    parser.add_argument("--split", choices=("official", "reference"), default="official",
+                        help="official: the official Pets/Flowers splits, Caltech-101 halved by --seed; reference: "
+                             "the pools the reference code halves per seed, in its file order (see the docstring)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite a dataset folder that already exists")
     args = parser.parse_args(argv)
 
@@ -145,11 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{out} exists; skipping {name} (use --overwrite to rewrite it)")
             continue
         if name == "pets":
-            info = prepare_pets(root, out)
+            info = {**prepare_pets(root, out), "split": args.split}
         elif name == "flowers102":
-            info = prepare_flowers102(root, out)
-        else:
+            info = prepare_flowers102(root, out) if args.split == "official" else prepare_flowers102_reference(root, out)
+        elif args.split == "official":
             info = prepare_caltech101(root, out, args.seed)
+        else:
+            info = prepare_caltech101_reference(root, out)
+        info.setdefault("split", args.split)
         classes = {folder_name(c): c for c in info.pop("classes")}
         (out / "classes.json").write_text(
             json.dumps({"dataset": name, "classes": classes, **info}, indent=2, ensure_ascii=False) + "\n",
