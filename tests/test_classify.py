@@ -353,3 +353,33 @@ def test_clip_vit_b16_openai_zero_shot(photos):
     with torch.no_grad():
         assert model(x).argmax(1).tolist() == [0, 1, 2]
     assert model.spec.input_size == 224
+
+
+# -- (6) the reference's BatchNorm behaviour (issue 22) ---------------------------------------------------
+def test_bn_mode_train_updates_running_statistics_like_the_reference(photos):
+    """bn_mode="train": the frozen backbone is in train mode during the training step, so its first
+    BatchNorm normalises with the batch statistics and moves its running mean by momentum · (batch
+    mean − running mean), computed here from the BN's own input; eval mode afterwards."""
+    model = C.build_classifier("efficientnet_lite0", 2, mode="linear", bn_mode="train")
+    assert model.spec.bn_mode == "train"
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    bn.register_forward_pre_hook(lambda mod, inp: seen.append((mod.training, inp[0].detach().clone(),
+                                                               mod.running_mean.clone())))
+    x = torch.stack([C.train_transform(model, 64, recipe="reference")(photos[n]) for n in ("chelsea", "coffee")])
+    data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1]))
+    C.train_classifier(model, data, C.TrainConfig(epochs=1, batch_size=2, iterations_per_epoch=1, seed=0),
+                       progress=False)
+    (training, inp, before), = seen
+    assert training and not model.training and not bn.training
+    batch = model.backbone  # the sampler draws with replacement: recompute from the BN's actual input
+    expected = (1 - bn.momentum) * before + bn.momentum * inp.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, expected, rtol=1e-5, atol=1e-6)
+    assert all(not p.requires_grad for p in batch.parameters())
+
+    frozen = C.build_classifier("efficientnet_lite0", 2, mode="linear")
+    assert frozen.spec.bn_mode == "frozen"
+    frozen.train()
+    assert not any(m.training for m in frozen.backbone.modules())
+    with pytest.raises(InputError, match="bn_mode"):
+        C.build_classifier("efficientnet_lite0", 2, mode="finetune", bn_mode="train")
