@@ -750,9 +750,10 @@ def render_table(summary: list[dict], dataset: str, backbone: str, mode: str, sh
         else:
             names = "; ".join(f"{COMPONENT_TEXT[c]}: {first.get(c, 'honest') if c != 'protocol' else protocol}"
                               for c in differ)
-            lines += ["", f"The paper's number (DALDA, {key}, 1-shot, {backbone}: {paper:.3f}) is the reference "
-                          f"code's metric; these results differ from it in {names}, so they are not the same "
-                          "metric. Run `--protocol reference` without overrides to compare."]
+            lines += ["", f"The paper's numbers (DALDA, {key}, 1-shot, {backbone}) are the reference code's "
+                          f"metric; these results differ from it in {names}, so they are not the same metric and "
+                          "the paper's number is not shown. Run `--protocol reference` without overrides (on the "
+                          "reference's pools) to compare."]
     tests = [t for t in (significance or []) if t["backbone"] == backbone and t["mode"] == mode]
     if tests:
         lines += ["", f"DALDA against each baseline: mean difference (DALDA − baseline) and p-value of a "

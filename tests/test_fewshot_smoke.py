@@ -196,12 +196,13 @@ def test_paired_t_test_against_each_baseline_by_hand():
     same = next(t for t in tests if t["baseline"] == "base_ags")
     assert same["mean_difference"] == 0.0 and same["p_value"] is None  # no spread: no test
 
-    # several datasets: their seeds are pooled into one test (6 pairs)
+    # several datasets (or shot settings) in one summary: one test per (dataset, shots), never pooled
     summary += [_summary_row("real", [0, 1, 2], [0.1, 0.2, 0.3], dataset="flowers"),
-                _summary_row("dalda", [0, 1, 2], [0.2, 0.3, 0.4], dataset="flowers")]
-    pooled = next(t for t in bench.paired_tests(summary, ["top1"]) if t["baseline"] == "real")
-    assert pooled["n_pairs"] == 6 and pooled["mean_difference"] == pytest.approx((0.6 + 0.3) / 6)
-    assert {p["dataset"] for p in pooled["pairs"]} == {"pets", "flowers"}
+                _summary_row("dalda", [0, 1, 2], [0.2, 0.3, 0.5], dataset="flowers")]
+    per_cell = [t for t in bench.paired_tests(summary, ["top1"]) if t["baseline"] == "real"]
+    assert [(t["dataset"], t["n_pairs"]) for t in per_cell] == [("flowers", 3), ("pets", 3)]
+    assert per_cell[0]["mean_difference"] == pytest.approx((0.1 + 0.1 + 0.2) / 3)
+    assert {p["dataset"] for p in per_cell[0]["pairs"]} == {"flowers"}
 
 
 def test_table_names_protocol_metric_and_shows_paper_numbers_only_for_the_same_metric():
@@ -210,8 +211,9 @@ def test_table_names_protocol_metric_and_shows_paper_numbers_only_for_the_same_m
                "mean_per_class": 0.88, "mean_per_class_std": None, "n_test": 10}]
     table = bench.render_table(honest, "pets", "clip", "linear", [1])
     assert "Protocol: **honest**" in table and "top-1 accuracy and mean per-class accuracy" in table
-    assert "0.875" not in table and "not comparable" in table
-    reference = [{**honest[0], "protocol": "reference", "best_epoch": 7}]
+    assert "0.875" not in table and "not the same metric" in table
+    reference = [{**honest[0], "protocol": "reference", "best_epoch": 7, "recipe": "reference",
+                  "clip_head": "reference", "eval_draws": 6400, "eval_split": "reference"}]
     table = bench.render_table(reference, "pets", "clip", "linear", [1])
     assert "Protocol: **reference**" in table and "Metric: mean per-class accuracy" in table
     assert "0.875" in table and "| 1-shot mean/class | 1-shot best epoch |" in table and "| 7 |" in table
@@ -236,6 +238,7 @@ def test_reference_protocol_end_to_end(tiny_models, tiny_dataset, tmp_path, caps
                 "--shots", "1", "--seeds", "0,1", "--variants", "2", "--steps", "2", "--size", "32",
                 "--device", "cpu", "--dtype", "float32", "--backbone", "clip", "--clip-head", "reference",
                 "--epochs", "3", "--iterations-per-epoch", "1", "--batch-size", "2", "--protocol", "reference",
+                "--eval-draws", "64",
                 "--out", str(out), "--no-progress", "--threads", "1"]
         bench = _load_script()
         assert _run(bench, argv) == 0
@@ -258,7 +261,9 @@ def test_reference_protocol_end_to_end(tiny_models, tiny_dataset, tmp_path, caps
     assert [(t["baseline"], t["metric"], t["n_pairs"]) for t in sig] == [("real", "mean_per_class", 2)]
     table = (out / "table.md").read_text()
     assert "Protocol: **reference**" in table and "mean per-class accuracy" in table and "paired" in table
-    assert "0.875" in table  # --preset pets names the dataset: the paper's CLIP 1-shot number, same metric
+    # --preset pets names the dataset; --eval-draws 64 is not the reference's 6,400, so the paper's
+    # number is not shown as the same metric and the differing component is named
+    assert "0.875" not in table and "evaluation draws (--eval-draws): 64" in table
     config = json.loads((out / "config.json").read_text())
     assert config["classifier"]["clip_head"] == "reference" and config["eval"]["protocol"] == "reference"
     assert json.loads((out / "prompts.json").read_text())["provenance"]["instruction"] == "reference"
@@ -271,7 +276,7 @@ def test_combine_pairs_over_datasets(tmp_path, capsys):
 
     bench = _load_script()
     for dataset, real, dalda in (("pets", [0.5, 0.6, 0.7], [0.6, 0.8, 1.0]),
-                                 ("flowers", [0.2, 0.3, 0.4], [0.3, 0.4, 0.8])):
+                                 ("flowers", [0.2, 0.3, 0.4], [0.3, 0.5, 0.8])):
         folder = tmp_path / dataset
         folder.mkdir()
         summary = [_summary_row("real", [0, 1, 2], real, dataset=dataset),
@@ -281,14 +286,15 @@ def test_combine_pairs_over_datasets(tmp_path, capsys):
     result = json.loads((tmp_path / "all" / "significance.json").read_text())
     assert result["datasets"] == ["flowers", "pets"] and "paired" in result["test"]
     top1 = next(t for t in result["significance"] if t["metric"] == "top1")
-    # differences 0.1 0.2 0.3 0.1 0.1 0.4: mean 0.2, t = mean / (sd / √6), df 5
-    d = [0.1, 0.2, 0.3, 0.1, 0.1, 0.4]
-    mean = sum(d) / 6
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 5)
-    t = mean / (sd / math.sqrt(6))
-    assert top1["n_pairs"] == 6 and top1["mean_difference"] == pytest.approx(mean)
-    assert top1["p_value"] == pytest.approx(2 * stats.t.sf(t, 5), rel=1e-9)
-    assert "paired over datasets" in (tmp_path / "all" / "significance.md").read_text()
+    # pairs are the (dataset, shots) cells, each the mean over seeds: flowers 0.5333 - 0.3,
+    # pets 0.8 - 0.6; t = mean / (sd / √2), df 1
+    d = [(0.3 + 0.5 + 0.8) / 3 - 0.3, 0.8 - 0.6]
+    mean = sum(d) / 2
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 1)
+    t = mean / (sd / math.sqrt(2))
+    assert top1["n_pairs"] == 2 and top1["mean_difference"] == pytest.approx(mean)
+    assert top1["p_value"] == pytest.approx(2 * stats.t.sf(t, 1), rel=1e-6)
+    assert "paired over (dataset, shots) cells" in (tmp_path / "all" / "significance.md").read_text()
     (tmp_path / "flowers" / "results.json").write_text(json.dumps({"protocol": "reference", "summary": []}))
     assert bench.main(["--combine", str(tmp_path / "pets"), str(tmp_path / "flowers"), "--out", str(tmp_path / "x")]) == 2
     assert "mix protocols" in capsys.readouterr().err
