@@ -766,11 +766,12 @@ def test_instruction_file_placeholders_and_roles(tmp_path, clip_tokenizer_dir):
                 "--base-url", "http://127.0.0.1:1/v1", "--instruction-file", str(tmp_path / "nope.txt"))
 
 
-# The paper's Table 5, verbatim (also the reference's prompt_for_LLM/llm_prompt_1_user_*.txt).
+# The paper's Table 5, verbatim. The reference's prompt_for_LLM/llm_prompt_1_user_*.txt files hold the
+# same texts except that its Caltech file writes "Caltech101" where Table 5 writes "Caltech-101".
 TABLE5 = {
     "pets": "We have created a 37 category pet dataset with roughly 200 images for each class. The images "
             "have a large variations in scale, pose and lighting.",
-    "caltech101": "Caltech101 dataset is pictures of objects belonging to 101 categories. About 40 to 800 images "
+    "caltech101": "Caltech-101 dataset is pictures of objects belonging to 101 categories. About 40 to 800 images "
                   "per category. Most categories have about 50 images. The size of each image is roughly "
                   "300 x 200 pixels. We have carefully clicked outlines of each object in these pictures.",
     "flowers102": "We have created a 102 category dataset, consisting of 102 flower categories. The flowers "
