@@ -1,4 +1,4 @@
-"""``dalda-aug warm`` and ``dalda-aug cache stats|verify|export``.
+"""``dalda-aug warm`` and ``dalda-aug cache stats|verify|specs|export``.
 
 Registered into the main parser by :func:`register`; the work is done by
 :func:`dalda_aug.warm.warm` and :class:`dalda_aug.cache.SyntheticCache`.
@@ -154,8 +154,11 @@ def _run_warm(args: argparse.Namespace) -> int:
     shard = args.shard or default_shard_name(rank)
     if args.shard and world > 1:
         shard = f"{args.shard}-{rank}"
-    cache = SyntheticCache(args.cache, spec, image_format=args.format, shard=shard)
     device = args.device or str(state.device)
+    if spec.dtype == "float16" and device.startswith("cpu"):  # before anything is written
+        raise InputError(f"--dtype {args.dtype or 'float16'}: float16 cannot generate on the CPU (device {device}); "
+                         "use --dtype float32 or bfloat16, or a CUDA device")
+    cache = SyntheticCache(args.cache, spec, image_format=args.format, shard=shard)
     # Say which share this process takes: e.g. `accelerate launch --cpu --num_processes 2`
     # starts ONE process (accelerate needs MPI for several CPU processes), silently otherwise.
     note = ""
@@ -244,6 +247,36 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_specs(args: argparse.Namespace) -> int:
+    from .cache import SyntheticCache, open_cache_dir
+
+    open_cache_dir(args.cache)
+    cache = SyntheticCache(args.cache)
+    if args.forget:
+        summary = {row["fingerprint"]: row for row in cache.spec_summary()}
+        removed = cache.forget_spec(args.forget)
+        entries = summary.get(args.forget, {}).get("entries", 0)
+        kept = f"; its {entries} entries stay in the cache" if entries else ""
+        print(f"forgot spec {args.forget}: removed {len(removed)} record(s) from {cache.directory / 'specs'}{kept}")
+        return 0
+    plan = _load_plan(args.plan)
+    rows = cache.spec_summary(plan)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"cache {cache.directory}: no generation spec recorded")
+        return 0
+    print(f"cache {cache.directory}: {len(rows)} recorded generation spec(s)")
+    for row in rows:
+        held = f"{row['entries']} entries"
+        if plan is not None:
+            held += f", {row['plan_cached']}/{row['plan_images']} images of plan {args.plan}"
+        plans = ", ".join(row["plans"]) or "none"
+        print(f"  {row['fingerprint']}: {row['description']}; {held}; recorded for plan(s) {plans}")
+    return 0
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "warm",
@@ -269,7 +302,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
     p = subparsers.add_parser(
         "cache",
-        help="inspect a synthetic-image cache: stats, verify, export",
+        help="inspect a synthetic-image cache: stats, verify, specs, export",
         description="Inspect a synthetic-image cache folder.",
     )
     sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -285,6 +318,17 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     s.add_argument("--remove", action="store_true", help="delete bad entries (they are regenerated on next use)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_run_verify)
+
+    s = sub.add_parser("specs", help="list the generation specs recorded in the cache (or --forget one)",
+                       description="List each generation spec recorded in CACHE/specs/ with how many entries it "
+                                   "holds (and, with --plan, how many of the plan's images), or forget one: "
+                                   "--forget FINGERPRINT deletes its records (its entries stay).")
+    s.add_argument("--cache", required=True, help="cache folder")
+    s.add_argument("--plan", default=None, help="plan folder: also count each spec's images of this plan")
+    s.add_argument("--forget", default=None, metavar="FINGERPRINT",
+                   help="delete the records of the spec with this fingerprint (16 hex digits)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=_run_specs)
 
     s = sub.add_parser("export", help="write cached images as an image folder + metadata.csv")
     s.add_argument("--cache", required=True, help="cache folder")

@@ -16,8 +16,9 @@ files). It holds one entry per generated image:
 
 The cache describes itself: :func:`~dalda_aug.warm.warm` records in ``CACHE/specs/`` the
 :class:`GenerationSpec` it wrote with and for which plan (:meth:`SyntheticCache.record_spec`),
-so ``SyntheticCache(directory)`` with no spec finds the plan's images
-(:meth:`SyntheticCache.resolve_spec`); an explicit spec still wins.
+once its first image is stored, so ``SyntheticCache(directory)`` with no spec finds the plan's
+images (:meth:`SyntheticCache.resolve_spec`: a recorded spec that holds none of them is passed
+over); an explicit spec still wins. ``dalda-aug cache specs`` lists the records and forgets one.
 
 Guarantees:
 
@@ -37,6 +38,13 @@ Guarantees:
 * **Checksummed metadata.** Entries carry a CRC-32 of their image bytes and one of their
   metadata (:func:`check_entry`); :meth:`SyntheticCache.stats` and ``warm`` count only entries
   that pass them.
+* **Shards are data, not code.** A shard may come from anyone (a shipped cache, a folder named
+  like this process's own shard). Every read and write of one accepts only the rows this library
+  writes — text keys, values of raw bytes, text or numbers — and treats a row whose key or value
+  is pickled as a corrupt entry, counted by :meth:`SyntheticCache.verify` and never unpickled
+  (:func:`row_refusal`, applied by :class:`_ShardReader` and by the writing handles' ``Disk``).
+  Spec records name their config class, which is looked up in the generator registry, never
+  imported; leases last at most :data:`LEASE_CAP_SECONDS` unless renewed.
 * **Process safety.** SQLite locking makes one shard safe for concurrent readers and writers
   on one machine (DataLoader workers, several warmers). Handles are opened lazily in each
   process and reopened after a fork (pid check); a pickled cache carries only its settings.
@@ -68,7 +76,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -76,6 +83,7 @@ import sqlite3
 import struct
 import threading
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +91,7 @@ from typing import Any, Iterable, Iterator
 
 from ._io import read_json_object, write_atomic
 from .config import ModelConfig
-from .data import class_folder_name, class_folder_names
+from .data import class_folder_names
 from .errors import DaldaError, InputError, MissingFileError, require
 
 __all__ = [
@@ -105,6 +113,9 @@ __all__ = [
     "IMAGE_FORMATS",
     "DEFAULT_IMAGE_FORMAT",
     "plan_fingerprint",
+    "export_folder_names",
+    "row_refusal",
+    "LEASE_CAP_SECONDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,16 +135,25 @@ SHARD_PREFIX = "shard-"
 _MAGIC = b"DALDAIMG"
 _HEADER = struct.Struct(">8sBI")
 _LAYOUT_VERSION = 1
-# Persistent counter of corrupt entries removed, kept in each shard under a non-string key
-# (entry keys are 64-character hex strings).
-_CORRUPT_COUNTER = ("dalda_aug", "corrupt_removed")
-# Leases (warm: "this process is generating that key"), kept in the writer's shard under
-# ("dalda_aug", "lease", key) with a diskcache expiry time.
-_LEASE_PREFIX = ("dalda_aug", "lease")
+# Persistent counter of corrupt entries removed, kept in each shard under this text key (entry
+# keys are 64 hex characters). Before it, the counter's key was a pickled tuple: such a row is
+# still recognised, by comparing its bytes, never by unpickling them (_legacy_counter_keys).
+_CORRUPT_COUNTER = "dalda_aug:corrupt_removed"
+_LEGACY_CORRUPT_COUNTER = ("dalda_aug", "corrupt_removed")
+# Leases (warm: "this process is generating that key"), kept in the writer's shard under the text
+# key "dalda_aug:lease:<key>", valued with the owner's text, with a diskcache expiry time.
+_LEASE_PREFIX = "dalda_aug:lease:"
+#: The longest a lease lasts without being renewed (seconds). A lease found with a later expiry
+#: (or none), e.g. planted in a shipped shard, counts as expiring this long after it is seen: it is
+#: rewritten to do so. ``warm``'s ``lease_seconds`` may not exceed it.
+LEASE_CAP_SECONDS = 60.0
 # The metadata field holding a CRC-32 of the rest of the metadata (see encode_entry).
 _META_CRC = "meta_crc32"
-# diskcache's value modes (diskcache.core.MODE_RAW, MODE_BINARY): bytes in the row, bytes in a file.
-_MODE_RAW, _MODE_BINARY = 1, 2
+# diskcache's value modes (diskcache.core.MODE_*): bytes/text/number in the row, bytes in a file,
+# text in a file, a pickle. This library writes the first three only and never reads the fourth.
+_MODE_RAW, _MODE_BINARY, _MODE_TEXT, _MODE_PICKLE = 1, 2, 3, 4
+# The value files diskcache names (Disk.filename): two levels of 2 hex digits, 28 hex digits, .val.
+_VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
 # Network filesystems on which SQLite's WAL mode and mmap are unsafe.
 _NETWORK_FS = {
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
@@ -236,22 +256,52 @@ class GenerationSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "spec") -> "GenerationSpec":
-        """Rebuild a spec written by :meth:`to_dict` (``where`` names the source in errors)."""
+        """Rebuild a spec written by :meth:`to_dict` (``where`` names the source in errors).
+
+        The record names its config class; it is looked up among the registered generator
+        configs (:func:`~dalda_aug.generators.register_generator`), never imported: a name that
+        is not registered is an :class:`~dalda_aug.errors.InputError` naming ``where``.
+        """
         import dataclasses
-        import importlib
 
         try:
-            module_name, _, qualname = str(data.get("config_class", "dalda_aug.generation:GenerationConfig")).partition(":")
-            if not module_name.startswith("dalda_aug"):
-                raise InputError(f"{where}: config class {module_name}:{qualname} is not a dalda_aug class")
-            config_cls = getattr(importlib.import_module(module_name), qualname)
+            if not isinstance(data, dict):
+                raise InputError(f"a generation spec is a JSON object, got {type(data).__name__}")
+            config_cls = _registered_config_class(data.get("config_class", "dalda_aug.generation:GenerationConfig"))
             known = {f.name for f in dataclasses.fields(config_cls)}
-            config = config_cls(**{k: v for k, v in dict(data.get("config") or {}).items() if k in known})
+            fields = data.get("config") or {}
+            if not isinstance(fields, dict):
+                raise InputError(f"config must be a JSON object, got {type(fields).__name__}")
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
+            config = config_cls(**values)
             return cls(ModelConfig.from_dict(data["models"]), config, data.get("dtype", "float32"))
         except DaldaError as exc:
             raise InputError(f"{where}: {exc}") from None
-        except (KeyError, TypeError, ValueError, AttributeError, ImportError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{where}: not a readable generation spec ({type(exc).__name__}: {exc})") from None
+
+
+# The import paths under which the built-in configs were (and are) also reachable; a spec record
+# may name a registered config class by any of them (``dalda_aug.generation:GenerationConfig``).
+_CONFIG_ALIAS_MODULES = ("dalda_aug.generation", "dalda_aug.real_guidance", "dalda_aug.generators", "dalda_aug")
+
+
+def _registered_config_class(name: Any) -> Any:
+    """The registered generator config class a spec record's ``config_class`` names
+    (``"module:Qualname"``), found in the generator registry; nothing is imported by name.
+    :class:`~dalda_aug.errors.InputError` for any other name."""
+    from .generators import registered_configs
+
+    configs = list(registered_configs().values())
+    if isinstance(name, str):
+        module, _, qualname = name.partition(":")
+        for config_cls in configs:
+            if qualname == config_cls.__qualname__ and (
+                    module == config_cls.__module__ or module in _CONFIG_ALIAS_MODULES):
+                return config_cls
+    known = sorted(f"{c.__module__}:{c.__qualname__}" for c in configs)
+    raise InputError(f"config class {str(name)[:200]!r} is not a registered generator config (known: {known}); "
+                     "nothing is imported by a name a record gives")
 
 
 def plan_fingerprint(plan: Any) -> str:
@@ -358,6 +408,8 @@ def check_entry(blob: Any, key: str | None = None) -> dict[str, Any]:
 
 
 def _checked_parts(blob: Any, key: str | None) -> tuple[dict[str, Any], bytes]:
+    if isinstance(blob, _Refused):
+        raise CorruptEntryError(f"entry refused: {blob.reason}")
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CorruptEntryError(f"entry holds a {type(blob).__name__}, not encoded bytes")
     blob = bytes(blob)
@@ -501,6 +553,110 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _check_lease_seconds(seconds: float) -> float:
+    if not 0 < seconds <= LEASE_CAP_SECONDS:
+        raise InputError(f"a lease lasts more than 0 and at most {LEASE_CAP_SECONDS:g} s (LEASE_CAP_SECONDS), "
+                         f"got {seconds!r}")
+    return float(seconds)
+
+
+# ------------------------------------------------------------------------------------------
+# what a shard row may be: the one rule every read and write of a shard applies
+# ------------------------------------------------------------------------------------------
+class _Refused:
+    """What a read gives for a row this library refuses to deserialise: decoding it raises
+    :class:`CorruptEntryError` with :attr:`reason` (see :func:`_checked_parts`)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<refused cache row: {self.reason}>"
+
+
+def row_refusal(raw: Any, mode: Any, filename: Any) -> str | None:
+    """Why a diskcache row (its ``raw``, ``mode`` and ``filename`` columns) is refused, or None.
+
+    A shard is data written by whoever made it: a cache shipped by someone else, or one whose
+    folder is named like this process's own shard. This library writes keys raw (text) and values
+    raw (bytes, text, numbers in the row) or as bytes/text in a value file named by diskcache; a
+    row that says its key (``raw = 0``) or value (mode 4) is pickled would run code when loaded,
+    so it is never deserialised: reads treat it as a corrupt entry. A value file whose name is
+    not one diskcache gives (an absolute path, ``..``) is refused too: it would be read, and on
+    removal deleted, outside the shard.
+    """
+    if not raw:
+        return "its key is stored pickled (diskcache raw = 0): refused, never unpickled"
+    if mode == _MODE_PICKLE:
+        return "its value is stored pickled (diskcache mode 4): refused, never unpickled"
+    if mode not in (_MODE_RAW, _MODE_BINARY, _MODE_TEXT):
+        return f"its value has an unknown storage mode {mode!r}"
+    if mode != _MODE_RAW and not (isinstance(filename, str) and _VALUE_FILE.fullmatch(filename)):
+        return f"its value file name {str(filename)[:80]!r} is not one diskcache writes"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_counter_keys() -> frozenset[bytes]:
+    """The bytes older versions stored as the corrupt-entry counter's key (a pickled tuple,
+    as diskcache's ``Disk.put`` writes it for any protocol): recognised by comparison only."""
+    import pickle  # pickle.dumps of a constant tuple of strings: nothing is ever loaded
+    import pickletools
+
+    return frozenset(pickletools.optimize(pickle.dumps(_LEGACY_CORRUPT_COUNTER, protocol=p))
+                     for p in range(pickle.HIGHEST_PROTOCOL + 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _safe_disk() -> Any:
+    """A ``diskcache.Disk`` that never pickles or unpickles (the writing handles use it).
+
+    Keys and values this library writes are text, bytes and numbers, which diskcache stores raw;
+    anything it would pickle is refused on writing (``TypeError``) and a pickled row met while
+    reading (diskcache's own get, incr, cull paths) raises :class:`CorruptEntryError` instead
+    of being loaded. Value files are removed only under the names diskcache gives them.
+    """
+    diskcache = require("diskcache", "generate")
+
+    class SafeDisk(diskcache.Disk):  # type: ignore[misc,name-defined]
+        def put(self, key: Any) -> tuple[Any, bool]:
+            db_key, raw = super().put(key)  # pickle.dumps only: a key it cannot store raw is refused
+            if not raw:
+                raise TypeError(f"dalda_aug.cache stores text, bytes and number keys only, not "
+                                f"{type(key).__name__} (it never pickles)")
+            return db_key, raw
+
+        def get(self, key: Any, raw: Any) -> Any:
+            reason = row_refusal(raw, _MODE_RAW, None)
+            if reason is not None:
+                raise CorruptEntryError(f"a cache row: {reason}")
+            return super().get(key, raw)
+
+        def store(self, value: Any, read: Any, key: Any = diskcache.core.UNKNOWN) -> Any:
+            kind = type(value)
+            if not read and not (kind in (bytes, str, float)
+                                 or (kind is int and -(2**63) <= value < 2**63)):
+                raise TypeError(f"dalda_aug.cache stores bytes, text and numbers only, not {kind.__name__} "
+                                "(it never pickles)")
+            return super().store(value, read, key=key)
+
+        def fetch(self, mode: Any, filename: Any, value: Any, read: Any) -> Any:
+            reason = row_refusal(True, mode, filename)
+            if reason is not None:
+                raise CorruptEntryError(f"a cache value: {reason}")
+            return super().fetch(mode, filename, value, read)
+
+        def remove(self, file_path: Any) -> Any:
+            if not (isinstance(file_path, str) and _VALUE_FILE.fullmatch(file_path)):
+                log.warning("not removing %r: not a value file name diskcache writes", str(file_path)[:80])
+                return None
+            return super().remove(file_path)
+
+    return SafeDisk
+
+
 class _ShardReader:
     """Read-only access to one shard (its SQLite file and value files) that never writes.
 
@@ -510,7 +666,8 @@ class _ShardReader:
     Where that cannot open — a read-only folder without the WAL's ``-shm`` file, which a
     reader may not create — it is opened ``immutable=1``: nobody can write there anyway.
     It reads diskcache's table layout directly: a row (key, raw=1) holds the entry's bytes in
-    ``value`` (mode raw) or names the file holding them (mode binary).
+    ``value`` (mode raw) or names the file holding them (mode binary); any other row is refused
+    (:func:`row_refusal`), never deserialised.
     """
 
     def __init__(self, path: Path, timeout: float, mmap: bool) -> None:
@@ -565,32 +722,85 @@ class _ShardReader:
         return bool(self._rows("SELECT 1 FROM Cache WHERE key = ? AND raw = 1 LIMIT 1", (key,)))
 
     def get(self, key: str) -> Any:
-        """The stored value (normally bytes), or None if absent or its value file is gone."""
+        """The stored value (normally bytes), None if absent or its value file is gone, or a
+        :class:`_Refused` for a row :func:`row_refusal` refuses (decoding reports it as corrupt)."""
         rows = self._rows("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1 "
                           "AND (expire_time IS NULL OR expire_time > ?)", (key, time.time()))
         if not rows:
             return None
         mode, filename, value = rows[0]
+        reason = row_refusal(True, mode, filename)
+        if reason is not None:
+            return _Refused(reason)
         if mode == _MODE_RAW:
             return bytes(value) if isinstance(value, memoryview) else value
-        if mode == _MODE_BINARY and filename:
-            path = self.path / filename
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
+        if mode == _MODE_TEXT:
+            return _Refused("its value is text, not an encoded image")
+        path = self.path / filename
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CacheStorageError(f"cache file {path} cannot be read: {exc}") from None
+
+    def head(self, key: str, limit: int = 1 << 20) -> dict[str, Any] | None:
+        """An entry's metadata read from its header alone (no image bytes, no checksum: use it to
+        count or name, never to trust), or None where there is none readable."""
+        rows = self._rows("SELECT mode, filename, substr(value, 1, ?) FROM Cache WHERE key = ? AND raw = 1 "
+                          "AND (expire_time IS NULL OR expire_time > ?)", (_HEADER.size + limit, key, time.time()))
+        if not rows or row_refusal(True, rows[0][0], rows[0][1]) is not None:
+            return None
+        mode, filename, value = rows[0]
+        try:
+            if mode == _MODE_BINARY:
+                with open(self.path / filename, "rb") as fh:
+                    head = fh.read(_HEADER.size)
+                    if len(head) < _HEADER.size:
+                        return None
+                    meta_len = _HEADER.unpack(head)[2]
+                    if meta_len > limit:
+                        return None
+                    head += fh.read(meta_len)
+            elif mode == _MODE_RAW and isinstance(value, (bytes, memoryview)):
+                head = bytes(value)
+            else:
                 return None
-            except OSError as exc:
-                raise CacheStorageError(f"cache file {path} cannot be read: {exc}") from None
-        return f"<diskcache value of mode {mode}>"  # not bytes: decoding reports it as corrupt
+            magic, version, meta_len = _HEADER.unpack_from(head)
+            if magic != _MAGIC or len(head) < _HEADER.size + meta_len:
+                return None
+            meta = json.loads(head[_HEADER.size:_HEADER.size + meta_len].decode("utf-8"))
+        except (OSError, ValueError, struct.error, RecursionError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def refused_rows(self) -> list[tuple[int, str]]:
+        """``(rowid, reason)`` of the live rows that are not entries and that :func:`row_refusal`
+        refuses (a pickled key or value): corrupt entries, never deserialised. Entry rows
+        (64-character text keys) are not listed: :meth:`get` reports them."""
+        found = []
+        rows = self._rows("SELECT rowid, key, raw, mode, filename FROM Cache "
+                          "WHERE NOT (raw = 1 AND typeof(key) = 'text' AND length(key) = 64) "
+                          "AND (raw = 0 OR mode NOT IN (1, 2, 3) OR filename IS NOT NULL) "
+                          "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (time.time(),))
+        for rowid, key, raw, mode, filename in rows:
+            if not raw and mode == _MODE_RAW and isinstance(key, (bytes, memoryview)) \
+                    and bytes(key) in _legacy_counter_keys():
+                continue  # an older version's counter: its key compared as bytes, its value a number
+            reason = row_refusal(raw, mode, filename)
+            if reason is not None:
+                found.append((int(rowid), reason))
+        return found
 
     def corrupt_counter(self) -> int:
-        for key, value in self._rows("SELECT key, value FROM Cache WHERE raw = 0"):
-            try:
-                if pickle.loads(key) == _CORRUPT_COUNTER:
-                    return int(value or 0)
-            except Exception:  # another library's key: not ours
-                continue
-        return 0
+        count = 0
+        for key, mode, value in self._rows("SELECT key, mode, value FROM Cache WHERE (raw = 1 AND key = ?) OR "
+                                           "(raw = 0 AND length(key) < 100)", (_CORRUPT_COUNTER,)):
+            ours = key == _CORRUPT_COUNTER or (isinstance(key, (bytes, memoryview))
+                                               and bytes(key) in _legacy_counter_keys())
+            if ours and mode == _MODE_RAW and isinstance(value, int) and value > 0:
+                count += value
+        return count
 
     def volume(self) -> int:
         pages = self._rows("PRAGMA page_count")
@@ -667,6 +877,7 @@ class SyntheticCache:
         #: Corrupt entries this process found and removed.
         self.corrupt_removed = 0
         self._recorded: list[tuple[GenerationSpec, str | None]] | None = None
+        self._resolved: GenerationSpec | None = None  # resolve_spec() without a plan, once found
         self._reset_handles()
 
     # -- per-process state ------------------------------------------------------------------
@@ -689,13 +900,14 @@ class SyntheticCache:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for name in ("_pid", "_handles", "_shard_readers", "_owner", "_known", "_scanned_at", "_network",
-                     "_recorded"):
+                     "_recorded", "_resolved"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._recorded = None
+        self._resolved = None
         self._reset_handles()
 
     def __repr__(self) -> str:
@@ -766,7 +978,8 @@ class SyntheticCache:
             diskcache = require("diskcache", "generate")
             path = self.directory / f"{SHARD_PREFIX}{name}"
             try:
-                handle = diskcache.Cache(str(path), timeout=self.timeout, **self._settings())
+                # The SafeDisk never pickles nor unpickles: the shard may have been made by anyone.
+                handle = diskcache.Cache(str(path), timeout=self.timeout, disk=_safe_disk(), **self._settings())
             except (OSError, sqlite3.Error) as exc:
                 raise self._storage_error(exc, f"open the shard {path.name} for writing") from None
             self._handles[name] = handle
@@ -808,8 +1021,9 @@ class SyntheticCache:
 
     # -- the generation specs the cache describes itself with --------------------------------
     def record_spec(self, plan: Any = None, spec: GenerationSpec | None = None) -> Path:
-        """Record in ``CACHE/specs/`` that images of ``plan`` are (being) written with ``spec``
-        (default: this cache's); :func:`~dalda_aug.warm.warm` calls it. One small JSON file
+        """Record in ``CACHE/specs/`` that images of ``plan`` are written with ``spec``
+        (default: this cache's); :func:`~dalda_aug.warm.warm` calls it once its first image
+        is stored, so a run that writes nothing leaves no record. One small JSON file
         per (spec, plan), written atomically: concurrent warmers writing the same record are
         safe, and copying ``specs/`` along with the shards merges caches."""
         spec = spec if spec is not None else self.spec
@@ -834,6 +1048,7 @@ class SyntheticCache:
         except OSError as exc:
             raise self._storage_error(exc, f"record the generation spec in {SPECS_DIR}/") from None
         self._recorded = None
+        self._resolved = None
         return path
 
     def recorded_specs(self, plan: Any = None) -> list[GenerationSpec]:
@@ -864,9 +1079,14 @@ class SyntheticCache:
         return list(self._recorded)
 
     def resolve_spec(self, plan: Any = None) -> GenerationSpec:
-        """The spec to read ``plan``'s images with: this cache's explicit spec; else the only
-        one recorded in the folder; else the one recorded for ``plan``; else an
-        :class:`~dalda_aug.errors.InputError` listing what the folder holds."""
+        """The spec to read ``plan``'s images with.
+
+        This cache's explicit spec; else the only one recorded in the folder; else, of the
+        recorded specs, the only one that holds images (of ``plan``, when given: its keys for
+        the plan are in the cache), so a spec recorded by a run that wrote nothing is passed
+        over; else, among those (or all, when none holds any), the only one recorded for
+        ``plan``; else an :class:`~dalda_aug.errors.InputError` listing what the folder holds.
+        """
         if self.spec is not None:
             return self.spec
         specs = self.recorded_specs()
@@ -877,18 +1097,100 @@ class SyntheticCache:
             raise InputError(
                 f"the cache folder {self.directory} {where}: give the spec the images were made with "
                 "(SyntheticCache(dir, GenerationSpec(...))) or fill the folder with `dalda-aug warm`")
-        if plan is not None:
-            mine = self.recorded_specs(plan)
-            if len(mine) == 1:
-                return mine[0]
-        listing = "; ".join(s.describe() for s in specs)
         if plan is None:
-            why = "and no plan says which one to use"
+            if self._resolved is None:
+                counts = self._entries_per_fingerprint({s.fingerprint for s in specs}, stop_at_one=True)
+                holding = [s for s in specs if counts.get(s.fingerprint)]
+                if len(holding) != 1:
+                    listing = "; ".join(s.describe() for s in specs)
+                    held = "none holds images" if not holding else f"{len(holding)} of them hold images"
+                    raise InputError(
+                        f"the cache folder {self.directory} records {len(specs)} generation specs ({listing}), "
+                        f"{held} and no plan says which one to use: pass the spec explicitly "
+                        "(SyntheticCache(dir, spec)), or forget the ones not wanted (`dalda-aug cache specs --forget`)")
+                self._resolved = holding[0]
+            return self._resolved
+        present = self.keys()
+        cached = {s.fingerprint: len({s.key(v) for v in plan} & present) for s in specs}
+        holding = [s for s in specs if cached[s.fingerprint]]
+        if len(holding) == 1:
+            return holding[0]
+        mine = {s.fingerprint for s in self.recorded_specs(plan)}
+        among = holding or specs
+        chosen = [s for s in among if s.fingerprint in mine]
+        if len(chosen) == 1:
+            return chosen[0]
+        listing = "; ".join(f"{s.describe()}: {cached[s.fingerprint]} images of this plan" for s in specs)
+        if holding:
+            why = f"{len(holding)} of them hold images of this plan, and {'several' if chosen else 'none'} of those " \
+                  "are recorded for it"
         else:
-            why = f"and {'several' if self.recorded_specs(plan) else 'none'} of them are recorded for this plan"
+            why = f"none holds images of this plan and {'several' if chosen else 'none'} of them are recorded for it"
         raise InputError(
-            f"the cache folder {self.directory} holds images of {len(specs)} generation specs ({listing}) {why}: "
+            f"the cache folder {self.directory} records {len(specs)} generation specs ({listing}); {why}: "
             "pass the spec explicitly (SyntheticCache(dir, spec))")
+
+    def _entries_per_fingerprint(self, wanted: set[str] | None = None, *, stop_at_one: bool = False
+                                 ) -> dict[str, int]:
+        """``{generation fingerprint: entries}`` read from the entries' headers (no image bytes;
+        counts, not checks). With ``stop_at_one``, reading stops once each of ``wanted`` was seen."""
+        counts: dict[str, int] = {}
+        seen: set[str] = set()
+        for _, reader in self._readers(force_scan=True):
+            for key in reader.keys():
+                if key in seen:
+                    continue
+                meta = reader.head(key)
+                fingerprint = meta.get("generation_fingerprint") if meta is not None else None
+                if not isinstance(fingerprint, str) or (wanted is not None and fingerprint not in wanted):
+                    continue
+                seen.add(key)
+                counts[fingerprint] = counts.get(fingerprint, 0) + 1
+                if stop_at_one and wanted is not None and wanted <= set(counts):
+                    return counts
+        return counts
+
+    def spec_summary(self, plan: Any = None) -> list[dict[str, Any]]:
+        """Each recorded spec: ``{"fingerprint", "description", "plans"`` (the plan
+        fingerprints it is recorded for), ``"entries"`` (entries made with it, by their
+        headers)``}``, with ``plan`` also ``"plan_images"`` and ``"plan_cached"`` (its keys for
+        the plan, and how many of them the cache holds)."""
+        records = self._read_records()
+        counts = self._entries_per_fingerprint()
+        present = self.keys() if plan is not None else set()
+        summary: dict[str, dict[str, Any]] = {}
+        for spec, plan_fp in records:
+            row = summary.setdefault(spec.fingerprint, {
+                "fingerprint": spec.fingerprint, "description": spec.describe(), "plans": [],
+                "entries": counts.get(spec.fingerprint, 0)})
+            if plan_fp is not None and plan_fp not in row["plans"]:
+                row["plans"].append(plan_fp)
+            if plan is not None and "plan_images" not in row:
+                keys = {spec.key(v) for v in plan}
+                row.update(plan_images=len(keys), plan_cached=len(keys & present))
+        return list(summary.values())
+
+    def forget_spec(self, fingerprint: str) -> list[Path]:
+        """Delete the records of the spec with ``fingerprint`` from ``CACHE/specs/`` (its entries
+        stay); returns the files removed. :class:`~dalda_aug.errors.InputError` when none is
+        recorded under it."""
+        if not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{16}", fingerprint)):
+            raise InputError(f"a spec fingerprint is 16 hex digits, got {str(fingerprint)[:80]!r}")
+        folder = self.directory / SPECS_DIR
+        paths = sorted(folder.glob(f"{fingerprint}-*.json")) if folder.is_dir() else []
+        if not paths:
+            known = sorted({s.fingerprint for s in self.recorded_specs()}) if folder.is_dir() else []
+            raise InputError(f"no spec with fingerprint {fingerprint} is recorded in {folder} (recorded: {known})")
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self._storage_error(exc, f"remove the spec record {path.name}") from None
+        self._recorded = None
+        self._resolved = None
+        return paths
 
     def with_spec(self, spec: GenerationSpec) -> "SyntheticCache":
         """The same cache folder and settings, serving ``spec``."""
@@ -967,12 +1269,28 @@ class SyntheticCache:
         """Delete a corrupt entry; True if done. A read-only or full folder: a warning (the
         entry is still never returned), or with ``strict`` a :class:`CacheStorageError`."""
         log.warning("removing corrupt cache entry %s in shard %s: %s", key, shard, reason)
+        return self._remove_rows(shard, f"the corrupt entry {key[:16]}",
+                                 lambda handle: bool(handle.delete(key, retry=True)), strict=strict)
+
+    def _remove_refused_row(self, shard: str, rowid: int, *, strict: bool = False) -> bool:
+        """Delete a row :func:`row_refusal` refuses (by its rowid: its key is never unpickled)."""
+        def delete(handle: Any) -> bool:
+            with handle.transact(retry=True):
+                rows = handle._sql("SELECT filename FROM Cache WHERE rowid = ?", (rowid,)).fetchall()
+                handle._sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+            if rows and rows[0][0] is not None:
+                handle._disk.remove(rows[0][0])  # SafeDisk: only a value file diskcache named
+            return bool(rows)
+
+        return self._remove_rows(shard, f"the refused row {rowid}", delete, strict=strict)
+
+    def _remove_rows(self, shard: str, what: str, delete: Any, *, strict: bool) -> bool:
         try:
             handle = self._open(shard)
-            handle.delete(key, retry=True)
-            handle.incr(_CORRUPT_COUNTER, 1, default=0, retry=True)
+            delete(handle)
+            self._count_corrupt(handle)
         except Exception as exc:
-            error = self._storage_error(exc, f"remove the corrupt entry {key[:16]}") \
+            error = self._storage_error(exc, f"remove {what}") \
                 if isinstance(exc, (OSError, sqlite3.Error)) else exc
             if strict:
                 raise error from None
@@ -980,6 +1298,16 @@ class SyntheticCache:
             return False
         self.corrupt_removed += 1
         return True
+
+    @staticmethod
+    def _count_corrupt(handle: Any) -> None:
+        """Add one to the shard's persistent counter of corrupt entries removed (a number under a
+        text key; whatever else is found there is replaced, never loaded)."""
+        with handle.transact(retry=True):
+            rows = handle._sql("SELECT mode, value FROM Cache WHERE key = ? AND raw = 1",
+                               (_CORRUPT_COUNTER,)).fetchall()
+            count = rows[0][1] if rows and rows[0][0] == _MODE_RAW and isinstance(rows[0][1], int) else 0
+            handle.set(_CORRUPT_COUNTER, max(count, 0) + 1, retry=True)
 
     # -- write -----------------------------------------------------------------------------
     def put(self, variant: Any, image: Any, *, metadata: dict[str, Any] | None = None) -> str:
@@ -1024,25 +1352,29 @@ class SyntheticCache:
             raise self._storage_error(exc, f"store entry {key[:16]}") from None
 
     # -- leases: which process is generating which key -----------------------------------------
+    # Leases are read and written with SQL on this process's shard, never through diskcache's
+    # get: a lease row is text (key) -> text (owner), and a row that is anything else is nobody's.
     def claim(self, keys: Iterable[str], seconds: float) -> list[str]:
         """Lease ``keys`` to this cache object for ``seconds``; returns those it got (in order).
 
         A key leased by another process (or another cache object) whose lease has not expired
         is left out; one leased by this object is renewed. Leases live in this process's shard,
         so processes writing the same shard skip each other's work (:func:`~dalda_aug.warm.warm`
-        leases each batch before generating it); a killed process's leases simply expire.
+        leases each batch before generating it); a killed process's leases simply expire. No
+        lease lasts longer than :data:`LEASE_CAP_SECONDS` unless renewed: one found with a later
+        expiry (or none) is cut down to expire that long from now.
         """
+        seconds = _check_lease_seconds(seconds)
         keys = list(keys)
         handle = self._open(self.shard)
         got: list[str] = []
         try:
             with handle.transact(retry=True):
+                now = time.time()
                 for key in keys:
-                    lease = (*_LEASE_PREFIX, key)
-                    if handle.add(lease, self._owner, expire=seconds):
-                        got.append(key)
-                    elif handle.get(lease) == self._owner:
-                        handle.set(lease, self._owner, expire=seconds)
+                    held = self._lease_row(handle, key, now)
+                    if held is None or held[1]:
+                        handle.set(_LEASE_PREFIX + key, self._owner, expire=seconds)
                         got.append(key)
         except (OSError, sqlite3.Error) as exc:
             raise self._storage_error(exc, "lease keys") from None
@@ -1050,23 +1382,61 @@ class SyntheticCache:
 
     def renew(self, keys: Iterable[str], seconds: float) -> None:
         """Extend this object's leases of ``keys`` by ``seconds`` from now."""
-        self._own_leases(keys, seconds)
+        self._own_leases(keys, _check_lease_seconds(seconds))
 
     def release(self, keys: Iterable[str]) -> None:
         """Give back this object's leases of ``keys``."""
         self._own_leases(keys, None)
 
+    def leased_for(self, keys: Iterable[str]) -> float:
+        """Seconds until the last of the other processes' live leases on ``keys`` (in this
+        process's shard) expires unless renewed: at most :data:`LEASE_CAP_SECONDS`; 0 if none."""
+        handle = self._open(self.shard)
+        longest = 0.0
+        try:
+            with handle.transact(retry=True):
+                now = time.time()
+                for key in keys:
+                    held = self._lease_row(handle, key, now)
+                    if held is not None and not held[1]:
+                        longest = max(longest, held[0] - now)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._storage_error(exc, "read leases") from None
+        return longest
+
+    def _lease_row(self, handle: Any, key: str, now: float) -> tuple[float, bool] | None:
+        """``(expiry, mine)`` of the live lease on ``key``, or None. Call inside a transaction.
+
+        An expiry further than :data:`LEASE_CAP_SECONDS` from ``now`` (or none) is rewritten to
+        ``now`` + the cap: a lease cannot hold a key longer than that without being renewed.
+        """
+        rows = handle._sql("SELECT rowid, expire_time, mode, value FROM Cache WHERE key = ? AND raw = 1",
+                           (_LEASE_PREFIX + key,)).fetchall()
+        if not rows:
+            return None
+        rowid, expire, mode, value = rows[0]
+        if mode != _MODE_RAW or not isinstance(value, str):
+            return None  # not a lease this library writes (a text owner): nobody's, overwritten
+        cap = now + LEASE_CAP_SECONDS
+        if not isinstance(expire, (int, float)) or expire > cap:
+            handle._sql("UPDATE Cache SET expire_time = ? WHERE rowid = ?", (cap, rowid))
+            expire = cap
+        if expire <= now:
+            return None
+        return float(expire), mode == _MODE_RAW and value == self._owner
+
     def _own_leases(self, keys: Iterable[str], seconds: float | None) -> None:
         handle = self._open(self.shard)
         try:
             with handle.transact(retry=True):
+                now = time.time()
                 for key in keys:
-                    lease = (*_LEASE_PREFIX, key)
-                    if handle.get(lease) == self._owner:
+                    held = self._lease_row(handle, key, now)
+                    if held is not None and held[1]:
                         if seconds is None:
-                            handle.delete(lease)
+                            handle.delete(_LEASE_PREFIX + key)
                         else:
-                            handle.set(lease, self._owner, expire=seconds)
+                            handle.set(_LEASE_PREFIX + key, self._owner, expire=seconds)
         except (OSError, sqlite3.Error) as exc:
             raise self._storage_error(exc, "update leases") from None
 
@@ -1107,7 +1477,9 @@ class SyntheticCache:
         """Decode every entry; report (and with ``remove`` delete) the bad ones.
 
         Returns ``{"checked", "ok", "bad": [{"shard", "key", "error"}], "removed"}``. An entry
-        whose row exists but whose value file is gone counts as bad.
+        whose row exists but whose value file is gone counts as bad, and so does every row that
+        is stored pickled (key or value; its ``key`` is given as ``<row N>``): it is never
+        unpickled (:func:`row_refusal`).
         """
         from tqdm.auto import tqdm
 
@@ -1129,6 +1501,12 @@ class SyntheticCache:
                         report["removed"] += 1
                     continue
                 report["ok"] += 1
+            for rowid, reason in reader.refused_rows():  # pickled keys/values: corrupt, never loaded
+                report["checked"] += 1
+                report["bad"].append({"shard": name, "key": f"<row {rowid}>", "error": f"row refused: {reason}"})
+                if remove:
+                    self._remove_refused_row(name, rowid, strict=True)
+                    report["removed"] += 1
         return report
 
     def check_entries(self, keys: Iterable[str] | None = None, *, remove: bool = False
@@ -1164,13 +1542,13 @@ class SyntheticCache:
         """Entries, bytes on disk, shards, corrupt entries removed; with a plan, its coverage.
 
         Entries are counted after checking their checksums (no image decoding): ``entries``
-        and the plan's ``cached`` count only good ones, ``bad`` the others (``cache verify``
-        names them, ``warm`` regenerates them).
+        and the plan's ``cached`` count only good ones, ``bad`` the others, rows stored pickled
+        included (``cache verify`` names them, ``warm`` regenerates them).
         """
         shards = []
         keys: set[str] = set()
         bad_keys: set[str] = set()
-        corrupt = 0
+        corrupt = refused = 0
         for name, reader in self._readers(force_scan=True):
             shard_good = 0
             for key in reader.keys():
@@ -1184,12 +1562,13 @@ class SyntheticCache:
                     continue
                 keys.add(key)
                 shard_good += 1
+            refused += len(reader.refused_rows())
             corrupt += reader.corrupt_counter()
             shards.append({"name": name, "entries": shard_good, "bytes": reader.volume()})
         result: dict[str, Any] = {
             "directory": str(self.directory),
             "entries": len(keys),
-            "bad": len(bad_keys - keys),
+            "bad": len(bad_keys - keys) + refused,
             "bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
             "corrupt_removed": corrupt,
@@ -1226,17 +1605,31 @@ class SyntheticCache:
                    "seed", "score", "width", "height", "generation_fingerprint", "model_fingerprint"]
         rows = []
         # Folder names come from files (plan.json, entry metadata) anyone could have written:
-        # class_folder_names keeps Unicode, removes separators/".."/control characters and never
-        # gives two classes one folder; the resolved path must still lie inside OUT.
-        plan_folders = class_folder_names([str(c) for c in classes])
+        # export_folder_names keeps Unicode, removes separators/".."/control characters and never
+        # gives two classes one folder, even on a disk that ignores case or Unicode normalisation;
+        # the resolved path must still lie inside OUT. Without a plan, the class names are first
+        # read from the entries' headers, so the folders do not depend on the order of entries.
+        if classes:
+            names = [str(c) for c in classes]
+        else:
+            names = []
+            for _, reader in self._readers(force_scan=True):
+                for key in reader.keys() if wanted is None else [k for k in wanted if k in reader]:
+                    meta = reader.head(key)
+                    names.append(str((meta or {}).get("class_name") or "unknown"))
+        folders = export_folder_names(names)
         out_real = os.path.realpath(out)
         for entry in tqdm(self.iter_entries(wanted), desc="exporting", unit="img", disable=not progress):
             meta = entry.metadata
             label = meta.get("label")
             if classes and isinstance(label, int) and 0 <= label < len(classes):
-                folder = plan_folders[str(classes[label])]
+                name = str(classes[label])
             else:
-                folder = class_folder_name(str(meta.get("class_name") or "unknown"))
+                name = str(meta.get("class_name") or "unknown")
+            if name not in folders:  # a class no header gave (written since): distinct from all others
+                folders[name] = _distinct_folder(name, export_folder_names([name])[name],
+                                                 {_folded(f) for f in folders.values()})
+            folder = folders[name]
             rel = Path(folder) / f"{entry.key[:16]}.png"
             target = os.path.realpath(out / rel)
             if os.path.dirname(target) == out_real or not target.startswith(out_real + os.sep):
@@ -1254,6 +1647,37 @@ class SyntheticCache:
             writer.writerows(rows)
         missing = len(wanted) - len(rows) if wanted is not None else 0
         return {"exported": len(rows), "out": str(out), "missing": missing}
+
+
+def _folded(name: str) -> str:
+    """``name`` as a disk that ignores case and Unicode normalisation compares it (macOS, Windows)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def export_folder_names(names: Iterable[str]) -> dict[str, str]:
+    """``{class name: folder}`` for an export: :func:`~dalda_aug.data.class_folder_names`
+    (safe names, Unicode kept, a hash suffix on names that had to change), then every folder
+    distinct after Unicode NFC normalisation and case folding too, so that no two classes share a
+    folder on a case- or normalisation-insensitive disk (``Cat``/``cat``, NFC/NFD ``café``): in
+    such a group every name but the first in sorted order gets a suffix of its own hash.
+    Deterministic whatever the order of ``names``."""
+    base = class_folder_names(sorted(set(names)))
+    result: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in sorted(base):
+        result[name] = _distinct_folder(name, base[name], taken)
+    return result
+
+
+def _distinct_folder(name: str, folder: str, taken: set[str]) -> str:
+    """``folder``, or with a suffix of ``name``'s hash, whichever is first not in ``taken``
+    (compared after :func:`_folded`); the result is added to ``taken``."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    candidates = [folder, f"{folder}-{digest[:16]}", f"{folder}-{digest}"]
+    candidates += [f"{folder}-{digest}-{i}" for i in range(2, len(taken) + 3)]
+    chosen = next(c for c in candidates if _folded(c) not in taken)
+    taken.add(_folded(chosen))
+    return chosen
 
 
 def open_cache_dir(directory: str | os.PathLike[str]) -> Path:

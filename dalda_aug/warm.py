@@ -12,9 +12,11 @@
   locking (see :mod:`dalda_aug.cache`).
 * **Overlapped writes.** Generated batches go to writer threads that encode (LZ4, PNG, WebP or raw)
   and store them while the next batch is generated; a bounded queue keeps memory flat.
-* **Self-describing.** Before generating, the cache's spec is recorded in the cache folder
-  for this plan (``CACHE/specs/``, :meth:`~dalda_aug.cache.SyntheticCache.record_spec`), so
-  readers (the dataset, ``cache stats``, ``metrics``, ``inspect``) need no generation options.
+* **Self-describing.** When its first image is stored (or, with everything cached, at once), the
+  cache's spec is recorded in the cache folder for this plan (``CACHE/specs/``,
+  :meth:`~dalda_aug.cache.SyntheticCache.record_spec`), so readers (the dataset, ``cache stats``,
+  ``metrics``, ``inspect``) need no generation options. A run that stores nothing (an
+  interrupted start, settings that cannot run) records nothing.
 * **Resumable.** Entries are written atomically as their batch finishes. After a crash or
   ``kill -9`` at any moment, rerunning generates exactly what is missing; nothing written is
   lost or regenerated. What counts as cached is checked first (header and checksums, no image
@@ -22,7 +24,9 @@
 * **Cooperative.** Each batch is leased before it is generated
   (:meth:`~dalda_aug.cache.SyntheticCache.claim`): two processes writing the same shard skip
   each other's keys instead of generating everything twice. Leases are renewed while a batch
-  runs and expire ``lease_seconds`` after a process dies, so its keys are taken over.
+  runs and expire ``lease_seconds`` after a process dies, so its keys are taken over. No lease
+  lasts longer than :data:`~dalda_aug.cache.LEASE_CAP_SECONDS` unless renewed (one planted with
+  a later expiry is cut down to that), and waiting for another process's keys is said once.
 * **Clear failures.** A full disk or a read-only cache folder stops warming with one line
   naming the folder (:class:`~dalda_aug.cache.CacheFullError`,
   :class:`~dalda_aug.cache.CacheReadOnlyError`); everything written before stays valid.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import threading
 import time
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import cache as _cache_module
 from .cache import CacheReadOnlyError, SyntheticCache
 from .data import image_sha256, load_image, source_path, to_rgb
 from .errors import DaldaError, InputError, MissingFileError
@@ -246,7 +252,8 @@ def warm(
         plan: an :class:`~dalda_aug.plan.AugmentationPlan` (or its folder).
         cache: the target cache; its spec decides the generation settings and keys (a cache
             without one uses the spec recorded in its folder). Pass one whose ``shard`` is this
-            process's (the CLI uses ``<host>-<rank>``). The spec is recorded for the plan.
+            process's (the CLI uses ``<host>-<rank>``). The spec is recorded for the plan once
+            its first image is stored.
         generator: an ``IPAdapterGenerator`` or a zero-argument factory; default
             ``cache.spec.make_generator(device)``. Only built if something is missing.
         batch_size: requests per generator call (default: the generator's automatic choice).
@@ -259,9 +266,10 @@ def warm(
         writer_threads: threads encoding and storing images while the generator runs.
         lease_seconds: lifetime of the lease on a batch being generated (renewed while the
             batch runs): how long other processes wait before taking over the keys of a
-            process that died.
+            process that died; at most :data:`~dalda_aug.cache.LEASE_CAP_SECONDS`.
 
-    Raises :class:`~dalda_aug.cache.CacheFullError` or
+    ``float16`` on a CPU device is refused (:class:`~dalda_aug.errors.InputError`) before anything
+    is written: it cannot generate there. Raises :class:`~dalda_aug.cache.CacheFullError` or
     :class:`~dalda_aug.cache.CacheReadOnlyError` (one line naming the folder) when the cache
     cannot be written; a read-only cache holding every image of the shard warms fine.
     """
@@ -277,8 +285,13 @@ def warm(
         raise InputError(f"need 0 <= process_index < num_processes, got {process_index}/{num_processes}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not lease_seconds > 0:
-        raise InputError(f"lease_seconds must be > 0, got {lease_seconds!r}")
+    cap = _cache_module.LEASE_CAP_SECONDS
+    if not 0 < lease_seconds <= cap:
+        raise InputError(f"lease_seconds must be > 0 and at most {cap:g} (dalda_aug.cache.LEASE_CAP_SECONDS), "
+                         f"got {lease_seconds!r}")
+    if generator is None and spec.dtype == "float16" and str(device).startswith("cpu"):
+        raise InputError(f"dtype float16 cannot generate on the CPU (device {device!r}): use float32 or bfloat16 "
+                         "there, or a CUDA device")
     if plan.data_root and images is None:
         if not Path(plan.data_root).is_dir():
             raise MissingFileError(f"the plan's image folder {plan.data_root} is missing")
@@ -304,14 +317,13 @@ def warm(
         process_index=int(process_index), num_processes=int(num_processes), shard=cache.shard,
         verified_removed=removed, bad_entries=len(bad),
     )
-    try:
-        cache.record_spec(plan)  # writes nothing when the same record is there
-    except CacheReadOnlyError:
-        if todo:
-            raise
-        log.warning("the cache folder %s is read-only and holds no spec record for this plan: readers need "
-                    "the generation options", cache.directory)
     if not todo:
+        if keys:  # every image is there: record the spec they were made with (a no-op if recorded)
+            try:
+                cache.record_spec(plan)
+            except CacheReadOnlyError:
+                log.warning("the cache folder %s is read-only and holds no spec record for this plan: readers "
+                            "need the generation options", cache.directory)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -332,17 +344,34 @@ def warm(
         batch_size = auto(len(todo)) if auto is not None else min(4, len(todo))
 
     leases = _Leases(cache, lease_seconds)
-    writer = _Writer(cache, max_pending=2 * batch_size, threads=writer_threads,
-                     on_stored=lambda key: leases.release([key]))
+    recorded = threading.Event()
+    record_lock = threading.Lock()
+
+    def stored(key: str) -> None:
+        leases.release([key])
+        if not recorded.is_set():  # the first image stored: from now on the spec holds images
+            with record_lock:
+                if not recorded.is_set():
+                    cache.record_spec(plan)
+                    recorded.set()
+
+    writer = _Writer(cache, max_pending=2 * batch_size, threads=writer_threads, on_stored=stored)
     desc = f"warming [{process_index + 1}/{num_processes}]" if num_processes > 1 else "warming"
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                position=process_index if num_processes > 1 else None)
     pending = collections.deque((cache.key(v), v) for v in todo)
     waiting: list[tuple[str, Any]] = []  # leased by another process: written by it, or retaken on expiry
     poll = min(0.5, lease_seconds / 4)
+    said_waiting = False
     try:
         while pending or waiting:
             if not pending:
+                if not said_waiting:  # once, in one line: why nothing moves for a while
+                    said_waiting = True
+                    longest = cache.leased_for(k for k, _ in waiting)
+                    log.warning("warm: waiting for %d keys leased by another process writing the cache shard %s: "
+                                "it writes them, or they are taken over when its leases expire (in at most "
+                                "%d s unless it renews them)", len(waiting), cache.shard, math.ceil(max(longest, 0.0)))
                 time.sleep(poll)
                 pending.extend(waiting)
                 waiting = []

@@ -171,15 +171,21 @@ def test_spec_records_make_the_cache_self_describing(tmp_path, spec):
     assert bare.key(_variant(0)) == spec.key(_variant(0)) and bare.get(_variant(0)) is not None
     assert bare.stats(plan_a)["plan"]["cached"] == 1
 
-    # Two specs: the one recorded for the plan in use, else an error listing both.
+    # Two specs: the one holding images (of the plan in use, if any), else the one recorded for
+    # the plan, else an error listing both.
     SyntheticCache(directory, other).record_spec(plan_b)
     bare = SyntheticCache(directory)
     assert bare.resolve_spec(plan_a) == spec and bare.resolve_spec(plan_b) == other
     assert {s.fingerprint for s in bare.recorded_specs()} == {spec.fingerprint, other.fingerprint}
-    with pytest.raises(InputError, match=f"2 generation specs.*{spec.fingerprint}.*no plan says"):
+    assert bare.key(_variant(0)) == spec.key(_variant(0))  # `other` holds no image: passed over
+    SyntheticCache(directory, other).put(_variant(2), _image(2))
+    bare = SyntheticCache(directory)
+    with pytest.raises(InputError, match=f"2 generation specs.*{spec.fingerprint}.*2 of them hold images and "
+                                         "no plan says"):
         bare.key(_variant(0))
+    assert bare.resolve_spec(plan_a) == spec and bare.resolve_spec(plan_b) == other
     plan_c = AugmentationPlan([_variant(9)], {})
-    with pytest.raises(InputError, match="none of them are recorded for this plan"):
+    with pytest.raises(InputError, match="none holds images of this plan and none of them are recorded for it"):
         bare.resolve_spec(plan_c)
     # An explicit spec wins.
     assert SyntheticCache(directory, other).resolve_spec(plan_a) == other
