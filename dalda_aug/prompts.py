@@ -22,10 +22,13 @@ tokenizer needs them.
 from __future__ import annotations
 
 import datetime
+import functools
 import http.client
 import json
 import os
 import re
+import socket
+import threading
 import time
 import unicodedata
 import urllib.error
@@ -60,6 +63,7 @@ __all__ = [
     "INSTRUCTION_PLACEHOLDERS",
     "Instruction",
     "OPENAI_SAMPLING",
+    "MAX_ANSWER_BYTES",
     "redact",
 ]
 
@@ -283,15 +287,42 @@ def _name_pattern(name: str) -> tuple[str, re.Pattern[str]] | None:
     return probe, re.compile(start + body + end)
 
 
+def _exact_pattern(name: str) -> re.Pattern[str]:
+    """``name`` exactly as written (same code points, same case) as whole words, with a plural ending."""
+    start = "" if _unspaced(name[0]) else r"(?<!\w)"
+    end = "" if _unspaced(name[-1]) else r"(?:e?s)?(?!\w)"
+    return re.compile(start + re.escape(name) + end)
+
+
 class _ClassMatcher:
     """Finds which classes a text names. Where names overlap ("bulldog" inside "american
     bulldog"), only the longest match counts, so a text about an "american bulldog" does not
-    name "bulldog", and "wildcat" does not name "cat" (whole words only)."""
+    name "bulldog", and "wildcat" does not name "cat" (whole words only).
+
+    Classes whose names read alike once compared loosely ("Cat" and "cat", "café" in NFC and in
+    NFD, "sea_lion" and "sea lion") are "twins": every text naming one matches all of them. With
+    ``own`` given, a twin of ``own`` counts as named only when the text holds its exact name, so a
+    text naming its own class exactly does not name the other."""
 
     def __init__(self, class_names: Sequence[str]):
         self.entries = [(n, *pat) for n in class_names if (pat := _name_pattern(n)) is not None]
+        groups: dict[str, list[str]] = {}
+        for name, *_ in self.entries:
+            groups.setdefault(" ".join(t for t in re.split(r"[\s_\-]+", _norm(name)) if t), []).append(name)
+        self.twins: dict[str, list[str]] = {
+            name: [other for other in group if other != name] for group in groups.values() if len(group) > 1
+            for name in group
+        }
 
-    def matches(self, text: str) -> list[tuple[int, int, str]]:
+    def matches(self, text: str, own: str | None = None) -> list[tuple[int, int, str]]:
+        found = self._matches(text)
+        twins = self.twins.get(own) if own is not None else None
+        if not twins:
+            return found
+        exact = {name for name in twins if _exact_pattern(name).search(text)}
+        return [m for m in found if m[2] not in twins or m[2] in exact]
+
+    def _matches(self, text: str) -> list[tuple[int, int, str]]:
         t = _norm(text)
         found = [
             (m.start(), m.end(), name)
@@ -355,7 +386,7 @@ def _validate(
     masked = _ABBREVIATIONS.sub("X", text.replace(class_name, "X"))
     if _SENTENCE_BREAK.search(masked):
         return "it is more than one sentence"
-    found = matcher.matches(text)
+    found = matcher.matches(text, class_name)
     others = sorted({name for _, _, name in found if name != class_name})
     if others:
         return "it names another class: " + ", ".join(repr(o) for o in others)
@@ -692,6 +723,10 @@ _RETRY_STATUS = {408, 409, 425, 429}
 # Table 4 of the paper / the reference's chat call: sent explicitly, as servers' defaults differ
 # (temperature is sent too, from the ``temperature`` argument, 1.0 by default).
 OPENAI_SAMPLING: dict[str, float] = {"top_p": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+# The most of an HTTP answer the chat client reads (a chat answer of M sentences per class is a few
+# KiB; a larger one is refused, not read into memory). An error body is read up to _MAX_ERROR_BYTES.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+_MAX_ERROR_BYTES = 64 * 1024
 _BEARER = re.compile(r"(?i)\b(bearer)(\s+|%20|\+)[^\s\"',;}\]]+")
 REDACTED = "[REDACTED]"
 
@@ -732,9 +767,110 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
                 f"{target}; refusing to send the API key there. Set --base-url to the address that "
                 "should receive it"
             ))
+        fp.close()  # urllib would read the whole redirect body before following; it is not needed
         if code in (307, 308) and req.get_method() == "POST":  # keeps method and body (RFC 9110)
             return urllib.request.Request(target, data=req.data, headers=dict(req.headers), method="POST")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Deadline:
+    """A deadline for one whole HTTP request: when it passes, every socket it watches is shut
+    down, so a read blocked in connect, headers or body returns at once (a socket timeout alone
+    bounds each read, not the request: a server trickling a byte per second never trips it)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._started = time.monotonic()
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        return max(0.001, self.seconds - (time.monotonic() - self._started))
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            self._shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        try:  # the plain socket's shutdown, also for a TLS socket (no TLS close from this thread)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed, or detached when TLS wrapped it (the TLS socket is watched too)
+
+    def message(self) -> str:
+        return f"TimeoutError: no complete answer within {self.seconds:g} s (connect, headers and body)"
+
+
+def _watched_connection(deadline: _Deadline, address: tuple[str, int], timeout: Any = None,
+                        source_address: Any = None, *args: Any, **kwargs: Any) -> socket.socket:
+    """``socket.create_connection`` within what is left of ``deadline``, the socket then watched."""
+    limit = deadline.remaining() if not isinstance(timeout, (int, float)) else min(float(timeout), deadline.remaining())
+    sock = socket.create_connection(address, limit, source_address, *args, **kwargs)
+    deadline.watch(sock)
+    return sock
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_watched_connection, deadline)
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+        self._create_connection = functools.partial(_watched_connection, deadline)
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)  # the TLS socket (the plain one it wrapped is detached)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPSConnection, deadline=self.deadline), req,
+                            context=self._context)  # type: ignore[attr-defined]
+
+
+def _read_capped(response: Any, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of ``response``'s body, and whether there was more."""
+    raw = response.read(limit + 1)
+    return raw[:limit], len(raw) > limit
 
 
 class OpenAIChatBackend:
@@ -750,6 +886,9 @@ class OpenAIChatBackend:
     HTTP 408/409/425/429, 5xx, time-outs and connection errors are retried up to
     ``max_retries`` times, waiting ``base_delay * 2**attempt`` seconds (or the server's
     ``Retry-After``), at most ``max_delay``; then :class:`BackendError` names the endpoint.
+    ``timeout`` is a deadline for each whole request (connect, headers and the full answer), not
+    per socket read. An answer larger than :data:`MAX_ANSWER_BYTES` is refused without reading
+    the rest.
     """
 
     kind = "openai"
@@ -794,7 +933,6 @@ class OpenAIChatBackend:
         key = api_key if api_key is not None else os.environ.get(api_key_env)
         # a password in the URL (https://user:PASSWORD@host/v1) is a secret too
         self._secrets = tuple(v for v in (key, parts.password) if v)
-        self._opener = urllib.request.build_opener(_SameOriginRedirects(self))
         if not key and (host == "api.openai.com" or self.azure):
             raise InputError(f"no API key for {self.endpoint}: set the environment variable {api_key_env}")
         self._headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "dalda-aug"}
@@ -822,23 +960,37 @@ class OpenAIChatBackend:
         for attempt in range(self.max_retries + 1):
             delay = min(self.max_delay, self.base_delay * 2**attempt)
             request = urllib.request.Request(self.endpoint, data=data, headers=self._headers, method="POST")
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as exc:
-                detail = self._redact(_http_error_detail(exc))
-                if exc.code not in _RETRY_STATUS and exc.code < 500:
-                    raise BackendError(self._redact(
-                        f"chat endpoint {self.endpoint} refused the request: HTTP {exc.code} {detail}"
-                    )) from None
-                last_error = f"HTTP {exc.code} {detail}"
-                retry_after = _retry_after(exc.headers)
-                if retry_after is not None:
-                    delay = min(self.max_delay, retry_after)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-                last_error = self._redact(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}")
-            else:
-                return self._redact(self._content(raw))
+            with _Deadline(self.timeout) as deadline:
+                opener = urllib.request.build_opener(
+                    _SameOriginRedirects(self), _DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline)
+                )
+                try:
+                    with opener.open(request, timeout=self.timeout) as response:
+                        raw, more = _read_capped(response, MAX_ANSWER_BYTES)
+                    if deadline.expired:  # the body may look complete when the socket was shut
+                        raise TimeoutError(deadline.message())
+                except urllib.error.HTTPError as exc:
+                    detail = self._redact(_http_error_detail(exc))
+                    if exc.code not in _RETRY_STATUS and exc.code < 500:
+                        raise BackendError(self._redact(
+                            f"chat endpoint {self.endpoint} refused the request: HTTP {exc.code} {detail}"
+                        )) from None
+                    last_error = f"HTTP {exc.code} {detail}"
+                    retry_after = _retry_after(exc.headers)
+                    if retry_after is not None:
+                        delay = min(self.max_delay, retry_after)
+                except (OSError, http.client.HTTPException) as exc:  # URLError, time-outs, resets
+                    if deadline.expired:
+                        last_error = deadline.message()
+                    else:
+                        last_error = self._redact(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}")
+                else:
+                    if more:
+                        raise BackendError(self._redact(
+                            f"chat endpoint {self.endpoint} answered with more than {MAX_ANSWER_BYTES >> 20} MiB; "
+                            "refusing to read it (a chat answer is a few KiB: is --base-url a chat-completions API?)"
+                        ))
+                    return self._redact(self._content(raw))
             if attempt < self.max_retries:
                 time.sleep(delay)
         raise BackendError(self._redact(
@@ -874,11 +1026,16 @@ class OpenAIChatBackend:
 
 
 def _http_error_detail(exc: urllib.error.HTTPError) -> str:
+    """The reason and the start of the error body, on one line (at most _MAX_ERROR_BYTES are read)."""
     try:
-        body = exc.read().decode("utf-8", "replace").strip()
+        body = exc.read(_MAX_ERROR_BYTES).decode("utf-8", "replace")
     except Exception:  # pragma: no cover - the body is only a detail of the message
         body = ""
-    return f"{exc.reason}: {body[:300]}" if body else str(exc.reason)
+    finally:
+        exc.close()
+    body = " ".join(body[:300].split())
+    reason = " ".join(str(exc.reason).split())
+    return f"{reason}: {body}" if body else reason
 
 
 def _retry_after(headers: Any) -> float | None:

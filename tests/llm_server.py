@@ -31,6 +31,8 @@ __all__ = [
     "stall",
     "redirect",
     "echo_auth",
+    "trickle",
+    "huge",
 ]
 
 
@@ -63,6 +65,12 @@ class Response:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before answering (to provoke client time-outs)
+    # > 0: send the whole answer (status line, headers, body) one byte at a time, this many
+    # seconds apart, as a slow or hostile server does (each socket read gets a byte in time).
+    trickle: float = 0.0
+    trickle_body_only: bool = False  # with trickle: status line and headers at once, then the body slowly
+    # the body is ``body`` sent ``repeat`` times (Content-Length says so), streamed, never held whole
+    repeat: int = 1
 
 
 Step = Callable[[ChatRequest], Response]
@@ -135,6 +143,29 @@ def echo_auth(code: int = 200, as_error: bool = True) -> Step:
     return step
 
 
+def trickle(interval: float, then: Step, body_only: bool = False) -> Step:
+    """Send the answer ``then`` gives one byte every ``interval`` seconds, from the status line on
+    (``body_only``: status line and headers at once, then the body byte by byte).
+    ``ChatServer.trickled`` records, per such answer, how long the client stayed (seconds from the
+    first byte until writing failed, i.e. the client had closed the connection)."""
+
+    def step(request: ChatRequest) -> Response:
+        response = then(request)
+        response.trickle = interval
+        response.trickle_body_only = body_only
+        return response
+
+    return step
+
+
+def huge(code: int, megabytes: int) -> Step:
+    """Answer HTTP ``code`` with a body of ``megabytes`` MiB (JSON-looking text, streamed)."""
+    block = b"x" * (1 << 20)
+    prefix = b'{"choices": [{"message": {"role": "assistant", "content": "'
+    body = prefix + block[len(prefix):]
+    return lambda request: Response(code, body, {"Content-Type": "application/json"}, repeat=megabytes)
+
+
 def stall(seconds: float, then: Step) -> Step:
     """Wait ``seconds`` before answering as ``then`` would (the client may have given up)."""
 
@@ -156,6 +187,10 @@ class ChatServer:
         self.requests: list[ChatRequest] = []
         # Every HTTP request that reached the server, whatever its method: (method, path, headers).
         self.hits: list[tuple[str, str, dict[str, str]]] = []
+        # Per trickled answer: seconds from its first byte until the client was gone.
+        self.trickled: list[float] = []
+        # Per streamed (repeat > 1) answer: bytes of the body written before the client left.
+        self.streamed: list[int] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -193,9 +228,49 @@ class ChatServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def _trickle(self, response: Response) -> None:
+                head = [f"HTTP/1.1 {response.status} {self.responses.get(response.status, ('',))[0]}"]
+                head += [f"{k}: {v}" for k, v in response.headers.items()]
+                head += [f"Content-Length: {len(response.body)}", "Connection: close", "", ""]
+                raw = "\r\n".join(head).encode("latin-1") + response.body
+                start = time.monotonic()
+                try:
+                    if response.trickle_body_only:
+                        self.wfile.write(raw[: len(raw) - len(response.body)])
+                        raw = response.body
+                    for i in range(len(raw)):
+                        self.wfile.write(raw[i : i + 1])
+                        time.sleep(response.trickle)
+                except OSError:  # the client left (EPIPE, ECONNRESET)
+                    pass
+                with server._lock:
+                    server.trickled.append(time.monotonic() - start)
+                self.close_connection = True
+
+            def _stream(self, response: Response) -> None:
+                sent = 0
+                try:
+                    self.send_response(response.status)
+                    for key, value in response.headers.items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(response.body) * response.repeat))
+                    self.end_headers()
+                    for _ in range(response.repeat):
+                        self.wfile.write(response.body)
+                        sent += len(response.body)
+                except OSError:
+                    pass
+                with server._lock:
+                    server.streamed.append(sent)
+                self.close_connection = True
+
             def _send(self, response: Response) -> None:
                 if response.delay:
                     time.sleep(response.delay)
+                if response.trickle:
+                    return self._trickle(response)
+                if response.repeat > 1:
+                    return self._stream(response)
                 try:
                     self.send_response(response.status)
                     for key, value in response.headers.items():
