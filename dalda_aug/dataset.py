@@ -6,15 +6,15 @@ follows torchvision's dataset contract (``(sample, target)``, ``classes``, ``cla
 ``targets``, ``transform``/``target_transform``) and stands in for the base dataset in any
 training loop, with no glue::
 
-    base = torchvision.datasets.ImageFolder("data/pets-1shot")          # transform=None
+    base = torchvision.datasets.ImageFolder("data/pets", train_tf)      # or transform=None
     cache = SyntheticCache("cache/")                                    # the spec warm recorded
-    train = SyntheticAugmentedDataset(base, plan, cache, p=0.5, transform=train_tf, on_miss="real")
+    train = SyntheticAugmentedDataset(base, plan, cache, p=0.5, on_miss="real", items="plan")
     for epoch in range(50):
         for x, y in DataLoader(train, batch_size=32, shuffle=True, num_workers=8): ...
 
 Choices: every access of an item is a fresh seeded draw (real, or which variant). The n-th
-access of item ``i`` is a hash of ``(seed, n, i)`` — no global RNG — counted per item in shared
-memory, so the choices change from epoch to epoch with no ``set_epoch`` call (Lightning,
+access of item ``i`` is a hash of ``(seed, n, i)`` — no global RNG at draw time — counted per
+item in shared memory, so the choices change from epoch to epoch with no ``set_epoch`` call (Lightning,
 samplers that only get ``sampler.set_epoch``, timm's multi-epoch loader), repeated draws of an
 item within an epoch (sampling with replacement) are independent, and the choices do not depend
 on the number of DataLoader workers (persistent or not, fork or spawn). :meth:`set_epoch` is
@@ -23,6 +23,15 @@ then the draw of epoch ``e`` — the same as epoch ``e`` of a run through epochs
 each item once per epoch, with or without ``set_epoch`` — and further accesses within the epoch
 are fresh draws of their own. Under DDP each rank counts its own accesses; a rank other than 0
 adds its rank to the draws that are not an epoch's first, so ranks never repeat each other.
+``seed=None`` (the default) draws the seed from torch's global generator at construction, as
+``RandomSampler`` draws its shuffling seed: ``torch.manual_seed(s)`` before construction
+reproduces a run, two datasets built alike (``ConcatDataset([a, b])``, to oversample) choose
+independently, and the seed drawn is ``ds.seed`` and shows in ``repr``.
+
+Which items: every item of the base (``items="all"``; items whose source the plan lacks are
+always real, and a ``UserWarning`` says how many, e.g. a ``--shots N`` plan over the full folder),
+or only those whose source is in the plan (``items="plan"``, the plan's few-shot subset);
+:func:`plan_indices` gives the base's indices of the plan's sources.
 
 Base datasets: torchvision ``ImageFolder``/``DatasetFolder`` (and ``Subset`` of them), timm
 ``ImageDataset`` (file paths from its reader), Hugging Face ``datasets`` image folders (dict
@@ -39,6 +48,10 @@ base with that loader, and a timm ``ImageDataset`` over a folder (whose retry lo
 serve the next file in place of an unreadable one), the dataset reads each item's file itself with
 :func:`~dalda_aug.data.load_image`; for RGB, grey, CMYK and opaque palette files this gives
 exactly ``ImageFolder``'s pixels. A base with a custom loader is read through that loader.
+Because the dataset reads those files itself, such a base may keep the ``transform`` and
+``target_transform`` it was created with (torchvision's reference ``train.py`` builds
+``ImageFolder(traindir, transform)``): the dataset adopts them as its own and applies them to real
+and synthetic images alike. Any other base must be created without them.
 A file that cannot be read (truncated, corrupt) raises :class:`~dalda_aug.errors.ImageError`
 (an ``OSError``) naming it, also from DataLoader workers.
 
@@ -78,9 +91,11 @@ from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from .data import image_sha256, load_image, to_rgb
 from .errors import DaldaError, ImageError, InputError
 
-__all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "source_ids"]
+__all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "source_ids", "plan_indices"]
 
 ON_MISS = ("generate", "wait", "real", "error")
+#: What ``items=`` may be: every item of the base, or only the items whose source is in the plan.
+ITEMS = ("all", "plan")
 
 
 class CacheMissError(DaldaError, LookupError):
@@ -157,6 +172,24 @@ def source_ids(dataset: Any, root: str | os.PathLike[str] | None = None) -> list
     gives its indices.
     """
     return _describe_ids(dataset, root)[0]
+
+
+def plan_indices(dataset: Any, plan: Any, source_ids: Sequence[Any] | None = None) -> list[int]:
+    """Indices, ascending, of the items of ``dataset`` whose source is in ``plan`` (an
+    :class:`~dalda_aug.plan.AugmentationPlan` or its folder): for a plan made with ``--shots N``
+    over a folder, the folder's few-shot subset, found by file path (not by re-drawing it).
+
+    ``source_ids`` names each item's plan source (default :func:`source_ids`).
+    ``torch.utils.data.Subset(dataset, plan_indices(dataset, plan))`` is what
+    ``SyntheticAugmentedDataset(dataset, plan, cache, items="plan")`` serves.
+    """
+    from .plan import AugmentationPlan
+
+    if isinstance(plan, (str, os.PathLike)):
+        plan = AugmentationPlan.load(plan)
+    ids = list(source_ids) if source_ids is not None else _describe_ids(dataset, plan.data_root)[0]
+    planned = plan.by_source()
+    return [index for index, source in enumerate(ids) if source in planned]
 
 
 def _stock_folder_paths(dataset: Any) -> list[str] | None:
@@ -267,32 +300,42 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     """Replace each item of ``base``, with probability ``p``, by one of its planned variants.
 
     Args:
-        base: the real dataset, created *without* a transform (the wrapper applies
-            ``transform`` to real and synthetic images alike): torchvision ``ImageFolder`` /
-            ``DatasetFolder`` (or a ``Subset``), timm ``ImageDataset``, a Hugging Face
-            ``datasets`` image dataset (dict items with an image and a label column), or any
-            dataset of ``(PIL image, label)``.
+        base: the real dataset: torchvision ``ImageFolder`` / ``DatasetFolder`` (or a
+            ``Subset``), timm ``ImageDataset``, a Hugging Face ``datasets`` image dataset (dict
+            items with an image and a label column), or any dataset of ``(PIL image, label)``.
+            Created without a transform, except where the dataset reads the files itself (a
+            torchvision folder with the stock loader, a timm ``ImageDataset`` over a folder):
+            there the base's ``transform``/``target_transform`` become the dataset's, applied to
+            real and synthetic images alike.
         plan: an :class:`~dalda_aug.plan.AugmentationPlan` (or its folder). Items absent from
-            the plan are always real.
+            the plan are always real (see ``items``).
         cache: a :class:`~dalda_aug.cache.SyntheticCache`; without a spec, the one ``warm``
             recorded in its folder for this plan is used (an explicit spec wins).
         p: probability that an access is synthetic (0 gives the base's items, as RGB images
             converted like the plan's sources: see the module doc).
-        transform, target_transform: applied to the image and the label of every item.
+        transform, target_transform: applied to the image and the label of every item
+            (default: the base's, where it may keep them; giving both is an ``InputError``).
         on_miss: ``"generate"``, ``"wait"``, ``"real"`` or ``"error"`` (see module doc).
         generator: for ``"generate"``: an ``IPAdapterGenerator`` or a zero-argument factory
             returning one; default a CPU generator built from the cache's spec.
-        seed: seed of the substitution choices.
+        seed: seed of the substitution choices; None (default) draws one from torch's global
+            generator at construction (so ``torch.manual_seed`` before construction reproduces
+            a run, and two datasets built alike choose independently); it is ``self.seed``.
         source_ids: the plan source of every item of ``base`` (default :func:`source_ids`:
             file paths for folder, timm and Hugging Face datasets, else indices).
         pool: a :class:`~dalda_aug.pool.GeneratorPool` (or its handle) for ``"wait"`` and
             ``"real"``; also settable later with :meth:`attach_pool`.
         wait_timeout: seconds ``"wait"`` waits for one image.
+        items: ``"all"`` (default) serves every item of ``base`` (a ``UserWarning`` at
+            construction when some are not in the plan: they are always real); ``"plan"`` serves
+            only those whose source is in the plan (:func:`plan_indices`), e.g. the few-shot
+            subset of a plan made with ``--shots N`` over the full folder.
 
     Raises:
         InputError: bad arguments, an item shape other than ``(image, label)`` or an
             image/label dict, no item of ``base`` in the plan, labels that disagree with the
-            plan, or a planned source whose pixels changed since planning.
+            plan, a planned source whose pixels changed since planning, a base with a transform
+            it may not keep, or a transform given both to the base and here.
     """
 
     def __init__(
@@ -305,11 +348,12 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         target_transform: Callable[[Any], Any] | None = None,
         on_miss: str = "generate",
         generator: Any = None,
-        seed: int = 0,
+        seed: int | None = None,
         *,
         source_ids: Sequence[Any] | None = None,
         pool: Any = None,
         wait_timeout: float = 600.0,
+        items: str = "all",
     ) -> None:
         from .plan import AugmentationPlan
 
@@ -323,18 +367,22 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             raise InputError(f"p must be a probability in [0, 1], got {p!r}")
         if on_miss not in ON_MISS:
             raise InputError(f"on_miss must be one of {list(ON_MISS)}, got {on_miss!r}")
-        if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-            raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
+            raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        if items not in ITEMS:
+            raise InputError(f"items must be one of {list(ITEMS)}, got {items!r}")
         if wait_timeout <= 0:
             raise InputError(f"wait_timeout must be > 0, got {wait_timeout!r}")
         if type(base).__name__ in ("DatasetDict", "IterableDatasetDict"):
             raise InputError("the base is a Hugging Face DatasetDict: pick a split (dataset['train'])")
-        for attr in ("transform", "target_transform"):
-            if _base_attr(base, attr) is not None:
-                raise InputError(
-                    f"the base dataset has a {attr}; create it with {attr}=None and give the {attr} to "
-                    "SyntheticAugmentedDataset, which applies it to real and synthetic items alike"
-                )
+        n = len(base)
+        targets = _base_targets(base)
+        # Files read here with the plan's conversion (torchvision folder bases, stock loader; timm
+        # ImageDataset over a folder): the base's __getitem__ is never called for them.
+        paths = _stock_folder_paths(base)
+        if paths is not None and (targets is None or len(paths) != n):
+            paths = None
+        transform, target_transform = self._adopt_transforms(base, paths is not None, transform, target_transform)
         inner = _unwrap(base)
         self._hf_columns: tuple[str, str] | None = None
         if _is_hf_dataset(inner):
@@ -350,15 +398,20 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         self.transform = transform
         self.target_transform = target_transform
         self.on_miss = on_miss
+        if seed is None:
+            # As RandomSampler seeds its shuffling: from torch's global generator, here, once.
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        #: The seed of the choices (drawn at construction when ``seed=None``; in ``repr``).
         self.seed = int(seed)
+        self.items = items
         self.wait_timeout = float(wait_timeout)
         self._generator = generator
         self._generator_pid: int | None = None
         self._built = None  # the generator a factory made in this process
         self._pool: Any = None
         self._plan_repr = repr(plan)
-        n = len(base)
-        if n > 0:
+        self._paths = paths
+        if n > 0 and paths is None:
             self._check_item_shape()
 
         # -- which plan source each item is ---------------------------------------------------
@@ -371,12 +424,6 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             ids, looked_for = _describe_ids(base, plan.data_root)
             if len(ids) != n:
                 raise InputError(f"the base dataset has {n} items but lists {len(ids)} samples")
-        targets = _base_targets(base)
-        self._targets = targets
-        # Files read here with the plan's conversion (torchvision folder bases, stock loader).
-        self._paths = _stock_folder_paths(base)
-        if self._paths is not None and (targets is None or len(self._paths) != n):
-            self._paths = None
         by_source = plan.by_source()
         options: list[tuple[Any, ...]] = []
         matched = 0
@@ -390,7 +437,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                         f"{variants[0].label} ({variants[0].class_name!r}) in the plan: do they list classes alike?"
                     )
             options.append(variants)
-        if matched == 0 and self.p > 0:
+        if matched == 0 and (self.p > 0 or items == "plan"):
             example = next(iter(by_source), None)
             raise InputError(
                 f"none of the {n} items of the base dataset is a source of the plan: looked for {looked_for} "
@@ -398,8 +445,29 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                 f"(e.g. {example!r}, data_root {plan.data_root!r}); is it the dataset the plan was made from? "
                 "Otherwise pass source_ids= with each item's plan source"
             )
+        n_shot = plan.config.get("n_shot")
+        made = f"the plan was made with --shots {n_shot}; " if n_shot is not None else ""
+        if items == "plan" and matched < n:
+            keep = [index for index, variants in enumerate(options) if variants]
+            base = self.base = torch.utils.data.Subset(base, keep)
+            options = [options[i] for i in keep]
+            ids = [ids[i] for i in keep]
+            targets = None if targets is None else [targets[i] for i in keep]
+            self._paths = None if self._paths is None else [self._paths[i] for i in keep]
+            self._base_len: int | None = n
+            n = len(keep)
+        else:
+            self._base_len = None
+            if 0 < matched < n:
+                warnings.warn(
+                    f"{n - matched} of the {n} items of the base dataset are not in the plan ({made}it has "
+                    f"{matched} of them): they are always served real, so training sees the whole base dataset, "
+                    f"not the plan's subset. Pass items='plan' to serve only the plan's {matched} items (or "
+                    "wrap the base in Subset(base, dalda_aug.dataset.plan_indices(base, plan)))",
+                    UserWarning, stacklevel=2)
+        self._targets = targets
         self._options = options
-        #: Number of base items that have planned variants.
+        #: Number of items that have planned variants.
         self.num_augmentable = matched
         self._ids = ids
         self._root = getattr(_unwrap(base), "root", None) or getattr(_timm_reader(_unwrap(base)), "root", None) \
@@ -444,6 +512,35 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         self._reset_process_state()
 
     # -- construction checks ------------------------------------------------------------------------
+    def _adopt_transforms(self, base: Any, reads_files: bool, transform: Callable[[Any], Any] | None,
+                          target_transform: Callable[[Any], Any] | None
+                          ) -> tuple[Callable[[Any], Any] | None, Callable[[Any], Any] | None]:
+        """The transforms to apply: the ones given, else the base's where the dataset reads the
+        base's files itself (its transform never runs there); any other base with a transform,
+        or a transform given both to the base and here, is an :class:`InputError`."""
+        given = {"transform": transform, "target_transform": target_transform}
+        kind = type(_unwrap(base)).__name__
+        self._adopted: dict[str, Any] = {}
+        for attr, label in (("transform", "Transform"), ("target_transform", "Target transform")):
+            theirs = _base_attr(base, attr)
+            if theirs is None:
+                continue
+            if not reads_files:
+                raise InputError(
+                    f"the base dataset ({kind}) has a {attr}; create it with {attr}=None and give the {attr} "
+                    "to SyntheticAugmentedDataset, which applies it to real and synthetic items alike (only a "
+                    "torchvision ImageFolder/DatasetFolder with the stock loader or a timm ImageDataset over a "
+                    "folder may keep it: the dataset reads their files itself)"
+                )
+            if given[attr] is not None:
+                raise InputError(
+                    f"a {attr} was given both to the base {kind} and to SyntheticAugmentedDataset: drop one, "
+                    f"either {attr}= here (the base's is then applied to real and synthetic images alike) or "
+                    f"the base's (create it with {attr}=None)"
+                )
+            given[attr] = self._adopted[label] = theirs
+        return given["transform"], given["target_transform"]
+
     def _check_item_shape(self) -> None:
         item = self.base[0]
         if isinstance(item, dict):
@@ -562,17 +659,19 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         root = self._root
         lines = [
             f"Number of datapoints: {len(self)} ({self.num_augmentable} with synthetic variants)",
-            f"Base: {type(self.base).__name__}" + (f" at {root}" if root else ""),
+            f"Base: {type(_unwrap(self.base)).__name__}" + (f" at {root}" if root else "")
+            + (f" (items='plan': the plan's {len(self)} of its {self._base_len} items)"
+               if self._base_len is not None else ""),
             f"Plan: {self._plan_repr}",
             f"Cache: {self.cache!r}",
             f"p={self.p}, on_miss={self.on_miss!r}, seed={self.seed}, "
             + (f"epoch={self.epoch} (pinned)" if self.epoch is not None else "epoch not pinned")
             + (f", pool={self._pool!r}" if self._pool is not None else ""),
         ]
-        if self.transform is not None:
-            lines.append("Transform: " + repr(self.transform).replace("\n", "\n    "))
-        if self.target_transform is not None:
-            lines.append("Target transform: " + repr(self.target_transform).replace("\n", "\n    "))
+        for name, value in (("Transform", self.transform), ("Target transform", self.target_transform)):
+            if value is not None:
+                origin = " (the base's)" if value is getattr(self, "_adopted", {}).get(name) else ""
+                lines.append(f"{name}{origin}: " + repr(value).replace("\n", "\n    "))
         return f"{type(self).__name__}\n    " + "\n    ".join(lines)
 
     # -- randomness ---------------------------------------------------------------------------

@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, RandomSampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.config import ModelConfig
-from dalda_aug.dataset import SyntheticAugmentedDataset
+from dalda_aug.data import few_shot_indices
+from dalda_aug.dataset import SyntheticAugmentedDataset, plan_indices
+from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import build_plan
 
@@ -238,15 +240,15 @@ def test_set_epoch_pins_an_epoch_with_any_workers(setup):
     """A fresh dataset set to epoch e serves what epoch e of a run through 0..e served, with or
     without set_epoch in that run, 0 or 2 workers, persistent or not, fork or spawn."""
     e = 2
-    unpinned = _dataset(setup)
+    unpinned = _dataset(setup, seed=21)  # three datasets, one seed: the same choices
     table = _lookup(unpinned)
     loader = DataLoader(unpinned, batch_size=4, num_workers=2, persistent_workers=True)
     run = [dict(_served(table, loader)) for _ in range(e + 1)]
-    pinned_run = _dataset(setup)
+    pinned_run = _dataset(setup, seed=21)
     for epoch in range(e + 1):
         pinned_run.set_epoch(epoch)
         last = dict(_served(table, DataLoader(pinned_run, batch_size=4, num_workers=0)))
-    fresh = _dataset(setup)
+    fresh = _dataset(setup, seed=21)
     fresh.set_epoch(e)
     spawned = dict(_served(table, DataLoader(fresh, batch_size=4, num_workers=2,
                                              multiprocessing_context="spawn")))
@@ -307,3 +309,193 @@ def test_lightning_ddp_two_cpu_processes(setup, tmp_path):
             per_epoch[epoch].append((x, y))
     epochs = [_served(table, per_epoch[e]) for e in range(EPOCHS)]
     _check_epochs(epochs, len(ds))
+
+
+# -- issue 19: the default seed, a base that keeps its transform, few-shot plans ----------------------
+def _agreement_bound(pairs):
+    """Two independent draws of an item agree (same version) with probability
+    q = (1-p)^2 + p^2/M; the count of agreements over ``pairs`` draws is Binomial(pairs, q)."""
+    q = (1 - P) ** 2 + P ** 2 / VARIANTS
+    return pairs * q, 4 * np.sqrt(pairs * q * (1 - q))
+
+
+@pytest.mark.parametrize("same_object", [False, True])
+def test_two_wrappers_built_alike_choose_independently(setup, same_object):
+    """ConcatDataset([a, b]) of two wrappers built alike (the usual 2x oversampling), and
+    ConcatDataset([a, a]): the two halves choose independently (48 of 48 alike was the bug)."""
+    a = _dataset(setup)
+    b = a if same_object else _dataset(setup)
+    if not same_object:
+        assert a.seed != b.seed
+    n = len(a)
+    table = _lookup(a)
+    loader = DataLoader(ConcatDataset([a, b]), batch_size=5, shuffle=False, num_workers=2)
+    agree = pairs = synthetic = 0
+    for _ in range(3):
+        served = _served(table, loader)
+        assert [i for i, _ in served] == list(range(n)) * 2
+        first, second = served[:n], served[n:]
+        agree += sum(va == vb for (_, va), (_, vb) in zip(first, second))
+        pairs += n
+        synthetic += sum(v >= 0 for _, v in served)
+    mean, bound = _agreement_bound(pairs)
+    assert abs(agree - mean) < bound, (agree, pairs, mean)
+    draws = 2 * pairs
+    assert abs(synthetic / draws - P) < 4 * np.sqrt(P * (1 - P) / draws)
+
+
+def test_default_seed_comes_from_torch_manual_seed(setup):
+    """seed=None draws the seed from torch's global generator at construction, as RandomSampler
+    draws its shuffling seed: torch.manual_seed(s) before construction reproduces a run."""
+    torch.manual_seed(1234)
+    expected = int(torch.empty((), dtype=torch.int64).random_().item())  # what RandomSampler draws
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        ds = _dataset(setup)
+        assert ds.seed == expected and f"seed={expected}," in repr(ds)
+        table = _lookup(ds)
+        loader = DataLoader(ds, batch_size=5, shuffle=True, num_workers=2)
+        runs.append([_served(table, loader) for _ in range(3)])
+    assert runs[0] == runs[1]
+    # Without re-seeding, another seed and other choices.
+    other = _dataset(setup)
+    assert other.seed != expected
+    table = _lookup(other)
+    loader = DataLoader(other, batch_size=5, shuffle=False, num_workers=2)
+    mine = [dict(epoch) for epoch in runs[0]]
+    theirs = [dict(_served(table, loader)) for _ in range(3)]
+    mean, bound = _agreement_bound(3 * len(other))
+    agree = sum(m[i] == t[i] for m, t in zip(mine, theirs) for i in m)
+    assert abs(agree - mean) < bound, (agree, mean)
+    # An explicit seed stays exact.
+    explicit = [_dataset(setup, seed=5) for _ in range(2)]
+    assert [d.seed for d in explicit] == [5, 5]
+    table = _lookup(explicit[0])
+    served = [_served(table, DataLoader(d, batch_size=5, num_workers=0)) for d in explicit]
+    assert served[0] == served[1]
+
+
+SMALL = T.Compose([T.Resize((8, 8)), T.PILToTensor()])
+
+
+def _plus_100(label):
+    return label + 100
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "timm"])
+def test_base_created_with_its_transform(setup, kind):
+    """ImageFolder(root, transform=t) (torchvision's reference train.py) and timm's
+    ImageDataset(root, transform=t): the wrapper adopts t and the target transform, for real and
+    synthetic images alike, through DataLoader workers."""
+    from timm.data import ImageDataset
+
+    root, plan, cache_dir = setup
+    if kind == "torchvision":
+        make = lambda: ImageFolder(root, transform=SMALL, target_transform=_plus_100)  # noqa: E731
+    else:
+        make = lambda: ImageDataset(str(root), transform=SMALL, target_transform=_plus_100)  # noqa: E731
+    reference = make()  # the base's own items, read by the base itself
+    cache = SyntheticCache(cache_dir)
+    samples = reference.samples if kind == "torchvision" else reference.reader.samples
+    files = [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in samples]
+    labels = [CLASSES.index(f.split("/")[0]) for f in files]
+
+    real = SyntheticAugmentedDataset(make(), plan, cache, p=0.0)
+    assert real.transform is SMALL and real.target_transform is _plus_100
+    assert "Transform (the base's)" in repr(real) and "Target transform (the base's)" in repr(real)
+    served = [(x, y) for bx, by in DataLoader(real, batch_size=5, num_workers=2) for x, y in zip(bx, by)]
+    assert len(served) == len(reference) == len(files)
+    for i, (x, y) in enumerate(served):
+        rx, ry = reference[i]
+        assert torch.equal(x, rx) and int(y) == ry == labels[i] + 100
+
+    synthetic = SyntheticAugmentedDataset(make(), plan, cache, p=1.0, on_miss="error")
+    # Every variant of every file, transformed: computed from the plan and the cache directly.
+    variants = {}
+    for i, f in enumerate(files):
+        for v in plan.variants_for(f):
+            variants[_key(SMALL(cache.get(v).image))] = (i, v.variant)
+    assert len(variants) == len(files) * VARIANTS
+    seen = collections.defaultdict(set)
+    for _ in range(3):
+        batches = DataLoader(synthetic, batch_size=5, num_workers=2)
+        out = [(x, y) for bx, by in batches for x, y in zip(bx, by)]
+        for i, (x, y) in enumerate(out):
+            index, version = variants[_key(x)]  # a KeyError: not a transformed variant
+            assert index == i and int(y) == labels[i] + 100
+            seen[i].add(version)
+    assert any(len(v) > 1 for v in seen.values())  # the variants vary across epochs
+
+    # Given twice: one must go, and the error says which.
+    with pytest.raises(InputError, match="drop one, either transform= here .* or the base's"):
+        SyntheticAugmentedDataset(make(), plan, cache, p=0.5, transform=SMALL)
+
+
+@pytest.fixture(scope="module")
+def few_shot(setup, tmp_path_factory):
+    """A 2-shot plan over the full folder, with its cache."""
+    root, _, _ = setup
+    work = tmp_path_factory.mktemp("fewshot")
+    plan = build_plan(root, variants=2, seed=5, n_shot=2, scores=np.linspace(0.1, 0.9, 2 * len(CLASSES)),
+                      models=ModelConfig())
+    spec = GenerationSpec(ModelConfig(), GenerationConfig(num_inference_steps=2, height=16, width=16))
+    cache = SyntheticCache(work / "cache", spec)
+    rng = np.random.default_rng(7)
+    for variant in plan:
+        cache.put(variant, Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)))
+    cache.record_spec(plan)
+    return plan, work / "cache"
+
+
+def test_few_shot_plan_over_the_full_folder(setup, few_shot):
+    """A --shots 2 plan over a folder of 6 images per class: wrapping the whole folder warns (how
+    many items are not in the plan, and the --shots), items="plan" serves the plan's 8 items."""
+    root = setup[0]
+    plan, cache_dir = few_shot
+    planned = sorted({v.source for v in plan})
+    assert len(planned) == 2 * len(CLASSES)
+    folder = ImageFolder(root)
+    files = [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in folder.samples]
+    expected_indices = [i for i, f in enumerate(files) if f in planned]
+
+    with pytest.warns(UserWarning) as record:
+        whole = SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(cache_dir), p=0.5,
+                                          transform=TO_TENSOR, on_miss="error")
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert "16 of the 24 items of the base dataset are not in the plan (the plan was made with --shots 2; it " \
+           "has 8 of them)" in messages[0] and "items='plan'" in messages[0]
+    assert len(whole) == 24
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # -W error: nothing to say
+        subset = SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(cache_dir), p=0.5,
+                                           transform=TO_TENSOR, on_miss="error", items="plan")
+    assert len(subset) == len(planned) == subset.num_augmentable
+    assert subset.targets == [folder.targets[i] for i in expected_indices]
+    assert "items='plan': the plan's 8 of its 24 items" in repr(subset)
+    # The helper gives the same indices, found by path; few_shot_indices re-draws the same subset
+    # from the labels and the plan's seed (as long as the folder is unchanged).
+    assert plan_indices(folder, plan) == expected_indices
+    assert few_shot_indices(folder.targets, 2, 5) == expected_indices
+
+    # What comes out: each planned file once per epoch, real or one of its own variants.
+    table = {}
+    for j, i in enumerate(expected_indices):
+        table[_key(TO_TENSOR(Image.open(folder.samples[i][0]).convert("RGB")))] = (j, -1)
+        for v in plan.variants_for(files[i]):
+            table[_key(TO_TENSOR(SyntheticCache(cache_dir).get(v).image))] = (j, v.variant)
+    loader = DataLoader(subset, batch_size=3, shuffle=True, num_workers=2)
+    served_all = []
+    for _ in range(EPOCHS):
+        served = []
+        for x, y in loader:
+            for xi, yi in zip(x, y):
+                j, version = table[_key(xi)]
+                assert int(yi) == folder.targets[expected_indices[j]]
+                served.append((j, version))
+        assert sorted(j for j, _ in served) == list(range(len(planned)))
+        served_all += served
+    share = sum(v >= 0 for _, v in served_all) / len(served_all)
+    assert abs(share - 0.5) < 4 * np.sqrt(0.25 / len(served_all))

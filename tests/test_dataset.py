@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import DatasetFolder, ImageFolder
 
 from dalda_aug.cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from dalda_aug.dataset import CacheMissError, SyntheticAugmentedDataset, source_ids
@@ -74,6 +74,11 @@ def _dataset(data, cache, **kwargs):
 
 def _tensor(image):
     return TO_TENSOR(image)
+
+
+def _rgb_loader(path):
+    with open(path, "rb") as fh:
+        return Image.open(fh).convert("RGB")
 
 
 # -- the torchvision contract ----------------------------------------------------------------------
@@ -240,8 +245,21 @@ def test_construction_loads_nothing_and_validates(data, warm_cache, tmp_path):
     ds[0]  # warm cache: no miss, no model
     text = repr(ds)
     assert "p=0.5" in text and "on_miss='generate'" in text and str(len(ds)) in text
-    with pytest.raises(InputError, match="transform"):
-        SyntheticAugmentedDataset(ImageFolder(root, transform=TO_TENSOR), plan, warm_cache)
+    # A stock ImageFolder may keep its transform (see test_clients); given twice, one must go.
+    with pytest.raises(InputError, match="transform was given both to the base ImageFolder and to "
+                                         "SyntheticAugmentedDataset: drop one"):
+        SyntheticAugmentedDataset(ImageFolder(root, transform=TO_TENSOR), plan, warm_cache, transform=TO_TENSOR)
+    with pytest.raises(InputError, match="target_transform was given both"):
+        SyntheticAugmentedDataset(ImageFolder(root, target_transform=int), plan, warm_cache, target_transform=int)
+    # A base read through its own loader keeps today's rule: no transform on the base.
+    custom = DatasetFolder(str(root), loader=_rgb_loader, extensions=(".png",), transform=TO_TENSOR)
+    with pytest.raises(InputError, match=r"the base dataset \(DatasetFolder\) has a transform; create it with "
+                                         "transform=None"):
+        SyntheticAugmentedDataset(custom, plan, warm_cache)
+    with pytest.raises(InputError, match="items must be one of"):
+        SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, items="few-shot")
+    with pytest.raises(InputError, match="seed must be an integer >= 0 or None"):
+        SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, seed=-1)
     with pytest.raises(InputError, match="p must be"):
         SyntheticAugmentedDataset(ImageFolder(root), plan, warm_cache, p=1.5)
     with pytest.raises(InputError, match="on_miss"):
