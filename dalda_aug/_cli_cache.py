@@ -239,11 +239,26 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .export_formats import check_export_format, export
+
+    check_export_format(args.export_as)  # before the plan and the cache are read
+    try:
+        shard_size = None if args.shard_size is None else int(args.shard_size)
+    except ValueError:
+        raise InputError(f"--shard-size {args.shard_size}: not a whole number of samples") from None
     plan = _load_plan(args.plan)
     cache = _cache_for_reading(args, plan)
-    result = cache.export(args.out, plan, progress=not args.no_progress)
+    result = export(cache, args.out, args.export_as, plan, shard_size=shard_size, progress=not args.no_progress)
     extra = f" ({result['missing']} images of the plan are not cached)" if result["missing"] else ""
-    print(f"exported {result['exported']} images to {result['out']} (+ metadata.csv){extra}")
+    if result.get("corrupt"):
+        extra += f"; {result['corrupt']} corrupt entries skipped"
+    if args.export_as == "imagefolder":
+        print(f"exported {result['exported']} images to {result['out']} (+ metadata.csv){extra}")
+    else:
+        print(f"exported {result['exported']} images to {result['out']} as {args.export_as}: {result['shards']} "
+              f"shard(s), {result['written']} written, {result['skipped']} already complete "
+              f"(+ {result['manifest']}){extra}")
     return 0
 
 
@@ -330,9 +345,19 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_run_specs)
 
-    s = sub.add_parser("export", help="write cached images as an image folder + metadata.csv")
+    s = sub.add_parser("export", help="write cached images as an image folder, WebDataset shards or Parquet files")
     s.add_argument("--cache", required=True, help="cache folder")
-    s.add_argument("--out", required=True, help="output folder: OUT/<class>/<key>.png and OUT/metadata.csv")
+    s.add_argument("--out", required=True,
+                   help="output folder (outside the cache): OUT/<class>/<key>.png + OUT/metadata.csv, or "
+                        "OUT/shard-000000.tar|parquet... + OUT/manifest-<format>.json")
+    from .export_formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
+
+    s.add_argument("--as", dest="export_as", default=DEFAULT_EXPORT_FORMAT, metavar="FORMAT",
+                   help=f"{' | '.join(EXPORT_FORMATS)} (default {DEFAULT_EXPORT_FORMAT}); webdataset: tar shards "
+                        "of <key>.png, .cls, .json; parquet: Hugging Face Image and ClassLabel features; sharded "
+                        "exports resume where a killed run stopped")
+    s.add_argument("--shard-size", default=None, metavar="N",
+                   help="samples per tar shard / rows per Parquet file (default 1000; webdataset and parquet)")
     add_spec_arguments(s, plan_required=False)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_run_export)
