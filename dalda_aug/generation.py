@@ -8,7 +8,7 @@ Importing it stays light (no torch, diffusers or transformers).
 
 from __future__ import annotations
 
-from .generators.base import GenerationRequest, dtype_name, generation_fingerprint, resolve_torch_dtype
+from .generators.base import GenerationRequest, generation_fingerprint
 from .generators.ip_adapter import (
     SCHEDULERS,
     GenerationConfig,
@@ -30,8 +30,3 @@ __all__ = [
     "reference_generate",
     "SCHEDULERS",
 ]
-
-# Names other modules imported before the reshape (dalda_aug.cache used _dtype_name).
-_dtype_name = dtype_name
-_resolve_torch_dtype = resolve_torch_dtype
-

@@ -203,3 +203,28 @@ def test_generator_reprs_are_pinned(token_folder: Path) -> None:
         "RealGuidanceGenerator(base='tiny/sd-pipe', device='cpu', dtype='float32', not loaded)")
     assert repr(DAFusionGenerator(MODELS, configs["da_fusion"], dtype="float16")) == (
         "DAFusionGenerator(base='tiny/sd-pipe', device='cpu', dtype='float16', not loaded)")
+
+
+def test_field_defaults_redeclare_only_inherited_fields() -> None:
+    """``FIELD_DEFAULTS`` (how the configs above change the shared fields' defaults) refuses a name
+    no base class declares and a field the subclass also declares itself."""
+    from dalda_aug.generators import pixel_field
+
+    with pytest.raises(TypeError, match="no base class declares"):
+        @dataclasses.dataclass(frozen=True)
+        class Unknown(GeneratorConfig):
+            FIELD_DEFAULTS = {"no_such_field": 1}
+
+    with pytest.raises(TypeError, match="declares 'height'"):
+        @dataclasses.dataclass(frozen=True)
+        class Twice(GeneratorConfig):
+            FIELD_DEFAULTS = {"height": 64}
+            height: int = pixel_field(64)
+
+    @dataclasses.dataclass(frozen=True)
+    class Small(GenerationConfig):
+        FIELD_DEFAULTS = {"height": 64, "width": 64}
+
+    assert [f.name for f in dataclasses.fields(Small)] == [name for name, *_ in PINNED_FIELDS[GenerationConfig]]
+    assert (Small().height, Small().width, Small().prompt_prefix) == (64, 64, GenerationConfig().prompt_prefix)
+    assert all(field_changes_pixels(f) for f in dataclasses.fields(Small) if f.name in ("height", "width"))

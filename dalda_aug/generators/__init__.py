@@ -5,8 +5,10 @@ module                    what it holds
 ========================  ===========================================================
 ``loading``               :func:`parse_location` (the one "hub id or local path" rule),
                           loader error policy, schedulers, VAE loaders
-``base``                  :class:`GenerationRequest`, :class:`GeneratorConfig` (fields declare
-                          whether they change pixels), fingerprints, dtypes, the registry
+``base``                  :class:`GenerationRequest`, :class:`GeneratorConfig` (the shared
+                          sampling fields; fields declare whether they change pixels),
+                          :class:`Generator` (what every generator shares), fingerprints,
+                          dtypes, the registry
 ``attention``             per-sample-λ attention processors (module-level classes)
 ``step_cache``            DeepCache-style step caching
 ``ip_adapter``            DALDA: :class:`GenerationConfig`, :class:`IPAdapterGenerator`
@@ -17,8 +19,9 @@ module                    what it holds
 ========================  ===========================================================
 
 A new generator: a config dataclass derived from :class:`GeneratorConfig` whose fields use
-:func:`pixel_field` / :func:`speed_field`, a generator class with ``load``/``generate``/
-``fingerprint``, and one :func:`register_generator` call; ``GenerationSpec.make_generator``
+:func:`pixel_field` / :func:`speed_field` (``FIELD_DEFAULTS`` changes the shared fields' defaults),
+a generator class derived from :class:`Generator` with ``load``/``generate``, and one
+:func:`register_generator` call; ``GenerationSpec.make_generator``
 finds it. ``tests/test_generators_contract.py`` runs the family contract on it once it is added
 to that file's list. Names are imported on first use: ``import dalda_aug.generators`` is light.
 """
@@ -42,6 +45,7 @@ _EXPORTS = {
     "load_tiny_vae": "loading",
     "GenerationRequest": "base",
     "GeneratorConfig": "base",
+    "Generator": "base",
     "pixel_field": "base",
     "speed_field": "base",
     "field_changes_pixels": "base",
@@ -93,7 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
         install_per_sample_processors as install_per_sample_processors,
     )
     from .base import (
-        GenerationRequest as GenerationRequest, GeneratorConfig as GeneratorConfig,
+        GenerationRequest as GenerationRequest, Generator as Generator, GeneratorConfig as GeneratorConfig,
         check_requests as check_requests, config_from_dict as config_from_dict, dtype_name as dtype_name,
         field_changes_pixels as field_changes_pixels, generation_fingerprint as generation_fingerprint,
         generator_class_for as generator_class_for, image_key as image_key, pixel_field as pixel_field,

@@ -1,17 +1,19 @@
-"""What every generator shares: requests, dtypes, the config base and its fingerprint, the registry.
+"""What every generator shares: requests, dtypes, the config and generator bases, the fingerprint, the registry.
 
-A generator is a class built as ``Generator(models, config, device=..., dtype=...)`` that loads
-nothing until :meth:`load` (or its first ``generate``) and turns a list of
-:class:`GenerationRequest` into one PIL image per request, each depending only on its own request.
-Its configuration is a frozen dataclass derived from :class:`GeneratorConfig`; every field says,
-in its metadata, whether it changes the pixels (:func:`pixel_field`) or not (:func:`speed_field`),
-and the fingerprint (part of every cache key) is built from the fields so marked.
-:func:`register_generator` maps a config class to its generator class, so that
-``GenerationSpec.make_generator`` needs no change for a new generator.
+A generator derives from :class:`Generator`: it is built as ``Generator(models, config,
+device=..., dtype=...)``, loads nothing until :meth:`Generator.load` (or its first ``generate``)
+and turns a list of :class:`GenerationRequest` into one PIL image per request, each depending only
+on its own request. Its configuration is a frozen dataclass derived from :class:`GeneratorConfig`,
+which declares the Stable Diffusion sampling fields every generator shares (a subclass changes
+their defaults with ``FIELD_DEFAULTS``); every field says, in its metadata, whether it changes the
+pixels (:func:`pixel_field`) or not (:func:`speed_field`), and the fingerprint (part of every
+cache key) is built from the fields so marked. :func:`register_generator` maps a config class to
+its generator class, so that ``GenerationSpec.make_generator`` needs no change for a new generator.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import importlib
@@ -19,10 +21,10 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
 from ..config import ModelConfig
-from ..errors import InputError
+from ..errors import InputError, require
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "GenerationRequest",
     "GeneratorConfig",
+    "Generator",
     "PIXELS",
     "pixel_field",
     "speed_field",
@@ -47,6 +50,9 @@ __all__ = [
     "generator_class_for",
     "registered_configs",
     "config_from_dict",
+    "load_sd_pipeline",
+    "apply_guidance",
+    "decode_latents",
 ]
 
 # Version of the fingerprint layout; bump it when the pixels of existing settings change.
@@ -129,7 +135,7 @@ class GenerationRequest:
     ``image`` is the real source image (any size, any mode): the IP-Adapter's reference image,
     or the starting point of img2img. ``prompt`` is the text *without* the config's
     ``prompt_prefix`` (the generator adds it). ``scale`` is the generator's per-request weight:
-    the IP-Adapter image weight λ >= 0 (0 = text only) for :class:`~dalda_aug.generation.IPAdapterGenerator`,
+    the IP-Adapter image weight λ >= 0 (0 = text only) for :class:`~dalda_aug.generators.IPAdapterGenerator`,
     the img2img strength in (0, 1] for DA-Fusion, unused by Real Guidance. ``seed`` seeds the
     request's own ``torch.Generator("cpu")`` (0 <= seed < 2**64).
     """
@@ -158,6 +164,12 @@ class GenerationRequest:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
             raise InputError(f"GenerationRequest.seed must be an integer in [0, 2**64), got {seed!r}")
         object.__setattr__(self, "seed", int(seed))
+
+    @classmethod
+    def from_variant(cls, variant: Any, image: "Image.Image") -> "GenerationRequest":
+        """The request of a plan :class:`~dalda_aug.plan.Variant` (its prompt, λ and seed) on its
+        loaded source ``image``."""
+        return cls(image, variant.prompt, variant.lam, variant.seed)
 
 
 def check_requests(requests: Any) -> list[GenerationRequest]:
@@ -219,27 +231,61 @@ class GeneratorConfig:
     """Base of every generator's settings: the sampling fields all Stable Diffusion generators share.
 
     Subclasses are frozen dataclasses; every field is declared with :func:`pixel_field` or
-    :func:`speed_field`. ``METHOD`` names the generator in fingerprints and files;
+    :func:`speed_field`. The shared fields below are declared here only: a subclass gives them
+    other defaults with ``FIELD_DEFAULTS`` (the fields keep their place, comment and metadata).
+    ``METHOD`` names the generator in fingerprints and files;
     :meth:`model_fields` names the :class:`~dalda_aug.config.ModelConfig` fields it loads
     (only those enter the fingerprint); :meth:`fingerprint_extras` adds derived constants.
     """
 
     METHOD: ClassVar[str] = "base"
     SCHEDULERS: ClassVar[tuple[str, ...]] = ("ddim", "dpmsolver++")
+    # A subclass's defaults for fields declared by a base class: ``{"num_inference_steps": 50}``
+    # in the subclass's body redeclares that field with the base's type and metadata
+    # (see __init_subclass__). Read from the class's own body only.
+    FIELD_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
 
-    # Denoising steps.
+    # Denoising steps (for img2img: of the full schedule, of which it runs the last
+    # ``strength`` share).
     num_inference_steps: int = pixel_field(30)
-    # Classifier-free guidance weight; guidance and the negative prompt are used only when > 1.
+    # Classifier-free guidance weight; guidance and the negative prompt are used only when > 1,
+    # as in diffusers.
     guidance_scale: float = pixel_field(7.5)
-    # Output (or, for img2img, working canvas) size in pixels; multiples of 8.
+    # Output size (for img2img, the working canvas the real image is resized to) in pixels;
+    # multiples of 8.
     height: int = pixel_field(512)
     width: int = pixel_field(512)
     # Prepended to every request's prompt.
     prompt_prefix: str = pixel_field("")
     # Negative prompt of classifier-free guidance ("" = none).
     negative_prompt: str = pixel_field("")
-    # Sampler: one of the class's SCHEDULERS.
+    # Sampler: one of the class's SCHEDULERS: "ddim" (DALDA's; eta = 0,
+    # :func:`~dalda_aug.generators.loading.ddim_scheduler_config`), "dpmsolver++" (DPM-Solver++ 2M
+    # built from the same betas, commonly run with ~20 steps; other pixels than DDIM's) or, for
+    # img2img, "pipeline" (the base model's own scheduler as from_pretrained loads it).
     scheduler: str = pixel_field("ddim")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Redeclare the fields named in the subclass's own ``FIELD_DEFAULTS`` with those defaults.
+
+        Runs before ``@dataclass`` processes the subclass: each such field gets an annotation and
+        a ``dataclasses.field`` with the inherited type and metadata (so it keeps its place in the
+        field order and its pixel declaration) and the new default.
+        """
+        super().__init_subclass__(**kwargs)
+        defaults = cls.__dict__.get("FIELD_DEFAULTS")
+        if not defaults:
+            return
+        inherited = {f.name: f for f in dataclasses.fields(cls)}  # the base's: cls is not a dataclass yet
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for name, default in defaults.items():
+            if name not in inherited:
+                raise TypeError(f"{cls.__name__}.FIELD_DEFAULTS names {name!r}, which no base class declares")
+            if name in annotations:
+                raise TypeError(f"{cls.__name__} declares {name!r} and gives it a default in FIELD_DEFAULTS")
+            annotations[name] = inherited[name].type
+            setattr(cls, name, dataclasses.field(default=default, metadata=inherited[name].metadata))
+        cls.__annotations__ = annotations
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -331,6 +377,129 @@ def generation_fingerprint(models: ModelConfig, config: GeneratorConfig, dtype: 
         "dtype": dtype_name(dtype),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# generators
+# --------------------------------------------------------------------------------------------
+G = TypeVar("G", bound="Generator")
+
+
+class Generator(abc.ABC):
+    """Base of every generator: arguments, state, ``repr`` and fingerprint; subclasses load and generate.
+
+    Args:
+        models: where the generator's models live (:class:`~dalda_aug.config.ModelConfig`).
+        config: a ``config_class`` instance (``config_class()`` when ``None``).
+        device: torch device ("cpu" by default, "cuda", "cuda:1", ...).
+        dtype: ``None``/"float32" (default), "bfloat16" or "float16", or the torch dtype.
+
+    The constructor loads nothing; :meth:`load` (called by the first :meth:`generate`) does and
+    keeps the diffusers pipeline in ``_pipe``.
+    """
+
+    # The config class this generator takes.
+    config_class: ClassVar[type[GeneratorConfig]] = GeneratorConfig
+    # True: instances of config_class's subclasses are accepted too; False: exactly config_class.
+    accepts_config_subclasses: ClassVar[bool] = False
+    # The ModelConfig fields that repr shows.
+    repr_models: ClassVar[tuple[str, ...]] = ("base",)
+
+    models: ModelConfig
+    config: GeneratorConfig
+    device: "torch.device"
+    dtype: "torch.dtype"
+
+    def __init__(self, models: ModelConfig, config: GeneratorConfig | None = None, device: Any = "cpu",
+                 dtype: Any = None) -> None:
+        torch = require("torch", "generate")
+        if not isinstance(models, ModelConfig):
+            raise InputError(f"models must be a ModelConfig, got {type(models).__name__}")
+        config = config if config is not None else self.config_class()
+        wanted = self.config_class
+        if not (isinstance(config, wanted) if self.accepts_config_subclasses else type(config) is wanted):
+            raise InputError(f"config must be a {wanted.__name__}, got {type(config).__name__}")
+        self._check_arguments()
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise InputError(f"invalid device {device!r}: {exc}") from None
+        self.models = models
+        self.config = config
+        self.dtype = resolve_torch_dtype(dtype)
+        # The diffusers pipeline once loaded (diffusers objects are untyped).
+        self._pipe: Any = None
+
+    def _check_arguments(self) -> None:
+        """Hook: check a subclass's own constructor arguments (after models and config, before device)."""
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._pipe is not None else "not loaded"
+        models = ", ".join(f"{name}={getattr(self.models, name)!r}" for name in self.repr_models)
+        return (f"{type(self).__name__}({models}, device={str(self.device)!r}, dtype={dtype_name(self.dtype)!r}, "
+                f"{state})")
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._pipe is not None
+
+    @property
+    def pipeline(self) -> Any:
+        """The underlying diffusers pipeline (loads it)."""
+        self.load()
+        return self._pipe
+
+    def fingerprint(self) -> str:
+        """:func:`generation_fingerprint` of this generator's models, config and dtype."""
+        return generation_fingerprint(self.models, self.config, self.dtype)
+
+    @abc.abstractmethod
+    def load(self: G) -> G:
+        """Load the models (once); returns ``self``."""
+
+    @abc.abstractmethod
+    def generate(self, requests: Iterable[GenerationRequest], batch_size: int | None = None,
+                 progress: bool = False) -> list["Image.Image"]:
+        """One PIL image per request, in order; each depends only on its own request."""
+
+
+def load_sd_pipeline(pipeline_class: Any, models: ModelConfig, dtype: Any, what: str, **components: Any) -> Any:
+    """``pipeline_class.from_pretrained`` of ``models.base`` (its revision, no safety checker, ``dtype``,
+    ``components`` replacing the folder's), through :func:`~dalda_aug.generators.loading.call_loader`;
+    ``what`` names the pipeline in errors."""
+    from .loading import call_loader, describe_location, parse_location
+
+    return call_loader(
+        what,
+        f"a diffusers StableDiffusionPipeline (model_index.json) in "
+        f"{describe_location(models.base, None, models.base_revision)}",
+        pipeline_class.from_pretrained,
+        parse_location(models.base).value,
+        revision=models.base_revision,
+        safety_checker=None,
+        requires_safety_checker=False,
+        dtype=dtype,
+        **components,
+    )
+
+
+# Steps of the Stable Diffusion generators' own denoising loops (diffusers' pipeline __call__s).
+def apply_guidance(noise_pred: "torch.Tensor", guidance_scale: float) -> "torch.Tensor":
+    """Classifier-free guidance of a UNet output whose first half is the unconditional one."""
+    # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.__call__
+    # (the "perform guidance" step).
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def decode_latents(pipe: Any, latents: "torch.Tensor") -> list["Image.Image"]:
+    """The pipeline's VAE decode and post-processing of ``latents`` to PIL images."""
+    # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.__call__
+    # (output_type="pil", no safety checker: every image denormalised).
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil",
+                                                                 do_denormalize=[True] * len(latents))
+    return images
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,24 +20,17 @@ started, so a batch costs ``num_inference_steps`` UNet calls whatever its mix of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 
-from ..config import ModelConfig
 from ..errors import InputError, require
 from .base import (
-    GenerationRequest,
-    GeneratorConfig,
-    check_choice,
-    check_int,
-    check_requests,
-    dtype_name,
-    generation_fingerprint,
-    pixel_field,
-    resolve_torch_dtype,
+    GenerationRequest, Generator, GeneratorConfig, apply_guidance, check_choice, check_int, check_requests,
+    decode_latents, load_sd_pipeline, pixel_field,
 )
-from .loading import call_loader, check_local_folder, describe_location, load_vae, make_scheduler, parse_location
+from .loading import check_local_folder, load_vae, make_scheduler
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from PIL import Image
 
 __all__ = ["Img2ImgConfig", "Img2ImgGenerator"]
@@ -51,21 +44,16 @@ class Img2ImgConfig(GeneratorConfig):
     """img2img settings shared by Real Guidance and DA-Fusion (DA-Fusion's implementation by default)."""
 
     SCHEDULERS: ClassVar[tuple[str, ...]] = ("pipeline", "ddim", "dpmsolver++")
+    # The shared sampling fields (declared by GeneratorConfig) at DA-Fusion's settings: guidance
+    # 7.5, a 512 x 512 canvas, no prompt prefix or negative prompt (GeneratorConfig's defaults), and
+    FIELD_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        # DA-Fusion calls the pipeline without num_inference_steps: diffusers' default, 50.
+        "num_inference_steps": 50,
+        # The base model's own scheduler as from_pretrained loads it (PNDM for
+        # CompVis/stable-diffusion-v1-4).
+        "scheduler": "pipeline",
+    }
 
-    # Denoising steps of the full schedule; img2img runs the last ``strength`` share of them
-    # (DA-Fusion calls the pipeline without num_inference_steps: diffusers' default, 50).
-    num_inference_steps: int = pixel_field(50)
-    # Classifier-free guidance weight (DA-Fusion: 7.5).
-    guidance_scale: float = pixel_field(7.5)
-    # The canvas the real image is resized to before img2img (DA-Fusion: 512 x 512).
-    height: int = pixel_field(512)
-    width: int = pixel_field(512)
-    # Prepended to every prompt, and the negative prompt (DA-Fusion: none).
-    prompt_prefix: str = pixel_field("")
-    negative_prompt: str = pixel_field("")
-    # "pipeline": the base model's own scheduler as from_pretrained loads it (PNDM for
-    # CompVis/stable-diffusion-v1-4; DA-Fusion), or "ddim" / "dpmsolver++" (see GenerationConfig).
-    scheduler: str = pixel_field("pipeline")
     # "base": the base model's own VAE (DA-Fusion); "override": ModelConfig.vae (sd-vae-ft-mse).
     vae: str = pixel_field("base")
     # "source": the output is resized back to the source image's size (DA-Fusion);
@@ -91,55 +79,21 @@ class Img2ImgConfig(GeneratorConfig):
                                       else {})}
 
 
-class Img2ImgGenerator:
+class Img2ImgGenerator(Generator):
     """Batched SD img2img from each request's real image; subclasses choose each request's strength.
 
     Args:
         models: where the base pipeline (and, with ``config.vae == "override"``, the VAE) lives.
-        config: an :class:`Img2ImgConfig` of the subclass's kind.
+        config: an :class:`Img2ImgConfig` of the subclass's kind (exactly ``config_class``).
         device: torch device ("cpu" by default).
         dtype: ``None``/"float32" (default), "bfloat16" or "float16", or the torch dtype.
 
-    The constructor loads nothing; :meth:`load` (called by the first :meth:`generate`) does.
+    The constructor loads nothing; :meth:`load` (called by the first :meth:`generate`) does; the
+    :attr:`pipeline` is a stock ``StableDiffusionImg2ImgPipeline``.
     """
 
-    config_class: ClassVar[type[Img2ImgConfig]] = Img2ImgConfig
-
-    def __init__(self, models: ModelConfig, config: Img2ImgConfig | None = None, device: Any = "cpu",
-                 dtype: Any = None) -> None:
-        torch = require("torch", "generate")
-        if not isinstance(models, ModelConfig):
-            raise InputError(f"models must be a ModelConfig, got {type(models).__name__}")
-        config = config if config is not None else self.config_class()
-        if type(config) is not self.config_class:
-            raise InputError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise InputError(f"invalid device {device!r}: {exc}") from None
-        self.models = models
-        self.config = config
-        self.dtype = resolve_torch_dtype(dtype)
-        self._pipe: Any = None
-
-    def __repr__(self) -> str:
-        state = "loaded" if self._pipe is not None else "not loaded"
-        return (f"{type(self).__name__}(base={self.models.base!r}, device={str(self.device)!r}, "
-                f"dtype={dtype_name(self.dtype)!r}, {state})")
-
-    @property
-    def is_loaded(self) -> bool:
-        return self._pipe is not None
-
-    @property
-    def pipeline(self) -> Any:
-        """The underlying stock ``StableDiffusionImg2ImgPipeline`` (loads it)."""
-        self.load()
-        return self._pipe
-
-    def fingerprint(self) -> str:
-        """:func:`~dalda_aug.generators.generation_fingerprint` of models, config and dtype."""
-        return generation_fingerprint(self.models, self.config, self.dtype)
+    config_class: ClassVar[type[GeneratorConfig]] = Img2ImgConfig
+    config: Img2ImgConfig
 
     def load(self) -> "Img2ImgGenerator":
         """Load the models (once); returns ``self``."""
@@ -155,18 +109,8 @@ class Img2ImgGenerator:
             if models.vae is None:
                 raise InputError(f"{type(config).__name__}.vae='override' needs ModelConfig.vae, which is None")
             components["vae"] = load_vae(models.vae, self.dtype)
-        pipe = call_loader(
-            "the Stable Diffusion img2img pipeline",
-            f"a diffusers StableDiffusionPipeline (model_index.json) in "
-            f"{describe_location(models.base, None, models.base_revision)}",
-            diffusers.StableDiffusionImg2ImgPipeline.from_pretrained,
-            parse_location(models.base).value,
-            revision=models.base_revision,
-            safety_checker=None,
-            requires_safety_checker=False,
-            dtype=self.dtype,
-            **components,
-        )
+        pipe = load_sd_pipeline(diffusers.StableDiffusionImg2ImgPipeline, models, self.dtype,
+                                "the Stable Diffusion img2img pipeline", **components)
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self._after_load(pipe)
@@ -205,24 +149,50 @@ class Img2ImgGenerator:
         return out
 
     def _generate_batch(self, requests: list[GenerationRequest], strengths: list[float]) -> list["Image.Image"]:
-        """The stock img2img pipeline's computation for each request, one UNet call per schedule position."""
+        """The stock img2img pipeline's computation for each request, one UNet call per schedule
+        position, in diffusers' ``__call__``'s steps: encode, prepare latents, denoise, decode."""
+        import torch
+
+        text, negative = self._encode_prompts(requests)
+        pixels = self._preprocess(requests).to(device=self.device, dtype=text.dtype)
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+        groups, timesteps = self._prepare_groups(pixels, strengths, generators, text.dtype)
+        self._denoise(groups, timesteps, text, negative)
+        return self._decode(groups, requests, text.dtype)
+
+    def _guided(self) -> bool:
+        return self.config.guidance_scale > 1 and self._pipe.unet.config.time_cond_proj_dim is None
+
+    def _resample(self) -> Any:
+        """The PIL filter of ``config.resample``."""
+        from PIL import Image
+
+        return getattr(Image.Resampling, self.config.resample.upper())
+
+    def _encode_prompts(self, requests: list[GenerationRequest]) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        """The pipeline's ``encode_prompt`` of the prefixed prompts (and the negative prompt when guided)."""
+        c, n = self.config, len(requests)
+        prompts = [c.prompt_prefix + r.prompt for r in requests]
+        text, negative = self._pipe.encode_prompt(prompts, self.device, 1, self._guided(),
+                                                  [c.negative_prompt] * n if c.negative_prompt else None)
+        return text, negative
+
+    def _preprocess(self, requests: list[GenerationRequest]) -> "torch.Tensor":
+        """Each real image as RGB, resized to the canvas and preprocessed by the pipeline."""
+        c, resample = self.config, self._resample()
+        canvases = [r.image.convert("RGB").resize((c.width, c.height), resample) for r in requests]
+        pixels: torch.Tensor = self._pipe.image_processor.preprocess(canvases)
+        return pixels
+
+    def _prepare_groups(self, pixels: "torch.Tensor", strengths: list[float], generators: list["torch.Generator"],
+                        dtype: "torch.dtype") -> tuple[dict[float, dict[str, Any]], Any]:
+        """One group per strength: its members, its scheduler (the suffix of the schedule it runs),
+        its noised latents; and the full schedule's timesteps."""
         import torch
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
         from diffusers.utils.torch_utils import randn_tensor
-        from PIL import Image
 
         pipe, c, device = self._pipe, self.config, self.device
-        resample = getattr(Image.Resampling, c.resample.upper())
-        n = len(requests)
-        guided = c.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        prompts = [c.prompt_prefix + r.prompt for r in requests]
-        text, negative = pipe.encode_prompt(prompts, device, 1, guided,
-                                            [c.negative_prompt] * n if c.negative_prompt else None)
-        canvases = [r.image.convert("RGB").resize((c.width, c.height), resample) for r in requests]
-        pixels = pipe.image_processor.preprocess(canvases).to(device=device, dtype=text.dtype)
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-
-        # One scheduler per strength: the suffix of the schedule it runs, as the pipeline's get_timesteps.
         groups: dict[float, dict[str, Any]] = {}
         for i, s in enumerate(strengths):
             groups.setdefault(s, {"members": []})["members"].append(i)
@@ -231,22 +201,35 @@ class Img2ImgGenerator:
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
             scheduler.set_timesteps(c.num_inference_steps, device=device)
             full = scheduler.timesteps
+            # Adapted from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.StableDiffusionImg2ImgPipeline.get_timesteps
+            # (on this group's own scheduler).
             init = min(int(c.num_inference_steps * s), c.num_inference_steps)
             t_start = max(c.num_inference_steps - init, 0) * scheduler.order
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(t_start)
             members = g["members"]
             gens = [generators[i] for i in members]
-            # prepare_latents: each image encoded with its own generator, then its own noise.
+            # Adapted from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.StableDiffusionImg2ImgPipeline.prepare_latents
+            # (each image encoded with its own generator, then its own noise).
             latents = torch.cat([retrieve_latents(pipe.vae.encode(pixels[i : i + 1]), generator=generators[i])
                                  for i in members]) * pipe.vae.config.scaling_factor
-            noise = randn_tensor(latents.shape, generator=gens, device=device, dtype=text.dtype)
+            noise = randn_tensor(latents.shape, generator=gens, device=device, dtype=dtype)
             timesteps = scheduler.timesteps[t_start:]
             latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(members))) if len(timesteps) else latents
             g.update(scheduler=scheduler, start=t_start, latents=latents,
                      step_kwargs=pipe.prepare_extra_step_kwargs(gens, 0.0))
         assert full is not None
-        for j, t in enumerate(full):
+        return groups, full
+
+    def _denoise(self, groups: dict[float, dict[str, Any]], timesteps: Any, text: "torch.Tensor",
+                 negative: "torch.Tensor | None") -> None:
+        """At each position of the full schedule, one UNet call for every group that has started
+        (each group's latents updated in place in ``groups``)."""
+        import torch
+
+        pipe, c = self._pipe, self.config
+        guided = self._guided()
+        for j, t in enumerate(timesteps):
             active = [g for g in groups.values() if g["start"] <= j]
             if not active:
                 continue
@@ -254,12 +237,12 @@ class Img2ImgGenerator:
             model_in = torch.cat([g["scheduler"].scale_model_input(g["latents"], t) for g in active])
             states = text[index]
             if guided:
+                assert negative is not None
                 model_in = torch.cat([model_in, model_in])
                 states = torch.cat([negative[index], states])
             noise_pred = pipe.unet(model_in, t, encoder_hidden_states=states, return_dict=False)[0]
             if guided:
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + c.guidance_scale * (cond - uncond)
+                noise_pred = apply_guidance(noise_pred, c.guidance_scale)
             offset = 0
             for g in active:
                 k = len(g["members"])
@@ -267,13 +250,19 @@ class Img2ImgGenerator:
                                                    **g["step_kwargs"], return_dict=False)[0]
                 offset += k
 
-        latents = torch.empty((n, *next(iter(groups.values()))["latents"].shape[1:]), device=device,
-                              dtype=text.dtype)
+    def _decode(self, groups: dict[float, dict[str, Any]], requests: list[GenerationRequest],
+                dtype: "torch.dtype") -> list["Image.Image"]:
+        """The groups' latents back in request order, decoded; resized back to each source's size
+        with ``output_size="source"``."""
+        import torch
+
+        shape = next(iter(groups.values()))["latents"].shape[1:]
+        latents = torch.empty((len(requests), *shape), device=self.device, dtype=dtype)
         for g in groups.values():
             latents[g["members"]] = g["latents"]
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
-        if c.output_size == "source":
+        images = decode_latents(self._pipe, latents)
+        if self.config.output_size == "source":
+            resample = self._resample()
             images = [image if image.size == r.image.size else image.resize(r.image.size, resample)
                       for image, r in zip(images, requests)]
         return list(images)

@@ -36,19 +36,22 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 from ..config import ModelConfig
 from ..errors import InputError, ModelLoadError, require
 from .base import (
     GenerationRequest,
+    Generator,
     GeneratorConfig,
+    apply_guidance,
     check_choice,
     check_int,
     check_requests,
+    decode_latents,
     dtype_name,
-    generation_fingerprint,
     image_key,
+    load_sd_pipeline,
     pixel_field,
     register_generator,
     resolve_torch_dtype,
@@ -103,23 +106,13 @@ class GenerationConfig(GeneratorConfig):
 
     METHOD: ClassVar[str] = "ip_adapter"
     SCHEDULERS: ClassVar[tuple[str, ...]] = SCHEDULERS
-
-    # Denoising steps (paper: 30).
-    num_inference_steps: int = pixel_field(30)
-    # Classifier-free guidance weight (paper: 7.5); guidance and the negative prompt are used
-    # only when it is > 1, as in diffusers.
-    guidance_scale: float = pixel_field(7.5)
-    # Output size in pixels; multiples of 8 (paper: 512 x 512).
-    height: int = pixel_field(512)
-    width: int = pixel_field(512)
-    # Prepended to every request's prompt (paper: "best quality, high quality, ").
-    prompt_prefix: str = pixel_field("best quality, high quality, ")
-    # Negative prompt of classifier-free guidance (paper's).
-    negative_prompt: str = pixel_field("monochrome, lowres, bad anatomy, worst quality, low quality")
-    # "ddim" (paper; eta = 0, :func:`ddim_scheduler_config`) or the opt-in "dpmsolver++"
-    # (DPM-Solver++ 2M built from the same betas), commonly run with ~20 steps instead of 30
-    # (1.5x fewer UNet calls); different pixels from the paper's sampler.
-    scheduler: str = pixel_field("ddim")
+    # The shared sampling fields (declared by GeneratorConfig) keep its defaults, which are the
+    # paper's: 30 "ddim" steps (eta = 0; the opt-in "dpmsolver++" is commonly run with ~20 steps,
+    # 1.5x fewer UNet calls, other pixels), guidance 7.5, 512 x 512; the paper's prompts:
+    FIELD_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "prompt_prefix": "best quality, high quality, ",
+        "negative_prompt": "monochrome, lowres, bad anatomy, worst quality, low quality",
+    }
     # Opt-in AutoencoderTiny (hub id or folder, e.g. "madebyollin/taesd") that decodes the
     # latents instead of the full VAE: the decode (~5 % of the work at 512², more at small
     # sizes, and most of the per-image peak memory) becomes far cheaper, but the pixels are an
@@ -192,7 +185,6 @@ def estimate_sample_bytes(config: GenerationConfig, dtype: Any = None) -> int:
     return int(0.5 * _GIB * itemsize * pixels)
 
 
-
 def _check_ip_adapter_folder(models: ModelConfig) -> None:
     """Fail early, naming the expected file, for a local IP-Adapter folder that is incomplete."""
     parsed = parse_location(models.ip_adapter)
@@ -241,18 +233,8 @@ def load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device: A
     components: dict[str, Any] = {"image_encoder": image_encoder}
     if models.vae is not None:
         components["vae"] = load_vae(models.vae, dtype)
-    pipe = call_loader(
-        "the Stable Diffusion pipeline",
-        f"a diffusers StableDiffusionPipeline (model_index.json) in "
-        f"{describe_location(models.base, None, models.base_revision)}",
-        diffusers.StableDiffusionPipeline.from_pretrained,
-        parse_location(models.base).value,
-        revision=models.base_revision,
-        safety_checker=None,
-        requires_safety_checker=False,
-        dtype=dtype,
-        **components,
-    )
+    pipe = load_sd_pipeline(diffusers.StableDiffusionPipeline, models, dtype, "the Stable Diffusion pipeline",
+                            **components)
     call_loader(
         "the IP-Adapter weights",
         f"{models.ip_adapter_subfolder}/{models.ip_adapter_weight} in {describe_location(models.ip_adapter, None, ip_rev)}",
@@ -303,8 +285,7 @@ def reference_generate(pipe: Any, request: GenerationRequest, config: Generation
     return image
 
 
-
-class IPAdapterGenerator:
+class IPAdapterGenerator(Generator):
     """Batched SD1.x + IP-Adapter generator: per-sample reference image, prompt, λ and seed.
 
     Args:
@@ -316,9 +297,15 @@ class IPAdapterGenerator:
 
     The constructor loads nothing; :meth:`load` (called by the first :meth:`generate`) does,
     with diffusers' and transformers' own loaders, from hub ids or local folders, and raises
-    :class:`~dalda_aug.errors.ModelLoadError` naming the file it expected where.
+    :class:`~dalda_aug.errors.ModelLoadError` naming the file it expected where. The loaded
+    :attr:`pipeline`'s UNet carries the per-sample processors, which need ``ip_scale``: generate
+    with :meth:`generate`, not by calling the pipeline.
     """
 
+    config_class: ClassVar[type[GeneratorConfig]] = GenerationConfig
+    accepts_config_subclasses: ClassVar[bool] = True
+    repr_models: ClassVar[tuple[str, ...]] = ("base", "ip_adapter")
+    config: GenerationConfig
     _negative_text: torch.Tensor | None  # text states of the negative prompt, once encoded
 
     def __init__(
@@ -330,78 +317,45 @@ class IPAdapterGenerator:
         *,
         max_cached_embeddings: int = 4096,
     ) -> None:
-        torch = require("torch", "generate")
-
-        if not isinstance(models, ModelConfig):
-            raise InputError(f"models must be a ModelConfig, got {type(models).__name__}")
-        config = config if config is not None else GenerationConfig()
-        if not isinstance(config, GenerationConfig):
-            raise InputError(f"config must be a GenerationConfig, got {type(config).__name__}")
-        check_int("IPAdapterGenerator", "max_cached_embeddings", max_cached_embeddings, 1)
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise InputError(f"invalid device {device!r}: {exc}") from None
-        self.models = models
-        self.config = config
-        self.dtype = resolve_torch_dtype(dtype)
-        self.max_cached_embeddings = int(max_cached_embeddings)
-        # diffusers objects (the pipeline, the UNet's forward, the step-caching step) are untyped.
-        self._pipe: Any = None
+        self.max_cached_embeddings = max_cached_embeddings  # checked by _check_arguments
+        super().__init__(models, config, device, dtype)
+        # diffusers objects (the UNet's forward, the step-caching step) are untyped.
         self._unet_forward: Any = None
         self._cached_step: Any = None
         self._negative_text = None
         self._embeddings: OrderedDict[str, Any] = OrderedDict()
 
-    def __repr__(self) -> str:
-        state = "loaded" if self._pipe is not None else "not loaded"
-        return (
-            f"{type(self).__name__}(base={self.models.base!r}, ip_adapter={self.models.ip_adapter!r}, "
-            f"device={str(self.device)!r}, dtype={dtype_name(self.dtype)!r}, {state})"
-        )
-
-    # -- state ---------------------------------------------------------------------------
-    @property
-    def is_loaded(self) -> bool:
-        return self._pipe is not None
-
-    @property
-    def pipeline(self) -> Any:
-        """The underlying ``StableDiffusionPipeline`` (loads it).
-
-        Its UNet carries the per-sample processors, which need ``ip_scale``: generate with
-        :meth:`generate`, not by calling the pipeline.
-        """
-        self.load()
-        return self._pipe
-
-    def fingerprint(self) -> str:
-        """:func:`generation_fingerprint` of this generator's models, config and dtype."""
-        return generation_fingerprint(self.models, self.config, self.dtype)
+    def _check_arguments(self) -> None:
+        self.max_cached_embeddings = check_int("IPAdapterGenerator", "max_cached_embeddings",
+                                               self.max_cached_embeddings, 1)
 
     def clear_cache(self) -> None:
         """Forget the cached reference-image embeddings."""
         self._embeddings.clear()
 
+    # -- loading -------------------------------------------------------------------------
     def load(self) -> "IPAdapterGenerator":
         """Load the models (once); returns ``self``."""
         if self._pipe is not None:
             return self
-        import torch
-
         require("diffusers", "generate")  # before the modules below import it
         require("transformers", "generate")
-        from .attention import install_per_sample_processors
-        from .step_cache import check_step_caching_unet, unet_step
-
         pipe = load_stock_pipeline(self.models, self.config, self.device, self.dtype)
-        unet = pipe.unet
+        self._check_unet(pipe.unet)
+        self._prepare_unet(pipe)
+        self._pipe = pipe
+        return self
+
+    def _check_unet(self, unet: Any) -> None:
+        """Fail for a UNet this generator cannot batch (guidance embedding, other IP-Adapter formats)."""
+        from diffusers.models.embeddings import ImageProjection
+
+        from .step_cache import check_step_caching_unet
+
         if unet.config.time_cond_proj_dim is not None:
             raise ModelLoadError(
                 f"{self.models.base!r}: UNets with a guidance embedding (time_cond_proj_dim) are not supported"
             )
-        from diffusers.models.embeddings import ImageProjection
-
         layers = list(getattr(unet.encoder_hid_proj, "image_projection_layers", []))
         if len(layers) != 1 or not isinstance(layers[0], ImageProjection):
             kinds = [type(layer).__name__ for layer in layers]
@@ -409,18 +363,26 @@ class IPAdapterGenerator:
                 f"{self.models.ip_adapter_weight}: expected one IP-Adapter in ip-adapter_sd15's format "
                 f"(ImageProjection), got projection layers {kinds}"
             )
-        caching = self.config.cache_interval > 1
-        if caching:
+        if self.config.cache_interval > 1:
             check_step_caching_unet(unet, self.config.cache_branch)
+
+    def _prepare_unet(self, pipe: Any) -> None:
+        """Per-sample processors, eval mode, channels-last, compile and the step-caching step."""
+        import torch
+
+        from .attention import install_per_sample_processors
+        from .step_cache import unet_step
+
+        unet, config = pipe.unet, self.config
         install_per_sample_processors(unet)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder):
             module.eval()
-        if self.config.channels_last:
+        if config.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        self._unet_forward = torch.compile(unet, mode=self.config.compile_mode) if self.config.compile else unet
-        if caching:
-            branch = self.config.cache_branch
+        self._unet_forward = torch.compile(unet, mode=config.compile_mode) if config.compile else unet
+        if config.cache_interval > 1:
+            branch = config.cache_branch
 
             def step(sample: Any, t: Any, text: Any, cross_attention_kwargs: Any, added_cond_kwargs: Any,
                      deep: Any = None) -> Any:
@@ -428,9 +390,7 @@ class IPAdapterGenerator:
 
             # One compiled callable; the full (deep=None) and shallow (deep=tensor) calls get a
             # graph each (a guard on ``deep``). λ stays a tensor input.
-            self._cached_step = torch.compile(step, mode=self.config.compile_mode) if self.config.compile else step
-        self._pipe = pipe
-        return self
+            self._cached_step = torch.compile(step, mode=config.compile_mode) if config.compile else step
 
     # -- batch sizing --------------------------------------------------------------------
     def auto_batch_size(self, num_requests: int | None = None) -> int:
@@ -535,32 +495,54 @@ class IPAdapterGenerator:
         return contextlib.nullcontext()
 
     def _generate_batch(self, requests: Sequence[GenerationRequest], bar: Any) -> list["Image.Image"]:
-        import inspect
-
+        """One batch, as diffusers' ``__call__``: encode, prepare latents, denoise, decode."""
         import torch
-        from diffusers.utils.torch_utils import randn_tensor
 
-        pipe, cfg, device = self._pipe, self.config, self.device
-        n = len(requests)
-        guided = cfg.guidance_scale > 1.0
+        text, image, scale = self._encode(requests)
+        scheduler = make_scheduler(self.config.scheduler)
+        scheduler.set_timesteps(self.config.num_inference_steps, device=self.device)
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+        latents = self._prepare_latents(scheduler, generators, text.dtype)
+        latents = self._denoise(latents, scheduler, generators, text, image, scale, bar)
+        return decode_latents(self._pipe, latents)
 
+    def _encode(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text states, image embeddings (n, 1, D) and λ of the batch; with guidance, the
+        unconditional half first (as in diffusers)."""
+        import torch
+
+        cfg, n = self.config, len(requests)
         text = self._text_embeddings([cfg.prompt_prefix + r.prompt for r in requests])
         image = self._image_embeddings([r.image for r in requests])[:, None, :]  # (n, 1, D)
-        scale = torch.tensor([r.scale for r in requests], dtype=torch.float32, device=device)
-        if guided:  # unconditional half first, as in diffusers
+        scale = torch.tensor([r.scale for r in requests], dtype=torch.float32, device=self.device)
+        if cfg.guidance_scale > 1.0:
             text = torch.cat([self._negative_embedding().expand(n, -1, -1), text])
             image = torch.cat([torch.zeros_like(image), image])  # ip-adapter_sd15's negative: zeros
             scale = torch.cat([scale, scale])
+        return text, image, scale
 
-        scheduler = make_scheduler(cfg.scheduler)
-        scheduler.set_timesteps(cfg.num_inference_steps, device=device)
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        factor = pipe.vae_scale_factor
-        shape = (n, pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
-        # One CPU generator per sample, each drawing a (1, C, h, w) block: the same numbers as
-        # a batch-1 pipeline call with that generator.
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=text.dtype)
-        latents = latents * scheduler.init_noise_sigma
+    def _prepare_latents(self, scheduler: Any, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
+        """The initial noise: one CPU generator per sample, each drawing a (1, C, h, w) block, the
+        same numbers as a batch-1 pipeline call with that generator."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # Adapted from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.prepare_latents
+        # (one generator per sample).
+        pipe, cfg, factor = self._pipe, self.config, self._pipe.vae_scale_factor
+        shape = (len(generators), pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=dtype)
+        scaled: torch.Tensor = latents * scheduler.init_noise_sigma
+        return scaled
+
+    def _denoise(self, latents: torch.Tensor, scheduler: Any, generators: list[torch.Generator], text: torch.Tensor,
+                 image: torch.Tensor, scale: torch.Tensor, bar: Any) -> torch.Tensor:
+        """The denoising loop: one (full or, with step caching, shallow) UNet call per step for the batch."""
+        import inspect
+
+        import torch
+
+        cfg = self.config
+        guided = cfg.guidance_scale > 1.0
         step_params = set(inspect.signature(scheduler.step).parameters)
         step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in step_params}
         cross_attention_kwargs = {"ip_scale": scale}
@@ -585,16 +567,10 @@ class IPAdapterGenerator:
                     deep=None if i % cfg.cache_interval == 0 else deep,
                 )
             if guided:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + cfg.guidance_scale * (cond - uncond)
+                noise = apply_guidance(noise, cfg.guidance_scale)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             bar.update()
-
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil",
-                                                                     do_denormalize=[True] * n)
-        return images
-
+        return latents
 
 
 register_generator(GenerationConfig, f"{__name__}:IPAdapterGenerator")
