@@ -318,7 +318,7 @@ def warm(
         verified_removed=removed, bad_entries=len(bad),
     )
     if not todo:
-        if keys:  # every image is there: record the spec they were made with (a no-op if recorded)
+        if mine:  # every image of this share is there: record the spec they were made with (no-op if recorded)
             try:
                 cache.record_spec(plan)
             except CacheReadOnlyError:
@@ -326,6 +326,10 @@ def warm(
                             "need the generation options", cache.directory)
         report.seconds = time.perf_counter() - started
         return report
+
+    if not cache.writable():  # before any model loads (the spec is recorded with the first image stored)
+        raise CacheReadOnlyError(f"the cache folder {cache.directory} is read-only: cannot store the {len(todo)} "
+                                 "missing images")
 
     from tqdm.auto import tqdm
 
@@ -336,6 +340,9 @@ def warm(
     todo.sort(key=lambda v: (order.get(v.source, len(order)), v.variant))
     load_source = _SourceImages(plan, images)
     if generator is None:
+        from .generators.loading import require_hub_models
+
+        require_hub_models(spec.models, spec.config.model_fields())  # one line in seconds, not a minute of retries
         generator = spec.make_generator(device)
     elif not hasattr(generator, "generate"):
         generator = generator()
