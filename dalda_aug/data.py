@@ -81,7 +81,13 @@ def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file fully and return it as RGB; errors name the file."""
+    """Open an image file fully and return it as RGB; errors name the file.
+
+    Pillow's decompression-bomb limit is kept: an image of more than twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (about 179 million by default; a small file can claim
+    30000x30000) is an :class:`ImageError` naming the file, raised before its pixels are decoded.
+    Raise ``PIL.Image.MAX_IMAGE_PIXELS`` (in every process that reads images) to accept it.
+    """
     path = Path(path)
     if not path.is_file():
         if _is_symlink_loop(path):
@@ -94,6 +100,9 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             return to_rgb(img, str(path))
     except UnidentifiedImageError as exc:
         raise ImageError(f"cannot read image {path}: not a recognised image file") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"cannot read image {path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS to accept "
+                         "images this large") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):
             raise

@@ -8,6 +8,10 @@ class names, prompts, scores, scaling, seed), stored as
 * ``plan.json`` — how it was made (seed, shots, scaling, models, data root, prompts);
 * ``summary.json`` — counts, the CLIPScore histogram and the share of Low/High images.
 
+``plan.json`` records the SHA-256 of ``plan.jsonl`` and ``summary.json`` (``"digests"``), so a
+folder mixing the files of two runs is refused when loaded (plans written before have no digests
+and load as before).
+
 Seeds come from (plan seed, source content hash, variant index), so a variant keeps its seed
 whatever the dataset order, n-shot or batch it ends up in.
 """
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from ._io import read_json_object, write_atomic
+from ._io import loads_bounded, read_json_object, write_atomic
 from .ags import Scaling, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, image_sha256
@@ -40,6 +44,8 @@ Prompts = Union["PromptBank", Mapping[str, Sequence[str]]]
 __all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "dalda_aug.plan/1"
+_DIGESTS = "digests"  # key of plan.json: {"plan.jsonl": sha256, "summary.json": sha256}
+_MAX_ROW_BYTES = 1024 * 1024  # one plan.jsonl row (a row is well under 1 KiB; prompts are one sentence)
 BASE_TEMPLATE = "a photo of a {}"
 _CHUNK = 256  # source images read and scored at a time
 
@@ -85,6 +91,15 @@ class Variant:
 
     @classmethod
     def from_row(cls, row: dict[str, Any], where: str = "plan") -> "Variant":
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        for name, kinds in (("source", (str, int)), ("class_name", str), ("prompt", str), ("source_sha256", str)):
+            if name in row and (not isinstance(row[name], kinds) or isinstance(row[name], bool)):
+                raise InputError(f"{where}: field {name!r} must be a {'string or integer' if name == 'source' else 'string'}, "
+                                 f"got {type(row[name]).__name__}")
+        for name in ("label", "score", "variant", "lambda", "seed", "strength"):
+            if isinstance(row.get(name), (dict, list)):
+                raise InputError(f"{where}: field {name!r} must be a number, got {type(row[name]).__name__}")
         try:
             return cls(
                 source=row["source"],
@@ -106,6 +121,17 @@ class Variant:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str | None:
+    """SHA-256 of a small text file's bytes (CRLF read as LF), ``None`` when it does not exist."""
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes().replace(b"\r\n", b"\n")).hexdigest()
 
 
 class AugmentationPlan:
@@ -170,10 +196,13 @@ class AugmentationPlan:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         rows = "".join(_dumps(v.to_row()) + "\n" for v in self.variants)
+        summary = json.dumps(self.summary, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
         write_atomic(directory / "plan.jsonl", rows)
-        write_atomic(directory / "summary.json", json.dumps(self.summary, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
-        # plan.json last: its presence marks a complete plan.
-        write_atomic(directory / "plan.json", json.dumps(self.config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+        write_atomic(directory / "summary.json", summary)
+        # plan.json last: its presence marks a complete plan. It records what the other two hold.
+        digests = {"plan.jsonl": _sha256(rows), "summary.json": _sha256(summary)}
+        config = {**self.config, _DIGESTS: digests}
+        write_atomic(directory / "plan.json", json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
         return directory
 
     @classmethod
@@ -188,19 +217,48 @@ class AugmentationPlan:
         config = read_json_object(meta_path, "plan file")
         if config.get("format") != PLAN_FORMAT:
             raise InputError(f"{meta_path}: unsupported plan format {config.get('format')!r} (expected {PLAN_FORMAT!r})")
+        digests = config.pop(_DIGESTS, None)  # absent in plans written before digests were recorded
+        if digests is not None and not (isinstance(digests, dict)
+                                        and all(isinstance(v, str) for v in digests.values())):
+            raise InputError(f"{meta_path}: {_DIGESTS!r} must map file names to SHA-256 digests")
+        classes = config.get("classes")
+        n_classes = len(classes) if isinstance(classes, list) else None
         variants = []
-        with rows_path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
+        outside: str | None = None  # the first row whose label the plan's classes cannot hold
+        rows_hash = hashlib.sha256()
+        with rows_path.open("rb") as fh:
+            lineno = 0
+            while raw := fh.readline(_MAX_ROW_BYTES + 1):
+                lineno += 1
+                rows_hash.update(raw[:-2] + b"\n" if raw.endswith(b"\r\n") else raw)  # as written on Windows
                 where = f"{rows_path}:{lineno}"
+                if len(raw) > _MAX_ROW_BYTES:
+                    raise InputError(f"{where}: row longer than {_MAX_ROW_BYTES >> 20} MiB; refusing to read it")
+                if not raw.strip():
+                    continue
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: invalid JSON: {exc}") from None
-                variants.append(Variant.from_row(row, where))
+                    row = loads_bounded(raw.decode("utf-8"), where)
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"{where}: not UTF-8 text: {exc}") from None
+                variant = Variant.from_row(row, where)
+                if outside is None and n_classes is not None and not 0 <= variant.label < n_classes:
+                    outside = (f"{where}: label {variant.label} is outside the {n_classes} classes of {meta_path}; "
+                               "do plan.jsonl and plan.json come from the same run?")
+                variants.append(variant)
         summary_path = directory / "summary.json"
-        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        summary = read_json_object(summary_path, "plan summary") if summary_path.is_file() else None
+        if digests is not None:
+            mixed = [name for name, actual in (("plan.jsonl", rows_hash.hexdigest()),
+                                               ("summary.json", _file_sha256(summary_path)))
+                     if name in digests and actual is not None and digests[name] != actual]
+            if mixed:
+                raise InputError(
+                    f"plan folder {directory}: {' and '.join(mixed)} differ{'s' if len(mixed) == 1 else ''} from what "
+                    "plan.json records (SHA-256): the files come from two runs or were edited; write the plan "
+                    "again with `dalda-aug plan`"
+                )
+        if outside is not None:
+            raise InputError(outside)
         return cls(variants, config, summary)
 
 

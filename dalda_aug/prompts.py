@@ -1198,7 +1198,14 @@ def load_clip_tokenizer(path: str | os.PathLike[str] | None = None, *, revision:
             from .testing import write_clip_tokenizer
 
             tmp = folder.with_name(f".clip-tokenizer.tmp-{os.getpid()}")
-            write_clip_tokenizer(tmp)
+            try:
+                write_clip_tokenizer(tmp)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise InputError(
+                    f"cannot write the CLIP tokenizer into the cache folder {folder.parent}: {exc.strerror or exc}; "
+                    "set DALDA_AUG_CACHE (or XDG_CACHE_HOME) to a writable folder, or pass --tokenizer"
+                ) from None
             shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier copy
             try:
                 os.replace(tmp, folder)

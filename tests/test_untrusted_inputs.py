@@ -212,3 +212,221 @@ def test_a_prompt_naming_the_twin_exactly_is_refused():
     nfc, nfd = TWINS["unicode"]
     assert validate_prompt(f"a {nfd} with chairs outside", nfd, [nfc, nfd]) is None
     assert "names another class" in validate_prompt(f"a {nfc} with chairs outside", nfd, [nfc, nfd])
+
+
+# -- 6: decompression bombs ----------------------------------------------------------------------------
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _bomb_png(path: Path, side: int = 30000) -> Path:
+    """A valid 1-bit grey PNG of side x side pixels (900 million for 30000): a few hundred KB on disk."""
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb_folder(tmp_path_factory):
+    """``data/{ant,bee}`` with two small images each, plus bee/2.png claiming 30000x30000 pixels."""
+    root = tmp_path_factory.mktemp("bomb") / "data"
+    for c, name in enumerate(["ant", "bee"]):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            _noise(10 * c + i).save(root / name / f"{i}.png")
+    bomb = _bomb_png(root / "bee" / "2.png")
+    assert bomb.stat().st_size < 1 << 20
+    with Image.open(bomb.with_name("0.png")):
+        pass
+    with pytest.raises(Image.DecompressionBombError):  # what Pillow itself says, naming no file
+        Image.open(bomb)
+    return root, bomb
+
+
+def test_plan_refuses_a_decompression_bomb_in_one_line(bomb_folder, models_json, tmp_path):
+    root, bomb = bomb_folder
+    run = run_cli("plan", "--data", str(root), "--out", str(tmp_path / "plan"), "--variants", "1",
+                  "--models", models_json, "--device", "cpu")
+    line = one_error_line(run, str(bomb), "MAX_IMAGE_PIXELS")
+    assert "exceeds limit" in line
+    assert not (tmp_path / "plan" / "plan.json").exists()
+    assert run.max_rss_mib < 2048  # 900 million pixels were never decoded
+
+
+def test_a_decompression_bomb_in_dataloader_workers_names_the_file(bomb_folder, tiny_models, tmp_path):
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from dalda_aug.cache import GenerationSpec, SyntheticCache
+    from dalda_aug.dataset import SyntheticAugmentedDataset
+    from dalda_aug.errors import DaldaError, ImageError
+    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.plan import build_plan
+
+    root, bomb = bomb_folder
+    good = tmp_path / "good"  # the plan comes from a copy without the bomb
+    shutil.copytree(root, good)
+    (good / "bee" / "2.png").unlink()
+    plan = build_plan(good, variants=1, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
+    spec = GenerationSpec(tiny_models, dataclasses.replace(GenerationConfig(), num_inference_steps=2, height=32,
+                                                           width=32), "float32")
+    ds = SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(tmp_path / "cache", spec), p=0.0)
+    loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=lambda batch: batch)
+    with pytest.raises(ImageError) as info:
+        for _ in loader:
+            pass
+    assert str(bomb) in str(info.value) and "MAX_IMAGE_PIXELS" in str(info.value)
+    assert isinstance(info.value, OSError) and isinstance(info.value, DaldaError)
+    with pytest.raises(ImageError, match=str(bomb)):  # in this process too
+        ds[len(ds) - 1]
+
+
+# -- 8: one line, not a traceback ------------------------------------------------------------------------
+DEEP = 200_000
+
+
+def _deep(depth: int = DEEP) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.fixture(scope="module")
+def two_plans(tmp_path_factory, tiny_models):
+    """Two plan folders of two runs: 2 classes x 2 images and 3 classes x 2 images, 2 variants each."""
+    from dalda_aug.plan import build_plan
+
+    base = tmp_path_factory.mktemp("plans")
+    plans = []
+    for run, classes in enumerate([["ant", "bee"], ["ant", "bee", "cow"]]):
+        root = base / f"data{run}"
+        for c, name in enumerate(classes):
+            (root / name).mkdir(parents=True)
+            for i in range(2):
+                _noise(100 * run + 10 * c + i).save(root / name / f"{i}.png")
+        n = 2 * len(classes)
+        plan = build_plan(root, variants=2, scores=[(k + 1) / (n + 1) for k in range(n)], models=tiny_models)
+        plans.append(plan.save(base / f"plan{run}"))
+    return plans
+
+
+def _warm_args(plan: Path, models_json: str, tmp_path: Path) -> list[str]:
+    return ["warm", "--plan", str(plan), "--cache", str(tmp_path / "cache"), "--models", models_json,
+            "--steps", "2", "--size", "32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("where", ["row", "plan.json", "summary.json"])
+def test_a_deeply_nested_plan_is_one_line(two_plans, models_json, tmp_path, where):
+    plan = tmp_path / "plan"
+    shutil.copytree(two_plans[0], plan)
+    if where == "row":
+        rows = (plan / "plan.jsonl").read_text(encoding="utf-8").splitlines()
+        rows[1] = '{"source": ' + _deep() + "}"
+        (plan / "plan.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        needle = f"{plan / 'plan.jsonl'}:2"
+    else:
+        (plan / where).write_text('{"format": "dalda_aug.plan/1", "x": ' + _deep() + "}", encoding="utf-8")
+        needle = str(plan / where)
+    run = run_cli(*_warm_args(plan, models_json, tmp_path))
+    one_error_line(run, needle, "deeper than")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_deeply_nested_spec_record_is_one_line(two_plans, tmp_path):
+    specs = tmp_path / "cache" / "specs"
+    specs.mkdir(parents=True)
+    (specs / "0123456789abcdef.json").write_text('{"format": ' + _deep() + "}", encoding="utf-8")
+    # With a plan and no generation options, the spec is looked up in the cache's records.
+    run = run_cli("cache", "stats", "--cache", str(tmp_path / "cache"), "--plan", str(two_plans[0]))
+    one_error_line(run, str(specs / "0123456789abcdef.json"), "deeper than")
+
+
+def test_prompts_with_an_unwritable_cache_home_is_one_line(tmp_path):
+    classes = _classes_file(tmp_path)
+    # No --tokenizer: the CLIP tokenizer is built into ~/.cache/dalda_aug, and ~ is /proc/1.
+    env = _env(HOME="/proc/1", DALDA_AUG_CACHE=None, XDG_CACHE_HOME=None)
+    run = run_cli("prompts", "--classes", classes, "--out", str(tmp_path / "p.json"), "--llm", "template",
+                  "--no-progress", env=env)
+    one_error_line(run, "/proc/1/.cache/dalda_aug", "DALDA_AUG_CACHE")
+    assert not (tmp_path / "p.json").exists()
+
+
+TI_ARGS = ["--steps", "1", "--resolution", "32", "--batch-size", "1", "--device", "cpu", "--no-progress"]
+
+
+def test_textual_inversion_with_an_unwritable_cache_home_is_one_line(bomb_folder, models_json, tmp_path):
+    root = tmp_path / "data"
+    (root / "ant").mkdir(parents=True)
+    _noise(1).save(root / "ant" / "0.png")
+    env = _env(HOME="/proc/1", DALDA_AUG_CACHE=None, XDG_CACHE_HOME=None)
+    run = run_cli("textual-inversion", "--data", str(root), "--out", str(tmp_path / "tok"), "--models", models_json,
+                  *TI_ARGS, env=env)
+    one_error_line(run, "/proc/1/.cache/dalda_aug/textual-inversion", "DALDA_AUG_CACHE")
+
+
+def test_textual_inversion_on_a_250_character_class_name(models_json, tmp_path):
+    from dalda_aug.generators.textual_inversion import TokenSet
+
+    long_name = "a" * 125 + "_" + "b" * 124  # one folder name of 250 bytes (most filesystems allow 255)
+    root = tmp_path / "data"
+    (root / long_name).mkdir(parents=True)
+    (root / "ant").mkdir()
+    _noise(1).save(root / long_name / "0.png")
+    _noise(2).save(root / "ant" / "0.png")
+    run = run_cli("textual-inversion", "--data", str(root), "--out", str(tmp_path / "tok"), "--models", models_json,
+                  *TI_ARGS, env=_env(DALDA_AUG_CACHE=str(tmp_path / "ti-cache")))
+    assert run.rc == 0, run.stderr[-3000:]
+    tokens = TokenSet.load(tmp_path / "tok")
+    readable = "a" * 125 + " " + "b" * 124
+    assert sorted(tokens.class_names) == sorted(["ant", readable])
+    assert tokens.token_of(readable) == f"<{long_name}>"
+    assert all(len(p.name.encode()) <= 255 for p in (tmp_path / "tok").iterdir())
+    assert tokens.file_of(readable).is_file() and tokens.file_of("ant").name == "ant.safetensors"
+    tokens.verify()
+
+
+# -- 9: a plan folder mixed from two runs -----------------------------------------------------------------
+def test_a_plan_folder_mixed_from_two_runs_is_refused(two_plans, models_json, tmp_path):
+    from dalda_aug.errors import InputError
+    from dalda_aug.plan import AugmentationPlan
+
+    small, big = two_plans
+    assert len(AugmentationPlan.load(small)) == 8 and len(AugmentationPlan.load(big)) == 12
+    mixed = tmp_path / "mixed"
+    shutil.copytree(small, mixed)
+    shutil.copy(big / "plan.jsonl", mixed / "plan.jsonl")  # 12 rows, labels up to 2, with 2 classes
+    with pytest.raises(InputError, match=f"plan folder {mixed}: plan.jsonl differs") as info:
+        AugmentationPlan.load(mixed)
+    assert "two runs" in str(info.value)
+    run = run_cli(*_warm_args(mixed, models_json, tmp_path))
+    one_error_line(run, f"plan folder {mixed}", "plan.jsonl")
+    assert not (tmp_path / "cache").exists()
+
+    shutil.copy(small / "plan.jsonl", mixed / "plan.jsonl")
+    shutil.copy(big / "summary.json", mixed / "summary.json")
+    with pytest.raises(InputError, match=f"plan folder {mixed}: summary.json differs"):
+        AugmentationPlan.load(mixed)
+
+
+def test_a_plan_written_before_digests_still_loads(two_plans, tmp_path):
+    from dalda_aug.errors import InputError
+    from dalda_aug.plan import AugmentationPlan
+
+    small, big = two_plans
+    meta = json.loads((small / "plan.json").read_text(encoding="utf-8"))
+    assert set(meta["digests"]) == {"plan.jsonl", "summary.json"}
+    old = tmp_path / "old"
+    shutil.copytree(small, old)
+    del meta["digests"]
+    (old / "plan.json").write_text(json.dumps(meta), encoding="utf-8")
+    loaded = AugmentationPlan.load(old)
+    assert [v.to_row() for v in loaded] == [v.to_row() for v in AugmentationPlan.load(small)]
+    assert "digests" not in loaded.config
+    # Without digests, rows whose labels the plan's classes cannot hold still give one clear error.
+    shutil.copy(big / "plan.jsonl", old / "plan.jsonl")
+    with pytest.raises(InputError, match=r"plan.jsonl:\d+: label 2 is outside the 2 classes"):
+        AugmentationPlan.load(old)

@@ -192,6 +192,37 @@ class TokenSet:
                 raise InputError(f"{path} changed since {self.folder / MANIFEST} was written; train the tokens again")
 
 
+# File names of a token folder stay well under the usual 255-byte limit, leaving room for the
+# temporary name written first (".NAME.tmp-PID").
+_MAX_STEM_BYTES = 200
+
+
+def _token_file_name(token: str) -> str:
+    """The file holding ``token``'s embedding: ``<name>`` -> ``name.safetensors``, made safe and
+    short enough for any filesystem. A name that needed a change (a separator, a leading dot,
+    more than 200 bytes) gets a suffix of its own hash, so two tokens never share a file; the
+    class name itself is kept in ``tokens.json``."""
+    from ..data import class_folder_name
+
+    stem = class_folder_name(token.strip("<>"))
+    if len(stem.encode("utf-8", "surrogatepass")) > _MAX_STEM_BYTES:
+        short = stem.encode("utf-8", "surrogatepass")[: _MAX_STEM_BYTES - 17].decode("utf-8", "ignore")
+        stem = f"{short}-{hashlib.sha256(token.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    return f"{stem}.safetensors"
+
+
+def _writable_folder(folder: Path, what: str, fix: str) -> Path:
+    """``folder``, created if needed, or an :class:`InputError` saying it cannot be (before any training)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write the {what} {folder}: {exc.strerror or exc}; {fix}") from None
+    return folder
+
+
 def _save_embedding(path: Path, token: str, vector: "torch.Tensor") -> None:
     from safetensors.torch import save_file
 
@@ -418,8 +449,9 @@ def train_textual_inversion(
     per_class: dict[str, list[Any]] = {}
     for item in source.items:
         per_class.setdefault(names[item.label], []).append(item)
-    out_dir = Path(out)
-    store = _cache_root(cache_dir)
+    out_dir = _writable_folder(Path(out), "token folder", "give --out a writable folder")
+    store = _writable_folder(_cache_root(cache_dir), "textual-inversion cache",
+                             "set DALDA_AUG_CACHE (or XDG_CACHE_HOME) to a writable folder, or pass cache_dir")
     trainer: TextualInversionTrainer | None = None
     classes: dict[str, Any] = {}
     for name, items in per_class.items():
@@ -439,7 +471,7 @@ def train_textual_inversion(
             vector = trainer.train(token, images, class_seed, progress=progress)
             _save_embedding(cached, token, vector)
         vector = _load_embedding(cached)
-        filename = f"{token.strip('<>')}.safetensors"
+        filename = _token_file_name(token)
         target = out_dir / filename
         _save_embedding(target, token, vector)
         classes[name] = {"token": token, "file": filename, "sha256": _file_sha256(target),
