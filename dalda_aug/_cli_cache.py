@@ -165,8 +165,10 @@ def _run_warm(args: argparse.Namespace) -> int:
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         note = ("; `accelerate launch --cpu` starts one process: for N CPU processes use "
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
+    from .cli import describe_model_defaults
+
     print(f"dalda-aug warm: process rank {rank} of world size {world}, device {device}, cache shard "
-          f"shard-{cache.shard}{note}", flush=True)
+          f"shard-{cache.shard}{describe_model_defaults(args)}{note}", flush=True)
     report = warm(
         plan,
         cache,

@@ -14,12 +14,16 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
     changes = {name: getattr(args, name) for name in ("steps", "batch_size", "learning_rate", "resolution")
                if getattr(args, name) is not None}
     config = TextualInversionConfig(**changes)
+    models = load_models_arg(args.models)
+    from .generators.loading import require_hub_models
+
+    require_hub_models(models, ("base",))  # one line in seconds without the hub
     device = args.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokens = train_textual_inversion(args.data, args.out, models=load_models_arg(args.models), shots=args.shots,
+    tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots,
                                      seed=args.seed, config=config, device=device, dtype=args.dtype,
                                      progress=not args.no_progress)
     print(f"learned {len(tokens.class_names)} class tokens ({config.steps} steps each) -> {tokens.folder}")
@@ -40,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--shots", type=int, default=None,
                    help="keep N images per class, the same seeded split as `dalda-aug plan --shots N --seed S`")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", default=None, help="models JSON (see ModelConfig); default: the paper's hub models")
+    p.add_argument("--models", default=None, help="models JSON (see ModelConfig) or a folder holding models.json; "
+                                                  "default: the paper's hub models. Its \"defaults\" (tiny models: "
+                                                  "--resolution 64 --steps 20) apply to options not given")
     p.add_argument("--steps", type=int, default=None, help="training steps per class (default 1000)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 4)")
     p.add_argument("--learning-rate", type=float, default=None, help="base learning rate (default 5e-4, x batch size)")

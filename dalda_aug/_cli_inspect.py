@@ -64,6 +64,9 @@ def _run_metrics(args: argparse.Namespace) -> int:
     if not variants:
         raise InputError(f"none of the plan's images are in the cache {args.cache}; run `dalda-aug warm` first")
     assert cache.spec is not None  # cache_for_plan binds one
+    from .generators.loading import require_hub_models
+
+    require_hub_models(cache.spec.models, ("clip_model", "clip_pretrained"))  # one line in seconds without the hub
     scorer = CLIPScorer.from_models(cache.spec.models, device=args.device)
     store = EmbeddingStore(scorer, Path(args.cache) / "embeddings")
     lpips_net = None if args.no_lpips else load_lpips(args.device, random_backbone=args.lpips_random)

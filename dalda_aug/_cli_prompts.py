@@ -99,9 +99,29 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     return load_clip_tokenizer()
 
 
+def _check_hub(args: argparse.Namespace) -> None:
+    """Before anything loads: the hf: chat model and the --models tokenizer, when they are hub ids,
+    must be reachable or cached (one line in seconds otherwise; see generators.loading.check_hub)."""
+    from .generators.loading import MODELS_HINT, HubFile, check_hub, parse_location
+
+    llm = str(args.llm or "")
+    if llm.startswith("hf:") and llm[3:].strip() and not parse_location(llm[3:].strip()).is_local:
+        check_hub([HubFile(llm[3:].strip(), "config.json")], what="the chat model",
+                  hint="pass --llm hf:PATH naming a local copy of the chat model and set HF_HUB_OFFLINE=1 on a "
+                       "machine without the hub")
+    if args.tokenizer is None and args.models is not None:
+        from .config import ModelConfig
+
+        models = ModelConfig.load(args.models)
+        if not parse_location(models.base).is_local:
+            check_hub([HubFile(models.base, "tokenizer/tokenizer_config.json", models.base_revision)],
+                      what="the base model's tokenizer", hint=MODELS_HINT)
+
+
 def run(args: argparse.Namespace) -> int:
     from .prompts import IncompletePromptBankError, PromptBank, generate_prompt_bank, parse_backend
 
+    _check_hub(args)
     names = _class_names(args)
     description = _description(args)
     preset = _preset(args)

@@ -8,11 +8,13 @@ Each subcommand lives next to the feature it drives and registers itself through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from . import __version__
 from .errors import DaldaError
@@ -20,7 +22,7 @@ from .errors import DaldaError
 if TYPE_CHECKING:
     from .config import ModelConfig
 
-__all__ = ["main", "build_parser", "load_models_arg", "version_report"]
+__all__ = ["main", "build_parser", "load_models_arg", "version_report", "describe_model_defaults"]
 
 # Modules contributing subcommands (each defines ``register(subparsers)``).
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -34,7 +36,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
 
 
 def load_models_arg(path: str | None) -> "ModelConfig":
-    """``--models FILE.json`` -> :class:`ModelConfig` (the paper's hub models when omitted)."""
+    """``--models FILE.json`` (or a folder holding ``models.json``) -> :class:`ModelConfig`
+    (the paper's hub models when omitted)."""
     from .config import ModelConfig
 
     return ModelConfig() if path is None else ModelConfig.load(path)
@@ -45,7 +48,8 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
     from .testing import make_tiny_models
 
     config = make_tiny_models(args.dir, seed=args.seed)
-    print(f"wrote tiny models to {Path(args.dir).resolve()}; config: {Path(args.dir).resolve() / 'models.json'}")
+    print(f"wrote tiny models to {Path(args.dir).resolve()}; config: {Path(args.dir).resolve() / 'models.json'} "
+          f"(paths relative to the folder; CPU-sized defaults for warm, demo and textual-inversion)")
     if args.verbose:
         print(json.dumps(config.to_dict(), indent=2))
     return 0
@@ -54,11 +58,24 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 # -- plan ------------------------------------------------------------------------------
 def _run_plan(args: argparse.Namespace) -> int:
     from .ags import AGSConfig, Scaling
+    from .errors import InputError
+    from .generators.loading import require_hub_models
+
+    out_dir = Path(args.out)
+    if (out_dir / "plan.json").exists() and not args.overwrite:
+        raise InputError(f"--out {out_dir} already holds a plan; pass --overwrite to replace it")
+    models = load_models_arg(args.models)
+    scaling = Scaling.parse(args.scaling, AGSConfig(mode=args.ags_mode))
+    from .data import find_classes
+
+    find_classes(args.data)  # a missing or empty folder is said before the hub is asked
+    if scaling.strategy == "fixed" and not 0.0 <= scaling.value <= 1.0:
+        raise InputError(f"--scaling {args.scaling}: the fixed λ must lie in [0, 1]")
+    require_hub_models(models, ("clip_model", "clip_pretrained"))  # before any model loads
+
     from .clipscore import CLIPScorer
     from .plan import build_plan
 
-    models = load_models_arg(args.models)
-    scaling = Scaling.parse(args.scaling, AGSConfig(mode=args.ags_mode))
     prompts = None
     if args.prompts:
         from .prompts import PromptBank
@@ -66,7 +83,6 @@ def _run_plan(args: argparse.Namespace) -> int:
         prompts = PromptBank.load(args.prompts)
     scorer = CLIPScorer.from_models(models, device=args.device, kind=args.score_kind, batch_size=args.batch_size)
     if args.method == "da-fusion":  # DA-Fusion: class-token prompts, a drawn img2img strength per variant
-        from .errors import InputError
         from .generators.da_fusion import build_da_fusion_plan
 
         if not args.tokens or prompts is not None:
@@ -128,13 +144,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--class-names", choices=("readable", "folder"), default="readable",
                    help="class name in the base prompt 'a photo of a {class}': readable (american bulldog, the "
                         "paper) or folder (american_bulldog, as the reference code writes it)")
-    p.add_argument("--models", default=None, help="models JSON (see ModelConfig); default: the paper's hub models")
+    p.add_argument("--models", default=None,
+                   help="models JSON (see ModelConfig) or a folder holding models.json; default: the paper's hub models")
     p.add_argument("--score-kind", choices=("softmax", "cosine"), default="softmax")
     p.add_argument("--device", default="cpu", help="torch device for CLIP scoring (default cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per CLIP batch")
     p.add_argument("--method", choices=("dalda", "da-fusion"), default="dalda",
                    help="dalda (default): prompts + λ; da-fusion: 'a photo of a <class token>' + a drawn strength")
     p.add_argument("--tokens", default=None, help="DA-Fusion token folder (dalda-aug textual-inversion)")
+    p.add_argument("--overwrite", action="store_true", help="replace a plan already in --out (refused otherwise)")
     p.set_defaults(func=_run_plan)
 
 
@@ -214,13 +232,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` holds: ``plan``, ``cache stats``... (the top one if none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if isinstance(chosen, argparse.ArgumentParser):
+                return _chosen_parser(chosen, args)
+    return parser
+
+
+def _apply_model_defaults(args: argparse.Namespace) -> None:
+    """Options a ``--models`` file records as defaults for this command (``make-tiny-models``'
+    CPU-sized ones) fill the options not given; ``args.model_defaults`` says which, for the
+    command's startup line."""
+    from .config import DEFAULTABLE_OPTIONS, model_defaults
+
+    args.model_defaults = {}
+    command = getattr(args, "command", None)
+    if command not in DEFAULTABLE_OPTIONS or command == "demo" or getattr(args, "models", None) is None:
+        return  # the demo reads its own (its --models may be "tiny")
+    for option, value in model_defaults(args.models, command).items():
+        dest = option.replace("-", "_")
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, value)
+            args.model_defaults[option] = value
+
+
+def describe_model_defaults(args: argparse.Namespace) -> str:
+    """``"; --size 64 --steps 2 from tiny/models.json"`` when options came from the models file, else ``""``."""
+    used: dict[str, int] = getattr(args, "model_defaults", None) or {}
+    if not used:
+        return ""
+    return "; " + " ".join(f"--{k} {v}" for k, v in used.items()) + f" from {args.models}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # the chosen subcommand's usage, not the top level's
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    with _command_log(f"dalda-aug {args.command}"):
+        return _run_command(args)
+
+
+@contextlib.contextmanager
+def _command_log(prefix: str) -> Iterator[None]:
+    """While a command runs, the package's warnings print as ``dalda-aug plan: warning: ...``
+    (one line each) on stderr, whatever a library did to the root logger; restored afterwards."""
+    logger = logging.getLogger("dalda_aug")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"{prefix}: warning: %(message)s"))
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
     try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
+        _apply_model_defaults(args)
         return int(args.func(args) or 0)
     except DaldaError as exc:
         print(f"dalda-aug {args.command}: error: {exc}", file=sys.stderr)

@@ -16,7 +16,53 @@ from typing import Any, Mapping
 from ._io import read_json_object
 from .errors import InputError
 
-__all__ = ["ModelConfig"]
+__all__ = ["ModelConfig", "models_file", "model_defaults", "DEFAULTS_KEY", "DEFAULTABLE_OPTIONS"]
+
+# The key of a models file that holds per-command option defaults (not a model location).
+DEFAULTS_KEY = "defaults"
+# Which options a models file may default, per command (``make-tiny-models`` writes CPU-sized ones).
+DEFAULTABLE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "warm": ("size", "steps"),
+    "demo": ("size", "steps"),
+    "textual-inversion": ("resolution", "steps"),
+}
+
+
+def models_file(path: str | os.PathLike[str]) -> Path:
+    """The models JSON ``path`` names: the file itself, or ``path/models.json`` for a folder
+    (``--models tiny`` for a folder written by ``make-tiny-models``)."""
+    path = Path(path)
+    return path / "models.json" if path.is_dir() else path
+
+
+def _check_defaults(data: Any, where: Path) -> dict[str, dict[str, int]]:
+    if not isinstance(data, Mapping):
+        raise InputError(f"{where}: {DEFAULTS_KEY!r} must be an object of commands, got {type(data).__name__}")
+    out: dict[str, dict[str, int]] = {}
+    for command, options in data.items():
+        known = DEFAULTABLE_OPTIONS.get(command)
+        if known is None:
+            raise InputError(f"{where}: {DEFAULTS_KEY!r} names unknown command {command!r}; known: "
+                             f"{sorted(DEFAULTABLE_OPTIONS)}")
+        if not isinstance(options, Mapping):
+            raise InputError(f"{where}: {DEFAULTS_KEY}.{command} must be an object of options")
+        for option, value in options.items():
+            if option not in known:
+                raise InputError(f"{where}: {DEFAULTS_KEY}.{command} names unknown option {option!r}; "
+                                 f"known: {list(known)}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{where}: {DEFAULTS_KEY}.{command}.{option} must be an integer >= 1, got {value!r}")
+        out[command] = {str(k): int(v) for k, v in options.items()}
+    return out
+
+
+def model_defaults(path: str | os.PathLike[str], command: str) -> dict[str, int]:
+    """The option defaults a models file (or folder, see :func:`models_file`) records for
+    ``command`` (e.g. ``{"size": 64, "steps": 2}`` for ``warm`` with tiny models); ``{}`` if none.
+    Options given explicitly win over these."""
+    file = models_file(path)
+    data = read_json_object(file, "models file")
+    return _check_defaults(data.get(DEFAULTS_KEY, {}), file).get(command, {})
 
 
 @dataclass(frozen=True)
@@ -80,17 +126,31 @@ class ModelConfig:
                         values[name] = location.value
         return cls(**values)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], *, defaults: Mapping[str, Mapping[str, int]] | None = None) -> Path:
+        """Write the models file; ``defaults`` (command -> option -> value, see
+        :data:`DEFAULTABLE_OPTIONS`) is stored under ``"defaults"``."""
         path = Path(path)
+        data = self.to_dict()
+        if defaults:
+            data[DEFAULTS_KEY] = _check_defaults(defaults, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ModelConfig":
-        """Read a models JSON file (as written by :meth:`save` or ``make-tiny-models``)."""
-        path = Path(path)
+        """Read a models JSON file (as written by :meth:`save` or ``make-tiny-models``), or the
+        ``models.json`` of a folder. Relative paths in it resolve against its folder; its
+        ``"defaults"`` are read by :func:`model_defaults`."""
+        given = Path(path)
+        path = models_file(given)
+        if given.is_dir() and not path.is_file():
+            raise InputError(f"models folder {given} holds no models.json (`dalda-aug make-tiny-models {given}` "
+                             "writes tiny offline models there)")
         data = read_json_object(path, "models file")
+        if DEFAULTS_KEY in data:
+            _check_defaults(data[DEFAULTS_KEY], path)
+            data = {k: v for k, v in data.items() if k != DEFAULTS_KEY}
         return cls.from_dict(data, base_dir=path.parent)
 
     def fingerprint(self) -> str:

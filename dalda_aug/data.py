@@ -222,7 +222,7 @@ def find_classes(root: str | os.PathLike[str]) -> tuple[list[str], dict[str, int
         )
     classes = sorted(e.name for e in entries if not e.name.startswith("."))
     if not classes:
-        raise MissingFileError(f"Couldn't find any class folder in {root}.")
+        raise MissingFileError(f"Couldn't find any class folder in {root}: expected ROOT/<class>/<image>.")
     return classes, {c: i for i, c in enumerate(classes)}
 
 

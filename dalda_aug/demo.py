@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import ModelConfig
 from .errors import InputError, ModelLoadError
+from .generators.loading import HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint, hub_reachable
 
 if TYPE_CHECKING:
     import argparse
@@ -39,8 +40,8 @@ __all__ = [
 
 # The one line an offline user gets when the demo needs the hub.
 OFFLINE_HINT = "`DALDA_MODELS=tiny make demo` runs the demo offline with tiny random models"
-# Seconds the hub probe waits for any answer (DNS included) before calling the hub unreachable.
-HUB_PROBE_TIMEOUT = 5.0
+# HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint and hub_reachable live in
+# dalda_aug.generators.loading (every command checks the hub the same way); re-exported here.
 
 # class folder -> scikit-image loader name (all bundled with scikit-image, no download).
 DEMO_IMAGES = {
@@ -50,11 +51,6 @@ DEMO_IMAGES = {
     "astronaut": "astronaut",
     "motorcycle": "stereo_motorcycle",
 }
-
-
-class HubUnreachableError(ModelLoadError):
-    """The demo needs models from the Hugging Face hub, which cannot be reached (offline mode or no
-    answer), and they are not in the local cache."""
 
 
 @dataclass(frozen=True)
@@ -102,91 +98,39 @@ def _settings(models_choice: str | None, out: Path, size: int | None, steps: int
     if tiny:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
         return _Settings(models, True, size or 64, steps or 2, 128)
-    if _uses_hub(models_choice):
-        _check_hub(models)
-    return _Settings(models, False, size or 512, steps or 30, 256)
+    _check_hub(models, paper=_uses_hub(models_choice))  # local models: no probe
+    recorded: dict[str, int] = {}
+    if not _uses_hub(models_choice) and models_choice is not None:
+        from .config import model_defaults
+
+        recorded = model_defaults(models_choice, "demo")  # e.g. make-tiny-models' CPU-sized options
+    return _Settings(models, False, size or recorded.get("size", 512), steps or recorded.get("steps", 30), 256)
 
 
-# -- is the hub there? ----------------------------------------------------------------------------
+# -- is the hub there? (the check every command makes: dalda_aug.generators.loading) ---------------
 def _uses_hub(choice: str | None) -> bool:
     return choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default")
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_endpoint() -> str:
-    """The Hugging Face hub's address: ``$HF_ENDPOINT``, else https://huggingface.co."""
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
-    """Whether ``endpoint`` (default :func:`hub_endpoint`) answers an HTTP request within ``timeout``
-    seconds. Any HTTP answer counts, an error status included; no answer (refused, unroutable, no
-    DNS, silence) does not. Proxies from the environment are used as the hub client uses them."""
-    import threading
-    import urllib.error
-    import urllib.request
-
-    url = f"{endpoint or hub_endpoint()}/api/models/{ModelConfig().base}"
-    answered: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            answered.append(True)
-        except urllib.error.HTTPError:
-            answered.append(True)  # the server is there; it just says no
-        except (OSError, ValueError):
-            answered.append(False)
-
-    # A thread, so that a hanging DNS lookup (not covered by urlopen's timeout) cannot hold us.
-    thread = threading.Thread(target=probe, name="dalda-aug-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answered and answered[0])
+# The ModelConfig fields the demo loads (CLIP for the plan, the diffusion models for the cache).
+_DEMO_FIELDS = ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained")
 
 
 def missing_from_hub_cache(models: ModelConfig, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """The hub repositories of ``models``' diffusion models (base pipeline, VAE, IP-Adapter) that
+    """The hub repositories of ``models``' diffusion models (base pipeline, IP-Adapter, VAE) that
     are not in the local Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE``)."""
-    from .errors import require
+    from .generators.loading import hub_files
+    from .generators.loading import missing_from_hub_cache as missing
 
-    hub = require("huggingface_hub", "generate")
-    wanted = [(models.base, "model_index.json", models.base_revision),
-              (models.ip_adapter, f"{models.ip_adapter_subfolder}/{models.ip_adapter_weight}",
-               models.ip_adapter_revision)]
-    if models.vae is not None:
-        wanted.append((models.vae, "config.json", None))
-    missing = []
-    for repo, filename, revision in wanted:
-        found = hub.try_to_load_from_cache(repo, filename, cache_dir=None if cache_dir is None else str(cache_dir),
-                                           revision=revision)
-        if not isinstance(found, str):
-            missing.append(repo)
-    return missing
+    return missing(hub_files(models, ("base", "vae", "ip_adapter")), cache_dir)
 
 
-def _check_hub(models: ModelConfig) -> None:
-    """Stop within seconds, with one line, when the hub models are neither reachable nor cached.
+def _check_hub(models: ModelConfig, paper: bool = True) -> None:
+    """Stop within seconds, with one line suggesting the tiny models, when the hub models are
+    neither reachable nor cached (:func:`~dalda_aug.generators.loading.require_hub_models`)."""
+    from .generators.loading import require_hub_models
 
-    Without this, every loader retries an unreachable hub for about a minute before failing.
-    When the hub cannot be reached but the models are cached, the demo runs from the cache.
-    """
-    if _env_flag("HF_HUB_OFFLINE"):
-        why = "HF_HUB_OFFLINE is set"
-    elif hub_reachable():
-        return
-    else:
-        why = f"the model hub {hub_endpoint()} cannot be reached"
-        # Before huggingface_hub is imported: the loaders then read the cache and never retry.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    missing = missing_from_hub_cache(models)
-    if missing:
-        raise HubUnreachableError(
-            f"{why} and the paper's models are not in the local Hugging Face cache ({', '.join(missing)}); "
-            + OFFLINE_HINT)
+    require_hub_models(models, _DEMO_FIELDS, hint=OFFLINE_HINT, what="the paper's models" if paper else "")
 
 
 def _prompt_bank(class_names: list[str], variants: int, llm: str | None, models: ModelConfig,

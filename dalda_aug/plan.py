@@ -410,6 +410,13 @@ def build_plan(
     if scores is None:
         scores_arr = np.concatenate(block_scores)
         score_kind = getattr(scorer, "kind", "softmax")
+    if len(source.classes) == 1 and score_kind == "softmax" and scaling.strategy == "ags":
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s holds one class (%s): a softmax CLIPScore over one class is always 1, so AGS draws every λ from "
+            "its High range whatever the image; add classes, or score with kind 'cosine' (--score-kind cosine)",
+            source.root or "the source", source.classes[0])
     bad = np.flatnonzero(~np.isfinite(scores_arr) | (scores_arr < 0) | (scores_arr > 1))
     if bad.size and scaling.strategy == "ags":
         i = int(bad[0])

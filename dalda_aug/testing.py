@@ -10,7 +10,10 @@
   ``CLIPVisionModelWithProjection``, laid out like the h94/IP-Adapter repository;
 * ``open_clip/tiny-clip.json`` + ``open_clip/tiny-clip.pt``: an open_clip model config and
   checkpoint, loaded with ``pretrained=<file>``;
-* ``models.json``: the :class:`~dalda_aug.config.ModelConfig` pointing at all of the above.
+* ``models.json``: the :class:`~dalda_aug.config.ModelConfig` pointing at all of the above, with
+  paths relative to the folder (so the folder can be moved), and ``"defaults"``: CPU-sized
+  options (:data:`TINY_DEFAULTS`) that ``warm``, ``textual-inversion`` and ``demo`` use when the
+  flag is not given.
 
 Every consumer loads them through the code path used for the real weights.
 """
@@ -20,17 +23,26 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
 from .errors import require
 
-__all__ = ["make_tiny_models", "write_clip_tokenizer", "TINY_CLIP_NAME"]
+__all__ = ["make_tiny_models", "write_clip_tokenizer", "TINY_CLIP_NAME", "TINY_DEFAULTS"]
 
 TINY_CLIP_NAME = "dalda-tiny-clip"
 _CROSS_DIM = 32  # text hidden size = UNet cross-attention dim = IP-Adapter token dim
 _IMAGE_EMBED_DIM = 32  # CLIPVisionModelWithProjection projection_dim
+
+# Options sized for a CPU, recorded in the tiny models' models.json ("defaults", per command, by
+# option name): tiny models gain nothing from 512 px and 30 steps (which take minutes per image on a CPU).
+TINY_DEFAULTS: dict[str, dict[str, int]] = {
+    "warm": {"size": 64, "steps": 2},
+    "demo": {"size": 64, "steps": 2},
+    "textual-inversion": {"resolution": 64, "steps": 20},
+}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -157,9 +169,19 @@ def _tiny_open_clip_config() -> dict[str, Any]:
 def make_tiny_models(root: str | os.PathLike[str], *, seed: int = 0) -> ModelConfig:
     """Write tiny random models under ``root`` and return a :class:`ModelConfig` for them.
 
-    Runs offline in a few seconds; also writes ``root/models.json``. Calling it again on the
-    same folder overwrites the models with identical ones (same ``seed``).
+    Runs offline in a few seconds; also writes ``root/models.json`` (paths relative to ``root``,
+    plus :data:`TINY_DEFAULTS`). Calling it again on the same folder overwrites the models with
+    identical ones (same ``seed``). The returned config holds absolute paths.
     """
+    from .generators.loading import quiet_loading
+
+    require("diffusers", "generate")
+    require("transformers", "generate")
+    with quiet_loading():  # no "Writing model shards" bars (the libraries are imported first)
+        return _make_tiny_models(root, seed=seed)
+
+
+def _make_tiny_models(root: str | os.PathLike[str], *, seed: int) -> ModelConfig:
     torch = require("torch", "generate")
     diffusers = require("diffusers", "generate")
     transformers = require("transformers", "generate")
@@ -236,7 +258,8 @@ def make_tiny_models(root: str | os.PathLike[str], *, seed: int = 0) -> ModelCon
     clip_cfg_path.write_text(json.dumps(_tiny_open_clip_config(), indent=2), encoding="utf-8")
     open_clip.add_model_config(clip_cfg_path)
     torch.manual_seed(seed + 3)
-    clip_model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    # The architecture create_model builds from this config, without its "no pretrained weights" warning.
+    clip_model = open_clip.CLIP(**_tiny_open_clip_config())
     clip_ckpt = clip_dir / f"{TINY_CLIP_NAME}.pt"
     torch.save({"state_dict": clip_model.state_dict()}, clip_ckpt)
 
@@ -250,5 +273,9 @@ def make_tiny_models(root: str | os.PathLike[str], *, seed: int = 0) -> ModelCon
         clip_model=str(clip_cfg_path),
         clip_pretrained=str(clip_ckpt),
     )
-    config.save(root / "models.json")
+    # models.json names the models relative to its folder ("./sd"), which load() resolves.
+    relative = {name: f"./{Path(value).relative_to(root).as_posix()}"
+                for name, value in config.to_dict().items()
+                if name in ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained") and value}
+    replace(config, **relative).save(root / "models.json", defaults=TINY_DEFAULTS)
     return config

@@ -34,7 +34,7 @@ from .._io import read_json_object, write_atomic
 from ..config import ModelConfig
 from ..errors import InputError, MissingFileError, require
 from .base import check_int, check_real, dtype_name, resolve_torch_dtype
-from .loading import call_loader, check_local_folder, describe_location, parse_location
+from .loading import call_loader, check_local_folder, describe_location, parse_location, quiet_loading
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -289,7 +289,8 @@ class TextualInversionTrainer:
             raise InputError(f"initializer_token {self.config.initializer_token!r} is {len(ids)} tokens, not one")
         if self.tokenizer.add_tokens(token) == 0:
             raise InputError(f"the tokenizer already has the token {token!r}")
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer))
+        with quiet_loading():  # transformers' mean_resizing notice: the new row is set just below
+            self.text_encoder.resize_token_embeddings(len(self.tokenizer))
         self._embeddings = self.text_encoder.get_input_embeddings()
         token_id = int(self.tokenizer.convert_tokens_to_ids(token))
         with torch.no_grad():
