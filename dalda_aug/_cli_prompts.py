@@ -231,7 +231,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                      help="environment variable holding the API key (default OPENAI_API_KEY)")
     api.add_argument("--api-version", help="Azure OpenAI api-version query parameter")
     api.add_argument("--json-mode", action="store_true", help="send response_format=json_object")
-    api.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default 120)")
+    api.add_argument("--timeout", type=float, default=120.0,
+                     help="deadline in seconds for each whole HTTP request: connect, headers and the full answer "
+                          "(default 120); answers over 4 MiB are refused")
     api.add_argument("--max-retries", type=int, default=5,
                      help="retries on HTTP 429/5xx, time-outs and connection errors (default 5)")
     api.add_argument("--retry-delay", type=float, default=1.0,
