@@ -189,6 +189,7 @@ def test_on_miss_generate_with_generator_instance(data, generator, tmp_path):
     source = ds.base[4][0]
     expected = generator.generate([GenerationRequest(source, variant.prompt, variant.lam, variant.seed)])[0]
     assert torch.equal(x, _tensor(expected))
+    ds.set_epoch(0)  # the same draw again
     assert torch.equal(ds[4][0], x)  # now a cache hit
     assert len(cache) == 1
 
@@ -216,6 +217,7 @@ def test_corrupt_entry_is_regenerated(data, generator, tmp_path):
     with diskcache.Cache(str(cache.directory / f"shard-{cache.shard}")) as raw:
         blob = raw[key]
         raw[key] = blob[:-10]  # damaged image bytes
+    ds.set_epoch(0)  # the same draw again: the same (now damaged) variant
     again, _ = ds[2]
     assert cache.corrupt_removed == 1
     assert torch.equal(again, first)  # regenerated: same seed, same pixels
@@ -309,6 +311,7 @@ def test_pool_wait_and_real(data, tmp_path):
         x, _ = real[6]
         assert torch.equal(x, reference[6][0])  # the real item now...
         pool.wait(real.choose(6), timeout=300)  # ...and the variant is being generated
+        real.set_epoch(0)  # the same draw again: now a cache hit
         assert torch.equal(real[6][0], _tensor(cache.get(real.choose(6)).image))
     assert pool.handle().state == "closed"
     assert all(not p.is_alive() for p in pool.processes)
