@@ -54,20 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from torch.utils.data import DataLoader, RandomSampler, Subset
+    from torch.utils.data import DataLoader, RandomSampler
     from torchvision.datasets import ImageFolder
     from tqdm.auto import tqdm
 
     from dalda_aug import (AugmentationPlan, GenerationConfig, GenerationSpec, ModelConfig, SyntheticAugmentedDataset,
-                           SyntheticCache, few_shot_indices)
+                           SyntheticCache)
     from dalda_aug.classify import build_classifier, eval_transform, evaluate, train_transform
 
     plan = AugmentationPlan.load(args.plan)
-    # The real training images: the plan's own few-shot subset of its folder (no transform:
-    # the wrapper applies it to real and synthetic images alike).
+    # The real training images: the plan's folder, of which the dataset serves the plan's own
+    # few-shot subset (items="plan", found by file path). No transform on the base: the wrapper
+    # applies it to real and synthetic images alike.
     base = ImageFolder(plan.config["data_root"])
-    if plan.config.get("n_shot") is not None:
-        base = Subset(base, few_shot_indices(base.targets, plan.config["n_shot"], plan.config["seed"]))
     class_names = plan.config["class_names"]
     # The generation settings the cached images are keyed by: the ones warm recorded in the cache
     # folder, unless given here (or the cache was never warmed: the paper's, with the plan's models).
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              device=args.device)
     train_set = SyntheticAugmentedDataset(base, plan, cache, p=args.p,
                                           transform=train_transform(model), on_miss=args.on_miss,
-                                          seed=args.seed)
+                                          seed=args.seed, items="plan")
     test_set = ImageFolder(str(args.test), transform=eval_transform(model))
     if [c for c in test_set.classes] != list(plan.config["classes"]):
         print(f"error: the test folder's classes differ from the plan's ({args.test})", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The README's training snippet works as printed after `dalda-aug warm` with non-default options."""
+"""The README's training snippet works as printed after `dalda-aug plan --shots` and
+`dalda-aug warm` with non-default options, and trains on the plan's few-shot subset."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -15,6 +17,8 @@ from dalda_aug.cli import main
 from dalda_aug.plan import build_plan
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+PER_CLASS = 4
+SHOTS = 2
 
 
 def _snippet() -> str:
@@ -23,33 +27,69 @@ def _snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_training_snippet_runs_as_printed(tmp_path, tiny_models, monkeypatch):
+@pytest.fixture
+def prepared(tmp_path, tiny_models, monkeypatch):
+    """data/train (4 images per class), a 2-shot plan of it in plan/, its variants in cache/."""
     rng = np.random.default_rng(0)
     for name in ("ant", "bee"):
         (tmp_path / "data" / "train" / name).mkdir(parents=True)
-        for i in range(2):
+        for i in range(PER_CLASS):
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
                 tmp_path / "data" / "train" / name / f"{i}.png")
     monkeypatch.chdir(tmp_path)
-    build_plan(Path("data/train").resolve(), variants=2, seed=0, scores=[0.2, 0.4, 0.6, 0.8],
-               models=tiny_models).save("plan")
+    # What `dalda-aug plan --data data/train --shots 2 --out plan/` writes (scores given: no CLIP).
+    plan = build_plan(Path("data/train").resolve(), variants=2, seed=0, n_shot=SHOTS, scores=[0.2, 0.4, 0.6, 0.8],
+                      models=tiny_models)
+    plan.save("plan")
     # warm with options other than the defaults: the snippet restates none of them.
     assert main(["warm", "--plan", "plan", "--cache", "cache", "--steps", "2", "--size", "32", "--device", "cpu",
                  "--no-progress"]) == 0
+    return plan
 
+
+def test_readme_training_snippet_runs_as_printed(prepared):
     code = _snippet()
-    assert 'SyntheticCache("cache/")' in code and "set_epoch" not in code
-    code = code.replace("range(50)", "range(3)").replace("        ...", "        seen.append(images)")
-    scope = {"train_transform": T.Compose([T.Resize((16, 16)), T.PILToTensor()]), "seen": []}
+    assert 'SyntheticCache("cache/")' in code and "set_epoch" not in code and 'items="plan"' in code
+    body = "        ...                               # forward, loss, backward, step"
+    assert body in code
+    code = code.replace(body, "        seen.append((images, labels))")
+    scope = {"seen": []}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        exec(compile(code, str(README), "exec"), scope)
-    # The cache covers the plan: nothing about the cache to warn about.
-    assert not [w for w in caught if "cache" in str(w.message)], [str(w.message) for w in caught]
+        exec(compile(code, str(README), "exec"), scope)  # train_transform is the snippet's own
+    # A covering cache and items="plan": nothing about the cache or the plan to warn about.
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "cache" in m or "plan" in m], said
     train = scope["train"]
     assert train.cached_variants == train.planned_variants == 8
-    images = torch.cat(scope["seen"])
-    real = {T.Compose([T.Resize((16, 16)), T.PILToTensor()])(train.base[i][0]).numpy().tobytes()
-            for i in range(len(train))}
-    synthetic = sum(x.numpy().tobytes() not in real for x in images)
-    assert len(images) == 12 and 0 < synthetic < 12
+    # The plan's 2 images per class of the 4 in the folder, not the whole folder.
+    planned = {v.source for v in prepared}
+    assert len(train) == len(planned) == 2 * SHOTS and len(train.base.dataset) == 2 * PER_CLASS
+    images = torch.cat([x for x, _ in scope["seen"]])
+    assert images.shape == (3 * len(train), 3, 224, 224)
+
+    # Which versions came out, read back from the tensors under a deterministic transform
+    # (the snippet's crops are random): real files of the plan, or their cached variants.
+    tf = T.Compose([T.Resize((16, 16)), T.PILToTensor()])
+    real = {}
+    for path in sorted(Path("data/train").rglob("*.png")):
+        real[tf(Image.open(path).convert("RGB")).numpy().tobytes()] = path.relative_to("data/train").as_posix()
+    variants = {tf(train.cache.get(v).image).numpy().tobytes(): v.source for v in prepared}
+    train.transform = tf
+    served = []
+    for _ in range(10):
+        for x, _ in scope["loader"]:  # workers start afresh each epoch: they get the new transform
+            served += [real.get(xi.numpy().tobytes()) or ("synthetic", variants[xi.numpy().tobytes()]) for xi in x]
+    sources = [s[1] if isinstance(s, tuple) else s for s in served]
+    assert set(sources) == planned
+    synthetic = sum(isinstance(s, tuple) for s in served)
+    assert abs(synthetic / len(served) - 0.5) < 4 * np.sqrt(0.25 / len(served)), (synthetic, len(served))
+
+
+def test_readme_snippet_without_items_plan_warns(prepared):
+    """Without items="plan" the whole folder is served; the dataset says so."""
+    code = _snippet()
+    code = code.replace(', items="plan"', "").replace("range(3)", "range(0)")
+    with pytest.warns(UserWarning, match=rf"4 of the 8 items .*not in the plan \(the plan was made with "
+                                         rf"--shots {SHOTS}; it has 4 of them\).*items='plan'"):
+        exec(compile(code, str(README), "exec"), {})
