@@ -37,14 +37,18 @@ LOGIT_SCALE = 100.0  # CLIP ViT-B/16 (OpenAI) learned logit scale, as DALDA uses
 HESSEL_W = 2.5
 KINDS = ("softmax", "cosine", "hessel")
 # Images per forward pass in :meth:`CLIPScorer.score`. float32 CPU/GPU kernels may round
-# differently for different batch shapes (it happens on Intel Xeons), so a score, and through it a
-# plan's λ and cache keys, would depend on which other images shared its batch. Scores are
-# therefore computed in blocks of SCORE_BLOCK consecutive images aligned to the first image of the
-# call, and SCORE_BLOCK is 1: a score is a function of the image, the class list and the model
-# alone. The same image then gets the same score (on one machine: bit for bit) in a 1-shot and a
-# 16-shot plan, whatever the reading chunk, the batch size or the order, so their variants share
-# cache entries. Scoring is a small share of the work (few-shot sources, one pass each).
-SCORE_BLOCK = 1
+# differently for different batch shapes (it happens on Intel Xeons and AMD EPYCs alike: an image
+# scored in a batch of 16 and in a batch of 5 differs in its last bits), so a score, and through it
+# a plan's λ and cache keys, would depend on how many other images shared its forward pass. Every
+# forward pass of :meth:`CLIPScorer.score` therefore has one fixed shape: SCORE_BLOCK images, the
+# last block of a call padded with all-zero pixel tensors whose outputs are discarded; the cosines
+# and the softmax are computed on the whole padded block too. With one shape the kernels, and so
+# each row's arithmetic, are the same whichever block, position or neighbours an image gets: a
+# score is a function of the image, the class list, the model (and the machine) alone. The same
+# image then gets the same score, bit for bit on one machine, in a 1-shot and a 16-shot plan,
+# whatever the reading chunk, the batch size, the order or the number of processes, so their
+# variants share cache entries. tests/test_scoring_blocks.py checks this with torch.equal.
+SCORE_BLOCK = 16
 
 
 def load_open_clip(model_name: str, pretrained: str | None, device: Device = "cpu") -> tuple[Any, Any, Any]:
@@ -99,8 +103,9 @@ class CLIPScorer:
             (``max(cos, 0)``, the paper's wording) or ``"hessel"`` (``2.5 · max(cos, 0)``,
             Hessel et al.; above 1 for cos > 0.4, so not for AGS).
         batch_size: images per forward pass in :meth:`image_features`. :meth:`score` always works
-            in index-aligned blocks of :data:`SCORE_BLOCK` images (one image), so a score never
-            depends on the batch size, the reading chunk size or the other images of the call.
+            in forward passes of exactly :data:`SCORE_BLOCK` images (the last one padded), so a
+            score never depends on the batch size, the reading chunk size or the other images of
+            the call.
 
     The model is loaded on first use; text features are computed once per class list.
     """
@@ -174,20 +179,46 @@ class CLIPScorer:
             out.append(self._encode(images[start : start + self.batch_size]))
         return torch.cat(out) if out else torch.empty(0)
 
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The model's eval transform of one PIL image: a ``(3, H, W)`` float tensor on the CPU.
+
+        Thread-safe once the model is loaded (:meth:`load` first): a pure function of the image,
+        so sources can be decoded and preprocessed in a thread pool and passed to :meth:`score`.
+        """
+        self.load()
+        pixels: torch.Tensor = self._preprocess(image)
+        return pixels
+
+    def load(self) -> "CLIPScorer":
+        """Load the model, its transform and tokenizer now (otherwise on first use)."""
+        self._load()
+        return self
+
     def _encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised features of one forward pass over ``images``."""
         import torch
 
+        return self._forward(torch.stack([self.preprocess(img) for img in images]))
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features of one forward pass over a batch of preprocessed pixels."""
+        import torch
+
         model = self._load()
-        pixels = torch.stack([self._preprocess(img) for img in images]).to(self.device)
         with torch.inference_mode():
-            feats = model.encode_image(pixels).float()
+            feats = model.encode_image(pixels.to(self.device)).float()
         normed: torch.Tensor = feats / feats.norm(dim=-1, keepdim=True)
         return normed
 
-    def score(self, images: Sequence[Image.Image], labels: Sequence[int] | npt.NDArray[np.integer[Any]],
+    def score(self, images: Sequence[Image.Image | torch.Tensor],
+              labels: Sequence[int] | npt.NDArray[np.integer[Any]],
               class_names: Sequence[str], progress: bool | None = None) -> npt.NDArray[np.float64]:
-        """One score per image: see the module docstring. ``labels`` index ``class_names``."""
+        """One score per image: see the module docstring. ``labels`` index ``class_names``.
+
+        ``images`` are PIL images or tensors :meth:`preprocess` made (they may be mixed). Each
+        forward pass holds exactly :data:`SCORE_BLOCK` images, the last padded with zeros, so an
+        image's score does not depend on the other images of the call or on its position.
+        """
         images = list(images)
         label_ids = np.asarray(labels, dtype=np.int64)
         if len(images) != len(label_ids):
@@ -204,15 +235,24 @@ class CLIPScorer:
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         starts = range(0, len(images), SCORE_BLOCK)
         for start in tqdm(starts, desc="CLIPScore", unit="block", disable=not show):
-            block = images[start : start + SCORE_BLOCK]
-            img = self._encode(block)
-            cos = img @ text.T  # (B, C)
-            idx = torch.as_tensor(label_ids[start : start + SCORE_BLOCK], device=cos.device)
+            block = [x if isinstance(x, torch.Tensor) else self.preprocess(x)
+                     for x in images[start : start + SCORE_BLOCK]]
+            real = len(block)
+            pixels = torch.stack(block)
+            if real < SCORE_BLOCK:  # pad to the one shape; the padding's outputs are dropped below
+                pixels = torch.cat([pixels, pixels.new_zeros((SCORE_BLOCK - real, *pixels.shape[1:]))])
+            ids = np.zeros(SCORE_BLOCK, dtype=np.int64)
+            ids[:real] = label_ids[start : start + real]
+            # Everything below runs on the whole (SCORE_BLOCK, ...) block, so no shape depends on
+            # how many real images the block holds; the rows are sliced at the very end.
+            img = self._forward(pixels)
+            cos = img @ text.T  # (SCORE_BLOCK, C)
+            idx = torch.as_tensor(ids, device=cos.device)
             if self.kind in ("cosine", "hessel"):
                 own = cos.gather(1, idx[:, None])[:, 0].clamp(min=0)
                 result = own if self.kind == "cosine" else HESSEL_W * own
             else:
                 probs = (LOGIT_SCALE * cos).softmax(dim=-1)
                 result = probs.gather(1, idx[:, None])[:, 0]
-            out.append(result.double().cpu().numpy())
+            out.append(result.double().cpu().numpy()[:real])
         return np.concatenate(out)

@@ -24,14 +24,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
 from ._io import loads_bounded, read_json_object, write_atomic
 from .ags import Scaling, sample_scales
 from .config import ModelConfig
-from .data import ImageSource, image_sha256
+from .data import ImageSource, SourceItem, image_sha256
 from .errors import InputError, MissingFileError
 
 if TYPE_CHECKING:
@@ -47,7 +47,22 @@ PLAN_FORMAT = "dalda_aug.plan/1"
 _DIGESTS = "digests"  # key of plan.json: {"plan.jsonl": sha256, "summary.json": sha256}
 _MAX_ROW_BYTES = 1024 * 1024  # one plan.jsonl row (a row is well under 1 KiB; prompts are one sentence)
 BASE_TEMPLATE = "a photo of a {}"
-_CHUNK = 256  # source images read and scored at a time
+# Source images read (decoded, hashed, preprocessed) and scored at a time: two chunks of pixel
+# tensors (about 77 MB each at 224 px) are held, the one being scored and the one being read. A
+# multiple of clipscore.SCORE_BLOCK, so only the last block of a plan is padded; any value gives the
+# same scores.
+_CHUNK = 128
+_READ_WORKERS = min(8, os.cpu_count() or 1)  # threads that decode, hash and preprocess sources
+
+
+class Processes(Protocol):
+    """This process's place among the processes that plan together (``accelerate.PartialState``)."""
+
+    @property
+    def process_index(self) -> int: ...
+
+    @property
+    def num_processes(self) -> int: ...
 
 
 def derive_seed(seed: int, source_sha256: str, variant: int, purpose: str = "generation") -> int:
@@ -313,6 +328,87 @@ def _class_prompts(prompts: Prompts | None, class_name: str, base_name: str | No
     return found
 
 
+def _read_one(item: SourceItem, scorer: CLIPScorer | None) -> tuple[str, Any]:
+    """Decode one source, hash its pixels and (with a scorer) preprocess it for CLIP."""
+    img = item.load()
+    return image_sha256(img), (scorer.preprocess(img) if scorer is not None else None)
+
+
+def _read_and_score(items: Sequence[SourceItem], class_names: Sequence[str], scorer: CLIPScorer | None,
+                    progress: bool = False) -> tuple[list[str], np.ndarray | None]:
+    """Content hashes of ``items`` and, with a scorer, their CLIPScores (else ``None``).
+
+    Sources are read ``_CHUNK`` at a time by a pool of threads that decode, hash and preprocess
+    (the next chunk is read while the scorer runs on this one; torch releases the GIL); results
+    keep the order of ``items`` and the first unreadable item raises, as in a plain loop. The
+    scores are those :meth:`~dalda_aug.clipscore.CLIPScorer.score` gives each image alone: they
+    do not depend on the chunk, the order or the other items.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    hashes: list[str] = []
+    chunks: list[np.ndarray] = []
+    if scorer is not None and items:
+        scorer.load()  # before the threads use its transform
+    pool = ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="dalda-read")
+
+    def submit(start: int) -> list[Future[tuple[str, Any]]]:
+        return [pool.submit(_read_one, item, scorer) for item in items[start : start + _CHUNK]]
+
+    try:
+        with tqdm(total=len(items), desc="reading and scoring sources", unit="img", disable=not progress) as bar:
+            pending = submit(0)
+            for start in range(0, len(items), _CHUNK):
+                done = [f.result() for f in pending]
+                pending = submit(start + _CHUNK)
+                hashes.extend(sha for sha, _ in done)
+                if scorer is not None:
+                    labels = [item.label for item in items[start : start + len(done)]]
+                    chunks.append(scorer.score([px for _, px in done], labels, class_names, progress=False))
+                bar.update(len(done))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if scorer is None:
+        return hashes, None
+    return hashes, np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float64)
+
+
+def _process_share(processes: Processes | None) -> tuple[int, int]:
+    if processes is None:
+        return 0, 1
+    rank, world = int(processes.process_index), int(processes.num_processes)
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"processes: process_index {rank} is not in [0, num_processes={world})")
+    return rank, world
+
+
+def _gather_shares(hashes: list[str], scores: np.ndarray | None, world: int) -> tuple[list[str], np.ndarray | None]:
+    """Every process's (hashes, scores), concatenated in process order, on every process.
+
+    Over torch.distributed on a CPU gloo group (a new one when the default group is NCCL); the
+    float64 scores travel exactly. Only this library's own processes exchange these objects.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world:
+        raise InputError(f"processes says {world} processes, but torch.distributed is not initialized for them "
+                         "(build it with accelerate.PartialState() under `accelerate launch` or `torchrun`)")
+    # new_group is typed to return a marker for non-members; every process is a member here
+    group: Any = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    share = (hashes, None if scores is None else [float(x) for x in scores])
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, share, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
+    all_hashes = [sha for part_hashes, _ in gathered for sha in part_hashes]
+    if scores is None:
+        return all_hashes, None
+    return all_hashes, np.array([x for _, part in gathered for x in part], dtype=np.float64)
+
+
 def build_plan(
     source: ImageSource | str | os.PathLike[str],
     *,
@@ -326,6 +422,7 @@ def build_plan(
     scores: Sequence[float] | None = None,
     progress: bool | None = None,
     base_prompt_names: str = "readable",
+    processes: Processes | None = None,
 ) -> AugmentationPlan:
     """Plan ``variants`` synthetic images per real image.
 
@@ -348,6 +445,12 @@ def build_plan(
             the paper's text) or ``"folder"`` (the folder name as is, "a photo of a
             american_bulldog", as the reference code writes it). CLIPScores always use the
             readable names.
+        processes: an ``accelerate.PartialState`` (or anything with ``process_index`` and
+            ``num_processes``) when several processes plan together (``accelerate launch``,
+            ``torchrun``): every process must call ``build_plan`` with the same arguments; each
+            reads and scores its share of the sources, the shares are gathered over
+            ``torch.distributed`` (a CPU gloo group) and every process returns the whole plan,
+            the same as one process makes. Save it from the main process only.
     """
     if base_prompt_names not in ("readable", "folder"):
         raise InputError(f"base_prompt_names must be 'readable' or 'folder', got {base_prompt_names!r}")
@@ -376,39 +479,19 @@ def build_plan(
         from .clipscore import CLIPScorer
 
         scorer = CLIPScorer.from_models(models)
-    # Images are read a chunk at a time, so memory stays flat on large datasets. They are scored
-    # in index-aligned blocks of SCORE_BLOCK (whatever _CHUNK is), so each score, and with it the
-    # plan, does not depend on how the sources were read: see clipscore.SCORE_BLOCK.
-    # (SCORE_BLOCK is read at call time, so a different block size still aligns.)
-    from tqdm.auto import tqdm
-
-    from .clipscore import SCORE_BLOCK
-
-    hashes: list[str] = []
-    block_scores: list[np.ndarray] = []
-    pending: list[Any] = []  # read images not yet scored; always fewer than SCORE_BLOCK between chunks
-
-    def score_pending(final: bool) -> None:
-        done = sum(s.size for s in block_scores)
-        full = len(pending) if final else len(pending) // SCORE_BLOCK * SCORE_BLOCK
-        if full:
-            assert scorer is not None  # scores is None here, so a scorer was built above
-            block_scores.append(scorer.score(pending[:full], labels[done : done + full], class_names, progress=False))
-            del pending[:full]
-
-    show = progress if progress is not None else len(labels) > _CHUNK
-    with tqdm(total=len(labels), desc="reading and scoring sources", unit="img", disable=not show) as bar:
-        for start in range(0, len(labels), _CHUNK):
-            images = [item.load() for item in source.items[start : start + _CHUNK]]
-            hashes.extend(image_sha256(img) for img in images)
-            if scores is None:
-                pending.extend(images)
-                score_pending(final=False)
-            bar.update(len(images))
-        if scores is None:
-            score_pending(final=True)
+    # Each process (one without `processes`) reads, hashes and scores its contiguous share of the
+    # sources; the shares are gathered in process order. A score does not depend on which images
+    # share its forward pass (clipscore.SCORE_BLOCK), so any split gives the one-process plan.
+    rank, world = _process_share(processes)
+    lo, hi = rank * len(labels) // world, (rank + 1) * len(labels) // world
+    show = (progress if progress is not None else len(labels) > _CHUNK) and rank == 0
+    hashes, read_scores = _read_and_score(source.items[lo:hi], class_names, scorer if scores is None else None,
+                                          progress=show)
+    if world > 1:
+        hashes, read_scores = _gather_shares(hashes, read_scores, world)
     if scores is None:
-        scores_arr = np.concatenate(block_scores)
+        assert read_scores is not None  # a scorer was given or built above
+        scores_arr = read_scores
         score_kind = getattr(scorer, "kind", "softmax")
     if len(source.classes) == 1 and score_kind == "softmax" and scaling.strategy == "ags":
         import logging

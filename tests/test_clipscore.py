@@ -78,7 +78,7 @@ def test_cosine_is_clipped_cos_not_hessel_for_high_similarity(tiny_models, image
     unit = torch.tensor([[1.0, 0.0]])
     text = torch.tensor([[0.9, float(np.sqrt(1 - 0.81))], [0.0, 1.0]])
     for s in (scorer, hessel):
-        monkeypatch.setattr(s, "_encode", lambda block: unit.repeat(len(block), 1))
+        monkeypatch.setattr(s, "_forward", lambda pixels: unit.repeat(len(pixels), 1))
         monkeypatch.setattr(s, "text_features", lambda names: text)
     assert scorer.score(images[:1], [0], ["a", "b"])[0] == pytest.approx(0.9)
     assert hessel.score(images[:1], [0], ["a", "b"])[0] == pytest.approx(2.25)
@@ -121,3 +121,13 @@ def test_unreachable_hub_weights_give_a_clear_error(images, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"'ViT-B-16' with pretrained='openai'.*local checkpoint"):
         CLIPScorer("ViT-B-16", "openai").score(images[:1], [0], ["cat"])
+
+
+def test_preprocessed_tensors_score_like_pil_images(tiny_models, images):
+    """score() takes PIL images or the tensors preprocess() made (as plan's reading threads do)."""
+    scorer = CLIPScorer.from_models(tiny_models)
+    classes = ["cat", "coffee", "rocket", "astronaut"]
+    from_pil = scorer.score(images, [0, 1, 2, 3], classes)
+    mixed = [scorer.preprocess(im) if i % 2 else im for i, im in enumerate(images)]
+    assert np.array_equal(scorer.score(mixed, [0, 1, 2, 3], classes), from_pil)
+    assert scorer.preprocess(images[0]).shape == (3, 32, 32)  # the tiny CLIP's 32 px transform

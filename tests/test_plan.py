@@ -197,45 +197,60 @@ def test_plan_reads_sources_in_chunks_with_the_same_result(folder, tiny_models, 
     assert [v.to_row() for v in chunked] == [v.to_row() for v in whole]
 
 
-def _forward_passes(monkeypatch, scorer):
-    """Record, for every CLIP forward pass of ``scorer``, the content hashes of its images."""
-    passes: list[tuple[str, ...]] = []
-    encode = scorer._encode
+def _forward_passes(monkeypatch, scorer, pixels_of_source):
+    """Record every CLIP forward pass of ``scorer`` as its shape and, per row, the indices of the
+    sources whose preprocessed pixels it holds (skimage's cat is chelsea: two sources alike), or
+    "pad" for an all-zero padding row."""
+    import torch
 
-    def recording(images):
-        passes.append(tuple(image_sha256(img) for img in images))
-        return encode(images)
+    passes: list[tuple[tuple[int, ...], tuple[object, ...]]] = []
+    forward = scorer._forward
 
-    monkeypatch.setattr(scorer, "_encode", recording)
+    def recording(pixels):
+        rows = []
+        for row in pixels:
+            found = tuple(i for i, px in enumerate(pixels_of_source) if torch.equal(row, px))
+            rows.append(found if found else ("pad" if not row.any() else "unknown"))
+        passes.append((tuple(pixels.shape), tuple(rows)))
+        return forward(pixels)
+
+    monkeypatch.setattr(scorer, "_forward", recording)
     return passes
 
 
-def test_a_score_is_computed_in_a_block_fixed_by_dataset_order(folder, tiny_models, monkeypatch):
-    """Issue 14: float32 kernels round differently per batch shape on some CPUs, so the images
-    that share an image's forward pass may depend only on the dataset order, never on the reading
-    chunk or the scorer's batch size."""
+@pytest.mark.parametrize("block", [2, None])  # None: the real clipscore.SCORE_BLOCK
+def test_every_forward_pass_has_the_one_block_shape(folder, tiny_models, monkeypatch, block):
+    """Issue 14 / 23.4: float32 kernels round differently per batch shape on some CPUs, so every
+    forward pass holds exactly SCORE_BLOCK images (the last padded with zeros), for any reading
+    chunk and batch size; each source is scored exactly once, and the plan is the same."""
     import dalda_aug.clipscore as clipscore_module
     import dalda_aug.plan as plan_module
     from dalda_aug.clipscore import CLIPScorer
 
-    monkeypatch.setattr(clipscore_module, "SCORE_BLOCK", 2)  # 5 sources -> blocks [0,1] [2,3] [4]
+    if block is not None:
+        monkeypatch.setattr(clipscore_module, "SCORE_BLOCK", block)
+    size = clipscore_module.SCORE_BLOCK
     src = ImageSource.from_folder(folder)
-    hashes = [image_sha256(item.load()) for item in src.items]
-    expected_passes = [tuple(hashes[0:2]), tuple(hashes[2:4]), tuple(hashes[4:5])]
+    reference = CLIPScorer.from_models(tiny_models)
+    pixels = [reference.preprocess(item.load()) for item in src.items]
     results = []
     for chunk, batch_size in [(256, 64), (3, 1), (1, 3), (2, 5)]:
         monkeypatch.setattr(plan_module, "_CHUNK", chunk)
         scorer = CLIPScorer.from_models(tiny_models, batch_size=batch_size)
-        passes = _forward_passes(monkeypatch, scorer)
+        passes = _forward_passes(monkeypatch, scorer, pixels)
         plan = build_plan(src, variants=2, seed=4, models=tiny_models, scorer=scorer)
-        assert passes == expected_passes, (chunk, batch_size)
+        assert passes and all(shape == (size, 3, 32, 32) for shape, _ in passes), (chunk, passes)
+        real = [r for _, rows in passes for r in rows if r != "pad"]
+        # each source once, in order, nothing unknown
+        assert len(real) == 5 and all(i in found for i, found in enumerate(real)), (chunk, passes)
+        for _, rows in passes:  # padding only fills the end of a pass
+            assert "pad" not in rows or set(rows[rows.index("pad"):]) == {"pad"}
+        pads = sum(rows.count("pad") for _, rows in passes)
+        chunks = [min(chunk, 5 - s) for s in range(0, 5, chunk)]
+        assert pads == sum(-(-c // size) * size - c for c in chunks), (chunk, passes)
         results.append([v.to_row() for v in plan])
     assert all(r == results[0] for r in results[1:])
-    # Each source's score is the one its block alone gives (an independent call per block).
-    scorer = CLIPScorer.from_models(tiny_models)
-    images = [item.load() for item in src.items]
-    labels = [item.label for item in src.items]
-    alone = np.concatenate([scorer.score(images[i : i + 2], labels[i : i + 2], src.class_names)
-                            for i in range(0, 5, 2)])
+    # Each source's score is the one it gets scored alone (an independent call per image), exactly.
+    alone = [float(reference.score([item.load()], [item.label], src.class_names)[0]) for item in src.items]
     planned = {v.source: v.score for v in plan}
-    assert [planned[item.source] for item in src.items] == [round(float(x), 8) for x in alone]
+    assert [planned[item.source] for item in src.items] == [round(x, 8) for x in alone]
