@@ -242,19 +242,26 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
+# Commands taking the generation options (--models --size --steps ...; _cli_cache.add_spec_arguments).
+_SPEC_COMMANDS = ("warm", "cache", "metrics", "inspect")
+
+
 def _apply_model_defaults(args: argparse.Namespace) -> None:
     """Options a ``--models`` file records as defaults for this command (``make-tiny-models``'
     CPU-sized ones) fill the options not given; ``args.model_defaults`` says which, for the
-    command's startup line."""
+    command's startup line. ``cache stats|export``, ``metrics`` and ``inspect`` read ``warm``'s, so
+    that the same ``--models`` names the same cache keys."""
     from .config import DEFAULTABLE_OPTIONS, model_defaults
 
     args.model_defaults = {}
     command = getattr(args, "command", None)
-    if command not in DEFAULTABLE_OPTIONS or command == "demo" or getattr(args, "models", None) is None:
+    # The commands that name a generation spec read warm's defaults, so that their keys are warm's.
+    section = "warm" if command in _SPEC_COMMANDS else command
+    if section not in DEFAULTABLE_OPTIONS or section == "demo" or getattr(args, "models", None) is None:
         return  # the demo reads its own (its --models may be "tiny")
-    for option, value in model_defaults(args.models, command).items():
+    for option, value in model_defaults(args.models, section).items():
         dest = option.replace("-", "_")
-        if getattr(args, dest, None) is None:
+        if hasattr(args, dest) and getattr(args, dest) is None:
             setattr(args, dest, value)
             args.model_defaults[option] = value
 
