@@ -16,7 +16,8 @@ per image, resize back; DA-Fusion's class tokens loaded with ``load_textual_inve
 strengths per image).
 
 Prints images/s, the speed-up, the largest pixel difference from the baseline images, the
-achieved TFLOP/s as a fraction of the device's bf16 peak (DESIGN.md's SD1.5 performance model)
+achieved TFLOP/s as a fraction of the device's bf16 peak (the SD1.5 performance model in
+benchmarks/README.md, *Performance model*)
 and, on CUDA, the peak memory per batch size. ``--arch tiny`` builds the tiny random test models;
 ``--arch sd15-random`` builds the full-size SD1.5 + ViT-H/14 + ip-adapter_sd15 architecture with
 random weights (speed does not depend on the weights). Both are saved to a folder and loaded
@@ -41,7 +42,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
 
-# DESIGN.md's performance model, SD1.5 at 512x512 (TFLOP = 1e12 floating-point operations).
+# The performance model of benchmarks/README.md ("Performance model"), SD1.5 at 512x512
+# (TFLOP = 1e12 floating-point operations).
 UNET_TFLOP_512 = 0.80  # one UNet forward of one sample (x2 per step with guidance)
 VAE_DECODE_TFLOP_512 = 2.5  # one VAE decode
 IMAGE_ENCODER_TFLOP = 0.34  # ViT-H/14 at 224 px, one reference image
@@ -263,6 +265,14 @@ def _device_name(torch, device) -> str:
     return f"{device.type} ({cpu}, {torch.get_num_threads()} threads)"
 
 
+_STARTED = time.perf_counter()
+
+
+def _say(text: str) -> None:
+    """One progress line on stderr, with the seconds since the script started."""
+    print(f"[{time.perf_counter() - _STARTED:6.0f} s] {text}", file=sys.stderr, flush=True)
+
+
 def bench_img2img(kind: str, models, requests, *, device, dtype: str, size: int, steps: int, batch_sizes: list[int],
                   repeats: int, work_dir: Path) -> dict:
     """Stock one-call-per-image img2img loop (as DA-Fusion runs it) vs our batched generator."""
@@ -311,6 +321,7 @@ def bench_img2img(kind: str, models, requests, *, device, dtype: str, size: int,
                    num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(r.seed)).images[0]
         return out.resize(r.image.size, Image.BILINEAR)
 
+    _say(f"{kind}: stock loop, one img2img call per image ({len(requests)} images, {steps} steps)")
     stock(requests[0])  # warm-up
     baseline_images, seconds = _timed(torch, device, lambda: [stock(r) for r in requests], repeats)
     baseline = {"images_per_s": len(requests) / seconds, "seconds": seconds}
@@ -320,6 +331,7 @@ def bench_img2img(kind: str, models, requests, *, device, dtype: str, size: int,
     generator = generator_cls(models, config, device=device, dtype=dtype).load()
     runs = []
     for batch_size in batch_sizes:
+        _say(f"{kind}: ours, batch {batch_size}")
         generator.generate(requests[:batch_size], batch_size=batch_size)  # warm-up
         images, seconds = _timed(torch, device, lambda: generator.generate(requests, batch_size=batch_size), repeats)
         runs.append({"batch_size": batch_size, "images_per_s": len(requests) / seconds, "seconds": seconds,
@@ -332,7 +344,11 @@ def bench_img2img(kind: str, models, requests, *, device, dtype: str, size: int,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Time: on a 2-core CPU the defaults (tiny models, 16 images, 30 steps, batch sizes 1,4,8,16, "
+               "then both img2img baselines at 50 steps) took about 16 minutes; a line per measurement on "
+               "stderr shows the progress. Shorter: fewer --steps / --img2img-steps, --batch-sizes 8, "
+               "--img2img ''.",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -422,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dalda-bench-") as tmp:
         models_dir = args.models_dir or Path(tmp) / arch
         started = time.perf_counter()
+        _say(f"preparing the {arch} models")
         models = prepare_models(arch, models_dir)
         print(f"models: {arch} in {models_dir} ({time.perf_counter() - started:.1f} s to prepare)")
         print(
@@ -431,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         # Baseline: the reference approach, loaded, measured and freed before ours loads.
+        _say(f"baseline: one pipeline call per image ({num_images} images, {args.steps} steps, "
+             f"{args.repeats} timed run(s))")
         pipe = load_reference_pipeline(models, config, device=device, dtype=dtype)
         reference_generate(pipe, requests[0], config)  # warm-up
         _reset_peak(torch, device)
@@ -449,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         generator = IPAdapterGenerator(models, config, device=device, dtype=dtype).load()
         runs = []
         for batch_size in batch_sizes:
+            _say(f"ours: batch {batch_size}")
             # Warm-up at every batch shape the timed run uses (compiles when --compile).
             for shape in {batch_size, num_images % batch_size} - {0}:
                 generator.generate(requests[:shape], batch_size=shape)
@@ -507,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"performance model: {work:.1f} TFLOP per image; peak {args.peak_tflops:g} TFLOP/s "
               f"-> ceiling {args.peak_tflops / work:.2f} images/s")
     else:
-        print("TFLOP/s: n/a (DESIGN.md's performance model describes SD1.5; use --arch sd15-random)")
+        print("TFLOP/s: n/a (the performance model in benchmarks/README.md describes SD1.5; use --arch sd15-random)")
     if device.type == "cuda":
         print(f"per-sample memory estimate used by auto batch sizing: "
               f"{estimate_sample_bytes(config, dtype) / 1024**3:.2f} GiB")

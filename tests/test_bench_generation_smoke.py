@@ -34,8 +34,14 @@ def test_bench_generation_tiny_prints_ratio_and_writes_json(tiny_models, tmp_pat
         assert bench.main(argv) == 0
     finally:
         torch.set_num_threads(threads)  # --threads changed it for this process
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "ratio ours/baseline: x" in printed
+    # progress: a line per measurement on stderr (the defaults run for minutes on a CPU)
+    progress = captured.err.splitlines()
+    assert any("baseline: one pipeline call per image" in line for line in progress), captured.err
+    assert sum("ours: batch" in line for line in progress) == 2 and any("da_fusion: ours, batch 2" in line
+                                                                      for line in progress), captured.err
     assert "baseline" in printed and "ours, batch   2" in printed
 
     result = json.loads(out.read_text())
@@ -56,6 +62,6 @@ def test_bench_generation_tiny_prints_ratio_and_writes_json(tiny_models, tmp_pat
 
 def test_performance_model_matches_design():
     bench = _load_script()
-    assert bench.tflop_per_image(512, 30) == pytest.approx(51, abs=0.5)  # DESIGN.md: ≈ 51 TFLOP
+    assert bench.tflop_per_image(512, 30) == pytest.approx(51, abs=0.5)  # benchmarks/README.md, Performance model: ≈ 51 TFLOP
     assert bench.tflop_per_image(256, 30) < bench.tflop_per_image(512, 30) / 3
     assert bench.tflop_per_image(512, 15) < bench.tflop_per_image(512, 30) / 1.8
