@@ -92,7 +92,16 @@ from typing import Any, Iterable, Iterator
 from ._io import read_json_object, write_atomic
 from .config import ModelConfig
 from .data import class_folder_names
-from .errors import DaldaError, InputError, MissingFileError, require
+from .errors import (  # the cache's errors live in errors.py; importable from here too
+    CacheFullError,
+    CacheReadOnlyError,
+    CacheStorageError,
+    CorruptEntryError,
+    DaldaError,
+    InputError,
+    MissingFileError,
+    require,
+)
 
 __all__ = [
     "SyntheticCache",
@@ -166,20 +175,12 @@ _RESCAN_INTERVAL = 0.5
 _ABANDONED: list[Any] = []
 
 
-class CorruptEntryError(DaldaError, ValueError):
-    """A cache entry that fails to decode (bad header, checksum or image data)."""
 
 
-class CacheStorageError(DaldaError, OSError):
-    """The cache folder cannot be read or written (the message names the folder)."""
 
 
-class CacheReadOnlyError(CacheStorageError, PermissionError):
-    """A write to a cache folder that is read-only (read-only mount, no write permission)."""
 
 
-class CacheFullError(CacheStorageError):
-    """A write to a cache folder whose filesystem is full (the message gives the free space)."""
 
 
 # ------------------------------------------------------------------------------------------

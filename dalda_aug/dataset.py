@@ -89,7 +89,7 @@ from torch.utils.data import Dataset
 
 from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from .data import image_sha256, load_image, to_rgb
-from .errors import DaldaError, ImageError, InputError
+from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "source_ids", "plan_indices"]
 
@@ -98,8 +98,6 @@ ON_MISS = ("generate", "wait", "real", "error")
 ITEMS = ("all", "plan")
 
 
-class CacheMissError(DaldaError, LookupError):
-    """A chosen synthetic variant is not in the cache and ``on_miss="error"``."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Exceptions raised for bad input.
+"""Every exception class the library raises on purpose, in one place.
+
+Each is also importable from the module that raises it (``dalda_aug.cache.CorruptEntryError``...).
 
 Every error the library raises on purpose derives from :class:`DaldaError` *and* from the
 built-in exception a caller would expect (``ValueError``, ``FileNotFoundError``...), so
@@ -8,6 +10,10 @@ built-in exception a caller would expect (``ValueError``, ``FileNotFoundError``.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .prompts import PromptBank
 
 
 class DaldaError(Exception):
@@ -32,6 +38,66 @@ class ModelLoadError(DaldaError, OSError):
 
 class MissingDependencyError(DaldaError, ImportError):
     """An optional dependency is not installed (the message names the extra to install)."""
+
+
+# The cache (dalda_aug.cache).
+class CorruptEntryError(DaldaError, ValueError):
+    """A cache entry that fails to decode (bad header, checksum or image data)."""
+
+
+class CacheStorageError(DaldaError, OSError):
+    """The cache folder cannot be read or written (the message names the folder)."""
+
+
+class CacheReadOnlyError(CacheStorageError, PermissionError):
+    """A write to a cache folder that is read-only (read-only mount, no write permission)."""
+
+
+class CacheFullError(CacheStorageError):
+    """A write to a cache folder whose filesystem is full (the message gives the free space)."""
+
+
+# The training dataset (dalda_aug.dataset).
+class CacheMissError(DaldaError, LookupError):
+    """A chosen synthetic variant is not in the cache and ``on_miss="error"``."""
+
+
+# Generator worker pools (dalda_aug.pool).
+class PoolError(DaldaError, RuntimeError):
+    """A generator worker crashed; the message holds its traceback or exit code."""
+
+
+class PoolClosedError(DaldaError, RuntimeError):
+    """A request was made to, or waited on, a pool that has been closed."""
+
+
+class WaitTimeoutError(DaldaError, TimeoutError):
+    """An image did not reach the cache within the waiting time."""
+
+
+# Prompt generation (dalda_aug.prompts).
+class BackendError(DaldaError, RuntimeError):
+    """A chat backend failed (the message names the endpoint or model and the last error)."""
+
+
+class IncompletePromptBankError(DaldaError, RuntimeError):
+    """Some classes are still short of prompts after the last round.
+
+    ``bank`` holds every prompt accepted so far, ``short`` maps each short class to its prompt
+    count and ``reasons`` to the last reasons its candidates were rejected.
+    """
+
+    def __init__(self, message: str, bank: "PromptBank", short: dict[str, int], reasons: dict[str, list[str]]):
+        super().__init__(message)
+        self.bank = bank
+        self.short = short
+        self.reasons = reasons
+
+
+# Model loading (dalda_aug.generators.loading).
+class HubUnreachableError(ModelLoadError):
+    """Models are needed from the Hugging Face hub, which cannot be reached (offline mode or no
+    answer), and they are not in the local cache."""
 
 
 def require(module: str, extra: str, package: str | None = None) -> ModuleType:

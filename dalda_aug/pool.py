@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .cache import CachedImage, CacheStorageError, SyntheticCache
-from .errors import DaldaError, InputError
+from .errors import DaldaError, InputError, PoolClosedError, PoolError, WaitTimeoutError  # importable from here too
 
 __all__ = ["GeneratorPool", "PoolHandle", "PoolError", "PoolClosedError", "WaitTimeoutError"]
 
@@ -46,16 +46,10 @@ _RUNNING, _CLOSED, _FAILED = 0, 1, 2
 _ERROR_BYTES = 32768
 
 
-class PoolError(DaldaError, RuntimeError):
-    """A generator worker crashed; the message holds its traceback or exit code."""
 
 
-class PoolClosedError(DaldaError, RuntimeError):
-    """A request was made to, or waited on, a pool that has been closed."""
 
 
-class WaitTimeoutError(DaldaError, TimeoutError):
-    """An image did not reach the cache within the waiting time."""
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ._io import read_json_object, write_atomic
-from .errors import DaldaError, InputError, MissingFileError, ModelLoadError, require
+from .errors import (  # BackendError, IncompletePromptBankError: importable from here too
+    BackendError,
+    DaldaError,
+    IncompletePromptBankError,
+    InputError,
+    MissingFileError,
+    ModelLoadError,
+    require,
+)
 
 __all__ = [
     "PromptBank",
@@ -78,22 +86,8 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NAME_PLACEHOLDER = "{name}"
 
 
-class BackendError(DaldaError, RuntimeError):
-    """A chat backend failed (the message names the endpoint or model and the last error)."""
 
 
-class IncompletePromptBankError(DaldaError, RuntimeError):
-    """Some classes are still short of prompts after the last round.
-
-    ``bank`` holds every prompt accepted so far, ``short`` maps each short class to its prompt
-    count and ``reasons`` to the last reasons its candidates were rejected.
-    """
-
-    def __init__(self, message: str, bank: "PromptBank", short: dict[str, int], reasons: dict[str, list[str]]):
-        super().__init__(message)
-        self.bank = bank
-        self.short = short
-        self.reasons = reasons
 
 
 # -- text helpers ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
-from ..errors import ModelLoadError
+from ..errors import HubUnreachableError, ModelLoadError  # HubUnreachableError: importable from here too
 
 __all__ = [
     "ModelLocation",
@@ -277,9 +277,6 @@ MODELS_HINT = ("pass --models models.json naming local copies (`dalda-aug make-t
                "ones) and set HF_HUB_OFFLINE=1 on a machine without the hub")
 
 
-class HubUnreachableError(ModelLoadError):
-    """Models are needed from the Hugging Face hub, which cannot be reached (offline mode or no
-    answer), and they are not in the local cache."""
 
 
 @dataclass(frozen=True)
