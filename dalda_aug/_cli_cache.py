@@ -41,7 +41,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) 
 def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = None) -> GenerationSpec:
     """:class:`GenerationSpec` from the options of :func:`add_spec_arguments`."""
     from .cache import GenerationSpec
-    from .cli import load_models_arg
+    from .config import load_models_arg
     from .generation import GenerationConfig
     from .generators.base import GeneratorConfig
 
@@ -165,7 +165,7 @@ def _run_warm(args: argparse.Namespace) -> int:
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         note = ("; `accelerate launch --cpu` starts one process: for N CPU processes use "
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
-    from .cli import describe_model_defaults
+    from .config import describe_model_defaults
 
     print(f"dalda-aug warm: process rank {rank} of world size {world}, device {device}, cache shard "
           f"shard-{cache.shard}{describe_model_defaults(args)}{note}", flush=True)

@@ -8,7 +8,7 @@ __all__ = ["register"]
 
 
 def _run_textual_inversion(args: argparse.Namespace) -> int:
-    from .cli import load_models_arg
+    from .config import load_models_arg
     from .generators.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     changes = {name: getattr(args, name) for name in ("steps", "batch_size", "learning_rate", "resolution")

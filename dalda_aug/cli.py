@@ -14,13 +14,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from . import __version__
+from .config import describe_model_defaults, load_models_arg  # live with ModelConfig; importable from here too
 from .errors import DaldaError
-
-if TYPE_CHECKING:
-    from .config import ModelConfig
 
 __all__ = ["main", "build_parser", "load_models_arg", "version_report", "describe_model_defaults"]
 
@@ -33,14 +31,6 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "dalda_aug.demo",
     "dalda_aug._cli_da_fusion",
 )
-
-
-def load_models_arg(path: str | None) -> "ModelConfig":
-    """``--models FILE.json`` (or a folder holding ``models.json``) -> :class:`ModelConfig`
-    (the paper's hub models when omitted)."""
-    from .config import ModelConfig
-
-    return ModelConfig() if path is None else ModelConfig.load(path)
 
 
 # -- make-tiny-models ------------------------------------------------------------------
@@ -264,14 +254,6 @@ def _apply_model_defaults(args: argparse.Namespace) -> None:
         if hasattr(args, dest) and getattr(args, dest) is None:
             setattr(args, dest, value)
             args.model_defaults[option] = value
-
-
-def describe_model_defaults(args: argparse.Namespace) -> str:
-    """``"; --size 64 --steps 2 from tiny/models.json"`` when options came from the models file, else ``""``."""
-    used: dict[str, int] = getattr(args, "model_defaults", None) or {}
-    if not used:
-        return ""
-    return "; " + " ".join(f"--{k} {v}" for k, v in used.items()) + f" from {args.models}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,7 +61,7 @@ def load_open_clip(model_name: str, pretrained: str | None, device: Device = "cp
     require("open_clip", "generate", package="open_clip_torch")
     import open_clip
 
-    from .generators.loading import parse_location  # the one "hub id or local path" rule
+    from .locations import parse_location  # the one "hub id or local path" rule
 
     name = model_name
     model_location = parse_location(model_name)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from ._io import read_json_object
 from .errors import InputError
 
-__all__ = ["ModelConfig", "models_file", "model_defaults", "DEFAULTS_KEY", "DEFAULTABLE_OPTIONS"]
+__all__ = ["ModelConfig", "models_file", "model_defaults", "load_models_arg", "describe_model_defaults", "DEFAULTS_KEY", "DEFAULTABLE_OPTIONS"]
 
 # The key of a models file that holds per-command option defaults (not a model location).
 DEFAULTS_KEY = "defaults"
@@ -116,7 +116,7 @@ class ModelConfig:
             raise InputError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
         values = dict(data)
         if base_dir is not None:
-            from .generators.loading import parse_location  # the one "hub id or local path" rule
+            from .locations import parse_location  # the one "hub id or local path" rule
 
             for name in ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained"):
                 value = values.get(name)
@@ -157,3 +157,18 @@ class ModelConfig:
         """A short stable hash of every location and revision (part of cache keys)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_models_arg(path: str | os.PathLike[str] | None) -> ModelConfig:
+    """``--models FILE.json`` (or a folder holding ``models.json``) -> :class:`ModelConfig`
+    (the paper's hub models when omitted). Every command reads ``--models`` through this."""
+    return ModelConfig() if path is None else ModelConfig.load(path)
+
+
+def describe_model_defaults(args: Any) -> str:
+    """``"; --size 64 --steps 2 from tiny/models.json"`` when a command's options came from the models
+    file (``args.model_defaults``, ``args.models``: an ``argparse.Namespace``), else ``""``."""
+    used: dict[str, int] = getattr(args, "model_defaults", None) or {}
+    if not used:
+        return ""
+    return "; " + " ".join(f"--{k} {v}" for k, v in used.items()) + f" from {args.models}"

@@ -10,10 +10,7 @@ built-in exception a caller would expect (``ValueError``, ``FileNotFoundError``.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .prompts import PromptBank
+from typing import Any
 
 
 class DaldaError(Exception):
@@ -83,11 +80,12 @@ class BackendError(DaldaError, RuntimeError):
 class IncompletePromptBankError(DaldaError, RuntimeError):
     """Some classes are still short of prompts after the last round.
 
-    ``bank`` holds every prompt accepted so far, ``short`` maps each short class to its prompt
+    ``bank`` (a :class:`dalda_aug.prompts.PromptBank`; typed ``Any`` here so that this bottom module
+    imports nothing) holds every prompt accepted so far, ``short`` maps each short class to its prompt
     count and ``reasons`` to the last reasons its candidates were rejected.
     """
 
-    def __init__(self, message: str, bank: "PromptBank", short: dict[str, int], reasons: dict[str, list[str]]):
+    def __init__(self, message: str, bank: Any, short: dict[str, int], reasons: dict[str, list[str]]):
         super().__init__(message)
         self.bank = bank
         self.short = short

@@ -121,13 +121,6 @@ def _tiny_vae() -> Any:
     )
 
 
-def ddim_scheduler_config() -> dict[str, Any]:
-    """The paper's DDIM configuration; defined in :mod:`dalda_aug.generators.loading`."""
-    from .generators.loading import ddim_scheduler_config as config
-
-    return config()
-
-
 def _ip_adapter_state_dict(unet: Any, torch: Any) -> dict[str, dict[str, Any]]:
     """A random state dict in ip-adapter_sd15's layout for ``unet``.
 

@@ -467,7 +467,8 @@ def load_sd_pipeline(pipeline_class: Any, models: ModelConfig, dtype: Any, what:
     """``pipeline_class.from_pretrained`` of ``models.base`` (its revision, no safety checker, ``dtype``,
     ``components`` replacing the folder's), through :func:`~dalda_aug.generators.loading.call_loader`;
     ``what`` names the pipeline in errors."""
-    from .loading import call_loader, describe_location, parse_location
+    from ..locations import describe_location, parse_location
+    from .loading import call_loader
 
     return call_loader(
         what,

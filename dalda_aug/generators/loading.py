@@ -1,20 +1,7 @@
 """Where a model lives, and loading it with one error policy.
 
-Every model location in the project (the Stable Diffusion pipeline, the VAE overrides, the
-IP-Adapter, the CLIPScore model and checkpoint, the LLM of the prompt bank, the tokenizer used to
-count prompt tokens, textual-inversion token files) is read by :func:`parse_location`, the one
-rule for "hub id or local path":
-
-1. a location that exists on disk (``~`` expanded; relative ones against ``base_dir`` when
-   given, else the working directory) is a local path;
-2. so is one *written as a path* even if it is missing: absolute, starting with ``./``, ``../``,
-   ``~`` or ``.\\``, containing a backslash, more than one ``/`` (a hub id is ``name`` or
-   ``owner/name``), or ending in a weight or config file extension (``.json``, ``.bin``, ``.pt``,
-   ``.pth``, ``.ckpt``, ``.safetensors``);
-3. anything else is a hub id (or, for open_clip, a registered name or pretrained tag).
-
-So a missing ``models/sd`` is a hub id (``owner/name``) everywhere; write ``./models/sd`` to mean
-the folder. Nothing here imports torch, diffusers or transformers.
+Every model location in the project is read by :func:`dalda_aug.locations.parse_location`, the
+one rule for "hub id or local path" (re-exported here).
 
 Every command that loads hub models first calls :func:`check_hub` (through
 :func:`require_hub_models`): when a model is a hub id, the hub is offline (``HF_HUB_OFFLINE``) or
@@ -31,9 +18,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import HubUnreachableError, ModelLoadError  # HubUnreachableError: importable from here too
+from ..locations import ModelLocation, describe_location, is_local_location, parse_location  # re-exported
 
 __all__ = [
     "ModelLocation",
@@ -58,65 +46,6 @@ __all__ = [
     "check_hub",
     "require_hub_models",
 ]
-
-_FILE_SUFFIXES = (".json", ".bin", ".pt", ".pth", ".ckpt", ".safetensors")
-
-
-@dataclass(frozen=True)
-class ModelLocation:
-    """A parsed model location: ``kind`` is ``"local"`` (``value`` is the expanded path) or ``"hub"``."""
-
-    kind: Literal["local", "hub"]
-    value: str
-    given: str
-
-    @property
-    def is_local(self) -> bool:
-        return self.kind == "local"
-
-    @property
-    def path(self) -> Path:
-        """The local path (only meaningful when :attr:`is_local`)."""
-        return Path(self.value)
-
-
-def _written_as_path(text: str) -> bool:
-    return (
-        os.path.isabs(text)
-        or text.startswith(("./", "../", "~", ".\\", "..\\"))
-        or "\\" in text
-        or text.count("/") > 1
-        or text.lower().endswith(_FILE_SUFFIXES)
-    )
-
-
-def parse_location(location: str | os.PathLike[str], *, base_dir: str | os.PathLike[str] | None = None) -> ModelLocation:
-    """Apply the project's one rule (see the module docstring) to a model location."""
-    given = os.fspath(location)
-    expanded = os.path.expanduser(given)
-    candidate = expanded
-    if base_dir is not None and not os.path.isabs(expanded):
-        candidate = os.path.join(os.fspath(base_dir), expanded)
-    if os.path.exists(candidate) or _written_as_path(given):
-        return ModelLocation("local", str(Path(candidate).resolve()) if base_dir is not None else candidate, given)
-    return ModelLocation("hub", given, given)
-
-
-def is_local_location(location: str | os.PathLike[str], *, base_dir: str | os.PathLike[str] | None = None) -> bool:
-    """True when :func:`parse_location` reads ``location`` as a local path."""
-    return parse_location(location, base_dir=base_dir).is_local
-
-
-def describe_location(location: str, subfolder: str | None = None, revision: str | None = None) -> str:
-    """Human-readable description of a model location, for error messages."""
-    parsed = parse_location(location)
-    text = f"folder {parsed.value!r}" if parsed.is_local else f"hub repository {location!r}"
-    if subfolder:
-        text += f", subfolder {subfolder!r}"
-    if revision:
-        text += f", revision {revision!r}"
-    return text
-
 
 def check_local_folder(location: str, field: str, what: str, marker: str) -> None:
     """For a local ``location``: fail now, naming the file, unless ``location/marker`` exists."""

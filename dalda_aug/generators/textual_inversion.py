@@ -34,7 +34,8 @@ from .._io import read_json_object, write_atomic
 from ..config import ModelConfig
 from ..errors import InputError, MissingFileError, require
 from .base import check_int, check_real, dtype_name, resolve_torch_dtype
-from .loading import call_loader, check_local_folder, describe_location, parse_location, quiet_loading
+from ..locations import describe_location, parse_location
+from .loading import call_loader, check_local_folder, quiet_loading
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
