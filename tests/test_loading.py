@@ -65,3 +65,53 @@ def test_tokenizer_and_open_clip_read_locations_by_the_rule(tmp_path):
         load_open_clip("ViT-B-16", "missing-ckpt.pt")
     with pytest.raises(ModelLoadError, match="model config not found"):
         load_open_clip(str(tmp_path / "missing.json"), None)
+
+
+# -- the one hub check (issue 20.2) and models files (issue 20.4, 20.7) --------------------------
+def test_local_models_never_probe_the_hub(tiny_models, monkeypatch):
+    import socket
+    import time
+
+    from dalda_aug.generators.loading import hub_files, require_hub_models
+
+    fields = ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained")
+    assert hub_files(tiny_models, fields) == []
+    with socket.socket() as silent:  # a hub that never answers: a probe would wait 5 s
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        started = time.monotonic()
+        require_hub_models(tiny_models, fields)
+        assert time.monotonic() - started < 2
+
+
+def test_hub_models_offline_and_not_cached_stop_in_one_line(tmp_path, monkeypatch):
+    from dalda_aug.generators.loading import HubUnreachableError, hub_files, require_hub_models
+
+    models = ModelConfig()
+    assert [f.repo for f in hub_files(models, ("base", "vae", "ip_adapter"))] == [
+        "CompVis/stable-diffusion-v1-4", "h94/IP-Adapter", "stabilityai/sd-vae-ft-mse"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(HubUnreachableError) as info:
+        require_hub_models(models, ("base",))
+    message = str(info.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE is set" in message
+    assert "CompVis/stable-diffusion-v1-4" in message and "--models models.json" in message
+    assert "HF_HUB_OFFLINE=1" in message and "h94/IP-Adapter" not in message  # only what the command loads
+
+
+def test_a_models_folder_and_its_defaults(tmp_path):
+    from dalda_aug.config import model_defaults
+    from dalda_aug.errors import InputError
+
+    ModelConfig(base="./sd").save(tmp_path / "m" / "models.json", defaults={"warm": {"size": 64, "steps": 2}})
+    assert ModelConfig.load(tmp_path / "m").base == str((tmp_path / "m" / "sd").resolve())
+    assert model_defaults(tmp_path / "m", "warm") == {"size": 64, "steps": 2}
+    assert model_defaults(tmp_path / "m", "textual-inversion") == {}
+    (tmp_path / "bad.json").write_text(json.dumps({"defaults": {"warm": {"size": "big"}}}))
+    with pytest.raises(InputError, match="defaults.warm.size"):
+        ModelConfig.load(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="holds no models.json"):
+        ModelConfig.load(tmp_path)
