@@ -38,8 +38,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ._io import read_json_object, write_atomic
-from .errors import (  # BackendError, IncompletePromptBankError: importable from here too
+from .._io import read_json_object, write_atomic
+from ..errors import (  # BackendError, IncompletePromptBankError: importable from here too
     BackendError,
     DaldaError,
     IncompletePromptBankError,
@@ -1083,7 +1083,7 @@ class HFChatBackend:
         if self._loaded is None:
             torch = require("torch", "llm")
             transformers = require("transformers", "llm")
-            from .generators.loading import parse_location  # the one "hub id or local path" rule
+            from ..generators.loading import parse_location  # the one "hub id or local path" rule
 
             location = parse_location(self.model)
             if location.is_local and not location.path.is_dir():
@@ -1189,7 +1189,7 @@ def load_clip_tokenizer(path: str | os.PathLike[str] | None = None, *, revision:
         if not (folder / "tokenizer_config.json").is_file():
             import shutil
 
-            from .testing import write_clip_tokenizer
+            from ..testing import write_clip_tokenizer
 
             tmp = folder.with_name(f".clip-tokenizer.tmp-{os.getpid()}")
             try:
@@ -1206,7 +1206,7 @@ def load_clip_tokenizer(path: str | os.PathLike[str] | None = None, *, revision:
             except OSError:  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
         path = folder
-    from .generators.loading import parse_location  # the one "hub id or local path" rule
+    from ..generators.loading import parse_location  # the one "hub id or local path" rule
 
     location = parse_location(path)
     local = location.path
