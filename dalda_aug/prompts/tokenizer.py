@@ -1,0 +1,72 @@
+"""The CLIP tokenizer that counts prompt tokens as Stable Diffusion 1.x does:
+:func:`load_clip_tokenizer`, and the cache folder where the default one is built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import DaldaError, InputError, MissingFileError, ModelLoadError, require
+
+__all__ = ["load_clip_tokenizer"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DALDA_AUG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dalda_aug"
+    )
+    return Path(root)
+
+
+def load_clip_tokenizer(path: str | os.PathLike[str] | None = None, *, revision: str | None = None) -> Any:
+    """A transformers ``CLIPTokenizer`` to count prompt tokens as Stable Diffusion 1.x does.
+
+    ``path`` is a tokenizer folder, a Stable Diffusion pipeline folder or hub id (its
+    ``tokenizer/`` is used), or ``None``: the real CLIP BPE built offline from open_clip's
+    bundled vocabulary (:func:`dalda_aug.testing.write_clip_tokenizer`), cached under
+    ``$DALDA_AUG_CACHE`` (default ``~/.cache/dalda_aug``).
+    """
+    transformers = require("transformers", "llm")
+    if path is None:
+        folder = _cache_dir() / "clip-tokenizer"
+        if not (folder / "tokenizer_config.json").is_file():
+            import shutil
+
+            from ..testing import write_clip_tokenizer
+
+            tmp = folder.with_name(f".clip-tokenizer.tmp-{os.getpid()}")
+            try:
+                write_clip_tokenizer(tmp)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise InputError(
+                    f"cannot write the CLIP tokenizer into the cache folder {folder.parent}: {exc.strerror or exc}; "
+                    "set DALDA_AUG_CACHE (or XDG_CACHE_HOME) to a writable folder, or pass --tokenizer"
+                ) from None
+            shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier copy
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+        path = folder
+    from ..generators.loading import parse_location  # the one "hub id or local path" rule
+
+    location = parse_location(path)
+    local = location.path
+    try:
+        if location.is_local and local.is_dir():
+            if (local / "tokenizer").is_dir() and not (local / "tokenizer_config.json").is_file():
+                local = local / "tokenizer"
+            return transformers.CLIPTokenizer.from_pretrained(str(local))
+        if location.is_local and local.exists():
+            raise InputError(f"tokenizer path {path} is a file; give the tokenizer's folder")
+        if location.is_local:
+            raise MissingFileError(f"tokenizer folder not found: {path}")
+        return transformers.CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer", revision=revision)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, DaldaError):
+            raise
+        raise ModelLoadError(
+            f"could not load a CLIP tokenizer from {str(path)!r} ({exc}); pass a tokenizer folder"
+        ) from exc
