@@ -31,9 +31,9 @@ _EXPORTS = {
     "derive_seed": "plan",
     "PromptBank": "prompts",
     "generate_prompt_bank": "prompts",
-    "GenerationConfig": "generation",
-    "GenerationRequest": "generation",
-    "IPAdapterGenerator": "generation",
+    "GenerationConfig": "generators.ip_adapter",
+    "GenerationRequest": "generators.base",
+    "IPAdapterGenerator": "generators.ip_adapter",
     "SyntheticCache": "cache",
     "GenerationSpec": "cache",
     "GeneratorFactory": "cache",
@@ -44,8 +44,8 @@ _EXPORTS = {
     "PoolError": "pool",
     "WarmReport": "warm",
     "run_demo": "demo",
-    "RealGuidanceConfig": "real_guidance",
-    "RealGuidanceGenerator": "real_guidance",
+    "RealGuidanceConfig": "generators.real_guidance",
+    "RealGuidanceGenerator": "generators.real_guidance",
     "DAFusionConfig": "generators.da_fusion",
     "DAFusionGenerator": "generators.da_fusion",
     "train_textual_inversion": "generators.textual_inversion",
@@ -99,10 +99,8 @@ if TYPE_CHECKING:  # pragma: no cover
         DaldaError as DaldaError, ImageError as ImageError, InputError as InputError,
         MissingFileError as MissingFileError, ModelLoadError as ModelLoadError,
     )
-    from .generation import (
-        GenerationConfig as GenerationConfig, GenerationRequest as GenerationRequest,
-        IPAdapterGenerator as IPAdapterGenerator,
-    )
+    from .generators.base import GenerationRequest as GenerationRequest
+    from .generators.ip_adapter import GenerationConfig as GenerationConfig, IPAdapterGenerator as IPAdapterGenerator
     from .generators.da_fusion import DAFusionConfig as DAFusionConfig, DAFusionGenerator as DAFusionGenerator
     from .generators.textual_inversion import train_textual_inversion as train_textual_inversion
     from .metrics import diversity_metrics as diversity_metrics, EmbeddingStore as EmbeddingStore
@@ -112,7 +110,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .pool import GeneratorPool as GeneratorPool, PoolError as PoolError
     from .prompts import generate_prompt_bank as generate_prompt_bank, PromptBank as PromptBank
-    from .real_guidance import (
+    from .generators.real_guidance import (
         RealGuidanceConfig as RealGuidanceConfig, RealGuidanceGenerator as RealGuidanceGenerator,
     )
     from .warm import WarmReport as WarmReport

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import InputError, ModelLoadError, require
+from .presets import PHOTO_TEMPLATE
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +116,7 @@ class CLIPScorer:
         model_name: str = "ViT-B-16",
         pretrained: str | None = "openai",
         device: Device = "cpu",
-        template: str = "a photo of a {}",
+        template: str = PHOTO_TEMPLATE,
         kind: Literal["softmax", "cosine", "hessel"] = "softmax",
         batch_size: int = 64,
     ) -> None:

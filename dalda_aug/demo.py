@@ -184,7 +184,7 @@ def run_demo(
 
     from .cache import GenerationSpec, SyntheticCache
     from .clipscore import CLIPScorer
-    from .generation import GenerationConfig
+    from .generators.ip_adapter import GenerationConfig
     from .plan import build_plan
     from .viz import plan_contact_sheet
     from .warm import warm

@@ -33,6 +33,7 @@ from .ags import Scaling, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, SourceItem, image_sha256
 from .errors import InputError, MissingFileError
+from .presets import PHOTO_TEMPLATE
 
 if TYPE_CHECKING:
     from .clipscore import CLIPScorer
@@ -46,7 +47,7 @@ __all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "PLAN_FOR
 PLAN_FORMAT = "dalda_aug.plan/1"
 _DIGESTS = "digests"  # key of plan.json: {"plan.jsonl": sha256, "summary.json": sha256}
 _MAX_ROW_BYTES = 1024 * 1024  # one plan.jsonl row (a row is well under 1 KiB; prompts are one sentence)
-BASE_TEMPLATE = "a photo of a {}"
+BASE_TEMPLATE = PHOTO_TEMPLATE
 # Source images read (decoded, hashed, preprocessed) and scored at a time: two chunks of pixel
 # tensors (about 77 MB each at 224 px) are held, the one being scored and the one being read. A
 # multiple of clipscore.SCORE_BLOCK, so only the last block of a plan is padded; any value gives the

@@ -155,7 +155,7 @@ def _fail(state: Any, error: Any, message: str) -> None:
 def _worker_main(index: int, device: str, cache: SyntheticCache, batch_size: int, max_delay: float,
                  torch_threads: int | None, requests: Any, state: Any, error: Any, ready: Any) -> None:
     """Body of one worker process: load a generator, then serve batches until closed."""
-    from .generation import GenerationRequest
+    from .generators.base import GenerationRequest
 
     try:
         if torch_threads is not None:
@@ -191,7 +191,7 @@ def _worker_main(index: int, device: str, cache: SyntheticCache, batch_size: int
             if todo:
                 items = list(todo.values())
                 images = generator.generate(
-                    [GenerationRequest(r.image, r.variant.prompt, r.variant.lam, r.variant.seed) for r in items],
+                    [GenerationRequest.from_variant(r.variant, r.image) for r in items],
                     batch_size=len(items),
                 )
                 for request, image in zip(items, images):

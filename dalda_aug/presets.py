@@ -25,7 +25,12 @@ from typing import Mapping
 
 from .errors import InputError
 
-__all__ = ["DatasetPreset", "PRESETS", "get_preset"]
+__all__ = ["DatasetPreset", "PRESETS", "get_preset", "PHOTO_TEMPLATE"]
+
+# "a photo of a {class}": the text of CLIPScore's zero-shot classifier (the paper and CLIP's own
+# template), DALDA's base prompt, DA-Fusion's prompt (with the learned token as the name) and the
+# template backend's default. Written once here; every module that needs it imports it.
+PHOTO_TEMPLATE = "a photo of a {}"
 
 
 @dataclass(frozen=True)

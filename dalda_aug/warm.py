@@ -333,7 +333,7 @@ def warm(
 
     from tqdm.auto import tqdm
 
-    from .generation import GenerationRequest
+    from .generators.base import GenerationRequest
 
     # Group by source: each reference image is loaded (and embedded) once.
     order = {source: i for i, source in enumerate(plan.sources())}
@@ -396,7 +396,7 @@ def warm(
                     chunk.append(variant)
             if not chunk:
                 continue
-            requests = [GenerationRequest(load_source(v), v.prompt, v.lam, v.seed) for v in chunk]
+            requests = [GenerationRequest.from_variant(v, load_source(v)) for v in chunk]
             for variant, image in zip(chunk, generator.generate(requests, batch_size=batch_size)):
                 writer.put(variant, image)
             report.generated += len(chunk)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import InputError
+from ..presets import PHOTO_TEMPLATE
 from .base import GenerationRequest, pixel_field, register_generator
 from .img2img import Img2ImgConfig, Img2ImgGenerator
 from .loading import call_loader
@@ -37,7 +38,7 @@ __all__ = ["DAFusionConfig", "DAFusionGenerator", "DA_FUSION_STRENGTHS", "draw_s
 # The four strengths DA-Fusion composes with equal probability (its launch scripts).
 DA_FUSION_STRENGTHS = (1.0, 0.75, 0.5, 0.25)
 # DA-Fusion's prompt ("--prompt 'a photo of a {name}'") with the class token as the name.
-DA_FUSION_PROMPT = "a photo of a {}"
+DA_FUSION_PROMPT = PHOTO_TEMPLATE
 
 
 def draw_strengths(n: int, rng: "np.random.Generator", strengths: Sequence[float] = DA_FUSION_STRENGTHS) -> "np.ndarray":

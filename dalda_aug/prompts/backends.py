@@ -426,7 +426,7 @@ class HFChatBackend:
         if self._loaded is None:
             torch = require("torch", "llm")
             transformers = require("transformers", "llm")
-            from ..generators.loading import parse_location  # the one "hub id or local path" rule
+            from ..locations import parse_location  # the one "hub id or local path" rule
 
             location = parse_location(self.model)
             if location.is_local and not location.path.is_dir():

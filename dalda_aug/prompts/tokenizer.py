@@ -50,7 +50,7 @@ def load_clip_tokenizer(path: str | os.PathLike[str] | None = None, *, revision:
             except OSError:  # another process finished first
                 shutil.rmtree(tmp, ignore_errors=True)
         path = folder
-    from ..generators.loading import parse_location  # the one "hub id or local path" rule
+    from ..locations import parse_location  # the one "hub id or local path" rule
 
     location = parse_location(path)
     local = location.path
