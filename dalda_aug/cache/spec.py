@@ -1,0 +1,244 @@
+"""What fixes a cached image's pixels: :class:`GenerationSpec`, the entry keys, the spec records.
+
+The bottom floor of :mod:`dalda_aug.cache`: nothing here imports another cache module.
+
+* :func:`variant_key` hashes a generation fingerprint and a plan variant into an entry's key
+  (:data:`KEY_FORMAT` is part of every key: changing it would change them all).
+* :func:`plan_fingerprint` names a plan in the spec records.
+* A spec record, ``CACHE/specs/<spec fingerprint>-<plan fingerprint>.json`` of format
+  :data:`SPEC_RECORD_FORMAT`, says which spec wrote a plan's images (:func:`write_spec_record`,
+  :func:`read_spec_records`). It names its config class, which is looked up in the generator
+  registry, never imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._io import read_json_object, write_atomic
+from ..config import ModelConfig
+from ..errors import DaldaError, InputError
+
+__all__ = [
+    "KEY_FORMAT",
+    "SPECS_DIR",
+    "SPEC_RECORD_FORMAT",
+    "GenerationSpec",
+    "GeneratorFactory",
+    "plan_fingerprint",
+    "variant_key",
+    "is_entry_key",
+    "write_spec_record",
+    "read_spec_records",
+]
+
+KEY_FORMAT = "dalda_aug.cache/1"
+# Spec records written by warm: CACHE/specs/<spec fingerprint>-<plan fingerprint>.json.
+SPECS_DIR = "specs"
+SPEC_RECORD_FORMAT = "dalda_aug.cache-spec/1"
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything that fixes a generated image's pixels apart from the variant itself.
+
+    ``models`` and ``config`` (a :class:`~dalda_aug.generation.GenerationConfig`, the paper's
+    settings when ``None``) and ``dtype`` ("float32", "bfloat16", "float16" or a torch dtype).
+    :meth:`key` gives the cache key of a plan variant; :meth:`make_generator` builds the
+    generator that produces exactly those images. Small and picklable.
+    """
+
+    models: ModelConfig
+    config: Any = None
+    dtype: Any = "float32"
+
+    def __post_init__(self) -> None:
+        from ..generators import GenerationConfig, GeneratorConfig, dtype_name as _dtype_name
+
+        if not isinstance(self.models, ModelConfig):
+            raise InputError(f"GenerationSpec.models must be a ModelConfig, got {type(self.models).__name__}")
+        config = self.config if self.config is not None else GenerationConfig()
+        if not isinstance(config, GeneratorConfig):
+            raise InputError(f"GenerationSpec.config must be a generator config (GenerationConfig, "
+                             f"RealGuidanceConfig, DAFusionConfig, ...), got {type(config).__name__}")
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+
+    @classmethod
+    def of(cls, generator: Any) -> "GenerationSpec":
+        """The spec of an :class:`~dalda_aug.generation.IPAdapterGenerator`."""
+        return cls(generator.models, generator.config, generator.dtype)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`~dalda_aug.generation.generation_fingerprint` of models, config and dtype."""
+        from ..generators.base import generation_fingerprint
+
+        return generation_fingerprint(self.models, self.config, self.dtype)
+
+    def key(self, variant: Any) -> str:
+        """The cache key (64 hex characters) of a :class:`~dalda_aug.plan.Variant`."""
+        return variant_key(self.fingerprint, variant.prompt, variant.lam, variant.seed, variant.source_sha256)
+
+    def make_generator(self, device: Any = "cpu") -> Any:
+        """A (not yet loaded) generator for this spec: the one registered for the config's class
+        (:func:`~dalda_aug.generators.register_generator`; e.g. ``GenerationConfig`` ->
+        :class:`~dalda_aug.generation.IPAdapterGenerator`)."""
+        from ..generators import generator_class_for
+
+        cls = generator_class_for(self.config)
+        return cls(self.models, self.config, device=device, dtype=self.dtype)
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{c.width}x{c.height}, {c.num_inference_steps} {c.scheduler} steps, CFG {c.guidance_scale:g}, "
+                f"{self.dtype}, fingerprint {self.fingerprint}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (models, config class and fields, dtype, fingerprint)."""
+        import dataclasses
+
+        config_cls = type(self.config)
+        return {
+            "fingerprint": self.fingerprint,
+            "models": self.models.to_dict(),
+            "config_class": f"{config_cls.__module__}:{config_cls.__qualname__}",
+            "config": dataclasses.asdict(self.config),
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> "GenerationSpec":
+        """Rebuild a spec written by :meth:`to_dict` (``where`` names the source in errors).
+
+        The record names its config class; it is looked up among the registered generator
+        configs (:func:`~dalda_aug.generators.register_generator`), never imported: a name that
+        is not registered is an :class:`~dalda_aug.errors.InputError` naming ``where``.
+        """
+        import dataclasses
+
+        try:
+            if not isinstance(data, dict):
+                raise InputError(f"a generation spec is a JSON object, got {type(data).__name__}")
+            config_cls = _registered_config_class(data.get("config_class", "dalda_aug.generation:GenerationConfig"))
+            known = {f.name for f in dataclasses.fields(config_cls)}
+            fields = data.get("config") or {}
+            if not isinstance(fields, dict):
+                raise InputError(f"config must be a JSON object, got {type(fields).__name__}")
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
+            config = config_cls(**values)
+            return cls(ModelConfig.from_dict(data["models"]), config, data.get("dtype", "float32"))
+        except DaldaError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{where}: not a readable generation spec ({type(exc).__name__}: {exc})") from None
+
+
+# The import paths under which the built-in configs were (and are) also reachable; a spec record
+# may name a registered config class by any of them (``dalda_aug.generation:GenerationConfig``).
+_CONFIG_ALIAS_MODULES = ("dalda_aug.generation", "dalda_aug.real_guidance", "dalda_aug.generators", "dalda_aug")
+
+
+def _registered_config_class(name: Any) -> Any:
+    """The registered generator config class a spec record's ``config_class`` names
+    (``"module:Qualname"``), found in the generator registry; nothing is imported by name.
+    :class:`~dalda_aug.errors.InputError` for any other name."""
+    from ..generators import registered_configs
+
+    configs = list(registered_configs().values())
+    if isinstance(name, str):
+        module, _, qualname = name.partition(":")
+        for config_cls in configs:
+            if qualname == config_cls.__qualname__ and (
+                    module == config_cls.__module__ or module in _CONFIG_ALIAS_MODULES):
+                return config_cls
+    known = sorted(f"{c.__module__}:{c.__qualname__}" for c in configs)
+    raise InputError(f"config class {str(name)[:200]!r} is not a registered generator config (known: {known}); "
+                     "nothing is imported by a name a record gives")
+
+
+def plan_fingerprint(plan: Any) -> str:
+    """A short hash of what a plan asks to generate (each variant's source hash, prompt, λ,
+    seed), independent of generation settings: names the plan in a cache's spec records."""
+    rows = sorted(json.dumps([v.source_sha256, v.prompt, float(v.lam), int(v.seed)], ensure_ascii=False)
+                  for v in plan)
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()[:16]
+
+
+def variant_key(fingerprint: str, prompt: str, lam: float, seed: int, source_sha256: str) -> str:
+    """SHA-256 key of one image: generation fingerprint + prompt + λ + seed + source hash."""
+    blob = json.dumps([KEY_FORMAT, fingerprint, prompt, float(lam), int(seed), source_sha256], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def is_entry_key(key: Any) -> bool:
+    """Whether ``key`` is an entry key (64 characters of text), not a counter or a lease."""
+    return isinstance(key, str) and len(key) == 64
+
+
+class GeneratorFactory:
+    """A picklable zero-argument callable that builds the generator of a spec on a device.
+
+    Give it to :class:`~dalda_aug.dataset.SyntheticAugmentedDataset` (``generator=``) so each
+    DataLoader worker builds its own generator on first need instead of receiving a model.
+    """
+
+    def __init__(self, spec: GenerationSpec, device: Any = "cpu"):
+        if not isinstance(spec, GenerationSpec):
+            raise InputError(f"spec must be a GenerationSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.device = str(device)
+
+    def __call__(self) -> Any:
+        return self.spec.make_generator(self.device)
+
+    def __repr__(self) -> str:
+        return f"GeneratorFactory(device={self.device!r}, fingerprint={self.spec.fingerprint!r})"
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# spec records: CACHE/specs/<spec fingerprint>-<plan fingerprint>.json
+# ------------------------------------------------------------------------------------------
+def write_spec_record(directory: Path, spec: GenerationSpec, plan: Any = None) -> tuple[Path, bool]:
+    """Record in ``directory/specs/`` that images of ``plan`` are written with ``spec``: the
+    record's path, and whether it was written (False: the same record was there already, nothing
+    is written, so a read-only cache stays usable). Written atomically; ``OSError`` if it cannot be."""
+    record: dict[str, Any] = {"format": SPEC_RECORD_FORMAT, "spec": spec.to_dict(), "plan": None}
+    plan_fp = "any"
+    if plan is not None:
+        plan_fp = plan_fingerprint(plan)
+        record["plan"] = {"fingerprint": plan_fp, "images": len(plan), "data_root": getattr(plan, "data_root", None)}
+    path = directory / SPECS_DIR / f"{spec.fingerprint}-{plan_fp}.json"
+    text = json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return path, False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomic(path, text)
+    return path, True
+
+
+def read_spec_records(directory: Path) -> list[tuple[GenerationSpec, str | None]]:
+    """``(spec, plan fingerprint or None)`` of every record in ``directory/specs/``, in file name
+    order; an unreadable record is an :class:`~dalda_aug.errors.InputError` naming it."""
+    records = []
+    folder = directory / SPECS_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = read_json_object(path, "spec record")
+        except (OSError, DaldaError) as exc:
+            raise InputError(f"{exc}; delete it and rerun warm") from None
+        if data.get("format") != SPEC_RECORD_FORMAT:
+            raise InputError(f"{path}: not a spec record of format {SPEC_RECORD_FORMAT!r}")
+        spec = GenerationSpec.from_dict(data.get("spec") or {}, str(path))
+        plan = data.get("plan") or {}
+        records.append((spec, plan.get("fingerprint") if isinstance(plan, dict) else None))
+    return records

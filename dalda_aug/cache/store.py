@@ -1,0 +1,503 @@
+"""The store: :class:`SyntheticCache`, generated images on disk keyed by what fixes their pixels.
+
+See the package's documentation (:mod:`dalda_aug.cache`) for its guarantees. The shards, the row
+rule, reading and writing them are :class:`~dalda_aug.cache.shardset.ShardSet`'s, which this
+class extends with the generation spec, variants, images and maintenance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..errors import InputError, MissingFileError
+from .codecs import DEFAULT_IMAGE_FORMAT, META_CRC, check_entry, check_image_format, decode_entry, encode_entry
+from .imagefolder import export_folder_names, write_image_folder
+from .shardset import ShardSet, check_journal_mode
+from .spec import SPECS_DIR, GenerationSpec, plan_fingerprint, read_spec_records, write_spec_record
+
+__all__ = ["SyntheticCache", "CachedImage", "open_cache_dir"]
+
+
+@dataclass
+class CachedImage:
+    """A decoded cache entry."""
+
+    key: str
+    image: Any  # PIL.Image.Image (RGB)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lam(self) -> float:
+        return float(self.metadata["lambda"])
+
+    @property
+    def prompt(self) -> str:
+        return str(self.metadata["prompt"])
+
+
+class SyntheticCache(ShardSet):
+    """Generated images on disk, keyed by :class:`GenerationSpec` + variant (see module doc).
+
+    Args:
+        directory: the cache folder (created on first write); holds ``shard-*/`` sub-folders.
+        spec: the generation settings this cache serves; they turn plan variants into keys
+            (:meth:`key`, ``variant`` arguments). ``None`` (default): the spec ``warm``
+            recorded in the folder (:meth:`resolve_spec`) — the only one, or the one recorded
+            for the plan in use. Low-level methods take keys and need no spec.
+        image_format: ``"lz4"`` (default), ``"png"``, ``"webp"`` or ``"raw"``, all lossless (see
+            :func:`encode_entry`); used for new entries, entries in any format are read.
+            ``"lz4"`` is fast enough for a training epoch with p = 0.5 to cost about as much as
+            one on the real JPEGs; ``"png"`` and ``"webp"`` take less disk.
+        shard: name of the shard this process writes to (``CACHE/shard-<shard>/``); default
+            :func:`default_shard_name` (``<host>-<rank>``).
+        journal_mode: SQLite journal of the shards: ``"wal"`` (local disks), ``"delete"``
+            (network filesystems) or ``None`` to pick from the filesystem type.
+        timeout: seconds a writer waits for a SQLite lock before retrying.
+        png_compress_level: zlib level of PNG entries (0-9; 1 encodes ~3x faster than 6 for
+            ~10 % more bytes; decoding speed hardly depends on it).
+
+    Example::
+
+        cache = SyntheticCache("cache/")    # the spec warm recorded; or SyntheticCache("cache/", spec)
+        for variant in plan:
+            if variant not in cache: ...
+        entry = cache.get(plan[0])          # CachedImage or None
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        spec: GenerationSpec | None = None,
+        *,
+        image_format: str = DEFAULT_IMAGE_FORMAT,
+        shard: str | None = None,
+        journal_mode: str | None = None,
+        timeout: float = 60.0,
+        png_compress_level: int = 1,
+    ):
+        if spec is not None and not isinstance(spec, GenerationSpec):
+            raise InputError(f"spec must be a GenerationSpec or None, got {type(spec).__name__}")
+        check_image_format(image_format)
+        check_journal_mode(journal_mode)
+        if not 0 <= int(png_compress_level) <= 9:
+            raise InputError(f"png_compress_level must be in 0..9, got {png_compress_level!r}")
+        super().__init__(directory, shard=shard, journal_mode=journal_mode, timeout=timeout)
+        self.spec = spec
+        self.image_format = image_format
+        self.png_compress_level = int(png_compress_level)
+        self._recorded: list[tuple[GenerationSpec, str | None]] | None = None
+        self._resolved: GenerationSpec | None = None  # resolve_spec() without a plan, once found
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for name in ("_recorded", "_resolved"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._recorded = None
+        self._resolved = None
+
+    def __repr__(self) -> str:
+        fp = self.spec.fingerprint if self.spec is not None else None
+        return (f"SyntheticCache({str(self.directory)!r}, format={self.image_format!r}, shard={self.shard!r}, "
+                f"fingerprint={fp!r})")
+
+    def __enter__(self) -> "SyntheticCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- the generation specs the cache describes itself with --------------------------------
+    def record_spec(self, plan: Any = None, spec: GenerationSpec | None = None) -> Path:
+        """Record in ``CACHE/specs/`` that images of ``plan`` are written with ``spec``
+        (default: this cache's); :func:`~dalda_aug.warm.warm` calls it once its first image
+        is stored, so a run that writes nothing leaves no record. One small JSON file
+        per (spec, plan), written atomically: concurrent warmers writing the same record are
+        safe, and copying ``specs/`` along with the shards merges caches."""
+        spec = spec if spec is not None else self.spec
+        if spec is None:
+            raise InputError("record_spec needs a GenerationSpec (this cache has none)")
+        try:
+            path, written = write_spec_record(self.directory, spec, plan)
+        except OSError as exc:
+            raise self._storage_error(exc, f"record the generation spec in {SPECS_DIR}/") from None
+        if written:
+            self._recorded = None
+            self._resolved = None
+        return path
+
+    def recorded_specs(self, plan: Any = None) -> list[GenerationSpec]:
+        """The specs recorded in the cache folder (by fingerprint), or those recorded for ``plan``."""
+        records = self._read_records()
+        wanted = plan_fingerprint(plan) if plan is not None else None
+        found: dict[str, GenerationSpec] = {}
+        for spec, plan_fp in records:
+            if wanted is None or plan_fp == wanted:
+                found.setdefault(spec.fingerprint, spec)
+        return list(found.values())
+
+    def _read_records(self) -> list[tuple[GenerationSpec, str | None]]:
+        if self._recorded is None:
+            self._recorded = read_spec_records(self.directory)
+        return list(self._recorded)
+
+    def resolve_spec(self, plan: Any = None) -> GenerationSpec:
+        """The spec to read ``plan``'s images with.
+
+        This cache's explicit spec; else the only one recorded in the folder; else, of the
+        recorded specs, the only one that holds images (of ``plan``, when given: its keys for
+        the plan are in the cache), so a spec recorded by a run that wrote nothing is passed
+        over; else, among those (or all, when none holds any), the only one recorded for
+        ``plan``; else an :class:`~dalda_aug.errors.InputError` listing what the folder holds.
+        """
+        if self.spec is not None:
+            return self.spec
+        specs = self.recorded_specs()
+        if len(specs) == 1:
+            return specs[0]
+        if not specs:
+            where = "does not exist" if not self.directory.is_dir() else "records no generation spec"
+            raise InputError(
+                f"the cache folder {self.directory} {where}: give the spec the images were made with "
+                "(SyntheticCache(dir, GenerationSpec(...))) or fill the folder with `dalda-aug warm`")
+        if plan is None:
+            if self._resolved is None:
+                counts = self._entries_per_fingerprint({s.fingerprint for s in specs}, stop_at_one=True)
+                holding = [s for s in specs if counts.get(s.fingerprint)]
+                if len(holding) != 1:
+                    listing = "; ".join(s.describe() for s in specs)
+                    held = "none holds images" if not holding else f"{len(holding)} of them hold images"
+                    raise InputError(
+                        f"the cache folder {self.directory} records {len(specs)} generation specs ({listing}), "
+                        f"{held} and no plan says which one to use: pass the spec explicitly "
+                        "(SyntheticCache(dir, spec)), or forget the ones not wanted (`dalda-aug cache specs --forget`)")
+                self._resolved = holding[0]
+            return self._resolved
+        present = self.keys()
+        cached = {s.fingerprint: len({s.key(v) for v in plan} & present) for s in specs}
+        holding = [s for s in specs if cached[s.fingerprint]]
+        if len(holding) == 1:
+            return holding[0]
+        mine = {s.fingerprint for s in self.recorded_specs(plan)}
+        among = holding or specs
+        chosen = [s for s in among if s.fingerprint in mine]
+        if len(chosen) == 1:
+            return chosen[0]
+        listing = "; ".join(f"{s.describe()}: {cached[s.fingerprint]} images of this plan" for s in specs)
+        if holding:
+            why = f"{len(holding)} of them hold images of this plan, and {'several' if chosen else 'none'} of those " \
+                  "are recorded for it"
+        else:
+            why = f"none holds images of this plan and {'several' if chosen else 'none'} of them are recorded for it"
+        raise InputError(
+            f"the cache folder {self.directory} records {len(specs)} generation specs ({listing}); {why}: "
+            "pass the spec explicitly (SyntheticCache(dir, spec))")
+
+    def _entries_per_fingerprint(self, wanted: set[str] | None = None, *, stop_at_one: bool = False
+                                 ) -> dict[str, int]:
+        """``{generation fingerprint: entries}`` read from the entries' headers (no image bytes;
+        counts, not checks). With ``stop_at_one``, reading stops once each of ``wanted`` was seen."""
+        counts: dict[str, int] = {}
+        seen: set[str] = set()
+        for _, reader in self._readers(force_scan=True):
+            for key in reader.keys():
+                if key in seen:
+                    continue
+                meta = reader.head(key)
+                fingerprint = meta.get("generation_fingerprint") if meta is not None else None
+                if not isinstance(fingerprint, str) or (wanted is not None and fingerprint not in wanted):
+                    continue
+                seen.add(key)
+                counts[fingerprint] = counts.get(fingerprint, 0) + 1
+                if stop_at_one and wanted is not None and wanted <= set(counts):
+                    return counts
+        return counts
+
+    def spec_summary(self, plan: Any = None) -> list[dict[str, Any]]:
+        """Each recorded spec: ``{"fingerprint", "description", "plans"`` (the plan
+        fingerprints it is recorded for), ``"entries"`` (entries made with it, by their
+        headers)``}``, with ``plan`` also ``"plan_images"`` and ``"plan_cached"`` (its keys for
+        the plan, and how many of them the cache holds)."""
+        records = self._read_records()
+        counts = self._entries_per_fingerprint()
+        present = self.keys() if plan is not None else set()
+        summary: dict[str, dict[str, Any]] = {}
+        for spec, plan_fp in records:
+            row = summary.setdefault(spec.fingerprint, {
+                "fingerprint": spec.fingerprint, "description": spec.describe(), "plans": [],
+                "entries": counts.get(spec.fingerprint, 0)})
+            if plan_fp is not None and plan_fp not in row["plans"]:
+                row["plans"].append(plan_fp)
+            if plan is not None and "plan_images" not in row:
+                keys = {spec.key(v) for v in plan}
+                row.update(plan_images=len(keys), plan_cached=len(keys & present))
+        return list(summary.values())
+
+    def forget_spec(self, fingerprint: str) -> list[Path]:
+        """Delete the records of the spec with ``fingerprint`` from ``CACHE/specs/`` (its entries
+        stay); returns the files removed. :class:`~dalda_aug.errors.InputError` when none is
+        recorded under it."""
+        if not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{16}", fingerprint)):
+            raise InputError(f"a spec fingerprint is 16 hex digits, got {str(fingerprint)[:80]!r}")
+        folder = self.directory / SPECS_DIR
+        paths = sorted(folder.glob(f"{fingerprint}-*.json")) if folder.is_dir() else []
+        if not paths:
+            known = sorted({s.fingerprint for s in self.recorded_specs()}) if folder.is_dir() else []
+            raise InputError(f"no spec with fingerprint {fingerprint} is recorded in {folder} (recorded: {known})")
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self._storage_error(exc, f"remove the spec record {path.name}") from None
+        self._recorded = None
+        self._resolved = None
+        return paths
+
+    def with_spec(self, spec: GenerationSpec) -> "SyntheticCache":
+        """The same cache folder and settings, serving ``spec``."""
+        if not isinstance(spec, GenerationSpec):
+            raise InputError(f"spec must be a GenerationSpec, got {type(spec).__name__}")
+        return SyntheticCache(self.directory, spec, image_format=self.image_format, shard=self.shard,
+                              journal_mode=self._journal_mode, timeout=self.timeout,
+                              png_compress_level=self.png_compress_level)
+
+    # -- keys -----------------------------------------------------------------------------
+    def _require_spec(self) -> GenerationSpec:
+        return self.resolve_spec()
+
+    def key(self, variant: Any) -> str:
+        """Cache key of a plan variant (needs :attr:`spec`); a ``str`` key is returned as is."""
+        if isinstance(variant, str):
+            return variant
+        return self._require_spec().key(variant)
+
+    def __contains__(self, variant_or_key: Any) -> bool:
+        return super().__contains__(self.key(variant_or_key))
+
+    def missing(self, variants: Iterable[Any]) -> list[Any]:
+        """The variants (or keys) without an entry, in order (one key listing, no decoding)."""
+        present = self.keys()
+        return [v for v in variants if self.key(v) not in present]
+
+    # -- read ------------------------------------------------------------------------------
+    def get(self, variant_or_key: Any) -> CachedImage | None:
+        """The decoded entry, or ``None`` if absent; corrupt entries are removed and give ``None``."""
+        # Shards created by other processes are picked up by the periodic rescan of _scan().
+        return self._lookup(self.key(variant_or_key), force_scan=False)
+
+    def get_image(self, variant_or_key: Any) -> Any:
+        """The PIL image of an entry, or ``None``."""
+        entry = self.get(variant_or_key)
+        return None if entry is None else entry.image
+
+    def _lookup(self, key: str, force_scan: bool) -> CachedImage | None:
+        for name, reader in self._readers(force_scan):
+            decoded, _ = self.read_entry(name, reader, key, decode_entry, remove=True, missing_is_corrupt=False)
+            if decoded is not None:
+                return CachedImage(key, *decoded)
+        return None
+
+    def get_raw(self, variant_or_key: Any) -> bytes | None:
+        """The encoded entry bytes (header + image) as stored, without decoding."""
+        return super().get_raw(self.key(variant_or_key))
+
+    # -- write -----------------------------------------------------------------------------
+    def put(self, variant: Any, image: Any, *, metadata: dict[str, Any] | None = None) -> str:
+        """Store the image generated for ``variant``; returns its key.
+
+        The entry's metadata records the variant (λ, prompt, seed, score, class, source) and
+        the generation and model fingerprints, plus ``metadata``.
+        """
+        spec = self._require_spec()
+        key = spec.key(variant)
+        meta = {
+            "key": key,
+            "lambda": float(variant.lam),
+            "prompt": variant.prompt,
+            "seed": int(variant.seed),
+            "score": float(variant.score),
+            "class_name": variant.class_name,
+            "label": int(variant.label),
+            "source": variant.source,
+            "variant": int(variant.variant),
+            "source_sha256": variant.source_sha256,
+            "generation_fingerprint": spec.fingerprint,
+            "model_fingerprint": spec.models.fingerprint(),
+            "prompt_prefix": spec.config.prompt_prefix,
+            "negative_prompt": spec.config.negative_prompt,
+            "dtype": spec.dtype,
+            "created": round(time.time(), 3),
+        }
+        if metadata:
+            meta.update(metadata)
+        self.put_encoded(key, encode_entry(image, meta, self.image_format, png_compress_level=self.png_compress_level))
+        return key
+
+    def delete(self, variant_or_key: Any) -> bool:
+        """Remove an entry from every shard; True if one was there."""
+        return super().delete(self.key(variant_or_key))
+
+    # -- maintenance -------------------------------------------------------------------------
+    def iter_entries(self, keys: Iterable[str] | None = None, *, remove_corrupt: bool = True) -> Iterator[CachedImage]:
+        """Decode and yield every valid entry (or those of ``keys``), each key once."""
+        seen: set[str] = set()
+        wanted = set(keys) if keys is not None else None
+        for name, reader in list(self._readers(force_scan=True)):
+            for key in reader.keys():
+                if key in seen or (wanted is not None and key not in wanted):
+                    continue
+                decoded, _ = self.read_entry(name, reader, key, decode_entry, remove=remove_corrupt,
+                                             missing_is_corrupt=False)
+                if decoded is None:
+                    continue
+                seen.add(key)
+                yield CachedImage(key, *decoded)
+
+    def verify(self, *, remove: bool = False, progress: bool = False) -> dict[str, Any]:
+        """Decode every entry; report (and with ``remove`` delete) the bad ones.
+
+        Returns ``{"checked", "ok", "bad": [{"shard", "key", "error"}], "removed"}``. An entry
+        whose row exists but whose value file is gone counts as bad, and so does every row that
+        is stored pickled (key or value; its ``key`` is given as ``<row N>``): it is never
+        unpickled (:func:`row_refusal`).
+        """
+        from tqdm.auto import tqdm
+
+        report: dict[str, Any] = {"checked": 0, "ok": 0, "bad": [], "removed": 0, "unchecked_metadata": 0}
+        for name, reader in list(self._readers(force_scan=True)):
+            keys = reader.keys()
+            for key in tqdm(keys, desc=f"verifying {name}", unit="img", disable=not progress):
+                report["checked"] += 1
+                decoded, error = self.read_entry(name, reader, key, decode_entry, remove=remove, strict=True)
+                if decoded is None:
+                    report["bad"].append({"shard": name, "key": key, "error": error})
+                    report["removed"] += int(remove)
+                    continue
+                report["unchecked_metadata"] += META_CRC not in decoded[1]
+                report["ok"] += 1
+            for rowid, reason in reader.refused_rows():  # pickled keys/values: corrupt, never loaded
+                report["checked"] += 1
+                report["bad"].append({"shard": name, "key": f"<row {rowid}>", "error": f"row refused: {reason}"})
+                if remove:
+                    self._remove_refused_row(name, rowid, strict=True)
+                    report["removed"] += 1
+        return report
+
+    def check_entries(self, keys: Iterable[str] | None = None, *, remove: bool = False
+                      ) -> tuple[set[str], list[dict[str, str]]]:
+        """Check every entry's (or those of ``keys``) header and checksums without decoding
+        images (:func:`check_entry`): ``(good keys, [{"shard", "key", "error"}, ...])``.
+
+        With ``remove``, bad entries are deleted (and counted) where the folder allows it.
+        A key with a good copy in some shard is good.
+        """
+        good: set[str] = set()
+        bad: list[dict[str, str]] = []
+        wanted = None if keys is None else set(keys)
+        for name, reader in list(self._readers(force_scan=True)):
+            listed = reader.keys() if wanted is None else [k for k in wanted if k in reader]
+            for key in listed:
+                if key in good:
+                    continue
+                meta, error = self.read_entry(name, reader, key, check_entry, remove=remove)
+                if meta is None:
+                    bad.append({"shard": name, "key": key, "error": str(error)})
+                    continue
+                good.add(key)
+        return good, [b for b in bad if b["key"] not in good]
+
+    def stats(self, plan: Any = None) -> dict[str, Any]:
+        """Entries, bytes on disk, shards, corrupt entries removed; with a plan, its coverage.
+
+        Entries are counted after checking their checksums (no image decoding): ``entries``
+        and the plan's ``cached`` count only good ones, ``bad`` the others, rows stored pickled
+        included (``cache verify`` names them, ``warm`` regenerates them).
+        """
+        shards = []
+        keys: set[str] = set()
+        bad_keys: set[str] = set()
+        corrupt = refused = 0
+        for name, reader in self._readers(force_scan=True):
+            shard_good = 0
+            for key in reader.keys():
+                meta, _ = self.read_entry(name, reader, key, check_entry, remove=False)
+                if meta is None:
+                    bad_keys.add(key)
+                    continue
+                keys.add(key)
+                shard_good += 1
+            refused += len(reader.refused_rows())
+            corrupt += reader.corrupt_counter()
+            shards.append({"name": name, "entries": shard_good, "bytes": reader.volume()})
+        result: dict[str, Any] = {
+            "directory": str(self.directory),
+            "entries": len(keys),
+            "bad": len(bad_keys - keys) + refused,
+            "bytes": sum(s["bytes"] for s in shards),
+            "shards": shards,
+            "corrupt_removed": corrupt,
+        }
+        if plan is not None:
+            spec = self.resolve_spec(plan)
+            plan_keys = {spec.key(v) for v in plan}
+            covered = len(plan_keys & keys)
+            result["plan"] = {
+                "images": len(plan_keys),
+                "cached": covered,
+                "missing": len(plan_keys) - covered,
+                "coverage": covered / len(plan_keys) if plan_keys else 1.0,
+                "fingerprint": spec.fingerprint,
+            }
+        return result
+
+    def export(self, out: str | os.PathLike[str], plan: Any = None, *, progress: bool = False) -> dict[str, Any]:
+        """Write cached images as an image folder ``OUT/<class>/<key16>.png`` + ``OUT/metadata.csv``.
+
+        With a plan, only its images are exported and class folders are the plan's class
+        folder names; otherwise every entry, in folders named after its class name.
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        classes = list(plan.config.get("classes") or []) if plan is not None else []
+        wanted = None
+        if plan is not None:
+            spec = self.resolve_spec(plan)
+            wanted = {spec.key(v) for v in plan}
+        # Folder names come from files (plan.json, entry metadata) anyone could have written:
+        # export_folder_names keeps Unicode, removes separators/".."/control characters and never
+        # gives two classes one folder, even on a disk that ignores case or Unicode normalisation;
+        # the resolved path must still lie inside OUT. Without a plan, the class names are first
+        # read from the entries' headers, so the folders do not depend on the order of entries.
+        names = [str(c) for c in classes] if classes else self._class_names(wanted)
+        exported = write_image_folder(out, self.iter_entries(wanted), classes, export_folder_names(names),
+                                      png_compress_level=self.png_compress_level, progress=progress)
+        missing = len(wanted) - exported if wanted is not None else 0
+        return {"exported": exported, "out": str(out), "missing": missing}
+
+    def _class_names(self, wanted: set[str] | None) -> list[str]:
+        """The class name in each entry's header (or of those of ``wanted``), ``"unknown"`` where
+        none is given: read, not checked (it only names folders)."""
+        names = []
+        for _, reader in self._readers(force_scan=True):
+            for key in reader.keys() if wanted is None else [k for k in wanted if k in reader]:
+                meta = reader.head(key)
+                names.append(str((meta or {}).get("class_name") or "unknown"))
+        return names
+
+
+def open_cache_dir(directory: str | os.PathLike[str]) -> Path:
+    """Check that ``directory`` is an existing cache folder (for read-only commands)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise MissingFileError(f"cache folder not found: {path}")
+    return path
