@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dalda_aug.cache import GenerationSpec, SyntheticCache  # noqa: E402
+from dalda_aug.cache import IMAGE_FORMATS, GenerationSpec, SyntheticCache  # noqa: E402
 from dalda_aug.config import ModelConfig  # noqa: E402
 from dalda_aug.dataset import SyntheticAugmentedDataset  # noqa: E402
 from dalda_aug.generation import GenerationConfig, GenerationRequest  # noqa: E402
@@ -234,7 +234,7 @@ def bench_warm(args, work: Path) -> dict:
     # What the single writer thread sustains on full-size images (encode + store), per format.
     photo = Image.fromarray(_photos()[0]).resize((512, 512))
     writer_ms = {}
-    for fmt in ("lz4", "png", "webp", "raw"):
+    for fmt in IMAGE_FORMATS:
         cache = SyntheticCache(work / f"writer-{fmt}", spec, image_format=fmt)
         started = time.perf_counter()
         for v in plan.variants[:16]:
@@ -262,7 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (median reported)")
-    p.add_argument("--formats", type=lambda s: s.split(","), default=["lz4", "png", "webp", "raw"])
+    p.add_argument("--formats", type=lambda s: s.split(","), default=list(IMAGE_FORMATS),
+                   help=f"comma-separated image formats of the cache (default {','.join(IMAGE_FORMATS)})")
     p.add_argument("--skip-epochs", action="store_true")
     p.add_argument("--skip-warm", action="store_true")
     p.add_argument("--models", default=None, help="models JSON for the warm part (default: tiny random models)")

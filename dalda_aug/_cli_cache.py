@@ -15,9 +15,10 @@ import argparse
 import dataclasses
 import json
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
+    from .cache.codecs import ImageCodec
     from .cache import GenerationSpec, SyntheticCache
     from .plan import AugmentationPlan
 
@@ -42,7 +43,7 @@ def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = Non
     """:class:`GenerationSpec` from the options of :func:`add_spec_arguments`."""
     from .cache import GenerationSpec
     from .config import load_models_arg
-    from .generation import GenerationConfig
+    from .generators.ip_adapter import GenerationConfig
     from .generators.base import GeneratorConfig
 
     if args.models is not None:
@@ -242,7 +243,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from .errors import InputError
-    from .export_formats import check_export_format, export
+    from .cache.export import check_export_format, export
 
     check_export_format(args.export_as)  # before the plan and the cache are read
     try:
@@ -294,6 +295,16 @@ def _run_specs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_formats(codecs: Iterable[ImageCodec], default: str) -> str:
+    """``lz4 (default; fastest to read in training), png, webp (smallest), or raw (uncompressed)``:
+    each image format of the registry with its note."""
+    names = []
+    for codec in codecs:
+        notes = (["default"] if codec.name == default else []) + ([codec.note] if codec.note else [])
+        names.append(f"{codec.name} ({'; '.join(notes)})" if notes else codec.name)
+    return ", ".join(names[:-1]) + ", or " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "warm",
@@ -306,9 +317,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--cache", required=True, help="cache folder")
     p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
-    p.add_argument("--format", choices=("lz4", "png", "webp", "raw"), default="lz4",
-                   help="lossless image encoding: lz4 (default; fastest to read in training), png, webp "
-                        "(smallest), or raw (uncompressed)")
+    from .cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS
+
+    p.add_argument("--format", choices=IMAGE_FORMATS, default=DEFAULT_IMAGE_FORMAT,
+                   help=f"lossless image encoding: {_describe_formats(CODECS.values(), DEFAULT_IMAGE_FORMAT)}")
     p.add_argument("--shard", default=None,
                    help=f"cache shard name (default <host>-<rank>, e.g. {socket.gethostname()}-0)")
     p.add_argument("--verify", action="store_true",
@@ -352,7 +364,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     s.add_argument("--out", required=True,
                    help="output folder (outside the cache): OUT/<class>/<key>.png + OUT/metadata.csv, or "
                         "OUT/shard-000000.tar|parquet... + OUT/manifest-<format>.json")
-    from .export_formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
+    from .cache.export import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 
     s.add_argument("--as", dest="export_as", default=DEFAULT_EXPORT_FORMAT, metavar="FORMAT",
                    help=f"{' | '.join(EXPORT_FORMATS)} (default {DEFAULT_EXPORT_FORMAT}); webdataset: tar shards "
