@@ -9,3 +9,4 @@ from __future__ import annotations
 
 from .cache.export import *  # noqa: F403 (the names of its __all__, re-exported)
 from .cache.export import __all__ as __all__
+from .cache.export import log as log  # the module's logger, also a top-level name before
