@@ -102,7 +102,8 @@ def _tokenizer(args: argparse.Namespace) -> Any:
 def _check_hub(args: argparse.Namespace) -> None:
     """Before anything loads: the hf: chat model and the --models tokenizer, when they are hub ids,
     must be reachable or cached (one line in seconds otherwise; see generators.loading.check_hub)."""
-    from .generators.loading import MODELS_HINT, HubFile, check_hub, parse_location
+    from .generators.loading import MODELS_HINT, HubFile, check_hub
+    from .locations import parse_location
 
     llm = str(args.llm or "")
     if llm.startswith("hf:") and llm[3:].strip() and not parse_location(llm[3:].strip()).is_local:
@@ -121,7 +122,6 @@ def _check_hub(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from .prompts import IncompletePromptBankError, PromptBank, generate_prompt_bank, parse_backend
 
-    _check_hub(args)
     names = _class_names(args)
     description = _description(args)
     preset = _preset(args)
@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
-    )
+    )  # builds nothing yet: a bad option is said before the hub is asked
+    _check_hub(args)
     out = Path(args.out)
     resume = None
     if out.exists() and not args.overwrite:
