@@ -56,9 +56,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out_dir} already holds a plan; pass --overwrite to replace it")
     models = load_models_arg(args.models)
     scaling = Scaling.parse(args.scaling, AGSConfig(mode=args.ags_mode))
-    from .data import find_classes
+    from .data import ImageSource
 
-    find_classes(args.data)  # a missing or empty folder is said before the hub is asked
+    ImageSource.from_folder(args.data)  # a missing or empty folder or a symlink loop is said before the hub is asked
     if scaling.strategy == "fixed" and not 0.0 <= scaling.value <= 1.0:
         raise InputError(f"--scaling {args.scaling}: the fixed λ must lie in [0, 1]")
     require_hub_models(models, ("clip_model", "clip_pretrained"))  # before any model loads
