@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .cache import GenerationSpec, SyntheticCache
     from .plan import AugmentationPlan
 
-__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype"]
+__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state"]
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) -> None:
@@ -118,7 +118,7 @@ def _human_bytes(n: float) -> str:
 
 
 # -- warm ---------------------------------------------------------------------------------------
-def _partial_state(device: str | None) -> Any:
+def partial_state(device: str | None) -> Any:
     """``accelerate.PartialState`` (rank and world size under ``accelerate launch``).
 
     Processes run on the CPU (gloo) when ``--device cpu`` is given, when accelerate was told
@@ -150,7 +150,7 @@ def _run_warm(args: argparse.Namespace) -> int:
 
     plan = _load_plan(args.plan)
     spec = spec_from_args(args, plan)
-    state = _partial_state(args.device)
+    state = partial_state(args.device)
     rank, world = state.process_index, state.num_processes
     shard = args.shard or default_shard_name(rank)
     if args.shard and world > 1:

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from . import __version__
 from .config import describe_model_defaults, load_models_arg  # live with ModelConfig; importable from here too
@@ -82,6 +82,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         print(f"planned {len(plan)} DA-Fusion images for {plan.summary['sources']} source images "
               f"(strengths {plan.config['scaling']['strengths']}) -> {plan.save(args.out)}")
         return 0
+    processes = _launched_processes(args.device)
     plan = build_plan(
         args.data,
         variants=args.variants,
@@ -92,7 +93,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         models=models,
         scorer=scorer,
         base_prompt_names=args.class_names,
+        processes=processes,
     )
+    if processes is not None and not processes.is_main_process:
+        return 0  # every process holds the whole plan; the main process writes it
     out = plan.save(args.out)
     s = plan.summary
     print(
@@ -101,6 +105,19 @@ def _run_plan(args: argparse.Namespace) -> int:
         f"Low {s['low_share']:.0%} / High {s['high_share']:.0%}) -> {out}"
     )
     return 0
+
+
+def _launched_processes(device: str | None) -> Any:
+    """``accelerate.PartialState`` when the command was started by ``accelerate launch`` or
+    ``torchrun`` with more than one process (``WORLD_SIZE`` > 1): the processes then split the
+    reading and scoring of the sources and the main process writes the plan. ``None`` otherwise."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    from ._cli_cache import partial_state
+
+    return partial_state(device)
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -159,3 +159,21 @@ def test_two_processes_write_the_one_process_plan(tiny_models, pictures, tmp_pat
     assert "rank 0 of 1" in one.stdout
     for name in ("plan.jsonl", "summary.json", "plan.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_plan_command_under_torchrun_writes_the_one_process_plan(tiny_models, pictures, tmp_path):
+    """``dalda-aug plan`` itself, launched by ``torchrun --nproc_per_node 2`` (WORLD_SIZE=2): the two
+    processes split the scoring and write one plan, byte for byte the plan of a plain run."""
+    data = _write_folder(tmp_path / "data", pictures[:21], 2)
+    models = tiny_models.save(tmp_path / "models.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    run = dict(env=env, capture_output=True, text=True, timeout=600)
+    args = ["plan", "--data", str(data), "--models", str(models), "--variants", "2", "--seed", "5", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "dalda_aug", *args, "--out", str(tmp_path / "one")], **run)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "dalda_aug", *args, "--out", str(tmp_path / "two")], **run)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("planned ") == 1, two.stdout  # the main process alone writes and says so
+    for name in ("plan.jsonl", "summary.json", "plan.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
