@@ -84,8 +84,9 @@ def load_open_clip(model_name: str, pretrained: str | None, device: Device = "cp
         if isinstance(exc, RuntimeError) and not any(s.lower() in text.lower() for s in loading):
             raise  # a genuine runtime failure, not a loading problem
         raise ModelLoadError(
-            f"cannot load open_clip model {model_name!r} with pretrained={pretrained!r}: {text}. "
-            "Offline? Point ModelConfig.clip_pretrained at a local checkpoint file."
+            f"cannot load open_clip model {model_name!r} with pretrained={pretrained!r}: {text.strip().rstrip('.')}. "
+            "Offline? Pass --models models.json naming a local checkpoint (its clip_pretrained field) "
+            "and set HF_HUB_OFFLINE=1"
         ) from exc
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
