@@ -148,6 +148,7 @@ def _run_warm(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .warm import warm
 
+    quality = _quality(args.quality, args.format)  # before the plan is read
     plan = _load_plan(args.plan)
     spec = spec_from_args(args, plan)
     state = partial_state(args.device)
@@ -159,7 +160,7 @@ def _run_warm(args: argparse.Namespace) -> int:
     if spec.dtype == "float16" and device.startswith("cpu"):  # before anything is written
         raise InputError(f"--dtype {args.dtype or 'float16'}: float16 cannot generate on the CPU (device {device}); "
                          "use --dtype float32 or bfloat16, or a CUDA device")
-    cache = SyntheticCache(args.cache, spec, image_format=args.format, shard=shard)
+    cache = SyntheticCache(args.cache, spec, image_format=args.format, shard=shard, quality=quality)
     # Say which share this process takes: e.g. `accelerate launch --cpu --num_processes 2`
     # starts ONE process (accelerate needs MPI for several CPU processes), silently otherwise.
     note = ""
@@ -305,6 +306,26 @@ def _describe_formats(codecs: Iterable[ImageCodec], default: str) -> str:
     return ", ".join(names[:-1]) + ", or " + names[-1] if len(names) > 1 else "".join(names)
 
 
+def _quality(text: str | None, image_format: str) -> int | None:
+    """``--quality``: None, or an integer in 1..100 for a lossy ``--format``, else an
+    :class:`~dalda_aug.errors.InputError` (one line, exit status 2)."""
+    from .cache.codecs import check_quality
+    from .errors import InputError
+
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"--quality must be an integer in 1..100, got {text!r}") from None
+    if not 1 <= value <= 100:
+        raise InputError(f"--quality must be an integer in 1..100, got {value}")
+    try:
+        return check_quality(value, image_format)
+    except InputError as exc:
+        raise InputError(f"--quality {value}: {exc} (--format {image_format})") from None
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
         "warm",
@@ -317,10 +338,13 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--cache", required=True, help="cache folder")
     p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
-    from .cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS
+    from .cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, DEFAULT_QUALITY, IMAGE_FORMATS
 
     p.add_argument("--format", choices=IMAGE_FORMATS, default=DEFAULT_IMAGE_FORMAT,
-                   help=f"lossless image encoding: {_describe_formats(CODECS.values(), DEFAULT_IMAGE_FORMAT)}")
+                   help=f"image encoding of new entries: {_describe_formats(CODECS.values(), DEFAULT_IMAGE_FORMAT)}")
+    p.add_argument("--quality", default=None,
+                   help=f"1-100, lossy encodings only: jpeg (default {DEFAULT_QUALITY}), webp (lossless without it); "
+                        "stored in each entry's header")
     p.add_argument("--shard", default=None,
                    help=f"cache shard name (default <host>-<rank>, e.g. {socket.gethostname()}-0)")
     p.add_argument("--verify", action="store_true",

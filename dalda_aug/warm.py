@@ -2,15 +2,16 @@
 
 :func:`warm` is the generation step of the pipeline, run ahead of training:
 
-* **Keys first.** Every variant's cache key is computed and the cache's key listing read
-  (and the listed entries' checksums checked) before any model is loaded, so a rerun with
-  everything cached loads no model.
+* **Keys first.** Every variant's cache key is computed and looked up in the shards' SQLite
+  key indexes (and the entries found checked by their headers and sizes, without reading
+  their image bytes) before any model is loaded, so a rerun with everything cached loads no
+  model and reads well under 1 % of the cache's bytes.
 * **Sharded.** With ``num_processes`` > 1 (``accelerate launch``: one process per GPU, over
   any number of nodes), process ``r`` takes every n-th of the plan's sorted keys, starting at
   ``r``: a deterministic, disjoint and balanced split that needs no communication. Each
   process writes its own cache shard (``CACHE/shard-<host>-<rank>``), which keeps SQLite off shared-filesystem
   locking (see :mod:`dalda_aug.cache`).
-* **Overlapped writes.** Generated batches go to writer threads that encode (LZ4, PNG, WebP or raw)
+* **Overlapped writes.** Generated batches go to writer threads that encode (LZ4, PNG, WebP, raw or JPEG)
   and store them while the next batch is generated; a bounded queue keeps memory flat.
 * **Self-describing.** When its first image is stored (or, with everything cached, at once), the
   cache's spec is recorded in the cache folder for this plan (``CACHE/specs/``,
@@ -19,8 +20,9 @@
   interrupted start, settings that cannot run) records nothing.
 * **Resumable.** Entries are written atomically as their batch finishes. After a crash or
   ``kill -9`` at any moment, rerunning generates exactly what is missing; nothing written is
-  lost or regenerated. What counts as cached is checked first (header and checksums, no image
-  decoding): a damaged entry is removed and regenerated.
+  lost or regenerated. What counts as cached is checked first (header, metadata checksum and
+  sizes; no image bytes read): a damaged entry is removed and regenerated. ``verify=True``
+  decodes this process's entries first (pixels checked too).
 * **Cooperative.** Each batch is leased before it is generated
   (:meth:`~dalda_aug.cache.SyntheticCache.claim`): two processes writing the same shard skip
   each other's keys instead of generating everything twice. Leases are renewed while a batch
@@ -307,11 +309,12 @@ def warm(
         for key in list(mine):
             cache.get(key)  # decodes; removes a corrupt entry
         removed = cache.corrupt_removed - before
-    present = cache.keys()
-    # What counts as cached must pass its checksums (image bytes and metadata; no decoding):
-    # damaged entries are removed where the folder allows it and regenerated.
-    good, bad = cache.check_entries([k for k in mine if k in present], remove=True)
-    todo = [v for k, v in mine.items() if k not in good]
+    # What counts as cached must pass what can be checked without reading the image bytes (the
+    # header, the metadata checksum, the row's, the file's and the header's sizes agree): a
+    # garbage, truncated or missing entry is removed where the folder allows it and regenerated.
+    # A changed image byte is left to `cache verify` and to the readers that decode.
+    good, bad = cache.check_present(list(mine), remove=True)
+    todo = [v for v, here in zip(mine.values(), good) if not here]
     report = WarmReport(
         planned=len(keys), assigned=len(mine), already_cached=len(mine) - len(todo), generated=0, seconds=0.0,
         process_index=int(process_index), num_processes=int(num_processes), shard=cache.shard,

@@ -276,18 +276,27 @@ def test_verify_reports_and_removes_bad_entries(cache):
     assert cache.verify()["bad"] == []
 
 
-def test_stats_counts_only_entries_that_pass_their_checksums(cache):
-    variants = [_variant(i) for i in range(3)]
+def test_stats_counts_only_entries_whose_headers_and_sizes_check_out(cache):
+    import diskcache
+
+    variants = [_variant(i) for i in range(4)]
     keys = [cache.put(v, _image(i)) for i, v in enumerate(variants)]
     blob = bytearray(cache.get_raw(keys[0]))
-    blob[-1] ^= 0x01  # one flipped bit in the image bytes
+    blob[-1] ^= 0x01  # one flipped bit in the image bytes: header and sizes still agree
     cache.put_encoded(keys[0], bytes(blob))
+    cache.put_encoded(keys[1], cache.get_raw(keys[1])[:-7])  # truncated image bytes
+    with diskcache.Cache(str(_shard_db(cache).parent)) as raw:
+        raw.set(keys[2], b"DALDAIMG garbage header")
     stats = cache.stats(variants)
-    assert stats["entries"] == 2 and stats["bad"] == 1 and stats["shards"][0]["entries"] == 2
-    assert stats["plan"]["cached"] == 2 and stats["plan"]["missing"] == 1
-    good, bad = cache.check_entries()
-    assert good == set(keys[1:]) and [b["key"] for b in bad] == [keys[0]]
-    assert len(cache) == 3  # stats and checks remove nothing
+    # stats reads no image bytes: the truncated and garbage entries are bad, the flipped bit is
+    # left to the readers that decode and to verify.
+    assert stats["entries"] == 2 and stats["bad"] == 2 and stats["shards"][0]["entries"] == 2
+    assert stats["plan"]["cached"] == 2 and stats["plan"]["missing"] == 2
+    good, bad = cache.check_entries()  # the image bytes' CRC-32 too
+    assert good == {keys[3]} and {b["key"] for b in bad} == set(keys[:3])
+    assert {b["key"] for b in cache.verify()["bad"]} == set(keys[:3])
+    assert cache.get(variants[0]) is None  # a decoding reader refuses (and removes) it
+    assert len(cache) == 3  # stats and checks removed nothing; the get removed the flipped entry
 
 
 def test_a_flipped_metadata_byte_fails_the_checksum(tmp_path, cache):
@@ -480,7 +489,12 @@ def test_journal_mode(tmp_path, spec):
 
 def test_bad_arguments(tmp_path, spec):
     with pytest.raises(InputError):
-        SyntheticCache(tmp_path, spec, image_format="jpeg")
+        SyntheticCache(tmp_path, spec, image_format="gif")
+    for quality in (0, 101, 95.0, True, "95"):
+        with pytest.raises(InputError, match="quality must be an integer in 1..100"):
+            SyntheticCache(tmp_path, spec, image_format="jpeg", quality=quality)
+    with pytest.raises(InputError, match="not to lz4"):
+        SyntheticCache(tmp_path, spec, quality=90)
     with pytest.raises(InputError):
         SyntheticCache(tmp_path, "spec")
     with pytest.raises(InputError, match="records no generation spec"):

@@ -4,6 +4,16 @@ An entry is: magic (8 bytes), layout version (1 byte), metadata length (4 bytes,
 metadata (UTF-8 JSON), encoded image. :data:`CODECS` maps each image format name to its
 encoder and decoder; :data:`IMAGE_FORMATS` (the names, in order) and every command-line choice
 and benchmark read it. Entries of every format stay readable whatever a cache's current format.
+
+``lz4``, ``png`` and ``raw`` are lossless; ``jpeg`` is lossy (``quality``, default
+:data:`DEFAULT_QUALITY`); ``webp`` is lossless unless a ``quality`` is given. A lossy entry
+says so in its header (``"lossy": true, "quality": q``). The format is not part of an entry's
+key: a key names the generated image, and its entry holds that image exactly or, where lossy
+storage was asked for, its lossy encoding.
+
+:func:`check_head` checks what can be checked without the image bytes (the header, the
+metadata checksum, the total size the metadata implies); :func:`check_entry` adds the image
+bytes' CRC-32 and :func:`decode_entry` the decoding.
 """
 
 from __future__ import annotations
@@ -23,12 +33,17 @@ __all__ = [
     "CODECS",
     "IMAGE_FORMATS",
     "DEFAULT_IMAGE_FORMAT",
+    "DEFAULT_QUALITY",
+    "HEAD_READ",
     "MAGIC",
     "HEADER",
     "LAYOUT_VERSION",
     "META_CRC",
     "Refused",
     "check_image_format",
+    "check_quality",
+    "check_head",
+    "head_length",
     "encode_entry",
     "check_entry",
     "decode_entry",
@@ -48,38 +63,49 @@ META_CRC = "meta_crc32"
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageCodec:
-    """One lossless image format of the cache's entries."""
+    """One image format of the cache's entries."""
 
     name: str
-    #: ``(RGB PIL image, PNG compression level) -> payload bytes``.
-    encode: Callable[[Any, int], bytes]
+    #: ``(RGB PIL image, PNG compression level, quality or None) -> payload bytes``.
+    encode: Callable[[Any, int, "int | None"], bytes]
     #: ``(payload bytes, entry metadata) -> RGB PIL image``; :class:`CorruptEntryError` if it fails.
     decode: Callable[[bytes, dict[str, Any]], Any]
     #: What ``--format``'s help says of it.
     note: str = ""
+    #: ``quality -> whether the encoding loses information`` (``quality`` None: not given).
+    lossy: Callable[["int | None"], bool] = lambda quality: False
 
 
-def _encode_png(rgb: Any, png_compress_level: int) -> bytes:
+def _encode_png(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
     buf = io.BytesIO()
     rgb.save(buf, "PNG", compress_level=png_compress_level)
     return buf.getvalue()
 
 
-def _encode_webp(rgb: Any, png_compress_level: int) -> bytes:
-    # Lossless; quality/method are the compression effort (least: ~5x faster than the default, ~10 % bigger).
+def _encode_webp(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
     buf = io.BytesIO()
-    rgb.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
+    if quality is None:
+        # Lossless; quality/method are the compression effort (least: ~5x faster than the default, ~10 % bigger).
+        rgb.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
+    else:  # lossy, at this quality (method 4: PIL's default effort)
+        rgb.save(buf, "WEBP", lossless=False, quality=int(quality), method=4)
     return buf.getvalue()
 
 
-def _encode_lz4(rgb: Any, png_compress_level: int) -> bytes:
+def _encode_jpeg(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=DEFAULT_QUALITY if quality is None else int(quality))
+    return buf.getvalue()
+
+
+def _encode_lz4(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
     lz4_block = require("lz4.block", "generate", "lz4")
     # LZ4HC level 3: ~0.8 of the raw bytes on photos (the default mode: ~0.87) at ~45 ms per
     # 512x512 encode on one core (writer threads, GIL released); decoding is as fast either way.
     return cast(bytes, lz4_block.compress(rgb.tobytes(), mode="high_compression", compression=3, store_size=False))
 
 
-def _encode_raw(rgb: Any, png_compress_level: int) -> bytes:
+def _encode_raw(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
     return cast(bytes, rgb.tobytes())
 
 
@@ -109,7 +135,7 @@ def _decode_lz4(payload: bytes, meta: dict[str, Any]) -> Any:
 
 
 def _decode_with_pil(payload: bytes, meta: dict[str, Any]) -> Any:
-    """PNG, WebP, and an entry whose format names no codec: whatever PIL recognises."""
+    """PNG, WebP, JPEG, and an entry whose format names no codec: whatever PIL recognises."""
     from PIL import Image
 
     try:
@@ -123,12 +149,18 @@ def _decode_with_pil(payload: bytes, meta: dict[str, Any]) -> Any:
     return image
 
 
+# The JPEG quality of jpeg entries when none is given (--quality).
+DEFAULT_QUALITY = 95
+
 #: Image format name -> codec, in the order the formats are offered.
 CODECS: dict[str, ImageCodec] = {
     "lz4": ImageCodec("lz4", _encode_lz4, _decode_lz4, "fastest to read in training"),
     "png": ImageCodec("png", _encode_png, _decode_with_pil),
-    "webp": ImageCodec("webp", _encode_webp, _decode_with_pil, "smallest"),
+    "webp": ImageCodec("webp", _encode_webp, _decode_with_pil, "smallest lossless; lossy with --quality",
+                       lossy=lambda quality: quality is not None),
     "raw": ImageCodec("raw", _encode_raw, _decode_raw, "uncompressed"),
+    "jpeg": ImageCodec("jpeg", _encode_jpeg, _decode_with_pil, f"lossy, --quality {DEFAULT_QUALITY} by default",
+                       lossy=lambda quality: True),
 }
 IMAGE_FORMATS = tuple(CODECS)
 # The format new entries are written in unless told otherwise: LZ4-compressed raw RGB decodes
@@ -142,6 +174,20 @@ def check_image_format(image_format: Any) -> str:
     if image_format not in IMAGE_FORMATS:
         raise InputError(f"image_format must be one of {list(IMAGE_FORMATS)}, got {image_format!r}")
     return str(image_format)
+
+
+def check_quality(quality: Any, image_format: str | None = None) -> int | None:
+    """``quality`` (None, or an integer in 1..100) if valid for ``image_format``, else an
+    :class:`InputError`: a quality is refused for a format it does not apply to (lz4, png, raw)."""
+    if quality is None:
+        return None
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InputError(f"quality must be an integer in 1..100, got {quality!r}")
+    if image_format is not None and not CODECS[check_image_format(image_format)].lossy(quality):
+        lossy = [name for name, codec in CODECS.items() if codec.lossy(quality)]
+        raise InputError(f"quality applies to the lossy formats ({', '.join(lossy)}), not to {image_format} "
+                         "(lossless)")
+    return int(quality)
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,22 +207,30 @@ class Refused:
 
 
 def encode_entry(image: Any, metadata: dict[str, Any], image_format: str = DEFAULT_IMAGE_FORMAT, *,
-                 png_compress_level: int = 1) -> bytes:
-    """Encode ``image`` losslessly behind a header holding ``metadata``.
+                 png_compress_level: int = 1, quality: int | None = None) -> bytes:
+    """Encode ``image`` behind a header holding ``metadata``.
 
     ``image_format``: ``"lz4"`` (default: the 8-bit RGB pixels compressed with LZ4's block
     format; ~0.8 of the raw bytes on photos, decoded in well under 1 ms per 512x512 image), ``"png"``,
-    ``"webp"`` (lossless; the smallest, slowest to decode) or ``"raw"`` (the pixels,
-    uncompressed: decoding is a copy instead of ~9 ms of PNG inflating and unfiltering).
+    ``"webp"`` (lossless without ``quality``: the smallest lossless, slowest to decode; lossy
+    with one), ``"raw"`` (the pixels, uncompressed: decoding is a copy instead of ~9 ms of PNG
+    inflating and unfiltering) or ``"jpeg"`` (lossy, ``quality`` default :data:`DEFAULT_QUALITY`).
+    ``quality`` (1..100) is refused for the lossless formats.
     ``width``, ``height``, ``format``, ``nbytes`` and ``crc32`` (of the encoded image) are
-    added to the metadata.
+    added to the metadata; for a lossy encoding also ``lossy`` (True) and ``quality``.
     """
     from ..data import to_rgb
 
     check_image_format(image_format)
+    check_quality(quality, image_format)
+    codec = CODECS[image_format]
     rgb = to_rgb(image)
-    payload = CODECS[image_format].encode(rgb, png_compress_level)
+    payload = codec.encode(rgb, png_compress_level, quality)
     meta = dict(metadata)
+    meta.pop("lossy", None)
+    meta.pop("quality", None)
+    if codec.lossy(quality):
+        meta.update(lossy=True, quality=DEFAULT_QUALITY if quality is None else int(quality))
     meta.update(format=image_format, width=rgb.width, height=rgb.height, nbytes=len(payload),
                 crc32=zlib.crc32(payload))
     meta.pop(META_CRC, None)
@@ -208,28 +262,36 @@ def check_entry(blob: Any, key: str | None = None) -> dict[str, Any]:
     return meta
 
 
-def _checked_parts(blob: Any, key: str | None) -> tuple[dict[str, Any], bytes]:
-    if isinstance(blob, Refused):
-        raise CorruptEntryError(f"entry refused: {blob.reason}")
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise CorruptEntryError(f"entry holds a {type(blob).__name__}, not encoded bytes")
-    blob = bytes(blob)
-    if len(blob) < HEADER.size:
-        raise CorruptEntryError(f"entry is truncated ({len(blob)} bytes)")
-    magic, version, meta_len = HEADER.unpack_from(blob)
-    if magic != MAGIC or version != LAYOUT_VERSION:
+# Bytes read first from the start of an entry to check its header (:func:`check_head`): the
+# header and the metadata of a usual entry (~700 bytes); a longer metadata costs a second read.
+HEAD_READ = 1024
+# The longest metadata an entry may have (a header saying more is a corrupt entry).
+_META_LIMIT = 1 << 20
+
+
+def _parse_head(head: bytes) -> tuple[dict[str, Any], int]:
+    """``(metadata, offset of the image bytes)`` of an entry's first bytes (at least its header
+    and metadata), unchecked; :class:`CorruptEntryError` if they are not an entry's."""
+    if len(head) < HEADER.size:
+        raise CorruptEntryError(f"entry is truncated ({len(head)} bytes)")
+    magic, version, meta_len = HEADER.unpack_from(head)
+    if magic != MAGIC or version != LAYOUT_VERSION or meta_len > _META_LIMIT:
         raise CorruptEntryError("entry has a bad header")
     start = HEADER.size + meta_len
+    if len(head) < start:
+        raise CorruptEntryError(f"entry is truncated ({len(head)} bytes, its metadata ends at {start})")
     try:
-        meta = json.loads(blob[HEADER.size:start].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = json.loads(head[HEADER.size:start].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptEntryError(f"entry metadata is unreadable: {exc}") from None
     if not isinstance(meta, dict):
         raise CorruptEntryError("entry metadata is not an object")
-    payload = blob[start:]
-    if len(payload) != meta.get("nbytes") or zlib.crc32(payload) != meta.get("crc32"):
-        raise CorruptEntryError(f"entry image bytes fail their checksum ({len(payload)} bytes, "
-                                f"expected {meta.get('nbytes')})")
+    return meta, start
+
+
+def _check_meta(meta: dict[str, Any], key: str | None) -> None:
+    """The checks of an entry's metadata alone: its key, its checksum (or, for an older entry
+    without one, the key fields hashing to its key)."""
     if key is not None and meta.get("key") not in (None, key):
         raise CorruptEntryError(f"entry is stored under {key} but belongs to {meta.get('key')}")
     if META_CRC in meta:
@@ -244,6 +306,50 @@ def _checked_parts(blob: Any, key: str | None) -> tuple[dict[str, Any], bytes]:
             expected = None
         if expected != key:
             raise CorruptEntryError("entry metadata (an entry without metadata checksum) does not match its key")
+
+
+def head_length(head: bytes) -> int:
+    """How many bytes from the start of an entry hold its header and metadata (at least
+    ``HEADER.size``), read from its first ``HEADER.size`` bytes; 0 if they are not a header."""
+    if len(head) < HEADER.size:
+        return 0
+    magic, version, meta_len = HEADER.unpack_from(head)
+    if magic != MAGIC or version != LAYOUT_VERSION or meta_len > _META_LIMIT:
+        return 0
+    return int(HEADER.size + meta_len)
+
+
+def check_head(head: Any, size: int, key: str | None = None) -> dict[str, Any]:
+    """The metadata of an entry of ``size`` bytes from its first bytes ``head`` (at least its
+    header and metadata), checked as far as can be without the image bytes: the header, the
+    metadata (its checksum, its key) and the size the metadata implies (header + metadata +
+    ``nbytes`` = ``size``: a truncated or padded entry fails). :class:`CorruptEntryError` if
+    it fails. A changed image byte that keeps the size passes: :func:`check_entry` (the image
+    bytes' CRC-32) and :func:`decode_entry` catch it."""
+    if isinstance(head, Refused):
+        raise CorruptEntryError(f"entry refused: {head.reason}")
+    if not isinstance(head, (bytes, bytearray, memoryview)):
+        raise CorruptEntryError(f"entry holds a {type(head).__name__}, not encoded bytes")
+    meta, start = _parse_head(bytes(head))
+    nbytes = meta.get("nbytes")
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or start + nbytes != size:
+        raise CorruptEntryError(f"entry holds {size} bytes, its header says {start} + {nbytes}")
+    _check_meta(meta, key)
+    return meta
+
+
+def _checked_parts(blob: Any, key: str | None) -> tuple[dict[str, Any], bytes]:
+    if isinstance(blob, Refused):
+        raise CorruptEntryError(f"entry refused: {blob.reason}")
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CorruptEntryError(f"entry holds a {type(blob).__name__}, not encoded bytes")
+    blob = bytes(blob)
+    meta, start = _parse_head(blob)
+    payload = blob[start:]
+    if len(payload) != meta.get("nbytes") or zlib.crc32(payload) != meta.get("crc32"):
+        raise CorruptEntryError(f"entry image bytes fail their checksum ({len(payload)} bytes, "
+                                f"expected {meta.get('nbytes')})")
+    _check_meta(meta, key)
     return meta, payload
 
 

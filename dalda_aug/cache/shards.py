@@ -27,10 +27,10 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import CacheStorageError, CorruptEntryError, require
-from .codecs import HEADER, MAGIC, Refused
+from .codecs import HEAD_READ, HEADER, MAGIC, Refused, check_head, head_length
 from .spec import is_entry_key
 
 __all__ = [
@@ -66,6 +66,8 @@ _LEGACY_CORRUPT_COUNTER = ("dalda_aug", "corrupt_removed")
 MODE_RAW, MODE_BINARY, MODE_TEXT, MODE_PICKLE = 1, 2, 3, 4
 # The value files diskcache names (Disk.filename): two levels of 2 hex digits, 28 hex digits, .val.
 VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
+# Keys per SQL ``IN (...)`` query (SQLite's older builds allow 999 parameters).
+_IN_BATCH = 900
 # Network filesystems on which SQLite's WAL mode and mmap are unsafe.
 _NETWORK_FS = {
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
@@ -331,6 +333,78 @@ class ShardReader:
             return None
         return meta if isinstance(meta, dict) else None
 
+    def present(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` this shard has a live row for (SQL ``IN`` batches on diskcache's
+        key index; nothing but the keys is read)."""
+        found: set[str] = set()
+        now = time.time()
+        for start in range(0, len(keys), _IN_BATCH):
+            batch = list(keys[start:start + _IN_BATCH])
+            marks = ",".join("?" * len(batch))
+            found.update(k for (k,) in self._rows(
+                f"SELECT key FROM Cache WHERE key IN ({marks}) AND raw = 1 "
+                "AND (expire_time IS NULL OR expire_time > ?)", (*batch, now)))
+        return found
+
+    def check_heads(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+        """``(key, metadata, None)`` or ``(key, None, why)`` for each entry row (or those of
+        ``keys`` that have one), checked by :func:`~dalda_aug.cache.codecs.check_head` without
+        reading the image bytes: the row's size must be the value file's size and the size the
+        header implies; of a value file only its first :data:`~dalda_aug.cache.codecs.HEAD_READ`
+        bytes are read (more only for a longer metadata), of a row held inline only as many."""
+        now = time.time()
+        columns = "key, mode, filename, size, length(value), substr(value, 1, ?)"
+        if keys is None:
+            batches: Iterable[list[Any]] = [self._rows(
+                f"SELECT {columns} FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND length(key) = 64 "
+                "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (HEAD_READ, now))]
+        else:
+            batches = (self._rows(f"SELECT {columns} FROM Cache WHERE key IN ({','.join('?' * len(batch))}) "
+                                  "AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)",
+                                  (HEAD_READ, *batch, now))
+                       for batch in (list(keys[i:i + _IN_BATCH]) for i in range(0, len(keys), _IN_BATCH)))
+        for rows in batches:
+            for key, mode, filename, size, length, head in rows:
+                if not is_entry_key(key):
+                    continue
+                try:
+                    meta = self._check_head(key, mode, filename, size, length, head)
+                except CorruptEntryError as exc:
+                    yield key, None, str(exc)
+                    continue
+                yield key, meta, None
+
+    def _check_head(self, key: str, mode: Any, filename: Any, size: Any, length: Any, head: Any) -> dict[str, Any]:
+        reason = row_refusal(True, mode, filename)
+        if reason is not None:
+            raise CorruptEntryError(f"entry refused: {reason}")
+        if mode == MODE_TEXT:
+            raise CorruptEntryError("entry refused: its value is text, not an encoded image")
+        if mode == MODE_RAW:
+            if not isinstance(head, (bytes, memoryview)) or not isinstance(length, int):
+                raise CorruptEntryError("entry holds a number or text, not encoded bytes")
+            head = bytes(head)
+            need = head_length(head)
+            if need > len(head) and length > len(head):  # a long metadata: read as much of the row
+                rows = self._rows("SELECT substr(value, 1, ?) FROM Cache WHERE key = ? AND raw = 1", (need, key))
+                head = bytes(rows[0][0]) if rows and isinstance(rows[0][0], (bytes, memoryview)) else head
+            return check_head(head, length, key)
+        path = self.path / filename
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                on_disk = os.fstat(fh.fileno()).st_size
+                if on_disk != size:
+                    raise CorruptEntryError(f"the entry's value file holds {on_disk} bytes, its row says {size}")
+                head = _read_upto(fh, HEAD_READ)
+                need = head_length(head)
+                if need > len(head):
+                    head += _read_upto(fh, need - len(head))
+        except FileNotFoundError:
+            raise CorruptEntryError("the entry's value file is missing") from None
+        except OSError as exc:
+            raise CacheStorageError(f"cache file {path} cannot be read: {exc}") from None
+        return check_head(head, on_disk, key)
+
     def refused_rows(self) -> list[tuple[int, str]]:
         """``(rowid, reason)`` of the live rows that are not entries and that :func:`row_refusal`
         refuses (a pickled key or value): corrupt entries, never deserialised. Entry rows
@@ -372,6 +446,18 @@ class ShardReader:
             self._connections.clear()
         self._local = threading.local()
 
+
+
+def _read_upto(fh: Any, n: int) -> bytes:
+    """Up to ``n`` bytes from an unbuffered file (fewer at its end), in as few reads as it takes."""
+    parts = []
+    while n > 0:
+        chunk = fh.read(n)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
 
 
 # ------------------------------------------------------------------------------------------

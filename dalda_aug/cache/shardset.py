@@ -19,7 +19,7 @@ import socket
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from ..errors import CacheFullError, CacheReadOnlyError, CacheStorageError, CorruptEntryError, InputError, require
 from . import leases
@@ -37,6 +37,9 @@ from .shards import (
     shard_settings,
 )
 from .spec import is_entry_key
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["ShardSet", "JOURNAL_MODES", "check_journal_mode"]
 
@@ -216,6 +219,56 @@ class ShardSet:
         if any(key in reader for _, reader in self._readers()):
             return True
         return any(key in reader for _, reader in self._readers(force_scan=True))
+
+    def present(self, keys: Sequence[str]) -> "np.ndarray[Any, np.dtype[np.bool_]]":
+        """Which of ``keys`` have an entry row in some shard: a boolean array, in order.
+
+        Asked of each shard's SQLite key index in ``IN`` batches, for the keys not found in an
+        earlier shard; no key listing of the cache, no entry bytes (rows only: a damaged entry
+        counts as present, and a decoding reader refuses it)."""
+        import numpy as np
+
+        keys = list(keys)
+        out = np.zeros(len(keys), dtype=bool)
+        for _, reader in self._readers(force_scan=True):
+            todo = np.flatnonzero(~out)
+            if not len(todo):
+                break
+            found = reader.present([keys[i] for i in todo])
+            if found:
+                out[todo] = [keys[i] in found for i in todo]
+        return out
+
+    def check_present(self, keys: Sequence[str], *, remove: bool = False
+                      ) -> tuple["np.ndarray[Any, np.dtype[np.bool_]]", list[dict[str, str]]]:
+        """Which of ``keys`` have an entry that passes :func:`~dalda_aug.cache.codecs.check_head`
+        in some shard (a boolean array, in order), and the failing ones ``[{"shard", "key",
+        "error"}]`` (those with no good copy elsewhere). Reads each entry's row and the first
+        bytes of its value file, never the image bytes: a garbage header, a truncated or
+        missing value file fail; a changed image byte does not (``cache verify`` and the
+        decoding readers catch it). With ``remove``, failing entries are deleted where the
+        folder allows it."""
+        import numpy as np
+
+        keys = list(keys)
+        out = np.zeros(len(keys), dtype=bool)
+        bad: dict[str, dict[str, str]] = {}
+        for name, reader in list(self._readers(force_scan=True)):
+            todo = np.flatnonzero(~out)
+            if not len(todo):
+                break
+            good: set[str] = set()
+            for key, meta, error in reader.check_heads([keys[i] for i in todo]):
+                if meta is not None:
+                    good.add(key)
+                    bad.pop(key, None)
+                elif key not in bad:
+                    bad[key] = {"shard": name, "key": key, "error": str(error)}
+                    if remove:
+                        self._remove_corrupt(name, key, str(error))
+            if good:
+                out[todo] = [keys[i] in good for i in todo]
+        return out, list(bad.values())
 
     def get_raw(self, key: Any) -> bytes | None:
         """The encoded entry bytes (header + image) stored under ``key``, without decoding."""

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import InputError, MissingFileError
-from .codecs import DEFAULT_IMAGE_FORMAT, META_CRC, check_entry, check_image_format, decode_entry, encode_entry
+from .codecs import (DEFAULT_IMAGE_FORMAT, META_CRC, check_entry, check_image_format, check_quality, decode_entry,
+                     encode_entry)
 from .imagefolder import export_folder_names, write_image_folder
 from .shardset import ShardSet, check_journal_mode
 from .spec import SPECS_DIR, GenerationSpec, plan_fingerprint, read_spec_records, write_spec_record
@@ -49,10 +50,14 @@ class SyntheticCache(ShardSet):
             (:meth:`key`, ``variant`` arguments). ``None`` (default): the spec ``warm``
             recorded in the folder (:meth:`resolve_spec`) — the only one, or the one recorded
             for the plan in use. Low-level methods take keys and need no spec.
-        image_format: ``"lz4"`` (default), ``"png"``, ``"webp"`` or ``"raw"``, all lossless (see
-            :func:`encode_entry`); used for new entries, entries in any format are read.
-            ``"lz4"`` is fast enough for a training epoch with p = 0.5 to cost about as much as
-            one on the real JPEGs; ``"png"`` and ``"webp"`` take less disk.
+        image_format: ``"lz4"`` (default), ``"png"``, ``"webp"``, ``"raw"`` (lossless) or
+            ``"jpeg"`` (lossy; see :func:`encode_entry`); used for new entries, entries in any
+            format are read. ``"lz4"`` is fast enough for a training epoch with p = 0.5 to cost
+            about as much as one on the real JPEGs; ``"png"`` and ``"webp"`` take less disk,
+            ``"jpeg"`` (and ``"webp"`` with a ``quality``) far less, at a loss.
+        quality: 1..100, for the lossy encodings only: ``"jpeg"`` (default 95) and ``"webp"``
+            (lossless without one). Stored in each entry's header; an
+            :class:`~dalda_aug.errors.InputError` for a lossless format.
         shard: name of the shard this process writes to (``CACHE/shard-<shard>/``); default
             :func:`default_shard_name` (``<host>-<rank>``).
         journal_mode: SQLite journal of the shards: ``"wal"`` (local disks), ``"delete"``
@@ -79,10 +84,12 @@ class SyntheticCache(ShardSet):
         journal_mode: str | None = None,
         timeout: float = 60.0,
         png_compress_level: int = 1,
+        quality: int | None = None,
     ):
         if spec is not None and not isinstance(spec, GenerationSpec):
             raise InputError(f"spec must be a GenerationSpec or None, got {type(spec).__name__}")
         check_image_format(image_format)
+        check_quality(quality, image_format)
         check_journal_mode(journal_mode)
         if not 0 <= int(png_compress_level) <= 9:
             raise InputError(f"png_compress_level must be in 0..9, got {png_compress_level!r}")
@@ -90,6 +97,7 @@ class SyntheticCache(ShardSet):
         self.spec = spec
         self.image_format = image_format
         self.png_compress_level = int(png_compress_level)
+        self.quality = quality
         self._recorded: list[tuple[GenerationSpec, str | None]] | None = None
         self._resolved: GenerationSpec | None = None  # resolve_spec() without a plan, once found
 
@@ -106,7 +114,8 @@ class SyntheticCache(ShardSet):
 
     def __repr__(self) -> str:
         fp = self.spec.fingerprint if self.spec is not None else None
-        return (f"SyntheticCache({str(self.directory)!r}, format={self.image_format!r}, shard={self.shard!r}, "
+        quality = f", quality={self.quality}" if self.quality is not None else ""
+        return (f"SyntheticCache({str(self.directory)!r}, format={self.image_format!r}{quality}, shard={self.shard!r}, "
                 f"fingerprint={fp!r})")
 
     def __enter__(self) -> "SyntheticCache":
@@ -181,8 +190,7 @@ class SyntheticCache(ShardSet):
                         "(SyntheticCache(dir, spec)), or forget the ones not wanted (`dalda-aug cache specs --forget`)")
                 self._resolved = holding[0]
             return self._resolved
-        present = self.keys()
-        cached = {s.fingerprint: len({s.key(v) for v in plan} & present) for s in specs}
+        cached = {s.fingerprint: self.count_present({s.key(v) for v in plan}) for s in specs}
         holding = [s for s in specs if cached[s.fingerprint]]
         if len(holding) == 1:
             return holding[0]
@@ -228,7 +236,6 @@ class SyntheticCache(ShardSet):
         the plan, and how many of them the cache holds)."""
         records = self._read_records()
         counts = self._entries_per_fingerprint()
-        present = self.keys() if plan is not None else set()
         summary: dict[str, dict[str, Any]] = {}
         for spec, plan_fp in records:
             row = summary.setdefault(spec.fingerprint, {
@@ -238,7 +245,7 @@ class SyntheticCache(ShardSet):
                 row["plans"].append(plan_fp)
             if plan is not None and "plan_images" not in row:
                 keys = {spec.key(v) for v in plan}
-                row.update(plan_images=len(keys), plan_cached=len(keys & present))
+                row.update(plan_images=len(keys), plan_cached=self.count_present(keys))
         return list(summary.values())
 
     def forget_spec(self, fingerprint: str) -> list[Path]:
@@ -269,7 +276,7 @@ class SyntheticCache(ShardSet):
             raise InputError(f"spec must be a GenerationSpec, got {type(spec).__name__}")
         return SyntheticCache(self.directory, spec, image_format=self.image_format, shard=self.shard,
                               journal_mode=self._journal_mode, timeout=self.timeout,
-                              png_compress_level=self.png_compress_level)
+                              png_compress_level=self.png_compress_level, quality=self.quality)
 
     # -- keys -----------------------------------------------------------------------------
     def _require_spec(self) -> GenerationSpec:
@@ -285,9 +292,15 @@ class SyntheticCache(ShardSet):
         return super().__contains__(self.key(variant_or_key))
 
     def missing(self, variants: Iterable[Any]) -> list[Any]:
-        """The variants (or keys) without an entry, in order (one key listing, no decoding)."""
-        present = self.keys()
-        return [v for v in variants if self.key(v) not in present]
+        """The variants (or keys) without an entry, in order (SQL look-ups of their keys, no decoding)."""
+        variants = list(variants)
+        found = self.present([self.key(v) for v in variants])
+        return [v for v, here in zip(variants, found) if not here]
+
+    def count_present(self, variants_or_keys: Iterable[Any]) -> int:
+        """How many of the distinct variants (or keys) have an entry row (:meth:`present`)."""
+        keys = sorted({self.key(v) for v in variants_or_keys})
+        return int(self.present(keys).sum())
 
     # -- read ------------------------------------------------------------------------------
     def get(self, variant_or_key: Any) -> CachedImage | None:
@@ -340,7 +353,8 @@ class SyntheticCache(ShardSet):
         }
         if metadata:
             meta.update(metadata)
-        self.put_encoded(key, encode_entry(image, meta, self.image_format, png_compress_level=self.png_compress_level))
+        self.put_encoded(key, encode_entry(image, meta, self.image_format, png_compress_level=self.png_compress_level,
+                                           quality=self.quality))
         return key
 
     def delete(self, variant_or_key: Any) -> bool:
@@ -419,9 +433,12 @@ class SyntheticCache(ShardSet):
     def stats(self, plan: Any = None) -> dict[str, Any]:
         """Entries, bytes on disk, shards, corrupt entries removed; with a plan, its coverage.
 
-        Entries are counted after checking their checksums (no image decoding): ``entries``
-        and the plan's ``cached`` count only good ones, ``bad`` the others, rows stored pickled
-        included (``cache verify`` names them, ``warm`` regenerates them).
+        Entries are counted after checking what can be checked without reading their image
+        bytes (:meth:`ShardReader.check_heads`: the header, the metadata checksum, the sizes of
+        the row, the value file and the header agree): ``entries`` and the plan's ``cached``
+        count only those, ``bad`` the others, rows stored pickled included (``cache verify``
+        names them, ``warm`` regenerates them). A changed image byte is left to ``cache verify``
+        and the decoding readers.
         """
         shards = []
         keys: set[str] = set()
@@ -429,8 +446,7 @@ class SyntheticCache(ShardSet):
         corrupt = refused = 0
         for name, reader in self._readers(force_scan=True):
             shard_good = 0
-            for key in reader.keys():
-                meta, _ = self.read_entry(name, reader, key, check_entry, remove=False)
+            for key, meta, _ in reader.check_heads():
                 if meta is None:
                     bad_keys.add(key)
                     continue
