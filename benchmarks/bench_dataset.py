@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dalda_aug.cache import IMAGE_FORMATS, GenerationSpec, SyntheticCache  # noqa: E402
+from dalda_aug.cache.codecs import DEFAULT_QUALITY  # noqa: E402
 from dalda_aug.config import ModelConfig  # noqa: E402
 from dalda_aug.dataset import SyntheticAugmentedDataset  # noqa: E402
 from dalda_aug.generation import GenerationConfig, GenerationRequest  # noqa: E402
@@ -117,8 +118,9 @@ def bench_epochs(args, work: Path) -> dict:
     photos = _photos()
     results: dict = {"items_per_epoch": n, "variants": len(plan), "workers": args.workers,
                      "batch_size": args.batch_size, "formats": {}}
-    for fmt in args.formats:
-        cache = SyntheticCache(work / f"cache-{fmt}", spec, image_format=fmt)
+    for label in args.formats:
+        fmt, quality = _format_and_quality(label)
+        cache = SyntheticCache(work / f"cache-{label.replace(':', '-q')}", spec, image_format=fmt, quality=quality)
         started = time.perf_counter()
         for i, variant in enumerate(plan):  # stand-ins for generated images: 512x512 photos
             cache.put(variant, _crop(rng, photos[i % len(photos)], (512, 512)))
@@ -139,7 +141,9 @@ def bench_epochs(args, work: Path) -> dict:
                     times[name].append(seconds)
         med = {name: statistics.median(v) for name, v in times.items()}
         entry_bytes = cache.stats()["bytes"] / len(plan)
-        results["formats"][fmt] = {
+        results["formats"][label] = {
+            "format": fmt,
+            "quality": cache.quality if fmt != "jpeg" else (cache.quality or DEFAULT_QUALITY),
             "imagefolder_epoch_s": round(med["imagefolder"], 4),
             "synthetic_epoch_s": round(med["synthetic"], 4),
             "ratio": round(med["synthetic"] / med["imagefolder"], 4),
@@ -149,12 +153,18 @@ def bench_epochs(args, work: Path) -> dict:
             "encode_ms_per_entry": round(1000 * fill / len(plan), 2),
             "epochs": args.epochs,
         }
-        print(f"[epoch] {fmt}: ImageFolder {med['imagefolder']:.3f} s, SyntheticAugmentedDataset(p={args.p}) "
+        print(f"[epoch] {label}: ImageFolder {med['imagefolder']:.3f} s, SyntheticAugmentedDataset(p={args.p}) "
               f"{med['synthetic']:.3f} s per epoch of {n} items -> ratio {med['synthetic'] / med['imagefolder']:.3f} "
-              f"(target <= 1.10; {entry_bytes / 1024:.0f} KiB per cached image)", flush=True)
+              f"(target <= 1.10; {entry_bytes / 1024:.0f} KiB = {entry_bytes:.0f} bytes per cached image)", flush=True)
     results["decode_ms"] = _decode_costs(photos[0])
     print(f"[decode] ms per image: {results['decode_ms']}", flush=True)
     return results
+
+
+def _format_and_quality(label: str) -> tuple[str, int | None]:
+    """``"jpeg"`` -> ("jpeg", None: the default quality); ``"webp:90"`` -> ("webp", 90): lossy."""
+    fmt, _, quality = label.partition(":")
+    return fmt, int(quality) if quality else None
 
 
 def _decode_costs(photo: np.ndarray, repeats: int = 30) -> dict:
@@ -263,7 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (median reported)")
     p.add_argument("--formats", type=lambda s: s.split(","), default=list(IMAGE_FORMATS),
-                   help=f"comma-separated image formats of the cache (default {','.join(IMAGE_FORMATS)})")
+                   help=f"comma-separated image formats of the cache, NAME or NAME:QUALITY for a lossy one "
+                        f"(jpeg:90, webp:95; jpeg alone: quality {DEFAULT_QUALITY}) (default "
+                        f"{','.join(IMAGE_FORMATS)})")
     p.add_argument("--skip-epochs", action="store_true")
     p.add_argument("--skip-warm", action="store_true")
     p.add_argument("--models", default=None, help="models JSON for the warm part (default: tiny random models)")

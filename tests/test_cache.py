@@ -279,24 +279,30 @@ def test_verify_reports_and_removes_bad_entries(cache):
 def test_stats_counts_only_entries_whose_headers_and_sizes_check_out(cache):
     import diskcache
 
-    variants = [_variant(i) for i in range(4)]
-    keys = [cache.put(v, _image(i)) for i, v in enumerate(variants)]
+    variants = [_variant(i) for i in range(5)]
+    keys = [cache.put(v, _image(i)) for i, v in enumerate(variants[:4])]  # small: inline in the row
+    keys.append(cache.put(variants[4], _image(4, size=(256, 256))))  # noise, > 32 KB: a value file
     blob = bytearray(cache.get_raw(keys[0]))
-    blob[-1] ^= 0x01  # one flipped bit in the image bytes: header and sizes still agree
+    blob[-1] ^= 0x01  # one flipped bit in the image bytes of an inline entry (read whole with its row)
     cache.put_encoded(keys[0], bytes(blob))
     cache.put_encoded(keys[1], cache.get_raw(keys[1])[:-7])  # truncated image bytes
     with diskcache.Cache(str(_shard_db(cache).parent)) as raw:
         raw.set(keys[2], b"DALDAIMG garbage header")
+    value_file = next(_shard_db(cache).parent.rglob("*.val"))
+    data = bytearray(value_file.read_bytes())
+    data[-1] ^= 0x01  # a flipped bit in a value file's image bytes: header and sizes still agree
+    value_file.write_bytes(bytes(data))
     stats = cache.stats(variants)
-    # stats reads no image bytes: the truncated and garbage entries are bad, the flipped bit is
-    # left to the readers that decode and to verify.
-    assert stats["entries"] == 2 and stats["bad"] == 2 and stats["shards"][0]["entries"] == 2
-    assert stats["plan"]["cached"] == 2 and stats["plan"]["missing"] == 2
-    good, bad = cache.check_entries()  # the image bytes' CRC-32 too
-    assert good == {keys[3]} and {b["key"] for b in bad} == set(keys[:3])
-    assert {b["key"] for b in cache.verify()["bad"]} == set(keys[:3])
-    assert cache.get(variants[0]) is None  # a decoding reader refuses (and removes) it
-    assert len(cache) == 3  # stats and checks removed nothing; the get removed the flipped entry
+    # stats reads no image bytes of a value file: the flipped bit there is left to the readers
+    # that decode and to verify.
+    assert stats["entries"] == 2 and stats["bad"] == 3 and stats["shards"][0]["entries"] == 2
+    assert stats["plan"]["cached"] == 2 and stats["plan"]["missing"] == 3
+    good, bad = cache.check_entries()  # the image bytes' CRC-32 of every entry
+    assert good == {keys[3]} and {b["key"] for b in bad} == set(keys) - {keys[3]}
+    assert {b["key"] for b in cache.verify()["bad"]} == set(keys) - {keys[3]}
+    assert len(cache) == 5  # stats and checks remove nothing
+    assert cache.get(variants[4]) is None  # a decoding reader refuses (and removes) it
+    assert len(cache) == 4
 
 
 def test_a_flipped_metadata_byte_fails_the_checksum(tmp_path, cache):

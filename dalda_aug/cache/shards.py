@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import CacheStorageError, CorruptEntryError, require
-from .codecs import HEAD_READ, HEADER, MAGIC, Refused, check_head, head_length
+from .codecs import HEAD_READ, HEADER, MAGIC, Refused, check_entry, check_head, head_length
 from .spec import is_entry_key
 
 __all__ = [
@@ -349,46 +349,40 @@ class ShardReader:
     def check_heads(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
         """``(key, metadata, None)`` or ``(key, None, why)`` for each entry row (or those of
         ``keys`` that have one), checked by :func:`~dalda_aug.cache.codecs.check_head` without
-        reading the image bytes: the row's size must be the value file's size and the size the
-        header implies; of a value file only its first :data:`~dalda_aug.cache.codecs.HEAD_READ`
-        bytes are read (more only for a longer metadata), of a row held inline only as many."""
+        reading the image bytes of a value file: its size must be the row's and the one its header
+        implies; only its first :data:`~dalda_aug.cache.codecs.HEAD_READ` bytes are read (more only
+        for a longer metadata). An entry held inline in the row (diskcache: under 32 KB) comes
+        whole with the row, so it is checked whole (:func:`~dalda_aug.cache.codecs.check_entry`:
+        its image bytes' CRC-32 too) at no extra read."""
         now = time.time()
-        columns = "key, mode, filename, size, length(value), substr(value, 1, ?)"
+        columns = "key, mode, filename, size, value"
         if keys is None:
             batches: Iterable[list[Any]] = [self._rows(
                 f"SELECT {columns} FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND length(key) = 64 "
-                "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (HEAD_READ, now))]
+                "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (now,))]
         else:
             batches = (self._rows(f"SELECT {columns} FROM Cache WHERE key IN ({','.join('?' * len(batch))}) "
-                                  "AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)",
-                                  (HEAD_READ, *batch, now))
+                                  "AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)", (*batch, now))
                        for batch in (list(keys[i:i + _IN_BATCH]) for i in range(0, len(keys), _IN_BATCH)))
         for rows in batches:
-            for key, mode, filename, size, length, head in rows:
+            for key, mode, filename, size, value in rows:
                 if not is_entry_key(key):
                     continue
                 try:
-                    meta = self._check_head(key, mode, filename, size, length, head)
+                    meta = self._check_head(mode, filename, size, value, key)
                 except CorruptEntryError as exc:
                     yield key, None, str(exc)
                     continue
                 yield key, meta, None
 
-    def _check_head(self, key: str, mode: Any, filename: Any, size: Any, length: Any, head: Any) -> dict[str, Any]:
+    def _check_head(self, mode: Any, filename: Any, size: Any, value: Any, key: str) -> dict[str, Any]:
         reason = row_refusal(True, mode, filename)
         if reason is not None:
             raise CorruptEntryError(f"entry refused: {reason}")
         if mode == MODE_TEXT:
             raise CorruptEntryError("entry refused: its value is text, not an encoded image")
-        if mode == MODE_RAW:
-            if not isinstance(head, (bytes, memoryview)) or not isinstance(length, int):
-                raise CorruptEntryError("entry holds a number or text, not encoded bytes")
-            head = bytes(head)
-            need = head_length(head)
-            if need > len(head) and length > len(head):  # a long metadata: read as much of the row
-                rows = self._rows("SELECT substr(value, 1, ?) FROM Cache WHERE key = ? AND raw = 1", (need, key))
-                head = bytes(rows[0][0]) if rows and isinstance(rows[0][0], (bytes, memoryview)) else head
-            return check_head(head, length, key)
+        if mode == MODE_RAW:  # the whole entry came with the row
+            return check_entry(bytes(value) if isinstance(value, memoryview) else value, key)
         path = self.path / filename
         try:
             with open(path, "rb", buffering=0) as fh:

@@ -297,6 +297,16 @@ class SyntheticCache(ShardSet):
         found = self.present([self.key(v) for v in variants])
         return [v for v, here in zip(variants, found) if not here]
 
+    def present(self, variants_or_keys: Iterable[Any]) -> Any:
+        """Which of ``variants_or_keys`` have an entry row: a NumPy boolean array, in order.
+
+        Each shard's SQLite key index is asked in ``IN`` batches (a few ms per thousand keys),
+        for the keys not found in an earlier shard: no key listing, no entry bytes. A row whose
+        entry is damaged counts as present; the readers that decode refuse it (``warm``
+        regenerates what fails its header or size checks).
+        """
+        return super().present([self.key(v) for v in variants_or_keys])
+
     def count_present(self, variants_or_keys: Iterable[Any]) -> int:
         """How many of the distinct variants (or keys) have an entry row (:meth:`present`)."""
         keys = sorted({self.key(v) for v in variants_or_keys})
