@@ -1,0 +1,89 @@
+"""The benchmark's methods, a registry: :data:`METHODS` maps each name to its :class:`Method`.
+
+Every choice that names a method reads this table: ``fewshot.py --methods`` and its help, the
+default set (:data:`DEFAULT_METHODS`), the table order of the outputs and the baselines DALDA is
+tested against (:data:`SIGNIFICANCE_BASELINE_ORDER`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ..errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..ags import Scaling
+
+__all__ = [
+    "Method",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "SIGNIFICANCE_BASELINE_ORDER",
+    "resolve_methods",
+    "method_scaling",
+    "uses_llm_prompts",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: which prompts, which λ strategy, which generator."""
+
+    name: str
+    label: str
+    prompts: str | None  # "base" ("a photo of a {class}"), "llm" (the prompt bank) or None (no synthetic images)
+    scaling: str | None  # "ags", "rs", "fixed" (--fixed-lambda), "none" (λ unused) or None
+    generator: str | None  # "ip_adapter", "real_guidance", "da_fusion" or None
+
+
+# Table order: baselines, then the ablations, then DALDA.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("real", "Real images only", None, None, None),
+    Method("real_guidance", "Real Guidance (img2img, strength 0.5)", "base", "none", "real_guidance"),
+    Method("da_fusion", "DA-Fusion (textual inversion + img2img)", "tokens", "strength", "da_fusion"),
+    Method("fixed", "Base prompt + fixed λ", "base", "fixed", "ip_adapter"),
+    Method("llm_fixed", "LLM prompts + fixed λ", "llm", "fixed", "ip_adapter"),
+    Method("base_rs", "Base prompt + RS", "base", "rs", "ip_adapter"),
+    Method("llm_rs", "LLM prompts + RS", "llm", "rs", "ip_adapter"),
+    Method("base_ags", "Base prompt + AGS", "base", "ags", "ip_adapter"),
+    Method("dalda", "DALDA (LLM prompts + AGS)", "llm", "ags", "ip_adapter"),
+)}
+DEFAULT_METHODS = tuple(name for name in METHODS if name != "llm_fixed")
+# The baselines DALDA is tested against, in table order: every other method.
+SIGNIFICANCE_BASELINE_ORDER = tuple(name for name in METHODS if name != "dalda")
+
+
+def uses_llm_prompts(methods: list[str]) -> bool:
+    """Whether any of ``methods`` reads the LLM prompt bank."""
+    return any(METHODS[m].prompts == "llm" for m in methods)
+
+
+def resolve_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The methods to run (table order) and those skipped, with the reason."""
+    requested = args.methods if args.methods is not None else list(DEFAULT_METHODS)
+    skipped: dict[str, str] = {}
+    if args.prompts is None and getattr(args, "llm", None) is None:
+        llm = [m for m in requested if METHODS[m].prompts == "llm"]
+        if llm and args.methods is not None:
+            raise InputError(f"method(s) {', '.join(llm)} need LLM prompts: pass --prompts FILE "
+                             "(write one with `dalda-aug prompts`) or --llm BACKEND")
+        for m in llm:
+            skipped[m] = "needs LLM prompts (--prompts FILE, written by `dalda-aug prompts`)"
+    methods = [m for m in METHODS if m in requested and m not in skipped]
+    return methods, skipped
+
+
+def method_scaling(method: Method, ags_mode: Literal["truncnorm", "clip"], fixed_lambda: float) -> Scaling:
+    """The λ scaling of ``method``'s plans (``--ags-mode``, ``--fixed-lambda``)."""
+    from ..ags import AGSConfig, Scaling
+
+    if method.scaling == "ags":
+        return Scaling("ags", ags=AGSConfig(mode=ags_mode))
+    if method.scaling == "rs":
+        return Scaling("rs")
+    if method.scaling == "fixed":
+        return Scaling("fixed", value=fixed_lambda)
+    # Real Guidance ignores λ; a constant keeps its cache keys independent of n-shot
+    return Scaling("fixed", value=0.0)
