@@ -75,20 +75,18 @@ model, no open SQLite handle (the cache reopens itself per process).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sys
-import tempfile
 import warnings
 import weakref
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, source_ids, unwrap
 from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from .data import image_sha256, load_image, to_rgb
+from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "source_ids", "plan_indices"]
@@ -98,200 +96,38 @@ ON_MISS = ("generate", "wait", "real", "error")
 ITEMS = ("all", "plan")
 
 
-
-
 # ------------------------------------------------------------------------------------------
-# base datasets
+# construction steps that need no dataset
 # ------------------------------------------------------------------------------------------
-def _is_hf_dataset(dataset: Any) -> bool:
-    return type(dataset).__module__.split(".")[0] == "datasets" and hasattr(dataset, "features")
-
-
-def _hf_columns(dataset: Any) -> tuple[str, str]:
-    """The image and label columns of a Hugging Face dataset."""
-    import datasets
-
-    features = dataset.features
-    image = next((name for name, f in features.items() if isinstance(f, datasets.Image)), None)
-    label = next((name for name, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
-    image = image or next((n for n in ("image", "img") if n in features), None)
-    label = label or next((n for n in ("label", "labels") if n in features), None)
-    if image is None or label is None:
-        raise InputError(f"the Hugging Face dataset has columns {list(features)}; SyntheticAugmentedDataset needs "
-                         "an image column (datasets.Image) and a label column")
-    return image, label
-
-
-def _timm_reader(dataset: Any) -> Any:
-    reader = getattr(dataset, "reader", None) or getattr(dataset, "parser", None)  # timm < 0.8: .parser
-    return reader if reader is not None and hasattr(reader, "filenames") else None
-
-
-def _describe_ids(dataset: Any, root: str | os.PathLike[str] | None = None) -> tuple[list[Any], str]:
-    """``(source id of every item, what they are)``; see :func:`source_ids`."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        inner, what = _describe_ids(dataset.dataset, root)
-        return [inner[int(i)] for i in dataset.indices], what
-    samples = getattr(dataset, "samples", None)
-    base_root = getattr(dataset, "root", None)
-    if samples is not None and base_root is not None:
-        base_root = os.path.abspath(os.fspath(base_root))
-        ids = [Path(os.path.relpath(os.path.abspath(path), base_root)).as_posix() for path, *_ in samples]
-        return ids, f"{type(dataset).__name__} file paths relative to its root {base_root}"
-    reader = _timm_reader(dataset)
-    if reader is not None:
-        ids = [Path(name).as_posix() for name in reader.filenames(basename=False, absolute=False)]
-        return ids, f"timm {type(reader).__name__} file paths relative to its root {getattr(reader, 'root', '?')}"
-    if _is_hf_dataset(dataset):
-        import datasets
-
-        image_col, _ = _hf_columns(dataset)
-        column = dataset.cast_column(image_col, datasets.Image(decode=False))[image_col]
-        paths: list[str] = [str(item.get("path") or "") if isinstance(item, dict) else "" for item in column]
-        if all(paths):
-            base = os.path.abspath(os.fspath(root)) if root else None
-            ids = []
-            for path in paths:
-                path = os.path.abspath(path)
-                inside = base is not None and (path == base or path.startswith(base.rstrip(os.sep) + os.sep))
-                ids.append(Path(os.path.relpath(path, base)).as_posix() if inside else Path(path).as_posix())
-            return ids, ("Hugging Face image paths" + (f" relative to the plan's data_root {base}" if base else ""))
-    return list(range(len(dataset))), "item indices (the dataset lists no file paths; pass source_ids=)"
-
-
-def source_ids(dataset: Any, root: str | os.PathLike[str] | None = None) -> list[Any]:
-    """Plan source id of every item of ``dataset``.
-
-    torchvision ``ImageFolder``/``DatasetFolder`` (``samples`` and ``root``) give each file's
-    POSIX path relative to the root, as :func:`~dalda_aug.plan.build_plan` records it; timm
-    ``ImageDataset`` gives its reader's root-relative file names; a Hugging Face ``datasets``
-    image dataset gives its image files' paths, relative to ``root`` (the plan's ``data_root``)
-    when inside it; a ``torch.utils.data.Subset`` maps through its indices; any other dataset
-    gives its indices.
-    """
-    return _describe_ids(dataset, root)[0]
-
-
-def plan_indices(dataset: Any, plan: Any, source_ids: Sequence[Any] | None = None) -> list[int]:
-    """Indices, ascending, of the items of ``dataset`` whose source is in ``plan`` (an
-    :class:`~dalda_aug.plan.AugmentationPlan` or its folder): for a plan made with ``--shots N``
-    over a folder, the folder's few-shot subset, found by file path (not by re-drawing it).
-
-    ``source_ids`` names each item's plan source (default :func:`source_ids`).
-    ``torch.utils.data.Subset(dataset, plan_indices(dataset, plan))`` is what
-    ``SyntheticAugmentedDataset(dataset, plan, cache, items="plan")`` serves.
-    """
+def _check_arguments(base: Any, plan: Any, cache: Any, p: Any, on_miss: Any, seed: Any, items: Any,
+                     wait_timeout: Any) -> Any:
+    """The plan (loaded when given as a folder) once the arguments are valid; else :class:`InputError`."""
     from .plan import AugmentationPlan
 
     if isinstance(plan, (str, os.PathLike)):
         plan = AugmentationPlan.load(plan)
-    ids = list(source_ids) if source_ids is not None else _describe_ids(dataset, plan.data_root)[0]
-    planned = plan.by_source()
-    return [index for index, source in enumerate(ids) if source in planned]
+    if not isinstance(plan, AugmentationPlan):
+        raise InputError(f"plan must be an AugmentationPlan or a plan folder, got {type(plan).__name__}")
+    if not isinstance(cache, SyntheticCache):
+        raise InputError(f"cache must be a SyntheticCache, got {type(cache).__name__}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise InputError(f"p must be a probability in [0, 1], got {p!r}")
+    if on_miss not in ON_MISS:
+        raise InputError(f"on_miss must be one of {list(ON_MISS)}, got {on_miss!r}")
+    if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
+        raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")
+    if items not in ITEMS:
+        raise InputError(f"items must be one of {list(ITEMS)}, got {items!r}")
+    if wait_timeout <= 0:
+        raise InputError(f"wait_timeout must be > 0, got {wait_timeout!r}")
+    if type(base).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise InputError("the base is a Hugging Face DatasetDict: pick a split (dataset['train'])")
+    return plan
 
 
-def _stock_folder_paths(dataset: Any) -> list[str] | None:
-    """The absolute file of every item when ``dataset`` is a torchvision ``DatasetFolder`` (or a
-    ``Subset`` of one) that reads files with torchvision's stock loader, or a timm ``ImageDataset``
-    over an image folder in RGB mode: both only call ``convert("RGB")``. Else None (a custom
-    loader is the user's choice and is kept)."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        inner = _stock_folder_paths(dataset.dataset)
-        return None if inner is None else [inner[int(i)] for i in dataset.indices]
-    # Only the stock __getitem__ (a subclass that overrides it does more than load a file).
-    own_getitem = getattr(type(dataset), "__getitem__", None)
-    reader = _timm_reader(dataset)
-    if reader is not None and type(reader).__name__ == "ReaderImageFolder":
-        # timm's ImageDataset opens the file and calls convert(input_img_mode) on it.
-        timm_getitem = getattr(sys.modules.get("timm.data.dataset"), "ImageDataset", None)
-        stock = (getattr(dataset, "input_img_mode", "RGB") == "RGB" and not getattr(dataset, "load_bytes", False)
-                 and getattr(dataset, "additional_features", None) is None
-                 and timm_getitem is not None and own_getitem is timm_getitem.__getitem__)
-        samples = getattr(reader, "samples", None)
-        return [os.path.abspath(path) for path, *_ in samples] if stock and samples is not None else None
-    samples = getattr(dataset, "samples", None)
-    loader = getattr(dataset, "loader", None)
-    if samples is None or loader is None:
-        return None
-    try:
-        from torchvision import get_image_backend
-        from torchvision.datasets import folder
-    except ImportError:  # pragma: no cover - torchvision not installed
-        return None
-    if loader not in (folder.default_loader, folder.pil_loader) or get_image_backend() != "PIL" \
-            or own_getitem is not folder.DatasetFolder.__getitem__:
-        return None
-    return [os.path.abspath(path) for path, *_ in samples]
-
-
-def _base_targets(dataset: Any) -> list[int] | None:
-    if isinstance(dataset, torch.utils.data.Subset):
-        inner = _base_targets(dataset.dataset)
-        return None if inner is None else [inner[int(i)] for i in dataset.indices]
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return [int(t) for t in targets]
-    reader = _timm_reader(dataset)
-    if reader is not None and getattr(reader, "samples", None) is not None:
-        return [int(t) for _, t, *_ in reader.samples]
-    if _is_hf_dataset(dataset):
-        return [int(t) for t in dataset[_hf_columns(dataset)[1]]]
-    return None
-
-
-def _base_attr(dataset: Any, name: str) -> Any:
-    while True:
-        if hasattr(dataset, name):
-            return getattr(dataset, name)
-        if isinstance(dataset, torch.utils.data.Subset):
-            dataset = dataset.dataset
-            continue
-        return None
-
-
-def _base_class_to_idx(dataset: Any) -> dict[str, int] | None:
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    mapping = getattr(dataset, "class_to_idx", None)
-    if mapping is None:
-        reader = _timm_reader(dataset)
-        mapping = getattr(reader, "class_to_idx", None) if reader is not None else None
-    if mapping is None and _is_hf_dataset(dataset):
-        names = getattr(dataset.features[_hf_columns(dataset)[1]], "names", None)
-        mapping = {name: i for i, name in enumerate(names)} if names else None
-    return dict(mapping) if mapping is not None else None
-
-
-def _unwrap(dataset: Any) -> Any:
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
-# ------------------------------------------------------------------------------------------
-# per-item draw counts shared by every process of one training job
-# ------------------------------------------------------------------------------------------
-def _unlink_lock(path: str, owner: int) -> None:
-    if os.getpid() == owner:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def _process_rank(hint: int | None) -> int:
-    """This process's distributed rank: torch.distributed's, else the one seen when the dataset
-    was sent to this worker, else ``$RANK``, else 0."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except Exception:  # pragma: no cover - a broken process group: fall back
-        pass
-    if hint is not None:
-        return int(hint)
-    return int(os.environ.get("RANK", "0") or 0)
+def _check_generator(generator: Any) -> None:
+    if generator is not None and not (hasattr(generator, "generate") or callable(generator)):
+        raise InputError(f"generator must be an IPAdapterGenerator or a factory, got {type(generator).__name__}")
 
 
 class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
@@ -353,55 +189,18 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         wait_timeout: float = 600.0,
         items: str = "all",
     ) -> None:
-        from .plan import AugmentationPlan
-
-        if isinstance(plan, (str, os.PathLike)):
-            plan = AugmentationPlan.load(plan)
-        if not isinstance(plan, AugmentationPlan):
-            raise InputError(f"plan must be an AugmentationPlan or a plan folder, got {type(plan).__name__}")
-        if not isinstance(cache, SyntheticCache):
-            raise InputError(f"cache must be a SyntheticCache, got {type(cache).__name__}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-            raise InputError(f"p must be a probability in [0, 1], got {p!r}")
-        if on_miss not in ON_MISS:
-            raise InputError(f"on_miss must be one of {list(ON_MISS)}, got {on_miss!r}")
-        if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
-            raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")
-        if items not in ITEMS:
-            raise InputError(f"items must be one of {list(ITEMS)}, got {items!r}")
-        if wait_timeout <= 0:
-            raise InputError(f"wait_timeout must be > 0, got {wait_timeout!r}")
-        if type(base).__name__ in ("DatasetDict", "IterableDatasetDict"):
-            raise InputError("the base is a Hugging Face DatasetDict: pick a split (dataset['train'])")
+        plan = _check_arguments(base, plan, cache, p, on_miss, seed, items, wait_timeout)
         n = len(base)
-        targets = _base_targets(base)
-        # Files read here with the plan's conversion (torchvision folder bases, stock loader; timm
-        # ImageDataset over a folder): the base's __getitem__ is never called for them.
-        paths = _stock_folder_paths(base)
-        if paths is not None and (targets is None or len(paths) != n):
-            paths = None
-        transform, target_transform = self._adopt_transforms(base, paths is not None, transform, target_transform)
-        inner = _unwrap(base)
-        self._hf_columns: tuple[str, str] | None = None
-        if _is_hf_dataset(inner):
-            if (getattr(inner, "format", None) or {}).get("type") is not None:
-                raise InputError("the Hugging Face base dataset has a format or transform set (set_format / "
-                                 "with_transform); give the transform to SyntheticAugmentedDataset instead")
-            self._hf_columns = _hf_columns(inner)
-        if generator is not None and not (hasattr(generator, "generate") or callable(generator)):
-            raise InputError(f"generator must be an IPAdapterGenerator or a factory, got {type(generator).__name__}")
+        targets, paths = self._adapt_base(base, n)
+        transform, target_transform, self._adopted = adopt_transforms(self._adapter, paths is not None, transform,
+                                                                      target_transform)
+        self._hf_columns: tuple[str, str] | None = self._adapter.columns()
+        _check_generator(generator)
 
-        self.base = base
-        self.p = float(p)
-        self.transform = transform
-        self.target_transform = target_transform
-        self.on_miss = on_miss
-        if seed is None:
-            # As RandomSampler seeds its shuffling: from torch's global generator, here, once.
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        self.base, self.p, self.on_miss, self.items = base, float(p), on_miss, items
+        self.transform, self.target_transform = transform, target_transform
         #: The seed of the choices (drawn at construction when ``seed=None``; in ``repr``).
-        self.seed = int(seed)
-        self.items = items
+        self.seed = draw_seed(seed)
         self.wait_timeout = float(wait_timeout)
         self._generator = generator
         self._generator_pid: int | None = None
@@ -410,16 +209,44 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         self._plan_repr = repr(plan)
         self._paths = paths
         if n > 0 and paths is None:
-            self._check_item_shape()
+            check_item_shape(base[0], self._hf_columns)
 
-        # -- which plan source each item is ---------------------------------------------------
+        ids, options, matched = self._match_plan(plan, n, targets, source_ids)
+        self._select_items(plan, ids, options, matched, targets)
+        missing_folder = self._adopt_cache(plan, cache, generator)
+        if pool is not None:
+            self.attach_pool(pool)
+        self.planned_variants = sum(len(v) for v in self._options)
+        self.cached_variants: int | None = None  # measured below when p > 0
+        if self.p > 0 and matched:
+            self._check_sources()
+            self._measure_coverage(plan, missing_folder)
+        self._start_counting()
+
+    # -- construction steps -----------------------------------------------------------------------
+    def _adapt_base(self, base: Any, n: int) -> tuple[list[int] | None, list[str] | None]:
+        """Pick the base's adapter (:func:`~dalda_aug.bases.adapter_for`); its labels where it lists
+        them, and the files this dataset reads itself with the plan's conversion (torchvision folder
+        bases with the stock loader, a timm ImageDataset over a folder: the base's __getitem__ is
+        never called for them), else None."""
+        self._adapter = adapter_for(base)
+        targets = self._adapter.targets()
+        paths = self._adapter.stock_paths()
+        if paths is not None and (targets is None or len(paths) != n):
+            paths = None
+        return targets, paths
+
+    def _match_plan(self, plan: Any, n: int, targets: list[int] | None, source_ids: Sequence[Any] | None
+                    ) -> tuple[list[Any], list[tuple[Any, ...]], int]:
+        """``(each item's plan source, its planned variants, how many items have some)``; labels that
+        disagree with the plan, or no item in the plan where one is needed, are an :class:`InputError`."""
         if source_ids is not None:
             ids = list(source_ids)
             looked_for = "the source_ids= given"
             if len(ids) != n:
                 raise InputError(f"source_ids= lists {len(ids)} ids for a base dataset of {n} items")
         else:
-            ids, looked_for = _describe_ids(base, plan.data_root)
+            ids, looked_for = self._adapter.source_ids(plan.data_root)
             if len(ids) != n:
                 raise InputError(f"the base dataset has {n} items but lists {len(ids)} samples")
         by_source = plan.by_source()
@@ -435,7 +262,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                         f"{variants[0].label} ({variants[0].class_name!r}) in the plan: do they list classes alike?"
                     )
             options.append(variants)
-        if matched == 0 and (self.p > 0 or items == "plan"):
+        if matched == 0 and (self.p > 0 or self.items == "plan"):
             example = next(iter(by_source), None)
             raise InputError(
                 f"none of the {n} items of the base dataset is a source of the plan: looked for {looked_for} "
@@ -443,17 +270,24 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                 f"(e.g. {example!r}, data_root {plan.data_root!r}); is it the dataset the plan was made from? "
                 "Otherwise pass source_ids= with each item's plan source"
             )
+        return ids, options, matched
+
+    def _select_items(self, plan: Any, ids: list[Any], options: list[tuple[Any, ...]], matched: int,
+                      targets: list[int] | None) -> None:
+        """Keep the items served: with ``items="plan"`` only the plan's (the base becomes a
+        ``Subset``), else all of them, warning when the plan covers only some."""
+        n = len(options)
         n_shot = plan.config.get("n_shot")
         made = f"the plan was made with --shots {n_shot}; " if n_shot is not None else ""
-        if items == "plan" and matched < n:
+        if self.items == "plan" and matched < n:
             keep = [index for index, variants in enumerate(options) if variants]
-            base = self.base = torch.utils.data.Subset(base, keep)
+            self.base = torch.utils.data.Subset(self.base, keep)
+            self._adapter = SubsetAdapter(self.base)
             options = [options[i] for i in keep]
             ids = [ids[i] for i in keep]
             targets = None if targets is None else [targets[i] for i in keep]
             self._paths = None if self._paths is None else [self._paths[i] for i in keep]
             self._base_len: int | None = n
-            n = len(keep)
         else:
             self._base_len = None
             if 0 < matched < n:
@@ -462,19 +296,21 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                     f"{matched} of them): they are always served real, so training sees the whole base dataset, "
                     f"not the plan's subset. Pass items='plan' to serve only the plan's {matched} items (or "
                     "wrap the base in Subset(base, dalda_aug.dataset.plan_indices(base, plan)))",
-                    UserWarning, stacklevel=2)
+                    UserWarning, stacklevel=3)
         self._targets = targets
         self._options = options
         #: Number of items that have planned variants.
         self.num_augmentable = matched
         self._ids = ids
-        self._root = getattr(_unwrap(base), "root", None) or getattr(_timm_reader(_unwrap(base)), "root", None) \
-            or plan.data_root
+        self._root = self._adapter.root() or plan.data_root
 
-        # -- the cache and its spec -------------------------------------------------------------
+    def _adopt_cache(self, plan: Any, cache: SyntheticCache, generator: Any) -> bool:
+        """Give the cache its spec (the one ``warm`` recorded for this plan when it has none) and
+        compute every variant's key; a generator with other settings is an :class:`InputError`.
+        Returns whether the cache folder is missing."""
         spec = cache.spec
         missing_folder = not cache.directory.is_dir()
-        if spec is None and self.p > 0 and not (missing_folder and on_miss == "real"):
+        if spec is None and self.p > 0 and not (missing_folder and self.on_miss == "real"):
             spec = cache.resolve_spec(plan)  # InputError naming the folder and what it holds
         if spec is not None and cache.spec is None:
             cache = cache.with_spec(spec)
@@ -488,75 +324,17 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                     f"({spec.fingerprint}): its images would not match their cache keys"
                 )
         self._keys: list[tuple[str, ...]] = [
-            tuple(spec.key(v) for v in variants) if spec is not None else () for variants in options]
-        if pool is not None:
-            self.attach_pool(pool)
+            tuple(spec.key(v) for v in variants) if spec is not None else () for variants in self._options]
+        return missing_folder
 
-        self.planned_variants = sum(len(v) for v in options)
-        self.cached_variants: int | None = None  # measured below when p > 0
-        if self.p > 0 and matched:
-            self._check_sources()
-            self._measure_coverage(plan, missing_folder)
+    def _start_counting(self) -> None:
+        """The shared draw state: reaches DataLoader workers (fork or spawn, persistent or not)."""
+        self._counter = DrawCounter(len(self._options))
+        weakref.finalize(self, unlink_lock, self._counter.lock_path, os.getpid())
 
-        # -- shared draw state: reaches DataLoader workers (fork or spawn, persistent or not) ----
-        # -1: set_epoch never called; else the pinned epoch.
-        self._epoch = torch.full((), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
-        # Accesses of each item since construction or the last set_epoch.
-        self._draws = torch.zeros(max(n, 1), dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
-        fd, self._lock_path = tempfile.mkstemp(prefix="dalda-aug-draws-", suffix=".lock")
-        os.close(fd)
-        weakref.finalize(self, _unlink_lock, self._lock_path, os.getpid())
-        self._rank_hint: int | None = None
-        self._reset_process_state()
-
-    # -- construction checks ------------------------------------------------------------------------
-    def _adopt_transforms(self, base: Any, reads_files: bool, transform: Callable[[Any], Any] | None,
-                          target_transform: Callable[[Any], Any] | None
-                          ) -> tuple[Callable[[Any], Any] | None, Callable[[Any], Any] | None]:
-        """The transforms to apply: the ones given, else the base's where the dataset reads the
-        base's files itself (its transform never runs there); any other base with a transform,
-        or a transform given both to the base and here, is an :class:`InputError`."""
-        given = {"transform": transform, "target_transform": target_transform}
-        kind = type(_unwrap(base)).__name__
-        self._adopted: dict[str, Any] = {}
-        for attr, label in (("transform", "Transform"), ("target_transform", "Target transform")):
-            theirs = _base_attr(base, attr)
-            if theirs is None:
-                continue
-            if not reads_files:
-                raise InputError(
-                    f"the base dataset ({kind}) has a {attr}; create it with {attr}=None and give the {attr} "
-                    "to SyntheticAugmentedDataset, which applies it to real and synthetic items alike (only a "
-                    "torchvision ImageFolder/DatasetFolder with the stock loader or a timm ImageDataset over a "
-                    "folder may keep it: the dataset reads their files itself)"
-                )
-            if given[attr] is not None:
-                raise InputError(
-                    f"a {attr} was given both to the base {kind} and to SyntheticAugmentedDataset: drop one, "
-                    f"either {attr}= here (the base's is then applied to real and synthetic images alike) or "
-                    f"the base's (create it with {attr}=None)"
-                )
-            given[attr] = self._adopted[label] = theirs
-        return given["transform"], given["target_transform"]
-
-    def _check_item_shape(self) -> None:
-        item = self.base[0]
-        if isinstance(item, dict):
-            if self._hf_columns is None or not all(c in item for c in self._hf_columns):
-                raise InputError(
-                    f"item 0 of the base dataset is a dict with keys {sorted(item)}; SyntheticAugmentedDataset "
-                    "understands (image, label) pairs and Hugging Face image datasets (image and label columns)")
-            image = item[self._hf_columns[0]]
-        elif isinstance(item, (tuple, list)) and len(item) >= 2:
-            image = item[0]
-        else:
-            raise InputError(
-                f"item 0 of the base dataset is a {type(item).__name__}; SyntheticAugmentedDataset needs "
-                "(image, label) pairs or dicts with image and label (Hugging Face datasets)")
-        if not hasattr(image, "mode") or not hasattr(image, "convert"):
-            raise InputError(
-                f"item 0 of the base dataset holds a {type(image).__name__} where a PIL image belongs: create "
-                "the base dataset without a transform and give the transform to SyntheticAugmentedDataset")
+    @property
+    def _lock_path(self) -> str:
+        return self._counter.lock_path
 
     def _describe_item(self, index: int) -> str:
         source = self._ids[index]
@@ -579,7 +357,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     def _mismatch(self, index: int, what: str) -> str:
         """The message for item ``index`` whose pixels differ from the plan's: when the file itself
         still matches, the base's own loader converts it differently from the plan; say so."""
-        samples = getattr(_unwrap(self.base), "samples", None)
+        samples = getattr(unwrap(self.base), "samples", None)
         ids = self._ids[index]
         if self._paths is None and samples is not None and isinstance(ids, str):
             path = os.path.join(os.fspath(self._root or ""), ids)
@@ -637,15 +415,15 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     @property
     def classes(self) -> list[str] | None:
-        classes = _base_attr(self.base, "classes")
+        classes = self._adapter.attr("classes")
         if classes is None:
-            mapping = _base_class_to_idx(self.base)
+            mapping = self._adapter.class_to_idx()
             classes = sorted(mapping, key=mapping.__getitem__) if mapping is not None else None
         return None if classes is None else list(classes)
 
     @property
     def class_to_idx(self) -> dict[str, int] | None:
-        return _base_class_to_idx(self.base)
+        return self._adapter.class_to_idx()
 
     @property
     def targets(self) -> list[int]:
@@ -657,7 +435,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         root = self._root
         lines = [
             f"Number of datapoints: {len(self)} ({self.num_augmentable} with synthetic variants)",
-            f"Base: {type(_unwrap(self.base)).__name__}" + (f" at {root}" if root else "")
+            f"Base: {type(unwrap(self.base)).__name__}" + (f" at {root}" if root else "")
             + (f" (items='plan': the plan's {len(self)} of its {self._base_len} items)"
                if self._base_len is not None else ""),
             f"Plan: {self._plan_repr}",
@@ -676,7 +454,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     @property
     def epoch(self) -> int | None:
         """The epoch pinned by :meth:`set_epoch`, or None if it was never called."""
-        value = int(self._epoch.item())
+        value = self._counter.epoch
         return None if value < 0 else value
 
     def set_epoch(self, epoch: int) -> None:
@@ -684,9 +462,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         without it every access is a fresh draw all the same)."""
         if isinstance(epoch, bool) or int(epoch) != epoch or epoch < 0:
             raise InputError(f"epoch must be an integer >= 0, got {epoch!r}")
-        with self._locked():
-            self._epoch.fill_(int(epoch))
-            self._draws.zero_()
+        self._counter.pin(int(epoch))
 
     def variants_for(self, index: int) -> tuple[Any, ...]:
         """The plan variants item ``index`` may be replaced by."""
@@ -698,56 +474,22 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         it on rank 0. Pure: consumes no draw."""
         if epoch is None:
             epoch = self.epoch or 0
-        position = self._position(index, self._draw_name(index, int(epoch), int(draw), 0))
+        position = self._position(index, draw_name(self.seed, int(epoch), index, int(draw), 0))
         return None if position is None else self._options[index][position]
-
-    def _draw_name(self, index: int, epoch: int, count: int, rank: int) -> str:
-        """What one access hashes: the first access in an epoch is that epoch's draw (without
-        set_epoch, the n-th access is epoch n's); other accesses have their own names."""
-        if count == 0:
-            return f"{self.seed}:{epoch}:{index}"
-        return f"{self.seed}:{epoch}:{index}:{count}" + (f":r{rank}" if rank else "")
 
     def _next_draw(self, index: int) -> str:
         """Consume item ``index``'s next draw (counted across all processes) and name it."""
-        with self._locked():
-            pinned = int(self._epoch_np[()])
-            count = int(self._draws_np[index])
-            self._draws_np[index] = count + 1
+        pinned, count = self._counter.take(index)
         if pinned < 0:
             # Never pinned: access n is epoch n's draw. Under DDP each rank counts its own
             # accesses, so ranks other than 0 name theirs apart (never repeating rank 0's).
-            rank = _process_rank(self._rank_hint)
-            return self._draw_name(index, count, 0, 0) + (f":r{rank}" if rank else "")
-        return self._draw_name(index, pinned, count, _process_rank(self._rank_hint) if count else 0)
+            rank = self._counter.rank()
+            return draw_name(self.seed, count, index, 0, 0) + (f":r{rank}" if rank else "")
+        return draw_name(self.seed, pinned, index, count, self._counter.rank() if count else 0)
 
     def _position(self, index: int, name: str) -> int | None:
-        """Which of item ``index``'s variants a draw named ``name`` picks, or None (real).
-
-        A 128-bit hash of the name gives a uniform u in [0, 1) (synthetic when u < p) and the
-        variant's position among the item's M.
-        """
-        options = self._options[index]
-        if not options or self.p <= 0.0:
-            return None
-        digest = hashlib.blake2b(name.encode(), digest_size=16).digest()
-        if int.from_bytes(digest[:8], "big") / 2.0**64 >= self.p:
-            return None
-        return int.from_bytes(digest[8:], "big") % len(options)
-
-    # -- per-process state --------------------------------------------------------------------------
-    def _reset_process_state(self) -> None:
-        self._pid = os.getpid()
-        self._lock_fd: int | None = None
-        self._epoch_np = self._epoch.numpy()
-        self._draws_np = self._draws.numpy()
-
-    def _locked(self) -> "_FileLock":
-        if self._pid != os.getpid():
-            self._reset_process_state()
-        if self._lock_fd is None:
-            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        return _FileLock(self._lock_fd)
+        """Which of item ``index``'s variants a draw named ``name`` picks, or None (real)."""
+        return pick(name, self.p, len(self._options[index]))
 
     # -- items ----------------------------------------------------------------------------------
     def _base_item(self, index: int) -> tuple[Any, Any]:
@@ -820,12 +562,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             self._pool.submit(key, variant, self._source_image(index, variant), force=True)
             return self._pool.wait(key, self.cache, timeout=self.wait_timeout).image
         # "generate": now, in this process, then cache it.
-        from .generation import GenerationRequest
+        from .generators.base import GenerationRequest
 
         source = self._source_image(index, variant)
         generator = self._get_generator()
-        image = generator.generate([GenerationRequest(source, variant.prompt, variant.lam, variant.seed)],
-                                   batch_size=1)[0]
+        image = generator.generate([GenerationRequest.from_variant(variant, source)], batch_size=1)[0]
         self.cache.put(variant, image)
         return image
 
@@ -867,39 +608,9 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         state = self.__dict__.copy()
         state["_built"] = None
         state["_generator_pid"] = None
-        for name in ("_pid", "_lock_fd", "_epoch_np", "_draws_np"):
-            state.pop(name, None)
-        # Spawned DataLoader workers do not join the process group: they keep the rank seen here.
-        state["_rank_hint"] = _process_rank(self._rank_hint)
         generator = state.get("_generator")
         if generator is not None and hasattr(generator, "generate"):
             # Never ship a model: workers rebuild the same generator from its settings.
             device = str(getattr(generator, "device", "cpu"))
             state["_generator"] = GeneratorFactory(GenerationSpec.of(generator), device)
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset_process_state()
-
-
-class _FileLock:
-    """An exclusive ``flock`` on an open file: serialises draw counting across processes
-    (a no-op where ``fcntl`` is missing, i.e. Windows)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
