@@ -81,6 +81,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, source_ids, unwrap
@@ -501,6 +502,9 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             raise
         except OSError as exc:  # PIL's "image file is truncated", UnidentifiedImageError, a vanished file
             raise ImageError(f"cannot read {self._describe_item(index)}: {exc}") from exc
+        except Image.DecompressionBombError as exc:  # not an OSError; as data.load_image says it
+            raise ImageError(f"cannot read {self._describe_item(index)}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS "
+                             "to accept images this large") from exc
         if self._hf_columns is not None:
             image_col, label_col = self._hf_columns
             return item[image_col], item[label_col]
