@@ -145,6 +145,7 @@ def test_clip_head_reference_is_raw_features_times_raw_text(tiny_models, photos)
     classes = ["cat", "coffee", "rocket"]
     model = C.build_classifier("clip", 3, class_names=classes, clip_model=tiny_models.clip_model,
                                pretrained=tiny_models.clip_pretrained, clip_head="reference", seed=3)
+    # Copied from test_clip_head_initialised_from_text_embeddings: the same open_clip reference model
     open_clip.add_model_config(tiny_models.clip_model)
     name = Path(tiny_models.clip_model).stem
     ref, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tiny_models.clip_pretrained)

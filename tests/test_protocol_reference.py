@@ -35,6 +35,8 @@ def bench():
     return _load(ROOT / "benchmarks" / "fewshot.py", "fewshot_ref")
 
 
+# Copied from tests/test_fewshot_smoke.py::_write_photos (and its fixture, as `toy`): each test
+# module writes its own photos (this one runs without diffusers, which that module requires).
 def _write_photos(root: Path, per_class: int, offset: int) -> None:
     from PIL import Image
     from skimage import data
