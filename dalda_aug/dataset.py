@@ -56,7 +56,8 @@ A file that cannot be read (truncated, corrupt) raises :class:`~dalda_aug.errors
 (an ``OSError``) naming it, also from DataLoader workers.
 
 At construction the dataset checks every planned source's pixels against the plan's content
-hash (a changed file is an :class:`~dalda_aug.errors.InputError`) and measures how much of the
+hash (a changed file is an :class:`~dalda_aug.errors.InputError`; ``verify_sources="stat"``, the
+default, decodes only files whose size or mtime changed since they last matched) and measures how much of the
 plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
 
 Misses (a chosen variant not in the cache), by ``on_miss``:
@@ -76,10 +77,12 @@ model, no open SQLite handle (the cache reopens itself per process).
 from __future__ import annotations
 
 import os
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -89,12 +92,16 @@ from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from .data import image_sha256, load_image, to_rgb
 from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
+from .stat_record import StatRecord, file_stat, settled
 
-__all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "source_ids", "plan_indices"]
+__all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
+           "plan_indices"]
 
 ON_MISS = ("generate", "wait", "real", "error")
 #: What ``items=`` may be: every item of the base, or only the items whose source is in the plan.
 ITEMS = ("all", "plan")
+#: What ``verify_sources=`` may be: re-hash only files whose stat changed, every file, or none.
+VERIFY_SOURCES = ("stat", "full", "off")
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,6 +172,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             construction when some are not in the plan: they are always real); ``"plan"`` serves
             only those whose source is in the plan (:func:`plan_indices`), e.g. the few-shot
             subset of a plan made with ``--shots N`` over the full folder.
+        verify_sources: how construction checks the planned sources against the plan's content
+            hashes: ``"stat"`` (default) decodes only the files whose ``(size, mtime_ns)`` changed
+            since they last matched (a :class:`~dalda_aug.stat_record.StatRecord` in
+            ``$DALDA_AUG_CACHE/stat``, as git's index; bases the dataset does not read from files
+            are decoded in full), ``"full"`` decodes every source, ``"off"`` checks nothing.
 
     Raises:
         InputError: bad arguments, an item shape other than ``(image, label)`` or an
@@ -189,8 +201,12 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         pool: Any = None,
         wait_timeout: float = 600.0,
         items: str = "all",
+        verify_sources: str = "stat",
     ) -> None:
         plan = _check_arguments(base, plan, cache, p, on_miss, seed, items, wait_timeout)
+        if verify_sources not in VERIFY_SOURCES:
+            raise InputError(f"verify_sources must be one of {list(VERIFY_SOURCES)}, got {verify_sources!r}")
+        self.verify_sources = verify_sources
         n = len(base)
         targets, paths = self._adapt_base(base, n)
         transform, target_transform, self._adopted = adopt_transforms(self._adapter, paths is not None, transform,
@@ -346,14 +362,35 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         return f"item {index} ({source!r})"
 
     def _check_sources(self) -> None:
-        """Every planned source's pixels against the plan's content hash."""
-        for index, variants in enumerate(self._options):
-            if variants:
-                image = self._real_image(index)
-                if image_sha256(image) != variants[0].source_sha256:
-                    raise InputError(self._mismatch(index, "changed since the plan was made (its pixels no longer "
-                                                    "match the plan's content hash): re-plan with `dalda-aug plan`, "
-                                                    "or restore the file"))
+        """Every planned source's pixels against the plan's content hash, as ``verify_sources`` says:
+        with ``"stat"``, the files read by path whose stat matches the record are not decoded."""
+        if self.verify_sources == "off":
+            return
+        planned = [index for index, variants in enumerate(self._options) if variants]
+        by_stat = planned if self.verify_sources == "stat" and self._paths is not None else []
+        record, known, stats = None, None, np.zeros((0, 2), dtype=np.int64)
+        if by_stat:
+            assert self._paths is not None
+            paths = [self._paths[i] for i in by_stat]
+            record = StatRecord(paths, [self._options[i][0].source_sha256 for i in by_stat])
+            known = record.load()
+            stats = np.array([file_stat(path) for path in paths], dtype=np.int64).reshape(-1, 2)
+        unchanged = np.zeros(len(planned), dtype=bool)
+        if known is not None:
+            unchanged = (known == stats).all(axis=1) & (stats[:, 0] >= 0)
+        for j, index in enumerate(planned):
+            if unchanged[j]:
+                continue
+            image = self._real_image(index)
+            if image_sha256(image) != self._options[index][0].source_sha256:
+                raise InputError(self._mismatch(index, "changed since the plan was made (its pixels no longer "
+                                                "match the plan's content hash): re-plan with `dalda-aug plan`, "
+                                                "or restore the file"))
+        if record is not None and not unchanged.all():
+            now = time.time_ns()
+            rows = np.array([row if settled((int(row[0]), int(row[1])), now) else (-1, -1) for row in stats],
+                            dtype=np.int64).reshape(-1, 2)
+            record.save(rows)  # where it cannot be written, the next construction verifies in full
 
     def _mismatch(self, index: int, what: str) -> str:
         """The message for item ``index`` whose pixels differ from the plan's: when the file itself

@@ -1,0 +1,108 @@
+"""Stat records: source files already verified against a plan, remembered by their stat, as git's index.
+
+:class:`~dalda_aug.dataset.SyntheticAugmentedDataset` checks every planned source's pixels against
+the plan's content hash at construction. Decoding every file on every construction (every rank,
+every run) costs about one decode pass over the data, so with ``verify_sources="stat"`` it
+remembers, per file, the ``(size, mtime_ns)`` the file had when its pixels last matched, and
+decodes again only the files whose stat changed.
+
+A record is one ``.npy`` file of shape ``(N, 2)`` int64 under ``$DALDA_AUG_CACHE/stat`` (default
+``$XDG_CACHE_HOME/dalda_aug/stat``, ``~/.cache/dalda_aug/stat``), named by the SHA-256 of the
+ordered ``(file path, expected content hash)`` pairs it covers: row ``j`` says "file ``j`` had
+this size and mtime_ns when its pixels hashed to its expected hash" (``-1``: not verified). The
+name binds the paths and the hashes, so a record never vouches for another plan or another folder.
+
+The record is untrusted input: it is read with ``numpy.load(allow_pickle=False)``, its size,
+dtype and shape are checked, and anything unexpected is ignored (the files are then verified in
+full). It is written atomically; where it cannot be written (a read-only cache folder) the files
+are verified in full next time too, and nothing fails. A file modified within
+:data:`RACY_SECONDS` of its verification is not recorded (git's "racily clean" entries): a write
+in the same clock tick could leave its stat unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["RACY_SECONDS", "StatRecord", "file_stat", "record_dir", "settled"]
+
+RECORD_FORMAT = b"dalda_aug.stat/1"
+#: Files modified this recently when verified are re-hashed next time (their stat may not move).
+RACY_SECONDS = 2.0
+_HEADER_MAX = 256  # bytes of .npy header a record may have beyond its rows
+
+
+def record_dir() -> Path:
+    """``$DALDA_AUG_CACHE/stat`` (default ``$XDG_CACHE_HOME/dalda_aug/stat``)."""
+    root = os.environ.get("DALDA_AUG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dalda_aug")
+    return Path(root) / "stat"
+
+
+def file_stat(path: str) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of ``path``; ``(-1, -1)`` when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+class StatRecord:
+    """The record of ``paths`` (absolute file names) expected to hash to ``expected``."""
+
+    def __init__(self, paths: Sequence[str], expected: Sequence[str], directory: Path | None = None) -> None:
+        digest = hashlib.sha256(RECORD_FORMAT + b"\0")
+        for path, sha in zip(paths, expected):
+            digest.update(os.fsencode(path) + b"\0" + sha.encode("ascii", "replace") + b"\n")
+        self.n = len(paths)
+        self.path = (directory or record_dir()) / f"stat-{digest.hexdigest()}.npy"
+
+    def load(self) -> "np.ndarray[Any, np.dtype[np.int64]] | None":
+        """The recorded ``(size, mtime_ns)`` rows, or None (no record, or one not to be trusted)."""
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read(self.n * 16 + _HEADER_MAX + 1)
+        except OSError:
+            return None
+        if len(raw) > self.n * 16 + _HEADER_MAX:
+            return None
+        try:
+            rows = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            return None
+        if not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.shape != (self.n, 2):
+            return None
+        return rows
+
+    def save(self, rows: "np.ndarray[Any, np.dtype[np.int64]]") -> bool:
+        """Write ``rows`` atomically; False (and nothing raised) where it cannot be written."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(rows, dtype=np.int64), allow_pickle=False)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(buffer.getvalue())
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return False
+        return True
+
+
+def settled(stat: tuple[int, int], now_ns: int | None = None) -> bool:
+    """Whether a file with ``stat`` may be recorded: it exists and was not modified racily recently."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    return stat[0] >= 0 and stat[1] < now_ns - int(RACY_SECONDS * 1e9)
