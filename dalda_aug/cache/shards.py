@@ -313,14 +313,15 @@ class ShardReader:
         mode, filename, value = rows[0]
         try:
             if mode == MODE_BINARY:
-                with open(self.path / filename, "rb") as fh:
-                    head = fh.read(HEADER.size)
+                with open(self.path / filename, "rb", buffering=0) as fh:  # unbuffered: the header only
+                    head = _read_upto(fh, HEAD_READ)
                     if len(head) < HEADER.size:
                         return None
-                    meta_len = HEADER.unpack(head)[2]
+                    meta_len = HEADER.unpack_from(head)[2]
                     if meta_len > limit:
                         return None
-                    head += fh.read(meta_len)
+                    if HEADER.size + meta_len > len(head):
+                        head += _read_upto(fh, HEADER.size + meta_len - len(head))
             elif mode == MODE_RAW and isinstance(value, (bytes, memoryview)):
                 head = bytes(value)
             else:
