@@ -89,6 +89,15 @@ class BaseAdapter:
         custom loader is the user's choice and is kept)."""
         return None
 
+    def stock_path(self, index: int) -> str:
+        """The absolute file of item ``index`` where :meth:`stock_paths` lists them (one at a time,
+        so a dataset keeps no list of paths)."""
+        raise InputError(f"a {type(self.dataset).__name__} base lists no files")
+
+    def item_file(self, index: int) -> str | None:
+        """The absolute file of item ``index`` where the base lists files (for messages), else None."""
+        return None
+
     def targets(self) -> list[int] | None:
         """Every item's label without reading an image, or None where the base does not list them."""
         targets = getattr(self.dataset, "targets", None)
@@ -153,6 +162,12 @@ class FolderAdapter(BaseAdapter):
             return None
         return [os.path.abspath(path) for path, *_ in self.dataset.samples]
 
+    def stock_path(self, index: int) -> str:
+        return os.path.abspath(str(self.dataset.samples[index][0]))
+
+    def item_file(self, index: int) -> str | None:
+        return self.stock_path(index)
+
 
 class TimmAdapter(BaseAdapter):
     """timm ``ImageDataset``: file names, labels and classes from its reader."""
@@ -184,6 +199,12 @@ class TimmAdapter(BaseAdapter):
                  and getattr(type(dataset), "__getitem__", None) is timm_dataset.__getitem__)
         samples = getattr(reader, "samples", None)
         return [os.path.abspath(path) for path, *_ in samples] if stock and samples is not None else None
+
+    def stock_path(self, index: int) -> str:
+        return os.path.abspath(str(self.reader.samples[index][0]))
+
+    def item_file(self, index: int) -> str | None:
+        return self.stock_path(index) if getattr(self.reader, "samples", None) is not None else None
 
     def targets(self) -> list[int] | None:
         targets = super().targets()
@@ -267,6 +288,12 @@ class SubsetAdapter(BaseAdapter):
     def stock_paths(self) -> list[str] | None:
         return self._pick(self.inner.stock_paths())
 
+    def stock_path(self, index: int) -> str:
+        return self.inner.stock_path(int(self.dataset.indices[index]))
+
+    def item_file(self, index: int) -> str | None:
+        return self.inner.item_file(int(self.dataset.indices[index]))
+
     def targets(self) -> list[int] | None:
         return self._pick(self.inner.targets())
 
@@ -325,7 +352,7 @@ def plan_indices(dataset: Any, plan: Any, source_ids: Sequence[Any] | None = Non
     if isinstance(plan, (str, os.PathLike)):
         plan = AugmentationPlan.load(plan)
     ids = list(source_ids) if source_ids is not None else adapter_for(dataset).source_ids(plan.data_root)[0]
-    planned = plan.by_source()
+    planned = plan.source_index()
     return [index for index, source in enumerate(ids) if source in planned]
 
 

@@ -224,16 +224,19 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         self._built = None  # the generator a factory made in this process
         self._pool: Any = None
         self._plan_repr = repr(plan)
-        self._paths = paths
+        self._plan = plan
+        # Whether the dataset reads each item's file itself (adapter.stock_path), with the plan's conversion.
+        self._reads_files = paths is not None
         if n > 0 and paths is None:
             check_item_shape(base[0], self._hf_columns)
 
-        ids, options, matched = self._match_plan(plan, n, targets, source_ids)
-        self._select_items(plan, ids, options, matched, targets)
+        item_source, matched = self._match_plan(plan, n, targets, source_ids)
+        self._select_items(plan, item_source, matched, targets)
         missing_folder = self._adopt_cache(plan, cache, generator)
         if pool is not None:
             self.attach_pool(pool)
-        self.planned_variants = sum(len(v) for v in self._options)
+        sizes = plan.columns.group_sizes()
+        self.planned_variants = int(sizes[self._item_source[self._item_source >= 0]].sum())
         self.cached_variants: int | None = None  # measured below when p > 0
         if self.p > 0 and matched:
             self._check_sources()
@@ -254,8 +257,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         return targets, paths
 
     def _match_plan(self, plan: Any, n: int, targets: list[int] | None, source_ids: Sequence[Any] | None
-                    ) -> tuple[list[Any], list[tuple[Any, ...]], int]:
-        """``(each item's plan source, its planned variants, how many items have some)``; labels that
+                    ) -> tuple[Any, int]:
+        """``(each item's plan source number or -1, how many items have one)``; labels that
         disagree with the plan, or no item in the plan where one is needed, are an :class:`InputError`."""
         if source_ids is not None:
             ids = list(source_ids)
@@ -266,44 +269,44 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             ids, looked_for = self._adapter.source_ids(plan.data_root)
             if len(ids) != n:
                 raise InputError(f"the base dataset has {n} items but lists {len(ids)} samples")
-        by_source = plan.by_source()
-        options: list[tuple[Any, ...]] = []
-        matched = 0
-        for index, source in enumerate(ids):
-            variants = tuple(by_source.get(source, ()))
-            if variants:
-                matched += 1
-                if targets is not None and variants[0].label != targets[index]:
-                    raise InputError(
-                        f"item {index} ({source!r}) has label {targets[index]} in the dataset but "
-                        f"{variants[0].label} ({variants[0].class_name!r}) in the plan: do they list classes alike?"
-                    )
-            options.append(variants)
+        index_of = plan.source_index()
+        item_source = np.array([index_of.get(source, -1) for source in ids], dtype=np.int32).reshape(-1)
+        matched = int((item_source >= 0).sum())
+        if targets is not None and matched:
+            cols = plan.columns.arrays
+            first_rows = cols["order"][cols["group_start"][:-1]]
+            planned = np.flatnonzero(item_source >= 0)
+            plan_labels = cols["label"][first_rows[item_source[planned]]]
+            wrong = planned[plan_labels != np.asarray(targets, dtype=np.int64)[planned]]
+            if wrong.size:
+                index = int(wrong[0])
+                first = plan.source_variants(int(item_source[index]))[0]
+                raise InputError(
+                    f"item {index} ({ids[index]!r}) has label {targets[index]} in the dataset but "
+                    f"{first.label} ({first.class_name!r}) in the plan: do they list classes alike?"
+                )
         if matched == 0 and (self.p > 0 or self.items == "plan"):
-            example = next(iter(by_source), None)
+            example = plan.columns.source(0) if plan.columns.n_sources else None
             raise InputError(
                 f"none of the {n} items of the base dataset is a source of the plan: looked for {looked_for} "
-                f"(the first is {ids[0] if ids else None!r}) among the plan's {len(by_source)} sources "
+                f"(the first is {ids[0] if ids else None!r}) among the plan's {len(index_of)} sources "
                 f"(e.g. {example!r}, data_root {plan.data_root!r}); is it the dataset the plan was made from? "
                 "Otherwise pass source_ids= with each item's plan source"
             )
-        return ids, options, matched
+        return item_source, matched
 
-    def _select_items(self, plan: Any, ids: list[Any], options: list[tuple[Any, ...]], matched: int,
-                      targets: list[int] | None) -> None:
+    def _select_items(self, plan: Any, item_source: Any, matched: int, targets: list[int] | None) -> None:
         """Keep the items served: with ``items="plan"`` only the plan's (the base becomes a
         ``Subset``), else all of them, warning when the plan covers only some."""
-        n = len(options)
+        n = len(item_source)
         n_shot = plan.config.get("n_shot")
         made = f"the plan was made with --shots {n_shot}; " if n_shot is not None else ""
         if self.items == "plan" and matched < n:
-            keep = [index for index, variants in enumerate(options) if variants]
-            self.base = torch.utils.data.Subset(self.base, keep)
+            keep = np.flatnonzero(item_source >= 0)
+            self.base = torch.utils.data.Subset(self.base, keep.tolist())
             self._adapter = SubsetAdapter(self.base)
-            options = [options[i] for i in keep]
-            ids = [ids[i] for i in keep]
+            item_source = item_source[keep]
             targets = None if targets is None else [targets[i] for i in keep]
-            self._paths = None if self._paths is None else [self._paths[i] for i in keep]
             self._base_len: int | None = n
         else:
             self._base_len = None
@@ -314,11 +317,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                     f"not the plan's subset. Pass items='plan' to serve only the plan's {matched} items (or "
                     "wrap the base in Subset(base, dalda_aug.dataset.plan_indices(base, plan)))",
                     UserWarning, stacklevel=3)
-        self._targets = targets
-        self._options = options
+        # Per item, arrays only (no object per item or variant): its labels and plan source number.
+        self._targets: Any = None if targets is None else np.asarray(targets, dtype=np.int64).reshape(-1)
+        self._item_source = item_source
         #: Number of items that have planned variants.
         self.num_augmentable = matched
-        self._ids = ids
         self._root = self._adapter.root() or plan.data_root
 
     def _adopt_cache(self, plan: Any, cache: SyntheticCache, generator: Any) -> bool:
@@ -340,21 +343,45 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                     f"the generator's settings (fingerprint {theirs}) differ from the cache's spec "
                     f"({spec.fingerprint}): its images would not match their cache keys"
                 )
-        self._keys: list[tuple[str, ...]] = [
-            tuple(spec.key(v) for v in variants) if spec is not None else () for variants in self._options]
         return missing_folder
 
     def _start_counting(self) -> None:
         """The shared draw state: reaches DataLoader workers (fork or spawn, persistent or not)."""
-        self._counter = DrawCounter(len(self._options))
+        self._counter = DrawCounter(len(self._item_source))
         weakref.finalize(self, unlink_lock, self._counter.lock_path, os.getpid())
 
     @property
     def _lock_path(self) -> str:
         return self._counter.lock_path
 
+    def _count(self, index: int) -> int:
+        """How many variants item ``index`` has (0: not in the plan)."""
+        s = int(self._item_source[index])
+        if s < 0:
+            return 0
+        start = self._plan.columns.arrays["group_start"]
+        return int(start[s + 1] - start[s])
+
+    def _variant(self, index: int, position: int) -> Any:
+        """Variant ``position`` (in variant order) of item ``index``."""
+        cols = self._plan.columns
+        return self._plan.variants[int(cols.rows_of(int(self._item_source[index]))[position])]
+
+    def _item_id(self, index: int) -> Any:
+        """Item ``index``'s plan source, its file where the dataset reads it, else its index."""
+        if self._reads_files:
+            return self._adapter.stock_path(index)
+        path = self._adapter.item_file(index)
+        if path is not None:
+            return path
+        s = int(self._item_source[index])
+        return self._plan.columns.source(s) if s >= 0 else index
+
+    def _expected_sha(self, index: int) -> str:
+        return str(self._variant(index, 0).source_sha256)
+
     def _describe_item(self, index: int) -> str:
-        source = self._ids[index]
+        source = self._item_id(index)
         if isinstance(source, str) and os.path.isabs(source):
             return source
         if isinstance(source, str) and self._root is not None:
@@ -366,13 +393,12 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         with ``"stat"``, the files read by path whose stat matches the record are not decoded."""
         if self.verify_sources == "off":
             return
-        planned = [index for index, variants in enumerate(self._options) if variants]
-        by_stat = planned if self.verify_sources == "stat" and self._paths is not None else []
+        planned = np.flatnonzero(self._item_source >= 0).tolist()
+        by_stat = planned if self.verify_sources == "stat" and self._reads_files else []
         record, known, stats = None, None, np.zeros((0, 2), dtype=np.int64)
         if by_stat:
-            assert self._paths is not None
-            paths = [self._paths[i] for i in by_stat]
-            record = StatRecord(paths, [self._options[i][0].source_sha256 for i in by_stat])
+            paths = [self._adapter.stock_path(i) for i in by_stat]
+            record = StatRecord(paths, [self._expected_sha(i) for i in by_stat])
             known = record.load()
             stats = np.array([file_stat(path) for path in paths], dtype=np.int64).reshape(-1, 2)
         unchanged = np.zeros(len(planned), dtype=bool)
@@ -382,7 +408,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             if unchanged[j]:
                 continue
             image = self._real_image(index)
-            if image_sha256(image) != self._options[index][0].source_sha256:
+            if image_sha256(image) != self._expected_sha(index):
                 raise InputError(self._mismatch(index, "changed since the plan was made (its pixels no longer "
                                                 "match the plan's content hash): re-plan with `dalda-aug plan`, "
                                                 "or restore the file"))
@@ -396,11 +422,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         """The message for item ``index`` whose pixels differ from the plan's: when the file itself
         still matches, the base's own loader converts it differently from the plan; say so."""
         samples = getattr(unwrap(self.base), "samples", None)
-        ids = self._ids[index]
-        if self._paths is None and samples is not None and isinstance(ids, str):
+        ids = self._item_id(index)
+        if not self._reads_files and samples is not None and isinstance(ids, str):
             path = os.path.join(os.fspath(self._root or ""), ids)
             try:
-                same_file = image_sha256(load_image(path)) == self._options[index][0].source_sha256
+                same_file = image_sha256(load_image(path)) == self._expected_sha(index)
             except (DaldaError, OSError):
                 same_file = False
             if same_file:
@@ -413,7 +439,10 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         """Count the planned variants the cache holds. With ``on_miss="real"`` anything short of
         all of them changes what is trained on: warn. With any policy, warn when another spec
         recorded in the folder holds more of them (an explicit spec that differs from warm's)."""
-        planned = {key for keys in self._keys for key in keys}
+        spec = self.cache.spec
+        variants = [self._variant(i, k) for i in np.flatnonzero(self._item_source >= 0).tolist()
+                    for k in range(self._count(i))]
+        planned = {spec.key(v) for v in variants} if spec is not None else set()
         present = set() if missing_folder else self.cache.keys()
         self.cached_variants = len(planned & present)
         if planned and self.cached_variants == len(planned):
@@ -425,10 +454,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                 warnings.warn(f"the cache folder {self.cache.directory} does not exist: {effect}; warm it with "
                               "`dalda-aug warm`", UserWarning, stacklevel=3)
             return
-        spec = self.cache.spec
         held = []
         better = False
-        variants = [v for vs in self._options for v in vs]
         for other in self.cache.recorded_specs():
             count = len({other.key(v) for v in variants} & present)
             held.append(f"{other.describe()} ({count} of these variants)")
@@ -449,7 +476,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     # -- torchvision dataset contract -----------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._options)
+        return len(self._item_source)
 
     @property
     def classes(self) -> list[str] | None:
@@ -466,8 +493,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     @property
     def targets(self) -> list[int]:
         if self._targets is None:
-            self._targets = [int(self._base_item(i)[1]) for i in range(len(self.base))]
-        return self._targets
+            self._targets = np.array([int(self._base_item(i)[1]) for i in range(len(self.base))], dtype=np.int64)
+        return [int(t) for t in self._targets]
 
     def __repr__(self) -> str:
         root = self._root
@@ -504,7 +531,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     def variants_for(self, index: int) -> tuple[Any, ...]:
         """The plan variants item ``index`` may be replaced by."""
-        return self._options[index]
+        return tuple(self._variant(index, k) for k in range(self._count(index)))
 
     def choose(self, index: int, epoch: int | None = None, draw: int = 0) -> Any:
         """The variant (or None: real) of access number ``draw`` (0 = the first) of item ``index``
@@ -513,7 +540,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         if epoch is None:
             epoch = self.epoch or 0
         position = self._position(index, draw_name(self.seed, int(epoch), index, int(draw), 0))
-        return None if position is None else self._options[index][position]
+        return None if position is None else self._variant(index, position)
 
     def _next_draw(self, index: int) -> str:
         """Consume item ``index``'s next draw (counted across all processes) and name it."""
@@ -527,7 +554,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     def _position(self, index: int, name: str) -> int | None:
         """Which of item ``index``'s variants a draw named ``name`` picks, or None (real)."""
-        return pick(name, self.p, len(self._options[index]))
+        return pick(name, self.p, self._count(index))
 
     # -- items ----------------------------------------------------------------------------------
     def _base_item(self, index: int) -> tuple[Any, Any]:
@@ -549,8 +576,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     def _real_item(self, index: int) -> tuple[Any, Any]:
         """Item ``index`` with its image converted as the plan converts sources (see the module doc)."""
-        if self._paths is not None and self._targets is not None:
-            return load_image(self._paths[index]), self._targets[index]
+        if self._reads_files and self._targets is not None:
+            return load_image(self._adapter.stock_path(index)), int(self._targets[index])
         image, target = self._base_item(index)
         if hasattr(image, "mode") and image.mode != "RGB":
             image = to_rgb(image, self._describe_item(index))
@@ -566,13 +593,13 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items")
         position = None
-        if self._options[index] and self.p > 0.0:
+        if self.p > 0.0 and self._item_source[index] >= 0:
             position = self._position(index, self._next_draw(index))
         image = self._synthetic(index, position) if position is not None else None
         if image is None or position is None:
             image, target = self._real_item(index)
         else:  # the plan's label is the base's (checked at construction when the base lists targets)
-            target = self._targets[index] if self._targets is not None else self._options[index][position].label
+            target = int(self._targets[index]) if self._targets is not None else self._variant(index, position).label
         if self.transform is not None:
             image = self.transform(image)
         if self.target_transform is not None:
@@ -582,9 +609,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     def _synthetic(self, index: int, position: int) -> Any:
         """The cached image of variant ``position`` of item ``index``; a miss is handled by
         ``on_miss`` (None: use the real item)."""
-        if not self._keys[index]:  # no cache folder and no spec: everything is real (warned)
+        spec = self.cache.spec
+        if spec is None:  # no cache folder and no spec: everything is real (warned)
             return None
-        variant, key = self._options[index][position], self._keys[index][position]
+        variant = self._variant(index, position)
+        key = spec.key(variant)  # a hash of a few fields, per access: no key kept per variant
         entry = self.cache.get(key)
         if entry is not None:
             return entry.image

@@ -6,9 +6,12 @@ class names, prompts, scores, scaling, seed), stored as
 * ``plan.jsonl`` — one JSON row per variant with ``source``, ``label``, ``class_name``,
   ``score``, ``variant``, ``prompt``, ``lambda``, ``seed``, ``source_sha256``;
 * ``plan.json`` — how it was made (seed, shots, scaling, models, data root, prompts);
-* ``summary.json`` — counts, the CLIPScore histogram and the share of Low/High images.
+* ``summary.json`` — counts, the CLIPScore histogram and the share of Low/High images;
+* ``columns/`` — the rows of ``plan.jsonl`` as memory-mapped arrays
+  (:mod:`dalda_aug.plan_columns`), what readers load instead of parsing ``plan.jsonl``.
 
-``plan.json`` records the SHA-256 of ``plan.jsonl`` and ``summary.json`` (``"digests"``), so a
+``plan.json`` records the SHA-256 of ``plan.jsonl`` and ``summary.json`` (``"digests"``) and of every
+column file (``"column_digests"``), so a
 folder mixing the files of two runs is refused when loaded (plans written before have no digests
 and load as before).
 
@@ -33,6 +36,7 @@ from .ags import Scaling, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, SourceItem, image_sha256
 from .errors import InputError, MissingFileError
+from .plan_columns import PlanColumns
 from .presets import PHOTO_TEMPLATE
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ __all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "PLAN_FOR
 
 PLAN_FORMAT = "dalda_aug.plan/1"
 _DIGESTS = "digests"  # key of plan.json: {"plan.jsonl": sha256, "summary.json": sha256}
+_COLUMN_DIGESTS = "column_digests"  # key of plan.json: {"columns/<name>.npy": sha256}
 _MAX_ROW_BYTES = 1024 * 1024  # one plan.jsonl row (a row is well under 1 KiB; prompts are one sentence)
 BASE_TEMPLATE = PHOTO_TEMPLATE
 # Source images read (decoded, hashed, preprocessed) and scored at a time: two chunks of pixel
@@ -150,24 +155,62 @@ def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes().replace(b"\r\n", b"\n")).hexdigest()
 
 
-class AugmentationPlan:
-    """An ordered list of :class:`Variant` plus how it was made. Iterate it for the variants."""
+class _Variants(Sequence[Variant]):
+    """The plan's variants, made from its columns on access (no object kept per variant)."""
 
-    def __init__(self, variants: Sequence[Variant], config: dict[str, Any], summary: dict[str, Any] | None = None):
-        self.variants: list[Variant] = list(variants)
+    def __init__(self, columns: PlanColumns) -> None:
+        self._columns = columns
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"variant {index} is out of range for a plan of {len(self)} variants")
+        return Variant(*self._columns.fields(i))
+
+    def __iter__(self) -> Iterator[Variant]:
+        return (Variant(*self._columns.fields(i)) for i in range(len(self)))
+
+
+class AugmentationPlan:
+    """An ordered list of :class:`Variant` plus how it was made. Iterate it for the variants.
+
+    The rows live in :class:`~dalda_aug.plan_columns.PlanColumns` (mapped from ``PLAN/columns``
+    when loaded from a folder that has them); a :class:`Variant` is made on access.
+    """
+
+    def __init__(self, variants: Sequence[Variant], config: dict[str, Any], summary: dict[str, Any] | None = None,
+                 *, columns: PlanColumns | None = None):
+        self.columns: PlanColumns = columns if columns is not None else PlanColumns.from_rows(variants)
         self.config: dict[str, Any] = dict(config)
         self.summary: dict[str, Any] = summary if summary is not None else summarize(self.variants, self.config)
         self._by_source: dict[Any, list[Variant]] | None = None
+
+    @property
+    def variants(self) -> Sequence[Variant]:
+        """The variants in plan order (a sequence view: each is made when accessed)."""
+        return _Variants(self.columns)
 
     # -- container protocol -------------------------------------------------------------
     def __iter__(self) -> Iterator[Variant]:
         return iter(self.variants)
 
     def __len__(self) -> int:
-        return len(self.variants)
+        return len(self.columns)
 
     def __getitem__(self, index: int) -> Variant:
         return self.variants[index]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_by_source"] = None  # a mapped plan pickles as its folder, never as objects
+        return state
 
     def __repr__(self) -> str:
         return (f"AugmentationPlan({self.summary.get('sources', '?')} sources x "
@@ -184,19 +227,25 @@ class AugmentationPlan:
         return self.config.get("data_root")
 
     def by_source(self) -> dict[Any, list[Variant]]:
-        """``{source: [variants in variant order]}``."""
+        """``{source: [variants in variant order]}`` (one object per variant: for tools over small
+        plans; the dataset uses :meth:`source_index` and :meth:`source_variants`)."""
         if self._by_source is None:
-            groups: dict[Any, list[Variant]] = {}
-            for v in self.variants:
-                groups.setdefault(v.source, []).append(v)
-            for vs in groups.values():
-                vs.sort(key=lambda v: v.variant)
-            self._by_source = groups
+            cols = self.columns
+            self._by_source = {cols.source(s): self.source_variants(s) for s in range(cols.n_sources)}
         return self._by_source
 
     def sources(self) -> list[Any]:
         """Distinct sources in plan order."""
-        return list(self.by_source())
+        return self.columns.sources()
+
+    def source_index(self) -> dict[Any, int]:
+        """``{source: its number}``, sources numbered in plan order (one entry per source)."""
+        cols = self.columns
+        return {cols.source(s): s for s in range(cols.n_sources)}
+
+    def source_variants(self, s: int) -> list[Variant]:
+        """The variants of source number ``s``, in variant order."""
+        return [Variant(*self.columns.fields(int(i))) for i in self.columns.rows_of(s)]
 
     def variants_for(self, source: Any) -> list[Variant]:
         return self.by_source().get(source, [])
@@ -208,16 +257,17 @@ class AugmentationPlan:
 
     # -- files -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``plan.jsonl``, ``plan.json`` and ``summary.json`` into ``directory``."""
+        """Write ``plan.jsonl``, ``plan.json``, ``summary.json`` and ``columns/`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         rows = "".join(_dumps(v.to_row()) + "\n" for v in self.variants)
         summary = json.dumps(self.summary, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
         write_atomic(directory / "plan.jsonl", rows)
         write_atomic(directory / "summary.json", summary)
-        # plan.json last: its presence marks a complete plan. It records what the other two hold.
+        columns = self.columns.save(directory, len(rows.encode("utf-8")))
+        # plan.json last: its presence marks a complete plan. It records what the others hold.
         digests = {"plan.jsonl": _sha256(rows), "summary.json": _sha256(summary)}
-        config = {**self.config, _DIGESTS: digests}
+        config = {**self.config, _DIGESTS: digests, _COLUMN_DIGESTS: columns}
         write_atomic(directory / "plan.json", json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
         return directory
 
@@ -237,8 +287,15 @@ class AugmentationPlan:
         if digests is not None and not (isinstance(digests, dict)
                                         and all(isinstance(v, str) for v in digests.values())):
             raise InputError(f"{meta_path}: {_DIGESTS!r} must map file names to SHA-256 digests")
+        column_digests = config.pop(_COLUMN_DIGESTS, None)  # absent in plans written before columns
+        if column_digests is not None and not (isinstance(column_digests, dict)
+                                               and all(isinstance(v, str) for v in column_digests.values())):
+            raise InputError(f"{meta_path}: {_COLUMN_DIGESTS!r} must map file names to SHA-256 digests")
         classes = config.get("classes")
         n_classes = len(classes) if isinstance(classes, list) else None
+        mapped = cls._load_columns(directory, config, digests or {}, column_digests or {}, n_classes)
+        if mapped is not None:
+            return mapped
         variants = []
         outside: str | None = None  # the first row whose label the plan's classes cannot hold
         rows_hash = hashlib.sha256()
@@ -276,6 +333,26 @@ class AugmentationPlan:
         if outside is not None:
             raise InputError(outside)
         return cls(variants, config, summary)
+
+    @classmethod
+    def _load_columns(cls, directory: Path, config: dict[str, Any], digests: dict[str, str],
+                      column_digests: dict[str, str], n_classes: int | None) -> "AugmentationPlan | None":
+        """The plan mapped from ``directory/columns`` (digests checked), or None where the folder
+        has no columns that plan.json records (then plan.jsonl is parsed)."""
+        rows_path, summary_path = directory / "plan.jsonl", directory / "summary.json"
+        columns = PlanColumns.load(directory, column_digests, rows_path.stat().st_size)
+        if columns is None:
+            return None
+        summary = read_json_object(summary_path, "plan summary") if summary_path.is_file() else None
+        if "summary.json" in digests and _file_sha256(summary_path) not in (None, digests["summary.json"]):
+            raise InputError(f"plan folder {directory}: summary.json differs from what plan.json records (SHA-256): "
+                             "the files come from two runs or were edited; write the plan again with `dalda-aug plan`")
+        labels = columns.arrays["label"]
+        if n_classes is not None and labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+            row = int(np.flatnonzero((labels < 0) | (labels >= n_classes))[0])
+            raise InputError(f"{rows_path}:{row + 1}: label {int(labels[row])} is outside the {n_classes} classes of "
+                             f"{directory / 'plan.json'}; do plan.jsonl and plan.json come from the same run?")
+        return cls([], config, summary, columns=columns)
 
 
 def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, Any]:

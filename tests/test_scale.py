@@ -123,3 +123,126 @@ def test_stat_record_refuses_pickles_and_oversized_files(tmp_path):
 def test_verify_sources_is_checked(setup):
     with pytest.raises(InputError, match="verify_sources must be one of"):
         _build(setup, verify_sources="fast")
+
+
+# -- the plan as columns ---------------------------------------------------------------------------------
+import json  # noqa: E402
+import pickle  # noqa: E402
+import shutil  # noqa: E402
+
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from dalda_aug.dataset import CacheMissError  # noqa: E402
+from dalda_aug.draws import draw_name, pick  # noqa: E402
+from dalda_aug.plan import AugmentationPlan, Variant  # noqa: E402
+
+M = 10
+
+
+def _synthetic_plan(n_sources, models, int_sources=True):
+    """A plan of ``n_sources`` x M rows written without images (sources are item indices)."""
+    rows = [Variant(source=s if int_sources else f"c{s % 3}/img_{s}.png", label=s % 3, class_name=f"class {s % 3}",
+                    score=round((s % 97) / 97, 8), variant=k, prompt=f"a photo of a class {s % 3}, take {k}",
+                    lam=round(0.1 + k / 20, 8), seed=(s * M + k) * 7919, source_sha256=f"{s:064x}",
+                    strength=(0.5 if s % 5 == 0 else None))
+            for s in range(n_sources) for k in range(M)]
+    config = {"format": "dalda_aug.plan/1", "seed": 0, "n_shot": None, "variants_per_image": M,
+              "scaling": {"strategy": "ags"}, "models": models.to_dict(), "data_root": None,
+              "classes": ["a", "b", "c"], "class_names": ["class 0", "class 1", "class 2"]}
+    return AugmentationPlan(rows, config)
+
+
+class _Indexed(Dataset):
+    """``n`` items of (a tiny PIL image, label s % 3): a base whose plan sources are its indices."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return Image.new("RGB", (4, 4), (i % 256, 0, 0)), i % 3
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_mapped_plan_yields_the_jsonl_rows(tmp_path, tiny_models):
+    folder = _synthetic_plan(50, tiny_models, int_sources=False).save(tmp_path / "plan")
+    plan = AugmentationPlan.load(folder)
+    assert plan.columns.directory == folder
+    assert all(isinstance(a, np.memmap) for a in plan.columns.arrays.values() if a.size)
+    rows = _read_jsonl(folder / "plan.jsonl")
+    assert [v.to_row() for v in plan] == rows
+    assert len(plan) == len(rows) == 500 and plan[-1].to_row() == rows[-1] and plan[123].to_row() == rows[123]
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    assert plan.sources() == list(by_source)
+    assert [v.to_row() for v in plan.variants_for("c1/img_7.png")] == by_source["c1/img_7.png"]
+    # a plan folder without columns (older plans) is parsed and gives the same rows
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    shutil.rmtree(old / "columns")
+    meta = json.loads((old / "plan.json").read_text(encoding="utf-8"))
+    del meta["column_digests"]
+    (old / "plan.json").write_text(json.dumps(meta), encoding="utf-8")
+    parsed = AugmentationPlan.load(old)
+    assert parsed.columns.directory is None and [v.to_row() for v in parsed] == rows
+    # a column changed after planning is refused, naming it
+    seeds = folder / "columns" / "seed.npy"
+    np.save(seeds, np.load(seeds) + 1)
+    with pytest.raises(InputError, match="columns/seed.npy differs from what plan.json records"):
+        AugmentationPlan.load(folder)
+
+
+def test_a_plan_whose_jsonl_was_rewritten_is_read_from_the_jsonl(tmp_path, tiny_models):
+    folder = _synthetic_plan(5, tiny_models).save(tmp_path / "plan")
+    rows = (folder / "plan.jsonl").read_text(encoding="utf-8")
+    (folder / "plan.jsonl").write_text(rows.replace("\"label\": 1", "\"label\":  1"), encoding="utf-8")
+    with pytest.raises(InputError, match="plan.jsonl differs from what plan.json records"):
+        AugmentationPlan.load(folder)  # columns derived from another plan.jsonl size: the JSONL path checks it
+
+
+def _pickled_growth(tmp_path, tiny_models, n):
+    folder = _synthetic_plan(n, tiny_models).save(tmp_path / f"plan-{n}")
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    base = _Indexed(n)
+    ds = SyntheticAugmentedDataset(base, folder, SyntheticCache(tmp_path / f"cache-{n}", spec), p=0.5,
+                                   on_miss="error", seed=0, verify_sources="off")  # the hashes are made up
+    return len(pickle.dumps(ds)) - len(pickle.dumps(base)), ds
+
+
+def test_pickled_dataset_grows_at_most_4_bytes_per_variant(tmp_path, tiny_models):
+    small, _ = _pickled_growth(tmp_path, tiny_models, 2_000)
+    large, ds = _pickled_growth(tmp_path, tiny_models, 20_000)
+    per_variant = (large - small) / ((20_000 - 2_000) * M)
+    print(f"pickled dataset: {small} B at 2,000 sources, {large} B at 20,000 x {M}: {per_variant:.3f} B/variant")
+    assert per_variant <= 4.0
+    again = pickle.loads(pickle.dumps(ds))
+    assert again._plan.columns.directory == ds._plan.columns.directory  # maps the same files
+    assert [again.choose(i) for i in range(0, 20_000, 997)] == [ds.choose(i) for i in range(0, 20_000, 997)]
+
+
+def test_spawned_worker_reads_variants_from_the_mapped_columns(tmp_path, tiny_models):
+    n = 40
+    folder = _synthetic_plan(n, tiny_models).save(tmp_path / "plan")
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    ds = SyntheticAugmentedDataset(_Indexed(n), folder, SyntheticCache(tmp_path / "cache", spec), p=1.0,
+                                   on_miss="error", seed=3, verify_sources="off")
+    # Independently: the first access of item i is draw "3:0:i"; its position among the item's JSONL rows
+    # sorted by variant; the key of that row.
+    rows = [r for r in _read_jsonl(folder / "plan.jsonl") if r["source"] == 7]
+    rows.sort(key=lambda r: r["variant"])
+    expected = spec.key(Variant.from_row(rows[pick(draw_name(3, 0, 7, 0, 0), 1.0, len(rows))]))
+    loader = DataLoader(torch_subset(ds, [7]), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    with pytest.raises(CacheMissError, match=f"key {expected}"):
+        next(iter(loader))
+
+
+def torch_subset(ds, indices):
+    from torch.utils.data import Subset
+
+    return Subset(ds, indices)

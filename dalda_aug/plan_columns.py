@@ -1,0 +1,267 @@
+"""The plan as columns: one ``.npy`` per field, memory-mapped by readers instead of parsed.
+
+``plan.jsonl`` stays the readable, editable interchange; ``PLAN/columns/`` holds the same rows as
+arrays that :class:`~dalda_aug.plan.AugmentationPlan` maps with ``numpy.load(mmap_mode="r",
+allow_pickle=False)``, so a plan of millions of variants costs no Python object per variant, and
+DataLoader workers map the pages the parent process already read (file-backed, shared memory).
+
+Per variant (``V`` rows): ``source``, ``class_name``, ``prompt``, ``source_sha256`` (int32 indices
+into string tables), ``label``, ``variant`` (int32), ``score``, ``lambda``, ``strength`` (float64;
+NaN: no strength), ``seed`` (int64). Grouping: ``order`` (int32, the rows sorted by source index
+then variant, stable) and ``group_start`` (int64, ``S + 1`` offsets into ``order``), so the
+variants of source ``s`` are ``order[group_start[s]:group_start[s + 1]]``. Sources are numbered in
+order of first appearance (the plan's order); ``source_is_int`` (bool, per source) keeps sources
+that are item indices integers.
+
+Strings are one UTF-8 blob plus int64 offsets per table (``<table>.blob.npy``,
+``<table>.offsets.npy``), as Arrow lays out strings: paths and prompts vary from 20 to 200 bytes,
+so a fixed width would pad every entry to the longest, and NumPy's ``U`` dtype stores 4 bytes per
+character. Each distinct string is stored once (prompts repeat across sources).
+
+``plan.json`` records the SHA-256 of every column file (``"column_digests"``, beside the
+``"digests"`` of ``plan.jsonl`` and ``summary.json``); a reader checks them before use (a worker mapping what its parent
+checked does not), and ``columns/meta.json`` records the size of the ``plan.jsonl`` they were
+derived from, so a folder whose ``plan.jsonl`` was since rewritten is read from ``plan.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "PlanColumns", "STRING_TABLES"]
+
+COLUMNS_DIR = "columns"
+COLUMNS_FORMAT = "dalda_aug.plan-columns/1"
+#: Fields stored as indices into a table of distinct strings.
+STRING_TABLES = ("source", "class_name", "prompt", "source_sha256")
+_NUMERIC = {"label": np.int32, "variant": np.int32, "score": np.float64, "lambda": np.float64,
+            "strength": np.float64, "seed": np.int64}
+_PER_VARIANT = (*STRING_TABLES, *_NUMERIC)
+_GROUPING = ("order", "group_start", "source_is_int")
+
+Array = "np.ndarray[Any, Any]"
+
+
+def _file_names() -> list[str]:
+    names = [f"{name}.npy" for name in (*_PER_VARIANT, *_GROUPING)]
+    names += [f"{table}.{part}.npy" for table in STRING_TABLES for part in ("blob", "offsets")]
+    return names
+
+
+def _npy_bytes(array: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _Table:
+    """Distinct strings, numbered in order of first appearance."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+
+    def add(self, text: str) -> int:
+        found = self.index.get(text)
+        if found is None:
+            found = self.index[text] = len(self.index)
+        return found
+
+    def arrays(self) -> tuple[Any, Any]:
+        encoded = [text.encode("utf-8") for text in self.index]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+class PlanColumns:
+    """A plan's rows as arrays (in memory, or mapped from ``PLAN/columns``)."""
+
+    def __init__(self, arrays: dict[str, Any], directory: Path | None = None) -> None:
+        self.arrays = arrays
+        #: The folder the arrays are mapped from, or None when they live in memory.
+        self.directory = directory
+        self._check_shapes()
+
+    # -- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_rows(cls, rows: Iterable[Any]) -> "PlanColumns":
+        """Columns of ``rows`` (:class:`~dalda_aug.plan.Variant` objects)."""
+        tables = {name: _Table() for name in STRING_TABLES if name != "source"}
+        sources: dict[tuple[bool, Any], int] = {}  # 3 and "3" may both be sources: keyed apart
+        cols: dict[str, list[Any]] = {name: [] for name in _PER_VARIANT}
+        for v in rows:
+            key = (type(v.source) is int, v.source)
+            s = sources.get(key)
+            if s is None:
+                s = sources[key] = len(sources)
+            cols["source"].append(s)
+            cols["class_name"].append(tables["class_name"].add(v.class_name))
+            cols["prompt"].append(tables["prompt"].add(v.prompt))
+            cols["source_sha256"].append(tables["source_sha256"].add(v.source_sha256))
+            cols["label"].append(v.label)
+            cols["variant"].append(v.variant)
+            cols["score"].append(v.score)
+            cols["lambda"].append(v.lam)
+            cols["strength"].append(np.nan if v.strength is None else v.strength)
+            cols["seed"].append(v.seed)
+        arrays: dict[str, Any] = {}
+        for name in STRING_TABLES:
+            arrays[name] = np.asarray(cols[name], dtype=np.int32).reshape(-1)
+            if name == "source":
+                encoded = [str(source).encode("utf-8") for (_, source) in sources]
+                offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+                np.cumsum([len(b) for b in encoded], out=offsets[1:])
+                blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+            else:
+                blob, offsets = tables[name].arrays()
+            arrays[f"{name}.blob"], arrays[f"{name}.offsets"] = blob, offsets
+        for name, dtype in _NUMERIC.items():
+            arrays[name] = np.asarray(cols[name], dtype=dtype).reshape(-1)
+        arrays["source_is_int"] = np.asarray([is_int for (is_int, _) in sources], dtype=bool).reshape(-1)
+        arrays["order"], arrays["group_start"] = _grouping(arrays["source"], arrays["variant"], len(sources))
+        return cls(arrays)
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, directory: Path, rows_size: int) -> dict[str, str]:
+        """Write every column into ``directory/columns``; ``{relative file name: SHA-256}``."""
+        folder = directory / COLUMNS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        digests: dict[str, str] = {}
+        for file_name in _file_names():
+            data = _npy_bytes(self.arrays[file_name[: -len(".npy")]])
+            _write_bytes_atomic(folder / file_name, data)
+            digests[f"{COLUMNS_DIR}/{file_name}"] = hashlib.sha256(data).hexdigest()
+        meta = f'{{"format": "{COLUMNS_FORMAT}", "plan.jsonl bytes": {int(rows_size)}}}\n'.encode()
+        _write_bytes_atomic(folder / "meta.json", meta)
+        return digests
+
+    @classmethod
+    def load(cls, directory: Path, digests: dict[str, str], rows_size: int, verify: bool = True
+             ) -> "PlanColumns | None":
+        """The columns mapped from ``directory/columns``, or None where the folder has none that
+        ``plan.json`` records (an older plan) or they were derived from another ``plan.jsonl``.
+        A column whose bytes differ from the recorded digest is an :class:`InputError`."""
+        from ._io import read_json_object
+
+        folder = directory / COLUMNS_DIR
+        names = _file_names()
+        if not all(f"{COLUMNS_DIR}/{name}" in digests for name in names) or not (folder / "meta.json").is_file():
+            return None
+        meta = read_json_object(folder / "meta.json", "plan columns record")
+        if meta.get("format") != COLUMNS_FORMAT or meta.get("plan.jsonl bytes") != rows_size:
+            return None
+        arrays: dict[str, Any] = {}
+        for name in names:
+            path = folder / name
+            if verify:
+                digest = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        digest.update(chunk)
+                if digest.hexdigest() != digests[f"{COLUMNS_DIR}/{name}"]:
+                    raise InputError(f"plan folder {directory}: {COLUMNS_DIR}/{name} differs from what plan.json "
+                                     "records (SHA-256): write the plan again with `dalda-aug plan`")
+            try:
+                arrays[name[: -len(".npy")]] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise InputError(f"{path}: not a plan column: {exc}") from None
+        return cls(arrays, directory)
+
+    def _check_shapes(self) -> None:
+        a = self.arrays
+        where = self.directory or "plan columns"
+        n = a["source"].shape
+        for name in _PER_VARIANT:
+            if a[name].ndim != 1 or a[name].shape != n:
+                raise InputError(f"{where}: column {name!r} has shape {a[name].shape}, expected {n}")
+        for table in STRING_TABLES:
+            offsets, blob = a[f"{table}.offsets"], a[f"{table}.blob"]
+            if offsets.dtype != np.int64 or blob.dtype != np.uint8 or offsets.ndim != 1 or offsets.size < 1 \
+                    or offsets[0] != 0 or offsets[-1] != blob.size or (np.diff(offsets) < 0).any():
+                raise InputError(f"{where}: string table {table!r} is not a blob with ascending offsets")
+            if a[table].size and (int(a[table].min()) < 0 or int(a[table].max()) >= offsets.size - 1):
+                raise InputError(f"{where}: column {table!r} points outside its string table")
+        s = a["source.offsets"].size - 1
+        if a["source_is_int"].shape != (s,) or a["group_start"].shape != (s + 1,) or a["order"].shape != n:
+            raise InputError(f"{where}: the grouping columns do not match {s} sources")
+
+    # -- reading -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.arrays["source"].shape[0])
+
+    @property
+    def n_sources(self) -> int:
+        return int(self.arrays["source_is_int"].shape[0])
+
+    def string(self, table: str, k: int) -> str:
+        offsets = self.arrays[f"{table}.offsets"]
+        return bytes(self.arrays[f"{table}.blob"][int(offsets[k]) : int(offsets[k + 1])]).decode("utf-8")
+
+    def source(self, s: int) -> str | int:
+        text = self.string("source", s)
+        return int(text) if self.arrays["source_is_int"][s] else text
+
+    def sources(self) -> list[str | int]:
+        return [self.source(s) for s in range(self.n_sources)]
+
+    def rows_of(self, s: int) -> Any:
+        """Row indices of source ``s``'s variants, in variant order."""
+        start = self.arrays["group_start"]
+        return self.arrays["order"][int(start[s]) : int(start[s + 1])]
+
+    def group_sizes(self) -> Any:
+        return np.diff(self.arrays["group_start"])
+
+    def fields(self, i: int) -> tuple[Any, ...]:
+        """Row ``i`` in :class:`~dalda_aug.plan.Variant` field order."""
+        a = self.arrays
+        strength = float(a["strength"][i])
+        return (self.source(int(a["source"][i])), int(a["label"][i]), self.string("class_name", int(a["class_name"][i])),
+                float(a["score"][i]), int(a["variant"][i]), self.string("prompt", int(a["prompt"][i])),
+                float(a["lambda"][i]), int(a["seed"][i]), self.string("source_sha256", int(a["source_sha256"][i])),
+                None if np.isnan(strength) else strength)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.directory is not None:  # workers map the same files (the parent checked them)
+            return {"directory": self.directory}
+        return {"arrays": {name: np.asarray(value) for name, value in self.arrays.items()}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.directory = state.get("directory")
+        if self.directory is not None:
+            folder = Path(self.directory) / COLUMNS_DIR
+            self.arrays = {name[: -len(".npy")]: np.load(folder / name, mmap_mode="r", allow_pickle=False)
+                           for name in _file_names()}
+        else:
+            self.arrays = state["arrays"]
+        self._check_shapes()
+
+
+def _grouping(source: Sequence[int] | Any, variant: Any, n_sources: int) -> tuple[Any, Any]:
+    order = np.lexsort((np.asarray(variant), np.asarray(source))).astype(np.int32)
+    counts = np.bincount(np.asarray(source, dtype=np.int64), minlength=n_sources)
+    group_start = np.zeros(n_sources + 1, dtype=np.int64)
+    np.cumsum(counts, out=group_start[1:])
+    return order, group_start
