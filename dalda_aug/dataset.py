@@ -440,11 +440,10 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         all of them changes what is trained on: warn. With any policy, warn when another spec
         recorded in the folder holds more of them (an explicit spec that differs from warm's)."""
         spec = self.cache.spec
-        variants = [self._variant(i, k) for i in np.flatnonzero(self._item_source >= 0).tolist()
-                    for k in range(self._count(i))]
-        planned = {spec.key(v) for v in variants} if spec is not None else set()
-        present = set() if missing_folder else self.cache.keys()
-        self.cached_variants = len(planned & present)
+        variants = self._plan.columns.key_fields(self._item_source[self._item_source >= 0])
+        planned = sorted({spec.key(v) for v in variants}) if spec is not None else []
+        # SQL look-ups of the planned keys (SyntheticCache.present), no listing of the cache
+        self.cached_variants = 0 if missing_folder or not planned else int(self.cache.present(planned).sum())
         if planned and self.cached_variants == len(planned):
             return
         effect = ("items whose chosen variant is missing are served real (on_miss='real'), so fewer than "
@@ -456,6 +455,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             return
         held = []
         better = False
+        present = self.cache.keys()
         for other in self.cache.recorded_specs():
             count = len({other.key(v) for v in variants} & present)
             held.append(f"{other.describe()} ({count} of these variants)")

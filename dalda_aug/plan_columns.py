@@ -31,13 +31,13 @@ import io
 import os
 import socket
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "PlanColumns", "STRING_TABLES"]
+__all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "STRING_TABLES"]
 
 COLUMNS_DIR = "columns"
 COLUMNS_FORMAT = "dalda_aug.plan-columns/1"
@@ -74,6 +74,15 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class KeyFields(NamedTuple):
+    """The fields of a variant its cache key reads (``GenerationSpec.key`` takes it as a variant)."""
+
+    prompt: str
+    lam: float
+    seed: int
+    source_sha256: str
 
 
 class _Table:
@@ -184,7 +193,7 @@ class PlanColumns:
                     raise InputError(f"plan folder {directory}: {COLUMNS_DIR}/{name} differs from what plan.json "
                                      "records (SHA-256): write the plan again with `dalda-aug plan`")
             try:
-                arrays[name[: -len(".npy")]] = np.load(path, mmap_mode="r", allow_pickle=False)
+                arrays[name[: -len(".npy")]] = _mapped(path)
             except (ValueError, OSError) as exc:
                 raise InputError(f"{path}: not a plan column: {exc}") from None
         return cls(arrays, directory)
@@ -243,6 +252,30 @@ class PlanColumns:
                 float(a["lambda"][i]), int(a["seed"][i]), self.string("source_sha256", int(a["source_sha256"][i])),
                 None if np.isnan(strength) else strength)
 
+    def key_fields(self, sources: Any) -> list[KeyFields]:
+        """The key fields of every variant of the source numbers ``sources``, in order (each
+        distinct string decoded once; for counting a plan's cache keys without a Variant each)."""
+        a = self.arrays
+        sources = np.asarray(sources, dtype=np.int64)
+        if not sources.size:
+            return []
+        start, sizes = a["group_start"][sources], np.diff(a["group_start"])[sources]
+        first = np.repeat(start - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
+        rows = a["order"][first + np.arange(int(sizes.sum()))]
+        prompts: dict[int, str] = {}
+        shas: dict[int, str] = {}
+        out = []
+        for p, lam, seed, h in zip(a["prompt"][rows].tolist(), a["lambda"][rows].tolist(), a["seed"][rows].tolist(),
+                                   a["source_sha256"][rows].tolist()):
+            prompt = prompts.get(p)
+            if prompt is None:
+                prompt = prompts[p] = self.string("prompt", p)
+            sha = shas.get(h)
+            if sha is None:
+                sha = shas[h] = self.string("source_sha256", h)
+            out.append(KeyFields(prompt, lam, seed, sha))
+        return out
+
     def __getstate__(self) -> dict[str, Any]:
         if self.directory is not None:  # workers map the same files (the parent checked them)
             return {"directory": self.directory}
@@ -252,11 +285,17 @@ class PlanColumns:
         self.directory = state.get("directory")
         if self.directory is not None:
             folder = Path(self.directory) / COLUMNS_DIR
-            self.arrays = {name[: -len(".npy")]: np.load(folder / name, mmap_mode="r", allow_pickle=False)
-                           for name in _file_names()}
+            self.arrays = {name[: -len(".npy")]: _mapped(folder / name) for name in _file_names()}
         else:
             self.arrays = state["arrays"]
         self._check_shapes()
+
+
+def _mapped(path: Path) -> Any:
+    """The array in ``path``, memory-mapped read-only, as a plain ndarray view (``np.memmap``'s
+    own indexing costs microseconds per element)."""
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array.view(np.ndarray) if isinstance(array, np.memmap) else array
 
 
 def _grouping(source: Sequence[int] | Any, variant: Any, n_sources: int) -> tuple[Any, Any]:
