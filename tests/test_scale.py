@@ -246,3 +246,63 @@ def torch_subset(ds, indices):
     from torch.utils.data import Subset
 
     return Subset(ds, indices)
+
+
+def _private_bytes():
+    """This process's private memory (USS: Private_Clean + Private_Dirty of smaps_rollup)."""
+    total = 0
+    with open("/proc/self/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith(("Private_Clean", "Private_Dirty")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class _Probe(Dataset):
+    """One item: the private memory of the worker serving it, after it served two items of ``inner``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        import gc
+
+        self.inner[0], self.inner[len(self.inner) - 1]
+        gc.collect()
+        return _private_bytes()
+
+
+def _worker_private_bytes(dataset, tries=3):
+    """The least of ``tries`` spawned workers' private memory (a worker's allocator noise is ~1 MB)."""
+    loader = DataLoader(_Probe(dataset), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    return min(int(next(iter(loader))) for _ in range(tries))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc/self/smaps_rollup")
+def test_spawned_worker_private_memory_per_variant_beyond_imagefolder(tmp_path, tiny_models):
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    pixel = Image.new("RGB", (2, 2))
+    grown = {}
+    for n in (1_000, 10_000):
+        root = tmp_path / f"data{n}"
+        for i in range(n):
+            (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+            pixel.save(root / f"c{i % 3}" / f"{i:06d}.png")
+        base = ImageFolder(root)
+        rows = [Variant(source=os.path.relpath(path, root), label=t, class_name=f"class {t}", score=0.5, variant=k,
+                        prompt=f"a photo of a class {t}", lam=0.5 + k / 100, seed=i * M + k, source_sha256=f"{i:064x}")
+                for i, (path, t) in enumerate(base.samples) for k in range(M)]
+        config = {"format": "dalda_aug.plan/1", "seed": 0, "variants_per_image": M, "data_root": str(root),
+                  "classes": base.classes, "class_names": [f"class {t}" for t in range(3)],
+                  "scaling": {"strategy": "ags"}, "models": tiny_models.to_dict()}
+        folder = AugmentationPlan(rows, config).save(tmp_path / f"plan{n}")
+        ds = SyntheticAugmentedDataset(ImageFolder(root), folder, SyntheticCache(tmp_path / f"cache{n}", spec),
+                                       p=1.0, on_miss="real", seed=0, verify_sources="off")  # made-up hashes
+        grown[n] = (_worker_private_bytes(base), _worker_private_bytes(ds))
+    variants = (10_000 - 1_000) * M
+    beyond = ((grown[10_000][1] - grown[1_000][1]) - (grown[10_000][0] - grown[1_000][0])) / variants
+    print(f"spawned worker private memory: {beyond:.2f} B per variant beyond ImageFolder's ({grown})")
+    assert beyond <= 16.0
