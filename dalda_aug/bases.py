@@ -128,6 +128,16 @@ class GenericAdapter(BaseAdapter):
     """Any dataset of ``(image, label)``: its items are named by their indices."""
 
 
+def _relative_id(path: str, base_root: str) -> str:
+    """``path`` relative to the absolute ``base_root``, with ``/``: by slicing when ``path`` is
+    already a normalised absolute path under the root (ImageFolder's own paths are), else through
+    ``os.path.relpath`` (the same result, about 20 times slower)."""
+    prefix = base_root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix) and os.path.normpath(path) == path:
+        return path[len(prefix):].replace(os.sep, "/")
+    return Path(os.path.relpath(os.path.abspath(path), base_root)).as_posix()
+
+
 class FolderAdapter(BaseAdapter):
     """torchvision ``ImageFolder``/``DatasetFolder`` (or anything listing ``samples``)."""
 
@@ -142,7 +152,7 @@ class FolderAdapter(BaseAdapter):
         if base_root is None:
             return super().source_ids(root)
         base_root = os.path.abspath(os.fspath(base_root))
-        ids = [Path(os.path.relpath(os.path.abspath(path), base_root)).as_posix() for path, *_ in self.dataset.samples]
+        ids = [_relative_id(path, base_root) for path, *_ in self.dataset.samples]
         return ids, f"{type(self.dataset).__name__} file paths relative to its root {base_root}"
 
     def stock_paths(self) -> list[str] | None:

@@ -378,7 +378,10 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         return self._plan.columns.source(s) if s >= 0 else index
 
     def _expected_sha(self, index: int) -> str:
-        return str(self._variant(index, 0).source_sha256)
+        """The plan's content hash of item ``index``'s source, read from the columns (no Variant)."""
+        cols = self._plan.columns
+        row = int(cols.rows_of(int(self._item_source[index]))[0])
+        return str(cols.string("source_sha256", int(cols.arrays["source_sha256"][row])))
 
     def _describe_item(self, index: int) -> str:
         source = self._item_id(index)
