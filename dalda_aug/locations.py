@@ -24,9 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["ModelLocation", "parse_location", "is_local_location", "describe_location"]
+__all__ = ["ModelLocation", "parse_location", "is_local_location", "describe_location", "user_cache_dir"]
 
 _FILE_SUFFIXES = (".json", ".bin", ".pt", ".pth", ".ckpt", ".safetensors")
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """This user's own cache folder for the library, joined with ``parts``: ``$DALDA_AUG_CACHE``,
+    else ``$XDG_CACHE_HOME/dalda_aug``, else ``~/.cache/dalda_aug`` (the project's one rule; the
+    built CLIP tokenizer, textual-inversion tokens, stat and coverage records live there). Not
+    created here: each writer creates what it needs and says so in one line where it cannot."""
+    root = os.environ.get("DALDA_AUG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dalda_aug")
+    return Path(root).joinpath(*parts)
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,7 @@ BOTTOM = {  # module -> what it may import from the package
     "dalda_aug.errors": set(),
     "dalda_aug._lazy": set(),
     "dalda_aug._io": {"dalda_aug.errors"},
+    "dalda_aug.locations": set(),
 }
 
 

@@ -34,7 +34,7 @@ from .._io import read_json_object, write_atomic
 from ..config import ModelConfig
 from ..errors import InputError, MissingFileError, require
 from .base import check_int, check_real, dtype_name, resolve_torch_dtype
-from ..locations import describe_location, parse_location
+from ..locations import describe_location, parse_location, user_cache_dir
 from .loading import call_loader, check_local_folder, quiet_loading
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -398,9 +398,7 @@ class TextualInversionTrainer:
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    root = os.environ.get("DALDA_AUG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dalda_aug")
-    return Path(root) / "textual-inversion"
+    return user_cache_dir("textual-inversion")
 
 
 def train_textual_inversion(

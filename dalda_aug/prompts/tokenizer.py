@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DaldaError, InputError, MissingFileError, ModelLoadError, require
+from ..locations import user_cache_dir
 
 __all__ = ["load_clip_tokenizer"]
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("DALDA_AUG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dalda_aug"
-    )
-    return Path(root)
+    return user_cache_dir()
 
 
 def load_clip_tokenizer(path: str | os.PathLike[str] | None = None, *, revision: str | None = None) -> Any:
