@@ -88,11 +88,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, source_ids, unwrap
-from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
+from .cache import GenerationSpec, GeneratorFactory, SyntheticCache, variant_keys
 from .data import image_sha256, load_image, to_rgb
 from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from .stat_record import StatRecord, file_stat, settled
+from .stat_record import CoverageRecord, StatRecord, file_stat, settled
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -441,41 +441,68 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     def _measure_coverage(self, plan: Any, missing_folder: bool) -> None:
         """Count the planned variants the cache holds. With ``on_miss="real"`` anything short of
         all of them changes what is trained on: warn. With any policy, warn when another spec
-        recorded in the folder holds more of them (an explicit spec that differs from warm's)."""
+        recorded in the folder holds more of them (an explicit spec that differs from warm's).
+
+        Counts are remembered per (cache folder, spec, plan) under the shards' stat
+        (:class:`~dalda_aug.stat_record.CoverageRecord`): constructing again over an unchanged
+        cache computes no key."""
         spec = self.cache.spec
-        variants = self._plan.columns.key_fields(self._item_source[self._item_source >= 0])
-        planned = sorted({spec.key(v) for v in variants}) if spec is not None else []
-        # SQL look-ups of the planned keys (SyntheticCache.present), no listing of the cache
-        self.cached_variants = 0 if missing_folder or not planned else int(self.cache.present(planned).sum())
-        if planned and self.cached_variants == len(planned):
-            return
+        sources = self._item_source[self._item_source >= 0]
         effect = ("items whose chosen variant is missing are served real (on_miss='real'), so fewer than "
                   f"p={self.p:g} of the items are synthetic")
         if missing_folder:
+            self.cached_variants = 0
             if self.on_miss == "real":
                 warnings.warn(f"the cache folder {self.cache.directory} does not exist: {effect}; warm it with "
                               "`dalda-aug warm`", UserWarning, stacklevel=3)
             return
+        token = self.cache.state_token()
+        digest = self._plan.columns.key_digest(sources)
+        n_planned, self.cached_variants, entries = 0, 0, None
+        if spec is not None:
+            counts = self._coverage(spec.fingerprint, sources, digest, token)
+            self.cached_variants, n_planned = counts["held"], counts["planned"]
+            if n_planned and self.cached_variants == n_planned:
+                return
+            entries = counts.get("entries")
         held = []
         better = False
-        present = self.cache.keys()
         for other in self.cache.recorded_specs():
-            count = len({other.key(v) for v in variants} & present)
-            held.append(f"{other.describe()} ({count} of these variants)")
-            better = better or count > self.cached_variants
+            other_counts = self._coverage(other.fingerprint, sources, digest, token)
+            held.append(f"{other.describe()} ({other_counts['held']} of these variants)")
+            better = better or other_counts["held"] > self.cached_variants
+            entries = other_counts.get("entries", entries)
         if self.on_miss != "real" and not better:
             return
+        if entries is None:
+            entries = len(self.cache.keys())
         holds = "; ".join(held) if held else "no recorded spec"
         if self.on_miss == "real":
             consequence = effect[0].upper() + effect[1:]
         else:
             consequence = f"Missing variants are handled by on_miss={self.on_miss!r}"
         warnings.warn(
-            f"{self.cached_variants}/{len(planned)} synthetic variants of the plan are cached in "
+            f"{self.cached_variants}/{n_planned} synthetic variants of the plan are cached in "
             f"{self.cache.directory} under the spec in use ({spec.describe() if spec else None}); the cache "
-            f"holds {len(present)} images, specs: {holds}. {consequence}. Warm the cache "
+            f"holds {entries} images, specs: {holds}. {consequence}. Warm the cache "
             "(`dalda-aug warm`) or use the spec it was warmed with (SyntheticCache(directory) reads it).",
             UserWarning, stacklevel=3)
+
+    def _coverage(self, fingerprint: str, sources: Any, digest: str, token: list[list[Any]]) -> dict[str, int]:
+        """``{"held", "planned"[, "entries"]}``: of the distinct keys of ``sources``' variants under
+        ``fingerprint``, how many the cache holds, and (when not all) how many entries it holds;
+        read from the coverage record of ``token`` or counted (one key per variant with
+        :func:`~dalda_aug.cache.variant_keys`, then SQL look-ups: no listing, no entry bytes)."""
+        record = CoverageRecord(self.cache.directory, fingerprint, digest)
+        counts = record.load(token)
+        if counts is None:
+            planned = sorted(set(variant_keys(fingerprint, *self._plan.columns.key_inputs(sources))))
+            counts = {"held": int(self.cache.present(planned).sum()) if planned else 0, "planned": len(planned)}
+            if counts["held"] < counts["planned"]:
+                counts["entries"] = len(self.cache.keys())
+            if self.cache.state_token() == token:  # nothing written meanwhile
+                record.save(token, counts)
+        return counts
 
     # -- torchvision dataset contract -----------------------------------------------------------
     def __len__(self) -> int:

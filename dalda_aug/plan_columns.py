@@ -252,29 +252,51 @@ class PlanColumns:
                 float(a["lambda"][i]), int(a["seed"][i]), self.string("source_sha256", int(a["source_sha256"][i])),
                 None if np.isnan(strength) else strength)
 
-    def key_fields(self, sources: Any) -> list[KeyFields]:
-        """The key fields of every variant of the source numbers ``sources``, in order (each
-        distinct string decoded once; for counting a plan's cache keys without a Variant each)."""
+    def rows_for(self, sources: Any) -> Any:
+        """Row indices of every variant of the source numbers ``sources``, source by source in
+        order, each source's in variant order (one gather, no Python loop)."""
         a = self.arrays
         sources = np.asarray(sources, dtype=np.int64)
         if not sources.size:
-            return []
+            return np.zeros(0, dtype=np.int64)
         start, sizes = a["group_start"][sources], np.diff(a["group_start"])[sources]
         first = np.repeat(start - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
-        rows = a["order"][first + np.arange(int(sizes.sum()))]
-        prompts: dict[int, str] = {}
-        shas: dict[int, str] = {}
-        out = []
-        for p, lam, seed, h in zip(a["prompt"][rows].tolist(), a["lambda"][rows].tolist(), a["seed"][rows].tolist(),
-                                   a["source_sha256"][rows].tolist()):
-            prompt = prompts.get(p)
-            if prompt is None:
-                prompt = prompts[p] = self.string("prompt", p)
-            sha = shas.get(h)
-            if sha is None:
-                sha = shas[h] = self.string("source_sha256", h)
-            out.append(KeyFields(prompt, lam, seed, sha))
-        return out
+        return a["order"][first + np.arange(int(sizes.sum()))]
+
+    def key_fields(self, sources: Any) -> list[KeyFields]:
+        """The key fields of every variant of the source numbers ``sources``, in order (each
+        distinct string decoded once; for counting a plan's cache keys without a Variant each)."""
+        prompts, prompt_codes, lams, seeds, shas, sha_codes = self.key_inputs(sources)
+        return [KeyFields(prompts[p], lam, seed, shas[h])
+                for p, lam, seed, h in zip(prompt_codes, lams, seeds, sha_codes)]
+
+    def key_inputs(self, sources: Any) -> tuple[list[str], list[int], list[float], list[int], list[str], list[int]]:
+        """What cache keys are made of, for every variant of ``sources`` (as :meth:`key_fields`),
+        as columns: ``(prompts, prompt_codes, lambdas, seeds, source_hashes, hash_codes)``, where
+        variant ``i``'s prompt is ``prompts[prompt_codes[i]]`` (each distinct string decoded once).
+        :func:`dalda_aug.cache.variant_keys` takes them as they are."""
+        a = self.arrays
+        rows = self.rows_for(sources)
+        tables = []
+        for table in ("prompt", "source_sha256"):
+            used, codes = np.unique(a[table][rows], return_inverse=True)
+            tables.append(([self.string(table, int(k)) for k in used], codes.astype(np.int64).tolist()))
+        (prompts, prompt_codes), (shas, sha_codes) = tables
+        return prompts, prompt_codes, a["lambda"][rows].tolist(), a["seed"][rows].tolist(), shas, sha_codes
+
+    def key_digest(self, sources: Any) -> str:
+        """SHA-256 of everything the cache keys of ``sources``' variants are made of, in order (the
+        rows' prompt, λ, seed and source-hash columns and both string tables): two calls agree
+        exactly when the keys agree, without computing a key (coverage records are named by it)."""
+        a = self.arrays
+        rows = self.rows_for(sources)
+        digest = hashlib.sha256(b"dalda_aug.plan-key-inputs/1\0")
+        for name in ("prompt", "lambda", "seed", "source_sha256"):
+            digest.update(np.ascontiguousarray(a[name][rows]).tobytes())
+        for table in ("prompt", "source_sha256"):
+            for part in ("offsets", "blob"):
+                digest.update(np.ascontiguousarray(a[f"{table}.{part}"]).tobytes())
+        return digest.hexdigest()
 
     def __getstate__(self) -> dict[str, Any]:
         if self.directory is not None:  # workers map the same files (the parent checked them)

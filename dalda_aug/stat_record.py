@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import socket
 import time
@@ -32,19 +33,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["RACY_SECONDS", "StatRecord", "file_stat", "record_dir", "settled"]
+from ._io import loads_bounded, write_atomic
+from .errors import InputError
+from .locations import user_cache_dir
+
+__all__ = ["COVERAGE_FORMAT", "CoverageRecord", "RACY_SECONDS", "StatRecord", "file_stat", "record_dir", "settled"]
 
 RECORD_FORMAT = b"dalda_aug.stat/1"
 #: Files modified this recently when verified are re-hashed next time (their stat may not move).
 RACY_SECONDS = 2.0
 _HEADER_MAX = 256  # bytes of .npy header a record may have beyond its rows
+COVERAGE_FORMAT = "dalda_aug.coverage/1"
+_COVERAGE_MAX = 1 << 20  # bytes: a coverage record lists a few rows per shard
 
 
 def record_dir() -> Path:
     """``$DALDA_AUG_CACHE/stat`` (default ``$XDG_CACHE_HOME/dalda_aug/stat``)."""
-    root = os.environ.get("DALDA_AUG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dalda_aug")
-    return Path(root) / "stat"
+    return user_cache_dir("stat")
 
 
 def file_stat(path: str) -> tuple[int, int]:
@@ -106,3 +111,61 @@ def settled(stat: tuple[int, int], now_ns: int | None = None) -> bool:
     """Whether a file with ``stat`` may be recorded: it exists and was not modified racily recently."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     return stat[0] >= 0 and stat[1] < now_ns - int(RACY_SECONDS * 1e9)
+
+
+class CoverageRecord:
+    """How many of a plan's distinct cache keys a cache folder held, remembered under the state of
+    its shards' index files (:meth:`~dalda_aug.cache.shardset.ShardSet.state_token`).
+
+    Counting the planned keys a cache holds takes a key and an SQL look-up per variant (about a
+    second at 200,000 variants); a dataset constructed again over the same plan, spec and cache
+    (every run, every rank) reads the count back instead while no shard's ``cache.db`` or WAL
+    changed. The record is named by the SHA-256 of the cache folder's real path, the spec's
+    fingerprint and the plan's key inputs (:meth:`~dalda_aug.plan_columns.PlanColumns.key_digest`),
+    so it never vouches for another plan, spec or folder; it lives beside the stat records, in
+    this user's cache folder, not in the (shared) cache. A token with a file modified within
+    :data:`RACY_SECONDS` is not recorded. The file is JSON, read bounded (1 MiB); anything
+    unexpected in it is ignored and the keys are counted."""
+
+    def __init__(self, cache_dir: str | os.PathLike[str], fingerprint: str, key_digest: str,
+                 directory: Path | None = None) -> None:
+        digest = hashlib.sha256(f"{COVERAGE_FORMAT}\0{fingerprint}\0{key_digest}\0".encode("utf-8"))
+        digest.update(os.fsencode(os.path.realpath(cache_dir)))
+        self.path = (directory or record_dir()) / f"coverage-{digest.hexdigest()}.json"
+
+    def load(self, token: list[list[Any]]) -> dict[str, int] | None:
+        """The counts recorded under exactly ``token`` (``held`` <= ``planned``, and the others
+        the writer added, all non-negative integers), or None."""
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read(_COVERAGE_MAX + 1)
+        except OSError:
+            return None
+        if len(raw) > _COVERAGE_MAX:
+            return None
+        try:
+            data = loads_bounded(raw, str(self.path))
+        except InputError:
+            return None
+        if not isinstance(data, dict) or data.get("format") != COVERAGE_FORMAT or data.get("token") != token:
+            return None
+        counts = data.get("counts")
+        if not isinstance(counts, dict) or not all(type(v) is int and v >= 0 for v in counts.values()):
+            return None
+        held, planned = counts.get("held"), counts.get("planned")
+        if held is None or planned is None or held > planned:
+            return None
+        return {str(k): int(v) for k, v in counts.items()}
+
+    def save(self, token: list[list[Any]], counts: dict[str, int], now_ns: int | None = None) -> bool:
+        """Record ``counts`` under ``token``; False (nothing raised, nothing written) where the
+        token is racy (a file modified within :data:`RACY_SECONDS`) or the folder cannot be written."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        if not token or not all(settled((int(row[2]), int(row[3])), now_ns) for row in token):
+            return False
+        text = json.dumps({"format": COVERAGE_FORMAT, "token": token, "counts": counts})
+        try:
+            write_atomic(self.path, text)
+        except OSError:
+            return False
+        return True

@@ -191,6 +191,22 @@ class ShardSet:
         """Every shard in the cache folder (this process's own first)."""
         return list(self._scan(force=True))
 
+    def state_token(self) -> list[list[Any]]:
+        """What every shard's index files look like on disk: ``[name, inode, size, mtime_ns]`` of
+        each shard's ``cache.db`` and of its ``cache.db-wal`` where that holds frames, sorted. Any
+        entry written or removed changes it (SQLite appends to the WAL or rewrites the database);
+        a coverage record remembers a count under it (:class:`~dalda_aug.stat_record.CoverageRecord`)."""
+        token: list[list[Any]] = []
+        for name in sorted(self._scan(force=True)):
+            for file in ("cache.db", "cache.db-wal"):
+                try:
+                    st = os.stat(self.directory / f"{SHARD_PREFIX}{name}" / file)
+                except OSError:
+                    continue
+                if file == "cache.db" or st.st_size:
+                    token.append([f"{name}/{file}", int(st.st_ino), int(st.st_size), int(st.st_mtime_ns)])
+        return token
+
     def _reader(self, name: str) -> ShardReader:
         self._check_process()
         reader = self._shard_readers.get(name)

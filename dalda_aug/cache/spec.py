@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .._io import read_json_object, write_atomic
 from ..config import ModelConfig
@@ -32,6 +33,7 @@ __all__ = [
     "GeneratorFactory",
     "plan_fingerprint",
     "variant_key",
+    "variant_keys",
     "is_entry_key",
     "write_spec_record",
     "read_spec_records",
@@ -174,6 +176,29 @@ def variant_key(fingerprint: str, prompt: str, lam: float, seed: int, source_sha
     """SHA-256 key of one image: generation fingerprint + prompt + λ + seed + source hash."""
     blob = json.dumps([KEY_FORMAT, fingerprint, prompt, float(lam), int(seed), source_sha256], ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def variant_keys(fingerprint: str, prompts: Sequence[str], prompt_codes: Sequence[int], lams: Sequence[float],
+                 seeds: Sequence[int], shas: Sequence[str], sha_codes: Sequence[int]) -> list[str]:
+    """:func:`variant_key` of many variants at once, for counting a plan's keys in a cache.
+
+    Variant ``i`` has prompt ``prompts[prompt_codes[i]]``, λ ``lams[i]``, seed ``seeds[i]`` and
+    source hash ``shas[sha_codes[i]]``. The same bytes are hashed as :func:`variant_key` hashes
+    (``json.dumps`` of the list, default separators), but each distinct prompt's prefix is
+    hashed once and copied, and each distinct string JSON-encoded once: about a microsecond a
+    variant instead of five."""
+    head = json.dumps([KEY_FORMAT, fingerprint], ensure_ascii=False)[:-1] + ", "
+    prefixes = [hashlib.sha256((head + json.dumps(p, ensure_ascii=False) + ", ").encode("utf-8")) for p in prompts]
+    tails = [(", " + json.dumps(h, ensure_ascii=False) + "]").encode("utf-8") for h in shas]
+    out: list[str] = []
+    append = out.append
+    for p, lam, seed, h in zip(prompt_codes, lams, seeds, sha_codes):
+        lam = float(lam)
+        text = repr(lam) if math.isfinite(lam) else json.dumps(lam)
+        digest = prefixes[p].copy()
+        digest.update(f"{text}, {int(seed)}".encode("ascii") + tails[h])
+        append(digest.hexdigest())
+    return out
 
 
 def is_entry_key(key: Any) -> bool:

@@ -305,7 +305,8 @@ class SyntheticCache(ShardSet):
         entry is damaged counts as present; the readers that decode refuse it (``warm``
         regenerates what fails its header or size checks).
         """
-        return super().present([self.key(v) for v in variants_or_keys])
+        key = self.key
+        return super().present([v if type(v) is str else key(v) for v in variants_or_keys])
 
     def count_present(self, variants_or_keys: Iterable[Any]) -> int:
         """How many of the distinct variants (or keys) have an entry row (:meth:`present`)."""
