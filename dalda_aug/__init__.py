@@ -40,6 +40,8 @@ _EXPORTS = {
     "CachedImage": "cache",
     "SyntheticAugmentedDataset": "dataset",
     "CacheMissError": "dataset",
+    "plan_indices": "bases",
+    "ITEMS": "dataset",
     "GeneratorPool": "pool",
     "PoolError": "pool",
     "WarmReport": "warm",
@@ -93,7 +95,10 @@ if TYPE_CHECKING:  # pragma: no cover
         few_shot_indices as few_shot_indices, image_sha256 as image_sha256, ImageSource as ImageSource,
         load_image as load_image, readable_class_name as readable_class_name,
     )
-    from .dataset import CacheMissError as CacheMissError, SyntheticAugmentedDataset as SyntheticAugmentedDataset
+    from .bases import plan_indices as plan_indices
+    from .dataset import (
+        CacheMissError as CacheMissError, ITEMS as ITEMS, SyntheticAugmentedDataset as SyntheticAugmentedDataset,
+    )
     from .demo import run_demo as run_demo
     from .errors import (
         DaldaError as DaldaError, ImageError as ImageError, InputError as InputError,

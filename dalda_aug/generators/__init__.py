@@ -43,6 +43,12 @@ _EXPORTS = {
     "make_scheduler": "loading",
     "load_vae": "loading",
     "load_tiny_vae": "loading",
+    "hub_endpoint": "loading",
+    "hub_reachable": "loading",
+    "hub_files": "loading",
+    "missing_from_hub_cache": "loading",
+    "check_hub": "loading",
+    "require_hub_models": "loading",
     "GenerationRequest": "base",
     "GeneratorConfig": "base",
     "Generator": "base",
@@ -120,6 +126,9 @@ if TYPE_CHECKING:  # pragma: no cover
         ddim_scheduler_config as ddim_scheduler_config, describe_location as describe_location,
         is_local_location as is_local_location, load_tiny_vae as load_tiny_vae, load_vae as load_vae,
         make_scheduler as make_scheduler, parse_location as parse_location,
+        check_hub as check_hub, hub_endpoint as hub_endpoint, hub_files as hub_files,
+        hub_reachable as hub_reachable, missing_from_hub_cache as missing_from_hub_cache,
+        require_hub_models as require_hub_models,
     )
     from .real_guidance import (
         RealGuidanceConfig as RealGuidanceConfig, RealGuidanceGenerator as RealGuidanceGenerator,
