@@ -164,19 +164,36 @@ def _dataset(root: Path, plan: Any, cache: SyntheticCache, **kwargs: Any) -> Any
         return SyntheticAugmentedDataset(ImageFolder(root), plan, cache, seed=0, **kwargs)
 
 
+def _forget_coverage() -> None:
+    """Delete the coverage records (not the stat records) of this user's cache folder."""
+    from dalda_aug.stat_record import record_dir
+
+    for path in record_dir().glob("coverage-*.json"):
+        path.unlink(missing_ok=True)
+
+
 def measure_construction(root: Path, plan_dir: Path, cache: SyntheticCache, repeats: int = 3) -> dict:
-    """Construction from the plan folder over unchanged sources against ImageFolder(root)."""
+    """Construction from the plan folder over unchanged sources against ImageFolder(root): with the
+    cache unchanged since the previous construction (its coverage record read back), and with the
+    coverage recounted (records deleted before each run: as after a `warm` changed the cache)."""
     from torchvision.datasets import ImageFolder
 
+    from dalda_aug.stat_record import RACY_SECONDS
+
+    newest = max(p.stat().st_mtime for p in cache.directory.rglob("cache.db*"))
+    time.sleep(max(0.0, newest + RACY_SECONDS + 0.5 - time.time()))  # fill_cache just wrote it: settle
     started = time.perf_counter()
     ds = _dataset(root, plan_dir, cache, on_miss="real")
     first_s = time.perf_counter() - started
     folder_s = _median_seconds(lambda: ImageFolder(root), repeats)
     ours_s = _median_seconds(lambda: _dataset(root, plan_dir, cache, on_miss="real"), repeats)
+    recount_s = _median_seconds(lambda: (_forget_coverage(), _dataset(root, plan_dir, cache, on_miss="real")),
+                                repeats)
     variants = ds.planned_variants
     return {"variants": variants, "imagefolder_s": round(folder_s, 4), "first_s": round(first_s, 4),
             "unchanged_s": round(ours_s, 4), "ratio": _ratio(ours_s, folder_s),
-            "target_3x_plus_0_5_s": bool(ours_s <= 3 * folder_s + 0.5)}
+            "target_3x_plus_0_5_s": bool(ours_s <= 3 * folder_s + 0.5),
+            "coverage_recounted_s": round(recount_s, 4), "target_2_s": bool(max(ours_s, recount_s) <= 2.0)}
 
 
 def measure_pickle(root: Path, plan_dir: Path, cache: SyntheticCache) -> dict:
@@ -401,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": _machine(), "sizes": []}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
+        # stat and coverage records of this run's throwaway folders go to the run's own folder
+        # (measure_construction deletes coverage records), not to this user's cache
+        os.environ["DALDA_AUG_CACHE"] = str(work / "user-cache")
         models = None
         if "plan" not in args.skip:
             if args.models == "tiny":

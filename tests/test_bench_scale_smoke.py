@@ -29,6 +29,7 @@ def test_bench_scale_reports_sane_figures(tmp_path):
     construction = size["construction"]
     assert construction["variants"] == 120 and construction["ratio"] > 0
     assert construction["unchanged_s"] > 0 and construction["imagefolder_s"] > 0
+    assert construction["coverage_recounted_s"] > 0
     assert size["pickle"]["dataset_bytes"] > size["pickle"]["imagefolder_bytes"] > 0
     assert math.isfinite(size["pickle"]["bytes_per_variant"])
     memory = size["memory"]

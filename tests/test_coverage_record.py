@@ -209,3 +209,25 @@ def test_the_key_digest_follows_what_keys_are_made_of(setup):
     columns.arrays["lambda"] = np.array(columns.arrays["lambda"], copy=True)
     columns.arrays["lambda"][0] += 1e-9
     assert columns.key_digest(sources) != digest
+
+
+def test_stats_counts_keys_in_arrays_as_a_set_would(setup):
+    root, plan, cache = setup
+    variants = list(plan)
+    _put(cache, variants[:7])
+    good_key = cache.spec.key(variants[0])
+    writer = cache._open(cache.shard)
+    # a copy under another 64-character key (its header names the lowercase key: a bad entry, and
+    # one that must not be mistaken for the good one when keys are packed as bytes)
+    writer.set(good_key.upper(), cache.get_raw(variants[0]))
+    writer.set("z" * 64, b"not an entry")  # not hex at all, and not an entry
+    other = SyntheticCache(cache.directory, cache.spec, shard="other")
+    _put(other, variants[5:9])  # two of these are also in the first shard
+    stats = cache.stats(plan)
+    listed = cache.keys()
+    assert stats["entries"] == len(listed - {"z" * 64, good_key.upper()}) == 7 + 2
+    assert stats["bad"] == 2
+    plan_keys = {cache.spec.key(v) for v in variants}
+    assert stats["plan"]["images"] == len(plan_keys)
+    assert stats["plan"]["cached"] == len(plan_keys & listed) == 9
+    assert stats["plan"]["missing"] == len(plan_keys) - 9

@@ -7,6 +7,7 @@ class extends with the generation spec, variants, images and maintenance.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -19,7 +20,7 @@ from .codecs import (DEFAULT_IMAGE_FORMAT, META_CRC, check_entry, check_image_fo
                      encode_entry)
 from .imagefolder import export_folder_names, write_image_folder
 from .shardset import ShardSet, check_journal_mode
-from .spec import SPECS_DIR, GenerationSpec, plan_fingerprint, read_spec_records, write_spec_record
+from .spec import SPECS_DIR, GenerationSpec, plan_fingerprint, read_spec_records, variant_keys, write_spec_record
 
 __all__ = ["SyntheticCache", "CachedImage", "open_cache_dir"]
 
@@ -451,38 +452,46 @@ class SyntheticCache(ShardSet):
         names them, ``warm`` regenerates them). A changed image byte is left to ``cache verify``
         and the decoding readers.
         """
+        import numpy as np
+
         shards = []
-        keys: set[str] = set()
-        bad_keys: set[str] = set()
+        good: list[Any] = []  # per shard, its good keys as 32-byte digests (no Python set of keys)
+        bad: list[Any] = []
         corrupt = refused = 0
         for name, reader in self._readers(force_scan=True):
-            shard_good = 0
+            shard_good: list[bytes] = []
+            shard_bad: list[bytes] = []
             for key, meta, _ in reader.check_heads():
-                if meta is None:
-                    bad_keys.add(key)
-                    continue
-                keys.add(key)
-                shard_good += 1
+                (shard_bad if meta is None else shard_good).append(_key_digest(key))
+            good.append(np.array(shard_good, dtype="S32"))
+            bad.append(np.array(shard_bad, dtype="S32"))
             refused += len(reader.refused_rows())
             corrupt += reader.corrupt_counter()
-            shards.append({"name": name, "entries": shard_good, "bytes": reader.volume()})
+            shards.append({"name": name, "entries": len(shard_good), "bytes": reader.volume()})
+        keys = np.unique(np.concatenate(good)) if good else np.zeros(0, dtype="S32")
+        bad_keys = np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype="S32")
         result: dict[str, Any] = {
             "directory": str(self.directory),
-            "entries": len(keys),
-            "bad": len(bad_keys - keys) + refused,
+            "entries": int(keys.size),
+            "bad": int((~np.isin(bad_keys, keys)).sum()) + refused,
             "bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
             "corrupt_removed": corrupt,
         }
         if plan is not None:
             spec = self.resolve_spec(plan)
-            plan_keys = {spec.key(v) for v in plan}
-            covered = len(plan_keys & keys)
+            columns = getattr(plan, "columns", None)
+            if columns is not None:  # an AugmentationPlan: its keys from the columns, no Variant each
+                plan_keys = variant_keys(spec.fingerprint, *columns.key_inputs(np.arange(columns.n_sources)))
+            else:
+                plan_keys = [spec.key(v) for v in plan]
+            planned = np.unique(np.array([_key_digest(k) for k in plan_keys], dtype="S32"))
+            covered = int(np.isin(planned, keys).sum())
             result["plan"] = {
-                "images": len(plan_keys),
+                "images": int(planned.size),
                 "cached": covered,
-                "missing": len(plan_keys) - covered,
-                "coverage": covered / len(plan_keys) if plan_keys else 1.0,
+                "missing": int(planned.size) - covered,
+                "coverage": covered / planned.size if planned.size else 1.0,
                 "fingerprint": spec.fingerprint,
             }
         return result
@@ -528,3 +537,15 @@ def open_cache_dir(directory: str | os.PathLike[str]) -> Path:
     if not path.is_dir():
         raise MissingFileError(f"cache folder not found: {path}")
     return path
+
+
+_LOWER_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _key_digest(key: str) -> bytes:
+    """32 bytes standing for an entry key in NumPy arrays: the key's own bytes when it is a
+    lowercase SHA-256 hex digest (every key this library writes), else a hash of its text (a
+    shard from elsewhere may hold any 64 characters), so distinct keys stay distinct."""
+    if _LOWER_HEX.fullmatch(key):
+        return bytes.fromhex(key)
+    return hashlib.sha256(b"\0other key\0" + key.encode("utf-8", "surrogatepass")).digest()
