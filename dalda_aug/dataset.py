@@ -494,13 +494,15 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         read from the coverage record of ``token`` or counted (one key per variant with
         :func:`~dalda_aug.cache.variant_keys`, then SQL look-ups: no listing, no entry bytes)."""
         record = CoverageRecord(self.cache.directory, fingerprint, digest)
-        counts = record.load(token)
+        # on a network filesystem a client may see another node's write late in the stat: recount
+        remembered = not self.cache._is_network()
+        counts = record.load(token) if remembered else None
         if counts is None:
             planned = sorted(set(variant_keys(fingerprint, *self._plan.columns.key_inputs(sources))))
             counts = {"held": int(self.cache.present(planned).sum()) if planned else 0, "planned": len(planned)}
             if counts["held"] < counts["planned"]:
                 counts["entries"] = len(self.cache.keys())
-            if self.cache.state_token() == token:  # nothing written meanwhile
+            if remembered and self.cache.state_token() == token:  # nothing written meanwhile
                 record.save(token, counts)
         return counts
 

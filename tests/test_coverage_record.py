@@ -9,6 +9,7 @@ import math
 import os
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,16 @@ def test_stats_counts_keys_in_arrays_as_a_set_would(setup):
     assert stats["plan"]["images"] == len(plan_keys)
     assert stats["plan"]["cached"] == len(plan_keys & listed) == 9
     assert stats["plan"]["missing"] == len(plan_keys) - 9
+
+
+def test_a_cache_on_a_network_filesystem_is_always_recounted(setup, monkeypatch):
+    """An NFS client may see another node's write late in the stat, so no record is trusted there."""
+    root, plan, cache = setup
+    _put(cache, list(plan)[:5])
+    _settle(cache)
+    counting = _CountingKeys(monkeypatch)
+    monkeypatch.setattr(type(cache), "_is_network", lambda self: True)  # as is_network_filesystem says on NFS
+    for calls in (1, 2):
+        ds, _ = _build(root, plan, cache)
+        assert ds.cached_variants == 5 and counting.calls == calls
+    assert not list((Path(os.environ["DALDA_AUG_CACHE"]) / "stat").glob("coverage-*.json"))
