@@ -273,11 +273,53 @@ def _apply_model_defaults(args: argparse.Namespace) -> None:
             args.model_defaults[option] = value
 
 
+def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for chosen in dict.fromkeys(action.choices.values()):  # aliases name the same parser once
+                yield from _all_parsers(chosen)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """``unrecognized arguments: ...``, with ``(did you mean --shots?)`` for each mistyped option
+    close to one of ``parser``'s own."""
+    import difflib
+
+    options = [option for option in parser._option_string_actions if option.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("--"):
+            hints += difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.75)
+    hint = f" (did you mean {', '.join(dict.fromkeys(hints))}?)" if hints else ""
+    return f"unrecognized arguments: {' '.join(extras)}{hint}"
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, an unknown option said first: argparse checks the required options (``plan
+    --data/--out``) before it returns the ones it does not know, so ``plan --shtos 2`` would say
+    ``--data`` is missing. A first pass with nothing required finds the unknown ones and names them
+    in one line under the chosen subcommand's usage (exit status 2); then the real pass."""
+    parsers = list(_all_parsers(parser))
+    relaxed: list[Any] = [action for each in parsers for action in each._actions if action.required]
+    relaxed += [group for each in parsers for group in each._mutually_exclusive_groups if group.required]
+    for item in relaxed:
+        item.required = False
+    try:
+        args, extras = parser.parse_known_args(argv)
+    finally:
+        for item in relaxed:
+            item.required = True
+    if extras:  # the chosen subcommand's usage, not the top level's
+        chosen = _chosen_parser(parser, args)
+        chosen.error(_unrecognized(chosen, extras))
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
-    if extras:  # the chosen subcommand's usage, not the top level's
-        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
+    args = _parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
