@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -40,6 +41,12 @@ __all__ = [
 ]
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+
+# torchvision >= 0.13's deprecation of ``pretrained=`` (torchvision/models/_utils.py), as lpips calls it.
+_TORCHVISION_PRETRAINED_WARNINGS = (
+    r"The parameter 'pretrained' is deprecated",
+    r"Arguments other than a weight enum or `None` for 'weights' are deprecated",
+)
 
 
 def mean_pairwise_cosine(features: npt.ArrayLike) -> float:
@@ -79,7 +86,12 @@ def load_lpips(device: Device = "cpu", random_backbone: bool = False) -> torch.n
                 f"(set TORCH_HOME to move it); download {ALEXNET_WEIGHTS} from download.pytorch.org "
                 "on a machine with internet access and copy it there"
             )
-    net: torch.nn.Module = lpips.LPIPS(net="alex", pnet_rand=random_backbone, verbose=False).to(device).eval()
+    with warnings.catch_warnings():
+        # lpips builds its AlexNet with torchvision's deprecated ``pretrained=``: that warning (two
+        # messages, about 'pretrained' and 'weights') is lpips' to fix, not the caller's. Only here.
+        for message in _TORCHVISION_PRETRAINED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        net: torch.nn.Module = lpips.LPIPS(net="alex", pnet_rand=random_backbone, verbose=False).to(device).eval()
     return net
 
 

@@ -44,6 +44,25 @@ def test_lpips_identical_zero_different_positive(photos, lpips_net):
     assert diff == pytest.approx(ref, rel=1e-5)
 
 
+def test_loading_lpips_says_nothing_of_torchvisions_pretrained_deprecation():
+    # lpips builds AlexNet with torchvision's deprecated pretrained=: load_lpips silences exactly
+    # that warning around its own load, and nowhere else.
+    pytest.importorskip("lpips", reason="lpips is not installed (the metrics extra)")
+    import warnings
+
+    import torchvision
+
+    def deprecations(load):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+        return [str(w.message) for w in caught if "pretrained" in str(w.message) or "'weights'" in str(w.message)]
+
+    assert deprecations(lambda: load_lpips(random_backbone=True)) == []
+    said = deprecations(lambda: torchvision.models.alexnet(pretrained=False))  # not silenced for others
+    assert any(message.startswith("The parameter 'pretrained' is deprecated") for message in said), said
+
+
 def test_lpips_missing_weights_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ModelLoadError, match="alexnet-owt-7be5be79.pth"):
