@@ -24,6 +24,23 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache_of_the_session(tmp_path_factory):
+    """The library's own user cache folder (``DALDA_AUG_CACHE``: CLIP tokenizer, textual-inversion
+    tokens, stat and coverage records) is a folder of this session, not ~/.cache/dalda_aug; set in
+    ``os.environ`` so that subprocesses started by tests inherit it. A test may still set or unset
+    it (monkeypatch, or an ``env`` of its own for a subprocess). ``XDG_CACHE_HOME`` is left alone:
+    other libraries find their downloaded weights through it (RUN_SLOW tests need them), and the
+    library reads it only when ``DALDA_AUG_CACHE`` is unset."""
+    previous = os.environ.get("DALDA_AUG_CACHE")
+    os.environ["DALDA_AUG_CACHE"] = str(tmp_path_factory.mktemp("dalda-aug-user-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DALDA_AUG_CACHE", None)
+    else:
+        os.environ["DALDA_AUG_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A :class:`ModelConfig` pointing at tiny random models written by ``make_tiny_models``."""

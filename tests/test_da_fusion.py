@@ -175,15 +175,15 @@ def test_bad_inputs(tiny_models, tokens, data, tmp_path):
         (data / "extra class").rmdir()
 
 
-def test_cli_textual_inversion_plan_warm(tiny_models, data, tmp_path):
+def test_cli_textual_inversion_plan_warm(tiny_models, data, tmp_path, monkeypatch):
     from dalda_aug.cache import SyntheticCache
     from dalda_aug.cli import main
     from dalda_aug.plan import AugmentationPlan
 
     models = os.path.join(os.path.dirname(tiny_models.base), "models.json")
     env_cache = tmp_path / "dalda-cache"
-    os.environ["DALDA_AUG_CACHE"] = str(env_cache)
-    try:
+    with monkeypatch.context() as env:  # the previous value comes back after the commands
+        env.setenv("DALDA_AUG_CACHE", str(env_cache))
         assert main(["textual-inversion", "--data", str(data), "--shots", "1", "--out", str(tmp_path / "tok"),
                      "--models", models, "--steps", "2", "--resolution", "32", "--batch-size", "2",
                      "--device", "cpu", "--no-progress"]) == 0
@@ -192,8 +192,6 @@ def test_cli_textual_inversion_plan_warm(tiny_models, data, tmp_path):
                      "--shots", "1", "--variants", "2", "--out", str(tmp_path / "plan"), "--models", models]) == 0
         assert main(["warm", "--plan", str(tmp_path / "plan"), "--cache", str(tmp_path / "cache"), "--steps", "2",
                      "--size", str(CANVAS), "--device", "cpu", "--no-progress"]) == 0
-    finally:
-        del os.environ["DALDA_AUG_CACHE"]
     plan = AugmentationPlan.load(tmp_path / "plan")
     cache = SyntheticCache(tmp_path / "cache")
     spec = cache.resolve_spec(plan)
