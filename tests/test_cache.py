@@ -20,6 +20,8 @@ from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import Variant
 
+from helpers import noise_folder
+
 
 def _variant(i: int = 0, **changes) -> Variant:
     values = dict(source=f"cls/img{i}.png", label=0, class_name="cls", score=0.5, variant=i,
@@ -514,11 +516,7 @@ def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
     from dalda_aug.cli import main
     from dalda_aug.plan import build_plan
 
-    root = tmp_path / "data"
-    for c, cls in enumerate(["red_fox", "tabby_cat"]):
-        (root / cls).mkdir(parents=True)
-        for i in range(2):
-            _image(10 * c + i, size=(24, 20)).save(root / cls / f"{i}.png")
+    root = noise_folder(tmp_path / "data", ["red_fox", "tabby_cat"], per_class=2)
     plan = build_plan(root, variants=2, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
     plan.save(tmp_path / "plan")
     spec = GenerationSpec(tiny_models, dataclasses.replace(GenerationConfig(), num_inference_steps=2, height=32,

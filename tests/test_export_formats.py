@@ -28,6 +28,8 @@ from dalda_aug.config import ModelConfig
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import Variant
 
+from helpers import noise_folder
+
 CLASSES = ["red_fox", "tabby_cat", "猫"]
 
 
@@ -166,11 +168,7 @@ def test_parquet_loads_with_datasets_image_and_classlabel(tmp_path, spec, capsys
 def test_export_with_a_plan_takes_its_variants_and_classes(tmp_path, spec, capsys):
     from dalda_aug.plan import build_plan
 
-    root = tmp_path / "data"
-    for c, cls in enumerate(["red_fox", "tabby_cat"]):
-        (root / cls).mkdir(parents=True)
-        for i in range(3):
-            _image(10 * c + i, size=(24, 20)).save(root / cls / f"{i}.png")
+    root = noise_folder(tmp_path / "data", ["red_fox", "tabby_cat"], per_class=3)
     plan = build_plan(root, variants=2, scores=[0.1, 0.2, 0.3, 0.6, 0.7, 0.8], models=spec.models)
     plan.save(tmp_path / "plan")
     cache = SyntheticCache(tmp_path / "cache", spec, shard="test")

@@ -8,12 +8,13 @@ linear probe on the tiny open_clip model.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script, run_benchmark, write_toy
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -24,33 +25,12 @@ METHODS = ["real", "base_ags", "base_rs", "fixed", "real_guidance", "dalda"]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("fewshot", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def _write_photos(root: Path, per_class: int, offset: int) -> None:
-    """``root/<class>/<i>.png``: small crops of two real photos, different crops per split."""
-    from PIL import Image
-    from skimage import data
-
-    for name, array in (("cat", data.chelsea()), ("coffee", data.coffee())):
-        img = Image.fromarray(array)
-        (root / name).mkdir(parents=True)
-        w, h = img.size
-        for i in range(per_class):
-            k = offset + i
-            box = (k * w // 12, k * h // 16, w // 2 + k * w // 12, h // 2 + k * h // 16)
-            img.crop(box).resize((48, 40)).save(root / name / f"{i}.png")
+    return load_script(SCRIPT, "fewshot")
 
 
 @pytest.fixture()
 def tiny_dataset(tmp_path):
-    _write_photos(tmp_path / "toy" / "train", per_class=3, offset=0)
-    _write_photos(tmp_path / "toy" / "test", per_class=3, offset=3)
-    return tmp_path / "toy"
+    return write_toy(tmp_path)
 
 
 def test_fewshot_end_to_end(tiny_models, tiny_dataset, tmp_path, capsys):
@@ -68,7 +48,7 @@ def test_fewshot_end_to_end(tiny_models, tiny_dataset, tmp_path, capsys):
             "--backbone", "clip", "--epochs", "1", "--iterations-per-epoch", "2", "--batch-size", "4",
             "--out", str(out), "--no-progress", "--threads", "1"]
     bench = _load_script()
-    assert _run(bench, argv) == 0
+    assert run_benchmark(bench, argv) == 0
     assert "results:" in capsys.readouterr().out
 
     result = json.loads((out / "results.json").read_text())
@@ -97,20 +77,9 @@ def test_fewshot_end_to_end(tiny_models, tiny_dataset, tmp_path, capsys):
     assert len(list((out / "plans").iterdir())) == len(METHODS) - 1
 
     # A rerun with the same settings reuses the finished runs and generates nothing.
-    assert _run(bench, argv) == 0
+    assert run_benchmark(bench, argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in runs]
-
-
-def _run(bench, argv):
-    """Run the benchmark; put back the torch thread count its --threads option changes."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return bench.main(argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_one_folder_split_evaluates_on_the_held_out_half(tiny_models, tiny_dataset, tmp_path):
@@ -121,7 +90,7 @@ def test_one_folder_split_evaluates_on_the_held_out_half(tiny_models, tiny_datas
             "--size", "32", "--device", "cpu", "--backbone", "clip", "--epochs", "1",
             "--iterations-per-epoch", "1", "--batch-size", "2", "--out", str(out), "--no-progress", "--threads", "1"]
     bench = _load_script()
-    assert _run(bench, argv) == 0
+    assert run_benchmark(bench, argv) == 0
     result = json.loads((out / "results.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["test_images"] == 4 and config["data"]["train_images"] == 2  # round(3 * 0.5) = 2 per class
@@ -241,7 +210,7 @@ def test_reference_protocol_end_to_end(tiny_models, tiny_dataset, tmp_path, caps
                 "--eval-draws", "64",
                 "--out", str(out), "--no-progress", "--threads", "1"]
         bench = _load_script()
-        assert _run(bench, argv) == 0
+        assert run_benchmark(bench, argv) == 0
     assert "We have created a 37 category pet dataset" in server.requests[0].user_message
     result = json.loads((out / "results.json").read_text())
     assert result["protocol"] == "reference" and result["metrics"] == ["mean per-class accuracy"]

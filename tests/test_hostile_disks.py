@@ -26,6 +26,8 @@ from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import build_plan
 from dalda_aug.warm import plan_keys, warm
 
+from helpers import cli_env, run_dalda
+
 STEPS, SIZE = 2, 32
 
 
@@ -78,17 +80,6 @@ def _tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dalda_aug", *args]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
 
 
 def _one_error_line(stderr: str, *needles: str) -> str:
@@ -158,8 +149,7 @@ def test_every_read_path_works_on_a_read_only_cache(warmed, tmp_path, capsys):
         # Writing says, in one line, that the folder is read-only.
         with pytest.raises(CacheReadOnlyError, match=f"the cache folder {ro} is read-only"):
             SyntheticCache(ro, spec, shard="new").put(plan[0], Image.new("RGB", (8, 8)))
-        other = subprocess.run(_cmd(*_warm_args(base, ro), "--steps", "3"), env=_env(), capture_output=True,
-                               text=True, timeout=600)  # other settings: 12 images to write
+        other = run_dalda(*_warm_args(base, ro), "--steps", "3")  # other settings: 12 images to write
         assert other.returncode == 2
         _one_error_line(other.stderr, str(ro), "read-only")
 
@@ -220,8 +210,7 @@ def test_full_disk_stops_warm_in_one_line_and_a_rerun_completes(warmed, tmp_path
     # and a few 64x64 entries, not for the 12.
     with _tmpfs(tmp_path / "small", "400k") as small:
         cache_dir = small / "cache"
-        full = subprocess.run(_cmd(*_warm_args(base, cache_dir, "--batch-size", "2", "--size", "64")), env=_env(),
-                              capture_output=True, text=True, timeout=600)
+        full = run_dalda(*_warm_args(base, cache_dir, "--batch-size", "2", "--size", "64"))
         assert full.returncode == 2, full.stdout + full.stderr
         line = _one_error_line(full.stderr, str(cache_dir), "is full", "free")
         assert "what was written is kept" in line
@@ -234,8 +223,7 @@ def test_full_disk_stops_warm_in_one_line_and_a_rerun_completes(warmed, tmp_path
         assert f"{written} ok, 0 bad" in out and 0 < written < 12
 
         assert _run("mount", "-o", "remount,size=64m", str(small)).returncode == 0
-        done = subprocess.run(_cmd(*_warm_args(base, cache_dir, "--batch-size", "2", "--size", "64")), env=_env(),
-                              capture_output=True, text=True, timeout=600)
+        done = run_dalda(*_warm_args(base, cache_dir, "--batch-size", "2", "--size", "64"))
         assert done.returncode == 0, done.stderr
         assert f"{written} already cached, {12 - written} generated" in done.stdout
         big = GenerationSpec(spec.models, GenerationConfig(num_inference_steps=STEPS, height=64, width=64))
@@ -296,7 +284,7 @@ def test_a_read_only_view_of_a_cache_being_written_sees_new_entries(tmp_path):
     with its latest entries: SQLite's read-only mode, not a frozen snapshot."""
     src = tmp_path / "cache"
     src.mkdir()
-    writer = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, str(src)], env=_env(), stdin=subprocess.PIPE,
+    writer = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, str(src)], env=cli_env(), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         writer.stdin.write("go\n")

@@ -7,7 +7,6 @@ the code under test."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,51 +20,17 @@ pytest.importorskip("torchvision")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script, run_benchmark, write_toy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load(ROOT / "benchmarks" / "fewshot.py", "fewshot_ref")
-
-
-# Copied from tests/test_fewshot_smoke.py::_write_photos (and its fixture, as `toy`): each test
-# module writes its own photos (this one runs without diffusers, which that module requires).
-def _write_photos(root: Path, per_class: int, offset: int) -> None:
-    from PIL import Image
-    from skimage import data
-
-    for name, array in (("cat", data.chelsea()), ("coffee", data.coffee())):
-        img = Image.fromarray(array)
-        (root / name).mkdir(parents=True)
-        w, h = img.size
-        for i in range(per_class):
-            k = offset + i
-            box = (k * w // 12, k * h // 16, w // 2 + k * w // 12, h // 2 + k * h // 16)
-            img.crop(box).resize((48, 40)).save(root / name / f"{i}.png")
+    return load_script(ROOT / "benchmarks" / "fewshot.py", "fewshot_ref")
 
 
 @pytest.fixture()
 def toy(tmp_path):
-    _write_photos(tmp_path / "toy" / "train", per_class=3, offset=0)
-    _write_photos(tmp_path / "toy" / "test", per_class=3, offset=3)
-    return tmp_path / "toy"
-
-
-def _run(bench, argv):
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return bench.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return write_toy(tmp_path)
 
 
 # -- the reference's halves ---------------------------------------------------------------------------
@@ -207,7 +172,7 @@ def test_reference_protocol_with_a_batchnorm_backbone(bench, toy, tmp_path, monk
             "--seeds", "0", "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2",
             "--iterations-per-epoch", "2", "--batch-size", "2", "--protocol", "reference", "--eval-draws", "8",
             "--device", "cpu", "--out", str(out), "--no-progress", "--threads", "1"]
-    assert _run(bench, argv) == 0
+    assert run_benchmark(bench, argv) == 0
     # the transform the training DataLoader's dataset applies is the reference's
     _assert_reference_transform(_dataset_transform(rec.train_loader().dataset), 64)
     # BatchNorm: train mode in every training step, eval mode in evaluation; running stats moved
@@ -232,7 +197,7 @@ def test_reference_protocol_with_clip_records_every_component(bench, toy, tmp_pa
               "--methods", "real", "--shots", "1", "--seeds", "0", "--backbone", "clip", "--epochs", "1",
               "--iterations-per-epoch", "1", "--batch-size", "2", "--protocol", "reference", "--device", "cpu",
               "--no-progress", "--threads", "1", "--eval-batch-size", "640"]
-    assert _run(bench, [*common, "--out", str(tmp_path / "ref")]) == 0
+    assert run_benchmark(bench, [*common, "--out", str(tmp_path / "ref")]) == 0
     _assert_reference_transform(_dataset_transform(rec.train_loader().dataset), 32)
     result = json.loads((tmp_path / "ref" / "results.json").read_text())
     row = result["runs"][0]
@@ -243,7 +208,7 @@ def test_reference_protocol_with_clip_records_every_component(bench, toy, tmp_pa
     assert "Components: recipe reference, clip_head reference, eval_draws 6400, eval_split reference." in table
 
     # one component overridden: table.md names it
-    assert _run(bench, [*common, "--recipe", "default", "--name", "pets", "--out", str(tmp_path / "rrc")]) == 0
+    assert run_benchmark(bench, [*common, "--recipe", "default", "--name", "pets", "--out", str(tmp_path / "rrc")]) == 0
     table = (tmp_path / "rrc" / "table.md").read_text()
     assert "classifier transforms (--recipe): default" in table and "not the same metric" in table
     assert "the same metric: every component" not in table
@@ -289,7 +254,7 @@ def test_prepare_flowers_reference_pools_every_image_in_file_name_order(tmp_path
     import torchvision.datasets as tvd
     from PIL import Image
 
-    prep = _load(ROOT / "examples" / "prepare_datasets.py", "prepare_ref")
+    prep = load_script(ROOT / "examples" / "prepare_datasets.py", "prepare_ref")
     jpg = tmp_path / "dl" / "jpg"
     jpg.mkdir(parents=True)
     # image id -> label (0-based), split as the official setid would
@@ -316,7 +281,7 @@ def test_prepare_flowers_reference_pools_every_image_in_file_name_order(tmp_path
 def test_caltech_reference_files_follow_glob_order(tmp_path, monkeypatch):
     import glob
 
-    prep = _load(ROOT / "examples" / "prepare_datasets.py", "prepare_ref2")
+    prep = load_script(ROOT / "examples" / "prepare_datasets.py", "prepare_ref2")
     listed = [str(tmp_path / "Faces_easy" / "image_0002.jpg"), str(tmp_path / "BACKGROUND_Google" / "x.jpg"),
               str(tmp_path / "Faces_easy" / "image_0001.jpg"), str(tmp_path / "ant" / "image_0001.jpg")]
     monkeypatch.setattr(glob, "glob", lambda pattern: list(listed))

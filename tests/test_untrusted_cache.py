@@ -31,6 +31,8 @@ from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import AugmentationPlan, Variant, build_plan
 from dalda_aug.warm import warm
 
+from helpers import cli_env, run_dalda
+
 STEPS, SIZE = 2, 32
 
 
@@ -46,18 +48,6 @@ class _Payload:
 
 def _payload(marker: Path) -> bytes:
     return pickle.dumps(_Payload(marker), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
-def _cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dalda_aug", *args], env=_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
 
 
 def _image(seed: int, size: int = SIZE) -> Image.Image:
@@ -170,13 +160,13 @@ def test_pickled_rows_in_every_shard_never_run(world, tmp_path):
     stats = SyntheticCache(cache_dir).stats(plan)
     assert stats["entries"] == 5 and stats["plan"]["cached"] == 5
     assert stats["bad"] == 2 * 5 + 2  # the non-entry rows, and the entry rows not good in another shard
-    done = _cli("cache", "stats", "--cache", str(cache_dir), "--plan", str(base / "plan"), "--json")
+    done = run_dalda("cache", "stats", "--cache", str(cache_dir), "--plan", str(base / "plan"), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["plan"]["cached"] == 5
     nothing_ran()
 
     # verify counts every planted row as corrupt, per shard.
-    done = _cli("cache", "verify", "--cache", str(cache_dir), "--no-progress")
+    done = run_dalda("cache", "verify", "--cache", str(cache_dir), "--no-progress")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     bad_lines = [line for line in done.stdout.splitlines() if line.startswith("bad entry")]
@@ -186,7 +176,7 @@ def test_pickled_rows_in_every_shard_never_run(world, tmp_path):
     nothing_ran()
 
     # export: the good images only.
-    done = _cli("cache", "export", "--cache", str(cache_dir), "--out", str(tmp_path / "export"), "--no-progress")
+    done = run_dalda("cache", "export", "--cache", str(cache_dir), "--out", str(tmp_path / "export"), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "export").rglob("*.png"))) == 5
     nothing_ran()
@@ -202,17 +192,17 @@ def test_pickled_rows_in_every_shard_never_run(world, tmp_path):
     nothing_ran()
 
     # warm (the CLI, rank 0: it writes the shard holding the planted rows) generates what is missing.
-    done = _cli("warm", "--plan", str(base / "plan"), "--cache", str(cache_dir), "--models",
-                str(base / "models.json"), "--steps", str(STEPS), "--size", str(SIZE), "--no-progress",
-                "--device", "cpu", timeout=900)
+    done = run_dalda("warm", "--plan", str(base / "plan"), "--cache", str(cache_dir), "--models",
+                     str(base / "models.json"), "--steps", str(STEPS), "--size", str(SIZE), "--no-progress",
+                     "--device", "cpu", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert SyntheticCache(cache_dir).stats(plan)["plan"]["cached"] == 8
     nothing_ran()
 
     # verify --remove drops what is left of the planted rows, by row: nothing runs, nothing outside goes.
-    done = _cli("cache", "verify", "--cache", str(cache_dir), "--remove", "--no-progress")
+    done = run_dalda("cache", "verify", "--cache", str(cache_dir), "--remove", "--no-progress")
     assert done.returncode == 0, done.stdout + done.stderr
-    done = _cli("cache", "verify", "--cache", str(cache_dir), "--no-progress")
+    done = run_dalda("cache", "verify", "--cache", str(cache_dir), "--no-progress")
     assert done.returncode == 0 and " 0 bad" in done.stdout, done.stdout
     nothing_ran()
 
@@ -259,7 +249,7 @@ def test_a_spec_record_naming_another_module_imports_nothing(world, tmp_path, co
     marker = tmp_path / "evil-ran"
     (workdir / "dalda_aug_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nGenerationConfig = object\n")
     # Importing that module really runs it (python -c puts the working folder on sys.path).
-    subprocess.run([sys.executable, "-c", "import dalda_aug_evil"], cwd=workdir, env=_env(), check=True)
+    subprocess.run([sys.executable, "-c", "import dalda_aug_evil"], cwd=workdir, env=cli_env(), check=True)
     assert marker.exists()
     marker.unlink()
 
@@ -267,14 +257,14 @@ def test_a_spec_record_naming_another_module_imports_nothing(world, tmp_path, co
     record = _record(cache_dir, spec, config_class)
     side_effect = tmp_path / "tiny-models-made-by-main"  # what importing dalda_aug.__main__ would do
     done = subprocess.run([sys.executable, "-c", _READ_SPECS, str(cache_dir), str(side_effect)], cwd=workdir,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("refused:") and str(record) in done.stdout
     assert "not a registered generator config" in done.stdout
     assert not marker.exists() and not side_effect.exists()
 
     # The CLI: one line naming the record, exit 2.
-    done = _cli("cache", "specs", "--cache", str(cache_dir), cwd=workdir)
+    done = run_dalda("cache", "specs", "--cache", str(cache_dir), cwd=workdir)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and record.name in done.stderr
     assert not marker.exists() and not side_effect.exists()
@@ -371,24 +361,24 @@ def test_a_spec_recorded_without_images_is_passed_over_and_can_be_forgotten(worl
     assert {s.fingerprint for s in bare.recorded_specs()} == {spec.fingerprint, stray.fingerprint}
     assert bare.resolve_spec(plan) == spec and bare.resolve_spec() == spec
     assert SyntheticCache(cache_dir).get(plan[0]) is not None  # no plan: the spec that holds images
-    done = _cli("cache", "stats", "--cache", str(cache_dir), "--plan", str(base / "plan"))
+    done = run_dalda("cache", "stats", "--cache", str(cache_dir), "--plan", str(base / "plan"))
     assert done.returncode == 0 and "8/8 images cached (100.0%)" in done.stdout, done.stderr
 
-    done = _cli("cache", "specs", "--cache", str(cache_dir), "--plan", str(base / "plan"), "--json")
+    done = run_dalda("cache", "specs", "--cache", str(cache_dir), "--plan", str(base / "plan"), "--json")
     assert done.returncode == 0, done.stderr
     rows = {r["fingerprint"]: r for r in json.loads(done.stdout)}
     assert rows[spec.fingerprint]["entries"] == 8 and rows[spec.fingerprint]["plan_cached"] == 8
     assert rows[stray.fingerprint]["entries"] == 0 and rows[stray.fingerprint]["plan_cached"] == 0
     assert "float16" in rows[stray.fingerprint]["description"]
-    done = _cli("cache", "specs", "--cache", str(cache_dir))
+    done = run_dalda("cache", "specs", "--cache", str(cache_dir))
     assert done.returncode == 0 and f"{stray.fingerprint}:" in done.stdout and "0 entries" in done.stdout
 
-    done = _cli("cache", "specs", "--cache", str(cache_dir), "--forget", stray.fingerprint)
+    done = run_dalda("cache", "specs", "--cache", str(cache_dir), "--forget", stray.fingerprint)
     assert done.returncode == 0 and "forgot spec" in done.stdout, done.stderr
     assert [s.fingerprint for s in SyntheticCache(cache_dir).recorded_specs()] == [spec.fingerprint]
-    done = _cli("cache", "specs", "--cache", str(cache_dir), "--forget", stray.fingerprint)
+    done = run_dalda("cache", "specs", "--cache", str(cache_dir), "--forget", stray.fingerprint)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and stray.fingerprint in done.stderr
-    done = _cli("cache", "specs", "--cache", str(cache_dir), "--forget", "../../etc")
+    done = run_dalda("cache", "specs", "--cache", str(cache_dir), "--forget", "../../etc")
     assert done.returncode == 2 and "16 hex digits" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -407,9 +397,9 @@ def test_warm_records_its_spec_only_once_an_image_is_stored(world, tmp_path, tin
         warm(plan, SyntheticCache(tmp_path / "cache", fp16), device="cpu", progress=False)
     # ...and in the CLI: one line naming the value, exit 2.
     for value in ("fp16", "float16"):
-        done = _cli("warm", "--plan", str(base / "plan"), "--cache", str(tmp_path / "cache"), "--models",
-                    str(base / "models.json"), "--steps", str(STEPS), "--size", str(SIZE), "--no-progress",
-                    "--device", "cpu", "--dtype", value)
+        done = run_dalda("warm", "--plan", str(base / "plan"), "--cache", str(tmp_path / "cache"), "--models",
+                         str(base / "models.json"), "--steps", str(STEPS), "--size", str(SIZE), "--no-progress",
+                         "--device", "cpu", "--dtype", value)
         assert done.returncode == 2, done.stdout + done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert f"--dtype {value}" in done.stderr and "CPU" in done.stderr
