@@ -106,18 +106,23 @@ def test_linear_probe_learns_on_real_photos(photos):
 
 
 # -- (3) CLIP head = CLIP's zero-shot classifier ----------------------------------------------------
-def test_clip_head_initialised_from_text_embeddings(tiny_models, photos):
+def _open_clip_reference(tiny_models, photos):
+    """open_clip's own model for the tiny CLIP (eval mode), its tokenizer, and ``photos`` through its
+    own preprocessing, stacked: the reference the CLIP heads are checked against."""
     import open_clip
 
-    classes = ["cat", "coffee", "rocket", "dog"]
-    model = C.build_classifier("clip", 4, class_names=classes, clip_model=tiny_models.clip_model,
-                               pretrained=tiny_models.clip_pretrained)
     open_clip.add_model_config(tiny_models.clip_model)
     name = Path(tiny_models.clip_model).stem
     ref, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tiny_models.clip_pretrained)
     ref.eval()
-    tokenizer = open_clip.get_tokenizer(name)
-    x = torch.stack([preprocess(img) for img in photos.values()])
+    return ref, open_clip.get_tokenizer(name), torch.stack([preprocess(img) for img in photos.values()])
+
+
+def test_clip_head_initialised_from_text_embeddings(tiny_models, photos):
+    classes = ["cat", "coffee", "rocket", "dog"]
+    model = C.build_classifier("clip", 4, class_names=classes, clip_model=tiny_models.clip_model,
+                               pretrained=tiny_models.clip_pretrained)
+    ref, tokenizer, x = _open_clip_reference(tiny_models, photos)
     with torch.no_grad():
         text = ref.encode_text(tokenizer([f"a photo of a {c}" for c in classes]))
         img = ref.encode_image(x)
@@ -140,18 +145,10 @@ def test_clip_head_reference_is_raw_features_times_raw_text(tiny_models, photos)
     # kkyuhun94/dalda train_classifier.py, ClassificationModel: self.out = nn.Linear(dim, C) with
     # out.weight = get_text_features("a photo of a {label}") (not normalised), default bias, and
     # forward = self.out(get_image_features(image)) (not normalised, no logit scale).
-    import open_clip
-
     classes = ["cat", "coffee", "rocket"]
     model = C.build_classifier("clip", 3, class_names=classes, clip_model=tiny_models.clip_model,
                                pretrained=tiny_models.clip_pretrained, clip_head="reference", seed=3)
-    # Copied from test_clip_head_initialised_from_text_embeddings: the same open_clip reference model
-    open_clip.add_model_config(tiny_models.clip_model)
-    name = Path(tiny_models.clip_model).stem
-    ref, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tiny_models.clip_pretrained)
-    ref.eval()
-    tokenizer = open_clip.get_tokenizer(name)
-    x = torch.stack([preprocess(img) for img in photos.values()])
+    ref, tokenizer, x = _open_clip_reference(tiny_models, photos)
     with torch.no_grad():
         text = ref.encode_text(tokenizer([f"a photo of a {c}" for c in classes]))
         img = ref.encode_image(x)
