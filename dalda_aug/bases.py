@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 
@@ -128,14 +128,38 @@ class GenericAdapter(BaseAdapter):
     """Any dataset of ``(image, label)``: its items are named by their indices."""
 
 
-def _relative_id(path: str, base_root: str) -> str:
+def _is_normal_under(path: str, prefix: str) -> bool:
+    """Whether ``path`` starts with ``prefix`` (a normalised absolute folder plus ``/``) and is
+    itself normalised, i.e. ``os.path.abspath(path) == path``: a few substring tests instead of
+    ``normpath`` (POSIX; elsewhere only ``normpath`` decides)."""
+    if not path.startswith(prefix):
+        return False
+    if os.sep != "/" or os.altsep:
+        return os.path.normpath(path) == path
+    return not ("//" in path or "/./" in path or "/../" in path or path.endswith(("/", "/.", "/..")))
+
+
+def _folder_prefix(base_root: str) -> str:
+    return base_root.rstrip(os.sep) + os.sep
+
+
+def _relative_id(path: str, base_root: str, prefix: str | None = None) -> str:
     """``path`` relative to the absolute ``base_root``, with ``/``: by slicing when ``path`` is
     already a normalised absolute path under the root (ImageFolder's own paths are), else through
     ``os.path.relpath`` (the same result, about 20 times slower)."""
-    prefix = base_root.rstrip(os.sep) + os.sep
-    if path.startswith(prefix) and os.path.normpath(path) == path:
+    prefix = _folder_prefix(base_root) if prefix is None else prefix
+    if _is_normal_under(path, prefix):
         return path[len(prefix):].replace(os.sep, "/")
     return Path(os.path.relpath(os.path.abspath(path), base_root)).as_posix()
+
+
+def _absolute_paths(paths: Iterable[Any], base_root: Any) -> list[str]:
+    """``os.path.abspath`` of each path, skipping the call for those already normalised under the
+    absolute ``base_root`` (every path of an ImageFolder whose root is absolute)."""
+    if base_root is None:
+        return [os.path.abspath(path) for path in paths]
+    prefix = _folder_prefix(os.path.abspath(os.fspath(base_root)))
+    return [path if type(path) is str and _is_normal_under(path, prefix) else os.path.abspath(path) for path in paths]
 
 
 class FolderAdapter(BaseAdapter):
@@ -152,7 +176,8 @@ class FolderAdapter(BaseAdapter):
         if base_root is None:
             return super().source_ids(root)
         base_root = os.path.abspath(os.fspath(base_root))
-        ids = [_relative_id(path, base_root) for path, *_ in self.dataset.samples]
+        prefix = _folder_prefix(base_root)
+        ids = [_relative_id(path, base_root, prefix) for path, *_ in self.dataset.samples]
         return ids, f"{type(self.dataset).__name__} file paths relative to its root {base_root}"
 
     def stock_paths(self) -> list[str] | None:
@@ -170,7 +195,7 @@ class FolderAdapter(BaseAdapter):
         if loader not in (folder.default_loader, folder.pil_loader) or get_image_backend() != "PIL" \
                 or own_getitem is not folder.DatasetFolder.__getitem__:
             return None
-        return [os.path.abspath(path) for path, *_ in self.dataset.samples]
+        return _absolute_paths([path for path, *_ in self.dataset.samples], getattr(self.dataset, "root", None))
 
     def stock_path(self, index: int) -> str:
         return os.path.abspath(str(self.dataset.samples[index][0]))

@@ -269,7 +269,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             ids, looked_for = self._adapter.source_ids(plan.data_root)
             if len(ids) != n:
                 raise InputError(f"the base dataset has {n} items but lists {len(ids)} samples")
-        index_of = plan.source_index()
+        index_of = {source: s for s, source in enumerate(plan.columns.sources())}  # plan.source_index(), in bulk
         item_source = np.array([index_of.get(source, -1) for source in ids], dtype=np.int32).reshape(-1)
         matched = int((item_source >= 0).sum())
         if targets is not None and matched:
@@ -400,8 +400,10 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         by_stat = planned if self.verify_sources == "stat" and self._reads_files else []
         record, known, stats = None, None, np.zeros((0, 2), dtype=np.int64)
         if by_stat:
-            paths = [self._adapter.stock_path(i) for i in by_stat]
-            record = StatRecord(paths, [self._expected_sha(i) for i in by_stat])
+            listed = self._adapter.stock_paths()  # in bulk: the same paths as stock_path(i)
+            paths = [listed[i] for i in by_stat] if listed is not None else [self._adapter.stock_path(i)
+                                                                               for i in by_stat]
+            record = StatRecord(paths, self._plan.columns.source_hashes(self._item_source[by_stat]))
             known = record.load()
             stats = np.array([file_stat(path) for path in paths], dtype=np.int64).reshape(-1, 2)
         unchanged = np.zeros(len(planned), dtype=bool)

@@ -228,12 +228,35 @@ class PlanColumns:
         offsets = self.arrays[f"{table}.offsets"]
         return bytes(self.arrays[f"{table}.blob"][int(offsets[k]) : int(offsets[k + 1])]).decode("utf-8")
 
+    def strings(self, table: str, codes: Any = None) -> list[str]:
+        """The strings of ``table`` at ``codes`` (all of them when None), decoded in bulk: the blob
+        read once, each entry sliced from it (a few times faster than :meth:`string` per entry)."""
+        offsets = self.arrays[f"{table}.offsets"]
+        if codes is None:
+            starts, ends = offsets[:-1], offsets[1:]
+        else:
+            codes = np.asarray(codes, dtype=np.int64)
+            starts, ends = offsets[codes], offsets[codes + 1]
+        raw = self.arrays[f"{table}.blob"].tobytes()
+        return [raw[a:b].decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
+
     def source(self, s: int) -> str | int:
         text = self.string("source", s)
         return int(text) if self.arrays["source_is_int"][s] else text
 
     def sources(self) -> list[str | int]:
-        return [self.source(s) for s in range(self.n_sources)]
+        texts = self.strings("source")
+        is_int = self.arrays["source_is_int"]
+        if not is_int.any():
+            return list(texts)
+        return [int(t) if i else t for t, i in zip(texts, is_int.tolist())]
+
+    def source_hashes(self, sources: Any) -> list[str]:
+        """The content hash (``source_sha256``) of each source number in ``sources``."""
+        a = self.arrays
+        sources = np.asarray(sources, dtype=np.int64)
+        first_rows = a["order"][a["group_start"][sources]]
+        return self.strings("source_sha256", a["source_sha256"][first_rows])
 
     def rows_of(self, s: int) -> Any:
         """Row indices of source ``s``'s variants, in variant order."""

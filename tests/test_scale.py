@@ -4,6 +4,7 @@ index); the plan is columnar and memory-mapped."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 
 import numpy as np
@@ -311,3 +312,27 @@ def test_spawned_worker_private_memory_per_variant_beyond_imagefolder(tmp_path, 
     beyond = ((grown[10_000][1] - grown[1_000][1]) - (grown[10_000][0] - grown[1_000][0])) / variants
     print(f"spawned worker private memory: {beyond:.2f} B per variant beyond ImageFolder's ({grown})")
     assert beyond <= 16.0
+
+
+@pytest.mark.parametrize("path", [
+    "/data/train/cat/1.png", "/data/train//cat/1.png", "/data/train/./cat/1.png", "/data/train/../x/1.png",
+    "/data/train/cat/", "/data/train/cat/.", "/data/train/cat/..", "/data/train/.hidden/1.png",
+    "/data/train/cat/..png", "/data/trainx/cat/1.png", "relative/cat/1.png", "/data/train/c at/ü.png",
+])
+def test_paths_taken_as_they_are_only_when_abspath_would_return_them(path):
+    from dalda_aug.bases import _absolute_paths, _relative_id
+
+    assert _absolute_paths([path], "/data/train") == [os.path.abspath(path)]
+    assert _relative_id(os.path.abspath(path), "/data/train") == \
+        Path(os.path.relpath(os.path.abspath(path), "/data/train")).as_posix()
+
+
+def test_sources_and_hashes_decoded_in_bulk_equal_one_at_a_time(tmp_path, tiny_models):
+    plan = _synthetic_plan(50, tiny_models, int_sources=False)
+    columns = plan.columns
+    assert columns.sources() == [columns.source(s) for s in range(columns.n_sources)]
+    picks = np.array([3, 0, 49, 3])
+    assert columns.source_hashes(picks) == [plan.source_variants(int(s))[0].source_sha256 for s in picks]
+    int_plan = _synthetic_plan(20, tiny_models, int_sources=True)
+    assert int_plan.columns.sources() == [int_plan.columns.source(s) for s in range(20)]
+    assert all(isinstance(s, int) for s in int_plan.columns.sources())
