@@ -37,12 +37,15 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "STRING_TABLES"]
+__all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "SPILL_ROWS", "STRING_TABLES"]
 
 COLUMNS_DIR = "columns"
 COLUMNS_FORMAT = "dalda_aug.plan-columns/1"
 #: Fields stored as indices into a table of distinct strings.
 STRING_TABLES = ("source", "class_name", "prompt", "source_sha256")
+#: An in-memory plan of at least this many rows is written to a temporary folder when pickled
+#: (:meth:`PlanColumns.spill`), so spawned DataLoader workers map it instead of each copying it.
+SPILL_ROWS = 100_000
 _NUMERIC = {"label": np.int32, "variant": np.int32, "score": np.float64, "lambda": np.float64,
             "strength": np.float64, "seed": np.int64}
 _PER_VARIANT = (*STRING_TABLES, *_NUMERIC)
@@ -109,8 +112,10 @@ class PlanColumns:
 
     def __init__(self, arrays: dict[str, Any], directory: Path | None = None) -> None:
         self.arrays = arrays
-        #: The folder the arrays are mapped from, or None when they live in memory.
+        #: The folder the arrays are mapped from (a plan folder, or the temporary folder of
+        #: :meth:`spill`), or None when they live in memory.
         self.directory = directory
+        self._spilled: Any = None  # the finalizer that removes a spilled folder
         self._check_shapes()
 
     # -- building ---------------------------------------------------------------------------------
@@ -322,18 +327,55 @@ class PlanColumns:
         return digest.hexdigest()
 
     def __getstate__(self) -> dict[str, Any]:
+        if self.directory is None and len(self) >= SPILL_ROWS:
+            self.spill()
         if self.directory is not None:  # workers map the same files (the parent checked them)
-            return {"directory": self.directory}
+            return {"directory": self.directory, "host": socket.gethostname(), "spilled": self._spilled is not None}
         return {"arrays": {name: np.asarray(value) for name, value in self.arrays.items()}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self._spilled = None
         self.directory = state.get("directory")
         if self.directory is not None:
             folder = Path(self.directory) / COLUMNS_DIR
-            self.arrays = {name[: -len(".npy")]: _mapped(folder / name) for name in _file_names()}
+            try:
+                self.arrays = {name[: -len(".npy")]: _mapped(folder / name) for name in _file_names()}
+            except OSError as exc:
+                where = (f"the temporary folder {self.directory} an in-memory plan was written to on host "
+                         f"{state.get('host')!r}" if state.get("spilled") else f"the plan folder {self.directory}")
+                raise InputError(
+                    f"cannot map the plan's columns from {where}: {exc.strerror or exc}; a dataset unpickled on "
+                    "another machine needs its plan folder on storage both machines mount (plan.save(DIR), then "
+                    "pass DIR)") from None
         else:
             self.arrays = state["arrays"]
         self._check_shapes()
+
+    def spill(self) -> Path:
+        """Write in-memory columns to a temporary folder and map them from there (once): pickling
+        then sends the folder's path, so DataLoader workers map the pages this process reads
+        instead of each receiving a private copy (about 50 bytes a variant). Done by pickling a
+        plan of :data:`SPILL_ROWS` rows or more; the folder is removed when these columns are
+        garbage-collected or the process exits (workers keep their mappings)."""
+        if self.directory is not None:
+            return Path(self.directory)
+        import shutil
+        import tempfile
+        import weakref
+
+        folder = Path(tempfile.mkdtemp(prefix="dalda-aug-plan-"))
+        try:
+            (folder / COLUMNS_DIR).mkdir()
+            for file_name in _file_names():
+                np.save(folder / COLUMNS_DIR / file_name, np.ascontiguousarray(self.arrays[file_name[: -len(".npy")]]),
+                        allow_pickle=False)
+            arrays = {name[: -len(".npy")]: _mapped(folder / COLUMNS_DIR / name) for name in _file_names()}
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.arrays, self.directory = arrays, folder
+        self._spilled = weakref.finalize(self, shutil.rmtree, str(folder), True)
+        return folder
 
 
 def _mapped(path: Path) -> Any:

@@ -336,3 +336,63 @@ def test_sources_and_hashes_decoded_in_bulk_equal_one_at_a_time(tmp_path, tiny_m
     int_plan = _synthetic_plan(20, tiny_models, int_sources=True)
     assert int_plan.columns.sources() == [int_plan.columns.source(s) for s in range(20)]
     assert all(isinstance(s, int) for s in int_plan.columns.sources())
+
+
+def test_an_unsaved_plan_pickles_as_a_temporary_folder(tmp_path, tiny_models, monkeypatch):
+    import gc
+
+    import dalda_aug.plan_columns as plan_columns
+
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+
+    def dataset(n):
+        return SyntheticAugmentedDataset(_Indexed(n), _synthetic_plan(n, tiny_models),
+                                         SyntheticCache(tmp_path / f"cache-{n}", spec), p=0.5, on_miss="error",
+                                         seed=0, verify_sources="off")
+
+    kept = dataset(500)
+    kept_bytes = len(pickle.dumps(kept))  # under SPILL_ROWS: the arrays themselves
+    assert kept._plan.columns.directory is None and kept_bytes > 500 * M * 40
+    monkeypatch.setattr(plan_columns, "SPILL_ROWS", 1_000)
+    small, large = dataset(200), dataset(2_000)
+    small_bytes, large_bytes = len(pickle.dumps(small)), len(pickle.dumps(large))
+    assert (large_bytes - small_bytes) / ((2_000 - 200) * M) <= 4.0
+    folder = large._plan.columns.directory
+    assert folder is not None and (folder / "columns" / "lambda.npy").is_file()
+    again = pickle.loads(pickle.dumps(large))
+    assert again._plan.columns.directory == folder
+    assert list(again._plan) == list(_synthetic_plan(2_000, tiny_models))  # the same rows, read from the folder
+    del again, large
+    gc.collect()
+    assert not folder.exists()  # removed with the columns that wrote it
+
+
+def test_a_spilled_plan_unpickled_where_its_folder_is_missing_says_so(tmp_path, tiny_models, monkeypatch):
+    import dalda_aug.plan_columns as plan_columns
+
+    monkeypatch.setattr(plan_columns, "SPILL_ROWS", 10)
+    plan = _synthetic_plan(5, tiny_models)
+    blob = pickle.dumps(plan)
+    folder = plan.columns.directory
+    import shutil
+
+    shutil.rmtree(folder)
+    with pytest.raises(InputError, match=r"temporary folder .*dalda-aug-plan-.* on host .*plan.save\(DIR\)"):
+        pickle.loads(blob)
+
+
+def test_spawned_worker_reads_a_spilled_plan(tmp_path, tiny_models, monkeypatch):
+    import dalda_aug.plan_columns as plan_columns
+
+    monkeypatch.setattr(plan_columns, "SPILL_ROWS", 10)  # in this process, which pickles
+    n = 40
+    plan = _synthetic_plan(n, tiny_models)
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    ds = SyntheticAugmentedDataset(_Indexed(n), plan, SyntheticCache(tmp_path / "cache", spec), p=1.0,
+                                   on_miss="error", seed=3, verify_sources="off")
+    rows = sorted((v for v in _synthetic_plan(n, tiny_models) if v.source == 7), key=lambda v: v.variant)
+    expected = spec.key(rows[pick(draw_name(3, 0, 7, 0, 0), 1.0, len(rows))])
+    loader = DataLoader(torch_subset(ds, [7]), batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    with pytest.raises(CacheMissError, match=f"key {expected}"):
+        next(iter(loader))
+    assert ds._plan.columns.directory is not None  # the worker was sent the folder
