@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, Un
 import numpy as np
 
 from ._io import loads_bounded, read_json_object, write_atomic
-from .ags import Scaling, sample_scales
+from .ags import Scaling, ags_parameters, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, SourceItem, image_sha256
 from .errors import InputError, MissingFileError
@@ -189,7 +189,7 @@ class AugmentationPlan:
                  *, columns: PlanColumns | None = None):
         self.columns: PlanColumns = columns if columns is not None else PlanColumns.from_rows(variants)
         self.config: dict[str, Any] = dict(config)
-        self.summary: dict[str, Any] = summary if summary is not None else summarize(self.variants, self.config)
+        self.summary: dict[str, Any] = summary if summary is not None else _summarize_columns(self.columns, self.config)
         self._by_source: dict[Any, list[Variant]] | None = None
 
     @property
@@ -395,6 +395,56 @@ def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, 
     }
 
 
+def _summarize_columns(columns: PlanColumns, config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`summarize` of the plan whose rows ``columns`` holds, from its arrays (no Variant made).
+
+    The same dict, float for float: every mean is taken over an array holding the same values in
+    the same order as :func:`summarize`'s (each source's first row, sources in order of first
+    appearance; the classes in sorted order)."""
+    arrays = columns.arrays
+    alpha = float(config.get("scaling", {}).get("ags", {}).get("alpha", 0.3))
+    source_col = np.asarray(arrays["source"])
+    # sources are numbered in order of first appearance, so np.unique's first rows come in that order
+    _, first = np.unique(source_col, return_index=True)
+    scores = np.asarray(arrays["score"], dtype=np.float64)[first]
+    lams = np.asarray(arrays["lambda"], dtype=np.float64)
+    names = [columns.string("class_name", k) for k in range(arrays["class_name.offsets"].size - 1)]
+    class_col = np.asarray(arrays["class_name"])
+    source_class = class_col[first]
+    src_counts = np.bincount(source_class, minlength=len(names))
+    var_counts = np.bincount(class_col, minlength=len(names))
+    counts, edges = np.histogram(scores, bins=10, range=(0.0, 1.0))
+    # each class's source scores, in source order (a stable sort by class keeps it)
+    by_class = np.split(scores[np.argsort(source_class, kind="stable")], np.cumsum(src_counts)[:-1])
+    per_class: dict[str, dict[str, Any]] = {}
+    for code in sorted((k for k in range(len(names)) if src_counts[k]), key=lambda k: names[k]):
+        per_class[names[code]] = {
+            "sources": int(src_counts[code]),
+            "variants": int(var_counts[code]),
+            "mean_score": round(float(np.mean(by_class[code])), 6),
+        }
+    n_sources = int(first.size)
+    low = int((scores <= alpha).sum())
+    return {
+        "sources": n_sources,
+        "variants": int(lams.size),
+        "classes": len(per_class),
+        "alpha": alpha,
+        "low_sources": low,
+        "high_sources": n_sources - low,
+        "low_share": round(low / n_sources, 6) if n_sources else 0.0,
+        "high_share": round(1 - low / n_sources, 6) if n_sources else 0.0,
+        "mean_score": round(float(scores.mean()), 6) if scores.size else None,
+        "score_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]},
+        "lambda": {
+            "mean": round(float(lams.mean()), 6) if lams.size else None,
+            "min": round(float(lams.min()), 6) if lams.size else None,
+            "max": round(float(lams.max()), 6) if lams.size else None,
+        },
+        "per_class": per_class,
+    }
+
+
 def _class_prompts(prompts: Prompts | None, class_name: str, base_name: str | None = None) -> list[str]:
     if prompts is None:
         return [BASE_TEMPLATE.format(base_name if base_name is not None else class_name)]
@@ -485,6 +535,57 @@ def _gather_shares(hashes: list[str], scores: np.ndarray | None, world: int) -> 
     if scores is None:
         return all_hashes, None
     return all_hashes, np.array([x for _, part in gathered for x in part], dtype=np.float64)
+
+
+def _variant_seeds(seed: int, source_sha256: str, variants: int) -> list[int]:
+    """``[derive_seed(seed, source_sha256, k) for k in range(variants)]``, the common prefix hashed once."""
+    prefix = hashlib.sha256(f"{int(seed)}:{source_sha256}:".encode())
+    out = []
+    for k in range(variants):
+        h = prefix.copy()
+        h.update(f"{k}:generation".encode())
+        out.append(int.from_bytes(h.digest()[:8], "big") >> 1)
+    return out
+
+
+_LAMBDA_BLOCK = 1 << 16  # λ drawn by inversion this many at a time (bounds the temporaries' memory)
+
+
+def _draw_lambdas(hashes: Sequence[str], scores: np.ndarray, shots: Sequence[int], variants: int, seed: int,
+                  scaling: Scaling) -> np.ndarray:
+    """The ``(sources, variants)`` λ of a plan: row ``i`` is
+    ``sample_scales(np.full(variants, scores[i]), shots[i], rng_i, scaling)`` with ``rng_i`` seeded by
+    ``derive_seed(seed, hashes[i], 0, "lambda")``, exactly.
+
+    AGS's truncated normal (``ags.sample_lambda``) inverts scipy's ``truncnorm`` CDF, whose call costs
+    about a millisecond whatever its size: there each source's uniforms are drawn from its own
+    generator as ``sample_lambda`` draws them, and the inversion, an elementwise function, runs over
+    many sources at once. The other strategies call :func:`~dalda_aug.ags.sample_scales` per source.
+    """
+    n_sources = len(hashes)
+    rngs = (np.random.default_rng(derive_seed(seed, sha, 0, "lambda")) for sha in hashes)
+    if scaling.strategy != "ags" or scaling.ags.mode != "truncnorm":
+        out = np.empty((n_sources, variants), dtype=np.float64)
+        for i, rng in enumerate(rngs):
+            out[i] = sample_scales(np.full(variants, scores[i]), shots[i], rng, scaling)
+        return out
+    from scipy.stats import truncnorm
+
+    # what sample_lambda draws, per source: u = rng.random(variants) after ags_parameters (no draw)
+    uniforms = np.empty((n_sources, variants), dtype=np.float64)
+    for i, rng in enumerate(rngs):
+        uniforms[i] = rng.random(variants)
+    u = uniforms.reshape(-1)
+    row_scores = np.repeat(np.asarray(scores, dtype=np.float64), variants)
+    row_shots = np.repeat(np.asarray(shots, dtype=np.int64), variants)
+    out = np.empty(u.shape, dtype=np.float64)
+    for start in range(0, u.size, _LAMBDA_BLOCK):
+        part = slice(start, start + _LAMBDA_BLOCK)
+        mu, sigma, lo, hi = ags_parameters(row_scores[part], row_shots[part], scaling.ags)
+        a = (lo - mu) / sigma
+        b = (hi - mu) / sigma
+        out[part] = np.clip(truncnorm.ppf(u[part], a, b, loc=mu, scale=sigma), lo, hi)
+    return out.reshape(n_sources, variants)
 
 
 def build_plan(
@@ -584,27 +685,24 @@ def build_plan(
         raise InputError(f"score {float(scores_arr[i])!r} of {source.items[i].source!r} lies outside [0, 1]")
 
     per_class = Counter(labels)
+    shots = [n_shot if n_shot is not None else per_class[label] for label in labels]
+    lams = _draw_lambdas(hashes, scores_arr, shots, int(variants), seed, scaling)
+    options_of: dict[int, list[str]] = {}  # each class's prompts, built once
     rows: list[Variant] = []
-    for item, sha, score in zip(source.items, hashes, scores_arr):
-        name = class_names[item.label]
-        n = n_shot if n_shot is not None else per_class[item.label]
-        lam_rng = np.random.default_rng(derive_seed(seed, sha, 0, "lambda"))
-        lams = sample_scales(np.full(variants, score), n, lam_rng, scaling)
-        options = _class_prompts(prompts, name,
-                                 source.classes[item.label] if base_prompt_names == "folder" else None)
-        order = np.random.default_rng(derive_seed(seed, sha, 0, "prompts")).permutation(len(options))
-        for k in range(variants):
-            rows.append(Variant(
-                source=item.source,
-                label=item.label,
-                class_name=name,
-                score=round(float(score), 8),
-                variant=k,
-                prompt=options[int(order[k % len(options)])],
-                lam=round(float(lams[k]), 8),
-                seed=derive_seed(seed, sha, k),
-                source_sha256=sha,
-            ))
+    for item, sha, score, source_lams in zip(source.items, hashes, scores_arr, lams):
+        label = item.label
+        options = options_of.get(label)
+        if options is None:
+            options = options_of[label] = _class_prompts(
+                prompts, class_names[label], source.classes[label] if base_prompt_names == "folder" else None)
+        name = class_names[label]
+        # a permutation of one prompt is [0]: the seeded order is drawn only where there is a choice
+        order = (np.random.default_rng(derive_seed(seed, sha, 0, "prompts")).permutation(len(options)).tolist()
+                 if len(options) > 1 else [0])
+        rounded = round(float(score), 8)
+        for k, (lam, variant_seed) in enumerate(zip(source_lams.tolist(), _variant_seeds(seed, sha, int(variants)))):
+            rows.append(Variant(item.source, label, name, rounded, k, options[order[k % len(options)]],
+                                round(lam, 8), variant_seed, sha))
     provenance = dict(getattr(prompts, "provenance", None) or {"backend": "unknown"}) if prompts is not None else None
     config = {
         "format": PLAN_FORMAT,
