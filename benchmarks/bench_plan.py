@@ -7,8 +7,9 @@ model (``--models``: a models JSON; the paper's ViT-B/16 by default):
 
 * **plain**: an open_clip loop of batches of ``--batch-size``: decode, preprocess, encode,
   cosine with the class texts, softmax; nothing else;
-* **plan**: :func:`dalda_aug.plan.build_plan` (decode + SHA-256 + preprocess in a thread pool,
-  scoring in fixed blocks of ``clipscore.SCORE_BLOCK`` with padding, λ, seeds, prompts).
+* **plan**: :func:`dalda_aug.plan.build_plan` (decode + SHA-256 + resize in a thread pool, each
+  chunk's pixels converted and normalised as one tensor, scoring in fixed blocks of
+  ``clipscore.SCORE_BLOCK`` with padding, λ, seeds, prompts).
 
 Model loading is outside both timings; each is run ``--repeats`` times, alternating, and the
 fastest run is reported, with the ratio plan / plain (target: at most 2) and the largest score

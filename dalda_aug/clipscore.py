@@ -137,6 +137,10 @@ class CLIPScorer:
         self._preprocess: Any = None
         self._tokenizer: Any = None
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        # the eval transform split where it turns a PIL image into a tensor (see prepare/pixels)
+        self._split: tuple[list[Any], list[Any]] | None = None
+        self._batch_checked = False  # pixels() compared a batch with the transform image by image
+        self._batch_ok = True  # ... and found them equal (or has not compared yet)
 
     @classmethod
     def from_models(cls, models: ModelConfig, **kwargs: Any) -> "CLIPScorer":
@@ -152,6 +156,7 @@ class CLIPScorer:
             self._model, self._preprocess, self._tokenizer = load_open_clip(
                 self.model_name, self.pretrained, self.device
             )
+            self._split = _split_transform(self._preprocess)
         return self._model
 
     def text_features(self, class_names: Sequence[str]) -> torch.Tensor:
@@ -191,6 +196,57 @@ class CLIPScorer:
         pixels: torch.Tensor = self._preprocess(image)
         return pixels
 
+    def prepare(self, image: Image.Image) -> Any:
+        """The part of :meth:`preprocess` done image by image (thread-safe once loaded, as
+        :meth:`preprocess`): with open_clip's usual transform ``Compose([Resize, CenterCrop, convert,
+        ToTensor, Normalize])``, the resized and cropped RGB PIL image; :meth:`pixels` converts many
+        at once. With any other transform, the whole :meth:`preprocess` tensor."""
+        self.load()
+        if self._split is None:
+            return self.preprocess(image)
+        for transform in self._split[0]:
+            image = transform(image)
+        return image
+
+    def pixels(self, prepared: Sequence[Any]) -> torch.Tensor:
+        """The ``(N, 3, H, W)`` pixel batch of images :meth:`prepare` made, row ``i`` equal
+        (``torch.equal``) to :meth:`preprocess` of image ``i``.
+
+        Same-size RGB images are turned into one uint8 array and converted and normalised as one
+        tensor: ``ToTensor`` (a cast and a division by 255) and ``Normalize`` (a subtraction and a
+        division per channel) are elementwise, so each pixel gets the same float32 operations as in
+        ``preprocess``, without a dozen small tensor operations per image. Anything else goes through
+        the transform image by image.
+        """
+        import torch
+
+        self.load()
+        if not len(prepared):
+            raise InputError("no images to convert")
+        if self._split is None:  # prepare() made whole preprocess tensors
+            return torch.stack([x if isinstance(x, torch.Tensor) else self.preprocess(x) for x in prepared])
+        tensor_stage = self._split[1]
+        first = prepared[0]
+        if not (self._batch_ok and all(not isinstance(x, torch.Tensor) and getattr(x, "mode", None) == "RGB"
+                                       and x.size == first.size for x in prepared)):
+            return torch.stack([x if isinstance(x, torch.Tensor) else _apply(tensor_stage, x) for x in prepared])
+        # torchvision's to_tensor of an RGB image: uint8 HWC -> CHW, cast to the default float
+        # dtype, divided by 255; here for the whole batch, then the tensor stage (Normalize) on it
+        array = np.stack([np.asarray(x, dtype=np.uint8) for x in prepared])
+        batch: torch.Tensor = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+        batch = _apply(tensor_stage[1:], batch.to(dtype=torch.get_default_dtype()).div(255))  # [0]: ToTensor
+        if not self._batch_checked:  # once: the batch's first row is what the transform makes of it
+            self._batch_checked = True
+            if not torch.equal(batch[0], _apply(tensor_stage, first)):  # never seen: then image by image
+                import warnings
+
+                self._batch_ok = False
+                warnings.warn(f"{self!r}: converting images as one batch differs from its transform image by "
+                              "image here; converting them one by one (slower, same scores); please report this",
+                              RuntimeWarning, stacklevel=2)
+                return self.pixels(prepared)
+        return batch
+
     def load(self) -> "CLIPScorer":
         """Load the model, its transform and tokenizer now (otherwise on first use)."""
         self._load()
@@ -212,24 +268,31 @@ class CLIPScorer:
         normed: torch.Tensor = feats / feats.norm(dim=-1, keepdim=True)
         return normed
 
-    def score(self, images: Sequence[Image.Image | torch.Tensor],
+    def score(self, images: Sequence[Image.Image | torch.Tensor] | torch.Tensor,
               labels: Sequence[int] | npt.NDArray[np.integer[Any]],
               class_names: Sequence[str], progress: bool | None = None) -> npt.NDArray[np.float64]:
         """One score per image: see the module docstring. ``labels`` index ``class_names``.
 
-        ``images`` are PIL images or tensors :meth:`preprocess` made (they may be mixed). Each
+        ``images`` are PIL images or tensors :meth:`preprocess` made (they may be mixed), or an
+        ``(N, 3, H, W)`` batch of them (:meth:`pixels`). Each
         forward pass holds exactly :data:`SCORE_BLOCK` images, the last padded with zeros, so an
         image's score does not depend on the other images of the call or on its position.
         """
-        images = list(images)
+        import torch
+
+        batch = images if isinstance(images, torch.Tensor) else None
+        if batch is not None and batch.ndim != 4:
+            raise InputError(f"a pixel batch must be (N, 3, H, W), got shape {tuple(batch.shape)}")
+        listed = list(images) if batch is None else []
+        if batch is None:
+            images = listed
         label_ids = np.asarray(labels, dtype=np.int64)
         if len(images) != len(label_ids):
             raise InputError(f"{len(images)} images but {len(label_ids)} labels")
         if label_ids.size and (label_ids.min() < 0 or label_ids.max() >= len(class_names)):
             raise InputError(f"labels must lie in [0, {len(class_names)}), got {label_ids.min()}..{label_ids.max()}")
-        if not images:
+        if not len(images):
             return np.zeros(0, dtype=np.float64)
-        import torch
         from tqdm.auto import tqdm
 
         text = self.text_features(class_names)
@@ -237,10 +300,14 @@ class CLIPScorer:
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         starts = range(0, len(images), SCORE_BLOCK)
         for start in tqdm(starts, desc="CLIPScore", unit="block", disable=not show):
-            block = [x if isinstance(x, torch.Tensor) else self.preprocess(x)
-                     for x in images[start : start + SCORE_BLOCK]]
-            real = len(block)
-            pixels = torch.stack(block)
+            if batch is not None:
+                # a fresh tensor, as torch.stack gives below: no view into a larger batch (whose
+                # offset could change the kernels' alignment)
+                pixels = batch[start : start + SCORE_BLOCK].clone(memory_format=torch.contiguous_format)
+            else:
+                pixels = torch.stack([x if isinstance(x, torch.Tensor) else self.preprocess(x)
+                                      for x in listed[start : start + SCORE_BLOCK]])
+            real = len(pixels)
             if real < SCORE_BLOCK:  # pad to the one shape; the padding's outputs are dropped below
                 pixels = torch.cat([pixels, pixels.new_zeros((SCORE_BLOCK - real, *pixels.shape[1:]))])
             ids = np.zeros(SCORE_BLOCK, dtype=np.int64)
@@ -258,3 +325,31 @@ class CLIPScorer:
                 result = probs.gather(1, idx[:, None])[:, 0]
             out.append(result.double().cpu().numpy()[:real])
         return np.concatenate(out)
+
+
+def _split_transform(transform: Any) -> tuple[list[Any], list[Any]] | None:
+    """``(PIL stage, tensor stage)`` of a ``Compose`` whose tensor stage is torchvision's ``ToTensor``
+    (open_clip's ``MaybeToTensor`` is one) followed by ``Normalize`` transforms only, or None for
+    any other transform (then :meth:`CLIPScorer.pixels` runs it image by image)."""
+    from torchvision import transforms as tv
+
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, tv.Compose) or not isinstance(steps, list):
+        return None
+    to_tensor: tuple[type, ...] = (tv.ToTensor,)
+    try:
+        from open_clip.transform import MaybeToTensor  # ToTensor that passes tensors through
+
+        to_tensor += (MaybeToTensor,)
+    except ImportError:  # an open_clip without it
+        pass
+    at = next((i for i, t in enumerate(steps) if type(t) in to_tensor), None)
+    if at is None or not all(type(t) is tv.Normalize for t in steps[at + 1 :]):
+        return None
+    return list(steps[:at]), list(steps[at:])
+
+
+def _apply(transforms: Sequence[Any], x: Any) -> Any:
+    for transform in transforms:
+        x = transform(x)
+    return x

@@ -53,12 +53,12 @@ _DIGESTS = "digests"  # key of plan.json: {"plan.jsonl": sha256, "summary.json":
 _COLUMN_DIGESTS = "column_digests"  # key of plan.json: {"columns/<name>.npy": sha256}
 _MAX_ROW_BYTES = 1024 * 1024  # one plan.jsonl row (a row is well under 1 KiB; prompts are one sentence)
 BASE_TEMPLATE = PHOTO_TEMPLATE
-# Source images read (decoded, hashed, preprocessed) and scored at a time: two chunks of pixel
-# tensors (about 77 MB each at 224 px) are held, the one being scored and the one being read. A
-# multiple of clipscore.SCORE_BLOCK, so only the last block of a plan is padded; any value gives the
-# same scores.
+# Source images read (decoded, hashed, resized) and scored at a time: the chunk being scored (its
+# pixel tensor, about 77 MB at 224 px) and the one being read (resized RGB images, about 19 MB) are
+# held. A multiple of clipscore.SCORE_BLOCK, so only the last block of a plan is padded; any value
+# gives the same scores.
 _CHUNK = 128
-_READ_WORKERS = min(8, os.cpu_count() or 1)  # threads that decode, hash and preprocess sources
+_READ_WORKERS = min(8, os.cpu_count() or 1)  # threads that decode, hash and resize sources
 
 
 class Processes(Protocol):
@@ -456,35 +456,49 @@ def _class_prompts(prompts: Prompts | None, class_name: str, base_name: str | No
     return found
 
 
-def _read_one(item: SourceItem, scorer: CLIPScorer | None) -> tuple[str, Any]:
-    """Decode one source, hash its pixels and (with a scorer) preprocess it for CLIP."""
-    img = item.load()
-    return image_sha256(img), (scorer.preprocess(img) if scorer is not None else None)
+_READ_SLICE = 16  # sources one reading task decodes, hashes and prepares
+
+
+def _read_slice(items: Sequence[SourceItem], scorer: CLIPScorer | None) -> tuple[list[str], list[Any]]:
+    """Decode each source, hash its pixels and (with a scorer) prepare it for CLIP, in order."""
+    hashes, prepared = [], []
+    for item in items:
+        img = item.load()
+        hashes.append(image_sha256(img))
+        if scorer is not None:
+            prepared.append(scorer.prepare(img))
+    return hashes, prepared
 
 
 def _read_and_score(items: Sequence[SourceItem], class_names: Sequence[str], scorer: CLIPScorer | None,
-                    progress: bool = False) -> tuple[list[str], np.ndarray | None]:
+                    progress: bool = False, workers: int | None = None) -> tuple[list[str], np.ndarray | None]:
     """Content hashes of ``items`` and, with a scorer, their CLIPScores (else ``None``).
 
-    Sources are read ``_CHUNK`` at a time by a pool of threads that decode, hash and preprocess
-    (the next chunk is read while the scorer runs on this one; torch releases the GIL); results
-    keep the order of ``items`` and the first unreadable item raises, as in a plain loop. The
-    scores are those :meth:`~dalda_aug.clipscore.CLIPScorer.score` gives each image alone: they
-    do not depend on the chunk, the order or the other items.
+    Sources are read ``_CHUNK`` at a time by ``workers`` threads (``_READ_WORKERS`` by default),
+    each task decoding, hashing and preparing ``_READ_SLICE`` sources (PIL decoding and resizing,
+    hashlib and torch release the GIL), while the scorer runs on the previous chunk; results keep
+    the order of ``items`` and the first unreadable item raises, as in a plain loop. The scores are
+    those :meth:`~dalda_aug.clipscore.CLIPScorer.score` gives each image alone: they do not depend on
+    the chunk, the order, the number of threads or the other items.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     items = list(items)
+    workers = _READ_WORKERS if workers is None else int(workers)
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers!r}")
     hashes: list[str] = []
     chunks: list[np.ndarray] = []
     if scorer is not None and items:
         scorer.load()  # before the threads use its transform
-    pool = ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="dalda-read")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dalda-read")
 
-    def submit(start: int) -> list[Future[tuple[str, Any]]]:
-        return [pool.submit(_read_one, item, scorer) for item in items[start : start + _CHUNK]]
+    def submit(start: int) -> list[Future[tuple[list[str], list[Any]]]]:
+        stop = min(start + _CHUNK, len(items))
+        return [pool.submit(_read_slice, items[i : min(i + _READ_SLICE, stop)], scorer)
+                for i in range(start, stop, _READ_SLICE)]
 
     try:
         with tqdm(total=len(items), desc="reading and scoring sources", unit="img", disable=not progress) as bar:
@@ -492,11 +506,14 @@ def _read_and_score(items: Sequence[SourceItem], class_names: Sequence[str], sco
             for start in range(0, len(items), _CHUNK):
                 done = [f.result() for f in pending]
                 pending = submit(start + _CHUNK)
-                hashes.extend(sha for sha, _ in done)
+                prepared: list[Any] = []
+                for part_hashes, part_prepared in done:
+                    hashes.extend(part_hashes)
+                    prepared.extend(part_prepared)
                 if scorer is not None:
-                    labels = [item.label for item in items[start : start + len(done)]]
-                    chunks.append(scorer.score([px for _, px in done], labels, class_names, progress=False))
-                bar.update(len(done))
+                    labels = [item.label for item in items[start : start + len(prepared)]]
+                    chunks.append(scorer.score(scorer.pixels(prepared), labels, class_names, progress=False))
+                bar.update(min(_CHUNK, len(items) - start))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if scorer is None:

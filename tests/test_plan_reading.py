@@ -74,6 +74,77 @@ def _pixel_sha256(path) -> str:
     return hashlib.sha256(f"RGB:{w}x{h}:".encode() + np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
 
 
+def test_pixels_equal_the_transform_image_by_image(tiny_models, folder):
+    """A chunk converted as one batch is, row for row, the model's own transform of each image."""
+    scorer = CLIPScorer.from_models(tiny_models).load()
+    images = [item.load() for item in ImageSource.from_folder(folder).items]
+    batch = scorer.pixels([scorer.prepare(img) for img in images])
+    expected = torch.stack([scorer._preprocess(img) for img in images])  # open_clip's Compose, per image
+    assert batch.dtype == expected.dtype and torch.equal(batch, expected)
+    assert scorer._batch_ok  # the batch path ran (and its one comparison found no difference)
+    # scoring the batch and the PIL images gives the same scores, bit for bit
+    labels = [i % 3 for i in range(len(images))]
+    assert np.array_equal(scorer.score(batch, labels, CLASSES), scorer.score(images, labels, CLASSES))
+
+
+def test_pixels_falls_back_to_the_transform_when_a_batch_would_differ(tiny_models, folder, monkeypatch):
+    """Were the batch ever to differ from the transform, the chunk is converted image by image
+    (with a warning), never scored from different pixels."""
+    scorer = CLIPScorer.from_models(tiny_models).load()
+    images = [item.load() for item in ImageSource.from_folder(folder).items[:5]]
+    expected = torch.stack([scorer._preprocess(img) for img in images])
+    real_div = torch.Tensor.div
+
+    def off_by_a_bit(self, other, *args, **kwargs):
+        out = real_div(self, other, *args, **kwargs)
+        return out.nextafter(torch.full_like(out, 2.0)) if self.ndim == 4 else out  # only the batch path
+
+    monkeypatch.setattr(torch.Tensor, "div", off_by_a_bit)
+    with pytest.warns(RuntimeWarning, match="one by one"):
+        batch = scorer.pixels([scorer.prepare(img) for img in images])
+    monkeypatch.undo()
+    assert torch.equal(batch, expected) and not scorer._batch_ok
+
+
+@pytest.mark.parametrize("workers,chunk,slice_", [(2, 16, 16), (5, 7, 3), (8, 128, 16)])
+def test_parallel_reading_writes_the_serial_plan_byte_for_byte(tiny_models, folder, tmp_path, monkeypatch,
+                                                               workers, chunk, slice_):
+    source = ImageSource.from_folder(folder)
+    monkeypatch.setattr(plan_module, "_READ_WORKERS", 1)
+    monkeypatch.setattr(plan_module, "_CHUNK", 1)
+    monkeypatch.setattr(plan_module, "_READ_SLICE", 1)
+    build_plan(source, variants=3, seed=7, models=tiny_models).save(tmp_path / "serial")
+    monkeypatch.setattr(plan_module, "_READ_WORKERS", workers)
+    monkeypatch.setattr(plan_module, "_CHUNK", chunk)
+    monkeypatch.setattr(plan_module, "_READ_SLICE", slice_)
+    parallel = build_plan(source, variants=3, seed=7, models=tiny_models)
+    parallel.save(tmp_path / "parallel")
+    for name in ("plan.jsonl", "plan.json", "summary.json"):
+        assert (tmp_path / "parallel" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
+    for path in sorted((tmp_path / "serial" / "columns").iterdir()):
+        assert (tmp_path / "parallel" / "columns" / path.name).read_bytes() == path.read_bytes(), path.name
+    # and each row holds the independent pixel hash and the image's score when scored alone
+    scorer = CLIPScorer.from_models(tiny_models)
+    rows = {v.source: v for v in parallel}
+    for item in source.items:
+        expected_sha = _pixel_sha256(folder / item.source)
+        alone = scorer.score([item.load()], [item.label], source.class_names)[0]
+        assert rows[item.source].source_sha256 == expected_sha
+        assert rows[item.source].score == round(float(alone), 8)
+
+
+def test_read_and_score_keeps_order_and_raises_the_first_unreadable_source(folder):
+    source = ImageSource.from_folder(folder)
+    hashes, _ = plan_module._read_and_score(source.items, source.class_names, None, workers=3)
+    assert hashes == [_pixel_sha256(folder / item.source) for item in source.items]
+    (folder / source.items[9].source).write_bytes(b"not a png")
+    (folder / source.items[30].source).write_bytes(b"not a png either")
+    with pytest.raises(ImageError, match=source.items[9].source.split("/")[-1]):
+        plan_module._read_and_score(source.items, source.class_names, None, workers=4)
+    with pytest.raises(InputError, match="workers must be >= 1"):
+        plan_module._read_and_score(source.items, source.class_names, None, workers=0)
+
+
 def _per_source_lambdas(hashes, scores, shots, variants, seed, scaling):
     """What build_plan drew before: one sample_scales call per source, on its own generator."""
     return np.stack([sample_scales(np.full(variants, s), n,
