@@ -340,7 +340,8 @@ class AugmentationPlan:
         """The plan mapped from ``directory/columns`` (digests checked), or None where the folder
         has no columns that plan.json records (then plan.jsonl is parsed)."""
         rows_path, summary_path = directory / "plan.jsonl", directory / "summary.json"
-        columns = PlanColumns.load(directory, column_digests, rows_path.stat().st_size)
+        columns = PlanColumns.load(directory, column_digests, rows_path.stat().st_size,
+                                   rows_digest=digests.get("plan.jsonl"))
         if columns is None:
             return None
         summary = read_json_object(summary_path, "plan summary") if summary_path.is_file() else None

@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from .errors import InputError
+from .stat_record import StatRecord, file_stat, settled
 
 __all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "SPILL_ROWS", "STRING_TABLES"]
 
@@ -172,11 +175,20 @@ class PlanColumns:
         return digests
 
     @classmethod
-    def load(cls, directory: Path, digests: dict[str, str], rows_size: int, verify: bool = True
-             ) -> "PlanColumns | None":
+    def load(cls, directory: Path, digests: dict[str, str], rows_size: int, verify: bool = True,
+             rows_digest: str | None = None) -> "PlanColumns | None":
         """The columns mapped from ``directory/columns``, or None where the folder has none that
         ``plan.json`` records (an older plan) or they were derived from another ``plan.jsonl``.
-        A column whose bytes differ from the recorded digest is an :class:`InputError`."""
+        A column whose bytes differ from the recorded digest is an :class:`InputError`.
+
+        ``plan.jsonl`` is the editable interchange, so the columns stand for it only while its
+        SHA-256 (CRLF read as LF) is ``rows_digest`` (``plan.json``'s): an edited ``plan.jsonl``,
+        even one of the same size, gives None, and the JSONL reader then refuses it against
+        ``plan.json``. Hashing ``plan.jsonl`` and every column on every load would cost about a
+        second per million variants, so, as for the dataset's sources, a stat record of this user
+        (:class:`~dalda_aug.stat_record.StatRecord`, named by the paths and the digests) remembers
+        the ``(size, mtime_ns)`` each file had when it matched, and only files whose stat moved
+        are hashed again (a copied folder once, a read-only one too)."""
         from ._io import read_json_object
 
         folder = directory / COLUMNS_DIR
@@ -186,10 +198,23 @@ class PlanColumns:
         meta = read_json_object(folder / "meta.json", "plan columns record")
         if meta.get("format") != COLUMNS_FORMAT or meta.get("plan.jsonl bytes") != rows_size:
             return None
+        # Files whose (size, mtime_ns) a stat record of this user says matched these digests are not
+        # hashed again (as the dataset's sources: dalda_aug.stat_record); the others are.
+        rows_path = directory / "plan.jsonl"
+        paths = [os.path.abspath(rows_path), *(os.path.abspath(folder / name) for name in names)]
+        expected = [rows_digest or "", *(digests[f"{COLUMNS_DIR}/{name}"] for name in names)]
+        record = StatRecord(paths, expected)
+        stats = np.array([file_stat(path) for path in paths], dtype=np.int64).reshape(-1, 2)
+        known = record.load() if verify else None
+        unchanged = np.zeros(len(paths), dtype=bool) if known is None else \
+            (known == stats).all(axis=1) & (stats[:, 0] >= 0)
+        if verify and not unchanged[0]:
+            if rows_digest is None or _rows_sha256(rows_path) != rows_digest:
+                return None
         arrays: dict[str, Any] = {}
-        for name in names:
+        for j, name in enumerate(names, start=1):
             path = folder / name
-            if verify:
+            if verify and not unchanged[j]:
                 digest = hashlib.sha256()
                 with open(path, "rb") as fh:
                     while chunk := fh.read(1 << 22):
@@ -201,6 +226,10 @@ class PlanColumns:
                 arrays[name[: -len(".npy")]] = _mapped(path)
             except (ValueError, OSError) as exc:
                 raise InputError(f"{path}: not a plan column: {exc}") from None
+        if verify and rows_digest is not None and not unchanged.all():
+            now = time.time_ns()
+            record.save(np.array([row if settled((int(row[0]), int(row[1])), now) else (-1, -1) for row in stats],
+                                 dtype=np.int64).reshape(-1, 2))  # where it cannot be written: hashed next time
         return cls(arrays, directory)
 
     def _check_shapes(self) -> None:
@@ -376,6 +405,22 @@ class PlanColumns:
         self.arrays, self.directory = arrays, folder
         self._spilled = weakref.finalize(self, shutil.rmtree, str(folder), True)
         return folder
+
+
+def _rows_sha256(path: Path) -> str | None:
+    """SHA-256 of ``plan.jsonl`` read in chunks with CRLF as LF (as the JSONL reader hashes it)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            carry = b""
+            while chunk := fh.read(1 << 22):
+                chunk = carry + chunk
+                carry = b"\r" if chunk.endswith(b"\r") else b""
+                digest.update(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
+            digest.update(carry)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _mapped(path: Path) -> Any:

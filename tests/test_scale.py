@@ -207,6 +207,56 @@ def test_a_plan_whose_jsonl_was_rewritten_is_read_from_the_jsonl(tmp_path, tiny_
         AugmentationPlan.load(folder)  # columns derived from another plan.jsonl size: the JSONL path checks it
 
 
+def _age(folder, seconds=3600):
+    """Date every file of a plan folder back, as a plan written a while ago."""
+    when = time.time_ns() - seconds * 10**9
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(when, when))
+
+
+def test_a_same_size_edit_of_the_jsonl_is_noticed(tmp_path, tiny_models):
+    folder = _synthetic_plan(5, tiny_models).save(tmp_path / "plan")
+    _age(folder)
+    assert AugmentationPlan.load(folder).columns.directory == folder  # settles the record
+    rows = (folder / "plan.jsonl").read_text(encoding="utf-8")
+    edited = rows.replace('"lambda": 0.1,', '"lambda": 0.2,', 1)
+    assert edited != rows and len(edited) == len(rows)
+    (folder / "plan.jsonl").write_text(edited, encoding="utf-8")  # same size, a new mtime
+    with pytest.raises(InputError, match="plan.jsonl differs from what plan.json records"):
+        AugmentationPlan.load(folder)
+
+
+def test_a_copied_plan_folder_is_still_read_from_its_columns(tmp_path, tiny_models):
+    folder = _synthetic_plan(5, tiny_models).save(tmp_path / "plan")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copyfile)  # new mtimes, as `cp -r` gives
+    _age(copy, 1800)
+    records = Path(os.environ["DALDA_AUG_CACHE"]) / "stat"
+    before = set(records.glob("stat-*.npy"))
+    plan = AugmentationPlan.load(copy)
+    assert len(set(records.glob("stat-*.npy")) - before) == 1  # the copy's files remembered by their stat
+    assert plan.columns.directory == copy  # plan.jsonl hashed, matched plan.json: columns used
+    assert (copy / "columns" / "meta.json").read_bytes() == (folder / "columns" / "meta.json").read_bytes()
+    assert [v.to_row() for v in plan] == [v.to_row() for v in AugmentationPlan.load(folder)]
+
+
+def test_column_files_whose_stat_matches_the_record_are_not_hashed_again(tmp_path, tiny_models):
+    folder = _synthetic_plan(5, tiny_models).save(tmp_path / "plan")
+    _age(folder)
+    AugmentationPlan.load(folder)  # hashes every column (its record was racy: just written), records them
+    seeds = folder / "columns" / "seed.npy"
+    before = os.stat(seeds)
+    data = bytearray(seeds.read_bytes())
+    data[-1] ^= 1  # the last seed's low byte: same size
+    seeds.write_bytes(bytes(data))
+    os.utime(seeds, ns=(before.st_atime_ns, before.st_mtime_ns))  # the stat as recorded: as git, trusted
+    assert AugmentationPlan.load(folder).columns.arrays["seed"][-1] == np.load(seeds)[-1]
+    os.utime(seeds)  # now its mtime moved: hashed, and refused
+    with pytest.raises(InputError, match="columns/seed.npy differs from what plan.json records"):
+        AugmentationPlan.load(folder)
+
+
 def _pickled_growth(tmp_path, tiny_models, n):
     folder = _synthetic_plan(n, tiny_models).save(tmp_path / f"plan-{n}")
     spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
