@@ -191,6 +191,7 @@ class AugmentationPlan:
         self.config: dict[str, Any] = dict(config)
         self.summary: dict[str, Any] = summary if summary is not None else _summarize_columns(self.columns, self.config)
         self._by_source: dict[Any, list[Variant]] | None = None
+        self._source_numbers: dict[Any, int] | None = None  # source_index(), kept for variants_for
 
     @property
     def variants(self) -> Sequence[Variant]:
@@ -210,6 +211,7 @@ class AugmentationPlan:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_by_source"] = None  # a mapped plan pickles as its folder, never as objects
+        state["_source_numbers"] = None
         return state
 
     def __repr__(self) -> str:
@@ -240,15 +242,22 @@ class AugmentationPlan:
 
     def source_index(self) -> dict[Any, int]:
         """``{source: its number}``, sources numbered in plan order (one entry per source)."""
-        cols = self.columns
-        return {cols.source(s): s for s in range(cols.n_sources)}
+        return {source: s for s, source in enumerate(self.columns.sources())}
 
     def source_variants(self, s: int) -> list[Variant]:
         """The variants of source number ``s``, in variant order."""
         return [Variant(*self.columns.fields(int(i))) for i in self.columns.rows_of(s)]
 
     def variants_for(self, source: Any) -> list[Variant]:
-        return self.by_source().get(source, [])
+        """The variants of ``source`` in variant order (``[]`` when it is not in the plan); made
+        from the columns for that source only (no object per variant of the plan is kept)."""
+        if self._by_source is not None:
+            return self._by_source.get(source, [])
+        numbers = getattr(self, "_source_numbers", None)
+        if numbers is None:
+            numbers = self._source_numbers = self.source_index()
+        s = numbers.get(source)
+        return [] if s is None else self.source_variants(s)
 
     @property
     def models(self) -> ModelConfig | None:

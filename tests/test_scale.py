@@ -446,3 +446,14 @@ def test_spawned_worker_reads_a_spilled_plan(tmp_path, tiny_models, monkeypatch)
     with pytest.raises(CacheMissError, match=f"key {expected}"):
         next(iter(loader))
     assert ds._plan.columns.directory is not None  # the worker was sent the folder
+
+
+def test_variants_for_one_source_makes_only_that_sources_variants(tmp_path, tiny_models):
+    plan = AugmentationPlan.load(_synthetic_plan(30, tiny_models, int_sources=False).save(tmp_path / "plan"))
+    rows = _read_jsonl(tmp_path / "plan" / "plan.jsonl")
+    source = "c1/img_7.png"
+    want = sorted((r for r in rows if r["source"] == source), key=lambda r: r["variant"])
+    assert [v.to_row() for v in plan.variants_for(source)] == want
+    assert plan.variants_for("c1/missing.png") == [] and plan.variants_for(7) == []
+    assert plan._by_source is None  # no Variant per variant of the plan was made
+    assert plan.variants_for(source) == plan.by_source()[source]
