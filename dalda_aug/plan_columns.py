@@ -332,8 +332,13 @@ class PlanColumns:
         as columns: ``(prompts, prompt_codes, lambdas, seeds, source_hashes, hash_codes)``, where
         variant ``i``'s prompt is ``prompts[prompt_codes[i]]`` (each distinct string decoded once).
         :func:`dalda_aug.cache.variant_keys` takes them as they are."""
+        return self.key_inputs_of_rows(self.rows_for(sources))
+
+    def key_inputs_of_rows(self, rows: Any) -> tuple[list[str], list[int], list[float], list[int], list[str], list[int]]:
+        """:meth:`key_inputs` of the rows numbered ``rows`` (plan order: row ``i`` is the plan's
+        ``i``-th variant)."""
         a = self.arrays
-        rows = self.rows_for(sources)
+        rows = np.asarray(rows, dtype=np.int64)
         tables = []
         for table in ("prompt", "source_sha256"):
             used, codes = np.unique(a[table][rows], return_inverse=True)

@@ -51,7 +51,7 @@ from .cache import CacheReadOnlyError, SyntheticCache
 from .data import image_sha256, load_image, source_path, to_rgb
 from .errors import DaldaError, InputError, MissingFileError
 
-__all__ = ["warm", "WarmReport", "shard_keys", "plan_keys"]
+__all__ = ["warm", "WarmReport", "shard_keys", "plan_keys", "plan_share"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,37 @@ def plan_keys(plan: Any, cache: SyntheticCache) -> dict[str, Any]:
     for variant in plan:
         keys.setdefault(cache.key(variant), variant)
     return keys
+
+
+#: Rows hashed at a time by :func:`plan_share` (bounds the transient Python objects).
+_SHARE_CHUNK = 1 << 20
+
+
+def plan_share(plan: Any, cache: SyntheticCache, process_index: int = 0, num_processes: int = 1
+               ) -> tuple[dict[str, Any], int]:
+    """``({key: variant}`` of the keys process ``process_index`` of ``num_processes`` generates,
+    ``distinct keys in the plan)``: the same share as ``shard_keys(plan_keys(plan, cache), ...)``
+    (every n-th key in sorted order, each key's first variant in plan order, in key order), but
+    computed from the plan's columns as 32-byte digests, so a process holds a ``Variant`` only
+    for its own share (plan_keys makes one per variant of the plan: gigabytes at ImageNet size)."""
+    columns = getattr(plan, "columns", None)
+    if columns is None:  # any iterable of variants
+        keys = plan_keys(plan, cache)
+        return {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}, len(keys)
+    import numpy as np
+
+    from .cache.spec import digest_hex, variant_digests
+    from .plan import Variant
+
+    fingerprint = cache._require_spec().fingerprint
+    n = len(columns)
+    parts = [variant_digests(fingerprint, *columns.key_inputs_of_rows(np.arange(start, min(n, start + _SHARE_CHUNK))))
+             for start in range(0, n, _SHARE_CHUNK)]
+    digests = np.concatenate(parts) if parts else np.zeros(0, dtype="S32")
+    distinct, first = np.unique(digests, return_index=True)  # sorted, as the hex keys sort
+    picked = np.arange(int(process_index), len(distinct), int(num_processes))
+    mine = digest_hex(distinct[picked])
+    return {key: Variant(*columns.fields(int(row))) for key, row in zip(mine, first[picked])}, int(len(distinct))
 
 
 @dataclass
@@ -301,8 +332,7 @@ def warm(
             if isinstance(source, str):
                 source_path(plan.data_root, source)
 
-    keys = plan_keys(plan, cache)
-    mine = {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}
+    mine, planned = plan_share(plan, cache, process_index, num_processes)
     removed = 0
     if verify:
         before = cache.corrupt_removed
@@ -316,7 +346,7 @@ def warm(
     good, bad = cache.check_present(list(mine), remove=True)
     todo = [v for v, here in zip(mine.values(), good) if not here]
     report = WarmReport(
-        planned=len(keys), assigned=len(mine), already_cached=len(mine) - len(todo), generated=0, seconds=0.0,
+        planned=planned, assigned=len(mine), already_cached=len(mine) - len(todo), generated=0, seconds=0.0,
         process_index=int(process_index), num_processes=int(num_processes), shard=cache.shard,
         verified_removed=removed, bad_entries=len(bad),
     )

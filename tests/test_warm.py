@@ -16,7 +16,7 @@ from PIL import Image
 
 from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.generation import GenerationConfig
-from dalda_aug.plan import build_plan
+from dalda_aug.plan import AugmentationPlan, Variant, build_plan
 from dalda_aug.warm import plan_keys, shard_keys, warm
 
 STEPS, SIZE = 2, 32
@@ -287,3 +287,24 @@ def test_accelerate_launch_two_processes_split_the_work(setup, models_json, tmp_
     assert per_shard[0].isdisjoint(per_shard[1])
     assert sum(r["generated"] for r in reports) == len(keys)
     assert "all 2 processes done" in done.stdout
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_plan_share_is_the_share_of_plan_keys_without_a_variant_per_variant(tmp_path, tiny_models, n):
+    from dalda_aug.warm import plan_share
+
+    rows = [Variant(source=f"c{s % 2}/img_{s}.png", label=s % 2, class_name=f"class {s % 2}", score=0.5,
+                    variant=k, prompt=f"a photo of class {s % 2}", lam=0.5, seed=k % 2,
+                    source_sha256=f"{s % 3:064x}")  # 6 x 2 distinct keys over 60 rows, each shared by several
+            for s in range(12) for k in range(5)]
+    plan = AugmentationPlan(rows, {"format": "dalda_aug.plan/1", "seed": 0, "variants_per_image": 5})
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    cache = SyntheticCache(tmp_path / "cache", spec)
+    keys = plan_keys(plan, cache)  # the old path: one Variant and one key per variant
+    assert len(keys) == 12
+    shares = [plan_share(plan, cache, rank, n) for rank in range(n)]
+    for rank, (mine, planned) in enumerate(shares):
+        assert planned == len(keys)
+        assert list(mine) == shard_keys(keys, rank, n)  # the same keys in the same (sorted) order
+        assert all(mine[k] == keys[k] for k in mine)  # each key's first variant in plan order
+        assert all(spec.key(v) == k for k, v in mine.items())
