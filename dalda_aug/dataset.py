@@ -88,7 +88,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, source_ids, unwrap
-from .cache import GenerationSpec, GeneratorFactory, SyntheticCache, variant_keys
+from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
+from .cache.spec import digest_hex, variant_digests
 from .data import image_sha256, load_image, to_rgb
 from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
@@ -493,16 +494,24 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     def _coverage(self, fingerprint: str, sources: Any, digest: str, token: list[list[Any]]) -> dict[str, int]:
         """``{"held", "planned"[, "entries"]}``: of the distinct keys of ``sources``' variants under
         ``fingerprint``, how many the cache holds, and (when not all) how many entries it holds;
-        read from the coverage record of ``token`` or counted (one key per variant with
-        :func:`~dalda_aug.cache.variant_keys`, then SQL look-ups: no listing, no entry bytes)."""
+        read from the coverage record of ``token`` or counted (one digest per variant with
+        :func:`~dalda_aug.cache.spec.variant_digests`, then either the cache's key listing, where it
+        holds at most four rows per planned key, or SQL look-ups of each: no entry bytes)."""
         record = CoverageRecord(self.cache.directory, fingerprint, digest)
         # on a network filesystem a client may see another node's write late in the stat: recount
         remembered = not self.cache._is_network()
         counts = record.load(token) if remembered else None
         if counts is None:
-            planned = sorted(set(variant_keys(fingerprint, *self._plan.columns.key_inputs(sources))))
-            counts = {"held": int(self.cache.present(planned).sum()) if planned else 0, "planned": len(planned)}
-            if counts["held"] < counts["planned"]:
+            planned = np.unique(variant_digests(fingerprint, *self._plan.columns.key_inputs(sources)))
+            held = 0
+            if planned.size and self.cache.count_rows() <= 4 * planned.size:
+                # listing a cache of about the plan's size costs less than a look-up per key
+                listed = self.cache.key_digests()
+                held = int(np.isin(planned, listed, assume_unique=True).sum())
+            elif planned.size:
+                held = int(self.cache.present(digest_hex(planned)).sum())  # SQL look-ups, no listing
+            counts = {"held": held, "planned": int(planned.size)}
+            if held < planned.size:
                 counts["entries"] = len(self.cache.keys())
             if remembered and self.cache.state_token() == token:  # nothing written meanwhile
                 record.save(token, counts)

@@ -86,13 +86,13 @@ def _build(root, plan, cache, **kwargs):
 class _CountingKeys:
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = dataset_module.variant_keys
+        real = dataset_module.variant_digests
 
         def counting(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(dataset_module, "variant_keys", counting)
+        monkeypatch.setattr(dataset_module, "variant_digests", counting)
 
 
 def test_an_unchanged_cache_is_not_recounted_and_a_changed_one_is(setup, monkeypatch):
@@ -245,3 +245,16 @@ def test_a_cache_on_a_network_filesystem_is_always_recounted(setup, monkeypatch)
         ds, _ = _build(root, plan, cache)
         assert ds.cached_variants == 5 and counting.calls == calls
     assert not list((Path(os.environ["DALDA_AUG_CACHE"]) / "stat").glob("coverage-*.json"))
+
+
+def test_a_cache_much_larger_than_the_plan_is_counted_by_look_ups_alike(setup, tiny_models):
+    root, plan, cache = setup
+    variants = list(plan)
+    other = build_plan(root, variants=20, seed=7, scores=np.linspace(0.1, 0.9, 8), models=tiny_models)
+    _put(cache, variants[:5])
+    _put(cache, list(other))  # 160 more rows: more than 4 per planned key, so each key is looked up
+    assert cache.count_rows() > 4 * len({cache.spec.key(v) for v in variants})
+    want = len({cache.spec.key(v) for v in variants} & cache.keys())
+    ds, warned = _build(root, plan, cache)
+    assert ds.cached_variants == want == 5 and warned
+    assert f"holds {len(cache.keys())} images" in warned[0]

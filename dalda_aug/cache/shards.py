@@ -277,6 +277,11 @@ class ShardReader:
     def keys(self) -> list[str]:
         return [k for (k,) in self._rows("SELECT key FROM Cache WHERE raw = 1 ORDER BY rowid") if is_entry_key(k)]
 
+    def count_rows(self) -> int:
+        """Rows stored with a raw key (entries, and the few counter and lease rows): one SQL count."""
+        rows = self._rows("SELECT COUNT(*) FROM Cache WHERE raw = 1")
+        return int(rows[0][0]) if rows else 0
+
     def __contains__(self, key: str) -> bool:
         return bool(self._rows("SELECT 1 FROM Cache WHERE key = ? AND raw = 1 LIMIT 1", (key,)))
 

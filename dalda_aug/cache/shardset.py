@@ -231,6 +231,21 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.keys())
 
+    def count_rows(self) -> int:
+        """Rows with a raw key over all shards (an upper bound of the entries: a key in two shards
+        counts twice, counter and lease rows count), by one SQL count per shard."""
+        return sum(reader.count_rows() for _, reader in self._readers(force_scan=True))
+
+    def key_digests(self) -> "np.ndarray[Any, Any]":
+        """Every entry key of every shard as sorted, distinct 32-byte digests (NumPy ``S32``;
+        :func:`~dalda_aug.cache.spec.key_bytes`)."""
+        import numpy as np
+
+        from .spec import key_bytes
+
+        parts = [np.array([key_bytes(k) for k in reader.keys()], dtype="S32") for _, reader in self._readers(True)]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype="S32")
+
     def __contains__(self, key: Any) -> bool:
         if any(key in reader for _, reader in self._readers()):
             return True

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -35,6 +36,7 @@ __all__ = [
     "variant_key",
     "variant_keys",
     "variant_digests",
+    "key_bytes",
     "digest_hex",
     "is_entry_key",
     "write_spec_record",
@@ -208,6 +210,19 @@ def digest_hex(digests: Any) -> list[str]:
 
     rows = np.ascontiguousarray(digests).view(np.uint8).reshape(-1, 32)
     return [bytes(row).hex() for row in rows]
+
+
+_LOWER_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def key_bytes(key: str) -> bytes:
+    """32 bytes standing for an entry key in NumPy ``S32`` arrays: the key's own bytes when it is a
+    lowercase SHA-256 hex digest (every key this library writes: :func:`variant_digests` gives the
+    same), else a hash of its text (a shard from elsewhere may hold any 64 characters), so
+    distinct keys stay distinct."""
+    if _LOWER_HEX.fullmatch(key):
+        return bytes.fromhex(key)
+    return hashlib.sha256(b"\0other key\0" + key.encode("utf-8", "surrogatepass")).digest()
 
 
 def _key_hashes(fingerprint: str, prompts: Sequence[str], prompt_codes: Sequence[int], lams: Sequence[float],

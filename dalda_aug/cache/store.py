@@ -7,7 +7,6 @@ class extends with the generation spec, variants, images and maintenance.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -20,7 +19,8 @@ from .codecs import (DEFAULT_IMAGE_FORMAT, META_CRC, check_entry, check_image_fo
                      encode_entry)
 from .imagefolder import export_folder_names, write_image_folder
 from .shardset import ShardSet, check_journal_mode
-from .spec import SPECS_DIR, GenerationSpec, plan_fingerprint, read_spec_records, variant_keys, write_spec_record
+from .spec import (SPECS_DIR, GenerationSpec, key_bytes, plan_fingerprint, read_spec_records, variant_digests,
+                   write_spec_record)
 
 __all__ = ["SyntheticCache", "CachedImage", "open_cache_dir"]
 
@@ -462,7 +462,7 @@ class SyntheticCache(ShardSet):
             shard_good: list[bytes] = []
             shard_bad: list[bytes] = []
             for key, meta, _ in reader.check_heads():
-                (shard_bad if meta is None else shard_good).append(_key_digest(key))
+                (shard_bad if meta is None else shard_good).append(key_bytes(key))
             good.append(np.array(shard_good, dtype="S32"))
             bad.append(np.array(shard_bad, dtype="S32"))
             refused += len(reader.refused_rows())
@@ -482,10 +482,9 @@ class SyntheticCache(ShardSet):
             spec = self.resolve_spec(plan)
             columns = getattr(plan, "columns", None)
             if columns is not None:  # an AugmentationPlan: its keys from the columns, no Variant each
-                plan_keys = variant_keys(spec.fingerprint, *columns.key_inputs(np.arange(columns.n_sources)))
+                planned = np.unique(variant_digests(spec.fingerprint, *columns.key_inputs(np.arange(columns.n_sources))))
             else:
-                plan_keys = [spec.key(v) for v in plan]
-            planned = np.unique(np.array([_key_digest(k) for k in plan_keys], dtype="S32"))
+                planned = np.unique(np.array([key_bytes(spec.key(v)) for v in plan], dtype="S32"))
             covered = int(np.isin(planned, keys).sum())
             result["plan"] = {
                 "images": int(planned.size),
@@ -537,15 +536,3 @@ def open_cache_dir(directory: str | os.PathLike[str]) -> Path:
     if not path.is_dir():
         raise MissingFileError(f"cache folder not found: {path}")
     return path
-
-
-_LOWER_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _key_digest(key: str) -> bytes:
-    """32 bytes standing for an entry key in NumPy arrays: the key's own bytes when it is a
-    lowercase SHA-256 hex digest (every key this library writes), else a hash of its text (a
-    shard from elsewhere may hold any 64 characters), so distinct keys stay distinct."""
-    if _LOWER_HEX.fullmatch(key):
-        return bytes.fromhex(key)
-    return hashlib.sha256(b"\0other key\0" + key.encode("utf-8", "surrogatepass")).digest()
