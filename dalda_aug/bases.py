@@ -123,6 +123,9 @@ class BaseAdapter:
         """The adapter of the dataset under any ``Subset`` wrappers."""
         return self
 
+    def release(self) -> None:
+        """Drop what was kept for the construction's several passes over the base (its file list)."""
+
 
 class GenericAdapter(BaseAdapter):
     """Any dataset of ``(image, label)``: its items are named by their indices."""
@@ -134,23 +137,19 @@ def _is_normal_under(path: str, prefix: str) -> bool:
     ``normpath`` (POSIX; elsewhere only ``normpath`` decides)."""
     if not path.startswith(prefix):
         return False
-    if os.sep != "/" or os.altsep:
+    if not _POSIX:
         return os.path.normpath(path) == path
-    return not ("//" in path or "/./" in path or "/../" in path or path.endswith(("/", "/.", "/..")))
+    # The prefix is normalised; below it, no empty, "." or ".." component and no trailing "/"
+    # (a component that merely starts with "." is sent to normpath too: rare, and still right).
+    rest = path[len(prefix):]
+    return bool(rest) and not ("//" in rest or "/." in rest or rest[0] in "./" or rest[-1] == "/")
+
+
+_POSIX = os.sep == "/" and not os.altsep
 
 
 def _folder_prefix(base_root: str) -> str:
     return base_root.rstrip(os.sep) + os.sep
-
-
-def _relative_id(path: str, base_root: str, prefix: str | None = None) -> str:
-    """``path`` relative to the absolute ``base_root``, with ``/``: by slicing when ``path`` is
-    already a normalised absolute path under the root (ImageFolder's own paths are), else through
-    ``os.path.relpath`` (the same result, about 20 times slower)."""
-    prefix = _folder_prefix(base_root) if prefix is None else prefix
-    if _is_normal_under(path, prefix):
-        return path[len(prefix):].replace(os.sep, "/")
-    return Path(os.path.relpath(os.path.abspath(path), base_root)).as_posix()
 
 
 def _absolute_paths(paths: Iterable[Any], base_root: Any) -> list[str]:
@@ -177,8 +176,33 @@ class FolderAdapter(BaseAdapter):
             return super().source_ids(root)
         base_root = os.path.abspath(os.fspath(base_root))
         prefix = _folder_prefix(base_root)
-        ids = [_relative_id(path, base_root, prefix) for path, *_ in self.dataset.samples]
+        n = len(prefix)
+        # The absolute paths are normalised: one under the root is the root's prefix plus its id.
+        ids = [path[n:] if path.startswith(prefix) else Path(os.path.relpath(path, base_root)).as_posix()
+               for path in self._absolute()]
+        if not _POSIX:
+            ids = [i.replace(os.sep, "/") for i in ids]
         return ids, f"{type(self.dataset).__name__} file paths relative to its root {base_root}"
+
+    def _absolute(self) -> list[str]:
+        """``os.path.abspath`` of every sample's path, kept until :meth:`release` (construction
+        reads it twice: the items' source ids and the files it checks) while ``samples`` is the
+        same list of the same length."""
+        samples = self.dataset.samples
+        memo = self.__dict__.get("_absolute_memo")
+        if memo is not None and memo[0] is samples and memo[1] == len(samples):
+            return list(memo[2])
+        paths = _absolute_paths([path for path, *_ in samples], getattr(self.dataset, "root", None))
+        self._absolute_memo = (samples, len(samples), paths)
+        return list(paths)
+
+    def release(self) -> None:
+        self.__dict__.pop("_absolute_memo", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_absolute_memo", None)  # never pickled into DataLoader workers
+        return state
 
     def stock_paths(self) -> list[str] | None:
         # Only the stock loader and the stock __getitem__ (a subclass that overrides it does more
@@ -195,7 +219,7 @@ class FolderAdapter(BaseAdapter):
         if loader not in (folder.default_loader, folder.pil_loader) or get_image_backend() != "PIL" \
                 or own_getitem is not folder.DatasetFolder.__getitem__:
             return None
-        return _absolute_paths([path for path, *_ in self.dataset.samples], getattr(self.dataset, "root", None))
+        return self._absolute()
 
     def stock_path(self, index: int) -> str:
         return os.path.abspath(str(self.dataset.samples[index][0]))
@@ -312,6 +336,9 @@ class SubsetAdapter(BaseAdapter):
     @classmethod
     def matches(cls, dataset: Any) -> bool:
         return isinstance(dataset, torch.utils.data.Subset)
+
+    def release(self) -> None:
+        self.inner.release()
 
     def _pick(self, values: list[Any] | None) -> list[Any] | None:
         return None if values is None else [values[int(i)] for i in self.dataset.indices]

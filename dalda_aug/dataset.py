@@ -93,7 +93,7 @@ from .cache.spec import digest_hex, variant_digests
 from .data import image_sha256, load_image, to_rgb
 from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from .stat_record import CoverageRecord, StatRecord, file_stat, settled
+from .stat_record import CoverageRecord, StatRecord, file_stats, settled
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -240,8 +240,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         self.planned_variants = int(sizes[self._item_source[self._item_source >= 0]].sum())
         self.cached_variants: int | None = None  # measured below when p > 0
         if self.p > 0 and matched:
-            self._check_sources()
+            if paths is not None and self.base is not base:  # items="plan": the kept items' paths
+                paths = [paths[int(i)] for i in self.base.indices]
+            self._check_sources(paths)
             self._measure_coverage(plan, missing_folder)
+        self._adapter.release()
         self._start_counting()
 
     # -- construction steps -----------------------------------------------------------------------
@@ -392,7 +395,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             return os.path.join(os.fspath(self._root), source)
         return f"item {index} ({source!r})"
 
-    def _check_sources(self) -> None:
+    def _check_sources(self, listed: list[str] | None = None) -> None:
         """Every planned source's pixels against the plan's content hash, as ``verify_sources`` says:
         with ``"stat"``, the files read by path whose stat matches the record are not decoded."""
         if self.verify_sources == "off":
@@ -401,12 +404,13 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         by_stat = planned if self.verify_sources == "stat" and self._reads_files else []
         record, known, stats = None, None, np.zeros((0, 2), dtype=np.int64)
         if by_stat:
-            listed = self._adapter.stock_paths()  # in bulk: the same paths as stock_path(i)
+            if listed is None or len(listed) != len(self._item_source):
+                listed = self._adapter.stock_paths()  # in bulk: the same paths as stock_path(i)
             paths = [listed[i] for i in by_stat] if listed is not None else [self._adapter.stock_path(i)
                                                                                for i in by_stat]
             record = StatRecord(paths, self._plan.columns.source_hashes(self._item_source[by_stat]))
             known = record.load()
-            stats = np.array([file_stat(path) for path in paths], dtype=np.int64).reshape(-1, 2)
+            stats = file_stats(paths)
         unchanged = np.zeros(len(planned), dtype=bool)
         if known is not None:
             unchanged = (known == stats).all(axis=1) & (stats[:, 0] >= 0)

@@ -38,7 +38,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from .errors import InputError
-from .stat_record import StatRecord, file_stat, settled
+from .stat_record import StatRecord, file_stats, settled
 
 __all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "SPILL_ROWS", "STRING_TABLES"]
 
@@ -204,7 +204,7 @@ class PlanColumns:
         paths = [os.path.abspath(rows_path), *(os.path.abspath(folder / name) for name in names)]
         expected = [rows_digest or "", *(digests[f"{COLUMNS_DIR}/{name}"] for name in names)]
         record = StatRecord(paths, expected)
-        stats = np.array([file_stat(path) for path in paths], dtype=np.int64).reshape(-1, 2)
+        stats = file_stats(paths)
         known = record.load() if verify else None
         unchanged = np.zeros(len(paths), dtype=bool) if known is None else \
             (known == stats).all(axis=1) & (stats[:, 0] >= 0)

@@ -370,11 +370,18 @@ def test_spawned_worker_private_memory_per_variant_beyond_imagefolder(tmp_path, 
     "/data/train/cat/..png", "/data/trainx/cat/1.png", "relative/cat/1.png", "/data/train/c at/ü.png",
 ])
 def test_paths_taken_as_they_are_only_when_abspath_would_return_them(path):
-    from dalda_aug.bases import _absolute_paths, _relative_id
+    from types import SimpleNamespace
+
+    from dalda_aug.bases import FolderAdapter, _absolute_paths
 
     assert _absolute_paths([path], "/data/train") == [os.path.abspath(path)]
-    assert _relative_id(os.path.abspath(path), "/data/train") == \
-        Path(os.path.relpath(os.path.abspath(path), "/data/train")).as_posix()
+    adapter = FolderAdapter(SimpleNamespace(root="/data/train", samples=[(path, 0), ("/data/train/a/b.png", 1)]))
+    ids, _ = adapter.source_ids()
+    assert ids == [Path(os.path.relpath(os.path.abspath(p), "/data/train")).as_posix()
+                   for p in (path, "/data/train/a/b.png")]
+    assert adapter.source_ids()[0] == ids  # from the kept list
+    adapter.release()
+    assert "_absolute_memo" not in adapter.__dict__
 
 
 def test_sources_and_hashes_decoded_in_bulk_equal_one_at_a_time(tmp_path, tiny_models):
@@ -457,3 +464,19 @@ def test_variants_for_one_source_makes_only_that_sources_variants(tmp_path, tiny
     assert plan.variants_for("c1/missing.png") == [] and plan.variants_for(7) == []
     assert plan._by_source is None  # no Variant per variant of the plan was made
     assert plan.variants_for(source) == plan.by_source()[source]
+
+
+def test_file_stats_in_bulk_equal_one_at_a_time(tmp_path):
+    from dalda_aug.stat_record import file_stat, file_stats
+
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(b"x" * i)
+        paths.append(str(path))
+    expected = [[os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    assert file_stats(paths).tolist() == expected
+    missing = [*paths[:2], str(tmp_path / "gone.bin"), *paths[2:]]
+    assert file_stats(missing).tolist() == [*expected[:2], [-1, -1], *expected[2:]]
+    assert file_stats(missing).tolist() == [list(file_stat(p)) for p in missing]
+    assert file_stats([]).shape == (0, 2)
