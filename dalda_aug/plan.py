@@ -373,7 +373,6 @@ def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, 
         per_source.setdefault(v.source, v)
     scores = np.array([v.score for v in per_source.values()], dtype=np.float64)
     lams = np.array([v.lam for v in variants], dtype=np.float64)
-    counts, edges = np.histogram(scores, bins=10, range=(0.0, 1.0))
     per_class: dict[str, dict[str, Any]] = {}
     src_per_class = Counter(v.class_name for v in per_source.values())
     var_per_class = Counter(v.class_name for v in variants)
@@ -384,25 +383,7 @@ def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, 
             "variants": var_per_class[name],
             "mean_score": round(float(np.mean(cls_scores)), 6),
         }
-    low = int((scores <= alpha).sum())
-    return {
-        "sources": len(per_source),
-        "variants": len(variants),
-        "classes": len(per_class),
-        "alpha": alpha,
-        "low_sources": low,
-        "high_sources": len(per_source) - low,
-        "low_share": round(low / len(per_source), 6) if per_source else 0.0,
-        "high_share": round(1 - low / len(per_source), 6) if per_source else 0.0,
-        "mean_score": round(float(scores.mean()), 6) if scores.size else None,
-        "score_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]},
-        "lambda": {
-            "mean": round(float(lams.mean()), 6) if lams.size else None,
-            "min": round(float(lams.min()), 6) if lams.size else None,
-            "max": round(float(lams.max()), 6) if lams.size else None,
-        },
-        "per_class": per_class,
-    }
+    return _summary(len(per_source), len(variants), scores, lams, per_class, alpha)
 
 
 def _summarize_columns(columns: PlanColumns, config: dict[str, Any]) -> dict[str, Any]:
@@ -423,7 +404,6 @@ def _summarize_columns(columns: PlanColumns, config: dict[str, Any]) -> dict[str
     source_class = class_col[first]
     src_counts = np.bincount(source_class, minlength=len(names))
     var_counts = np.bincount(class_col, minlength=len(names))
-    counts, edges = np.histogram(scores, bins=10, range=(0.0, 1.0))
     # each class's source scores, in source order (a stable sort by class keeps it)
     by_class = np.split(scores[np.argsort(source_class, kind="stable")], np.cumsum(src_counts)[:-1])
     per_class: dict[str, dict[str, Any]] = {}
@@ -433,11 +413,18 @@ def _summarize_columns(columns: PlanColumns, config: dict[str, Any]) -> dict[str
             "variants": int(var_counts[code]),
             "mean_score": round(float(np.mean(by_class[code])), 6),
         }
-    n_sources = int(first.size)
+    return _summary(int(first.size), int(lams.size), scores, lams, per_class, alpha)
+
+
+def _summary(n_sources: int, n_variants: int, scores: Any, lams: Any, per_class: dict[str, dict[str, Any]],
+             alpha: float) -> dict[str, Any]:
+    """The summary dict of :func:`summarize`: ``scores`` holds each source's score (in order of
+    first appearance), ``lams`` every variant's λ."""
+    counts, edges = np.histogram(scores, bins=10, range=(0.0, 1.0))
     low = int((scores <= alpha).sum())
     return {
         "sources": n_sources,
-        "variants": int(lams.size),
+        "variants": n_variants,
         "classes": len(per_class),
         "alpha": alpha,
         "low_sources": low,
