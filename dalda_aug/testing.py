@@ -20,7 +20,6 @@ Every consumer loads them through the code path used for the real weights.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import replace
@@ -29,6 +28,7 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import require
+from .prompts.tokenizer import write_clip_tokenizer  # where it lives; importable from here too
 
 __all__ = ["make_tiny_models", "write_clip_tokenizer", "TINY_CLIP_NAME", "TINY_DEFAULTS"]
 
@@ -43,52 +43,6 @@ TINY_DEFAULTS: dict[str, dict[str, int]] = {
     "demo": {"size": 64, "steps": 2},
     "textual-inversion": {"resolution": 64, "steps": 20},
 }
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte -> printable-character table of CLIP's byte-level BPE (GPT-2 style).
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
-def write_clip_tokenizer(directory: str | os.PathLike[str]) -> Path:
-    """Write the real CLIP BPE tokenizer (``vocab.json``, ``merges.txt``) built offline.
-
-    The merges come from open_clip's bundled ``bpe_simple_vocab_16e6.txt.gz`` (the same file
-    OpenAI's CLIP uses), so token counts match the tokenizer of Stable Diffusion 1.x.
-    """
-    import open_clip
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(_bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(
-        json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
-    )
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    transformers = require("transformers", "generate")
-    tokenizer = transformers.CLIPTokenizer(
-        str(directory / "vocab.json"),
-        str(directory / "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def _tiny_unet() -> Any:
