@@ -77,7 +77,6 @@ model, no open SQLite handle (the cache reopens itself per process).
 from __future__ import annotations
 
 import os
-import time
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -93,7 +92,7 @@ from .cache.spec import digest_hex, variant_digests
 from .data import image_sha256, load_image, to_rgb
 from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from .stat_record import CoverageRecord, StatRecord, file_stats, settled
+from .stat_record import CoverageRecord, StatRecord, file_stats
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -423,10 +422,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                                                 "match the plan's content hash): re-plan with `dalda-aug plan`, "
                                                 "or restore the file"))
         if record is not None and not unchanged.all():
-            now = time.time_ns()
-            rows = np.array([row if settled((int(row[0]), int(row[1])), now) else (-1, -1) for row in stats],
-                            dtype=np.int64).reshape(-1, 2)
-            record.save(rows)  # where it cannot be written, the next construction verifies in full
+            record.save_settled(stats)  # where it cannot be written, the next construction verifies in full
 
     def _mismatch(self, index: int, what: str) -> str:
         """The message for item ``index`` whose pixels differ from the plan's: when the file itself

@@ -36,7 +36,7 @@ from .ags import Scaling, ags_parameters, sample_scales
 from .config import ModelConfig
 from .data import ImageSource, SourceItem, image_sha256
 from .errors import InputError, MissingFileError
-from .plan_columns import PlanColumns
+from .plan_columns import PlanColumns, lf_sha256
 from .presets import PHOTO_TEMPLATE
 
 if TYPE_CHECKING:
@@ -149,10 +149,10 @@ def _sha256(text: str) -> str:
 
 
 def _file_sha256(path: Path) -> str | None:
-    """SHA-256 of a small text file's bytes (CRLF read as LF), ``None`` when it does not exist."""
+    """SHA-256 of a text file's bytes (CRLF read as LF), ``None`` when it does not exist."""
     if not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes().replace(b"\r\n", b"\n")).hexdigest()
+    return lf_sha256(path)
 
 
 class _Variants(Sequence[Variant]):

@@ -31,14 +31,13 @@ import io
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from .errors import InputError
-from .stat_record import StatRecord, file_stats, settled
+from .stat_record import StatRecord, file_stats
 
 __all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "SPILL_ROWS", "STRING_TABLES"]
 
@@ -209,7 +208,7 @@ class PlanColumns:
         unchanged = np.zeros(len(paths), dtype=bool) if known is None else \
             (known == stats).all(axis=1) & (stats[:, 0] >= 0)
         if verify and not unchanged[0]:
-            if rows_digest is None or _rows_sha256(rows_path) != rows_digest:
+            if rows_digest is None or lf_sha256(rows_path) != rows_digest:
                 return None
         arrays: dict[str, Any] = {}
         for j, name in enumerate(names, start=1):
@@ -227,9 +226,7 @@ class PlanColumns:
             except (ValueError, OSError) as exc:
                 raise InputError(f"{path}: not a plan column: {exc}") from None
         if verify and rows_digest is not None and not unchanged.all():
-            now = time.time_ns()
-            record.save(np.array([row if settled((int(row[0]), int(row[1])), now) else (-1, -1) for row in stats],
-                                 dtype=np.int64).reshape(-1, 2))  # where it cannot be written: hashed next time
+            record.save_settled(stats)  # where it cannot be written: hashed next time
         return cls(arrays, directory)
 
     def _check_shapes(self) -> None:
@@ -412,8 +409,9 @@ class PlanColumns:
         return folder
 
 
-def _rows_sha256(path: Path) -> str | None:
-    """SHA-256 of ``plan.jsonl`` read in chunks with CRLF as LF (as the JSONL reader hashes it)."""
+def lf_sha256(path: Path) -> str | None:
+    """SHA-256 of a text file read in chunks with CRLF as LF (as the JSONL reader hashes
+    ``plan.jsonl``; plan.json's digests are of LF text), or None where it cannot be read."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:

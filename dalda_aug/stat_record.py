@@ -107,6 +107,14 @@ class StatRecord:
             return None
         return rows
 
+    def save_settled(self, stats: "np.ndarray[Any, np.dtype[np.int64]]") -> bool:
+        """:meth:`save` the ``(size, mtime_ns)`` rows of files just verified, each one modified
+        racily recently (or missing) recorded as unverified ``(-1, -1)``."""
+        now = time.time_ns()
+        rows = np.array([row if settled((int(row[0]), int(row[1])), now) else (-1, -1) for row in stats],
+                        dtype=np.int64).reshape(-1, 2)
+        return self.save(rows)
+
     def save(self, rows: "np.ndarray[Any, np.dtype[np.int64]]") -> bool:
         """Write ``rows`` atomically; False (and nothing raised) where it cannot be written."""
         buffer = io.BytesIO()
