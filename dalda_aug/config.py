@@ -61,7 +61,7 @@ def model_defaults(path: str | os.PathLike[str], command: str) -> dict[str, int]
     ``command`` (e.g. ``{"size": 64, "steps": 2}`` for ``warm`` with tiny models); ``{}`` if none.
     Options given explicitly win over these."""
     file = models_file(path)
-    data = read_json_object(file, "models file")
+    data = read_json_object(file, "models file", follow_symlinks=True)
     return _check_defaults(data.get(DEFAULTS_KEY, {}), file).get(command, {})
 
 
@@ -147,7 +147,7 @@ class ModelConfig:
         if given.is_dir() and not path.is_file():
             raise InputError(f"models folder {given} holds no models.json (`dalda-aug make-tiny-models {given}` "
                              "writes tiny offline models there)")
-        data = read_json_object(path, "models file")
+        data = read_json_object(path, "models file", follow_symlinks=True)
         if DEFAULTS_KEY in data:
             _check_defaults(data[DEFAULTS_KEY], path)
             data = {k: v for k, v in data.items() if k != DEFAULTS_KEY}

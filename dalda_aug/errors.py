@@ -25,6 +25,12 @@ class MissingFileError(DaldaError, FileNotFoundError):
     """A file or folder the user pointed at does not exist or holds nothing usable."""
 
 
+class UnsafeFileError(InputError):
+    """A file in a folder someone else may write is not what its name promises: a symbolic link,
+    a FIFO, a device or a folder where a regular file belongs, a file larger than its format allows,
+    or a folder whose symlink leads outside its root. Nothing is followed, read or written."""
+
+
 class ImageError(DaldaError, OSError):
     """An image file cannot be read or converted to RGB (the message names the file)."""
 

@@ -13,6 +13,7 @@ use place that file in ``$TORCH_HOME/hub/checkpoints/`` (by default
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import warnings
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from ._io import write_atomic
 from .data import image_sha256
 from .errors import InputError, ModelLoadError, require
 
@@ -170,9 +172,9 @@ class EmbeddingStore:
                 self._memory[keys[i]] = f
                 path = self._path(keys[i])
                 if path is not None:
-                    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-                    np.save(tmp, f)
-                    os.replace(tmp, path)
+                    buffer = io.BytesIO()
+                    np.save(buffer, f, allow_pickle=False)
+                    write_atomic(path, buffer.getvalue())
             self.computed += len(missing)
         return np.stack([self._memory[k] for k in keys]) if keys else np.zeros((0, 0))
 

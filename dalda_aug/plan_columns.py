@@ -36,6 +36,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from ._io import write_atomic
 from .errors import InputError
 from .stat_record import StatRecord, file_stats
 
@@ -69,16 +70,7 @@ def _npy_bytes(array: Any) -> bytes:
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
 
 
 class KeyFields(NamedTuple):

@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -119,17 +118,9 @@ class StatRecord:
         """Write ``rows`` atomically; False (and nothing raised) where it cannot be written."""
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(rows, dtype=np.int64), allow_pickle=False)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(buffer.getvalue())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, buffer.getvalue())
         except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             return False
         return True
 

@@ -41,13 +41,12 @@ import json
 import logging
 import os
 import re
-import socket
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-from .._io import write_atomic
+from .._io import atomic_writer, write_atomic
 from ..errors import CorruptEntryError, DaldaError, InputError, require
 from .codecs import check_entry
 
@@ -375,7 +374,7 @@ def _is_complete(path: Path, record: dict[str, Any] | None, digest: str) -> bool
 def _remove_leftovers(out: Path, fmt: str, keep: set[str]) -> None:
     """Remove temporaries of killed runs and shards of ``fmt`` not in ``keep``."""
     ext = re.escape(_EXTENSIONS[fmt])
-    temporary = re.compile(rf"^\.(shard-\d{{6,}}\.{ext}\.partial|{re.escape(manifest_name(fmt))}\.tmp)-")
+    temporary = re.compile(rf"^\.(shard-\d{{6,}}\.{ext}|{re.escape(manifest_name(fmt))})\.(partial|tmp)-")
     shard = re.compile(rf"^shard-\d{{6,}}\.{ext}$")
     for path in out.iterdir():
         if temporary.match(path.name) or (shard.match(path.name) and path.name not in keep):
@@ -406,17 +405,9 @@ def _pngs(cache: SyntheticCache, samples: Sequence[ExportSample], written: list[
 def _write_shard(out: Path, name: str, fmt: str, cache: SyntheticCache, samples: Sequence[ExportSample],
                  classes: Sequence[str], corrupt: list[str], bar: Any) -> tuple[dict[str, Any], int]:
     """Write one shard under a temporary name, then rename it: its manifest record and size."""
-    tmp = out / f".{name}.partial-{socket.gethostname()}-{os.getpid()}"
     written: list[ExportSample] = []
-    try:
-        with tmp.open("wb") as fh:
-            _SHARD_WRITERS[fmt](fh, _pngs(cache, samples, written, corrupt, bar), classes)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(out / name) as fh:
+        _SHARD_WRITERS[fmt](fh, _pngs(cache, samples, written, corrupt, bar), classes)
     path = out / name
     record = {"name": name, "samples": len(written), "first_key": written[0].key if written else None,
               "digest": _digest(fmt, cache.png_compress_level, classes, written),

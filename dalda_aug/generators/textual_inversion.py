@@ -225,12 +225,9 @@ def _writable_folder(folder: Path, what: str, fix: str) -> Path:
 
 
 def _save_embedding(path: Path, token: str, vector: "torch.Tensor") -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({token: vector.detach().to("cpu", dtype=vector.dtype).contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, save({token: vector.detach().to("cpu", dtype=vector.dtype).contiguous()}))
 
 
 def _load_embedding(path: Path) -> "torch.Tensor":
