@@ -258,7 +258,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if result.get("corrupt"):
         extra += f"; {result['corrupt']} corrupt entries skipped"
     if args.export_as == "imagefolder":
-        print(f"exported {result['exported']} images to {result['out']} (+ metadata.csv){extra}")
+        print(f"exported {result['exported']} images to {result['out']} (+ samples.csv){extra}")
     else:
         print(f"exported {result['exported']} images to {result['out']} as {args.export_as}: {result['shards']} "
               f"shard(s), {result['written']} written, {result['skipped']} already complete "
@@ -386,8 +386,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     s = sub.add_parser("export", help="write cached images as an image folder, WebDataset shards or Parquet files")
     s.add_argument("--cache", required=True, help="cache folder")
     s.add_argument("--out", required=True,
-                   help="output folder (outside the cache): OUT/<class>/<key>.png + OUT/metadata.csv, or "
-                        "OUT/shard-000000.tar|parquet... + OUT/manifest-<format>.json")
+                   help="output folder (outside the cache; new, empty or an earlier export of the format): "
+                        "OUT/<class>/<key>.png + OUT/samples.csv, or OUT/shard-000000.tar|parquet..., with "
+                        "OUT/.manifest-<format>.json")
     from .cache.export import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 
     s.add_argument("--as", dest="export_as", default=DEFAULT_EXPORT_FORMAT, metavar="FORMAT",

@@ -546,14 +546,14 @@ def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
     assert main(["cache", "export", *args, "--out", str(tmp_path / "export"), "--no-progress"]) == 0
     pngs = sorted((tmp_path / "export").rglob("*.png"))
     assert len(pngs) == 4 and {p.parent.name for p in pngs} <= {"red_fox", "tabby_cat"}
-    with (tmp_path / "export" / "metadata.csv").open() as fh:
+    with (tmp_path / "export" / "samples.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4
-    assert {"path", "prompt", "lambda", "seed", "score", "model_fingerprint"} <= set(rows[0])
+    assert {"path", "prompt", "lam", "seed", "score", "model_fingerprint"} <= set(rows[0])
     for row in rows:
         assert (tmp_path / "export" / row["path"]).is_file()
         v = next(v for v in plan if cache.key(v) == row["key"])
-        assert float(row["lambda"]) == v.lam and row["prompt"] == v.prompt and int(row["seed"]) == v.seed
+        assert float(row["lam"]) == v.lam and row["prompt"] == v.prompt and int(row["seed"]) == v.seed
 
     key = cache.key(plan.variants[0])
     with diskcache.Cache(str(cache.directory / f"shard-{cache.shard}")) as raw:

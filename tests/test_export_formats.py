@@ -85,7 +85,7 @@ def _load_parquet(out: Path, tmp_path: Path):
 
 def _leftovers(out: Path, suffix: str) -> list[str]:
     return sorted(p.name for p in out.iterdir()
-                  if not (p.name.startswith("shard-") and p.name.endswith(suffix)) and p.name != f"manifest-{out.name}.json")
+                  if not (p.name.startswith("shard-") and p.name.endswith(suffix)) and p.name != f".manifest-{out.name}.json")
 
 
 # -- webdataset ----------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_webdataset_shards_read_back_pixel_equal(tmp_path, spec, capsys):
     assert len(names) == 3 * 4 and {n.rsplit(".", 1)[1] for n in names} == {"png", "cls", "json"}
     with tarfile.open(out / "shard-000002.tar") as tar:
         assert len(tar.getnames()) == 3 * 3
-    manifest = json.loads((out / "manifest-webdataset.json").read_text(encoding="utf-8"))
+    manifest = json.loads((out / ".manifest-webdataset.json").read_text(encoding="utf-8"))
     assert manifest["complete"] and manifest["samples"] == 11 and manifest["classes"] == CLASSES
 
 
@@ -277,7 +277,7 @@ def test_kill_9_then_rerun_completes_the_export(tmp_path, spec, fmt):
     assert proc.returncode == -signal.SIGKILL
     shards_at_kill = sorted(out.glob(f"shard-*{suffix}"))
     assert 1 <= len(shards_at_kill) < 60  # killed mid-way
-    manifest_path = out / f"manifest-{fmt}.json"  # absent if killed before the first shard was recorded
+    manifest_path = out / f".manifest-{fmt}.json"  # absent if killed before the first shard was recorded
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"shards": []}
     assert not manifest.get("complete")
     recorded = len(manifest["shards"])  # complete and recorded: the rerun keeps exactly these
@@ -288,7 +288,7 @@ def test_kill_9_then_rerun_completes_the_export(tmp_path, spec, fmt):
     assert f"{60 - recorded} written, {recorded} already complete" in rerun.stdout
     assert _leftovers(out, suffix) == []  # no temporaries
     assert len(list(out.glob(f"shard-*{suffix}"))) == 60
-    assert json.loads((out / f"manifest-{fmt}.json").read_text(encoding="utf-8"))["complete"]
+    assert json.loads((out / f".manifest-{fmt}.json").read_text(encoding="utf-8"))["complete"]
     if fmt == "webdataset":
         read = [(key, pixels) for key, pixels, _, _ in _read_webdataset(out)]
     else:
@@ -338,7 +338,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, spec, capsys):
     # The default stays the image folder.
     assert main(["cache", "export", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "folder"),
                  "--no-progress"]) == 0
-    assert (tmp_path / "folder" / "metadata.csv").is_file() and len(list((tmp_path / "folder").rglob("*.png"))) == 3
+    assert (tmp_path / "folder" / "samples.csv").is_file() and len(list((tmp_path / "folder").rglob("*.png"))) == 3
 
 
 def test_entries_of_plans_that_disagree_on_labels_need_a_plan(tmp_path, spec, capsys):

@@ -86,7 +86,7 @@ def test_export_without_plan_keeps_unicode_classes_apart(unicode_cache, tmp_path
     by_folder: dict[str, set[int]] = {}
     for png in out.rglob("*.png"):
         by_folder.setdefault(png.parent.name, set())
-    with (out / "metadata.csv").open(encoding="utf-8") as fh:
+    with (out / "samples.csv").open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
         by_folder[row["path"].split("/")[0]].add(int(row["label"]))
@@ -120,7 +120,10 @@ def test_export_plan_class_names_cannot_leave_out(unicode_cache, tmp_path, capsy
 def test_export_refuses_a_class_folder_that_links_outside(unicode_cache, tmp_path, capsys):
     base, plan, cache = unicode_cache
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
-    out.mkdir()
+    # An earlier export (its manifest lists 猫/), whose class folder was then replaced by a link.
+    assert main(["cache", "export", "--cache", str(cache.directory), "--plan", str(base / "plan"),
+                 "--out", str(out), "--no-progress"]) == 0
+    shutil.rmtree(out / "猫")
     elsewhere.mkdir()
     (out / "猫").symlink_to(elsewhere, target_is_directory=True)
     capsys.readouterr()

@@ -332,7 +332,7 @@ def test_export_folders_stay_distinct_after_nfc_and_casefold(world, tmp_path, na
         cache.put(v, _image(v.seed))
     plan = AugmentationPlan(variants, {"classes": list(names)}) if with_plan else None
     assert cache.export(tmp_path / "out", plan)["exported"] == 6
-    with (tmp_path / "out" / "metadata.csv").open(encoding="utf-8") as fh:
+    with (tmp_path / "out" / "samples.csv").open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     folders = {row["class_name"]: row["class"] for row in rows}
     assert set(folders) == set(names)

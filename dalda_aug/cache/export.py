@@ -4,7 +4,7 @@
 
 ``dalda-aug cache export --as FORMAT`` looks the format up in :data:`EXPORT_FORMATS`:
 
-- ``imagefolder`` (default): ``OUT/<class>/<key16>.png`` + ``OUT/metadata.csv``
+- ``imagefolder`` (default): ``OUT/<class>/<key16>.png`` + ``OUT/samples.csv``
   (:meth:`SyntheticCache.export <dalda_aug.cache.SyntheticCache.export>`).
 - ``webdataset``: tar shards ``OUT/shard-000000.tar``... of ``shard_size`` samples; sample
   ``<key>`` is ``<key>.png`` (the image), ``<key>.cls`` (the label, decimal text) and
@@ -14,17 +14,20 @@
   :data:`PARQUET_ROW_GROUP` rows): ``image`` (struct ``{bytes, path}`` holding PNG bytes),
   ``label`` and the metadata columns of :meth:`ExportSample.to_dict`. The schema metadata
   carries Hugging Face features (``image``: ``Image``, ``label``: ``ClassLabel`` with the class
-  names), so ``datasets.load_dataset("parquet", data_files=...)`` decodes them; Ray Data, Spark
-  and DuckDB read the same files as plain Parquet.
+  names), so ``datasets.load_dataset("parquet", data_dir=OUT)`` decodes them; pyarrow, pandas,
+  Spark and DuckDB read the same folder as plain Parquet, and Ray Data with
+  :func:`decode_parquet_batch`.
 
 Both sharded formats are lossless (PNG of the cache's decoded RGB pixels) and resumable. The
 samples are the cache's valid entries (or, with a plan, the plan's cached variants) sorted by
 key, cut into shards of ``shard_size``: shard membership depends only on what is exported.
 Each shard is written under a temporary name and renamed when complete, then recorded in
-``OUT/manifest-<format>.json`` (its samples' digest, bytes and SHA-256). A rerun, after a
-``kill -9`` or with more entries cached, skips every shard whose record, file size and SHA-256
-match what it would write, rewrites the others, and removes temporaries and shards left over
-from a larger export. One export into a folder at a time.
+``OUT/.manifest-<format>.json`` (hidden from readers pointed at the folder; its samples' digest,
+bytes and SHA-256). A rerun, after a ``kill -9`` or with more entries cached, skips every shard
+whose record, file size and SHA-256 match what it would write, rewrites the others, and removes
+temporaries and shards left over from a larger export. Only files the manifest lists are ever
+replaced or removed, and a non-empty folder without one is refused
+(:mod:`~dalda_aug.cache.export_manifest`). One export into a folder at a time.
 
 Corrupt entries are never written: they are skipped and counted (``corrupt``), and removed from
 the cache where it is writable, as everywhere else in the library.
@@ -41,14 +44,16 @@ import json
 import logging
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-from .._io import atomic_writer, write_atomic
+from .._io import atomic_writer, open_regular
 from ..errors import CorruptEntryError, DaldaError, InputError, require
 from .codecs import check_entry
+from .export_manifest import MANIFEST_FORMAT, ExportFolder, claim_export_folder, manifest_name, remove_owned
 
 if TYPE_CHECKING:
     from ..plan import AugmentationPlan
@@ -73,6 +78,7 @@ __all__ = [
     "manifest_name",
     "parquet_schema",
     "huggingface_features",
+    "decode_parquet_batch",
 ]
 
 log = logging.getLogger("dalda_aug.export_formats")  # its name when this module was dalda_aug.export_formats
@@ -82,8 +88,6 @@ DEFAULT_EXPORT_FORMAT = "imagefolder"
 DEFAULT_SHARD_SIZE = 1000
 #: Most rows per Parquet row group (readers stream a row group at a time; HF uses 100 for images).
 PARQUET_ROW_GROUP = 100
-MANIFEST_FORMAT = "dalda_aug.export/1"
-
 _EXTENSIONS = {"webdataset": "tar", "parquet": "parquet"}
 
 
@@ -248,9 +252,8 @@ def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:06d}.{_EXTENSIONS[fmt]}"
 
 
-def manifest_name(fmt: str) -> str:
-    """The manifest of a sharded export: ``manifest-webdataset.json`` / ``manifest-parquet.json``."""
-    return f"manifest-{fmt}.json"
+def _shard_pattern(fmt: str) -> re.Pattern[str]:
+    return re.compile(rf"shard-\d{{6,}}\.{re.escape(_EXTENSIONS[fmt])}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,45 +348,26 @@ def _digest(fmt: str, png_level: int, classes: Sequence[str], samples: Sequence[
 
 
 def _file_sha256(path: Path) -> str:
+    """The SHA-256 of the regular file ``path`` (opened without following a link; a FIFO never blocks)."""
+    fd, _ = open_regular(path, "export shard")
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with os.fdopen(fd, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _read_manifest(path: Path, fmt: str) -> dict[str, dict[str, Any]]:
-    """``{shard name: record}`` of a previous run's manifest; empty if none or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or data.get("as") != fmt:
-        return {}
-    shards = data.get("shards")
-    records = shards if isinstance(shards, list) else []
-    return {r["name"]: r for r in records if isinstance(r, dict) and isinstance(r.get("name"), str)}
-
-
 def _is_complete(path: Path, record: dict[str, Any] | None, digest: str) -> bool:
-    if record is None or record.get("digest") != digest or not path.is_file():
+    """Whether ``path`` is the shard ``record`` describes, with the samples ``digest`` stands for;
+    anything but a regular file of that size and SHA-256 (a link, a FIFO, a folder) is not."""
+    if record is None or record.get("digest") != digest:
         return False
-    return path.stat().st_size == record.get("bytes") and _file_sha256(path) == record.get("sha256")
-
-
-def _remove_leftovers(out: Path, fmt: str, keep: set[str]) -> None:
-    """Remove temporaries of killed runs and shards of ``fmt`` not in ``keep``."""
-    ext = re.escape(_EXTENSIONS[fmt])
-    temporary = re.compile(rf"^\.(shard-\d{{6,}}\.{ext}|{re.escape(manifest_name(fmt))})\.(partial|tmp)-")
-    shard = re.compile(rf"^shard-\d{{6,}}\.{ext}$")
-    for path in out.iterdir():
-        if temporary.match(path.name) or (shard.match(path.name) and path.name not in keep):
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-
-
-def _write_manifest(out: Path, fmt: str, body: dict[str, Any]) -> None:
-    write_atomic(out / manifest_name(fmt), json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+    try:
+        st = os.lstat(path)
+        return (stat.S_ISREG(st.st_mode) and st.st_size == record.get("bytes")
+                and _file_sha256(path) == record.get("sha256"))
+    except (OSError, InputError):
+        return False
 
 
 def _pngs(cache: SyntheticCache, samples: Sequence[ExportSample], written: list[ExportSample],
@@ -415,24 +399,41 @@ def _write_shard(out: Path, name: str, fmt: str, cache: SyntheticCache, samples:
     return record, len(written)
 
 
+def _claim(fmt: str, cache: SyntheticCache, out: str | os.PathLike[str]) -> ExportFolder:
+    """The export folder, checked (before any entry is read): not inside the cache, and new, empty
+    or an earlier export of ``fmt`` (its manifest read, bounded)."""
+    folder = check_output_folder(cache, out)
+    pattern = _shard_pattern(fmt)
+    return claim_export_folder(folder, fmt, lambda name: pattern.fullmatch(name) is not None)
+
+
 def _export_sharded(fmt: str, cache: SyntheticCache, out: str | os.PathLike[str],
                     plan: AugmentationPlan | None, shard_size: int | None, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     size = _check_shard_size(shard_size)
-    folder = check_output_folder(cache, out)
+    own = _claim(fmt, cache, out)
+    folder = own.path
     selection = select_samples(cache, plan)
+    samples, classes = selection.samples, selection.classes
+    shards = [samples[i:i + size] for i in range(0, len(samples), size)]
+    names = [shard_name(i, fmt) for i in range(len(shards))]
+    own.check_writable(names)  # no file of the user's is replaced
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the export folder {folder}: {exc.strerror or exc}") from None
-    samples, classes = selection.samples, selection.classes
-    shards = [samples[i:i + size] for i in range(0, len(samples), size)]
-    names = [shard_name(i, fmt) for i in range(len(shards))]
-    previous = _read_manifest(folder / manifest_name(fmt), fmt)
-    _remove_leftovers(folder, fmt, keep=set(names))
+    records = own.manifest.get("shards")
+    previous = {r["name"]: r for r in records if isinstance(r, dict) and isinstance(r.get("name"), str)} \
+        if isinstance(records, list) else {}
     body: dict[str, Any] = {"format": MANIFEST_FORMAT, "as": fmt, "shard_size": size, "classes": classes,
-                            "cache": str(cache.directory), "complete": False, "samples": 0, "shards": []}
+                            "cache": str(cache.directory), "complete": False, "samples": 0,
+                            "files": sorted(own.files | set(names)), "shards": []}
+    own.write(body)  # every file this run may write is listed before it is written
+    pattern = _shard_pattern(fmt)
+    own.remove_temporaries(lambda name: pattern.fullmatch(name) is not None)
+    for stale in sorted(own.files - set(names)):  # shards of a larger earlier export
+        remove_owned(folder / stale)
     corrupt = list(selection.corrupt_keys)
     exported = written_shards = 0
     with tqdm(total=len(samples), desc=f"exporting {fmt}", unit="img", disable=not progress,
@@ -449,9 +450,10 @@ def _export_sharded(fmt: str, cache: SyntheticCache, out: str | os.PathLike[str]
             exported += count
             body["shards"].append(record)
             body["samples"] = exported
-            _write_manifest(folder, fmt, body)
+            own.write(body)
     body["complete"] = True
-    _write_manifest(folder, fmt, body)
+    body["files"] = names
+    own.write(body)
     if corrupt:
         log.warning("skipped %d corrupt cache entries (not exported): %s", len(corrupt),
                     ", ".join(k[:16] for k in corrupt[:5]) + (" ..." if len(corrupt) > 5 else ""))
@@ -482,12 +484,14 @@ def export_parquet(cache: SyntheticCache, out: str | os.PathLike[str], plan: Aug
 
 def export_imagefolder(cache: SyntheticCache, out: str | os.PathLike[str], plan: AugmentationPlan | None = None,
                        *, shard_size: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """``OUT/<class>/<key16>.png`` + ``OUT/metadata.csv``: :meth:`SyntheticCache.export
+    """``OUT/<class>/<key16>.png`` + ``OUT/samples.csv``: :meth:`SyntheticCache.export
     <dalda_aug.cache.SyntheticCache.export>`. An image folder has no shards: ``shard_size``
     must be ``None``."""
     if shard_size is not None:
         raise InputError("the shard size applies to the webdataset and parquet exports, not to imagefolder")
-    check_output_folder(cache, out)
+    from .imagefolder import claim_image_folder
+
+    claim_image_folder(check_output_folder(cache, out))  # refused before any entry is read
     result = cache.export(out, plan, progress=progress)
     return {"format": "imagefolder", **result}
 
@@ -521,3 +525,42 @@ def export(cache: SyntheticCache, out: str | os.PathLike[str], fmt: str = DEFAUL
     except OSError as exc:  # a full or read-only export folder
         where = f" ({exc.filename})" if exc.filename else ""
         raise InputError(f"cannot write the {fmt} export to {out}{where}: {exc.strerror or exc}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# readers
+# ------------------------------------------------------------------------------------------
+def decode_parquet_batch(batch: dict[str, Any], *, mode: str = "RGB") -> dict[str, Any]:
+    """Decode a batch of the Parquet export for a reader that does not know Hugging Face's
+    ``Image`` feature: Ray Data (``read_parquet(OUT).map_batches(decode_parquet_batch)``, numpy batch
+    format), or a pyarrow batch turned into numpy. ``batch`` maps column names to arrays, ``image``
+    holding ``{"bytes", "path"}`` dicts (what ``pyarrow``'s ``to_numpy`` gives for the struct column).
+
+    Returns ``{"image": uint8 array (N, H, W, C), "label": int64 array (N,)}``, images decoded from
+    their PNG bytes and converted to ``mode``. Images of different sizes cannot share one array:
+    they come back as an object array of ``(H, W, C)`` arrays (resize them before batching tensors).
+    A row without image bytes is an :class:`~dalda_aug.errors.InputError` naming its ``path``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if "image" not in batch or "label" not in batch:
+        raise InputError(f"a batch of the Parquet export has 'image' and 'label' columns; got {sorted(batch)}")
+    images = []
+    for cell in batch["image"]:
+        data = cell.get("bytes") if isinstance(cell, dict) else None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            where = cell.get("path") if isinstance(cell, dict) else cell
+            raise InputError(f"image {where!r} of the Parquet batch holds no image bytes")
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            images.append(np.asarray(image.convert(mode)))
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    if images and all(a.shape == images[0].shape for a in images):
+        stacked: Any = np.stack(images)
+    elif images:
+        stacked = np.empty(len(images), dtype=object)
+        for i, array in enumerate(images):
+            stacked[i] = array
+    else:
+        stacked = np.zeros((0, 0, 0, len(mode)), dtype=np.uint8)
+    return {"image": stacked, "label": labels}

@@ -496,10 +496,11 @@ class SyntheticCache(ShardSet):
         return result
 
     def export(self, out: str | os.PathLike[str], plan: Any = None, *, progress: bool = False) -> dict[str, Any]:
-        """Write cached images as an image folder ``OUT/<class>/<key16>.png`` + ``OUT/metadata.csv``.
+        """Write cached images as an image folder ``OUT/<class>/<key16>.png`` + ``OUT/samples.csv``.
 
         With a plan, only its images are exported and class folders are the plan's class
-        folder names; otherwise every entry, in folders named after its class name.
+        folder names; otherwise every entry, in folders named after its class name. ``OUT`` must be
+        new, empty or an earlier image-folder export (:func:`~dalda_aug.cache.imagefolder.write_image_folder`).
         """
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
