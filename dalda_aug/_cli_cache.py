@@ -388,7 +388,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     s.add_argument("--out", required=True,
                    help="output folder (outside the cache; new, empty or an earlier export of the format): "
                         "OUT/<class>/<key>.png + OUT/samples.csv, or OUT/shard-000000.tar|parquet..., with "
-                        "OUT/.manifest-<format>.json")
+                        "a manifest in OUT/.dalda-export/ or OUT/.manifest-imagefolder.json")
     from .cache.export import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 
     s.add_argument("--as", dest="export_as", default=DEFAULT_EXPORT_FORMAT, metavar="FORMAT",

@@ -84,8 +84,9 @@ def _load_parquet(out: Path, tmp_path: Path):
 
 
 def _leftovers(out: Path, suffix: str) -> list[str]:
-    return sorted(p.name for p in out.iterdir()
-                  if not (p.name.startswith("shard-") and p.name.endswith(suffix)) and p.name != f".manifest-{out.name}.json")
+    return sorted([p.name for p in out.iterdir() if not (p.name.startswith("shard-") and p.name.endswith(suffix))
+                   and p.name != ".dalda-export"]
+                  + [p.name for p in (out / ".dalda-export").iterdir() if p.name != f"manifest-{out.name}.json"])
 
 
 # -- webdataset ----------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def test_webdataset_shards_read_back_pixel_equal(tmp_path, spec, capsys):
     assert len(names) == 3 * 4 and {n.rsplit(".", 1)[1] for n in names} == {"png", "cls", "json"}
     with tarfile.open(out / "shard-000002.tar") as tar:
         assert len(tar.getnames()) == 3 * 3
-    manifest = json.loads((out / ".manifest-webdataset.json").read_text(encoding="utf-8"))
+    manifest = json.loads((out / ".dalda-export" / "manifest-webdataset.json").read_text(encoding="utf-8"))
     assert manifest["complete"] and manifest["samples"] == 11 and manifest["classes"] == CLASSES
 
 
@@ -277,8 +278,9 @@ def test_kill_9_then_rerun_completes_the_export(tmp_path, spec, fmt):
     assert proc.returncode == -signal.SIGKILL
     shards_at_kill = sorted(out.glob(f"shard-*{suffix}"))
     assert 1 <= len(shards_at_kill) < 60  # killed mid-way
-    manifest_path = out / f".manifest-{fmt}.json"  # absent if killed before the first shard was recorded
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"shards": []}
+    # The manifest is written before the first shard, listing every shard the run may write.
+    manifest = json.loads((out / ".dalda-export" / f"manifest-{fmt}.json").read_text(encoding="utf-8"))
+    assert set(manifest["files"]) == {f"shard-{i:06d}{suffix}" for i in range(60)}
     assert not manifest.get("complete")
     recorded = len(manifest["shards"])  # complete and recorded: the rerun keeps exactly these
 
@@ -288,7 +290,7 @@ def test_kill_9_then_rerun_completes_the_export(tmp_path, spec, fmt):
     assert f"{60 - recorded} written, {recorded} already complete" in rerun.stdout
     assert _leftovers(out, suffix) == []  # no temporaries
     assert len(list(out.glob(f"shard-*{suffix}"))) == 60
-    assert json.loads((out / f".manifest-{fmt}.json").read_text(encoding="utf-8"))["complete"]
+    assert json.loads((out / ".dalda-export" / f"manifest-{fmt}.json").read_text(encoding="utf-8"))["complete"]
     if fmt == "webdataset":
         read = [(key, pixels) for key, pixels, _, _ in _read_webdataset(out)]
     else:

@@ -5,13 +5,15 @@ there it replaces or removes only the files (and, for the image folder, class fo
 manifest lists. A non-empty folder without this format's manifest is refused in one line, so the
 user's own files (a ``shard-000000.tar`` of another dataset, say) are never overwritten or deleted.
 
-The manifest is ``OUT/.manifest-<format>.json``: the leading dot hides it from the readers pointed
-at the folder (Spark and pyarrow skip names starting with ``_`` or ``.``, Hugging Face ``datasets``
-skips those starting with ``.``, DuckDB's ``*`` does not match them). Exports written before it
-was hidden have ``OUT/manifest-<format>.json``; it is still read, and removed once the new
-manifest is written. A manifest is read as untrusted data: a regular file, bounded in size and
-nesting (:func:`dalda_aug._io.read_json_object`), and it may name only files of its format's
-shape directly in the folder.
+The manifest is hidden from the readers pointed at the folder: Spark and pyarrow (and so pandas)
+skip names starting with ``_`` or ``.``, Hugging Face ``datasets`` skips those starting with ``.``,
+and DuckDB's ``read_parquet('OUT/*')`` matches hidden files too, but not folders. So the sharded
+exports keep it in a hidden folder, ``OUT/.dalda-export/manifest-<format>.json``, and the image
+folder, where torchvision's ``ImageFolder`` would take any sub-folder for a class, in a hidden
+file, ``OUT/.manifest-imagefolder.json`` (:func:`manifest_name`). Exports written before it was
+hidden have ``OUT/manifest-<format>.json``; it is still read, and removed once the new manifest is
+written. A manifest is read as untrusted data: a regular file, bounded in size and nesting
+(:func:`dalda_aug._io.read_json_object`), and it may name only files of its format's shape.
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._io import read_json_object, write_atomic
-from ..errors import InputError, MissingFileError
+from ..errors import InputError, MissingFileError, UnsafeFileError
 
-__all__ = ["MANIFEST_FORMAT", "ExportFolder", "claim_export_folder", "legacy_manifest_name", "manifest_name",
+__all__ = ["MANIFEST_DIR", "MANIFEST_FORMAT", "ExportFolder", "claim_export_folder", "legacy_manifest_name", "manifest_name",
            "remove_owned"]
 
 MANIFEST_FORMAT = "dalda_aug.export/1"
+#: The hidden folder of the sharded exports' manifests.
+MANIFEST_DIR = ".dalda-export"
 
 
 def manifest_name(fmt: str) -> str:
-    """The manifest of an export: ``.manifest-webdataset.json``, ``.manifest-parquet.json``,
-    ``.manifest-imagefolder.json`` (hidden from readers pointed at the folder)."""
-    return f".manifest-{fmt}.json"
+    """The manifest of an export, relative to its folder: ``.dalda-export/manifest-webdataset.json``,
+    ``.dalda-export/manifest-parquet.json``, ``.manifest-imagefolder.json``."""
+    return ".manifest-imagefolder.json" if fmt == "imagefolder" else f"{MANIFEST_DIR}/manifest-{fmt}.json"
 
 
 def legacy_manifest_name(fmt: str) -> str:
@@ -78,17 +82,34 @@ class ExportFolder:
         """Write the manifest (atomically), then remove the old-name manifests it replaces."""
         import json
 
-        write_atomic(self.path / manifest_name(self.fmt), json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+        target = self.path / manifest_name(self.fmt)
+        if target.parent != self.path:
+            _check_manifest_dir(target.parent)
+            target.parent.mkdir(exist_ok=True)
+        write_atomic(target, json.dumps(body, indent=2, ensure_ascii=False) + "\n")
         for old in self.legacy:
             remove_owned(old)
         self.legacy = []
 
     def remove_temporaries(self, valid_name: Callable[[str], bool]) -> None:
         """Remove temporaries that a killed export left (names of the shape this format writes)."""
-        for entry in os.scandir(self.path):
-            match = _temporary(entry.name)
-            if match and (valid_name(match.group(1)) or match.group(1) == manifest_name(self.fmt)):
-                remove_owned(Path(entry.path))
+        manifest = self.path / manifest_name(self.fmt)
+        for folder in dict.fromkeys((self.path, manifest.parent)):
+            for entry in os.scandir(folder):
+                match = _temporary(entry.name)
+                if match and (valid_name(match.group(1)) or match.group(1) == manifest.name):
+                    remove_owned(Path(entry.path))
+
+
+def _check_manifest_dir(path: Path) -> None:
+    """The manifests' folder must be a folder of its own, not a link to one elsewhere."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        raise UnsafeFileError(f"{path} is not a plain folder (a symbolic link?); refusing to keep an export "
+                              "manifest there")
 
 
 def remove_owned(path: Path) -> None:
@@ -143,8 +164,10 @@ def claim_export_folder(folder: Path, fmt: str, valid_name: Callable[[str], bool
     except OSError as exc:
         raise InputError(f"cannot read the export folder {folder}: {exc.strerror or exc}") from None
     found = False
+    if fmt != "imagefolder":
+        _check_manifest_dir(folder / MANIFEST_DIR)
     for name in (manifest_name(fmt), legacy_manifest_name(fmt)):
-        if name not in names:
+        if not os.path.lexists(folder / name):
             continue
         try:
             body, files, folders = _read(folder / name, fmt, valid_name)
@@ -157,7 +180,7 @@ def claim_export_folder(folder: Path, fmt: str, valid_name: Callable[[str], bool
         result.folders |= folders
         if name == legacy_manifest_name(fmt):
             result.legacy.append(folder / name)
-    if not found and any(_temporary(n) is None for n in names):
+    if not found and any(_temporary(n) is None and n != MANIFEST_DIR for n in names):
         raise InputError(f"the export folder {folder} is not empty and holds no {manifest_name(fmt)} "
                          f"(no earlier {fmt} export); an export writes only into a new or empty folder or over "
                          "its own earlier export, so that no file of yours is replaced or removed: choose another "
