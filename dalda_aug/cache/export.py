@@ -554,7 +554,7 @@ def decode_parquet_batch(batch: dict[str, Any], *, mode: str = "RGB") -> dict[st
             raise InputError(f"image {where!r} of the Parquet batch holds no image bytes")
         with Image.open(io.BytesIO(bytes(data))) as image:
             images.append(np.asarray(image.convert(mode)))
-    labels = np.asarray(batch["label"], dtype=np.int64)
+    labels = np.array(batch["label"], dtype=np.int64)  # a copy: torch wants writable arrays
     if images and all(a.shape == images[0].shape for a in images):
         stacked: Any = np.stack(images)
     elif images:

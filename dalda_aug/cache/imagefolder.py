@@ -102,8 +102,10 @@ def write_image_folder(out: Path, entries: Iterable[Any], classes: Sequence[Any]
     from tqdm.auto import tqdm
 
     own = claim_image_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
     owned_folders = set(own.folders)
+    for folder in sorted(set(folders.values()) - owned_folders):  # before anything is written
+        _check_folder_free(out, folder)
+    out.mkdir(parents=True, exist_ok=True)
     body: dict[str, Any] = {"format": MANIFEST_FORMAT, "as": "imagefolder", "complete": False,
                             "folders": sorted(owned_folders), "files": sorted(own.files | {METADATA_FILE})}
     own.write(body)
@@ -122,9 +124,7 @@ def write_image_folder(out: Path, entries: Iterable[Any], classes: Sequence[Any]
                                              {_folded(f) for f in folders.values()})
         folder = folders[name]
         if folder not in owned_folders:
-            if os.path.lexists(out / folder):
-                raise InputError(f"{out / folder} exists and .manifest-imagefolder.json does not list it (not "
-                                 "written by this export); refusing to write into it: export to another folder")
+            _check_folder_free(out, folder)
             owned_folders.add(folder)
             body["folders"] = sorted(owned_folders)
             own.write(body)  # listed before it is created
@@ -150,6 +150,13 @@ def write_image_folder(out: Path, entries: Iterable[Any], classes: Sequence[Any]
     body.update(complete=True, folders=sorted(owned_folders), files=sorted(written))
     own.write(body)
     return len(rows)
+
+
+def _check_folder_free(out: Path, folder: str) -> None:
+    """A class folder the manifest does not list must not exist yet (it would be the user's)."""
+    if os.path.lexists(out / folder):
+        raise InputError(f"{out / folder} exists and .manifest-imagefolder.json does not list it (not written by "
+                         "this export); refusing to write into it: export to another folder")
 
 
 def _remove_stale(out: Path, stale: set[str], owned_folders: set[str], used: set[str]) -> None:
