@@ -304,9 +304,12 @@ def test_image_folder_reexport_replaces_its_own_files_only(exported, tmp_path):
     assert export(cache, out)["exported"] == N
     (out / "README.txt").write_text("the user's")
     (out / "red_fox" / "notes.txt").write_text("the user's too")
+    (out / "red_fox" / ".notes.txt.tmp-1").write_text("the user's, hidden")
     first = _snapshot(out)
+    killed = out / "red_fox" / ".0123456789abcdef.png.tmp-host-99-x1y2"  # what a killed export leaves
+    killed.write_bytes(b"half a PNG")
     assert export(cache, out)["exported"] == N  # a rerun over its own export
-    assert _snapshot(out) == first
+    assert _snapshot(out) == first and not killed.exists()
     (out / "elsewhere").mkdir()  # a class folder it would need, made by the user: refused
     before = _snapshot(out)
     with pytest.raises(InputError, match="does not list it"):

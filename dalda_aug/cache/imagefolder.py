@@ -110,6 +110,9 @@ def write_image_folder(out: Path, entries: Iterable[Any], classes: Sequence[Any]
                             "folders": sorted(owned_folders), "files": sorted(own.files | {METADATA_FILE})}
     own.write(body)
     own.remove_temporaries(_exported_file)
+    for folder in sorted(owned_folders):  # the PNG temporaries a killed export left in its class folders
+        if (out / folder).is_dir() and not (out / folder).is_symlink():
+            ExportFolder(out / folder, "imagefolder").remove_temporaries(lambda n: _IMAGE.fullmatch(f"x/{n}") is not None)
     rows = []
     out_real = os.path.realpath(out)
     for entry in tqdm(entries, desc="exporting", unit="img", disable=not progress):
