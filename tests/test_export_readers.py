@@ -359,7 +359,7 @@ def test_a_deep_manifest_is_one_line(exported, tmp_path, capsys):
     assert (out / "shard-000000.tar").read_bytes() == b"left as is"
 
 
-@pytest.mark.parametrize("plant", ["fifo", "symlink", "linked-folder"])
+@pytest.mark.parametrize("plant", ["fifo", "old-name-fifo", "symlink", "linked-folder"])
 def test_a_fifo_or_linked_manifest_is_refused_without_hanging(exported, tmp_path, plant):
     import subprocess
     import sys
@@ -373,6 +373,8 @@ def test_a_fifo_or_linked_manifest_is_refused_without_hanging(exported, tmp_path
     if plant == "fifo":
         (out / ".dalda-export").mkdir()
         os.mkfifo(out / ".dalda-export" / "manifest-parquet.json")
+    elif plant == "old-name-fifo":
+        os.mkfifo(out / "manifest-parquet.json")
     elif plant == "symlink":
         (out / ".dalda-export").mkdir()
         (out / ".dalda-export" / "manifest-parquet.json").symlink_to(victim / "manifest-parquet.json")
@@ -385,5 +387,6 @@ def test_a_fifo_or_linked_manifest_is_refused_without_hanging(exported, tmp_path
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert {"fifo": "FIFO", "symlink": "symbolic link", "linked-folder": "not a plain folder"}[plant] in lines[0]
+    expected = {"fifo": "FIFO", "old-name-fifo": "FIFO", "symlink": "symbolic link", "linked-folder": "not a plain folder"}
+    assert expected[plant] in lines[0]
     assert _snapshot(victim) == before and not list(out.glob("shard-*"))
