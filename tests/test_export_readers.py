@@ -107,7 +107,8 @@ def test_parquet_folder_reads_in_pyarrow_pandas_duckdb_and_hf(exported, tmp_path
     assert sorted(rows) == sorted((k, variants[k].label, variants[k].lam) for k in keys)
     by_key = frame.set_index("key")
     for key, v in variants.items():
-        assert (by_key.loc[key, "label"], by_key.loc[key, "class"], by_key.loc[key, "lam"]) == (v.label, v.class_name, v.lam)
+        got = (by_key.loc[key, "label"], by_key.loc[key, "class"], by_key.loc[key, "lam"])
+        assert got == (v.label, v.class_name, v.lam)
 
     hf = _run(_doc_line(README, 'hf = datasets.load_dataset("parquet"').replace(
         'split="train")', f'split="train", cache_dir={str(tmp_path / "hf")!r})'), DIR=folder, **ns)["hf"]
@@ -281,7 +282,8 @@ def test_only_files_the_manifest_lists_are_replaced_or_removed(exported, tmp_pat
     (out / "notes.txt").write_text("keep me")
     again = export(cache, out, "webdataset", shard_size=2)  # 4 shards: 000003 is new, 000005 is not ours
     assert again["shards"] == 4
-    assert (out / "shard-000005.tar").read_bytes() == b"mine, not a shard" and (out / "notes.txt").read_text() == "keep me"
+    assert (out / "shard-000005.tar").read_bytes() == b"mine, not a shard"
+    assert (out / "notes.txt").read_text() == "keep me"
     fewer = export(cache, out, "webdataset", shard_size=7)  # 1 shard: 000001..000003 (ours) are removed
     assert fewer["shards"] == 1
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000005.tar"]
@@ -387,6 +389,7 @@ def test_a_fifo_or_linked_manifest_is_refused_without_hanging(exported, tmp_path
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    expected = {"fifo": "FIFO", "old-name-fifo": "FIFO", "symlink": "symbolic link", "linked-folder": "not a plain folder"}
+    expected = {"fifo": "FIFO", "old-name-fifo": "FIFO", "symlink": "symbolic link",
+                "linked-folder": "not a plain folder"}
     assert expected[plant] in lines[0]
     assert _snapshot(victim) == before and not list(out.glob("shard-*"))

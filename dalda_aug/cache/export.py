@@ -23,9 +23,9 @@ samples are the cache's valid entries (or, with a plan, the plan's cached varian
 key, cut into shards of ``shard_size``: shard membership depends only on what is exported.
 Each shard is written under a temporary name and renamed when complete, then recorded in
 ``OUT/.dalda-export/manifest-<format>.json`` (hidden from readers pointed at the folder; its
-samples' digest, bytes and SHA-256). A rerun, after a ``kill -9`` or with more entries cached, skips every shard
-whose record, file size and SHA-256 match what it would write, rewrites the others, and removes
-temporaries and shards left over from a larger export. Only files the manifest lists are ever
+samples' digest, bytes and SHA-256). A rerun, after a ``kill -9`` or with more entries cached,
+skips every shard whose record, file size and SHA-256 match what it would write, rewrites the
+others, and removes temporaries and shards left over from a larger export. Only files the manifest lists are ever
 replaced or removed, and a non-empty folder without one is refused
 (:mod:`~dalda_aug.cache.export_manifest`). One export into a folder at a time.
 

@@ -18,6 +18,7 @@ written. A manifest is read as untrusted data: a regular file, bounded in size a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -28,8 +29,8 @@ from typing import Any, Callable
 from .._io import read_json_object, write_atomic
 from ..errors import InputError, MissingFileError, UnsafeFileError
 
-__all__ = ["MANIFEST_DIR", "MANIFEST_FORMAT", "ExportFolder", "claim_export_folder", "legacy_manifest_name", "manifest_name",
-           "remove_owned"]
+__all__ = ["MANIFEST_DIR", "MANIFEST_FORMAT", "ExportFolder", "claim_export_folder", "legacy_manifest_name",
+           "manifest_name", "remove_owned"]
 
 MANIFEST_FORMAT = "dalda_aug.export/1"
 #: The hidden folder of the sharded exports' manifests.
@@ -80,8 +81,6 @@ class ExportFolder:
 
     def write(self, body: dict[str, Any]) -> None:
         """Write the manifest (atomically), then remove the old-name manifests it replaces."""
-        import json
-
         target = self.path / manifest_name(self.fmt)
         if target.parent != self.path:
             _check_manifest_dir(target.parent)

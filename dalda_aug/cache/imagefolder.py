@@ -48,6 +48,11 @@ def _exported_file(name: str) -> bool:
     return name == METADATA_FILE or (_IMAGE.fullmatch(name) is not None and not name.startswith("."))
 
 
+def _png_name(name: str) -> bool:
+    """An image's name inside its class folder: ``<key16>.png``."""
+    return _IMAGE.fullmatch(f"x/{name}") is not None
+
+
 def claim_image_folder(out: Path) -> ExportFolder:
     """``out`` as an image-folder export: new, empty or an earlier image-folder export (its
     manifest read, bounded); anything else is an :class:`~dalda_aug.errors.InputError`."""
@@ -112,7 +117,7 @@ def write_image_folder(out: Path, entries: Iterable[Any], classes: Sequence[Any]
     own.remove_temporaries(_exported_file)
     for folder in sorted(owned_folders):  # the PNG temporaries a killed export left in its class folders
         if (out / folder).is_dir() and not (out / folder).is_symlink():
-            ExportFolder(out / folder, "imagefolder").remove_temporaries(lambda n: _IMAGE.fullmatch(f"x/{n}") is not None)
+            ExportFolder(out / folder, "imagefolder").remove_temporaries(_png_name)
     rows = []
     out_real = os.path.realpath(out)
     for entry in tqdm(entries, desc="exporting", unit="img", disable=not progress):
