@@ -312,6 +312,16 @@ def test_image_folder_reexport_replaces_its_own_files_only(exported, tmp_path):
     killed.write_bytes(b"half a PNG")
     assert export(cache, out)["exported"] == N  # a rerun over its own export
     assert _snapshot(out) == first and not killed.exists()
+    # A smaller export over it: the earlier images it does not write go, the user's files stay.
+    from dalda_aug.plan import AugmentationPlan
+
+    two = AugmentationPlan([_variant(0), _variant(3)], {"classes": CLASSES})  # both red_fox
+    assert SyntheticCache(base / "cache", _spec()).export(out, two)["exported"] == 2
+    left = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    pngs = {f"red_fox/{SyntheticCache(base / 'cache', _spec()).key(v)[:16]}.png" for v in two}
+    assert left == pngs | {"samples.csv", ".manifest-imagefolder.json", "README.txt", "red_fox/notes.txt",
+                           "red_fox/.notes.txt.tmp-1"}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["red_fox"]  # emptied class folders removed
     (out / "elsewhere").mkdir()  # a class folder it would need, made by the user: refused
     before = _snapshot(out)
     with pytest.raises(InputError, match="does not list it"):
