@@ -82,7 +82,15 @@ def test_components_follow_the_protocol_and_flags(bench):
     honest = bench.resolve_components(parse(["--out", "o", "--backbone", "efficientnet_lite0"]))
     assert honest == {"recipe": "default", "bn_mode": "frozen", "clip_head": None, "eval_draws": 0,
                       "eval_split": "whole"}
-    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip}) == ["eval_draws"]
+    settings = {"ags_mode": "clip", "class_names": "folder", "pool": "reference"}
+    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip, **settings}) == \
+        ["eval_draws"]
+    # a setting a row does not record, or records otherwise, is named; None (not applicable) is not
+    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip}) == \
+        ["eval_draws", "ags_mode", "class_names", "pool"]
+    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip, **settings,
+                                       "ags_mode": None, "class_names": "readable",
+                                       "pool": "no classes.json"}) == ["eval_draws", "class_names", "pool"]
 
 
 def test_help_prints_each_default_once(bench, capsys):
@@ -220,11 +228,20 @@ def test_paper_number_is_called_the_same_metric_only_with_every_component(bench)
             "shots": 1, "seeds": [0], "protocol": "reference", "best_epoch": 3, "top1": 0.9, "top1_std": None,
             "mean_per_class": 0.88, "mean_per_class_std": None, "n_test": 6400,
             "recipe": "reference", "bn_mode": None, "clip_head": "reference", "eval_draws": 6400,
-            "eval_split": "reference"}
-    assert "the same metric: every component" in bench.render_table([base], "pets", "clip", "linear", [1])
-    for name, value in (("clip_head", "normalized"), ("eval_split", "whole"), ("eval_draws", 0)):
+            "eval_split": "reference", "ags_mode": "clip", "class_names": "folder", "pool": "reference"}
+    assert "this is the same metric" in bench.render_table([base], "pets", "clip", "linear", [1])
+    for name, value in (("clip_head", "normalized"), ("eval_split", "whole"), ("eval_draws", 0),
+                        ("ags_mode", "truncnorm"), ("class_names", "readable")):
         table = bench.render_table([{**base, name: value}], "pets", "clip", "linear", [1])
         assert "not the same metric" in table and f"(--{name.replace('_', '-')}): {value}" in table
+    for pool in ("official", "no classes.json"):  # the official folders, or a pool without classes.json
+        table = bench.render_table([{**base, "pool": pool}], "pets", "clip", "linear", [1])
+        assert "not the same metric" in table and f"with its classes.json): {pool}" in table and "0.875" not in table
+    # the table names what differs in any row: here DALDA's AGS mode, not the real-only row's (None)
+    real = {**base, "method": "real", "label": "Real images only", "ags_mode": None, "class_names": None}
+    table = bench.render_table([real, {**base, "ags_mode": "truncnorm"}], "pets", "clip", "linear", [1])
+    assert "AGS mode (--ags-mode): truncnorm" in table and "0.875" not in table
+    assert "Settings: ags_mode truncnorm, class_names folder, pool reference." in table
 
 
 # -- paired tests ------------------------------------------------------------------------------------
