@@ -124,6 +124,7 @@ class _Recorder:
             import torch
 
             bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            recorder.n_bn = len(bns)
             hooks = [bn.register_forward_pre_hook(lambda mod, inp: recorder.bn_calls.append((model.training,
                                                                                               mod.training)))
                      for bn in bns]
@@ -178,7 +179,7 @@ def test_reference_protocol_with_a_batchnorm_backbone(bench, toy, tmp_path, monk
     out = tmp_path / "out"
     argv = ["--train", str(toy / "train"), "--test", str(toy / "test"), "--methods", "real", "--shots", "1",
             "--seeds", "0", "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2",
-            "--iterations-per-epoch", "2", "--batch-size", "2", "--protocol", "reference", "--eval-draws", "8",
+            "--iterations-per-epoch", "2", "--batch-size", "2", "--protocol", "reference",
             "--device", "cpu", "--out", str(out), "--no-progress", "--threads", "1"]
     assert run_benchmark(bench, argv) == 0
     # the transform the training DataLoader's dataset applies is the reference's
@@ -191,11 +192,18 @@ def test_reference_protocol_with_a_batchnorm_backbone(bench, toy, tmp_path, monk
 
     row = json.loads((out / "results.json").read_text())["runs"][0]
     assert (row["protocol"], row["recipe"], row["bn_mode"], row["clip_head"], row["eval_draws"],
-            row["eval_split"]) == ("reference", "reference", "train", None, 8, "reference")
-    assert isinstance(row["best_epoch"], int) and row["n_test"] == 8
+            row["eval_split"]) == ("reference", "reference", "train", None, 6400, "reference")
+    assert isinstance(row["best_epoch"], int) and row["n_test"] == 6400
     assert row["eval_pool"] == 2  # np.array_split of 3 test images per class: the second half holds 1
+    # the reference's 6,400 draws per epoch, the model run once per distinct image drawn (issue 32)
+    distinct = sum(len(set(bench.evaluation_draws(2, 6400, seed=0, epoch=e))) for e in range(2))
+    assert row["eval_forwards"] == distinct == 4
+    eval_batches = [bn for model_training, bn in rec.bn_calls if not model_training]
+    assert len(eval_batches) == 2 * rec.n_bn  # one batch of 2 images per epoch, not 100 batches of 64
+    # settings: real images only have no AGS and no prompt; the toy folder has no classes.json
+    assert (row["ags_mode"], row["class_names"], row["pool"]) == (None, None, "no classes.json")
     table = (out / "table.md").read_text()
-    assert "evaluation draws (--eval-draws): 8" in table and "not the same metric" in table
+    assert "with its classes.json): no classes.json" in table and "not the same metric" in table
 
 
 def test_reference_protocol_with_clip_records_every_component(bench, toy, tmp_path, monkeypatch, tiny_models):
