@@ -227,7 +227,7 @@ def test_reference_protocol_with_clip_records_every_component(bench, toy, tmp_pa
     assert run_benchmark(bench, [*common, "--recipe", "default", "--name", "pets", "--out", str(tmp_path / "rrc")]) == 0
     table = (tmp_path / "rrc" / "table.md").read_text()
     assert "classifier transforms (--recipe): default" in table and "not the same metric" in table
-    assert "the same metric: every component" not in table
+    assert "this is the same metric" not in table
     assert json.loads((tmp_path / "rrc" / "results.json").read_text())["runs"][0]["recipe"] == "default"
 
 
