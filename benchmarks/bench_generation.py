@@ -115,8 +115,9 @@ def fewshot_generation_cost(classes: int, *, shots: int = 1, variants: int = 10,
                if images["da_fusion"] else 0.0)
     return {
         "classes": classes, "images": images, "tflop_per_image": per_image,
-        "unet_steps": {"real_guidance": int(img2img_steps * RealGuidanceConfig().strength),
-                       "da_fusion": sum(int(img2img_steps * s) for s in DA_FUSION_STRENGTHS) / len(DA_FUSION_STRENGTHS)},
+        "unet_steps": {
+            "real_guidance": int(img2img_steps * RealGuidanceConfig().strength),
+            "da_fusion": sum(int(img2img_steps * s) for s in DA_FUSION_STRENGTHS) / len(DA_FUSION_STRENGTHS)},
         "textual_inversion_tflop_per_class_seed": textual_inversion_tflop(ti.steps, ti.batch_size, size),
         "image_tflop": work, "image_seconds": work / peak_tflops, "image_seconds_25": work / (0.25 * peak_tflops),
         "ti_tflop": ti_work, "ti_seconds": ti_work / peak_tflops, "ti_seconds_25": ti_work / (0.25 * peak_tflops),

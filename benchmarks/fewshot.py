@@ -24,8 +24,9 @@ training images and its own augmentation plan; all plans share one synthetic-ima
    ``protocol``, ``best_epoch``, ``recipe``, ``bn_mode`` (BatchNorm backbones), ``clip_head``
    (CLIP), ``eval_draws`` (0 = every item once) and ``eval_split``, and the settings ``ags_mode``,
    ``class_names`` and ``pool``; ``table.md`` calls a result the reference code's metric only
-   when every component and setting is the reference's, and otherwise names those that differ. The draw and the halves are the reference's own only on the pools the
-   reference permutes, in its file order (``examples/prepare_datasets.py --split reference``).
+   when every component and setting is the reference's, and otherwise names those that differ.
+   The draw and the halves are the reference's own only on the pools the reference permutes, in
+   its file order (``examples/prepare_datasets.py --split reference``).
 
 ``table.md`` and ``results.json`` (``significance``) also compare DALDA with each baseline: the
 mean difference and the p-value of a paired t-test over seeds, one test per (dataset, shots)
