@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import InputError
 from .data import reference_few_shot_indices
 from .methods import METHODS, method_scaling
-from .protocol import REFERENCE_SETTINGS, best_epoch, evaluation_draws, row_settings
+from .protocol import best_epoch, evaluation_draws, row_settings
 from .report import write_outputs
 from .settings import Benchmark, finished_runs, log, prepare, write_config
 
@@ -261,9 +261,7 @@ def train_and_evaluate(bench: Benchmark, grid: list[RunKey], todo: list[RunKey],
 
 def _settings(bench: Benchmark, m: str) -> dict[str, Any]:
     """The :data:`~dalda_aug.fewshot.protocol.REFERENCE_SETTINGS` of a run of method ``m``."""
-    settings = row_settings(METHODS[m], bench.args.ags_mode, bench.args.class_names, bench.data.pool)
-    assert set(settings) == set(REFERENCE_SETTINGS)
-    return settings
+    return row_settings(METHODS[m], bench.args.ags_mode, bench.args.class_names, bench.data.pool)
 
 
 class _Evaluation:
@@ -272,8 +270,9 @@ class _Evaluation:
     With draws (``--eval-draws``, the reference's 6,400 with replacement) the model runs once per
     distinct drawn item and each item counts as often as it was drawn: the reference evaluates in
     eval mode (``model.eval()``, BatchNorm on its running statistics) with a fixed transform
-    (Resize, ToTensor, Normalize), so every draw of an item gets the same logits and the accuracy
-    is exactly the per-draw loop's. ``forwards`` counts the images the model ran on.
+    (Resize, ToTensor, Normalize), as :func:`~dalda_aug.classify.evaluate` does with either
+    recipe's eval transform, so every draw of an item gets the same logits and the accuracy is
+    exactly the per-draw loop's. ``forwards`` counts the images the model ran on.
     """
 
     def __init__(self, bench: Benchmark, model: torch.nn.Module, eval_set: Any, seed: int) -> None:
@@ -292,8 +291,8 @@ class _Evaluation:
         t_eval = time.perf_counter()
         items, counts, expected = self.eval_set, None, len(self.eval_set)
         if draws:
-            items, counts = drawn_items(self.eval_set, evaluation_draws(len(self.eval_set), draws, self.seed, epoch))
-            items, expected = Subset(self.eval_set, items), draws
+            distinct, counts = drawn_items(self.eval_set, evaluation_draws(len(self.eval_set), draws, self.seed, epoch))
+            items, expected = Subset(self.eval_set, distinct), draws
         with torch.random.fork_rng(devices=[]):  # evaluating must not change the training draws
             result = evaluate(self.model, items, batch_size=args.eval_batch_size,
                               num_workers=self.bench.num_workers, device=self.bench.device,
