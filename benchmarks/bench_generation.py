@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
 # (TFLOP = 1e12 floating-point operations).
 UNET_TFLOP_512 = 0.80  # one UNet forward of one sample (x2 per step with guidance)
 VAE_DECODE_TFLOP_512 = 2.5  # one VAE decode
+VAE_ENCODE_TFLOP_512 = 1.1  # one VAE encode (img2img's source image, a textual-inversion sample)
 IMAGE_ENCODER_TFLOP = 0.34  # ViT-H/14 at 224 px, one reference image
 DEFAULT_PEAK_TFLOPS = 790.0  # dense bf16 peak of an H100/H200 SXM
 PROMPTS = [
@@ -65,6 +66,111 @@ def tflop_per_image(size: int, steps: int, guidance: bool = True) -> float:
     pixels = (size / 512) ** 2
     unet = UNET_TFLOP_512 * pixels * steps * (2 if guidance else 1)
     return unet + VAE_DECODE_TFLOP_512 * pixels + IMAGE_ENCODER_TFLOP
+
+
+def img2img_tflop_per_image(size: int, steps: int, strength: float, guidance: bool = True) -> float:
+    """Useful work of one img2img image (Real Guidance, DA-Fusion): a VAE encode of the source, the
+    ``int(steps * strength)`` UNet steps the schedule suffix runs (as diffusers' ``get_timesteps``;
+    x2 with guidance) and a VAE decode; no image encoder."""
+    pixels = (size / 512) ** 2
+    unet = UNET_TFLOP_512 * pixels * min(int(steps * strength), steps) * (2 if guidance else 1)
+    return unet + (VAE_ENCODE_TFLOP_512 + VAE_DECODE_TFLOP_512) * pixels
+
+
+def textual_inversion_tflop(steps: int, batch_size: int, size: int = 512) -> float:
+    """Work of one class's textual inversion: per sample a VAE encode and a UNet forward and
+    backward (≈ 3 forwards; no guidance)."""
+    pixels = (size / 512) ** 2
+    return steps * batch_size * (3 * UNET_TFLOP_512 + VAE_ENCODE_TFLOP_512) * pixels
+
+
+def fewshot_generation_cost(classes: int, *, shots: int = 1, variants: int = 10, seeds: int = 3,
+                            methods: tuple[str, ...] | None = None, steps: int = 30, img2img_steps: int = 50,
+                            size: int = 512, peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+                            reference_images_per_s: float = 1.5) -> dict:
+    """What ``fewshot.py``'s generation costs for one dataset of ``classes`` classes at one shot
+    setting, from the performance model: images per generator (classes x shots x M x seeds per
+    method of ``methods``, default ``DEFAULT_METHODS``), TFLOP per image and in all, the seconds of
+    the images at ``peak_tflops`` (and a quarter of it), DA-Fusion's textual inversion, and the
+    reference code's time at ``reference_images_per_s``. Strengths and the textual-inversion
+    steps and batch are the generators' defaults."""
+    from dalda_aug.fewshot import DEFAULT_METHODS, METHODS
+    from dalda_aug.generators.da_fusion import DA_FUSION_STRENGTHS
+    from dalda_aug.generators.real_guidance import RealGuidanceConfig
+    from dalda_aug.generators.textual_inversion import TextualInversionConfig
+
+    chosen = DEFAULT_METHODS if methods is None else methods
+    per_method = classes * shots * variants * seeds
+    images = {kind: per_method * sum(METHODS[m].generator == kind for m in chosen)
+              for kind in ("ip_adapter", "real_guidance", "da_fusion")}
+    per_image = {
+        "ip_adapter": tflop_per_image(size, steps),
+        "real_guidance": img2img_tflop_per_image(size, img2img_steps, RealGuidanceConfig().strength),
+        "da_fusion": sum(img2img_tflop_per_image(size, img2img_steps, s) for s in DA_FUSION_STRENGTHS)
+        / len(DA_FUSION_STRENGTHS),
+    }
+    work = sum(images[k] * per_image[k] for k in images)
+    ti = TextualInversionConfig()
+    ti_work = (classes * seeds * textual_inversion_tflop(ti.steps, ti.batch_size, size)
+               if images["da_fusion"] else 0.0)
+    return {
+        "classes": classes, "images": images, "tflop_per_image": per_image,
+        "unet_steps": {
+            "real_guidance": int(img2img_steps * RealGuidanceConfig().strength),
+            "da_fusion": sum(int(img2img_steps * s) for s in DA_FUSION_STRENGTHS) / len(DA_FUSION_STRENGTHS)},
+        "textual_inversion_tflop_per_class_seed": textual_inversion_tflop(ti.steps, ti.batch_size, size),
+        "image_tflop": work, "image_seconds": work / peak_tflops, "image_seconds_25": work / (0.25 * peak_tflops),
+        "ti_tflop": ti_work, "ti_seconds": ti_work / peak_tflops, "ti_seconds_25": ti_work / (0.25 * peak_tflops),
+        "reference_seconds": sum(images.values()) / reference_images_per_s,
+    }
+
+
+def _about(seconds: float) -> str:
+    """``≈ N min`` under 2 hours, else ``≈ X.Y h``."""
+    return f"≈ {seconds / 60:.0f} min" if seconds < 7200 else f"≈ {seconds / 3600:.1f} h"
+
+
+def _flop(tflop: float) -> str:
+    """PFLOP under 1,500 PFLOP, else EFLOP."""
+    return f"{tflop / 1e3:,.0f} PFLOP" if tflop < 1.5e6 else f"{tflop / 1e6:.1f} EFLOP"
+
+
+# The paper's three datasets and their class counts, for the README's cost table.
+FEWSHOT_DATASETS = (("Pets", 37), ("Caltech-101", 101), ("Flowers102", 102))
+
+
+def fewshot_cost_markdown() -> str:
+    """The cost sentences and table of benchmarks/README.md (*Expected time per stage*), from
+    :func:`fewshot_generation_cost` at 1-shot, M = 10, 3 seeds, the default methods."""
+    rows = [(name, fewshot_generation_cost(n)) for name, n in FEWSHOT_DATASETS]
+    first = rows[0][1]
+    tf, steps = first["tflop_per_image"], first["unet_steps"]
+    ip, rg, da = (f"{DEFAULT_PEAK_TFLOPS / tf[k]:.1f}" for k in ("ip_adapter", "real_guidance", "da_fusion"))
+    rates = f"{ip}, {rg} and {da}"
+    lines = [
+        f"Cost per image from the *Performance model* above: IP-Adapter ≈ {tf['ip_adapter']:.0f} TFLOP "
+        f"(512², 30 DDIM steps, CFG); Real Guidance (img2img, 50 PNDM steps at strength 0.5: "
+        f"{steps['real_guidance']} UNet steps with CFG, plus a VAE encode of ≈ {VAE_ENCODE_TFLOP_512:g} TFLOP) "
+        f"≈ {tf['real_guidance']:.0f} TFLOP; DA-Fusion (the same at a strength drawn from 0.25, 0.5, 0.75 and 1: "
+        f"≈ {steps['da_fusion']:g} UNet steps on average) ≈ {tf['da_fusion']:.0f} TFLOP. DA-Fusion also trains "
+        "its tokens first: 1,000 steps of batch 4 per class and seed, a UNet forward and backward "
+        f"(≈ 3 × {UNET_TFLOP_512:.2f} TFLOP, no CFG) and a VAE encode per sample, "
+        f"≈ {first['textual_inversion_tflop_per_class_seed'] / 1e3:.0f} PFLOP per class and seed. "
+        f"At the bf16/fp16 peak of an H100/H200 ({DEFAULT_PEAK_TFLOPS:g} TFLOP/s) the images alone are {rates} "
+        "images/s; public diffusers figures reach 17–39 % of peak, so the \"25 %\" columns assume a quarter of it:",
+        "",
+        "| dataset | classes | IP-Adapter images | Real Guidance images | DA-Fusion images | image work "
+        "| warm at 25 % of peak | at 100 % | textual inversion (classes × 3 seeds) | at 25 % | at 100 % "
+        "| reference code (1.5 images/s, all images) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in rows:
+        im = c["images"]
+        lines.append(f"| {name} | {c['classes']} | {im['ip_adapter']:,} | {im['real_guidance']:,} | "
+                     f"{im['da_fusion']:,} | {_flop(c['image_tflop'])} | {_about(c['image_seconds_25'])} | "
+                     f"{_about(c['image_seconds'])} | {_flop(c['ti_tflop'])} | {_about(c['ti_seconds_25'])} | "
+                     f"{_about(c['ti_seconds'])} | {_about(c['reference_seconds'])} |")
+    return "\n".join(lines) + "\n"
 
 
 # -- model building ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ training images and its own augmentation plan; all plans share one synthetic-ima
 2. **plan** — ``build_plan`` with the method's prompts and λ scaling (saved under ``OUT/plans``);
 3. **warm** — generate what the cache lacks (``dalda_aug.warm.warm``);
 4. **train** — a fresh classifier on ``SyntheticAugmentedDataset(few-shot images, plan, cache, p)``
-   (real-only: the few-shot images alone), the paper's recipe unless overridden;
+   (real-only: the few-shot images alone), the reference code's recipe unless overridden;
 5. **evaluate** — ``--protocol honest`` (default): the model after the last epoch on the
    *whole* test split: top-1 and mean per-class accuracy (no epoch is picked on test data).
    ``--protocol reference``: every component as the reference code (kkyuhun94/dalda) has it:
@@ -22,10 +22,11 @@ training images and its own augmentation plan; all plans share one synthetic-ima
    :func:`reference_halves`); the epoch with the best seed-averaged mean per-class accuracy is
    reported. Each flag overrides its component. Every row of ``results.json`` records
    ``protocol``, ``best_epoch``, ``recipe``, ``bn_mode`` (BatchNorm backbones), ``clip_head``
-   (CLIP), ``eval_draws`` (0 = every item once) and ``eval_split``; ``table.md`` calls a result
-   the paper's metric only when every component is the reference's, and otherwise names the
-   components that differ. The draw and the halves are the reference's own only on the pools the
-   reference permutes, in its file order (``examples/prepare_datasets.py --split reference``).
+   (CLIP), ``eval_draws`` (0 = every item once) and ``eval_split``, and the settings ``ags_mode``,
+   ``class_names`` and ``pool``; ``table.md`` calls a result the reference code's metric only
+   when every component and setting is the reference's, and otherwise names those that differ.
+   The draw and the halves are the reference's own only on the pools the reference permutes, in
+   its file order (``examples/prepare_datasets.py --split reference``).
 
 ``table.md`` and ``results.json`` (``significance``) also compare DALDA with each baseline: the
 mean difference and the p-value of a paired t-test over seeds, one test per (dataset, shots)
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-batch-size", type=int, default=None,
                      help="images per generator call (default: warm()'s automatic choice)")
 
-    clf = p.add_argument_group("classifier and training (defaults: the paper's)")
+    clf = p.add_argument_group("classifier and training (defaults: the reference code's)")
     clf.add_argument("--backbone", choices=BACKBONES, default="resnet50")
     clf.add_argument("--clip-head", choices=CLIP_HEADS, default=None,
                      help="CLIP head: normalized (unit features, logit-scaled text head; default under --protocol "

@@ -7,7 +7,9 @@ writes ``OUT/<dataset>/{train,test}/<class>/<index>.jpg`` (torchvision's ``Image
 layout, which ``dalda-aug`` and ``ImageSource.from_folder`` read) plus ``OUT/<dataset>/classes.json``
 (folder name -> readable class name). Class folders are readable names in lower case with
 ``_`` for spaces (``american_bulldog``, ``pink_primrose``); ``<index>`` is the image's index in
-the torchvision dataset. Images are re-encoded as RGB JPEG (quality 95). Needs internet.
+the torchvision dataset. A source file that is a JPEG (by its first bytes) is copied byte for byte,
+so the pixels are the original's, as the reference code reads them; any other file is decoded and
+written as RGB JPEG (quality 95), and ``classes.json`` counts those (``reencoded``). Needs internet.
 
 Splits (``--split``):
 
@@ -39,7 +41,9 @@ few-shot draw), not fixed here:
   filesystem's own order: the same extracted folder gives the same order, another filesystem may
   not); files are numbered in that order and ``classes.json`` records each one's original name.
 
-``classes.json`` lists the classes in the reference's class order (the original label order;
+``classes.json`` says whether the folder holds the pool the reference permutes (``reference_pool``:
+true for ``--split reference`` and for Pets either way), which ``fewshot.py`` records per result
+row (``pool``). It lists the classes in the reference's class order (the original label order;
 for Flowers-102 not alphabetical), which ``fewshot.py`` reads for the reference draws. Few-shot
 subsets are drawn later (``dalda-aug plan --shots N``, or ``benchmarks/fewshot.py --shots``),
 not here.
@@ -83,52 +87,76 @@ def folder_name(readable: str) -> str:
     return "_".join(readable.lower().replace("/", " ").split())
 
 
-def write_split(dataset, indices: Sequence[int], labels: Sequence[int], names: Sequence[str],
-                out_dir: Path, desc: str) -> int:
-    """Save ``dataset[i]`` for every ``i`` in ``indices`` as ``out_dir/<class>/<i>.jpg``."""
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def save_image(src: Path, dest: Path) -> bool:
+    """Write ``src`` as the JPEG ``dest``: a JPEG file byte for byte; anything else decoded and
+    saved as RGB JPEG quality 95. Returns whether it was copied."""
+    import shutil
+
+    from PIL import Image
+
+    with open(src, "rb") as fh:
+        is_jpeg = fh.read(len(JPEG_MAGIC)) == JPEG_MAGIC
+    if is_jpeg:
+        shutil.copyfile(src, dest)
+        return True
+    with Image.open(src) as img:
+        img.convert("RGB").save(dest, quality=95)
+    return False
+
+
+def write_split(paths: Sequence[Path], indices: Sequence[int], labels: Sequence[int], names: Sequence[str],
+                out_dir: Path, desc: str) -> tuple[int, int]:
+    """Write the file ``paths[i]`` for every ``i`` in ``indices`` as ``out_dir/<class>/<i>.jpg``
+    (:func:`save_image`); (files written, files re-encoded)."""
     from tqdm.auto import tqdm
 
     for name in names:
         (out_dir / folder_name(name)).mkdir(parents=True, exist_ok=True)
-    for i in tqdm(indices, desc=desc, unit="img"):
-        img, _ = dataset[i]
-        img.convert("RGB").save(out_dir / folder_name(names[labels[i]]) / f"{i:05d}.jpg", quality=95)
-    return len(indices)
+    copied = sum(save_image(Path(paths[i]), out_dir / folder_name(names[labels[i]]) / f"{i:05d}.jpg")
+                 for i in tqdm(indices, desc=desc, unit="img"))
+    return len(indices), len(indices) - copied
 
 
 def prepare_pets(root: Path, out: Path) -> dict:
     from torchvision.datasets import OxfordIIITPet
 
-    counts = {}
+    counts, reencoded = {}, 0
     for split, target in (("trainval", "train"), ("test", "test")):
         ds = OxfordIIITPet(str(root), split=split, target_types="category", download=True)
         labels = ds._labels  # noqa: SLF001 - avoids decoding every image
-        counts[target] = write_split(ds, range(len(ds)), labels, ds.classes, out / target, f"pets/{target}")
-    return {"classes": ds.classes, "counts": counts}
+        counts[target], n_reencoded = write_split(ds._images, range(len(ds)), labels, ds.classes,  # noqa: SLF001
+                                                  out / target, f"pets/{target}")
+        reencoded += n_reencoded
+    return {"classes": ds.classes, "counts": counts, "reencoded": reencoded}
 
 
 def prepare_flowers102(root: Path, out: Path) -> dict:
     from torchvision.datasets import Flowers102
 
-    counts = {"train": 0}
+    counts, reencoded = {"train": 0}, 0
     for split, target in (("train", "train"), ("val", "train"), ("test", "test")):
         ds = Flowers102(str(root), split=split, download=True)
         labels = ds._labels  # noqa: SLF001 - avoids decoding every image
-        n = write_split(ds, range(len(ds)), labels, FLOWERS102_CLASSES, out / target, f"flowers102/{split}")
+        n, n_reencoded = write_split(ds._image_files, range(len(ds)), labels, FLOWERS102_CLASSES,  # noqa: SLF001
+                                     out / target, f"flowers102/{split}")
         counts[target] = counts.get(target, 0) + n
-    return {"classes": FLOWERS102_CLASSES, "counts": counts}
+        reencoded += n_reencoded
+    return {"classes": FLOWERS102_CLASSES, "counts": counts, "reencoded": reencoded}
 
 
-def _copy_as_jpeg(files: Sequence[tuple[Path, str, str]], out_dir: Path, desc: str) -> int:
-    """Save each ``(source file, class folder, file stem)`` as ``out_dir/<class>/<stem>.jpg``."""
-    from PIL import Image
+def _copy_as_jpeg(files: Sequence[tuple[Path, str, str]], out_dir: Path, desc: str) -> tuple[int, int]:
+    """Write each ``(source file, class folder, file stem)`` as ``out_dir/<class>/<stem>.jpg``
+    (:func:`save_image`); (files written, files re-encoded)."""
     from tqdm.auto import tqdm
 
+    copied = 0
     for src, folder, stem in tqdm(files, desc=desc, unit="img"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
-        with Image.open(src) as img:
-            img.convert("RGB").save(out_dir / folder / f"{stem}.jpg", quality=95)
-    return len(files)
+        copied += save_image(Path(src), out_dir / folder / f"{stem}.jpg")
+    return len(files), len(files) - copied
 
 
 def prepare_flowers102_reference(root: Path, out: Path) -> dict:
@@ -142,8 +170,8 @@ def prepare_flowers102_reference(root: Path, out: Path) -> dict:
             pooled[int(Path(path).stem.split("_")[-1])] = (Path(path), int(label))
     files = [(path, folder_name(FLOWERS102_CLASSES[label]), f"{image_id:05d}")
              for image_id, (path, label) in sorted(pooled.items())]
-    return {"classes": FLOWERS102_CLASSES, "counts": {"all": _copy_as_jpeg(files, out / "all", "flowers102/all")},
-            "split": "reference"}
+    count, reencoded = _copy_as_jpeg(files, out / "all", "flowers102/all")
+    return {"classes": FLOWERS102_CLASSES, "counts": {"all": count}, "split": "reference", "reencoded": reencoded}
 
 
 def caltech101_reference_files(categories_dir: Path) -> dict[str, list[Path]]:
@@ -171,8 +199,9 @@ def prepare_caltech101_reference(root: Path, out: Path) -> dict:
         for rank, path in enumerate(by_class[name]):
             files.append((path, folder_name(name), f"{rank:05d}"))
             original[f"{folder_name(name)}/{rank:05d}.jpg"] = f"{path.parent.name}/{path.name}"
-    count = _copy_as_jpeg(files, out / "all", "caltech101/all")
-    return {"classes": names, "counts": {"all": count}, "split": "reference", "original_files": original}
+    count, reencoded = _copy_as_jpeg(files, out / "all", "caltech101/all")
+    return {"classes": names, "counts": {"all": count}, "split": "reference", "original_files": original,
+            "reencoded": reencoded}
 
 
 def prepare_caltech101(root: Path, out: Path, seed: int) -> dict:
@@ -189,11 +218,12 @@ def prepare_caltech101(root: Path, out: Path, seed: int) -> dict:
         halves = np.array_split(members[rng.permutation(members.size)], 2)
         train += sorted(halves[0].tolist())
         test += sorted(halves[1].tolist())
-    counts = {
-        "train": write_split(ds, train, labels, names, out / "train", "caltech101/train"),
-        "test": write_split(ds, test, labels, names, out / "test", "caltech101/test"),
-    }
-    return {"classes": names, "counts": counts, "split_seed": seed}
+    paths = [Path(ds.root) / "101_ObjectCategories" / ds.categories[y] / f"image_{k:04d}.jpg"
+             for y, k in zip(ds.y, ds.index)]  # as torchvision's Caltech101.__getitem__ opens them
+    (n_train, r_train), (n_test, r_test) = (write_split(paths, train, labels, names, out / "train", "caltech101/train"),
+                                            write_split(paths, test, labels, names, out / "test", "caltech101/test"))
+    return {"classes": names, "counts": {"train": n_train, "test": n_test}, "split_seed": seed,
+            "reencoded": r_train + r_test}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             info = prepare_caltech101_reference(root, out)
         info.setdefault("split", args.split)
+        # Pets: --split official writes the same files as reference
+        info["reference_pool"] = info["split"] == "reference" or name == "pets"
         classes = {folder_name(c): c for c in info.pop("classes")}
         (out / "classes.json").write_text(
             json.dumps({"dataset": name, "classes": classes, **info}, indent=2, ensure_ascii=False) + "\n",

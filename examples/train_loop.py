@@ -10,7 +10,7 @@ The cache's generation settings are the ones ``warm`` recorded in the cache fold
 
 The training set is the plan's few-shot subset of its image folder; with probability ``--p``
 an image is replaced by one of its cached synthetic variants (generated on a cache miss).
-Defaults are the paper's (50 epochs of 200 batches of 32, AdamW 2e-4 for CLIP, Adam 1e-4 for
+Defaults are the reference code's (50 epochs of 200 batches of 32, AdamW 2e-4 for CLIP, Adam 1e-4 for
 ResNet50). ``dalda_aug.classify.train_classifier`` runs the same loop; it is spelled out here
 so that you can see where the dataset fits into your own.
 """

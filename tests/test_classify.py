@@ -279,12 +279,13 @@ def test_prepare_datasets_writes_image_folders(tmp_path, monkeypatch):
         def __init__(self, root, split, target_types, download):
             self._labels = [0, 1, 1] if split == "trainval" else [1, 0]
             self.classes = ["Abyssinian", "American Bulldog"]
+            self._images = [tmp_path / "dl" / f"{split}_{i}.jpg" for i in range(len(self._labels))]
+            for i, path in enumerate(self._images):  # grey PNG data under a .jpg name: re-encoded as RGB JPEG
+                path.parent.mkdir(exist_ok=True)
+                Image.new("L", (8, 6), 10 * i).save(path, format="PNG")
 
         def __len__(self):
             return len(self._labels)
-
-        def __getitem__(self, i):
-            return Image.new("L", (8, 6), 10 * i), self._labels[i]
 
     monkeypatch.setattr(tvd, "OxfordIIITPet", FakePets)
     assert prep.main(["--out", str(tmp_path), "--datasets", "pets"]) == 0

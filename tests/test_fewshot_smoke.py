@@ -182,7 +182,8 @@ def test_table_names_protocol_metric_and_shows_paper_numbers_only_for_the_same_m
     assert "Protocol: **honest**" in table and "top-1 accuracy and mean per-class accuracy" in table
     assert "0.875" not in table and "not the same metric" in table
     reference = [{**honest[0], "protocol": "reference", "best_epoch": 7, "recipe": "reference",
-                  "clip_head": "reference", "eval_draws": 6400, "eval_split": "reference"}]
+                  "clip_head": "reference", "eval_draws": 6400, "eval_split": "reference",
+                  "ags_mode": "clip", "class_names": "folder", "pool": "reference"}]
     table = bench.render_table(reference, "pets", "clip", "linear", [1])
     assert "Protocol: **reference**" in table and "Metric: mean per-class accuracy" in table
     assert "0.875" in table and "| 1-shot mean/class | 1-shot best epoch |" in table and "| 7 |" in table

@@ -82,7 +82,15 @@ def test_components_follow_the_protocol_and_flags(bench):
     honest = bench.resolve_components(parse(["--out", "o", "--backbone", "efficientnet_lite0"]))
     assert honest == {"recipe": "default", "bn_mode": "frozen", "clip_head": None, "eval_draws": 0,
                       "eval_split": "whole"}
-    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip}) == ["eval_draws"]
+    settings = {"ags_mode": "clip", "class_names": "folder", "pool": "reference"}
+    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip, **settings}) == \
+        ["eval_draws"]
+    # a setting a row does not record, or records otherwise, is named; None (not applicable) is not
+    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip}) == \
+        ["eval_draws", "ags_mode", "class_names", "pool"]
+    assert bench.differing_components({"protocol": "reference", "backbone": "clip", **clip, **settings,
+                                       "ags_mode": None, "class_names": "readable",
+                                       "pool": "no classes.json"}) == ["eval_draws", "class_names", "pool"]
 
 
 def test_help_prints_each_default_once(bench, capsys):
@@ -116,6 +124,7 @@ class _Recorder:
             import torch
 
             bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            recorder.n_bn = len(bns)
             hooks = [bn.register_forward_pre_hook(lambda mod, inp: recorder.bn_calls.append((model.training,
                                                                                               mod.training)))
                      for bn in bns]
@@ -170,7 +179,7 @@ def test_reference_protocol_with_a_batchnorm_backbone(bench, toy, tmp_path, monk
     out = tmp_path / "out"
     argv = ["--train", str(toy / "train"), "--test", str(toy / "test"), "--methods", "real", "--shots", "1",
             "--seeds", "0", "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2",
-            "--iterations-per-epoch", "2", "--batch-size", "2", "--protocol", "reference", "--eval-draws", "8",
+            "--iterations-per-epoch", "2", "--batch-size", "2", "--protocol", "reference",
             "--device", "cpu", "--out", str(out), "--no-progress", "--threads", "1"]
     assert run_benchmark(bench, argv) == 0
     # the transform the training DataLoader's dataset applies is the reference's
@@ -183,11 +192,18 @@ def test_reference_protocol_with_a_batchnorm_backbone(bench, toy, tmp_path, monk
 
     row = json.loads((out / "results.json").read_text())["runs"][0]
     assert (row["protocol"], row["recipe"], row["bn_mode"], row["clip_head"], row["eval_draws"],
-            row["eval_split"]) == ("reference", "reference", "train", None, 8, "reference")
-    assert isinstance(row["best_epoch"], int) and row["n_test"] == 8
+            row["eval_split"]) == ("reference", "reference", "train", None, 6400, "reference")
+    assert isinstance(row["best_epoch"], int) and row["n_test"] == 6400
     assert row["eval_pool"] == 2  # np.array_split of 3 test images per class: the second half holds 1
+    # the reference's 6,400 draws per epoch, the model run once per distinct image drawn (issue 32)
+    distinct = sum(len(set(bench.evaluation_draws(2, 6400, seed=0, epoch=e))) for e in range(2))
+    assert row["eval_forwards"] == distinct == 4
+    eval_batches = [bn for model_training, bn in rec.bn_calls if not model_training]
+    assert len(eval_batches) == 2 * rec.n_bn  # one batch of 2 images per epoch, not 100 batches of 64
+    # settings: real images only have no AGS and no prompt; the toy folder has no classes.json
+    assert (row["ags_mode"], row["class_names"], row["pool"]) == (None, None, "no classes.json")
     table = (out / "table.md").read_text()
-    assert "evaluation draws (--eval-draws): 8" in table and "not the same metric" in table
+    assert "with its classes.json): no classes.json" in table and "not the same metric" in table
 
 
 def test_reference_protocol_with_clip_records_every_component(bench, toy, tmp_path, monkeypatch, tiny_models):
@@ -211,7 +227,7 @@ def test_reference_protocol_with_clip_records_every_component(bench, toy, tmp_pa
     assert run_benchmark(bench, [*common, "--recipe", "default", "--name", "pets", "--out", str(tmp_path / "rrc")]) == 0
     table = (tmp_path / "rrc" / "table.md").read_text()
     assert "classifier transforms (--recipe): default" in table and "not the same metric" in table
-    assert "the same metric: every component" not in table
+    assert "this is the same metric" not in table
     assert json.loads((tmp_path / "rrc" / "results.json").read_text())["runs"][0]["recipe"] == "default"
 
 
@@ -220,11 +236,20 @@ def test_paper_number_is_called_the_same_metric_only_with_every_component(bench)
             "shots": 1, "seeds": [0], "protocol": "reference", "best_epoch": 3, "top1": 0.9, "top1_std": None,
             "mean_per_class": 0.88, "mean_per_class_std": None, "n_test": 6400,
             "recipe": "reference", "bn_mode": None, "clip_head": "reference", "eval_draws": 6400,
-            "eval_split": "reference"}
-    assert "the same metric: every component" in bench.render_table([base], "pets", "clip", "linear", [1])
-    for name, value in (("clip_head", "normalized"), ("eval_split", "whole"), ("eval_draws", 0)):
+            "eval_split": "reference", "ags_mode": "clip", "class_names": "folder", "pool": "reference"}
+    assert "this is the same metric" in bench.render_table([base], "pets", "clip", "linear", [1])
+    for name, value in (("clip_head", "normalized"), ("eval_split", "whole"), ("eval_draws", 0),
+                        ("ags_mode", "truncnorm"), ("class_names", "readable")):
         table = bench.render_table([{**base, name: value}], "pets", "clip", "linear", [1])
         assert "not the same metric" in table and f"(--{name.replace('_', '-')}): {value}" in table
+    for pool in ("official", "no classes.json"):  # the official folders, or a pool without classes.json
+        table = bench.render_table([{**base, "pool": pool}], "pets", "clip", "linear", [1])
+        assert "not the same metric" in table and f"with its classes.json): {pool}" in table and "0.875" not in table
+    # the table names what differs in any row: here DALDA's AGS mode, not the real-only row's (None)
+    real = {**base, "method": "real", "label": "Real images only", "ags_mode": None, "class_names": None}
+    table = bench.render_table([real, {**base, "ags_mode": "truncnorm"}], "pets", "clip", "linear", [1])
+    assert "AGS mode (--ags-mode): truncnorm" in table and "0.875" not in table
+    assert "Settings: ags_mode truncnorm, class_names folder, pool reference." in table
 
 
 # -- paired tests ------------------------------------------------------------------------------------

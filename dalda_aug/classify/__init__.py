@@ -21,9 +21,10 @@ stays in eval mode, its running statistics fixed) or ``"train"`` (the reference 
 ``model.train()`` puts the frozen backbone in train mode, so BatchNorm normalises with batch
 statistics and updates its running statistics on every training batch).
 
-Training defaults are the paper's (50 epochs, batch 32, 224 px; AdamW 2e-4 with weight decay
-0.1 for CLIP, Adam 1e-4 for ResNet50) and the reference's epoch of 200 batches drawn with
-replacement. :func:`evaluate` reports the accuracy on the whole test set it is given.
+Training defaults are the reference code's (kkyuhun94/dalda; the paper states none of them: 50
+epochs, batch 32, 224 px; AdamW 2e-4 with weight decay 0.1 for CLIP, Adam 1e-4 for ResNet50),
+and so is its epoch of 200 batches drawn with replacement. :func:`evaluate` reports the accuracy
+on the whole test set it is given (each item counted once, or ``counts`` times).
 
 ``import dalda_aug.classify`` imports neither torch, timm nor open_clip; they load on use.
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from ..errors import InputError
 from .spec import TrainConfig
@@ -156,13 +156,20 @@ def evaluate(
     device: Device | None = None,
     autocast_dtype: Literal["bfloat16"] | None = None,
     progress: bool = True,
+    counts: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on every item of ``dataset`` (a Dataset of ``(tensor, class index)``).
 
-    Returns ``{"top1", "mean_per_class", "per_class", "per_class_n", "n"}``: ``top1`` is the
-    fraction of correct items; ``per_class[c]`` the accuracy on class ``c`` (``None`` when the
-    dataset has no item of it); ``mean_per_class`` the mean of the classes present. The model's
-    device is used unless ``device`` is given; its train/eval mode is restored afterwards.
+    Returns ``{"top1", "mean_per_class", "per_class", "per_class_n", "n", "forwards"}``: ``top1``
+    is the fraction of correct items; ``per_class[c]`` the accuracy on class ``c`` (``None`` when
+    the dataset has no item of it); ``mean_per_class`` the mean of the classes present;
+    ``forwards`` the number of images the model ran on. The model's device is used unless
+    ``device`` is given; its train/eval mode is restored afterwards.
+
+    ``counts``: item ``i`` counts ``counts[i]`` times (draws with replacement of one item, 0 for
+    none), the model still running once on it. The model runs in eval mode on a deterministic
+    ``dataset``, so each draw of an item gets the same prediction, and the result is exactly that
+    of evaluating every draw (``n`` = ``sum(counts)``).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -174,6 +181,11 @@ def evaluate(
         raise InputError("the evaluation dataset is empty")
     if autocast_dtype not in (None, "bfloat16"):
         raise InputError(f"autocast_dtype must be None or 'bfloat16', got {autocast_dtype!r}")
+    weights = None
+    if counts is not None:
+        if len(counts) != len(dataset) or any(not isinstance(c, int) or c < 0 for c in counts):
+            raise InputError(f"counts must hold one integer >= 0 per item ({len(dataset)}), got {len(counts)} values")
+        weights = torch.tensor(list(counts), dtype=torch.int64)
     spec = getattr(model, "spec", None)
     num_classes = spec.num_classes if spec is not None else None
     if device is None:
@@ -187,6 +199,7 @@ def evaluate(
                         pin_memory=device.type == "cuda")
     correct: torch.Tensor | None = None
     total: torch.Tensor | None = None
+    forwards = 0
     try:
         with torch.inference_mode():
             for x, y in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
@@ -200,11 +213,16 @@ def evaluate(
                 if correct is None or total is None:
                     correct = torch.zeros(num_classes, dtype=torch.int64)
                     total = torch.zeros(num_classes, dtype=torch.int64)
-                total += torch.bincount(y, minlength=num_classes)
-                correct += torch.bincount(y[pred == y], minlength=num_classes)
+                w = torch.ones_like(y) if weights is None else weights[forwards:forwards + y.numel()]
+                total += torch.bincount(y, weights=w, minlength=num_classes).to(torch.int64)
+                hit = pred == y
+                correct += torch.bincount(y[hit], weights=w[hit], minlength=num_classes).to(torch.int64)
+                forwards += y.numel()
     finally:
         model.train(was_training)
     assert correct is not None and total is not None  # the dataset is not empty
+    if int(total.sum()) == 0:
+        raise InputError("the evaluation counts are all 0")
     present = total > 0
     per_class = [int(c) / int(t) if t else None for c, t in zip(correct, total)]
     return {
@@ -213,4 +231,5 @@ def evaluate(
         "per_class": per_class,
         "per_class_n": [int(t) for t in total],
         "n": int(total.sum()),
+        "forwards": forwards,
     }

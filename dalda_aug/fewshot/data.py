@@ -23,6 +23,8 @@ __all__ = [
     "split_per_class",
     "check_folder_order",
     "reference_class_order",
+    "POOL_KINDS",
+    "pool_kind",
     "reference_halves",
     "reference_few_shot_indices",
 ]
@@ -44,6 +46,7 @@ class Data:
     eval_split: str = "whole"
     test_targets: list[int] | None = None
     class_order: list[int] | None = None  # labels in the reference's class order (None: label order)
+    pool: str = "no classes.json"  # pool_kind() of the training folder
 
     def eval_indices(self, seed: int) -> list[int] | None:
         """Items of ImageFolder(test_root) evaluated for ``seed`` (None: every item)."""
@@ -68,6 +71,36 @@ def reference_class_order(folder: Path, classes: Sequence[str]) -> tuple[list[in
         return None, None
     index = {c: i for i, c in enumerate(classes)}
     return [index[c] for c in listed], str(path)
+
+
+# What pool_kind() calls a folder: the reference's pool, another split prepare_datasets.py wrote,
+# or a folder without a classes.json that lists its classes (the reference draws then follow
+# folder order, not the reference's class order).
+POOL_KINDS = ("reference", "official", "no classes.json")
+
+
+def pool_kind(folder: Path, classes: Sequence[str]) -> str:
+    """Which pool ``folder`` is, from the ``classes.json`` that ``examples/prepare_datasets.py``
+    writes beside the split folders: ``"reference"`` when it holds the pool the reference code
+    permutes (``reference_pool``; files written without that key: ``split`` ``"reference"``, or
+    Pets, whose two splits are the same files), else its ``split`` (``"official"``), or ``"no
+    classes.json"`` when there is none or it does not list ``classes``."""
+    from .._io import read_json_object
+
+    path = folder.parent / "classes.json"
+    if not path.is_file():
+        return "no classes.json"
+    try:
+        info = read_json_object(path, "classes.json")
+    except InputError:
+        return "no classes.json"
+    listed = info.get("classes")
+    if not isinstance(listed, dict) or sorted(listed) != sorted(classes):
+        return "no classes.json"
+    reference = info.get("reference_pool")
+    if not isinstance(reference, bool):
+        reference = info.get("split") == "reference" or info.get("dataset") == "pets"
+    return "reference" if reference else str(info.get("split", "official"))
 
 
 def dataset_name(args: argparse.Namespace) -> str:
@@ -133,7 +166,7 @@ def _reference_pool(args: argparse.Namespace, eval_split: str) -> Data:
     split = {"kind": "reference halves of one pool", "folder": str(root), "images": len(pool),
              "train_images": len(pool), "test_images": None, "class_order": order_file}
     return Data(dataset_name(args), pool, root, list(range(len(pool))), root, None, split,
-                eval_split, list(pool.targets), order)
+                eval_split, list(pool.targets), order, pool_kind(args.data.resolve(), pool.classes))
 
 
 def _split_folder(args: argparse.Namespace) -> Data:
@@ -148,7 +181,8 @@ def _split_folder(args: argparse.Namespace) -> Data:
     root = Path(full.root)
     split = {"kind": "per-class split", "folder": str(root), "test_fraction": args.test_fraction,
              "split_seed": args.split_seed, "train_images": len(train_idx), "test_images": len(test_idx)}
-    return Data(dataset_name(args), full.subset(train_idx), root, train_idx, root, test_idx, split)
+    return Data(dataset_name(args), full.subset(train_idx), root, train_idx, root, test_idx, split,
+                pool=pool_kind(args.data.resolve(), full.classes))
 
 
 def _train_and_test_folders(args: argparse.Namespace, eval_split: str) -> Data:
@@ -172,7 +206,7 @@ def _train_and_test_folders(args: argparse.Namespace, eval_split: str) -> Data:
         order, split["class_order"] = reference_class_order(args.train.resolve(), source.classes)
         split["test_images"] = None  # per seed
     return Data(dataset_name(args), source, Path(source.root), list(range(len(source))), args.test.resolve(), None,
-                split, eval_split, list(test_folder.targets), order)
+                split, eval_split, list(test_folder.targets), order, pool_kind(args.train.resolve(), source.classes))
 
 
 def _reference_permutations(targets: Sequence[int], seed: int,

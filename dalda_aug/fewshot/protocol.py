@@ -4,13 +4,18 @@ Each component of an evaluation (:data:`COMPONENTS`: classifier transforms, Batc
 head, evaluation draws, evaluation split) has a value under ``--protocol honest`` and the
 reference code's (kkyuhun94/dalda) value; ``--protocol`` sets them all and each flag overrides
 one (:func:`resolve_components`). A result is the reference's metric only when every component
-is the reference's (:func:`differing_components`).
+is the reference's (:func:`differing_components`) and so is every setting of
+:data:`REFERENCE_SETTINGS` that applies to the row's method (:func:`row_settings`): the AGS mode,
+the class-name form of the IP-Adapter prompts and the pool the images come from.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .methods import Method
 
 __all__ = [
     "PROTOCOLS",
@@ -19,6 +24,9 @@ __all__ = [
     "BN_BACKBONES",
     "COMPONENTS",
     "COMPONENT_TEXT",
+    "REFERENCE_SETTINGS",
+    "NOT_RECORDED",
+    "row_settings",
     "PROTOCOL_TEXT",
     "resolve_components",
     "differing_components",
@@ -40,6 +48,16 @@ COMPONENTS: dict[str, tuple[Any, Any]] = {
     "eval_draws": (0, REFERENCE_EVAL_DRAWS),
     "eval_split": ("whole", "reference"),
 }
+# The run's settings besides the components, with the reference code's value. They are not set by
+# --protocol: `--protocol reference` keeps the paper's AGS (truncated normal) unless --ags-mode
+# clip, and readable class names unless --class-names folder. A row holds None where the setting
+# does not apply to its method (row_settings), NOT_RECORDED where it was written without it.
+REFERENCE_SETTINGS: dict[str, str] = {
+    "ags_mode": "clip",  # the reference clips N(μ, σ) to its bounds (ags.AGSConfig mode "clip")
+    "class_names": "folder",  # its IP-Adapter prompts name the class by its folder name ("american_bulldog")
+    "pool": "reference",  # the pools its dataset classes permute (prepare_datasets.py --split reference)
+}
+NOT_RECORDED = "not recorded"
 COMPONENT_TEXT = {
     "protocol": "epoch selection (--protocol)",
     "recipe": "classifier transforms (--recipe)",
@@ -47,6 +65,9 @@ COMPONENT_TEXT = {
     "clip_head": "CLIP head (--clip-head)",
     "eval_draws": "evaluation draws (--eval-draws)",
     "eval_split": "evaluation split (--eval-split)",
+    "ags_mode": "AGS mode (--ags-mode)",
+    "class_names": "class names in the IP-Adapter prompts (--class-names)",
+    "pool": "image pool (the reference's: prepare_datasets.py --split reference, with its classes.json)",
 }
 # What each protocol reports, as table.md names it.
 PROTOCOL_TEXT = {
@@ -70,13 +91,27 @@ def resolve_components(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def row_settings(method: Method, ags_mode: str, class_names: str, pool: str) -> dict[str, Any]:
+    """The :data:`REFERENCE_SETTINGS` of one run of ``method``: ``ags_mode`` for the AGS methods,
+    ``class_names`` for the IP-Adapter methods (Real Guidance and DA-Fusion always use the readable
+    name, as DA-Fusion's code), None where the setting does not apply; ``pool`` for every run."""
+    return {"ags_mode": ags_mode if method.scaling == "ags" else None,
+            "class_names": class_names if method.generator == "ip_adapter" else None,
+            "pool": pool}
+
+
 def differing_components(row: dict[str, Any]) -> list[str]:
-    """The components of a result row (or summary row) that are not the reference code's."""
+    """The components and settings of a result row (or summary row) that are not the reference
+    code's; a setting the row does not record counts as differing."""
     differ = [] if row.get("protocol", "honest") == "reference" else ["protocol"]
     for name, (_, reference) in COMPONENTS.items():
         applies = {"bn_mode": row.get("backbone") in BN_BACKBONES and row.get("mode", "linear") == "linear",
                    "clip_head": row.get("backbone") == "clip"}.get(name, True)
         if applies and row.get(name, COMPONENTS[name][0]) != reference:
+            differ.append(name)
+    for name, reference in REFERENCE_SETTINGS.items():
+        value = row.get(name, NOT_RECORDED)
+        if value is not None and value != reference:
             differ.append(name)
     return differ
 

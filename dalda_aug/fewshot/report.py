@@ -13,12 +13,14 @@ from typing import Any, Sequence
 
 from ..errors import InputError, MissingFileError
 from .methods import METHODS, SIGNIFICANCE_BASELINE_ORDER
-from .protocol import COMPONENT_TEXT, COMPONENTS, PROTOCOL_TEXT, best_epoch, differing_components
+from .protocol import (COMPONENT_TEXT, COMPONENTS, NOT_RECORDED, PROTOCOL_TEXT, REFERENCE_SETTINGS, best_epoch,
+                       differing_components)
 
 __all__ = [
     "FORMAT",
     "CSV_COLUMNS",
     "PAPER_1SHOT",
+    "PAPER_METRIC",
     "DATASET_ALIASES",
     "PAIRED_TEST",
     "PAIRING",
@@ -35,18 +37,20 @@ __all__ = [
 FORMAT = "dalda_aug.fewshot/1"
 
 CSV_COLUMNS = ["dataset", "backbone", "mode", "method", "shots", "seed", "protocol", "best_epoch", "recipe", "bn_mode",
-               "clip_head", "eval_draws", "eval_split", "top1", "top1_std",
+               "clip_head", "eval_draws", "eval_split", "ags_mode", "class_names", "pool", "top1", "top1_std",
                "mean_per_class", "mean_per_class_std", "n_test", "seeds", "n_train_real", "n_synthetic", "p",
                "train_seconds"]
 
-# The paper's 1-shot accuracies (mean of 3 seeds) of DALDA, for comparison in table.md. They are
-# mean per-class accuracies at the best epoch (the reference code's protocol): shown next to
-# ``--protocol reference`` results only.
+# The paper's 1-shot accuracies of DALDA ("average of 3 trials", all the paper says of them), for
+# comparison in table.md; shown next to results of the reference code's metric only (PAPER_METRIC).
 PAPER_1SHOT = {
     ("pets", "resnet50"): 0.807, ("pets", "clip"): 0.875,
     ("caltech101", "resnet50"): 0.788, ("caltech101", "clip"): 0.920,
     ("flowers102", "resnet50"): 0.521, ("flowers102", "clip"): 0.819,
 }
+PAPER_METRIC = ("That they are mean per-class accuracies at the best seed-averaged epoch is inferred from the "
+                "reference code (its train_classifier.py records them, its plot.py picks that epoch); the paper "
+                "does not say.")
 DATASET_ALIASES = {
     "pets": "pets", "oxfordpets": "pets", "oxfordiiitpet": "pets", "oxfordiiitpets": "pets",
     "caltech101": "caltech101", "flowers102": "flowers102", "oxfordflowers102": "flowers102",
@@ -117,6 +121,7 @@ def _summary_row(key: tuple[Any, ...], group: list[dict[str, Any]]) -> dict[str,
         "label": METHODS[key[2]].label, "shots": key[3], "seeds": [r["seed"] for r in group],
         "protocol": protocol, **extra,
         **{name: group[0].get(name, COMPONENTS[name][0]) for name in COMPONENTS},
+        **{name: group[0].get(name, NOT_RECORDED) for name in REFERENCE_SETTINGS},
         "top1": top1, "top1_std": top1_std, "mean_per_class": mpc, "mean_per_class_std": mpc_std,
         "per_seed": {"top1": top1_values, "mean_per_class": mpc_values},
         "n_test": group[0]["n_test"],
@@ -218,10 +223,10 @@ def render_table(summary: list[dict[str, Any]], dataset: str, backbone: str, mod
     rows = [s for s in summary if s["backbone"] == backbone and s["mode"] == mode]
     protocol = rows[0]["protocol"] if rows else "honest"
     first = rows[0] if rows else {"protocol": protocol, "backbone": backbone, "mode": mode}
-    differ = differing_components(first)
+    differ = _differing(rows or [first])
     lines = _table_heading(rows, first, dataset, backbone, mode, differ)
     lines += _table_body(rows, shots, protocol)
-    lines += _paper_note(dataset, backbone, shots, protocol, first, differ, paper_key)
+    lines += _paper_note(dataset, backbone, shots, protocol, differ, paper_key)
     tests = [t for t in (significance or []) if t["backbone"] == backbone and t["mode"] == mode]
     if tests:
         lines += ["", f"DALDA against each baseline: mean difference (DALDA − baseline) and p-value of a "
@@ -232,9 +237,29 @@ def render_table(summary: list[dict[str, Any]], dataset: str, backbone: str, mod
     return "\n".join(lines) + "\n"
 
 
+def _differing(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What differs from the reference code in any of ``rows`` (the components and settings, in the
+    order of :data:`COMPONENT_TEXT`), with the value of the first row where it differs."""
+    found: dict[str, Any] = {}
+    for row in rows:
+        for name in differing_components(row):
+            found.setdefault(name, row.get("protocol", "honest") if name == "protocol" else
+                             row.get(name, COMPONENTS[name][0] if name in COMPONENTS else NOT_RECORDED))
+    return {name: found[name] for name in COMPONENT_TEXT if name in found}
+
+
+def _settings_text(rows: list[dict[str, Any]]) -> str:
+    """Each setting of :data:`REFERENCE_SETTINGS`, as the rows it applies to hold it ("–": none)."""
+    parts = []
+    for name in REFERENCE_SETTINGS:
+        values = list(dict.fromkeys(str(r.get(name, NOT_RECORDED)) for r in rows if r.get(name, "") is not None))
+        parts.append(f"{name} {' / '.join(values) if values else '–'}")
+    return ", ".join(parts)
+
+
 def _table_heading(rows: list[dict[str, Any]], first: dict[str, Any], dataset: str, backbone: str, mode: str,
-                   differ: list[str]) -> list[str]:
-    """The title, the protocol and metric, and the components of the evaluation."""
+                   differ: dict[str, Any]) -> list[str]:
+    """The title, the protocol and metric, and the components and settings of the evaluation."""
     seeds = sorted({seed for s in rows for seed in s["seeds"]})
     n_test = rows[0]["n_test"] if rows else 0
     protocol = first["protocol"]
@@ -252,11 +277,10 @@ def _table_heading(rows: list[dict[str, Any]], first: dict[str, Any], dataset: s
         f"({evaluated} {values['eval_split']} split); mean ± sample std over seeds {', '.join(map(str, seeds))}. "
         "Best per column in bold.",
         "",
-        f"Components: {shown}. " + (
-            "Every component is the reference code's: its metric." if not differ else
+        f"Components: {shown}. Settings: {_settings_text(rows or [first])}. " + (
+            "Every component and setting is the reference code's: its metric." if not differ else
             "Not the reference code's metric (not the same metric as the paper's); it differs in " + "; ".join(
-                f"{COMPONENT_TEXT[c]}: {protocol if c == 'protocol' else first.get(c, COMPONENTS[c][0])}"
-                for c in differ) + "."),
+                f"{COMPONENT_TEXT[c]}: {value}" for c, value in differ.items()) + "."),
         "",
     ]
 
@@ -292,22 +316,22 @@ def _table_body(rows: list[dict[str, Any]], shots: list[int], protocol: str) -> 
     return lines
 
 
-def _paper_note(dataset: str, backbone: str, shots: list[int], protocol: str, first: dict[str, Any],
-                differ: list[str], paper_key: str | None) -> list[str]:
+def _paper_note(dataset: str, backbone: str, shots: list[int], protocol: str, differ: dict[str, Any],
+                paper_key: str | None) -> list[str]:
     """The paper's 1-shot number when the results are its metric, else why it is not shown."""
     key = paper_key or DATASET_ALIASES.get("".join(ch for ch in dataset.lower() if ch.isalnum()))
     paper = PAPER_1SHOT.get((key, backbone)) if key else None
     if paper is None or 1 not in shots:
         return []
     if not differ:
-        return ["", f"Paper (DALDA, {key}, 1-shot, {backbone}, mean of 3 seeds, mean per-class accuracy at "
-                    f"the best epoch, the same metric: every component is the reference code's): {paper:.3f}."]
-    names = "; ".join(f"{COMPONENT_TEXT[c]}: {first.get(c, 'honest') if c != 'protocol' else protocol}"
-                      for c in differ)
-    return ["", f"The paper's numbers (DALDA, {key}, 1-shot, {backbone}) are the reference code's "
+        return ["", f"Paper (DALDA, {key}, 1-shot, {backbone}, \"average of 3 trials\"): {paper:.3f}. {PAPER_METRIC} "
+                    "Every component and setting here is the reference code's, so this is the same metric."]
+    names = "; ".join(f"{COMPONENT_TEXT[c]}: {value}" for c, value in differ.items())
+    return ["", f"The paper's numbers (DALDA, {key}, 1-shot, {backbone}) are taken to be the reference code's "
                 f"metric; these results differ from it in {names}, so they are not the same metric and "
-                "the paper's number is not shown. Run `--protocol reference` without overrides (on the "
-                "reference's pools) to compare."]
+                "the paper's number is not shown. To compare, run `--protocol reference --ags-mode clip "
+                "--class-names folder` without other overrides on the pools of `prepare_datasets.py --split "
+                "reference`."]
 
 
 # ---------------------------------------------------------------------------------------------

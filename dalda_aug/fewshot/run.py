@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import InputError
 from .data import reference_few_shot_indices
 from .methods import METHODS, method_scaling
-from .protocol import best_epoch, evaluation_draws
+from .protocol import best_epoch, evaluation_draws, row_settings
 from .report import write_outputs
 from .settings import Benchmark, finished_runs, log, prepare, write_config
 
@@ -35,6 +35,7 @@ __all__ = [
     "warm_plans",
     "train_and_evaluate",
     "train_one",
+    "drawn_items",
 ]
 
 RunKey = tuple[int, int, str]  # (seed, shots, method)
@@ -174,9 +175,15 @@ def _make_plan(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], 
     plan = build_plan(plan_source, variants=args.variants, seed=seed, n_shot=plan_shots,
                       scaling=method_scaling(method, args.ags_mode, args.fixed_lambda),
                       prompts=bench.bank if method.prompts == "llm" else None, models=bench.models,
-                      base_prompt_names=args.class_names, scores=plan_scores, progress=False)
+                      base_prompt_names=_class_names(bench, method), scores=plan_scores, progress=False)
     plan.save(out / "plans" / f"seed{seed}-{shots}shot-{m}")
     return plan
+
+
+def _class_names(bench: Benchmark, method: Any) -> str:
+    """The class-name form of ``method``'s prompts: ``--class-names`` for the IP-Adapter methods (the
+    reference's DALDA prompts); readable for Real Guidance, as DA-Fusion's code, which the paper ran."""
+    return str(bench.args.class_names) if method.generator == "ip_adapter" else "readable"
 
 
 def _bind_da_fusion_cache(bench: Benchmark, key: RunKey, plan: Any) -> None:
@@ -234,7 +241,8 @@ def train_and_evaluate(bench: Benchmark, grid: list[RunKey], todo: list[RunKey],
 
     train_folder = ImageFolder(str(bench.data.train_root))  # no transform: the wrapper applies it
     test_sets: dict[tuple[Any, ...], Any] = {}
-    rows = [done[bench.run_key(*g)] for g in grid if bench.run_key(*g) in done]
+    # a row written before the settings were recorded: its identity holds ags_mode and class_names
+    rows = [{**_settings(bench, g[2]), **done[bench.run_key(*g)]} for g in grid if bench.run_key(*g) in done]
     bar = tqdm(todo, desc="runs", unit="run", disable=not bench.progress)
     for seed, shots, m in bar:
         bar.set_postfix(seed=seed, shots=shots, method=m, refresh=True)
@@ -251,13 +259,27 @@ def train_and_evaluate(bench: Benchmark, grid: list[RunKey], todo: list[RunKey],
     return rows
 
 
+def _settings(bench: Benchmark, m: str) -> dict[str, Any]:
+    """The :data:`~dalda_aug.fewshot.protocol.REFERENCE_SETTINGS` of a run of method ``m``."""
+    return row_settings(METHODS[m], bench.args.ags_mode, bench.args.class_names, bench.data.pool)
+
+
 class _Evaluation:
-    """The test metrics of one run's model at an epoch (every item, or seeded draws), timed."""
+    """The test metrics of one run's model at an epoch (every item, or seeded draws), timed.
+
+    With draws (``--eval-draws``, the reference's 6,400 with replacement) the model runs once per
+    distinct drawn item and each item counts as often as it was drawn: the reference evaluates in
+    eval mode (``model.eval()``, BatchNorm on its running statistics) with a fixed transform
+    (Resize, ToTensor, Normalize), as :func:`~dalda_aug.classify.evaluate` does with either
+    recipe's eval transform, so every draw of an item gets the same logits and the accuracy is
+    exactly the per-draw loop's. ``forwards`` counts the images the model ran on.
+    """
 
     def __init__(self, bench: Benchmark, model: torch.nn.Module, eval_set: Any, seed: int) -> None:
         self.bench, self.model, self.eval_set, self.seed = bench, model, eval_set, seed
         self.draws = bench.components["eval_draws"]
         self.seconds = 0.0
+        self.forwards = 0
 
     def __call__(self, epoch: int) -> dict[str, Any]:
         import torch
@@ -267,18 +289,33 @@ class _Evaluation:
 
         args, draws = self.bench.args, self.draws
         t_eval = time.perf_counter()
-        items = self.eval_set if not draws else Subset(self.eval_set,
-                                                       evaluation_draws(len(self.eval_set), draws, self.seed, epoch))
+        items, counts, expected = self.eval_set, None, len(self.eval_set)
+        if draws:
+            distinct, counts = drawn_items(self.eval_set, evaluation_draws(len(self.eval_set), draws, self.seed, epoch))
+            items, expected = Subset(self.eval_set, distinct), draws
         with torch.random.fork_rng(devices=[]):  # evaluating must not change the training draws
             result = evaluate(self.model, items, batch_size=args.eval_batch_size,
                               num_workers=self.bench.num_workers, device=self.bench.device,
-                              autocast_dtype=args.autocast, progress=False)
+                              autocast_dtype=args.autocast, progress=False, counts=counts)
         self.seconds += time.perf_counter() - t_eval
-        if result["n"] != len(items):
-            raise InputError(f"evaluated {result['n']} test images, expected {len(items)}")
+        self.forwards += result["forwards"]
+        if result["n"] != expected:
+            raise InputError(f"evaluated {result['n']} test images, expected {expected}")
         if draws:  # the reference's mean: over every class, a class never drawn counting 0
             result["mean_per_class"] = sum(a or 0.0 for a in result["per_class"]) / len(result["per_class"])
         return result
+
+
+def drawn_items(eval_set: Any, draws: list[int]) -> tuple[list[int], list[int]]:
+    """The distinct items of ``draws`` (indices into ``eval_set``, with repeats), ascending, and how
+    often each was drawn: what :func:`~dalda_aug.classify.evaluate` takes to run the model once per item."""
+    from collections import Counter
+
+    counted = Counter(draws)
+    distinct = sorted(counted)
+    if distinct and not 0 <= distinct[0] <= distinct[-1] < len(eval_set):
+        raise InputError(f"an evaluation draw lies outside the {len(eval_set)} evaluation images")
+    return distinct, [counted[i] for i in distinct]
 
 
 def _eval_set(bench: Benchmark, model: Classifier, seed: int, test_sets: dict[tuple[Any, ...], Any]) -> Any:
@@ -347,7 +384,7 @@ def train_one(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], p
     return {
         "run_key": bench.run_key(seed, shots, m), "dataset": bench.data.name, "backbone": args.backbone,
         "mode": args.mode, "method": m, "label": METHODS[m].label, "shots": shots, "seed": seed, **protocol_fields,
-        **components, "eval_pool": len(eval_set),
+        **components, **_settings(bench, m), "eval_pool": len(eval_set),
         "top1": metrics["top1"], "mean_per_class": metrics["mean_per_class"], "n_test": metrics["n"],
         "per_class": metrics["per_class"], "per_class_n": metrics["per_class_n"],
         "n_train_real": len(folder_idx), "n_synthetic": len(plan) if plan is not None else 0,
@@ -359,4 +396,5 @@ def train_one(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], p
         "classifier": {"weights": spec.weights, "optimizer": configs.train_config.optimizer or spec.optimizer,
                        "lr": configs.train_config.lr or spec.lr, "image_size": args.image_size or spec.input_size},
         "final_epoch": history[-1], "train_seconds": train_seconds, "eval_seconds": test_metrics.seconds,
+        "eval_forwards": test_metrics.forwards,
     }

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError
 from .data import Data, load_data
 from .methods import METHODS, resolve_methods, uses_llm_prompts
-from .protocol import BN_BACKBONES, COMPONENTS, differing_components, resolve_components
+from .protocol import BN_BACKBONES, COMPONENTS, differing_components, resolve_components, row_settings
 from .report import FORMAT
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -352,9 +352,11 @@ def write_config(bench: Benchmark) -> None:
                        "clip_head": components["clip_head"], "bn_mode": components["bn_mode"],
                        "recipe": components["recipe"], "image_size": args.image_size},
         "components": components,
-        "differs_from_reference": differing_components({"protocol": args.protocol, "backbone": args.backbone,
-                                                        "mode": args.mode, **components}),
+        "differs_from_reference": {m: differing_components({
+            "protocol": args.protocol, "backbone": args.backbone, "mode": args.mode, **components,
+            **row_settings(METHODS[m], args.ags_mode, args.class_names, data.pool)}) for m in bench.methods},
         "base_prompt_class_names": args.class_names,
+        "pool": data.pool,
         "train": {**configs.train_config.to_dict(), "seed": "= run seed"},
         "eval": {"split": "whole test split" if components["eval_split"] == "whole"
                  else "per seed, the reference's second halves (reference_halves)",

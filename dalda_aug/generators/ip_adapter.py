@@ -93,7 +93,8 @@ _CPU_AUTO_BATCH = 4
 
 @dataclass(frozen=True)
 class GenerationConfig(GeneratorConfig):
-    """How DALDA's images are generated (the paper's settings by default; diffusers' argument names).
+    """How DALDA's images are generated (the reference code's settings by default, which the paper does
+    not state; diffusers' argument names).
 
     Each field declares in its metadata whether it changes pixels (:func:`~dalda_aug.generators.pixel_field`)
     or not (:func:`~dalda_aug.generators.speed_field`); :meth:`fingerprint` is built from the
