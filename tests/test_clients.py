@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 import warnings
 
 import numpy as np
@@ -501,3 +502,149 @@ def test_few_shot_plan_over_the_full_folder(setup, few_shot):
         served_all += served
     share = sum(v >= 0 for _, v in served_all) / len(served_all)
     assert abs(share - 0.5) < 4 * np.sqrt(0.25 / len(served_all))
+
+
+# -- issue 28: resuming a run gives the uninterrupted run's choices -------------------------------------------
+# Each test runs a client uninterrupted, then again interrupted (saved as the client saves, then restored
+# into a new dataset object built alike, as a new process would build it) and compares, epoch by epoch,
+# which version (real, or variant k) each item got.
+RESUME_SEED = 41
+
+
+def _versions(table, batches):
+    """``{index: version}`` of the items in ``batches``."""
+    return dict(_served(table, batches))
+
+
+def _roundtrip(state, tmp_path, name="state.pt"):
+    """``state`` as a checkpoint file gives it back: torch.save, then torch.load(weights_only=True)."""
+    path = tmp_path / name
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("workers, persistent, every", [(0, False, 1), (2, False, 1), (2, True, 3)])
+def test_torchdata_stateful_dataloader_resumes_exactly(setup, tmp_path, workers, persistent, every):
+    """torchdata's StatefulDataLoader saves and restores the draw state with no glue (the dataset is
+    Stateful): stopped after batch 2 of epoch 1 and restored into a new loader and dataset, every later
+    batch serves what the uninterrupted run served, with 0 and with 2 workers (the workers prefetch past
+    the saved batch; each worker's share counts only its own served batches). ``every=3``: torchdata
+    snapshots every 3 batches and replays the batches since, drawing them again from the restored state."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def run(stop=None, state=None):
+        ds = _dataset(setup, seed=RESUME_SEED)
+        loader = StatefulDataLoader(ds, batch_size=4, shuffle=True, num_workers=workers,
+                                    persistent_workers=persistent, snapshot_every_n_steps=every,
+                                    generator=torch.Generator().manual_seed(0))
+        start = 0
+        if state is not None:
+            loader.load_state_dict(state["loader"])
+            start = state["epoch"]
+        table = _lookup(ds)
+        epochs = []
+        for epoch in range(start, EPOCHS):
+            served = []
+            for b, batch in enumerate(loader):
+                served += _served(table, [batch])
+                if (epoch, b) == stop:
+                    return epochs, served, _roundtrip({"loader": loader.state_dict(), "epoch": epoch}, tmp_path)
+            epochs.append(served)
+        return epochs, None, None
+
+    full, _, _ = run()
+    _check_epochs(full, len(_dataset(setup, seed=RESUME_SEED)))
+    before, partial, state = run(stop=(1, 2))
+    after, _, _ = run(state=state)
+    assert before == full[:1]
+    assert partial + after[0] == full[1]  # the same items, in the same order, with the same choices
+    # Later epochs: the same choice per item (the shuffle after a restore is the loader's business).
+    assert [dict(e) for e in after[1:]] == [dict(e) for e in full[2:]]
+    if workers == 0:
+        # Without the dataset's share of the state, the resumed run starts its counts at 0 again:
+        # the rest of epoch 1 gets epoch 0's choices (what issue 28 measured).
+        state["loader"]["dataset_state"] = None
+        repeated, _, _ = run(state=state)
+        assert dict(repeated[0]) != dict(full[1][len(partial):])
+        assert dict(repeated[0]) == {i: v for i, v in full[0] if i in dict(repeated[0])}
+
+
+def test_state_dict_with_workers_counts_the_prefetched_batches(setup):
+    """Called in the main process while DataLoader workers run (a plain DataLoader, no torchdata), the
+    state counts every draw taken so far: the served batches and at most prefetch_factor x num_workers
+    batches fetched ahead, each of whose items is counted one draw early (a resumed run would give
+    each such item its next draw instead: a shift of one for those items, nothing else)."""
+    ds = _dataset(setup, seed=RESUME_SEED)
+    batch_size, workers, prefetch = 2, 2, 2
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, prefetch_factor=prefetch)
+    table = _lookup(ds)
+    iterator = iter(loader)
+    served = [_served(table, [next(iterator)]) for _ in range(3)]
+    exact = torch.zeros(len(ds), dtype=torch.int64)
+    for batch in served:
+        for i, _ in batch:
+            exact[i] += 1
+    bound = prefetch * workers * batch_size
+    deadline = time.monotonic() + 30
+    while True:  # the workers fill their prefetch queue in the background
+        extra = ds.state_dict()["draws"] - exact
+        if int(extra.sum()) >= bound or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert int(extra.min()) >= 0 and int(extra.max()) <= 1
+    assert int(extra.sum()) == bound  # the bound is reached, not exceeded
+    # The extra draws are the next items in the loader's order, right after the served ones.
+    assert torch.nonzero(extra).flatten().tolist() == list(range(3 * batch_size, 3 * batch_size + bound))
+    del iterator
+
+
+def test_plain_loop_resumes_from_the_datasets_state_dict(setup, tmp_path):
+    """The plain loop of docs/training.md, without set_epoch: the dataset's state_dict saved with the
+    checkpoint at the end of epoch 1 and loaded into a new dataset continues with epochs 2 and 3."""
+    def run(start=0, stop=EPOCHS, state=None):
+        ds = _dataset(setup, seed=RESUME_SEED)
+        if state is not None:
+            ds.load_state_dict(state)
+        table = _lookup(ds)
+        loader = DataLoader(ds, batch_size=5, shuffle=True, num_workers=2, persistent_workers=True)
+        epochs = [_versions(table, loader) for _ in range(start, stop)]
+        return epochs, _roundtrip(ds.state_dict(), tmp_path)
+
+    full, _ = run()
+    _, state = run(stop=2)
+    resumed, _ = run(start=2, state=state)
+    assert resumed == full[2:]
+    assert full[2] != full[0]
+
+
+def test_load_state_dict_refuses_another_run(setup):
+    ds = _dataset(setup, seed=RESUME_SEED)
+    state = ds.state_dict()
+    with pytest.raises(InputError, match=f"saved by a dataset with seed={RESUME_SEED}, this one has seed=5"):
+        _dataset(setup, seed=5).load_state_dict(state)
+    with pytest.raises(InputError, match="not a draw state"):
+        ds.load_state_dict({"epoch": 3})
+    bad = dict(state, draws=state["draws"][:-1])
+    with pytest.raises(InputError, match=f"must be {len(ds)} counts"):
+        ds.load_state_dict(bad)
+
+
+def test_set_epoch_back_to_an_epoch_already_served_warns(setup):
+    """A resume that pins an epoch lower than the dataset has reached (accelerate's restored loader
+    counts its epochs from 0) serves earlier choices again: the dataset says so."""
+    ds = _dataset(setup, seed=RESUME_SEED)
+    ds.set_epoch(3)
+    restored = _dataset(setup, seed=RESUME_SEED)
+    restored.load_state_dict(ds.state_dict())
+    with pytest.warns(UserWarning, match=r"set_epoch\(0\) after epoch 3 was pinned: epoch 0's choices are served"):
+        restored.set_epoch(0)
+    unpinned = _dataset(setup, seed=RESUME_SEED)
+    for _ in range(2):
+        list(DataLoader(unpinned, batch_size=8, num_workers=0))
+    with pytest.warns(UserWarning, match=r"set_epoch\(1\) after every item was drawn 2 times unpinned"):
+        unpinned.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.set_epoch(3)  # the same epoch again: a replay, on purpose
+        ds.set_epoch(4)
+        unpinned.set_epoch(2)
