@@ -648,3 +648,159 @@ def test_set_epoch_back_to_an_epoch_already_served_warns(setup):
         ds.set_epoch(3)  # the same epoch again: a replay, on purpose
         ds.set_epoch(4)
         unpinned.set_epoch(2)
+
+
+def _lightning_fit(setup, max_epochs, seen, callbacks, ckpt_path=None, save=None, loader_kwargs=None):
+    """Fit a _Recorder-like module on a new dataset built alike; ``seen[epoch]`` collects its batches."""
+    ds = _dataset(setup, seed=RESUME_SEED)
+
+    class Module(_lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(12 * 12 * 3, len(CLASSES))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            seen[self.current_epoch].append((x.clone(), y.clone()))
+            return torch.nn.functional.cross_entropy(self.layer(x.float().flatten(1) / 255), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    trainer = _lightning.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                 callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|log_every_n_steps).*")
+        trainer.fit(Module(), DataLoader(ds, **(loader_kwargs or {})), ckpt_path=ckpt_path)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return ds
+
+
+@pytest.mark.timeout(300)
+def test_lightning_fit_ckpt_path_resumes_exactly_with_the_callback(setup, tmp_path):
+    """Trainer.fit(ckpt_path=...) with SyntheticEpochCallback: the resumed epochs 2 and 3 serve what
+    the uninterrupted run served, with 2 persistent workers (Lightning starts the first iterator before
+    on_train_epoch_start; the callback pins the resumed epoch when the checkpoint is loaded)."""
+    if _lightning is None:
+        pytest.skip("lightning is not installed")
+    from dalda_aug.integrations.lightning import SyntheticEpochCallback
+
+    loader_kwargs = dict(batch_size=4, shuffle=True, num_workers=2, persistent_workers=True)
+    seen = collections.defaultdict(list)
+    ds = _lightning_fit(setup, EPOCHS, seen, [SyntheticEpochCallback()], loader_kwargs=loader_kwargs)
+    table = _lookup(ds)
+    full = [_versions(table, seen[e]) for e in range(EPOCHS)]
+    assert full == [_pinned(ds, e) for e in range(EPOCHS)]
+    seen.clear()
+    _lightning_fit(setup, 2, seen, [SyntheticEpochCallback()], save=tmp_path / "run.ckpt", loader_kwargs=loader_kwargs)
+    seen.clear()
+    _lightning_fit(setup, EPOCHS, seen, [SyntheticEpochCallback()], ckpt_path=tmp_path / "run.ckpt",
+                   loader_kwargs=loader_kwargs)
+    assert sorted(seen) == [2, 3]
+    assert [_versions(table, seen[e]) for e in (2, 3)] == full[2:]
+
+
+def test_lightning_callback_finds_wrapped_datasets_and_warns_without_one(setup):
+    if _lightning is None:
+        pytest.skip("lightning is not installed")
+    from dalda_aug.integrations import find_datasets
+    from dalda_aug.integrations.lightning import SyntheticEpochCallback
+
+    a, b = _dataset(setup, seed=1), _dataset(setup, seed=2)
+    nested = {"x": DataLoader(ConcatDataset([torch.utils.data.Subset(a, [0, 1]), b])), "y": [DataLoader(a)]}
+    assert find_datasets(nested) == [a, b]
+
+    class Plain(_lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    trainer = _lightning.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False,
+                                 callbacks=[SyntheticEpochCallback()])
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 2))
+    with pytest.warns(UserWarning, match="SyntheticEpochCallback found no SyntheticAugmentedDataset"):
+        trainer.fit(Plain(), DataLoader(data, batch_size=2))
+
+
+def test_ignite_checkpoint_resumes_exactly_with_attach_epoch(setup, tmp_path):
+    """ignite: a Checkpoint of the trainer saved after epoch 2 (ignite counts from 1) and loaded
+    into a new Engine over a new dataset: with attach_epoch, epochs 3 and 4 serve what the
+    uninterrupted run served."""
+    from ignite.engine import Engine, Events
+    from ignite.handlers import Checkpoint, DiskSaver
+
+    from dalda_aug.integrations.ignite import attach_epoch
+
+    def run(folder, stop=None, resume=None):
+        ds = _dataset(setup, seed=RESUME_SEED)
+        seen = collections.defaultdict(list)
+        engine = Engine(lambda engine, batch: seen[engine.state.epoch].append(batch))
+        attach_epoch(engine, ds)
+        saver = Checkpoint({"trainer": engine}, DiskSaver(tmp_path / folder), n_saved=None,
+                           global_step_transform=lambda engine, _: engine.state.epoch)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, saver)
+        if stop is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(once=stop), lambda engine: engine.terminate())
+        if resume is not None:
+            Checkpoint.load_objects({"trainer": engine}, torch.load(resume, weights_only=True))
+        engine.run(DataLoader(ds, batch_size=4, shuffle=True, num_workers=2), max_epochs=EPOCHS)
+        table = _lookup(ds)
+        return {epoch: _versions(table, batches) for epoch, batches in seen.items()}, ds
+
+    full, ds = run("full")
+    assert [full[e] for e in range(1, EPOCHS + 1)] == [_pinned(ds, e) for e in range(EPOCHS)]
+    run("stopped", stop=2)
+    resumed, _ = run("resumed", resume=tmp_path / "stopped" / "trainer_2.pt")
+    assert sorted(resumed) == [3, 4] and [resumed[3], resumed[4]] == [full[3], full[4]]
+
+
+def test_accelerate_save_state_and_skip_first_batches_resume_exactly(setup, tmp_path):
+    """accelerate: save_state mid-epoch 1, then load_state and skip_first_batches in a new Accelerator
+    over a new dataset; with the documented line (``loader.set_epoch(epoch); train.set_epoch(epoch)``
+    before each epoch) every resumed batch serves what the uninterrupted run served."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    def run(stop=None, resume=None):
+        torch.manual_seed(0)
+        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        train = _dataset(setup, seed=RESUME_SEED)
+        model = accelerator.prepare(torch.nn.Linear(2, 2))
+        loader = accelerator.prepare(DataLoader(train, batch_size=4, shuffle=True, num_workers=2))
+        table = _lookup(train)
+        start, skip = 0, 0
+        if resume is not None:
+            accelerator.load_state(resume)
+            start, skip = resume_at
+        epochs = {}
+        for epoch in range(start, EPOCHS):
+            loader.set_epoch(epoch)
+            train.set_epoch(epoch)
+            active = accelerator.skip_first_batches(loader, skip) if epoch == start and skip else loader
+            served = []
+            for step, batch in enumerate(active):
+                served += _served(table, [batch])
+                if (epoch, step) == stop:
+                    accelerator.save_state(tmp_path / "state")
+                    epochs[epoch] = served
+                    return epochs
+            epochs[epoch] = served
+        del model
+        return epochs
+
+    full = run()
+    resume_at = (1, 3)  # after batches 0..2 of epoch 1
+    before = run(stop=(1, 2))
+    resumed = run(resume=tmp_path / "state")
+    assert before[0] == full[0] and before[1] == full[1][:12]
+    assert resumed[1] == full[1][12:]
+    assert [dict(resumed[e]) for e in (2, 3)] == [dict(full[e]) for e in (2, 3)]
