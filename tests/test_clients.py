@@ -804,3 +804,78 @@ def test_accelerate_save_state_and_skip_first_batches_resume_exactly(setup, tmp_
     assert before[0] == full[0] and before[1] == full[1][:12]
     assert resumed[1] == full[1][12:]
     assert [dict(resumed[e]) for e in (2, 3)] == [dict(full[e]) for e in (2, 3)]
+
+
+@pytest.mark.timeout(300)
+def test_hf_trainer_resume_from_checkpoint_is_exact(setup, tmp_path):
+    """Hugging Face Trainer: resumed from a checkpoint saved mid-epoch 1 (checkpoint-9: 3 of its 6
+    batches done) into a new Trainer over a new dataset, the rest of the run serves what the
+    uninterrupted run served. The docs' callback pins ``int(state.epoch)`` when each epoch begins
+    (Trainer hands its epoch to accelerate's loader, which passes it to the sampler only when the
+    loader is sharded over processes)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    steps_per_epoch = len(_dataset(setup, seed=RESUME_SEED)) // 4
+
+    def run(resume=None):
+        train = _dataset(setup, seed=RESUME_SEED)
+        seen = []
+
+        class PinEpoch(TrainerCallback):  # as docs/training.md prints it
+            def on_epoch_begin(self, args, state, control, **kwargs):
+                train.set_epoch(int(state.epoch or 0))
+
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(12 * 12 * 3, len(CLASSES))
+
+            def forward(self, pixel_values, labels):
+                seen.append((pixel_values.clone(), labels.clone()))
+                logits = self.layer(pixel_values.float().flatten(1) / 255)
+                return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+        def collate(items):
+            return {"pixel_values": torch.stack([x for x, _ in items]), "labels": torch.tensor([y for _, y in items])}
+
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                 num_train_epochs=EPOCHS, save_strategy="steps", save_steps=3, use_cpu=True,
+                                 report_to="none", logging_strategy="no", disable_tqdm=True, seed=0,
+                                 dataloader_num_workers=2)
+        trainer = Trainer(model=Tiny(), args=args, train_dataset=train, data_collator=collate,
+                          callbacks=[PinEpoch()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train(resume_from_checkpoint=resume)
+        table = _lookup(train)
+        return _served(table, seen), train
+
+    full, train = run()
+    per_step = 4
+    epochs = [full[e * steps_per_epoch * per_step:(e + 1) * steps_per_epoch * per_step] for e in range(EPOCHS)]
+    assert [dict(e) for e in epochs] == [_pinned(train, e) for e in range(EPOCHS)]
+    resumed, _ = run(resume=str(tmp_path / "out" / "checkpoint-9"))
+    assert resumed == full[9 * per_step:]
+
+
+def test_timm_create_loader_resumes_at_an_epoch_with_set_epoch(setup):
+    """timm: a create_loader loop that calls set_epoch (timm's train.py does, and --resume restores
+    its epoch), restarted at epoch 2 over a new dataset, serves epochs 2 and 3 as the uninterrupted
+    run did."""
+    from timm.data import create_loader
+
+    def run(start):
+        train = _dataset(setup, transform=None, seed=RESUME_SEED)
+        loader = create_loader(train, input_size=(3, 12, 12), batch_size=4, is_training=True, no_aug=True, hflip=0.0,
+                               use_prefetcher=False, num_workers=2, crop_pct=1.0)
+        table = _lookup(train)
+        epochs = []
+        for epoch in range(start, EPOCHS):
+            train.set_epoch(epoch)
+            epochs.append(_versions(table, loader))
+        return epochs, train
+
+    full, train = run(0)
+    assert full == [_pinned(train, e) for e in range(EPOCHS)]
+    resumed, _ = run(2)
+    assert resumed == full[2:]
