@@ -206,6 +206,8 @@ class DrawCounter:
     (spawned DataLoader workers do not join the process group), never an open file.
     """
 
+    _record: WorkerRecord | None  # this process's record, when it is a DataLoader worker that saves state
+
     def __init__(self, n: int) -> None:
         # -1: set_epoch never called; else the pinned epoch.
         self.epoch_tensor = torch.full((), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
@@ -320,7 +322,7 @@ class DrawCounter:
         self._epoch_np = self.epoch_tensor.numpy()
         self._draws_np = self.draws.numpy()
         self._control_np = self.control.numpy()
-        self._record: WorkerRecord | None = None
+        self._record = None
 
     def locked(self) -> FileLock:
         """The cross-process lock (the file is opened once per process)."""
