@@ -524,7 +524,7 @@ def _roundtrip(state, tmp_path, name="state.pt"):
 
 
 @pytest.mark.parametrize("workers, persistent, every", [(0, False, 1), (2, False, 1), (2, True, 3)])
-def test_torchdata_stateful_dataloader_resumes_exactly(setup, tmp_path, workers, persistent, every):
+def test_torchdata_stateful_dataloader_resumes_exactly(setup, tmp_path, capfd, workers, persistent, every):
     """torchdata's StatefulDataLoader saves and restores the draw state with no glue (the dataset is
     Stateful): stopped after batch 2 of epoch 1 and restored into a new loader and dataset, every later
     batch serves what the uninterrupted run served, with 0 and with 2 workers (the workers prefetch past
@@ -536,7 +536,8 @@ def test_torchdata_stateful_dataloader_resumes_exactly(setup, tmp_path, workers,
         ds = _dataset(setup, seed=RESUME_SEED)
         loader = StatefulDataLoader(ds, batch_size=4, shuffle=True, num_workers=workers,
                                     persistent_workers=persistent, snapshot_every_n_steps=every,
-                                    generator=torch.Generator().manual_seed(0))
+                                    generator=torch.Generator().manual_seed(0),
+                                    worker_init_fn=_print_warnings if workers else None)
         start = 0
         if state is not None:
             loader.load_state_dict(state["loader"])
@@ -560,6 +561,7 @@ def test_torchdata_stateful_dataloader_resumes_exactly(setup, tmp_path, workers,
     assert partial + after[0] == full[1]  # the same items, in the same order, with the same choices
     # Later epochs: the same choice per item (the shuffle after a restore is the loader's business).
     assert [dict(e) for e in after[1:]] == [dict(e) for e in full[2:]]
+    assert "draw state of only" not in capfd.readouterr().err  # every worker's share was restored
     if workers == 0:
         # Without the dataset's share of the state, the resumed run starts its counts at 0 again:
         # the rest of epoch 1 gets epoch 0's choices (what issue 28 measured).
@@ -879,3 +881,73 @@ def test_timm_create_loader_resumes_at_an_epoch_with_set_epoch(setup):
     assert full == [_pinned(train, e) for e in range(EPOCHS)]
     resumed, _ = run(2)
     assert resumed == full[2:]
+
+
+def test_distributed_sampler_padding_repeats_the_choice_with_set_epoch(setup, monkeypatch):
+    """24 items over 5 ranks: DistributedSampler pads with one item served twice, on two ranks. With
+    set_epoch the copy gets the original's choice (by design, docs/training.md); every other item
+    is served once with its pinned choice."""
+    world = 5
+    for epoch in range(3):
+        served = []
+        for rank in range(world):
+            monkeypatch.setenv("RANK", str(rank))
+            ds = _dataset(setup, seed=RESUME_SEED)  # one dataset object per rank, as in DDP
+            ds.set_epoch(epoch)
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            served += _served(_lookup(ds), DataLoader(ds, batch_size=5, sampler=sampler))
+        counts = collections.Counter(i for i, _ in served)
+        twice = [i for i, c in counts.items() if c == 2]
+        assert len(served) == 25 and len(twice) == 1 and len(counts) == 24
+        versions = {v for i, v in served if i == twice[0]}
+        assert len(versions) == 1
+        assert dict(served) == _pinned(ds, epoch)
+
+
+def test_a_probe_read_shifts_only_its_item(setup):
+    """fastai's DataLoaders.from_dsets reads item 0 once to learn the types: an access like any other.
+    Without set_epoch item 0's draws move on by one (each still a fresh draw), no other item changes;
+    set_epoch before the epoch removes the trace."""
+    plain, probed = _dataset(setup, seed=RESUME_SEED), _dataset(setup, seed=RESUME_SEED)
+    table = _lookup(plain)
+    probed[0]  # the probe
+    first = [_versions(table, DataLoader(d, batch_size=6)) for d in (plain, probed)]
+    second = [_versions(table, DataLoader(d, batch_size=6)) for d in (plain, probed)]
+    assert {i: v for i, v in first[1].items() if i} == {i: v for i, v in first[0].items() if i}
+    assert first[1][0] == second[0][0]  # item 0's first training draw is "epoch 1"'s
+    pinned = _dataset(setup, seed=RESUME_SEED)
+    pinned[0]
+    pinned.set_epoch(0)
+    assert _versions(table, DataLoader(pinned, batch_size=6)) == first[0]
+
+
+def _print_warnings(worker_id):
+    def show(message, category, filename, lineno, file=None, line=None):
+        os.write(2, f"{category.__name__}: {message}\n".encode())
+
+    warnings.showwarning = show
+
+
+def test_restoring_only_some_workers_shares_warns(setup, capfd):
+    """A StatefulDataLoader state in which one worker's share of the draw state is missing (saved
+    before the dataset was Stateful, or edited): the first draw after the restore says that the other
+    workers' draws will be taken again (printed by the DataLoader worker)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader(ds, **kwargs):
+        return StatefulDataLoader(ds, batch_size=4, shuffle=True, num_workers=2,
+                                  generator=torch.Generator().manual_seed(0), **kwargs)
+
+    first = loader(_dataset(setup, seed=RESUME_SEED))
+    iterator = iter(first)
+    for _ in range(3):
+        next(iterator)
+    state = first.state_dict()
+    del iterator
+    state["_snapshot"]["_worker_snapshots"]["worker_1"]["dataset_state"] = None
+    # A forked worker inherits pytest's recording of warnings: print them to stderr, as outside pytest.
+    resumed = loader(_dataset(setup, seed=RESUME_SEED), worker_init_fn=_print_warnings)
+    resumed.load_state_dict(state)
+    assert len([b for b in resumed]) == len(first) - 3
+    assert "the draw state of only 1 of the 2 DataLoader workers it was saved with was restored" in capfd.readouterr().err
