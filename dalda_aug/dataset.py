@@ -26,7 +26,10 @@ adds its rank to the draws that are not an epoch's first, so ranks never repeat 
 ``seed=None`` (the default) draws the seed from torch's global generator at construction, as
 ``RandomSampler`` draws its shuffling seed: ``torch.manual_seed(s)`` before construction
 reproduces a run, two datasets built alike (``ConcatDataset([a, b])``, to oversample) choose
-independently, and the seed drawn is ``ds.seed`` and shows in ``repr``.
+independently, and the seed drawn is ``ds.seed`` and shows in ``repr``. The counts are run state:
+:meth:`state_dict`/:meth:`load_state_dict` (torchdata's ``Stateful``) carry them into a resumed
+process, exactly also through ``StatefulDataLoader`` workers, and ``set_epoch`` to an epoch the
+dataset has already passed warns (docs/training.md, *Resuming a run*).
 
 Which items: every item of the base (``items="all"``; items whose source the plan lacks are
 always real, and a ``UserWarning`` says how many, e.g. a ``--shots N`` plan over the full folder),

@@ -652,7 +652,7 @@ def test_set_epoch_back_to_an_epoch_already_served_warns(setup):
         unpinned.set_epoch(2)
 
 
-def _lightning_fit(setup, max_epochs, seen, callbacks, ckpt_path=None, save=None, loader_kwargs=None):
+def _lightning_fit(setup, max_epochs, seen, callbacks, ckpt_path=None, loader_kwargs=None):
     """Fit a _Recorder-like module on a new dataset built alike; ``seen[epoch]`` collects its batches."""
     ds = _dataset(setup, seed=RESUME_SEED)
 
@@ -669,14 +669,13 @@ def _lightning_fit(setup, max_epochs, seen, callbacks, ckpt_path=None, save=None
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
+    checkpointing = any(isinstance(c, _lightning.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
     trainer = _lightning.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
-                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                 callbacks=callbacks)
+                                 enable_checkpointing=checkpointing, enable_progress_bar=False,
+                                 enable_model_summary=False, callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|log_every_n_steps).*")
         trainer.fit(Module(), DataLoader(ds, **(loader_kwargs or {})), ckpt_path=ckpt_path)
-    if save is not None:
-        trainer.save_checkpoint(save)
     return ds
 
 
@@ -696,9 +695,11 @@ def test_lightning_fit_ckpt_path_resumes_exactly_with_the_callback(setup, tmp_pa
     full = [_versions(table, seen[e]) for e in range(EPOCHS)]
     assert full == [_pinned(ds, e) for e in range(EPOCHS)]
     seen.clear()
-    _lightning_fit(setup, 2, seen, [SyntheticEpochCallback()], save=tmp_path / "run.ckpt", loader_kwargs=loader_kwargs)
+    # Interrupted after epoch 1: the checkpoint ModelCheckpoint wrote at its end.
+    saver = _lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    _lightning_fit(setup, 2, seen, [SyntheticEpochCallback(), saver], loader_kwargs=loader_kwargs)
     seen.clear()
-    _lightning_fit(setup, EPOCHS, seen, [SyntheticEpochCallback()], ckpt_path=tmp_path / "run.ckpt",
+    _lightning_fit(setup, EPOCHS, seen, [SyntheticEpochCallback()], ckpt_path=tmp_path / "epoch=1-step=12.ckpt",
                    loader_kwargs=loader_kwargs)
     assert sorted(seen) == [2, 3]
     assert [_versions(table, seen[e]) for e in (2, 3)] == full[2:]

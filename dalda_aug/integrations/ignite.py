@@ -13,6 +13,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
+from ..errors import InputError
 from . import find_datasets, pin_epoch
 
 __all__ = ["attach_epoch"]
@@ -26,8 +27,6 @@ def attach_epoch(engine: Engine, dataset: Any) -> RemovableEventHandle:
     Raises:
         dalda_aug.errors.InputError: ``dataset`` holds no SyntheticAugmentedDataset.
     """
-    from ..errors import InputError
-
     datasets = find_datasets(dataset)
     if not datasets:
         raise InputError(f"attach_epoch: no SyntheticAugmentedDataset in {type(dataset).__name__}")
