@@ -952,3 +952,48 @@ def test_restoring_only_some_workers_shares_warns(setup, capfd):
     resumed.load_state_dict(state)
     assert len([b for b in resumed]) == len(first) - 3
     assert "the draw state of only 1 of the 2 DataLoader workers it was saved with was restored" in capfd.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_lightning_callback_warns_when_workers_drew_before_it_could_pin(setup, tmp_path):
+    """A dataset built inside train_dataloader() is out of the callback's reach when the checkpoint is
+    loaded; Lightning starts the resumed fit's iterator before on_train_epoch_start, and its workers
+    draw the first batches for epoch 0: the callback says so."""
+    if _lightning is None:
+        pytest.skip("lightning is not installed")
+    from dalda_aug.integrations.lightning import SyntheticEpochCallback
+
+    built = []
+
+    class Module(_lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(12 * 12 * 3, len(CLASSES))
+
+        def train_dataloader(self):
+            built.append(_dataset(setup, seed=RESUME_SEED))
+            return DataLoader(built[-1], batch_size=4, num_workers=2)
+
+        def on_train_start(self):
+            time.sleep(1.0)  # the workers started by the iterator fetch meanwhile
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.layer(batch[0].float().flatten(1) / 255), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def fit(max_epochs, ckpt_path=None, callback=None):
+        trainer = _lightning.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                     enable_model_summary=False, enable_checkpointing=False,
+                                     callbacks=[callback or SyntheticEpochCallback()])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Module(), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / "run.ckpt")
+        return [str(w.message) for w in caught if "before SyntheticEpochCallback pinned" in str(w.message)]
+
+    assert fit(1) == []  # a fresh run: the early draws are epoch 0's, as pinned
+    said = fit(2, ckpt_path=tmp_path / "run.ckpt")
+    assert len(said) == 1 and "drawn for epoch 0 before SyntheticEpochCallback pinned epoch 1" in said[0]

@@ -42,6 +42,7 @@ class SyntheticEpochCallback(pl.Callback):
 
     def __init__(self, *datasets: SyntheticAugmentedDataset) -> None:
         self.datasets = list(datasets)
+        self._first_epoch = False
 
     def _datasets(self, trainer: pl.Trainer, before_setup: bool = False) -> list[SyntheticAugmentedDataset]:
         found = find_datasets(self.datasets)
@@ -62,10 +63,32 @@ class SyntheticEpochCallback(pl.Callback):
         if epoch is not None:
             pin_epoch(self._datasets(trainer, before_setup=True), epoch)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_epoch = True
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datasets = self._datasets(trainer)
         if not datasets:
             warnings.warn("SyntheticEpochCallback found no SyntheticAugmentedDataset in the training dataloader(s): "
                           "nothing is pinned (pass the dataset: SyntheticEpochCallback(train))", UserWarning,
                           stacklevel=2)
+        if self._first_epoch:
+            self._first_epoch = False
+            self._check_early_draws(datasets, trainer.current_epoch)
         pin_epoch(datasets, trainer.current_epoch)
+
+    @staticmethod
+    def _check_early_draws(datasets: list[SyntheticAugmentedDataset], epoch: int) -> None:
+        """Lightning starts a fit's first iterator before this hook: DataLoader workers may already
+        have drawn items, for the epoch the dataset was at. Say so when that is not ``epoch``."""
+        for dataset in datasets:
+            state = dataset.state_dict()
+            drawn_for = max(int(state["epoch"]), 0)  # unpinned, an item's first draw is epoch 0's
+            taken = int(state["draws"].sum())
+            if taken and drawn_for != epoch:
+                warnings.warn(
+                    f"{taken} items were drawn for epoch {drawn_for} before SyntheticEpochCallback pinned epoch "
+                    f"{epoch} (DataLoader workers fetch ahead, and the dataset was not found when the checkpoint "
+                    "was loaded): they are served with other choices than the uninterrupted run's. Pass the "
+                    "dataset to the callback, SyntheticEpochCallback(train), or build it before fit()",
+                    UserWarning, stacklevel=3)
