@@ -997,3 +997,26 @@ def test_lightning_callback_warns_when_workers_drew_before_it_could_pin(setup, t
     assert fit(1) == []  # a fresh run: the early draws are epoch 0's, as pinned
     said = fit(2, ckpt_path=tmp_path / "run.ckpt")
     assert len(said) == 1 and "drawn for epoch 0 before SyntheticEpochCallback pinned epoch 1" in said[0]
+
+
+def test_accelerate_restored_loader_counting_from_0_warns(setup, tmp_path):
+    """accelerate, without the documented line: the dataset's state saved with the run
+    (register_for_checkpointing) and restored, the new prepared loader pins epoch 0 again when it is
+    iterated; the dataset says that epoch 0's choices are served again."""
+    from accelerate import Accelerator
+
+    def prepared():
+        accelerator = Accelerator(cpu=True)
+        train = _dataset(setup, seed=RESUME_SEED)
+        accelerator.register_for_checkpointing(train)
+        return accelerator, train, accelerator.prepare(DataLoader(train, batch_size=6, shuffle=True))
+
+    accelerator, train, loader = prepared()
+    for _ in range(2):
+        list(loader)
+    accelerator.save_state(tmp_path / "state")
+    accelerator, restored, loader = prepared()
+    accelerator.load_state(tmp_path / "state")
+    assert restored.epoch == 1 and torch.equal(restored.state_dict()["draws"], train.state_dict()["draws"])
+    with pytest.warns(UserWarning, match=r"set_epoch\(0\) after epoch 1 was pinned: epoch 0's choices are served"):
+        list(loader)
