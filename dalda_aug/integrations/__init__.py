@@ -40,7 +40,10 @@ def find_datasets(obj: Any) -> list[SyntheticAugmentedDataset]:
             stack.extend(reversed(item))
             continue
         for name in ("datasets", "dataset", "base_dataloader", "dataloader", "loader"):
-            inner = getattr(item, name, None)
+            try:
+                inner = getattr(item, name, None)
+            except Exception:  # a proxy whose attribute lookup fails otherwise: nothing to find there
+                continue
             if inner is not None and inner is not item:
                 stack.append(inner)
     return list(found.values())

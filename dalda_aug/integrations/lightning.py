@@ -4,6 +4,7 @@ epoch, so ``Trainer.fit(ckpt_path=...)`` serves the choices the uninterrupted ru
 Lightning calls a sampler's ``set_epoch`` but never a dataset's. Without ``set_epoch`` the dataset
 counts draws in process memory, which a resumed process starts again from zero: its first resumed
 epoch would serve epoch 0's choices. With the callback, epoch e serves epoch e's choices, exactly.
+It is a ``lightning.pytorch`` callback (the ``lightning`` package), as the rest of the project uses.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class SyntheticEpochCallback(pl.Callback):
     def _datasets(self, trainer: pl.Trainer, before_setup: bool = False) -> list[SyntheticAugmentedDataset]:
         found = find_datasets(self.datasets)
         if before_setup:  # the loaders fit() was given, or the module/datamodule's attributes
+            # Lightning keeps what fit() was given in its fit loop's data source (no public accessor
+            # before the loop builds its loaders); a Lightning without it finds nothing here.
             source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
             instance = getattr(source, "instance", None)
             if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
