@@ -523,6 +523,10 @@ def _roundtrip(state, tmp_path, name="state.pt"):
     return torch.load(path, weights_only=True)
 
 
+TORCHDATA_VITAL = "ignore:'set_vital' is deprecated"  # torchdata 0.11 calls a torch function torch deprecated
+
+
+@pytest.mark.filterwarnings(TORCHDATA_VITAL)
 @pytest.mark.parametrize("workers, persistent, every", [(0, False, 1), (2, False, 1), (2, True, 3)])
 def test_torchdata_stateful_dataloader_resumes_exactly(setup, tmp_path, capfd, workers, persistent, every):
     """torchdata's StatefulDataLoader saves and restores the draw state with no glue (the dataset is
@@ -699,7 +703,8 @@ def test_lightning_fit_ckpt_path_resumes_exactly_with_the_callback(setup, tmp_pa
     saver = _lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
     _lightning_fit(setup, 2, seen, [SyntheticEpochCallback(), saver], loader_kwargs=loader_kwargs)
     seen.clear()
-    _lightning_fit(setup, EPOCHS, seen, [SyntheticEpochCallback()], ckpt_path=tmp_path / "epoch=1-step=12.ckpt",
+    saver = _lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)  # as when created
+    _lightning_fit(setup, EPOCHS, seen, [SyntheticEpochCallback(), saver], ckpt_path=tmp_path / "epoch=1-step=12.ckpt",
                    loader_kwargs=loader_kwargs)
     assert sorted(seen) == [2, 3]
     assert [_versions(table, seen[e]) for e in (2, 3)] == full[2:]
@@ -924,12 +929,15 @@ def test_a_probe_read_shifts_only_its_item(setup):
 
 
 def _print_warnings(worker_id):
+    """A worker_init_fn: print the worker's warnings to stderr (a forked worker inherits pytest's
+    recording of warnings, which the test process never sees)."""
     def show(message, category, filename, lineno, file=None, line=None):
         os.write(2, f"{category.__name__}: {message}\n".encode())
 
     warnings.showwarning = show
 
 
+@pytest.mark.filterwarnings(TORCHDATA_VITAL)
 def test_restoring_only_some_workers_shares_warns(setup, capfd):
     """A StatefulDataLoader state in which one worker's share of the draw state is missing (saved
     before the dataset was Stateful, or edited): the first draw after the restore says that the other
