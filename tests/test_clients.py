@@ -678,7 +678,7 @@ def _lightning_fit(setup, max_epochs, seen, callbacks, ckpt_path=None, loader_kw
                                  enable_checkpointing=checkpointing, enable_progress_bar=False,
                                  enable_model_summary=False, callbacks=callbacks)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|log_every_n_steps).*")
+        warnings.filterwarnings("ignore", message=".*(num_workers|bottleneck|log_every_n_steps|not empty).*")
         trainer.fit(Module(), DataLoader(ds, **(loader_kwargs or {})), ckpt_path=ckpt_path)
     return ds
 
