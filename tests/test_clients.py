@@ -819,8 +819,8 @@ def test_hf_trainer_resume_from_checkpoint_is_exact(setup, tmp_path):
     """Hugging Face Trainer: resumed from a checkpoint saved mid-epoch 1 (checkpoint-9: 3 of its 6
     batches done) into a new Trainer over a new dataset, the rest of the run serves what the
     uninterrupted run served. The docs' callback pins ``int(state.epoch)`` when each epoch begins
-    (Trainer hands its epoch to accelerate's loader, which passes it to the sampler only when the
-    loader is sharded over processes)."""
+    (Trainer hands its epoch to accelerate's loader; the loader that skips a resumed epoch's done
+    batches passes it to its sampler only, and without the callback serves other choices)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     steps_per_epoch = len(_dataset(setup, seed=RESUME_SEED)) // 4
