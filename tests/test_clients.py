@@ -983,7 +983,9 @@ def test_lightning_callback_warns_when_workers_drew_before_it_could_pin(setup, t
             return DataLoader(built[-1], batch_size=4, num_workers=2)
 
         def on_train_start(self):
-            time.sleep(1.0)  # the workers started by the iterator fetch meanwhile
+            deadline = time.monotonic() + 30  # the workers started by the iterator fetch meanwhile
+            while not int(built[-1].state_dict()["draws"].sum()) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
         def training_step(self, batch, batch_idx):
             return torch.nn.functional.cross_entropy(self.layer(batch[0].float().flatten(1) / 255), batch[1])
