@@ -955,11 +955,11 @@ def test_restoring_only_some_workers_shares_warns(setup, capfd):
     state = first.state_dict()
     del iterator
     state["_snapshot"]["_worker_snapshots"]["worker_1"]["dataset_state"] = None
-    # A forked worker inherits pytest's recording of warnings: print them to stderr, as outside pytest.
     resumed = loader(_dataset(setup, seed=RESUME_SEED), worker_init_fn=_print_warnings)
     resumed.load_state_dict(state)
     assert len([b for b in resumed]) == len(first) - 3
-    assert "the draw state of only 1 of the 2 DataLoader workers it was saved with was restored" in capfd.readouterr().err
+    said = capfd.readouterr().err
+    assert "the draw state of only 1 of the 2 DataLoader workers it was saved with was restored" in said
 
 
 @pytest.mark.timeout(300)
