@@ -26,7 +26,10 @@ adds its rank to the draws that are not an epoch's first, so ranks never repeat 
 ``seed=None`` (the default) draws the seed from torch's global generator at construction, as
 ``RandomSampler`` draws its shuffling seed: ``torch.manual_seed(s)`` before construction
 reproduces a run, two datasets built alike (``ConcatDataset([a, b])``, to oversample) choose
-independently, and the seed drawn is ``ds.seed`` and shows in ``repr``.
+independently, and the seed drawn is ``ds.seed`` and shows in ``repr``. The counts are run state:
+:meth:`state_dict`/:meth:`load_state_dict` (torchdata's ``Stateful``) carry them into a resumed
+process, exactly also through ``StatefulDataLoader`` workers, and ``set_epoch`` to an epoch the
+dataset has already passed warns (docs/training.md, *Resuming a run*).
 
 Which items: every item of the base (``items="all"``; items whose source the plan lacks are
 always real, and a ``UserWarning`` says how many, e.g. a ``--shots N`` plan over the full folder),
@@ -90,7 +93,7 @@ from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shap
 from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from .cache.spec import digest_hex, variant_digests
 from .data import image_sha256, load_image, to_rgb
-from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
+from .draws import STATE_FORMAT, DrawCounter, check_state, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
 from .stat_record import CoverageRecord, StatRecord, file_stats
 
@@ -570,7 +573,52 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         without it every access is a fresh draw all the same)."""
         if isinstance(epoch, bool) or int(epoch) != epoch or epoch < 0:
             raise InputError(f"epoch must be an integer >= 0, got {epoch!r}")
+        pinned, fewest = self._counter.progress()
+        if epoch < pinned or (pinned < 0 and epoch < fewest):
+            done = f"epoch {pinned} was pinned" if pinned >= 0 else f"every item was drawn {fewest} times unpinned"
+            warnings.warn(
+                f"set_epoch({epoch}) after {done}: epoch {epoch}'s choices are served again. A resumed run pins "
+                "the epoch it resumes at (docs/training.md, Resuming); to replay an epoch on purpose, ignore this",
+                UserWarning, stacklevel=2)
         self._counter.pin(int(epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The draw state (torchdata's ``Stateful``): the seed, the pinned epoch and how often each
+        item has been drawn, so that :meth:`load_state_dict` in a new process continues the run's
+        choices instead of starting again at epoch 0's. Tensors and plain values only, so
+        ``torch.load(weights_only=True)`` reads it back.
+
+        Inside a DataLoader worker (where torchdata's ``StatefulDataLoader`` calls it after each
+        batch) it is that worker's share: the counts the workers started from and the draws this
+        worker took; the loader keeps one share per worker, taken right after a batch that worker
+        fetched and served, so the shares add up to the draws of the batches served exactly, not
+        counting what the workers prefetched. Called in the main process while DataLoader workers
+        run, it counts every draw taken so far, also those of batches prefetched but not yet served.
+        """
+        state: dict[str, Any] = {"format": STATE_FORMAT, "seed": int(self.seed), "items": len(self)}
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            state.update(self._counter.worker_state(info.id, info.num_workers))
+        else:
+            state.update(self._counter.state())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the draws of a run saved with :meth:`state_dict` (torchdata's ``Stateful``).
+
+        Raises:
+            InputError: not such a state, or one saved by a dataset with another seed or another
+                number of items (its counts would name other draws).
+        """
+        epoch, draws, share = check_state(state_dict, int(self.seed), len(self))
+        if share is None:
+            self._counter.restore(epoch, draws)
+            return
+        if torch.utils.data.get_worker_info() is None:
+            raise InputError("this draw state is one DataLoader worker's share: restore the loader's whole state "
+                             "(StatefulDataLoader.load_state_dict), which hands each worker its own")
+        own, segments, workers = share
+        self._counter.restore_worker(epoch, draws, own, segments, workers)
 
     def variants_for(self, index: int) -> tuple[Any, ...]:
         """The plan variants item ``index`` may be replaced by."""

@@ -6,6 +6,16 @@
 in shared-memory tensors, so they reach DataLoader workers (fork or spawn, persistent or not), and
 an exclusive ``flock`` on a small temporary file (:class:`FileLock`) serialises their updates
 across processes. Under DDP each rank counts its own accesses (:func:`process_rank`).
+
+The counts are run state: :meth:`DrawCounter.state` and :meth:`DrawCounter.restore` save and
+restore them (the dataset's ``state_dict``/``load_state_dict``). In a DataLoader worker,
+:meth:`DrawCounter.worker_state` describes the counts the worker started from plus the draws that
+worker took itself, so that the states torchdata's ``StatefulDataLoader`` keeps per worker (each
+taken right after a batch that worker fetched, see ``_worker_loop``) add up to exactly the draws of
+the batches served, whatever the other workers had prefetched meanwhile. A worker records only
+once something asks it for its state (a plain DataLoader never does); then it holds two counts per
+item (16 bytes) and, per batch, the indices it drew, folded into the counts every
+:data:`FOLD_SEGMENTS` batches, so what torchdata sends back per batch stays small.
 """
 
 from __future__ import annotations
@@ -13,11 +23,15 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
 
-__all__ = ["DrawCounter", "FileLock", "draw_name", "draw_seed", "pick", "process_rank", "unlink_lock"]
+from .errors import InputError
+
+__all__ = ["STATE_FORMAT", "DrawCounter", "FileLock", "WorkerRecord", "check_state", "draw_name", "draw_seed", "pick",
+           "process_rank", "unlink_lock"]
 
 
 def draw_seed(seed: int | None) -> int:
@@ -96,6 +110,96 @@ class FileLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+#: The ``format`` of a saved draw state (``SyntheticAugmentedDataset.state_dict``).
+STATE_FORMAT = "dalda-aug-draws/1"
+
+
+def check_state(state: Any, seed: int, items: int) -> tuple[int, Any, Any]:
+    """``(epoch, counts, worker share or None)`` of a saved draw state; else :class:`InputError`."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise InputError(f"not a draw state of SyntheticAugmentedDataset (format {found!r}, expected {STATE_FORMAT!r})")
+    if state.get("seed") != seed:
+        raise InputError(f"the draw state was saved by a dataset with seed={state.get('seed')}, this one has "
+                         f"seed={seed}: build it with seed={state.get('seed')} (or torch.manual_seed as in the run "
+                         "saved) so that the counts name the same draws")
+    if state.get("items") != items:
+        raise InputError(f"the draw state counts {state.get('items')} items, this dataset has {items}")
+    epoch, draws = state.get("epoch"), state.get("draws")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < -1:
+        raise InputError(f"the draw state's epoch must be an integer >= -1, got {epoch!r}")
+
+    def counts(value: Any, what: str) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.shape != (items,) \
+                or (items and int(value.min()) < 0):
+            raise InputError(f"the draw state's {what} must be {items} counts >= 0 (int64), got "
+                             f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))}")
+        return value
+
+    draws = counts(draws, "draws")
+    share = state.get("worker")
+    if share is None:
+        return epoch, draws, None
+    own = share.get("own") if isinstance(share, dict) else None
+    segments = share.get("segments") if isinstance(share, dict) else None
+    workers = share.get("workers") if isinstance(share, dict) else None
+    if not isinstance(segments, dict) or not isinstance(workers, int) or workers < 1 or not all(
+            isinstance(v, list) and all(isinstance(i, int) and 0 <= i < items for i in v) for v in segments.values()):
+        raise InputError("the draw state's worker share is malformed (own counts, segments of item indices, workers)")
+    if own is not None:
+        own = counts(own, "worker counts")
+    return epoch, draws, (own, segments, workers)
+
+
+# Slots of DrawCounter.control, shared like the counts.
+_GENERATION = 0  # bumped whenever the counts are set other than by drawing (pin, restore)
+_RESTORE_KEY = 1  # which saved run the worker states being restored belong to (0: no restore open)
+_RESTORE_DONE = 2  # how many of its workers' states have been added
+_RESTORE_OF = 3  # how many workers it had
+#: A worker folds its per-batch segments into one array once it holds this many.
+FOLD_SEGMENTS = 64
+
+
+class WorkerRecord:
+    """What one DataLoader worker process drew since it started recording: the shared counts it
+    started from (``base``, never changed in place: torchdata compares it with the last state it
+    saw), its own earlier draws folded into counts (``own``) and its later draws as index lists, one
+    per state taken (small deltas for torchdata to send)."""
+
+    def __init__(self, generation: int, epoch: int, base: torch.Tensor, own: torch.Tensor | None = None) -> None:
+        self.generation = generation
+        self.epoch = epoch
+        self.base = base
+        self.own = own
+        self.segments: dict[str, list[int]] = {}
+        self.pending: list[int] = []
+        self.next_segment = 0
+
+    def close_segment(self) -> None:
+        """File the draws taken since the last state as one segment; fold when there are many."""
+        if self.pending:
+            self.segments[str(self.next_segment)] = self.pending
+            self.next_segment += 1
+            self.pending = []
+        if len(self.segments) >= FOLD_SEGMENTS:
+            self.own = own_counts(self.base.numel(), self.own, self.segments)
+            self.segments = {}
+
+
+def own_counts(n: int, own: torch.Tensor | None, segments: dict[str, list[int]]) -> torch.Tensor:
+    """``own`` plus one for every index listed in ``segments``, as a new tensor of ``n`` counts."""
+    out = torch.zeros(n, dtype=torch.int64) if own is None else own.to(torch.int64).clone()
+    for indices in segments.values():
+        if indices:
+            out += torch.bincount(torch.as_tensor(indices, dtype=torch.int64), minlength=n)[:n]
+    return out
+
+
+def _restore_key(epoch: int, base: torch.Tensor, workers: int) -> int:
+    digest = hashlib.blake2b(f"{epoch}:{workers}:".encode() + base.numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1 or 1
+
+
 class DrawCounter:
     """Accesses of each of ``n`` items since construction or the last :meth:`pin`, and the pinned
     epoch (-1: never pinned), shared by every process the counter is sent to.
@@ -105,11 +209,16 @@ class DrawCounter:
     (spawned DataLoader workers do not join the process group), never an open file.
     """
 
+    _record: WorkerRecord | None  # this process's record, when it is a DataLoader worker that saves state
+
     def __init__(self, n: int) -> None:
         # -1: set_epoch never called; else the pinned epoch.
         self.epoch_tensor = torch.full((), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
         # Accesses of each item since construction or the last pin.
         self.draws = torch.zeros(max(n, 1), dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        # _GENERATION, _RESTORE_KEY, _RESTORE_DONE, _RESTORE_OF
+        self.control = torch.zeros(4, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        self.items = int(n)
         fd, self.lock_path = tempfile.mkstemp(prefix="dalda-aug-draws-", suffix=".lock")
         os.close(fd)
         self.rank_hint: int | None = None
@@ -129,20 +238,94 @@ class DrawCounter:
         with self.locked():
             self.epoch_tensor.fill_(int(epoch))
             self.draws.zero_()
+            self._control_np[_GENERATION] += 1
+
+    def progress(self) -> tuple[int, int]:
+        """``(pinned epoch or -1, fewest draws of any item)``: how far every item has been drawn."""
+        with self.locked():
+            fewest = int(self._draws_np[: self.items].min()) if self.items else 0
+            return int(self._epoch_np[()]), fewest
 
     def take(self, index: int) -> tuple[int, int]:
         """Count one access of item ``index``: ``(pinned epoch or -1, accesses before this one)``."""
+        incomplete = None
         with self.locked():
             pinned = int(self._epoch_np[()])
             count = int(self._draws_np[index])
             self._draws_np[index] = count + 1
+            control = self._control_np
+            if control[_RESTORE_OF]:  # the first draw after a restore closes it
+                if control[_RESTORE_DONE] < control[_RESTORE_OF]:
+                    incomplete = (int(control[_RESTORE_DONE]), int(control[_RESTORE_OF]))
+                control[_RESTORE_KEY] = control[_RESTORE_DONE] = control[_RESTORE_OF] = 0
+        if self._record is not None:
+            self._record.pending.append(index)
+        if incomplete is not None:
+            warnings.warn(
+                f"the draw state of only {incomplete[0]} of the {incomplete[1]} DataLoader workers it was saved "
+                "with was restored before drawing: the draws of the other workers' batches will be taken again",
+                UserWarning, stacklevel=3)
         return pinned, count
 
+    # -- run state -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The pinned epoch and every count, as of now."""
+        with self.locked():
+            return {"epoch": int(self._epoch_np[()]), "draws": self.draws[: self.items].clone()}
+
+    def worker_state(self, worker: int, workers: int) -> dict[str, Any]:
+        """This DataLoader worker's share of the state: the counts it started recording from
+        (the same in every worker: they all start before any of them draws) and the draws it took
+        itself. The first call in a worker process starts the record; a pin or restore made since
+        the last call starts it afresh."""
+        with self.locked():
+            generation = int(self._control_np[_GENERATION])
+            record = self._record
+            if record is None or record.generation != generation:
+                record = self._record = WorkerRecord(generation, int(self._epoch_np[()]),
+                                                     self.draws[: self.items].clone())
+            record.close_segment()
+        return {"epoch": record.epoch, "draws": record.base,
+                "worker": {"id": int(worker), "workers": int(workers), "own": record.own,
+                           "segments": dict(record.segments)}}
+
+    def restore(self, epoch: int, draws: torch.Tensor) -> None:
+        """Set the pinned epoch and every count (a state from :meth:`state`)."""
+        with self.locked():
+            self.epoch_tensor.fill_(int(epoch))
+            self.draws[: self.items].copy_(draws)
+            control = self._control_np
+            control[_GENERATION] += 1
+            control[_RESTORE_KEY] = control[_RESTORE_DONE] = control[_RESTORE_OF] = 0
+
+    def restore_worker(self, epoch: int, base: torch.Tensor, own: torch.Tensor | None,
+                       segments: dict[str, list[int]], workers: int) -> None:
+        """Add one worker's share (a state from :meth:`worker_state`). The first share of a restore
+        sets the counts to the base all workers started from; each share then adds its worker's own
+        draws, so once every worker of the saved loader has restored its share (torchdata restores
+        all of them before any worker draws) the counts are the sum. The share also becomes this
+        worker's record, so the states it saves from here on keep adding up."""
+        with self.locked():
+            key = _restore_key(epoch, base, workers)
+            control = self._control_np
+            if control[_RESTORE_KEY] != key or control[_RESTORE_DONE] >= control[_RESTORE_OF]:
+                self.epoch_tensor.fill_(int(epoch))
+                self.draws[: self.items].copy_(base)
+                control[_GENERATION] += 1
+                control[_RESTORE_KEY], control[_RESTORE_DONE], control[_RESTORE_OF] = key, 0, int(workers)
+            mine = own_counts(self.items, own, segments)
+            self.draws[: self.items] += mine
+            control[_RESTORE_DONE] += 1
+            self._record = WorkerRecord(int(control[_GENERATION]), int(epoch), base.clone(), mine)
+
+    # -- per process -----------------------------------------------------------------------------
     def _reset_process_state(self) -> None:
         self._pid = os.getpid()
         self._lock_fd: int | None = None
         self._epoch_np = self.epoch_tensor.numpy()
         self._draws_np = self.draws.numpy()
+        self._control_np = self.control.numpy()
+        self._record = None
 
     def locked(self) -> FileLock:
         """The cross-process lock (the file is opened once per process)."""
@@ -154,7 +337,7 @@ class DrawCounter:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_pid", "_lock_fd", "_epoch_np", "_draws_np"):
+        for name in ("_pid", "_lock_fd", "_epoch_np", "_draws_np", "_control_np", "_record"):
             state.pop(name, None)
         # Spawned DataLoader workers do not join the process group: they keep the rank seen here.
         state["rank_hint"] = self.rank()

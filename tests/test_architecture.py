@@ -260,3 +260,18 @@ def test_generators_do_not_reach_up():
     offenders = {m: sorted(t for t in targets if t.startswith(HIGHER))
                  for m, targets in graph.items() if m.startswith("dalda_aug.generators")}
     assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_integrations_are_a_top_floor():
+    """dalda_aug.integrations (the Lightning and ignite hooks) sits on the dataset: it imports the
+    dataset and the errors only, and nothing else in the package imports it (so importing the package
+    never imports a training framework)."""
+    graph = import_graph()
+    room = "dalda_aug.integrations"
+    members = {m for m in graph if m == room or m.startswith(room + ".")}
+    assert {room, f"{room}.lightning", f"{room}.ignite"} <= members
+    allowed = members | {"dalda_aug.dataset", "dalda_aug.errors"}
+    offenders = {m: sorted(graph[m] - allowed) for m in members if graph[m] - allowed}
+    assert offenders == {}
+    importers = {m: sorted(graph[m] & members) for m in graph if m not in members and graph[m] & members}
+    assert importers == {}

@@ -149,7 +149,9 @@ def _epochs(ds, num_workers, epochs=(0, 1, 2), persistent=False):
                         persistent_workers=persistent and num_workers > 0)
     out = []
     for epoch in epochs:
-        ds.set_epoch(epoch)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"set_epoch\(\d+\) after", category=UserWarning)
+            ds.set_epoch(epoch)  # the same epochs again, on purpose
         out.append([(x.clone(), y.clone()) for x, y in loader])
     return out
 
