@@ -57,8 +57,8 @@ A file that cannot be read (truncated, corrupt) raises :class:`~dalda_aug.errors
 
 At construction the dataset checks every planned source's pixels against the plan's content
 hash (a changed file is an :class:`~dalda_aug.errors.InputError`; ``verify_sources="stat"``, the
-default, decodes only files whose size or mtime changed since they last matched) and measures how much of the
-plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
+default, decodes only files whose size, mtime, inode or ctime changed since they last matched) and
+measures how much of the plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
 
 Misses (a chosen variant not in the cache), by ``on_miss``:
 
@@ -173,8 +173,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             only those whose source is in the plan (:func:`plan_indices`), e.g. the few-shot
             subset of a plan made with ``--shots N`` over the full folder.
         verify_sources: how construction checks the planned sources against the plan's content
-            hashes: ``"stat"`` (default) decodes only the files whose ``(size, mtime_ns)`` changed
-            since they last matched (a :class:`~dalda_aug.stat_record.StatRecord` in
+            hashes: ``"stat"`` (default) decodes only the files whose ``(size, mtime_ns, inode,
+            ctime_ns)`` changed since they last matched (a :class:`~dalda_aug.stat_record.StatRecord` in
             ``$DALDA_AUG_CACHE/stat``, as git's index; bases the dataset does not read from files
             are decoded in full), ``"full"`` decodes every source, ``"off"`` checks nothing.
 

@@ -6,6 +6,10 @@
 in shared-memory tensors, so they reach DataLoader workers (fork or spawn, persistent or not), and
 an exclusive ``flock`` on a small temporary file (:class:`FileLock`) serialises their updates
 across processes. Under DDP each rank counts its own accesses (:func:`process_rank`).
+
+The lock file is ``$TMPDIR/dalda-aug-draws-<pid>-<random>.lock``; the counter's owner removes it,
+and one left by a process that was killed (``kill -9``) is swept by the next counter made on the
+machine (:func:`~dalda_aug._io.sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["DrawCounter", "FileLock", "draw_name", "draw_seed", "pick", "process_rank", "unlink_lock"]
+from ._io import sweep_orphans
+
+__all__ = ["DrawCounter", "FileLock", "LOCK_PREFIX", "draw_name", "draw_seed", "pick", "process_rank", "unlink_lock"]
+
+#: Name prefix of the counters' lock files in the temporary folder (followed by the owner's pid).
+LOCK_PREFIX = "dalda-aug-draws-"
 
 
 def draw_seed(seed: int | None) -> int:
@@ -110,7 +119,8 @@ class DrawCounter:
         self.epoch_tensor = torch.full((), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
         # Accesses of each item since construction or the last pin.
         self.draws = torch.zeros(max(n, 1), dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
-        fd, self.lock_path = tempfile.mkstemp(prefix="dalda-aug-draws-", suffix=".lock")
+        sweep_orphans(LOCK_PREFIX)  # lock files of killed processes
+        fd, self.lock_path = tempfile.mkstemp(prefix=f"{LOCK_PREFIX}{os.getpid()}-", suffix=".lock")
         os.close(fd)
         self.rank_hint: int | None = None
         self._reset_process_state()
@@ -149,7 +159,9 @@ class DrawCounter:
         if self._pid != os.getpid():
             self._reset_process_state()
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            # never through a link planted at the name (the temporary folder is shared)
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            self._lock_fd = os.open(self.lock_path, flags, 0o600)
         return FileLock(self._lock_fd)
 
     def __getstate__(self) -> dict[str, Any]:
