@@ -245,9 +245,10 @@ def _run_warm(args: argparse.Namespace) -> int:
     print(f"dalda-aug warm: {report.summary()}", flush=True)
     if args.report:
         path = args.report.replace("{rank}", str(rank))
+        from ._io import write_atomic
+
         try:
-            with open(path, "w", encoding="utf-8") as fh:
-                json.dump(report.to_dict(), fh, indent=2)
+            write_atomic(path, json.dumps(report.to_dict(), indent=2))
         except OSError as exc:
             raise InputError(f"cannot write the report {path}: {exc.strerror or exc}") from None
     if world > 1:

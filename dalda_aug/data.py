@@ -335,8 +335,8 @@ class ImageSource:
             try:
                 name.encode("utf-8")
             except UnicodeEncodeError:
-                raise InputError(f"class folder {os.fsencode(root / name)!r} has a name that is not UTF-8 text: a class "
-                                 "name goes into prompts and cache keys; rename the folder") from None
+                raise InputError(f"class folder {os.fsencode(root / name)!r} has a name that is not UTF-8 text: "
+                                 "a class name goes into prompts and cache keys; rename the folder") from None
         items: list[SourceItem] = []
         for cls_name in classes:
             folder = root / cls_name

@@ -92,7 +92,7 @@ from .cache.spec import digest_hex, variant_digests
 from .data import image_sha256, load_image, to_rgb
 from .draws import DrawCounter, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from .stat_record import CoverageRecord, StatRecord, file_stats
+from .stat_record import STAT_FIELDS, CoverageRecord, StatRecord, file_stats
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -401,7 +401,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             return
         planned = np.flatnonzero(self._item_source >= 0).tolist()
         by_stat = planned if self.verify_sources == "stat" and self._reads_files else []
-        record, known, stats = None, None, np.zeros((0, 2), dtype=np.int64)
+        record, known, stats = None, None, np.zeros((0, len(STAT_FIELDS)), dtype=np.int64)
         if by_stat:
             if listed is None or len(listed) != len(self._item_source):
                 listed = self._adapter.stock_paths()  # in bulk: the same paths as stock_path(i)

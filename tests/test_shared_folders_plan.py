@@ -38,12 +38,17 @@ from helpers import cli_env, noise, run_dalda
 HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
 
 
+class Hung(BaseException):
+    """Raised by :func:`deadline`; not an OSError (TimeoutError is one, and a reader that ignores an
+    unreadable record would swallow it)."""
+
+
 @contextlib.contextmanager
 def deadline(seconds: int):
-    """Raise TimeoutError in this (main) thread after ``seconds``: a blocking open() of a FIFO or an
+    """Raise :class:`Hung` in this (main) thread after ``seconds``: a blocking open() of a FIFO or an
     endless read of /dev/zero is interrupted, and the test fails instead of hanging."""
     def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
+        raise Hung(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)
