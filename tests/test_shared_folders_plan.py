@@ -425,7 +425,8 @@ def test_warm_refuses_a_source_whose_feature_extractor_resize_is_too_large(tmp_p
     from dalda_aug.plan import build_plan
 
     root = _folder(tmp_path / "data")
-    wide = _wide_png(root / "bee" / "2.png", 100_000)  # the image: 11,200,000 x 224 for IP-Adapter
+    # the tiny image encoder takes 32 pixels (the real ViT-H/14 224): 2,000,000 x 2 becomes 32,000,000 x 32
+    wide = _wide_png(root / "bee" / "2.png", 2_000_000)
     plan = build_plan(root, variants=1, scores=[0.2, 0.4, 0.6, 0.8, 0.9], models=tiny_models).save(tmp_path / "plan")
     models = str(tiny_models.save(tmp_path / "models.json"))
     run = _run_capped(["warm", "--plan", str(plan), "--cache", str(tmp_path / "cache"), "--models", models,
