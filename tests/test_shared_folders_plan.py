@@ -111,7 +111,7 @@ def _npy(array) -> bytes:
 # -- 5: plan columns are checked, not only shaped -------------------------------------------------------
 def _edits(folder: Path) -> dict[str, tuple[str, bytes]]:
     col = {name: np.load(folder / "columns" / f"{name}.npy") for name in
-           ("order", "group_start", "label", "source_is_int", "prompt.blob")}
+           ("order", "group_start", "label", "source_is_int", "prompt.blob", "lambda")}
     order_far, order_negative = col["order"].copy(), col["order"].copy()
     order_far[0], order_negative[0] = 10**6, -1
     return {
@@ -122,11 +122,12 @@ def _edits(folder: Path) -> dict[str, tuple[str, bytes]]:
         "bytes label": ("label", _npy(np.array([b"x"] * col["label"].size))),
         "non-UTF-8 blob": ("prompt.blob", _npy(np.concatenate([[0xFF], col["prompt.blob"][1:]]).astype(np.uint8))),
         "source_is_int lies": ("source_is_int", _npy(np.ones_like(col["source_is_int"]))),
+        "lambda above 1 under AGS": ("lambda", _npy(col["lambda"] + 1.0)),
     }
 
 
 @pytest.mark.parametrize("edit", ["order out of bounds", "negative order", "group_start descending", "float label",
-                                  "bytes label", "non-UTF-8 blob", "source_is_int lies"])
+                                  "bytes label", "non-UTF-8 blob", "source_is_int lies", "lambda above 1 under AGS"])
 def test_a_column_with_bad_content_is_one_line_naming_it(plan_folder, edit):
     from dalda_aug.errors import InputError
     from dalda_aug.plan import AugmentationPlan
