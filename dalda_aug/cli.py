@@ -48,10 +48,9 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 # -- plan ------------------------------------------------------------------------------
 def _run_plan(args: argparse.Namespace) -> int:
     from .ags import AGSConfig, Scaling
+    from ._cli_cache import check_device, check_output_folder
     from .errors import InputError
     from .generators.loading import require_hub_models
-
-    from ._cli_cache import check_device, check_output_folder
     from .plan import MAX_VARIANTS
 
     out_dir = Path(args.out)
