@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from helpers import cli_env, noise, run_dalda
 
