@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
@@ -22,7 +24,66 @@ if TYPE_CHECKING:
     from .cache import GenerationSpec, SyntheticCache
     from .plan import AugmentationPlan
 
-__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state"]
+__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state",
+           "check_device", "check_output_file", "check_output_folder"]
+
+
+# -- argument checks made before any work (one line, exit status 2) -----------------------------
+def check_device(device: str, option: str = "--device") -> None:
+    """``device`` names a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
+    an :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise."""
+    import torch
+
+    from .errors import InputError
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"{option} {device!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (parsed.index is not None and parsed.index >= count):
+            raise InputError(f"{option} {device}: this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"{option} {device}: MPS is not available on this machine")
+    elif parsed.type not in ("cpu", "cuda", "mps") and not hasattr(torch, parsed.type):
+        raise InputError(f"{option} {device}: torch has no {parsed.type!r} backend here")
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_folder(path: str, option: str = "--out") -> None:
+    """``path`` is a folder, or can be made one (where it exists it is a folder; the first existing
+    folder above it is writable); an :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise."""
+    from .errors import InputError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{option} {path} is a file, not a folder; name a folder to write into")
+    existing = _first_existing(out.absolute())
+    if not existing.is_dir():
+        raise InputError(f"{option} {path}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: the folder {existing} cannot be written")
+
+
+def check_output_file(path: str, option: str = "--out") -> None:
+    """``path`` can be written as a file: not a folder, in an existing, writable folder; an
+    :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise."""
+    from .errors import InputError
+
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{option} {path} is a folder; name a file to write the report to")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise InputError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: the folder {parent} cannot be written")
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) -> None:
@@ -184,9 +245,10 @@ def _run_warm(args: argparse.Namespace) -> int:
     print(f"dalda-aug warm: {report.summary()}", flush=True)
     if args.report:
         path = args.report.replace("{rank}", str(rank))
+        from ._io import write_atomic
+
         try:
-            with open(path, "w", encoding="utf-8") as fh:
-                json.dump(report.to_dict(), fh, indent=2)
+            write_atomic(path, json.dumps(report.to_dict(), indent=2))
         except OSError as exc:
             raise InputError(f"cannot write the report {path}: {exc.strerror or exc}") from None
     if world > 1:
@@ -271,10 +333,9 @@ def _run_specs(args: argparse.Namespace) -> int:
 
     open_cache_dir(args.cache)
     cache = SyntheticCache(args.cache)
-    if args.forget:
-        summary = {row["fingerprint"]: row for row in cache.spec_summary()}
+    if args.forget:  # acts on the records it names only: another record, even a corrupt one, is not read
         removed = cache.forget_spec(args.forget)
-        entries = summary.get(args.forget, {}).get("entries", 0)
+        entries = cache.entries_of_spec(args.forget)
         kept = f"; its {entries} entries stay in the cache" if entries else ""
         print(f"forgot spec {args.forget}: removed {len(removed)} record(s) from {cache.directory / 'specs'}{kept}")
         return 0

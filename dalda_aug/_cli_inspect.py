@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ._cli_cache import add_spec_arguments, cache_for_plan
+from ._cli_cache import add_spec_arguments, cache_for_plan, check_device, check_output_file
+from ._io import write_atomic
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ def _run_metrics(args: argparse.Namespace) -> int:
     from .clipscore import CLIPScorer
     from .metrics import EmbeddingStore, diversity_metrics, load_lpips
 
+    if args.out:
+        check_output_file(args.out)  # before any metric is computed
+    check_device(args.device)
     plan, cache = _open(args)
     load_source = _source_loader(plan)
     variants: dict[str, list[Image.Image]] = {}
@@ -75,7 +79,10 @@ def _run_metrics(args: argparse.Namespace) -> int:
     report["missing_images"] = missing
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        try:
+            write_atomic(args.out, text + "\n")
+        except OSError as exc:
+            raise InputError(f"cannot write the report {args.out}: {exc.strerror or exc}") from None
     o = report["overall"]
 
     def fmt(x: float | None) -> str:

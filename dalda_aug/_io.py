@@ -6,6 +6,8 @@ import contextlib
 import errno
 import json
 import os
+import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -195,3 +197,69 @@ def read_json_object(path: str | os.PathLike[str], what: str, *,
     if not isinstance(data, dict):
         raise InputError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists on this machine (a zombie, or one of another user, exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, as another user's
+        return False
+    return False
+
+
+def sweep_orphans(prefix: str, directory: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove what processes that are gone left in ``directory`` (the temporary folder by default):
+    the entries named ``<prefix><pid>-...`` that this user owns, whose process ``pid`` no longer
+    exists and that no process holds an ``flock`` on (the owner of a spill folder holds a shared
+    one on it, and so do the processes it forked; a lock file is held while it is used). Folders
+    are removed with what they hold, files unlinked; nothing is followed (an entry that is a symlink
+    is unlinked). Returns what was removed; anything that cannot be removed is left, silently: the
+    sweep is housekeeping, run where such entries are made (:meth:`PlanColumns.spill
+    <dalda_aug.plan_columns.PlanColumns.spill>`, :class:`~dalda_aug.draws.DrawCounter`)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: nothing is swept
+        return []
+
+    folder = Path(directory if directory is not None else tempfile.gettempdir())
+    pattern = re.compile(re.escape(prefix) + r"([0-9]+)-")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = pattern.match(entry.name)
+        if not found:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid != os.getuid() or not process_gone(int(found.group(1))):
+                continue
+            path = Path(entry.path)
+            if stat.S_ISLNK(st.st_mode) or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                path.unlink()
+                removed.append(path)
+                continue
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(path, flags | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0))
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: a process (perhaps in another pid namespace) still uses it
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed

@@ -48,12 +48,24 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 # -- plan ------------------------------------------------------------------------------
 def _run_plan(args: argparse.Namespace) -> int:
     from .ags import AGSConfig, Scaling
+    from ._cli_cache import check_device, check_output_folder
     from .errors import InputError
     from .generators.loading import require_hub_models
+    from .plan import MAX_VARIANTS
 
     out_dir = Path(args.out)
+    check_output_folder(args.out)
     if (out_dir / "plan.json").exists() and not args.overwrite:
         raise InputError(f"--out {out_dir} already holds a plan; pass --overwrite to replace it")
+    if not 1 <= args.variants <= MAX_VARIANTS:
+        raise InputError(f"--variants {args.variants}: plan between 1 and {MAX_VARIANTS} images per source image")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: the plan seed must be >= 0")
+    if args.shots is not None and args.shots < 1:
+        raise InputError(f"--shots {args.shots}: keep at least 1 image per class")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be >= 1")
+    check_device(args.device)
     models = load_models_arg(args.models)
     scaling = Scaling.parse(args.scaling, AGSConfig(mode=args.ags_mode))
     from .data import ImageSource

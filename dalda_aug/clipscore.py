@@ -196,6 +196,15 @@ class CLIPScorer:
         pixels: torch.Tensor = self._preprocess(image)
         return pixels
 
+    @property
+    def input_edge(self) -> int:
+        """The model's input size in pixels (its eval transform resizes an image's shorter side to
+        it): what :func:`~dalda_aug.data.check_scaled_size` checks a source against before it is
+        resized."""
+        self.load()
+        size = getattr(getattr(self._model, "visual", None), "image_size", 224)
+        return int(max(size)) if isinstance(size, (tuple, list)) else int(size)
+
     def prepare(self, image: Image.Image) -> Any:
         """The part of :meth:`preprocess` done image by image (thread-safe once loaded, as
         :meth:`preprocess`): with open_clip's usual transform ``Compose([Resize, CenterCrop, convert,

@@ -23,6 +23,7 @@ __all__ = [
     "IMG_EXTENSIONS",
     "SourceItem",
     "ImageSource",
+    "check_scaled_size",
     "load_image",
     "to_rgb",
     "image_sha256",
@@ -107,6 +108,25 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"cannot read image {path}: {exc} (truncated or corrupt file?)") from exc
+
+
+def check_scaled_size(size: tuple[int, int], edge: int, what: str) -> None:
+    """Refuse an image of ``size`` (width, height) whose shorter side scaled to ``edge`` pixels, as
+    CLIP's eval transform and IP-Adapter's feature extractor resize it, would hold more than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels: an :class:`ImageError` naming ``what``, raised before
+    the resize. A 669-byte PNG of 100000x2 pixels is far below Pillow's own limit, but scaled to a
+    224-pixel shorter side it is 11,200,000x224 pixels (7.5 GB). Raise ``PIL.Image.MAX_IMAGE_PIXELS``
+    to accept such an image (``None`` turns both checks off)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = int(size[0]), int(size[1])
+    short, long = min(width, height), max(width, height)
+    if limit is None or short <= 0:
+        return
+    scaled = edge * -(-long * edge // short)  # the longer side rounded up, times the shorter
+    if scaled > limit:
+        raise ImageError(f"cannot read image {what}: its {width}x{height} pixels, resized to a {edge}-pixel shorter "
+                         f"side (as CLIP's image preprocessing does), would be {scaled} pixels, more than PIL.Image.MAX_IMAGE_PIXELS ({limit}); "
+                         "crop or remove the image, or raise PIL.Image.MAX_IMAGE_PIXELS to accept it")
 
 
 def image_sha256(img: Image.Image) -> str:
@@ -311,6 +331,12 @@ class ImageSource:
         """Scan ``root/<class>/<image>`` in torchvision ImageFolder order."""
         root = Path(root)
         classes, class_to_idx = find_classes(root)
+        for name in classes:  # a class name is text (prompts, cache keys); file names below may be any bytes
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"class folder {os.fsencode(root / name)!r} has a name that is not UTF-8 text: "
+                                 "a class name goes into prompts and cache keys; rename the folder") from None
         items: list[SourceItem] = []
         for cls_name in classes:
             folder = root / cls_name

@@ -60,8 +60,8 @@ A file that cannot be read (truncated, corrupt) raises :class:`~dalda_aug.errors
 
 At construction the dataset checks every planned source's pixels against the plan's content
 hash (a changed file is an :class:`~dalda_aug.errors.InputError`; ``verify_sources="stat"``, the
-default, decodes only files whose size or mtime changed since they last matched) and measures how much of the
-plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
+default, decodes only files whose size, mtime, inode or ctime changed since they last matched) and
+measures how much of the plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
 
 Misses (a chosen variant not in the cache), by ``on_miss``:
 
@@ -95,7 +95,7 @@ from .cache.spec import digest_hex, variant_digests
 from .data import image_sha256, load_image, to_rgb
 from .draws import STATE_FORMAT, DrawCounter, check_state, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from .stat_record import CoverageRecord, StatRecord, file_stats
+from .stat_record import STAT_FIELDS, CoverageRecord, StatRecord, file_stats
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -176,8 +176,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             only those whose source is in the plan (:func:`plan_indices`), e.g. the few-shot
             subset of a plan made with ``--shots N`` over the full folder.
         verify_sources: how construction checks the planned sources against the plan's content
-            hashes: ``"stat"`` (default) decodes only the files whose ``(size, mtime_ns)`` changed
-            since they last matched (a :class:`~dalda_aug.stat_record.StatRecord` in
+            hashes: ``"stat"`` (default) decodes only the files whose ``(size, mtime_ns, inode,
+            ctime_ns)`` changed since they last matched (a :class:`~dalda_aug.stat_record.StatRecord` in
             ``$DALDA_AUG_CACHE/stat``, as git's index; bases the dataset does not read from files
             are decoded in full), ``"full"`` decodes every source, ``"off"`` checks nothing.
 
@@ -404,7 +404,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             return
         planned = np.flatnonzero(self._item_source >= 0).tolist()
         by_stat = planned if self.verify_sources == "stat" and self._reads_files else []
-        record, known, stats = None, None, np.zeros((0, 2), dtype=np.int64)
+        record, known, stats = None, None, np.zeros((0, len(STAT_FIELDS)), dtype=np.int64)
         if by_stat:
             if listed is None or len(listed) != len(self._item_source):
                 listed = self._adapter.stock_paths()  # in bulk: the same paths as stock_path(i)

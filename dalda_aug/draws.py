@@ -16,6 +16,10 @@ the batches served, whatever the other workers had prefetched meanwhile. A worke
 once something asks it for its state (a plain DataLoader never does); then it holds two counts per
 item (16 bytes) and, per batch, the indices it drew, folded into the counts every
 :data:`FOLD_SEGMENTS` batches, so what torchdata sends back per batch stays small.
+
+The lock file is ``$TMPDIR/dalda-aug-draws-<pid>-<random>.lock``; the counter's owner removes it,
+and one left by a process that was killed (``kill -9``) is swept by the next counter made on the
+machine (:func:`~dalda_aug._io.sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -28,10 +32,14 @@ from typing import Any
 
 import torch
 
+from ._io import sweep_orphans
 from .errors import InputError
 
-__all__ = ["STATE_FORMAT", "DrawCounter", "FileLock", "WorkerRecord", "check_state", "draw_name", "draw_seed", "pick",
-           "process_rank", "unlink_lock"]
+__all__ = ["LOCK_PREFIX", "STATE_FORMAT", "DrawCounter", "FileLock", "WorkerRecord", "check_state", "draw_name",
+           "draw_seed", "pick", "process_rank", "unlink_lock"]
+
+#: Name prefix of the counters' lock files in the temporary folder (followed by the owner's pid).
+LOCK_PREFIX = "dalda-aug-draws-"
 
 
 def draw_seed(seed: int | None) -> int:
@@ -219,7 +227,8 @@ class DrawCounter:
         # _GENERATION, _RESTORE_KEY, _RESTORE_DONE, _RESTORE_OF
         self.control = torch.zeros(4, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
         self.items = int(n)
-        fd, self.lock_path = tempfile.mkstemp(prefix="dalda-aug-draws-", suffix=".lock")
+        sweep_orphans(LOCK_PREFIX)  # lock files of killed processes
+        fd, self.lock_path = tempfile.mkstemp(prefix=f"{LOCK_PREFIX}{os.getpid()}-", suffix=".lock")
         os.close(fd)
         self.rank_hint: int | None = None
         self._reset_process_state()
@@ -332,7 +341,9 @@ class DrawCounter:
         if self._pid != os.getpid():
             self._reset_process_state()
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            # never through a link planted at the name (the temporary folder is shared)
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            self._lock_fd = os.open(self.lock_path, flags, 0o600)
         return FileLock(self._lock_fd)
 
     def __getstate__(self) -> dict[str, Any]:

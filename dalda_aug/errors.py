@@ -65,6 +65,11 @@ class CacheMissError(DaldaError, LookupError):
     """A chosen synthetic variant is not in the cache and ``on_miss="error"``."""
 
 
+class TemporaryFolderError(DaldaError, OSError):
+    """An unsaved plan's columns could not be written to the temporary folder (``TMPDIR``) for
+    DataLoader workers to map (the message says what to do: free space, or ``plan.save(DIR)``)."""
+
+
 # Generator worker pools (dalda_aug.pool).
 class PoolError(DaldaError, RuntimeError):
     """A generator worker crashed; the message holds its traceback or exit code."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 from ._io import loads_bounded, read_json_object, write_atomic
 from .ags import Scaling, ags_parameters, sample_scales
 from .config import ModelConfig
-from .data import ImageSource, SourceItem, image_sha256
+from .data import ImageSource, SourceItem, check_scaled_size, image_sha256
 from .errors import InputError, MissingFileError
 from .plan_columns import PlanColumns, lf_sha256
 from .presets import PHOTO_TEMPLATE
@@ -46,11 +47,14 @@ if TYPE_CHECKING:
 # A prompt bank, or {class name: [prompts]}.
 Prompts = Union["PromptBank", Mapping[str, Sequence[str]]]
 
-__all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "PLAN_FORMAT"]
+__all__ = ["Variant", "AugmentationPlan", "build_plan", "derive_seed", "MAX_VARIANTS", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "dalda_aug.plan/1"
 _DIGESTS = "digests"  # key of plan.json: {"plan.jsonl": sha256, "summary.json": sha256}
 _COLUMN_DIGESTS = "column_digests"  # key of plan.json: {"columns/<name>.npy": sha256}
+#: The most variants per source image a plan may hold (the paper uses 10; a mistyped -M 1000000000
+#: would ask for tens of GiB before anything else happens).
+MAX_VARIANTS = 10_000
 _MAX_ROW_BYTES = 1024 * 1024  # one plan.jsonl row (a row is well under 1 KiB; prompts are one sentence)
 BASE_TEMPLATE = PHOTO_TEMPLATE
 # Source images read (decoded, hashed, resized) and scored at a time: the chunk being scored (its
@@ -142,6 +146,21 @@ class Variant:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+# A code point UTF-8 cannot hold: the surrogates os.fsdecode gives a file name's bytes that are not UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8_rows(text: str) -> str:
+    """JSON text as it can be written in UTF-8: each lone surrogate (only ever inside a JSON string
+    here: a source path whose file name is not UTF-8) written as its ``\\uXXXX`` escape, which
+    ``json.loads`` reads back as the same surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+    return text
 
 
 def _sha256(text: str) -> str:
@@ -269,13 +288,13 @@ class AugmentationPlan:
         """Write ``plan.jsonl``, ``plan.json``, ``summary.json`` and ``columns/`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        rows = "".join(_dumps(v.to_row()) + "\n" for v in self.variants)
+        rows = _utf8_rows("".join(_dumps(v.to_row()) + "\n" for v in self.variants))
         summary = json.dumps(self.summary, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
         write_atomic(directory / "plan.jsonl", rows)
         write_atomic(directory / "summary.json", summary)
-        columns = self.columns.save(directory, len(rows.encode("utf-8")))
-        # plan.json last: its presence marks a complete plan. It records what the others hold.
         digests = {"plan.jsonl": _sha256(rows), "summary.json": _sha256(summary)}
+        columns = self.columns.save(directory, len(rows.encode("utf-8")), digests["plan.jsonl"])
+        # plan.json last: its presence marks a complete plan. It records what the others hold.
         config = {**self.config, _DIGESTS: digests, _COLUMN_DIGESTS: columns}
         write_atomic(directory / "plan.json", json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
         return directory
@@ -362,7 +381,24 @@ class AugmentationPlan:
             row = int(np.flatnonzero((labels < 0) | (labels >= n_classes))[0])
             raise InputError(f"{rows_path}:{row + 1}: label {int(labels[row])} is outside the {n_classes} classes of "
                              f"{directory / 'plan.json'}; do plan.jsonl and plan.json come from the same run?")
+        _check_scaling_bounds(columns, config, directory)
         return cls([], config, summary, columns=columns)
+
+
+def _check_scaling_bounds(columns: PlanColumns, config: dict[str, Any], directory: Path) -> None:
+    """The bounds the plan's scaling puts on its columns (as :func:`build_plan` draws them): AGS
+    reads scores in [0, 1], and AGS and RS draw λ in [0, 1]; an :class:`InputError` naming the
+    column file otherwise."""
+    scaling = config.get("scaling")
+    strategy = scaling.get("strategy") if isinstance(scaling, dict) else None
+    bounded = (("score", "lambda") if strategy == "ags" else ("lambda",) if strategy == "rs" else ())
+    for name in bounded:
+        values = columns.arrays[name]
+        bad = (values < 0.0) | (values > 1.0)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{directory / 'columns' / (name + '.npy')}: {name} {float(values[row])!r} of row {row} "
+                             f"lies outside [0, 1], which a plan of scaling {strategy!r} never holds")
 
 
 def summarize(variants: Sequence[Variant], config: dict[str, Any]) -> dict[str, Any]:
@@ -457,12 +493,15 @@ _READ_SLICE = 16  # sources one reading task decodes, hashes and prepares
 
 
 def _read_slice(items: Sequence[SourceItem], scorer: CLIPScorer | None) -> tuple[list[str], list[Any]]:
-    """Decode each source, hash its pixels and (with a scorer) prepare it for CLIP, in order."""
+    """Decode each source, hash its pixels and (with a scorer) prepare it for CLIP, in order; an
+    image whose resize for CLIP would be too large is refused (naming it) before it is resized."""
     hashes, prepared = [], []
+    edge = scorer.input_edge if scorer is not None else 0
     for item in items:
         img = item.load()
         hashes.append(image_sha256(img))
         if scorer is not None:
+            check_scaled_size(img.size, edge, str(getattr(item.load, "path", None) or f"source {item.source!r}"))
             prepared.append(scorer.prepare(img))
     return hashes, prepared
 
@@ -647,8 +686,10 @@ def build_plan(
     """
     if base_prompt_names not in ("readable", "folder"):
         raise InputError(f"base_prompt_names must be 'readable' or 'folder', got {base_prompt_names!r}")
-    if int(variants) != variants or variants < 1:
-        raise InputError(f"variants must be an integer >= 1, got {variants!r}")
+    if int(variants) != variants or not 1 <= variants <= MAX_VARIANTS:
+        raise InputError(f"variants must be an integer in [1, {MAX_VARIANTS}], got {variants!r}")
+    if int(seed) != seed or seed < 0:
+        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(scaling, Scaling):
         raise InputError(f"scaling must be a Scaling, got {type(scaling).__name__}")
     if not isinstance(source, ImageSource):

@@ -20,39 +20,64 @@ character. Each distinct string is stored once (prompts repeat across sources).
 
 ``plan.json`` records the SHA-256 of every column file (``"column_digests"``, beside the
 ``"digests"`` of ``plan.jsonl`` and ``summary.json``); a reader checks them before use (a worker mapping what its parent
-checked does not), and ``columns/meta.json`` records the size of the ``plan.jsonl`` they were
-derived from, so a folder whose ``plan.jsonl`` was since rewritten is read from ``plan.jsonl``.
+checked does not), and ``columns/meta.json`` records the size and the SHA-256 of the ``plan.jsonl`` they
+were derived from, so a folder whose ``plan.jsonl`` was since rewritten (even to the same size, with
+``plan.json``'s digest stamped again) is read from ``plan.jsonl``.
+
+A column file is untrusted input: it must be a regular file (no symlink, FIFO or device; refused
+before it is hashed) and its content is checked at load, in one vectorised pass: dtypes, string
+tables (UTF-8 text; source paths may hold any bytes but NUL, as file names do), every index within
+its table, ``order`` a permutation sorting the rows by source then variant, ``group_start`` the
+matching offsets, ``source_is_int`` true to the strings, labels, variants and seeds non-negative,
+scores finite, λ finite and non-negative, strengths within [0, 1], and one score per source (each
+source has one CLIPScore, so a ``score`` and ``lambda`` swapped between files is refused); the plan
+checks the bounds its scaling sets (:meth:`~dalda_aug.plan.AugmentationPlan.load`). Anything else is an
+:class:`~dalda_aug.errors.InputError` naming the file.
+
+Source paths are file names, so they are stored as the bytes the file system gives
+(``surrogateescape``, as :func:`os.fsencode`): a file whose name is not UTF-8 is planned, mapped and
+read back under the same name.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from ._io import write_atomic
-from .errors import InputError
-from .stat_record import StatRecord, file_stats
+from ._io import atomic_writer, open_regular, sweep_orphans, write_atomic
+from .errors import InputError, TemporaryFolderError
+from .stat_record import StatRecord, file_stats, stat_row
 
 __all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "SPILL_ROWS", "STRING_TABLES"]
 
 COLUMNS_DIR = "columns"
-COLUMNS_FORMAT = "dalda_aug.plan-columns/1"
+COLUMNS_FORMAT = "dalda_aug.plan-columns/2"  # /1 bound the columns to plan.jsonl's size only
 #: Fields stored as indices into a table of distinct strings.
 STRING_TABLES = ("source", "class_name", "prompt", "source_sha256")
 #: An in-memory plan of at least this many rows is written to a temporary folder when pickled
 #: (:meth:`PlanColumns.spill`), so spawned DataLoader workers map it instead of each copying it.
 SPILL_ROWS = 100_000
+#: Name prefix of :meth:`PlanColumns.spill`'s folders: ``dalda-aug-plan-<pid>-<random>`` in the
+#: temporary folder; those of processes that are gone are swept (:func:`~dalda_aug._io.sweep_orphans`).
+SPILL_PREFIX = "dalda-aug-plan-"
 _NUMERIC = {"label": np.int32, "variant": np.int32, "score": np.float64, "lambda": np.float64,
             "strength": np.float64, "seed": np.int64}
 _PER_VARIANT = (*STRING_TABLES, *_NUMERIC)
 _GROUPING = ("order", "group_start", "source_is_int")
+_DTYPES = {**{name: np.int32 for name in STRING_TABLES}, **_NUMERIC, "order": np.int32, "group_start": np.int64,
+           "source_is_int": np.bool_}
+# How each string table's bytes decode: source paths as file names (any bytes, as os.fsdecode gives
+# them), the others as UTF-8 text.
+_DECODING = {"source": "surrogateescape"}
 
 Array = "np.ndarray[Any, Any]"
 
@@ -94,11 +119,22 @@ class _Table:
             found = self.index[text] = len(self.index)
         return found
 
-    def arrays(self) -> tuple[Any, Any]:
-        encoded = [text.encode("utf-8") for text in self.index]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
-        return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+    def arrays(self, errors: str = "strict", what: str = "string") -> tuple[Any, Any]:
+        return _blob(list(self.index), errors, what)
+
+
+def _blob(texts: list[str], errors: str, what: str) -> tuple[Any, Any]:
+    """``(blob, offsets)`` of ``texts`` encoded as UTF-8 (``errors``: the codec's error handler)."""
+    encoded = []
+    for text in texts:
+        try:
+            encoded.append(text.encode("utf-8", errors))
+        except UnicodeEncodeError as exc:
+            raise InputError(f"{what} {text!r} cannot be stored as UTF-8 (it holds {exc.reason}: "
+                             f"{text[exc.start:exc.end]!r})") from None
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
 
 
 class PlanColumns:
@@ -137,13 +173,10 @@ class PlanColumns:
         arrays: dict[str, Any] = {}
         for name in STRING_TABLES:
             arrays[name] = np.asarray(cols[name], dtype=np.int32).reshape(-1)
-            if name == "source":
-                encoded = [str(source).encode("utf-8") for (_, source) in sources]
-                offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-                np.cumsum([len(b) for b in encoded], out=offsets[1:])
-                blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+            if name == "source":  # file names: any bytes the file system gave (os.fsdecode's surrogates)
+                blob, offsets = _blob([str(source) for (_, source) in sources], _DECODING["source"], "plan source")
             else:
-                blob, offsets = tables[name].arrays()
+                blob, offsets = tables[name].arrays(_DECODING.get(name, "strict"), f"plan {name.replace('_', ' ')}")
             arrays[f"{name}.blob"], arrays[f"{name}.offsets"] = blob, offsets
         for name, dtype in _NUMERIC.items():
             arrays[name] = np.asarray(cols[name], dtype=dtype).reshape(-1)
@@ -152,8 +185,10 @@ class PlanColumns:
         return cls(arrays)
 
     # -- files -------------------------------------------------------------------------------------
-    def save(self, directory: Path, rows_size: int) -> dict[str, str]:
-        """Write every column into ``directory/columns``; ``{relative file name: SHA-256}``."""
+    def save(self, directory: Path, rows_size: int, rows_digest: str) -> dict[str, str]:
+        """Write every column into ``directory/columns``; ``{relative file name: SHA-256}``.
+        ``columns/meta.json`` binds them to the ``plan.jsonl`` of ``rows_size`` bytes and SHA-256
+        ``rows_digest`` (CRLF read as LF) they were made with."""
         folder = directory / COLUMNS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         digests: dict[str, str] = {}
@@ -161,8 +196,9 @@ class PlanColumns:
             data = _npy_bytes(self.arrays[file_name[: -len(".npy")]])
             _write_bytes_atomic(folder / file_name, data)
             digests[f"{COLUMNS_DIR}/{file_name}"] = hashlib.sha256(data).hexdigest()
-        meta = f'{{"format": "{COLUMNS_FORMAT}", "plan.jsonl bytes": {int(rows_size)}}}\n'.encode()
-        _write_bytes_atomic(folder / "meta.json", meta)
+        meta = json.dumps({"format": COLUMNS_FORMAT, "plan.jsonl bytes": int(rows_size),
+                           "plan.jsonl sha256": str(rows_digest)}) + "\n"
+        _write_bytes_atomic(folder / "meta.json", meta.encode("utf-8"))
         return digests
 
     @classmethod
@@ -170,16 +206,19 @@ class PlanColumns:
              rows_digest: str | None = None) -> "PlanColumns | None":
         """The columns mapped from ``directory/columns``, or None where the folder has none that
         ``plan.json`` records (an older plan) or they were derived from another ``plan.jsonl``.
-        A column whose bytes differ from the recorded digest is an :class:`InputError`.
+        A column whose bytes differ from the recorded digest, that is not a regular file, or whose
+        content is not that of plan columns, is an :class:`InputError` naming it.
 
-        ``plan.jsonl`` is the editable interchange, so the columns stand for it only while its
-        SHA-256 (CRLF read as LF) is ``rows_digest`` (``plan.json``'s): an edited ``plan.jsonl``,
-        even one of the same size, gives None, and the JSONL reader then refuses it against
-        ``plan.json``. Hashing ``plan.jsonl`` and every column on every load would cost about a
-        second per million variants, so, as for the dataset's sources, a stat record of this user
+        ``plan.jsonl`` is the editable interchange, so the columns stand for it only while
+        ``columns/meta.json`` records ``rows_digest`` (``plan.json``'s SHA-256 of ``plan.jsonl``)
+        and ``plan.jsonl`` still hashes to it (CRLF read as LF): an edited ``plan.jsonl``, even one
+        of the same size whose digest was stamped into ``plan.json`` again, gives None, and the
+        JSONL reader then reads it (or refuses it against ``plan.json``). Hashing ``plan.jsonl``
+        and every column on every load would cost about a second per million variants, so, as for
+        the dataset's sources, a stat record of this user
         (:class:`~dalda_aug.stat_record.StatRecord`, named by the paths and the digests) remembers
-        the ``(size, mtime_ns)`` each file had when it matched, and only files whose stat moved
-        are hashed again (a copied folder once, a read-only one too)."""
+        the ``(size, mtime_ns, inode, ctime_ns)`` each file had when it matched, and only files
+        whose stat moved are hashed again (a copied folder once, a read-only one too)."""
         from ._io import read_json_object
 
         folder = directory / COLUMNS_DIR
@@ -187,57 +226,153 @@ class PlanColumns:
         if not all(f"{COLUMNS_DIR}/{name}" in digests for name in names) or not (folder / "meta.json").is_file():
             return None
         meta = read_json_object(folder / "meta.json", "plan columns record")
-        if meta.get("format") != COLUMNS_FORMAT or meta.get("plan.jsonl bytes") != rows_size:
+        if (meta.get("format") != COLUMNS_FORMAT or meta.get("plan.jsonl bytes") != rows_size
+                or rows_digest is None or meta.get("plan.jsonl sha256") != rows_digest):
             return None
-        # Files whose (size, mtime_ns) a stat record of this user says matched these digests are not
-        # hashed again (as the dataset's sources: dalda_aug.stat_record); the others are.
+        # Files whose stat a stat record of this user says matched these digests are not hashed
+        # again (as the dataset's sources: dalda_aug.stat_record); the others are.
         rows_path = directory / "plan.jsonl"
         paths = [os.path.abspath(rows_path), *(os.path.abspath(folder / name) for name in names)]
-        expected = [rows_digest or "", *(digests[f"{COLUMNS_DIR}/{name}"] for name in names)]
+        expected = [rows_digest, *(digests[f"{COLUMNS_DIR}/{name}"] for name in names)]
         record = StatRecord(paths, expected)
         stats = file_stats(paths)
         known = record.load() if verify else None
         unchanged = np.zeros(len(paths), dtype=bool) if known is None else \
             (known == stats).all(axis=1) & (stats[:, 0] >= 0)
         if verify and not unchanged[0]:
-            if rows_digest is None or lf_sha256(rows_path) != rows_digest:
+            if lf_sha256(rows_path) != rows_digest:
                 return None
         arrays: dict[str, Any] = {}
+        # every file as a record of this user says it was when its bytes matched and its content was
+        # checked (a record is written only after both): the content check is not repeated
+        checked = verify and bool(unchanged.all())
         for j, name in enumerate(names, start=1):
             path = folder / name
-            if verify and not unchanged[j]:
-                digest = hashlib.sha256()
-                with open(path, "rb") as fh:
+            # opened once, as data: no symlink, FIFO, device or folder (refused before any byte is
+            # read); the bytes hashed are the bytes mapped
+            fd, st = open_regular(path, "plan column")
+            with os.fdopen(fd, "rb") as fh:
+                if verify and not (unchanged[j] and tuple(stats[j]) == stat_row(st)):
+                    digest = hashlib.sha256()
                     while chunk := fh.read(1 << 22):
                         digest.update(chunk)
-                if digest.hexdigest() != digests[f"{COLUMNS_DIR}/{name}"]:
-                    raise InputError(f"plan folder {directory}: {COLUMNS_DIR}/{name} differs from what plan.json "
-                                     "records (SHA-256): write the plan again with `dalda-aug plan`")
-            try:
-                arrays[name[: -len(".npy")]] = _mapped(path)
-            except (ValueError, OSError) as exc:
-                raise InputError(f"{path}: not a plan column: {exc}") from None
-        if verify and rows_digest is not None and not unchanged.all():
+                    if digest.hexdigest() != digests[f"{COLUMNS_DIR}/{name}"]:
+                        raise InputError(f"plan folder {directory}: {COLUMNS_DIR}/{name} differs from what plan.json "
+                                         "records (SHA-256): write the plan again with `dalda-aug plan`")
+                    stats[j] = stat_row(st)
+                    checked = False
+                    fh.seek(0)
+                try:
+                    arrays[name[: -len(".npy")]] = _mapped(fh)
+                except (ValueError, OSError, EOFError) as exc:
+                    raise InputError(f"{path}: not a plan column: {exc}") from None
+        columns = cls(arrays, directory)
+        if not checked:
+            columns.check_content()
+        if verify and not unchanged.all():
             record.save_settled(stats)  # where it cannot be written: hashed next time
-        return cls(arrays, directory)
+        return columns
 
     def _check_shapes(self) -> None:
         a = self.arrays
         where = self.directory or "plan columns"
+        missing = [name for name in (*_PER_VARIANT, *_GROUPING) if name not in a]
+        if missing:
+            raise InputError(f"{where}: no column {missing[0]!r}")
+        for name, dtype in _DTYPES.items():
+            if not isinstance(a[name], np.ndarray) or a[name].dtype != dtype:
+                raise InputError(f"{self._file(name)}: column {name!r} holds {getattr(a[name], 'dtype', '?')}, "
+                                 f"expected {np.dtype(dtype)}")
         n = a["source"].shape
         for name in _PER_VARIANT:
             if a[name].ndim != 1 or a[name].shape != n:
-                raise InputError(f"{where}: column {name!r} has shape {a[name].shape}, expected {n}")
+                raise InputError(f"{self._file(name)}: column {name!r} has shape {a[name].shape}, expected {n}")
         for table in STRING_TABLES:
             offsets, blob = a[f"{table}.offsets"], a[f"{table}.blob"]
             if offsets.dtype != np.int64 or blob.dtype != np.uint8 or offsets.ndim != 1 or offsets.size < 1 \
-                    or offsets[0] != 0 or offsets[-1] != blob.size or (np.diff(offsets) < 0).any():
-                raise InputError(f"{where}: string table {table!r} is not a blob with ascending offsets")
+                    or blob.ndim != 1 or offsets[0] != 0 or offsets[-1] != blob.size or (np.diff(offsets) < 0).any():
+                raise InputError(f"{self._file(table + '.offsets')}: string table {table!r} is not a blob with "
+                                 "ascending offsets")
             if a[table].size and (int(a[table].min()) < 0 or int(a[table].max()) >= offsets.size - 1):
-                raise InputError(f"{where}: column {table!r} points outside its string table")
+                raise InputError(f"{self._file(table)}: column {table!r} points outside its string table")
         s = a["source.offsets"].size - 1
         if a["source_is_int"].shape != (s,) or a["group_start"].shape != (s + 1,) or a["order"].shape != n:
             raise InputError(f"{where}: the grouping columns do not match {s} sources")
+
+    def _file(self, name: str) -> str:
+        """Where column ``name`` lives, for a message: its file, or the column's name in memory."""
+        return str(Path(self.directory) / COLUMNS_DIR / f"{name}.npy") if self.directory is not None \
+            else f"plan column {name!r}"
+
+    def check_content(self) -> None:
+        """Check what :meth:`load` maps beyond shapes and dtypes (an :class:`InputError` naming
+        the file otherwise): the string tables decode (UTF-8 text; source paths any bytes but NUL,
+        each entry starting on a character), ``order`` is the permutation that sorts the rows by
+        source then variant (stable) and ``group_start`` its offsets, every source has rows,
+        numbered in order of first appearance, ``source_is_int`` marks integers only, labels,
+        variants and seeds are non-negative, scores are finite, λ finite and non-negative,
+        strengths NaN or in [0, 1], and all the rows of a source share its score. One vectorised
+        pass, about 0.1 s per million variants; :meth:`load` skips it where a stat record says
+        every file is as it was when it was last checked."""
+        a = self.arrays
+        for table in STRING_TABLES:
+            blob, offsets = a[f"{table}.blob"], a[f"{table}.offsets"]
+            if _DECODING.get(table) == "surrogateescape":
+                if blob.size and not blob.all():
+                    raise InputError(f"{self._file(table + '.blob')}: a {table} holds a NUL byte")
+                continue
+            try:
+                blob.tobytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{self._file(table + '.blob')}: string table {table!r} is not UTF-8 text "
+                                 f"({exc.reason} at byte {exc.start})") from None
+            starts = offsets[:-1][offsets[:-1] < blob.size]
+            if starts.size and ((blob[starts] & 0xC0) == 0x80).any():
+                raise InputError(f"{self._file(table + '.offsets')}: an entry of string table {table!r} starts "
+                                 "inside a UTF-8 character")
+        n, n_sources = len(self), self.n_sources
+        order, start = a["order"], a["group_start"]
+        if n and (int(order.min()) < 0 or int(order.max()) >= n):
+            raise InputError(f"{self._file('order')}: row numbers outside [0, {n})")
+        if n and np.bincount(order, minlength=n).max() != 1:
+            raise InputError(f"{self._file('order')}: a row is listed twice (not a permutation of the rows)")
+        sizes = np.diff(start)
+        if start[0] != 0 or start[-1] != n or (sizes < 1).any():
+            raise InputError(f"{self._file('group_start')}: not the offsets of {n_sources} non-empty groups of "
+                             f"{n} rows (ascending from 0 to {n})")
+        source, variant = a["source"][order], a["variant"][order]
+        if not np.array_equal(source, np.repeat(np.arange(n_sources, dtype=np.int32), sizes)):
+            raise InputError(f"{self._file('order')}: does not group the rows by source as group_start says")
+        same = source[1:] == source[:-1]
+        ahead = (variant[1:] > variant[:-1]) | ((variant[1:] == variant[:-1]) & (order[1:] > order[:-1]))
+        if (same & ~ahead).any():
+            raise InputError(f"{self._file('order')}: the rows of a source are not in variant order")
+        if n_sources and (np.diff(np.minimum.reduceat(order, start[:-1])) <= 0).any():
+            raise InputError(f"{self._file('source')}: sources are not numbered in order of first appearance")
+        bad_int = _not_int_text(a["source.blob"], a["source.offsets"], a["source_is_int"])
+        if bad_int is not None:
+            offsets = a["source.offsets"]
+            text = bytes(a["source.blob"][int(offsets[bad_int]) : int(offsets[bad_int + 1])])
+            raise InputError(f"{self._file('source_is_int')}: source {bad_int} is marked an integer, but its text "
+                             f"{text[:80]!r} is not one")
+        for name in ("label", "variant", "seed"):
+            if n and int(a[name].min()) < 0:
+                raise InputError(f"{self._file(name)}: a negative {name} ({int(a[name].min())})")
+        # what every plan holds (the scaling's own bounds are checked by the plan, which knows it)
+        for name, low, high, what in (("score", -np.inf, np.inf, "a finite number"),
+                                      ("lambda", 0.0, np.inf, "a finite number >= 0"),
+                                      ("strength", 0.0, 1.0, "NaN or in [0, 1]")):
+            values = a[name]
+            bad = ~((values >= low) & (values <= high) & np.isfinite(values))
+            if name == "strength":
+                bad &= ~np.isnan(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise InputError(f"{self._file(name)}: {name} {float(values[row])!r} of row {row} is not {what}")
+        score = a["score"][order]
+        if (same & (score[1:] != score[:-1])).any():
+            raise InputError(f"{self._file('score')}: the rows of one source have different scores (a source has "
+                             "one CLIPScore; are the score and lambda columns swapped?)")
 
     # -- reading -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -249,7 +384,8 @@ class PlanColumns:
 
     def string(self, table: str, k: int) -> str:
         offsets = self.arrays[f"{table}.offsets"]
-        return bytes(self.arrays[f"{table}.blob"][int(offsets[k]) : int(offsets[k + 1])]).decode("utf-8")
+        return bytes(self.arrays[f"{table}.blob"][int(offsets[k]) : int(offsets[k + 1])]).decode(
+            "utf-8", _DECODING.get(table, "strict"))
 
     def strings(self, table: str, codes: Any = None) -> list[str]:
         """The strings of ``table`` at ``codes`` (all of them when None), decoded in bulk: the blob
@@ -261,7 +397,8 @@ class PlanColumns:
             codes = np.asarray(codes, dtype=np.int64)
             starts, ends = offsets[codes], offsets[codes + 1]
         raw = self.arrays[f"{table}.blob"].tobytes()
-        return [raw[a:b].decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
+        errors = _DECODING.get(table, "strict")
+        return [raw[a:b].decode("utf-8", errors) for a, b in zip(starts.tolist(), ends.tolist())]
 
     def source(self, s: int) -> str | int:
         text = self.string("source", s)
@@ -379,34 +516,121 @@ class PlanColumns:
         then sends the folder's path, so DataLoader workers map the pages this process reads
         instead of each receiving a private copy (about 50 bytes a variant). Done by pickling a
         plan of :data:`SPILL_ROWS` rows or more; the folder is removed when these columns are
-        garbage-collected or the process exits (workers keep their mappings)."""
+        garbage-collected or the process exits (workers keep their mappings).
+
+        The folder is ``$TMPDIR/dalda-aug-plan-<pid>-<random>``; this process (and the processes
+        it forks) hold a shared ``flock`` on it, so a process killed before it could remove its
+        folder (``kill -9``) leaves one that the next spill on this machine sweeps
+        (:func:`~dalda_aug._io.sweep_orphans`). Where the temporary folder cannot hold it (full,
+        or a file-size limit), a :class:`~dalda_aug.errors.TemporaryFolderError` says so in one
+        line naming ``TMPDIR`` and ``plan.save(DIR)``."""
         if self.directory is not None:
             return Path(self.directory)
         import shutil
-        import tempfile
         import weakref
 
-        folder = Path(tempfile.mkdtemp(prefix="dalda-aug-plan-"))
+        sweep_orphans(SPILL_PREFIX)
+        lock = -1
+        folder: Path | None = None
         try:
+            folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
+            lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+            _flock_shared(lock)
             (folder / COLUMNS_DIR).mkdir()
             for file_name in _file_names():
-                np.save(folder / COLUMNS_DIR / file_name, np.ascontiguousarray(self.arrays[file_name[: -len(".npy")]]),
-                        allow_pickle=False)
+                with atomic_writer(folder / COLUMNS_DIR / file_name) as fh:
+                    np.save(fh, np.ascontiguousarray(self.arrays[file_name[: -len(".npy")]]), allow_pickle=False)
             arrays = {name[: -len(".npy")]: _mapped(folder / COLUMNS_DIR / name) for name in _file_names()}
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+        except BaseException as exc:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            if lock >= 0:
+                os.close(lock)
+            if isinstance(exc, OSError):
+                raise self._spill_error(exc) from None
             raise
         self.arrays, self.directory = arrays, folder
-        self._spilled = weakref.finalize(self, shutil.rmtree, str(folder), True)
+        self._spilled = weakref.finalize(self, _remove_spill, str(folder), lock, os.getpid())
         return folder
+
+    def _spill_error(self, exc: OSError) -> TemporaryFolderError:
+        size = sum(int(np.asarray(value).nbytes) for value in self.arrays.values())
+        full = " (full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return TemporaryFolderError(
+            f"cannot write the plan's {len(self)} rows ({size / 1e6:.1f} MB) to the temporary folder "
+            f"{tempfile.gettempdir()} (TMPDIR){full} for DataLoader workers to map: {exc.strerror or exc}; "
+            "save the plan (plan.save(DIR)) and pass DIR instead of the plan object, or point TMPDIR at a "
+            "folder with room")
+
+    def _copy(self, deep: bool) -> "PlanColumns":
+        """A copy for :mod:`copy`: columns mapped from a plan folder stay mapped from it (read-only);
+        a spilled folder belongs to its columns alone, so a copy holds the rows in memory (sharing
+        the read-only pages) and spills a folder of its own when it is pickled."""
+        if self._spilled is not None:
+            return PlanColumns(dict(self.arrays))
+        arrays = {name: np.array(value) if deep and value.flags.writeable else value
+                  for name, value in self.arrays.items()}
+        return PlanColumns(arrays, self.directory)
+
+    def __copy__(self) -> "PlanColumns":
+        return self._copy(deep=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "PlanColumns":
+        found: PlanColumns = memo.get(id(self)) or self._copy(deep=True)
+        memo[id(self)] = found
+        return found
+
+
+def _not_int_text(blob: Any, offsets: Any, flagged: Any) -> int | None:
+    """The first entry marked in ``flagged`` whose bytes are not a decimal integer as ``str(int)``
+    writes it (digits after an optional ``-``, no leading zero), or None; vectorised."""
+    if not flagged.any():
+        return None
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    padded = np.concatenate([blob, np.zeros(2, dtype=np.uint8)])  # a first and second byte for every entry
+    first, second = padded[starts], padded[starts + 1]
+    negative = (lengths > 0) & (first == ord("-"))
+    lead = np.where(negative, second, first)  # the first digit
+    digits = lengths - negative
+    bad = flagged & ((digits < 1) | ((lead == ord("0")) & ((digits > 1) | negative)))
+    entry = np.repeat(np.arange(flagged.size), lengths)  # each byte's entry
+    digit = (blob >= ord("0")) & (blob <= ord("9"))
+    sign = (blob == ord("-")) & (np.arange(blob.size) == np.repeat(starts, lengths))
+    bad[entry[flagged[entry] & ~(digit | sign)]] = True
+    found = np.flatnonzero(bad)
+    return int(found[0]) if found.size else None
+
+
+def _flock_shared(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no sweep either
+        return
+    fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _remove_spill(folder: str, lock: int, owner: int) -> None:
+    """Remove a spilled folder, in the process that made it only (a forked child that collects its
+    copy of the columns leaves the folder to its parent)."""
+    import shutil
+
+    if os.getpid() != owner:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.close(lock)
+    except OSError:
+        pass
 
 
 def lf_sha256(path: Path) -> str | None:
     """SHA-256 of a text file read in chunks with CRLF as LF (as the JSONL reader hashes
-    ``plan.jsonl``; plan.json's digests are of LF text), or None where it cannot be read."""
+    ``plan.jsonl``; plan.json's digests are of LF text), or None where it cannot be read; one that
+    is not a regular file is an :class:`~dalda_aug.errors.UnsafeFileError`."""
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
+        fd, _ = open_regular(path, "plan rows", follow_symlinks=True)  # a FIFO or device: one line, no hang
+        with os.fdopen(fd, "rb") as fh:
             carry = b""
             while chunk := fh.read(1 << 22):
                 chunk = carry + chunk
@@ -418,11 +642,24 @@ def lf_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _mapped(path: Path) -> Any:
-    """The array in ``path``, memory-mapped read-only, as a plain ndarray view (``np.memmap``'s
-    own indexing costs microseconds per element)."""
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    return array.view(np.ndarray) if isinstance(array, np.memmap) else array
+def _mapped(file: Path | io.BufferedReader) -> Any:
+    """The ``.npy`` array in ``file`` (a path, or a binary file open at its start), memory-mapped
+    read-only, as a plain ndarray view (``np.memmap``'s own indexing costs microseconds per element).
+    Only the header is parsed (no pickle: an object dtype is refused); an empty array is made in memory."""
+    if not isinstance(file, io.BufferedReader):
+        with open(file, "rb") as fh:
+            return _mapped(fh)
+    version = np.lib.format.read_magic(file)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(file)
+    if dtype.hasobject:
+        raise ValueError("an object array (pickled data) is not a plan column")
+    if int(np.prod(shape, dtype=np.int64)) == 0:
+        return np.zeros(shape, dtype=dtype)
+    array = np.memmap(file, dtype=dtype, mode="r", offset=file.tell(), shape=shape, order="F" if fortran else "C")
+    return array.view(np.ndarray)
 
 
 def _grouping(source: Sequence[int] | Any, variant: Any, n_sources: int) -> tuple[Any, Any]:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable
 
 from . import cache as _cache_module
 from .cache import CacheReadOnlyError, SyntheticCache
-from .data import image_sha256, load_image, source_path, to_rgb
+from .data import check_scaled_size, image_sha256, load_image, source_path, to_rgb
 from .errors import DaldaError, InputError, MissingFileError
 
 __all__ = ["warm", "WarmReport", "shard_keys", "plan_keys", "plan_share"]
@@ -75,6 +75,9 @@ def plan_keys(plan: Any, cache: SyntheticCache) -> dict[str, Any]:
 
 #: Rows hashed at a time by :func:`plan_share` (bounds the transient Python objects).
 _SHARE_CHUNK = 1 << 20
+#: The shorter side IP-Adapter's image encoder input is resized to (its CLIPImageProcessor's
+#: ``shortest_edge``, 224 for h94/IP-Adapter's ViT-H/14): sources are checked against it first.
+FEATURE_EXTRACTOR_EDGE = 224
 
 
 def plan_share(plan: Any, cache: SyntheticCache, process_index: int = 0, num_processes: int = 1
@@ -152,12 +155,16 @@ class _SourceImages:
         if self.images is not None:
             item = self.images[variant.source]
             image = to_rgb(item[0] if isinstance(item, (tuple, list)) else item, f"source {variant.source!r}")
+            what = f"source {variant.source!r}"
         elif self.root is not None and isinstance(variant.source, str):
-            image = load_image(source_path(self.root, variant.source))  # refuses paths leaving the root
+            path = source_path(self.root, variant.source)  # refuses paths leaving the root
+            image, what = load_image(path), str(path)
         else:
             raise InputError(
                 f"plan source {variant.source!r} is a dataset index: pass images= (the dataset the plan was made from)"
             )
+        # before IP-Adapter's feature extractor resizes its shorter side (7.5 GB for a 100000x2 PNG)
+        check_scaled_size(image.size, FEATURE_EXTRACTOR_EDGE, what)
         if image_sha256(image) != variant.source_sha256:
             raise InputError(f"source image {variant.source!r} differs from the one the plan was made from "
                              "(content hash changed); re-plan")

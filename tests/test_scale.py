@@ -50,7 +50,8 @@ def _build(setup, **kwargs):
 
 
 def _flip_pixel_keep_stat(path):
-    """Change one pixel, keep the file's size, restore its mtime: only a hash can tell."""
+    """Change one pixel, keep the file's size, restore its mtime: only a hash, or the ctime the
+    kernel set, can tell."""
     before = os.stat(path)
     pixels = np.asarray(Image.open(path)).copy()
     pixels[0, 0] ^= 0x80
@@ -67,12 +68,14 @@ def test_stat_mode_skips_unchanged_files_and_full_mode_does_not(setup):
     assert len(records) == 1
     rows = np.load(records[0], allow_pickle=False)
     files = sorted((root).glob("*/*.png"))
-    assert sorted(map(tuple, rows.tolist())) == sorted((os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files)
+    assert sorted(map(tuple, rows.tolist())) == sorted(
+        (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) for st in map(os.stat, files))
+    _build(setup)  # every stat as recorded: nothing decoded, nothing to find
     victim = root / "bee" / "img_2.png"
-    _flip_pixel_keep_stat(victim)
-    _build(setup)  # same stat: not decoded, so not detected (this is what "stat" trades)
-    with pytest.raises(InputError, match=f"{victim}.*changed since the plan was made"):
-        _build(setup, verify_sources="full")
+    _flip_pixel_keep_stat(victim)  # size and mtime as recorded; the ctime moved (as git's index, it is compared)
+    for mode in ("stat", "full"):
+        with pytest.raises(InputError, match=f"{victim}.*changed since the plan was made"):
+            _build(setup, verify_sources=mode)
     _build(setup, verify_sources="off")
 
 
@@ -112,8 +115,9 @@ def test_an_untrusted_or_unwritable_record_means_full_verification(setup, monkey
 def test_stat_record_refuses_pickles_and_oversized_files(tmp_path):
     record = StatRecord(["/a", "/b"], ["0" * 64, "1" * 64], tmp_path)
     assert record.load() is None
-    assert record.save(np.array([[1, 2], [3, 4]], dtype=np.int64))
-    assert record.load().tolist() == [[1, 2], [3, 4]]
+    assert record.save(np.array([[1, 2], [3, 4]], dtype=np.int64)) and record.load() is None  # (size, mtime) only
+    assert record.save(np.array([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=np.int64))
+    assert record.load().tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     np.save(record.path, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
     assert record.load() is None
     record.path.write_bytes(b"\x93NUMPY" + b"\0" * 10_000)
@@ -250,9 +254,10 @@ def test_column_files_whose_stat_matches_the_record_are_not_hashed_again(tmp_pat
     data = bytearray(seeds.read_bytes())
     data[-1] ^= 1  # the last seed's low byte: same size
     seeds.write_bytes(bytes(data))
-    os.utime(seeds, ns=(before.st_atime_ns, before.st_mtime_ns))  # the stat as recorded: as git, trusted
-    assert AugmentationPlan.load(folder).columns.arrays["seed"][-1] == np.load(seeds)[-1]
-    os.utime(seeds)  # now its mtime moved: hashed, and refused
+    os.utime(seeds, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime as recorded, not the ctime
+    with pytest.raises(InputError, match="columns/seed.npy differs from what plan.json records"):
+        AugmentationPlan.load(folder)  # hashed (its ctime moved), and refused
+    os.utime(seeds)  # now its mtime moved too: hashed, and refused
     with pytest.raises(InputError, match="columns/seed.npy differs from what plan.json records"):
         AugmentationPlan.load(folder)
 
@@ -474,9 +479,9 @@ def test_file_stats_in_bulk_equal_one_at_a_time(tmp_path):
         path = tmp_path / f"f{i}.bin"
         path.write_bytes(b"x" * i)
         paths.append(str(path))
-    expected = [[os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+    expected = [[st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns] for st in map(os.stat, paths)]
     assert file_stats(paths).tolist() == expected
     missing = [*paths[:2], str(tmp_path / "gone.bin"), *paths[2:]]
-    assert file_stats(missing).tolist() == [*expected[:2], [-1, -1], *expected[2:]]
+    assert file_stats(missing).tolist() == [*expected[:2], [-1, -1, -1, -1], *expected[2:]]
     assert file_stats(missing).tolist() == [list(file_stat(p)) for p in missing]
-    assert file_stats([]).shape == (0, 2)
+    assert file_stats([]).shape == (0, 4)

@@ -249,16 +249,22 @@ class SyntheticCache(ShardSet):
                 row.update(plan_images=len(keys), plan_cached=self.count_present(keys))
         return list(summary.values())
 
+    def entries_of_spec(self, fingerprint: str) -> int:
+        """How many entries were made with the spec of ``fingerprint`` (read from the entries'
+        headers, as :meth:`spec_summary` counts them; no spec record is read)."""
+        return self._entries_per_fingerprint({fingerprint}).get(fingerprint, 0)
+
     def forget_spec(self, fingerprint: str) -> list[Path]:
         """Delete the records of the spec with ``fingerprint`` from ``CACHE/specs/`` (its entries
-        stay); returns the files removed. :class:`~dalda_aug.errors.InputError` when none is
+        stay), named by their file names: no record is read, so a corrupt one elsewhere in the
+        folder does not stand in the way; returns the files removed. :class:`~dalda_aug.errors.InputError` when none is
         recorded under it."""
         if not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{16}", fingerprint)):
             raise InputError(f"a spec fingerprint is 16 hex digits, got {str(fingerprint)[:80]!r}")
         folder = self.directory / SPECS_DIR
         paths = sorted(folder.glob(f"{fingerprint}-*.json")) if folder.is_dir() else []
-        if not paths:
-            known = sorted({s.fingerprint for s in self.recorded_specs()}) if folder.is_dir() else []
+        if not paths:  # the fingerprints as the records' names give them: no record is read
+            known = sorted({p.name.split("-", 1)[0] for p in folder.glob("*.json")}) if folder.is_dir() else []
             raise InputError(f"no spec with fingerprint {fingerprint} is recorded in {folder} (recorded: {known})")
         for path in paths:
             try:
