@@ -237,7 +237,7 @@ def plan_contact_sheet(plan: AugmentationPlan, cache: SyntheticCache, *, classes
     return contact_sheet(rows, tile=tile, title=title)
 
 
-def filter_contact_sheet(parent: AugmentationPlan, cache: SyntheticCache, kept_rows: Sequence[int],
+def filter_contact_sheet(parent: AugmentationPlan, cache: SyntheticCache, kept_rows: Any,
                          scores: Any, passed: Any, *, specs: Sequence[str] = (), classes: Sequence[str] | None = None,
                          per_class: int | None = 2, tile: int = 128,
                          load_source: Callable[[str], Image.Image] | None = None) -> Image.Image:

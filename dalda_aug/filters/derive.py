@@ -354,7 +354,7 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
     run = _run_name(plan, cache.spec.fingerprint, built, chunk)
     progress_dir = out / PROGRESS_DIR / run
     scores, passed, scored, resumed = _score_all(plan, cache, keys, built, progress_dir, progress, chunk)
-    passed_all = passed.all(axis=1)
+    passed_all: npt.NDArray[np.bool_] = np.asarray(passed.all(axis=1), dtype=bool)
     kept = _choose(plan, scores, passed_all, keep, min_pass)
     table, totals = _table(plan, scores, passed_all, kept, keep)
 
