@@ -30,8 +30,10 @@ class _ClipFilter(Filter):
     def load(self, context: FilterContext) -> None:
         from ..clipscore import CLIPScorer
         from ..config import ModelConfig
+        from ..generators.loading import require_hub_models
 
         models = context.models if context.models is not None else ModelConfig()
+        require_hub_models(models, ("clip_model", "clip_pretrained"))  # one line, at once, without the hub
         self._scorer = CLIPScorer.from_models(models, device=context.device, template=PHOTO_TEMPLATE).load()
         self._class_names = tuple(context.class_names)
         self._model = {"clip_model": models.clip_model, "clip_pretrained": models.clip_pretrained,
