@@ -26,6 +26,7 @@ class _ClipFilter(Filter):
         self._scorer: Any = None
         self._class_names: tuple[str, ...] = ()
         self._model: dict[str, Any] = {}
+        self._loaded_for: Any = None
 
     def load(self, context: FilterContext) -> None:
         from ..clipscore import CLIPScorer
@@ -33,9 +34,13 @@ class _ClipFilter(Filter):
         from ..generators.loading import require_hub_models
 
         models = context.models if context.models is not None else ModelConfig()
+        wanted = (models, str(context.device), tuple(context.class_names))
+        if self._scorer is not None and self._loaded_for == wanted:
+            return  # loaded already (a caller may load a filter before timing or reusing it)
         require_hub_models(models, ("clip_model", "clip_pretrained"))  # one line, at once, without the hub
         self._scorer = CLIPScorer.from_models(models, device=context.device, template=PHOTO_TEMPLATE).load()
         self._class_names = tuple(context.class_names)
+        self._loaded_for = wanted
         self._model = {"clip_model": models.clip_model, "clip_pretrained": models.clip_pretrained,
                        "template": PHOTO_TEMPLATE}
 
