@@ -262,6 +262,28 @@ def test_the_dataset_draws_kept_variants_and_serves_unkept_sources_real(setup):
         assert target == base.targets[i]
 
 
+def test_the_few_shot_training_path_reads_the_derived_plan(setup):
+    # what dalda_aug.fewshot's train_one does with a plan: a Subset of the train folder, the
+    # classifier's train transform, on_miss="error", train_classifier
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.classify import TrainConfig, build_classifier, train_classifier, train_transform
+    from dalda_aug.dataset import SyntheticAugmentedDataset
+
+    model = build_classifier("efficientnet_lite0", 3, mode="linear", pretrained=False)
+    folder = ImageFolder(str(setup.root / "data"))
+    with pytest.warns(UserWarning, match="kept no variant"):
+        train_set = SyntheticAugmentedDataset(Subset(folder, list(range(12))), setup.root / "P2",
+                                              SyntheticCache(setup.root / "C"), p=0.5, on_miss="error", seed=0,
+                                              transform=train_transform(model, 64))
+    history = train_classifier(model, train_set, TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=6),
+                               progress=False)
+    assert history[0]["images"] == 12 and np.isfinite(history[0]["loss"])
+    assert train_set.planned_variants == 22 and train_set.num_augmentable == 11
+
+
 def test_warm_is_a_no_op_on_the_derived_plan(setup, capsys):
     from dalda_aug.cache import SyntheticCache
 
