@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 __all__ = ["register"]
@@ -25,9 +26,16 @@ def _run_filter(args: argparse.Namespace) -> int:
     cache = SyntheticCache(args.cache)
     cache = cache.with_spec(cache.resolve_spec(plan))
     models = load_models_arg(args.models) if args.models is not None else None
+    processes = None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # accelerate launch / torchrun: the chunks are shared
+        from ._cli_cache import partial_state
+
+        processes = partial_state(args.device)
     report = filter_plan(plan, cache, filters, out, keep=args.keep, min_pass=args.min_pass, fill=args.fill,
                          device=args.device, models=models, overwrite=args.overwrite, progress=not args.quiet,
-                         chunk=args.chunk)
+                         chunk=args.chunk, processes=processes)
+    if processes is not None and not processes.is_main_process:
+        return 0  # the main process prints what they made together
     print(report.format_table())
     t = report.totals
     resumed = f", {report.resumed} scores resumed from an interrupted run" if report.resumed else ""

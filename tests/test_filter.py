@@ -359,6 +359,38 @@ def test_a_killed_filter_rerun_scores_only_what_it_had_not(setup, tmp_path):
     assert (resumed.passed == whole.passed).all() and (resumed.kept == whole.kept).all()
 
 
+def test_accelerate_launch_two_processes_write_the_one_process_plan_byte_for_byte(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.filters import filter_plan
+
+    pytest.importorskip("accelerate")
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if launcher is None:
+        pytest.skip("the accelerate launcher is not installed next to this Python")
+    by = f"classifier:{setup.root / 'clf.pt'}"
+    one = tmp_path / "one"
+    filter_plan(setup.root / "P", SyntheticCache(setup.root / "C", setup.spec), [by], one, keep=KEEP, chunk=8)
+    two = tmp_path / "two"
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(29600 + os.getpid() % 1000), "-m", "dalda_aug",
+           "filter", "--plan", str(setup.root / "P"), "--cache", str(setup.root / "C"), "--by", by, "--keep", str(KEEP),
+           "--out", str(two), "--chunk", "8", "--device", "cpu", "-q"]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("kept 22 of 48 variants") == 1  # the main process reports
+    files = sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    assert "filter/scores.npy" in files and "plan.json" in files
+    for name in files:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
 # -- the registry --------------------------------------------------------------------------------------------
 def test_the_registry_names_every_filter_and_builds_from_the_spec():
     from dalda_aug.filters import filter_names, make_filter

@@ -234,7 +234,11 @@ def _source_images(plan: Any, rows: Sequence[int], cache: dict[str, Any]) -> lis
 
 
 def _score_all(plan: Any, cache: Any, keys: list[str], filters: Sequence[Filter], progress_dir: Path,
-               progress: bool, chunk: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], int, int]:
+               progress: bool, chunk: int, share: tuple[int, int] = (0, 1)
+               ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], int, int]:
+    """Every variant's scores and passes, chunk by chunk from the progress record or scored (and
+    recorded); with ``share=(rank, world)`` only chunk numbers ``rank, rank + world, ...`` (the
+    others' rows are left unset)."""
     from tqdm.auto import tqdm
 
     n, f = len(keys), len(filters)
@@ -245,7 +249,8 @@ def _score_all(plan: Any, cache: Any, keys: list[str], filters: Sequence[Filter]
     scored = resumed = 0
     progress_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=n, desc="filtering", unit="img", disable=not progress) as bar:
-        for start in range(0, n, chunk):
+        rank, world = share
+        for start in range(rank * chunk, n, chunk * world):
             stop = min(start + chunk, n)
             done = _read_progress(progress_dir, start, stop - start, f)
             if done is None:
@@ -319,7 +324,8 @@ def _table(plan: Any, scores: npt.NDArray[np.float64], passed_all: npt.NDArray[n
 
 def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str | os.PathLike[str], *,
                 keep: int, min_pass: int = 0, fill: str = "none", device: str = "cpu", models: Any = None,
-                overwrite: bool = False, progress: bool = False, chunk: int = CHUNK) -> FilterReport:
+                overwrite: bool = False, progress: bool = False, chunk: int = CHUNK,
+                processes: Any = None) -> FilterReport:
     """Score every variant of ``plan`` (a plan folder or a plan loaded from one) from ``cache`` (a
     :class:`~dalda_aug.cache.SyntheticCache` with its spec) with ``filters`` (``--by`` texts or
     :class:`Filter` objects: all must pass, the first ranks) and write the derived plan to ``out``.
@@ -327,7 +333,14 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
     ``keep``: at most this many variants per source; ``min_pass``: at least this many, topped up
     with the best failing ones (default 0: a source whose variants all fail is served real);
     ``fill="best"`` is ``min_pass=keep``. ``models``: the CLIP model of the CLIP filters (default:
-    the plan's). ``chunk``: variants scored and recorded at a time. Resumable (see the module doc)."""
+    the plan's). ``chunk``: variants scored and recorded at a time. Resumable (see the module doc).
+
+    ``processes``: an ``accelerate.PartialState`` (anything with ``process_index`` and
+    ``num_processes``) when several processes filter together (``accelerate launch``,
+    ``torchrun``; every process calls this with the same arguments): each scores every
+    ``num_processes``-th chunk into the shared progress record, then the main process writes the
+    derived plan from the record, the same files byte for byte as one process writes (a score
+    depends on its image alone), and every process returns it."""
     from ..plan import AugmentationPlan
     from .base import make_filter
 
@@ -353,10 +366,21 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
         flt.load(context)
     run = _run_name(plan, cache.spec.fingerprint, built, chunk)
     progress_dir = out / PROGRESS_DIR / run
-    scores, passed, scored, resumed = _score_all(plan, cache, keys, built, progress_dir, progress, chunk)
+    rank, world = _process_share(processes)
+    if world > 1:  # each process scores its share into the record, then everyone reads it whole
+        _, _, scored, resumed = _score_all(plan, cache, keys, built, progress_dir, progress and rank == 0, chunk,
+                                           (rank, world))
+        _barrier(world)
+        scores, passed, _, _ = _score_all(plan, cache, keys, built, progress_dir, False, chunk)
+        _barrier(world)  # every process has read the record before the main process removes it
+    else:
+        scores, passed, scored, resumed = _score_all(plan, cache, keys, built, progress_dir, progress, chunk)
     passed_all: npt.NDArray[np.bool_] = np.asarray(passed.all(axis=1), dtype=bool)
     kept = _choose(plan, scores, passed_all, keep, min_pass)
     table, totals = _table(plan, scores, passed_all, kept, keep)
+    if rank != 0:
+        _barrier(world)  # while the main process writes the derived plan
+        return FilterReport(AugmentationPlan.load(out), out, table, totals, scored, resumed)
 
     parent_dir = Path(plan.columns.directory).resolve()
     kept_sources = set(np.asarray(plan.columns.arrays["source"])[kept].tolist())
@@ -395,7 +419,31 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
 
         logging.getLogger(__name__).warning("could not record the generation spec for the derived plan in %s: %s",
                                             cache.directory, exc)
+    if world > 1:
+        _barrier(world)
     return FilterReport(AugmentationPlan.load(out), out, table, totals, scored, resumed)
+
+
+def _process_share(processes: Any) -> tuple[int, int]:
+    if processes is None:
+        return 0, 1
+    rank, world = int(processes.process_index), int(processes.num_processes)
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"processes: process_index {rank} is not in [0, num_processes={world})")
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    """Wait for every process, over torch.distributed (a CPU gloo group when the default is not gloo)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world:
+        raise InputError(f"processes says {world} processes, but torch.distributed is not initialized for them "
+                         "(build it with accelerate.PartialState() under `accelerate launch` or `torchrun`)")
+    group: Any = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    dist.barrier(group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
 
 
 def load_filter_json(folder: str | os.PathLike[str]) -> dict[str, Any]:
