@@ -400,3 +400,41 @@ def test_the_registry_names_every_filter_and_builds_from_the_spec():
     flt = make_filter("clip-source:0.6,0.95")
     assert isinstance(flt, ClipSourceFilter) and (flt.low, flt.high) == (0.6, 0.95)
     assert isinstance(make_filter("clip-class"), ClipClassFilter) and make_filter("clip-class").threshold is None
+
+
+# -- fewshot.py --filter --------------------------------------------------------------------------------------
+def test_fewshot_filter_adds_a_filtered_twin_at_the_same_synthetic_budget(tiny_models, tmp_path, capsys):
+    from helpers import load_script, run_benchmark, write_toy
+
+    toy = write_toy(tmp_path)
+    models = tiny_models.save(tmp_path / "models.json")
+    out = tmp_path / "out"
+    argv = ["--train", str(toy / "train"), "--test", str(toy / "test"), "--models", str(models),
+            "--methods", "base_ags", "--shots", "1", "--seeds", "0,1", "--variants", "1", "--steps", "2", "--size",
+            "32", "--device", "cpu", "--dtype", "float32", "--gen-batch-size", "4", "--backbone", "clip", "--epochs",
+            "1", "--iterations-per-epoch", "1", "--batch-size", "2", "--out", str(out), "--no-progress", "--threads",
+            "1", "--filter", "clip-class:0.0", "--oversample", "3"]
+    bench = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "fewshot.py", "fewshot_filter")
+    assert run_benchmark(bench, argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    runs = {(r["method"], r["seed"]): r for r in result["runs"]}
+    assert sorted(runs) == [("base_ags", 0), ("base_ags", 1), ("base_ags+filter", 0), ("base_ags+filter", 1)]
+    for seed in (0, 1):
+        twin = runs[("base_ags+filter", seed)]
+        # 2 sources (1 shot x 2 classes): 3 candidates each generated, 1 kept each (clip-class:0.0 passes all)
+        assert twin["filter"]["generated"] == 6 and twin["filter"]["kept"] == 2 and twin["n_synthetic"] == 2
+        assert twin["filter"]["pass_rate"] == 1.0 and twin["filter"]["oversample"] == 3
+        assert twin["filter"]["filters"][0]["name"] == "clip-class"
+        assert runs[("base_ags", seed)]["n_synthetic"] == 2 and "filter" not in runs[("base_ags", seed)]
+        assert twin["label"].endswith("+ filter")
+    (test_row, *_) = [t for t in result["filter_significance"] if t["metric"] == "top1"]
+    assert (test_row["method"], test_row["baseline"], test_row["n_pairs"]) == ("base_ags+filter", "base_ags", 2)
+    a = [runs[("base_ags+filter", s)]["top1"] for s in (0, 1)]
+    b = [runs[("base_ags", s)]["top1"] for s in (0, 1)]
+    assert test_row["mean_difference"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / 2)
+    table = (out / "table.md").read_text()
+    assert "Base prompt + AGS + filter" in table and "filtered twin" in table
+    derived = out / "plans" / "seed0-1shot-base_ags+filter"
+    from dalda_aug.plan import AugmentationPlan
+
+    assert len(AugmentationPlan.load(derived)) == 2 and len(AugmentationPlan.load(f"{derived}-candidates")) == 6
