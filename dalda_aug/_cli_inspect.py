@@ -115,7 +115,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         written.append(path)
         from .filters.derive import read_filter_record
 
-        record = read_filter_record(plan)  # a derived plan (dalda-aug filter): kept and rejected, side by side
+        record = read_filter_record(args.plan)  # a derived plan (dalda-aug filter): kept and rejected, side by side
         if record is not None:
             from .viz import filter_contact_sheet
 

@@ -31,7 +31,11 @@ independently, and the seed drawn is ``ds.seed`` and shows in ``repr``.
 Which items: every item of the base (``items="all"``; items whose source the plan lacks are
 always real, and a ``UserWarning`` says how many, e.g. a ``--shots N`` plan over the full folder),
 or only those whose source is in the plan (``items="plan"``, the plan's few-shot subset);
-:func:`plan_indices` gives the base's indices of the plan's sources.
+:func:`plan_indices` gives the base's indices of the plan's sources. A plan ``dalda-aug filter``
+derived may cover sources whose variants it all rejected
+(:meth:`~dalda_aug.plan.AugmentationPlan.sources_without_variants`): their items are in the plan
+(``items="plan"`` keeps them) and always served real; ``unkept_items`` counts them, ``repr``
+shows the count and construction warns once.
 
 Base datasets: torchvision ``ImageFolder``/``DatasetFolder`` (and ``Subset`` of them), timm
 ``ImageDataset`` (file paths from its reader), Hugging Face ``datasets`` image folders (dict
