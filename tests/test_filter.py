@@ -149,6 +149,43 @@ def test_a_derived_plan_is_checked_like_any_plan(setup, tmp_path):
         AugmentationPlan.load(copy)
 
 
+def test_clip_filters_score_with_the_plans_clipscore_and_a_plain_clip_agrees(setup, tmp_path):
+    import torch
+
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.clipscore import CLIPScorer, load_open_clip
+    from dalda_aug.data import load_image
+    from dalda_aug.filters import filter_plan, read_filter_record
+
+    filter_plan(setup.root / "P", SyntheticCache(setup.root / "C", setup.spec), ["clip-class", "clip-source:0.0,1.0"],
+                tmp_path / "P", keep=4)
+    record = read_filter_record(tmp_path / "P")
+    parent = record.parent_plan()
+    images = [SyntheticCache(setup.root / "C", setup.spec).get_image(v) for v in parent]
+    labels = np.array([v.label for v in parent])
+    # clip-class's score is plan's CLIPScore of the generated image (same scorer, template, blocks)
+    expected = CLIPScorer.from_models(parent.models).score(images, labels, parent.class_names)
+    np.testing.assert_allclose(record.scores[:, 0], expected, rtol=0, atol=1e-9)
+    # a plain open_clip pass, one image at a time: top-1 decides clip-class; the image-image cosine is clip-source's
+    model, preprocess, tokenizer = load_open_clip(parent.models.clip_model, parent.models.clip_pretrained)
+    with torch.inference_mode():
+        text = model.encode_text(tokenizer([f"a photo of a {c}" for c in parent.class_names])).float()
+        text = text / text.norm(dim=-1, keepdim=True)
+
+        def features(img):
+            f = model.encode_image(preprocess(img)[None]).float()[0]
+            return f / f.norm()
+
+        made = torch.stack([features(img) for img in images])
+        real = torch.stack([features(load_image(Path(parent.data_root) / v.source)) for v in parent])
+    top1 = (made @ text.T).argmax(dim=1).numpy()
+    assert (record.passed[:, 0] == (top1 == labels)).all()
+    cosine = (made * real).sum(dim=1).double().numpy()
+    np.testing.assert_allclose(record.scores[:, 1], cosine, atol=1e-4)
+    assert (record.passed[:, 1] == ((cosine >= 0) & (cosine <= 1))).all()
+    assert record.section["filters"][0]["clip_model"] == parent.models.clip_model
+
+
 # -- the command line -----------------------------------------------------------------------------------
 def test_filter_command_prints_the_table_and_writes_filter_json(setup, tmp_path, capsys):
     clf = setup.root / "clf.pt"

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .._io import read_json_object, read_regular, write_atomic
+from .._io import read_regular, write_atomic
 from ..errors import DaldaError, InputError
 from .base import FILTER_FORMAT, Filter, FilterContext
 
@@ -444,8 +444,3 @@ def _barrier(world: int) -> None:
     dist.barrier(group=group)
     if group is not None:
         dist.destroy_process_group(group)
-
-
-def load_filter_json(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """``filter.json`` of a derived plan folder (bounded JSON)."""
-    return read_json_object(Path(folder) / "filter.json", "filter report")
