@@ -237,6 +237,37 @@ def test_a_pickle_is_refused_as_a_classifier_file(setup, tmp_path, capsys):
     assert "not a safetensors file" in capsys.readouterr().err
 
 
+def test_a_classifier_file_whose_tensors_do_not_fit_is_refused(setup, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from dalda_aug.filters.classifier import CLASSIFIER_FORMAT
+
+    info = {"backbone": "efficientnet_lite0", "mode": "linear", "classes": ["cat", "coffee", "rocket"],
+            "image_size": 64}
+    save_file({"head.weight": torch.zeros(3, 7)}, str(tmp_path / "clf.pt"),
+              metadata={"format": CLASSIFIER_FORMAT, "info": json.dumps(info)})
+    assert _main("filter", "--plan", setup.root / "P", "--cache", setup.root / "C", "--by",
+                 f"classifier:{tmp_path / 'clf.pt'}", "--keep", 2, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert "do not fit the efficientnet_lite0 classifier" in err and len(err.splitlines()) == 1
+
+
+def test_min_pass_tops_a_source_up_with_its_best_failing_variants(setup, tmp_path):
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.filters import filter_plan, read_filter_record
+
+    report = filter_plan(setup.root / "P", SyntheticCache(setup.root / "C", setup.spec),
+                         [f"classifier:{setup.root / 'clf.pt'}"], tmp_path / "P", keep=KEEP, min_pass=1)
+    record = read_filter_record(tmp_path / "P")
+    rows = [int(r) for r in record.parent_plan().columns.rows_of(0)]  # the source whose variants are all off-class
+    assert not record.passed[rows, 0].any()
+    (kept,) = [r for r in record.kept.tolist() if r in rows]
+    assert kept == max(rows, key=lambda r: record.scores[r, 0])  # its best failing variant
+    assert report.totals["kept_failing"] == 1 and report.totals["sources_without_variants"] == 0
+    assert report.plan.sources_without_variants() == []
+
+
 def test_an_unwarmed_plan_is_refused_before_scoring(setup, tmp_path, capsys):
     from dalda_aug.cache import SyntheticCache
 

@@ -124,7 +124,7 @@ def load_filter_classifier(path: str | os.PathLike[str], device: str = "cpu") ->
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise InputError(f"classifier file {path}: its tensors do not fit a {info['backbone']} classifier: "
+        raise InputError(f"classifier file {path}: its tensors do not fit the {info['backbone']} classifier: "
                          f"{first}") from None
     return model.to(device).eval(), info, hashlib.sha256(data).hexdigest()
 
