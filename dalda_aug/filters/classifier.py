@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._io import loads_bounded, read_regular, write_atomic
-from ..errors import InputError, UnsafeFileError
+from ..errors import InputError, UnsafeFileError, require
 from .base import Filter, FilterContext, parse_unit_float
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ def read_classifier_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 def save_filter_classifier(model: Any, path: str | os.PathLike[str], info: dict[str, Any]) -> Path:
     """Write ``model``'s state dict and ``info`` (JSON-ready: ``classes``, ``image_size``...) as one
     safetensors file at ``path`` (atomically)."""
+    require("safetensors", "train")
     from safetensors.torch import save
 
     spec = model.spec
@@ -107,6 +108,7 @@ def save_filter_classifier(model: Any, path: str | os.PathLike[str], info: dict[
 
 def load_filter_classifier(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, dict[str, Any], str]:
     """``(model in eval mode, its description, the file's SHA-256)`` of a classifier file."""
+    require("safetensors", "train")
     from safetensors import SafetensorError
     from safetensors.torch import load
 
