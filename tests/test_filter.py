@@ -184,6 +184,9 @@ def test_clip_filters_score_with_the_plans_clipscore_and_a_plain_clip_agrees(set
     np.testing.assert_allclose(record.scores[:, 1], cosine, atol=1e-4)
     assert (record.passed[:, 1] == ((cosine >= 0) & (cosine <= 1))).all()
     assert record.section["filters"][0]["clip_model"] == parent.models.clip_model
+    # composed: kept (--keep 4 = every variant of a source) exactly where both pass
+    assert set(record.kept.tolist()) == set(np.flatnonzero(record.passed.all(axis=1)).tolist())
+    assert 0 < len(record.kept) < len(parent)
 
 
 # -- the command line -----------------------------------------------------------------------------------
