@@ -59,6 +59,14 @@ same settings skips them) and ``plans/``.
     python benchmarks/fewshot.py --train data/pets/train --test data/pets/test \\
         --prompts prompts/pets.json --shots 1 --seeds 0,1,2 --backbone clip --out runs/pets-clip
 
+Filtering (``--filter SPEC [--filter SPEC] --oversample K``; not part of the paper's method): every
+generating method gets a filtered twin, ``METHOD+filter``, at the same synthetic budget: its plan
+has K x ``--variants`` candidates per source (``plans/...-METHOD+filter-candidates``), all are
+generated, and ``dalda-aug filter --by SPEC --keep M`` keeps the best M per source
+(``plans/...-METHOD+filter``, a derived plan). The twin's rows record the filters' fingerprints,
+the pass rate and the images generated (``filter``); ``results.json`` (``filter_significance``) and
+``table.md`` compare each method with its twin (paired t-test over seeds, per shots).
+
 The benchmark itself is the library package :mod:`dalda_aug.fewshot` (methods, data, protocol,
 settings, run, report); this script is its command line, and re-exports the package's names
 (``METHODS``, ``render_table``, ``reference_few_shot_indices``...) for the scripts and tests that
@@ -237,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="rerun runs already in OUT/runs.jsonl")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    # Filtering (issue 31): not part of the paper's method; off unless --filter is given.
+    flt = p.add_argument_group("filtering (optional; not the paper's method)")
+    flt.add_argument("--filter", action="append", default=None, metavar="SPEC",
+                     help="add a filtered twin of every generating method (row METHOD+filter): its plan has "
+                          "--oversample x --variants candidates per source, `dalda-aug filter --by SPEC` keeps the best "
+                          "--variants (same synthetic budget); repeat to compose (all must pass, the first ranks); "
+                          "e.g. clip-class, clip-source:0.6,0.95, classifier:clf.pt")
+    flt.add_argument("--oversample", type=int, default=2,
+                     help="candidates generated per kept variant for the filtered twins (K; generation costs K x)")
     return p
 
 

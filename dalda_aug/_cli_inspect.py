@@ -120,6 +120,17 @@ def _run_inspect(args: argparse.Namespace) -> int:
         path = out / "contact_sheet.png"
         sheet.save(path)
         written.append(path)
+        from .filters.derive import read_filter_record
+
+        record = read_filter_record(args.plan)  # a derived plan (dalda-aug filter): kept and rejected, side by side
+        if record is not None:
+            from .viz import filter_contact_sheet
+
+            path = out / "filter_sheet.png"
+            filter_contact_sheet(record.parent_plan(), cache, record.kept, record.scores, record.passed,
+                                 specs=record.specs, classes=classes, per_class=args.per_class or 2,
+                                 tile=min(args.tile, 160)).save(path)
+            written.append(path)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -148,7 +159,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="plots: CLIPScore histogram, λ distribution, contact sheet of real images and their variants",
         description="Write clipscore_histogram.png (α marked, as the paper's Figure 4), lambda_distribution.png "
                     "(Low and High sources) and, with --cache, contact_sheet.png (each real image and its "
-                    "variants, labelled with λ and prompt).",
+                    "variants, labelled with λ and prompt); for a plan `dalda-aug filter` derived, also "
+                    "filter_sheet.png (per source, the kept and the rejected variants side by side, with their scores).",
     )
     add_spec_arguments(p, plan_required=True)
     p.add_argument("--also", action="append", default=[], metavar="NAME=PLAN",

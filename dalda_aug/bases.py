@@ -414,7 +414,7 @@ def plan_indices(dataset: Any, plan: Any, source_ids: Sequence[Any] | None = Non
     if isinstance(plan, (str, os.PathLike)):
         plan = AugmentationPlan.load(plan)
     ids = list(source_ids) if source_ids is not None else adapter_for(dataset).source_ids(plan.data_root)[0]
-    planned = plan.source_index()
+    planned = set(plan.source_index()) | set(plan.sources_without_variants())  # a derived plan's unkept: real
     return [index for index, source in enumerate(ids) if source in planned]
 
 

@@ -30,6 +30,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "dalda_aug._cli_inspect",
     "dalda_aug.demo",
     "dalda_aug._cli_da_fusion",
+    "dalda_aug._cli_filter",
 )
 
 

@@ -15,7 +15,7 @@ reference code computes this. Two other readings:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -302,10 +302,65 @@ class CLIPScorer:
             raise InputError(f"labels must lie in [0, {len(class_names)}), got {label_ids.min()}..{label_ids.max()}")
         if not len(images):
             return np.zeros(0, dtype=np.float64)
-        from tqdm.auto import tqdm
-
         text = self.text_features(class_names)
         out: list[npt.NDArray[np.float64]] = []
+        for start, real, img in self._blocks(images, listed, batch, progress):
+            ids = np.zeros(SCORE_BLOCK, dtype=np.int64)
+            ids[:real] = label_ids[start : start + real]
+            # Everything below runs on the whole (SCORE_BLOCK, ...) block, so no shape depends on
+            # how many real images the block holds; the rows are sliced at the very end.
+            cos = img @ text.T  # (SCORE_BLOCK, C)
+            idx = torch.as_tensor(ids, device=cos.device)
+            if self.kind in ("cosine", "hessel"):
+                own = cos.gather(1, idx[:, None])[:, 0].clamp(min=0)
+                result = own if self.kind == "cosine" else HESSEL_W * own
+            else:
+                probs = (LOGIT_SCALE * cos).softmax(dim=-1)
+                result = probs.gather(1, idx[:, None])[:, 0]
+            out.append(result.double().cpu().numpy()[:real])
+        return np.concatenate(out)
+
+    def class_probabilities(self, images: Sequence[Image.Image | torch.Tensor] | torch.Tensor,
+                            class_names: Sequence[str], progress: bool | None = None) -> npt.NDArray[np.float64]:
+        """``(N, C)``: each image's zero-shot probabilities over ``class_names``
+        (``softmax(100 · cos(image, texts))``, the ``"softmax"`` score of every class at once), in the
+        forward passes of :meth:`score` (:data:`SCORE_BLOCK` images, the last block padded), so a
+        row's column of its own class is what :meth:`score` gives that image with ``kind="softmax"``."""
+        import torch
+
+        batch, listed = self._as_batch(images)
+        if not (len(listed) if batch is None else len(batch)):
+            return np.zeros((0, len(class_names)), dtype=np.float64)
+        text = self.text_features(class_names)
+        out = [(LOGIT_SCALE * (img @ text.T)).softmax(dim=-1).double().cpu().numpy()[:real]
+               for _, real, img in self._blocks(listed if batch is None else batch, listed, batch, progress)]
+        return np.concatenate(out)
+
+    def embed(self, images: Sequence[Image.Image | torch.Tensor] | torch.Tensor,
+              progress: bool | None = None) -> npt.NDArray[np.float32]:
+        """``(N, D)`` L2-normalised image features in the forward passes of :meth:`score` (one fixed
+        shape: an image's features do not depend on the other images of the call)."""
+        batch, listed = self._as_batch(images)
+        parts = [img.cpu().numpy()[:real] for _, real, img in
+                 self._blocks(listed if batch is None else batch, listed, batch, progress)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    @staticmethod
+    def _as_batch(images: Any) -> tuple[Any, list[Any]]:
+        import torch
+
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise InputError(f"a pixel batch must be (N, 3, H, W), got shape {tuple(images.shape)}")
+            return images, []
+        return None, list(images)
+
+    def _blocks(self, images: Any, listed: list[Any], batch: Any, progress: bool | None
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, real images, features of the padded block)`` per :data:`SCORE_BLOCK` images."""
+        import torch
+        from tqdm.auto import tqdm
+
         show = progress if progress is not None else len(images) > 4 * self.batch_size
         starts = range(0, len(images), SCORE_BLOCK)
         for start in tqdm(starts, desc="CLIPScore", unit="block", disable=not show):
@@ -317,23 +372,9 @@ class CLIPScorer:
                 pixels = torch.stack([x if isinstance(x, torch.Tensor) else self.preprocess(x)
                                       for x in listed[start : start + SCORE_BLOCK]])
             real = len(pixels)
-            if real < SCORE_BLOCK:  # pad to the one shape; the padding's outputs are dropped below
+            if real < SCORE_BLOCK:  # pad to the one shape; the padding's outputs are dropped by the caller
                 pixels = torch.cat([pixels, pixels.new_zeros((SCORE_BLOCK - real, *pixels.shape[1:]))])
-            ids = np.zeros(SCORE_BLOCK, dtype=np.int64)
-            ids[:real] = label_ids[start : start + real]
-            # Everything below runs on the whole (SCORE_BLOCK, ...) block, so no shape depends on
-            # how many real images the block holds; the rows are sliced at the very end.
-            img = self._forward(pixels)
-            cos = img @ text.T  # (SCORE_BLOCK, C)
-            idx = torch.as_tensor(ids, device=cos.device)
-            if self.kind in ("cosine", "hessel"):
-                own = cos.gather(1, idx[:, None])[:, 0].clamp(min=0)
-                result = own if self.kind == "cosine" else HESSEL_W * own
-            else:
-                probs = (LOGIT_SCALE * cos).softmax(dim=-1)
-                result = probs.gather(1, idx[:, None])[:, 0]
-            out.append(result.double().cpu().numpy()[:real])
-        return np.concatenate(out)
+            yield start, real, self._forward(pixels)
 
 
 def _split_transform(transform: Any) -> tuple[list[Any], list[Any]] | None:

@@ -34,7 +34,11 @@ dataset has already passed warns (docs/training.md, *Resuming a run*).
 Which items: every item of the base (``items="all"``; items whose source the plan lacks are
 always real, and a ``UserWarning`` says how many, e.g. a ``--shots N`` plan over the full folder),
 or only those whose source is in the plan (``items="plan"``, the plan's few-shot subset);
-:func:`plan_indices` gives the base's indices of the plan's sources.
+:func:`plan_indices` gives the base's indices of the plan's sources. A plan ``dalda-aug filter``
+derived may cover sources whose variants it all rejected
+(:meth:`~dalda_aug.plan.AugmentationPlan.sources_without_variants`): their items are in the plan
+(``items="plan"`` keeps them) and always served real; ``unkept_items`` counts them, ``repr``
+shows the count and construction warns once.
 
 Base datasets: torchvision ``ImageFolder``/``DatasetFolder`` (and ``Subset`` of them), timm
 ``ImageDataset`` (file paths from its reader), Hugging Face ``datasets`` image folders (dict
@@ -276,8 +280,13 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             if len(ids) != n:
                 raise InputError(f"the base dataset has {n} items but lists {len(ids)} samples")
         index_of = {source: s for s, source in enumerate(plan.columns.sources())}  # plan.source_index(), in bulk
+        # a derived plan's sources whose variants were all rejected (dalda-aug filter): -2, in the
+        # plan's items but always served real
+        index_of.update({source: -2 for source in plan.sources_without_variants() if source not in index_of})
         item_source = np.array([index_of.get(source, -1) for source in ids], dtype=np.int32).reshape(-1)
         matched = int((item_source >= 0).sum())
+        #: Items of a source the plan covers without a variant (a filter rejected them all): always real.
+        self.unkept_items = int((item_source == -2).sum())
         if targets is not None and matched:
             cols = plan.columns.arrays
             first_rows = cols["order"][cols["group_start"][:-1]]
@@ -291,6 +300,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                     f"item {index} ({ids[index]!r}) has label {targets[index]} in the dataset but "
                     f"{first.label} ({first.class_name!r}) in the plan: do they list classes alike?"
                 )
+        if self.unkept_items:
+            warnings.warn(
+                f"{self.unkept_items} items of the base dataset have a source that kept no variant in this filtered "
+                f"plan ({len(plan.sources_without_variants())} such sources): they are always served real",
+                UserWarning, stacklevel=3)
         if matched == 0 and (self.p > 0 or self.items == "plan"):
             example = plan.columns.source(0) if plan.columns.n_sources else None
             raise InputError(
@@ -307,8 +321,9 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         n = len(item_source)
         n_shot = plan.config.get("n_shot")
         made = f"the plan was made with --shots {n_shot}; " if n_shot is not None else ""
-        if self.items == "plan" and matched < n:
-            keep = np.flatnonzero(item_source >= 0)
+        in_plan = int((item_source != -1).sum())  # with the sources a filter left without variants
+        if self.items == "plan" and in_plan < n:
+            keep = np.flatnonzero(item_source != -1)
             self.base = torch.utils.data.Subset(self.base, keep.tolist())
             self._adapter = SubsetAdapter(self.base)
             item_source = item_source[keep]
@@ -316,11 +331,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             self._base_len: int | None = n
         else:
             self._base_len = None
-            if 0 < matched < n:
+            if 0 < in_plan < n:
                 warnings.warn(
-                    f"{n - matched} of the {n} items of the base dataset are not in the plan ({made}it has "
-                    f"{matched} of them): they are always served real, so training sees the whole base dataset, "
-                    f"not the plan's subset. Pass items='plan' to serve only the plan's {matched} items (or "
+                    f"{n - in_plan} of the {n} items of the base dataset are not in the plan ({made}it has "
+                    f"{in_plan} of them): they are always served real, so training sees the whole base dataset, "
+                    f"not the plan's subset. Pass items='plan' to serve only the plan's {in_plan} items (or "
                     "wrap the base in Subset(base, dalda_aug.dataset.plan_indices(base, plan)))",
                     UserWarning, stacklevel=3)
         # Per item, arrays only (no object per item or variant): its labels and plan source number.
@@ -545,7 +560,9 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
     def __repr__(self) -> str:
         root = self._root
         lines = [
-            f"Number of datapoints: {len(self)} ({self.num_augmentable} with synthetic variants)",
+            f"Number of datapoints: {len(self)} ({self.num_augmentable} with synthetic variants"
+            + (f", {self.unkept_items} served real: their source kept no variant after filtering"
+               if getattr(self, "unkept_items", 0) else "") + ")",
             f"Base: {type(unwrap(self.base)).__name__}" + (f" at {root}" if root else "")
             + (f" (items='plan': the plan's {len(self)} of its {self._base_len} items)"
                if self._base_len is not None else ""),

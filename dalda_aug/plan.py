@@ -259,6 +259,19 @@ class AugmentationPlan:
         """Distinct sources in plan order."""
         return self.columns.sources()
 
+    def sources_without_variants(self) -> list[Any]:
+        """Sources the plan covers but gives no variant: those of a derived plan
+        (``dalda-aug filter``) whose every variant a filter rejected (``plan.json``'s
+        ``filter.unkept_sources``). A dataset serves them real; ``[]`` for any other plan."""
+        section = self.config.get("filter")
+        listed = section.get("unkept_sources") if isinstance(section, dict) else None
+        if listed is None:
+            return []
+        if not isinstance(listed, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
+                                                   for x in listed):
+            raise InputError("plan.json: filter.unkept_sources must list sources (strings or integers)")
+        return list(listed)
+
     def source_index(self) -> dict[Any, int]:
         """``{source: its number}``, sources numbered in plan order (one entry per source)."""
         return {source: s for s, source in enumerate(self.columns.sources())}

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     Font = Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]
 
 __all__ = ["plot_score_histogram", "plot_lambda_distribution", "contact_sheet", "contact_sheet_size",
-           "plan_contact_sheet"]
+           "plan_contact_sheet", "filter_contact_sheet"]
 
 
 def _pyplot() -> Any:
@@ -235,3 +235,46 @@ def plan_contact_sheet(plan: AugmentationPlan, cache: SyntheticCache, *, classes
             cells.append((image, f"{lam}={v.lam:.2f}{note} · {v.prompt}"))
         rows.append((load_source(source), f"original: {name} (CLIPScore {variants[0].score:.2f})", cells))
     return contact_sheet(rows, tile=tile, title=title)
+
+
+def filter_contact_sheet(parent: AugmentationPlan, cache: SyntheticCache, kept_rows: Any,
+                         scores: Any, passed: Any, *, specs: Sequence[str] = (), classes: Sequence[str] | None = None,
+                         per_class: int | None = 2, tile: int = 128,
+                         load_source: Callable[[str], Image.Image] | None = None) -> Image.Image:
+    """What a filter kept and rejected, side by side: per source (``per_class`` sources of each
+    class), the original, then its kept variants, then its rejected ones, each captioned with
+    "kept"/"rejected" and its score under every filter (``scores``/``passed``: parent rows x
+    filters, ``kept_rows``: the parent rows kept; as :func:`dalda_aug.filters.read_filter_record`
+    gives them)."""
+    from PIL import Image
+
+    from .data import load_image, source_path
+
+    if load_source is None:
+        if not parent.data_root:
+            raise InputError("the plan has no data_root; pass load_source to load its source images")
+        root = Path(parent.data_root)
+        load_source = lambda source: load_image(source_path(root, str(source)))  # noqa: E731
+    kept = set(int(r) for r in kept_rows)
+    names = list(specs) or [f"filter {j + 1}" for j in range(np.shape(scores)[1])]
+    cols = parent.columns
+    rows: list[tuple[Image.Image, str, list[tuple[Image.Image, str]]]] = []
+    shown: dict[str, int] = {}
+    for s in range(cols.n_sources):
+        parent_rows = [int(r) for r in cols.rows_of(s)]
+        first = parent.variants[parent_rows[0]]
+        if (classes is not None and first.class_name not in classes) or \
+                (per_class is not None and shown.get(first.class_name, 0) >= per_class):
+            continue
+        shown[first.class_name] = shown.get(first.class_name, 0) + 1
+        ordered = [r for r in parent_rows if r in kept] + [r for r in parent_rows if r not in kept]
+        cells: list[tuple[Image.Image, str]] = []
+        for r in ordered:
+            entry = cache.get(parent.variants[r])
+            image = entry.image if entry is not None else Image.new("RGB", (tile, tile), (200, 200, 200))
+            marks = ", ".join(f"{n} {float(scores[r, j]):.2f}{'' if passed[r, j] else ' (fails)'}"
+                              for j, n in enumerate(names))
+            cells.append((image, f"{'KEPT' if r in kept else 'rejected'} · {marks}"))
+        n_kept = sum(r in kept for r in parent_rows)
+        rows.append((load_source(str(first.source)), f"{first.class_name}: {n_kept} kept of {len(parent_rows)}", cells))
+    return contact_sheet(rows, tile=tile, title="kept (left) and rejected (right) variants per source")

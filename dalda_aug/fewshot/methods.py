@@ -24,6 +24,11 @@ __all__ = [
     "resolve_methods",
     "method_scaling",
     "uses_llm_prompts",
+    "FILTERED",
+    "method_of",
+    "filtered_twin",
+    "unfiltered",
+    "table_position",
 ]
 
 
@@ -55,9 +60,38 @@ DEFAULT_METHODS = tuple(name for name in METHODS if name != "llm_fixed")
 SIGNIFICANCE_BASELINE_ORDER = tuple(name for name in METHODS if name != "dalda")
 
 
+#: Suffix of a method's filtered twin (``fewshot.py --filter SPEC --oversample K``): the method's
+#: plan of K x M variants per source, filtered down to M (``dalda-aug filter``), at the same
+#: synthetic budget. Not part of the paper's method.
+FILTERED = "+filter"
+
+
+def unfiltered(name: str) -> str:
+    """The method a (possibly filtered) run name is made with: ``dalda+filter`` -> ``dalda``."""
+    return name[: -len(FILTERED)] if name.endswith(FILTERED) else name
+
+
+def filtered_twin(name: str) -> str:
+    return name + FILTERED
+
+
+def method_of(name: str) -> Method:
+    """The :class:`Method` of a run name, its filtered twin included (same prompts, scaling and
+    generator; the label says it is filtered)."""
+    base = METHODS[unfiltered(name)]
+    if name == base.name:
+        return base
+    return Method(name, f"{base.label} + filter", base.prompts, base.scaling, base.generator)
+
+
+def table_position(name: str) -> tuple[int, int]:
+    """Where a run name sorts in the outputs: its method's place, the filtered twin right after it."""
+    return list(METHODS).index(unfiltered(name)), int(name.endswith(FILTERED))
+
+
 def uses_llm_prompts(methods: list[str]) -> bool:
     """Whether any of ``methods`` reads the LLM prompt bank."""
-    return any(METHODS[m].prompts == "llm" for m in methods)
+    return any(method_of(m).prompts == "llm" for m in methods)
 
 
 def resolve_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:

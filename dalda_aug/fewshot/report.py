@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError, MissingFileError
-from .methods import METHODS, SIGNIFICANCE_BASELINE_ORDER
+from .methods import FILTERED, SIGNIFICANCE_BASELINE_ORDER, method_of, table_position, unfiltered
 from .protocol import (COMPONENT_TEXT, COMPONENTS, NOT_RECORDED, PROTOCOL_TEXT, REFERENCE_SETTINGS, best_epoch,
                        differing_components)
 
@@ -29,6 +29,7 @@ __all__ = [
     "protocol_metrics",
     "summarize",
     "paired_tests",
+    "filter_tests",
     "render_table",
     "combine",
     "write_outputs",
@@ -92,9 +93,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["backbone"], row["mode"], row["method"], row["shots"]), []).append(row)
-    order = list(METHODS)
     summary = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], order.index(k[2]), k[3])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], table_position(k[2]), k[3])):
         group = sorted(groups[key], key=lambda r: r["seed"])
         summary.append(_summary_row(key, group))
     return summary
@@ -118,7 +118,7 @@ def _summary_row(key: tuple[Any, ...], group: list[dict[str, Any]]) -> dict[str,
     mpc, mpc_std = mean_std(mpc_values)
     return {
         "dataset": group[0]["dataset"], "backbone": key[0], "mode": key[1], "method": key[2],
-        "label": METHODS[key[2]].label, "shots": key[3], "seeds": [r["seed"] for r in group],
+        "label": method_of(key[2]).label, "shots": key[3], "seeds": [r["seed"] for r in group],
         "protocol": protocol, **extra,
         **{name: group[0].get(name, COMPONENTS[name][0]) for name in COMPONENTS},
         **{name: group[0].get(name, NOT_RECORDED) for name in REFERENCE_SETTINGS},
@@ -164,6 +164,30 @@ def paired_tests(summary: list[dict[str, Any]], metrics: Sequence[str], pairing:
     return out
 
 
+def filter_tests(summary: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Each method against its filtered twin (``fewshot.py --filter``): per (backbone, mode,
+    dataset, shots), the mean difference (filtered − unfiltered) and the p-value of a paired
+    t-test over the seeds both ran."""
+    out = []
+    for backbone, mode in sorted({(s["backbone"], s["mode"]) for s in summary}):
+        cells = [s for s in summary if s["backbone"] == backbone and s["mode"] == mode]
+        for twin in sorted({s["method"] for s in cells if s["method"].endswith(FILTERED)}, key=table_position):
+            mine = {(s["dataset"], s["shots"]): s for s in cells if s["method"] == twin}
+            other = {(s["dataset"], s["shots"]): s for s in cells if s["method"] == unfiltered(twin)}
+            for key in sorted(set(mine) & set(other), key=str):
+                for metric in metrics:
+                    a, b, where = _pairs(mine, other, [key], metric, "seeds")
+                    if not a:
+                        continue
+                    diffs = [x - y for x, y in zip(a, b)]
+                    out.append({"backbone": backbone, "mode": mode, "dataset": key[0], "shots": key[1],
+                                "method": twin, "baseline": unfiltered(twin), "metric": metric, "test": PAIRED_TEST,
+                                "pairing": PAIRING["seeds"], "n_pairs": len(diffs),
+                                "mean_difference": sum(diffs) / len(diffs), "p_value": _p_value(a, b, diffs),
+                                "pairs": where})
+    return out
+
+
 def _pairs(dalda: dict[Any, dict[str, Any]], other: dict[Any, dict[str, Any]], group: list[Any], metric: str,
            pairing: str) -> tuple[list[float], list[float], list[dict[str, Any]]]:
     """DALDA's and the baseline's paired values over the (dataset, shots) cells of ``group``, and where
@@ -206,7 +230,7 @@ def _significance_line(first: str, test: dict[str, Any]) -> str:
     """One row of a significance table: ``first`` (shots, or backbone and mode), baseline, metric, pairs,
     mean difference and p-value."""
     p = "–" if test["p_value"] is None else f"{test['p_value']:.3g}"
-    return (f"| {first} | {METHODS[test['baseline']].label} | {METRIC_NAMES[test['metric']]} "
+    return (f"| {first} | {method_of(test['baseline']).label} | {METRIC_NAMES[test['metric']]} "
             f"| {test['n_pairs']} | {test['mean_difference']:+.3f} | {p} |")
 
 
@@ -218,7 +242,8 @@ def _cell(mean: float, std: float | None) -> str:
 
 
 def render_table(summary: list[dict[str, Any]], dataset: str, backbone: str, mode: str, shots: list[int],
-                 significance: list[dict[str, Any]] | None = None, paper_key: str | None = None) -> str:
+                 significance: list[dict[str, Any]] | None = None, paper_key: str | None = None,
+                 filter_significance: list[dict[str, Any]] | None = None) -> str:
     """The paper's Table 2 layout: rows = methods, columns = shots × the protocol's metrics."""
     rows = [s for s in summary if s["backbone"] == backbone and s["mode"] == mode]
     protocol = rows[0]["protocol"] if rows else "honest"
@@ -234,6 +259,12 @@ def render_table(summary: list[dict[str, Any]], dataset: str, backbone: str, mod
                       "so they are not pooled).", "",
                   "| Shots | Baseline | Metric | Pairs | Mean difference | p-value |", "|---:|---|---|---:|---:|---:|"]
         lines += [_significance_line(str(t.get("shots", "–")), t) for t in tests]
+    twins = [t for t in (filter_significance or []) if t["backbone"] == backbone and t["mode"] == mode]
+    if twins:
+        lines += ["", f"Each method against its filtered twin (same synthetic budget): mean difference (filtered − "
+                      f"unfiltered) and p-value of a {PAIRED_TEST}, {PAIRING['seeds']}.", "",
+                  "| Shots | Method | Metric | Pairs | Mean difference | p-value |", "|---:|---|---|---:|---:|---:|"]
+        lines += [_significance_line(str(t["shots"]), t) for t in twins]
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +318,7 @@ def _table_heading(rows: list[dict[str, Any]], first: dict[str, Any], dataset: s
 
 def _table_body(rows: list[dict[str, Any]], shots: list[int], protocol: str) -> list[str]:
     """The table itself: one row per method, the best value of each column in bold."""
-    methods = [m for m in METHODS if any(s["method"] == m for s in rows)]
+    methods = sorted({s["method"] for s in rows}, key=table_position)
     by_key = {(s["method"], s["shots"]): s for s in rows}
     fields = protocol_metrics(protocol)
     header = ["Method"]
@@ -301,7 +332,7 @@ def _table_body(rows: list[dict[str, Any]], shots: list[int], protocol: str) -> 
             values = [by_key[(m, n)][field] for m in methods if (m, n) in by_key]
             best[(n, field)] = max(values) if values else None
     for m in methods:
-        cells = [METHODS[m].label]
+        cells = [method_of(m).label]
         for n in shots:
             s = by_key.get((m, n))
             for field in fields:
@@ -389,13 +420,14 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], s
     protocol = summary[0]["protocol"] if summary else "honest"
     metrics = protocol_metrics(protocol)
     significance = paired_tests(summary, metrics)
+    twins = filter_tests(summary, metrics)
     result = {"format": FORMAT, **meta, "protocol": protocol,
               "metrics": [METRIC_NAMES[m] for m in metrics], "runs": rows, "summary": summary,
-              "significance": significance}
+              "significance": significance, **({"filter_significance": twins} if twins else {})}
     paths = {"json": out / "results.json", "csv": out / "results.csv", "table": out / "table.md"}
     paths["json"].write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _write_csv(paths["csv"], rows, summary)
-    tables = [render_table(summary, meta["dataset"], b, m, shots, significance, meta.get("paper_key"))
+    tables = [render_table(summary, meta["dataset"], b, m, shots, significance, meta.get("paper_key"), twins)
               for b, m in sorted({(s["backbone"], s["mode"]) for s in summary})]
     paths["table"].write_text("\n".join(tables), encoding="utf-8")
     return paths
@@ -406,8 +438,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], summary: list[dict[str, A
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        order = list(METHODS)
-        for row in sorted(rows, key=lambda r: (r["backbone"], order.index(r["method"]), r["shots"], r["seed"])):
+        for row in sorted(rows, key=lambda r: (r["backbone"], table_position(r["method"]), r["shots"], r["seed"])):
             writer.writerow({"protocol": "honest", **row, "seeds": 1})
         for s in summary:
             writer.writerow({**s, "seed": "mean", "seeds": len(s["seeds"]),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InputError
 from .data import reference_few_shot_indices
-from .methods import METHODS, method_scaling
+from .methods import FILTERED, method_of, method_scaling
 from .protocol import best_epoch, evaluation_draws, row_settings
 from .report import write_outputs
 from .settings import Benchmark, finished_runs, log, prepare, write_config
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     t0 = time.perf_counter()
     fewshot = few_shot_draws(bench, todo)
-    needs_plan = [(seed, shots, m) for seed, shots, m in todo if METHODS[m].generator is not None]
+    needs_plan = [(seed, shots, m) for seed, shots, m in todo if method_of(m).generator is not None]
     scores = score_few_shot(bench, sorted({i for seed, shots, _ in needs_plan for i in fewshot[(seed, shots)]}))
     bench.timing["scores"] = time.perf_counter() - t0
 
@@ -92,6 +92,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.stop_after == "warm":
         log(f"cache warm for {len(plans)} plans in {bench.cache_dir}; stopping (--stop-after warm)")
         return 0
+
+    t0 = time.perf_counter()
+    filter_plans(bench, plans)
+    bench.timing["filter"] = time.perf_counter() - t0
 
     rows = train_and_evaluate(bench, grid, todo, done, fewshot, plans)
     bench.timing["total"] = time.perf_counter() - bench.started
@@ -155,7 +159,7 @@ def _make_plan(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], 
     from ..generators.textual_inversion import train_textual_inversion
     from ..plan import build_plan
 
-    args, source, out, method = bench.args, bench.source, bench.out, METHODS[m]
+    args, source, out, method = bench.args, bench.source, bench.out, method_of(m)
     # honest: build_plan draws the same few-shot subset itself; reference: it is given the subset
     # (σ still uses n = shots, each class holding `shots` images)
     plan_source, plan_shots = (source, shots) if args.protocol == "honest" else (source.subset(idx), None)
@@ -166,17 +170,19 @@ def _make_plan(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], 
                                          shots=plan_shots, seed=seed, config=configs.ti_config, device=bench.device,
                                          dtype=bench.dtype, cache_dir=out / "textual-inversion-cache",
                                          progress=bench.progress)
-        plan = build_da_fusion_plan(plan_source, tokens.folder, variants=args.variants, seed=seed,
+        variants = args.variants * (args.oversample if m.endswith(FILTERED) else 1)
+        plan = build_da_fusion_plan(plan_source, tokens.folder, variants=variants, seed=seed,
                                     n_shot=plan_shots, models=bench.models, config=configs.da_config,
                                     scores=plan_scores, progress=False)
-        plan.save(out / "plans" / f"seed{seed}-{shots}shot-{m}")
+        plan.save(out / "plans" / (f"seed{seed}-{shots}shot-{m}" + ("-candidates" if m.endswith(FILTERED) else "")))
         _bind_da_fusion_cache(bench, (seed, shots, m), plan)
         return plan
-    plan = build_plan(plan_source, variants=args.variants, seed=seed, n_shot=plan_shots,
+    variants = args.variants * (args.oversample if m.endswith(FILTERED) else 1)  # a twin: K x M candidates
+    plan = build_plan(plan_source, variants=variants, seed=seed, n_shot=plan_shots,
                       scaling=method_scaling(method, args.ags_mode, args.fixed_lambda),
                       prompts=bench.bank if method.prompts == "llm" else None, models=bench.models,
                       base_prompt_names=_class_names(bench, method), scores=plan_scores, progress=False)
-    plan.save(out / "plans" / f"seed{seed}-{shots}shot-{m}")
+    plan.save(out / "plans" / (f"seed{seed}-{shots}shot-{m}" + ("-candidates" if m.endswith(FILTERED) else "")))
     return plan
 
 
@@ -208,7 +214,7 @@ def warm_plans(bench: Benchmark, plans: dict[RunKey, Any]) -> list[dict[str, Any
     caches, specs, device = bench.configs.caches, bench.configs.specs, bench.device
     warm_reports = []
     for kind in ("ip_adapter", "real_guidance", "da_fusion"):
-        keys = [k for k in plans if METHODS[k[2]].generator == kind]
+        keys = [k for k in plans if method_of(k[2]).generator == kind]
         if not keys:
             continue
         # One generator per kind for all plans, built on the first miss (loading it costs more
@@ -227,6 +233,31 @@ def warm_plans(bench: Benchmark, plans: dict[RunKey, Any]) -> list[dict[str, Any
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return warm_reports
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. filter the twins' candidates (--filter SPEC --oversample K; not part of the paper's method)
+# ---------------------------------------------------------------------------------------------
+def filter_plans(bench: Benchmark, plans: dict[RunKey, Any]) -> None:
+    """Replace each filtered twin's plan of K x M candidates by its derived plan of at most M per
+    source (``dalda-aug filter``: ``--filter`` specs, all must pass, the first ranks); what the
+    filter did goes into ``bench.filter_info`` for the twin's result row."""
+    from ..filters import filter_plan
+
+    caches = bench.configs.caches
+    for key in [k for k in plans if k[2].endswith(FILTERED)]:
+        seed, shots, m = key
+        candidates = plans[key]  # saved by make_plans as plans/...-candidates, which the derived plan names
+        cache = caches[key] if key in caches else caches[method_of(m).generator]
+        report = filter_plan(bench.out / "plans" / f"seed{seed}-{shots}shot-{m}-candidates", cache, list(bench.args.filter), bench.out / "plans" / f"seed{seed}-{shots}shot-{m}",
+                             keep=bench.args.variants, device=bench.device, overwrite=True, progress=bench.progress)
+        plans[key] = report.plan
+        bench.filter_info[key] = {"filters": report.plan.config["filter"]["filters"], "oversample": bench.args.oversample,
+                                  "generated": len(candidates), "kept": len(report.plan),
+                                  "pass_rate": report.totals["pass_rate"], "shortfall": report.totals["shortfall"],
+                                  "sources_without_variants": report.totals["sources_without_variants"]}
+        log(f"seed {seed}, {shots}-shot, {m}: kept {len(report.plan)} of {len(candidates)} generated "
+            f"(pass rate {report.totals['pass_rate']:.0%})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +292,7 @@ def train_and_evaluate(bench: Benchmark, grid: list[RunKey], todo: list[RunKey],
 
 def _settings(bench: Benchmark, m: str) -> dict[str, Any]:
     """The :data:`~dalda_aug.fewshot.protocol.REFERENCE_SETTINGS` of a run of method ``m``."""
-    return row_settings(METHODS[m], bench.args.ags_mode, bench.args.class_names, bench.data.pool)
+    return row_settings(method_of(m), bench.args.ags_mode, bench.args.class_names, bench.data.pool)
 
 
 class _Evaluation:
@@ -356,7 +387,7 @@ def train_one(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], p
     if plan is None:  # real images only
         train_set: Any = Subset(ImageFolder(str(bench.data.train_root), transform=train_tf), folder_idx)
     else:
-        cache: Any = configs.caches.get((seed, shots, m), configs.caches.get(METHODS[m].generator))
+        cache: Any = configs.caches.get((seed, shots, m), configs.caches.get(method_of(m).generator))
         train_set = SyntheticAugmentedDataset(Subset(train_folder, folder_idx), plan, cache,
                                               p=args.p, transform=train_tf, on_miss="error", seed=seed)
     eval_set = _eval_set(bench, model, seed, test_sets)
@@ -383,10 +414,11 @@ def train_one(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], p
     bench.timing["evaluate"] += test_metrics.seconds
     return {
         "run_key": bench.run_key(seed, shots, m), "dataset": bench.data.name, "backbone": args.backbone,
-        "mode": args.mode, "method": m, "label": METHODS[m].label, "shots": shots, "seed": seed, **protocol_fields,
+        "mode": args.mode, "method": m, "label": method_of(m).label, "shots": shots, "seed": seed, **protocol_fields,
         **components, **_settings(bench, m), "eval_pool": len(eval_set),
         "top1": metrics["top1"], "mean_per_class": metrics["mean_per_class"], "n_test": metrics["n"],
         "per_class": metrics["per_class"], "per_class_n": metrics["per_class_n"],
+        **({"filter": bench.filter_info[(seed, shots, m)]} if (seed, shots, m) in bench.filter_info else {}),
         "n_train_real": len(folder_idx), "n_synthetic": len(plan) if plan is not None else 0,
         "p": args.p if plan is not None else 0.0,
         "plan": None if plan is None else {

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .data import Data, load_data
-from .methods import METHODS, resolve_methods, uses_llm_prompts
+from .methods import filtered_twin, method_of, resolve_methods, uses_llm_prompts
 from .protocol import BN_BACKBONES, COMPONENTS, differing_components, resolve_components, row_settings
 from .report import FORMAT
 
@@ -94,6 +94,8 @@ class Benchmark:
     timing: dict[str, float] = field(default_factory=lambda: {"scores": 0.0, "plan": 0.0, "warm": 0.0,
                                                                "train": 0.0, "evaluate": 0.0})
     meta: dict[str, Any] = field(default_factory=dict)
+    # (seed, shots, method) of a filtered twin -> what its filter did (fewshot.py --filter)
+    filter_info: dict[Any, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -140,6 +142,18 @@ def prepare(args: argparse.Namespace, argv: list[str], started: float) -> Benchm
         log(f"skipping method {m!r}: it {why}")
     if not methods:
         raise InputError("no method left to run")
+    filters = list(getattr(args, "filter", None) or [])
+    if filters:  # each generating method gets its filtered twin (fewshot.py --filter SPEC --oversample K)
+        from ..filters import make_filter
+
+        for spec in filters:
+            make_filter(spec)  # a bad --filter is said before anything runs
+        if getattr(args, "oversample", 2) < 1:
+            raise InputError(f"--oversample must be an integer >= 1, got {args.oversample!r}")
+        twins = [filtered_twin(m) for m in methods if method_of(m).generator is not None]
+        if not twins:
+            raise InputError("--filter needs a method that generates images (--methods)")
+        methods = [x for m in methods for x in ([m, filtered_twin(m)] if filtered_twin(m) in twins else [m])]
     models = ModelConfig.load(args.models) if args.models is not None else ModelConfig()
     components = resolve_evaluation(args)
     data = load_data(args, components["eval_split"])
@@ -298,6 +312,8 @@ def run_identity(args: argparse.Namespace, data: Data, models: ModelConfig, conf
         "train": {k: v for k, v in configs.train_config.to_dict().items()
                   if k not in ("num_workers", "device", "seed")},
     }
+    if getattr(args, "filter", None):
+        identity["filter"] = {"specs": list(args.filter), "oversample": args.oversample}
     # Non-default choices only, so the run keys of earlier honest runs stay valid.
     if args.protocol != "honest":
         identity["protocol"] = args.protocol
@@ -330,7 +346,7 @@ def write_config(bench: Benchmark) -> None:
         "class_names": data.source.class_names,
         "methods": bench.methods,
         "skipped_methods": bench.skipped,
-        "method_definitions": {m: vars(METHODS[m]) for m in bench.methods},
+        "method_definitions": {m: vars(method_of(m)) for m in bench.methods},
         "shots": args.shots,
         "seeds": args.seeds,
         "variants": args.variants,
@@ -354,7 +370,7 @@ def write_config(bench: Benchmark) -> None:
         "components": components,
         "differs_from_reference": {m: differing_components({
             "protocol": args.protocol, "backbone": args.backbone, "mode": args.mode, **components,
-            **row_settings(METHODS[m], args.ags_mode, args.class_names, data.pool)}) for m in bench.methods},
+            **row_settings(method_of(m), args.ags_mode, args.class_names, data.pool)}) for m in bench.methods},
         "base_prompt_class_names": args.class_names,
         "pool": data.pool,
         "train": {**configs.train_config.to_dict(), "seed": "= run seed"},
