@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .cache import GenerationSpec, SyntheticCache
     from .plan import AugmentationPlan
 
-__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state"]
+__all__ = ["register", "spec_from_args", "describe_settings", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state"]
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) -> None:
@@ -118,6 +118,29 @@ def _human_bytes(n: float) -> str:
 
 
 # -- warm ---------------------------------------------------------------------------------------
+def describe_settings(args: argparse.Namespace, spec: GenerationSpec, device: str) -> str:
+    """``size 64 (tiny/models.json), steps 2 (tiny/models.json), dtype float32 (default on the CPU),
+    device cpu (accelerate's choice)``: the settings ``warm`` generates with, each with where it
+    came from (an option, the models file or the plan's recorded defaults, the plan, the default)."""
+    used = getattr(args, "model_defaults", None) or {}
+    where = getattr(args, "model_defaults_from", None) or args.models
+
+    def origin(option: str) -> str:
+        if option in used:
+            return f"defaults of {where}"
+        if getattr(args, option.replace("-", "_"), None) is not None:
+            return f"--{option}"
+        return "default"
+
+    config = spec.config
+    size = getattr(config, "height", None)
+    steps = getattr(config, "num_inference_steps", None)
+    dtype_from = "--dtype" if args.dtype is not None else f"default on {'CUDA' if device.startswith('cuda') else 'the CPU'}"
+    device_from = "--device" if args.device is not None else "accelerate's choice"
+    return (f"size {size} ({origin('size')}), steps {steps} ({origin('steps')}), dtype {spec.dtype} ({dtype_from}), "
+            f"device {device} ({device_from})")
+
+
 def partial_state(device: str | None) -> Any:
     """``accelerate.PartialState`` (rank and world size under ``accelerate launch``).
 
@@ -167,10 +190,8 @@ def _run_warm(args: argparse.Namespace) -> int:
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         note = ("; `accelerate launch --cpu` starts one process: for N CPU processes use "
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
-    from .config import describe_model_defaults
-
-    print(f"dalda-aug warm: process rank {rank} of world size {world}, device {device}, cache shard "
-          f"shard-{cache.shard}{describe_model_defaults(args)}{note}", flush=True)
+    print(f"dalda-aug warm: {describe_settings(args, spec, device)}; process rank {rank} of world size {world}, "
+          f"cache shard shard-{cache.shard}{note}", flush=True)
     report = warm(
         plan,
         cache,

