@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import socket
+import sys
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
@@ -22,16 +23,31 @@ if TYPE_CHECKING:
     from .cache import GenerationSpec, SyntheticCache
     from .plan import AugmentationPlan
 
-__all__ = ["register", "spec_from_args", "describe_settings", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state"]
+__all__ = ["register", "spec_from_args", "describe_settings", "add_data_root_argument", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state"]
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) -> None:
-    """The options that make up a :class:`~dalda_aug.cache.GenerationSpec`."""
+def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool, reading: bool = False) -> None:
+    """The options that make up a :class:`~dalda_aug.cache.GenerationSpec`. ``reading``: the
+    command reads a warmed cache, so each option defaults to the spec ``warm`` recorded there."""
     parser.add_argument("--plan", required=plan_required, default=None, help="plan folder (dalda-aug plan)")
+    if reading:
+        recorded = "default: the spec `warm` recorded in the cache for the plan"
+        parser.add_argument("--models", default=None,
+                            help=f"models JSON (ModelConfig) the images were generated with ({recorded})")
+        parser.add_argument("--steps", type=int, default=None, help=f"denoising steps ({recorded})")
+        parser.add_argument("--size", type=int, default=None, help=f"image height and width in pixels ({recorded})")
+        parser.add_argument("--guidance-scale", type=float, default=None, help=f"classifier-free guidance ({recorded})")
+        parser.add_argument("--scheduler", default=None, help=f"ddim or dpmsolver++ ({recorded})")
+        parser.add_argument("--dtype", default=None, help=f"float16, bfloat16 or float32 ({recorded})")
+        return
     parser.add_argument("--models", default=None,
-                        help="models JSON (ModelConfig); default: the models recorded in the plan")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
-    parser.add_argument("--size", type=int, default=None, help="output height and width in pixels (default 512)")
+                        help="models JSON (ModelConfig); default: the models recorded in the plan, with the "
+                             "option defaults recorded with them")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default 30, or the models file's: 2 for the tiny models)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="output height and width in pixels (default 512, or the models file's: 64 for the "
+                             "tiny models)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default 7.5)")
     parser.add_argument("--scheduler", default=None, help="ddim (default) or dpmsolver++")
     parser.add_argument("--dtype", default=None,
@@ -103,10 +119,23 @@ def cache_for_plan(args: argparse.Namespace, plan: AugmentationPlan) -> Syntheti
     return cache.with_spec(cache.resolve_spec(plan))
 
 
-def _load_plan(path: str | None) -> AugmentationPlan | None:
+def _load_plan(path: str | None, data_root: str | None = None) -> AugmentationPlan | None:
     from .plan import AugmentationPlan
 
-    return AugmentationPlan.load(path) if path else None
+    plan = AugmentationPlan.load(path) if path else None
+    if plan is not None and data_root is not None:
+        from .warm import rebase_plan
+
+        plan = rebase_plan(plan, data_root)
+    return plan
+
+
+def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data-root DIR``: the plan's image folder, moved (checked by content hashes)."""
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="the plan's image folder if it moved since planning (the plan's sources are found "
+                             "there by their relative paths and checked by their content hashes); default: the "
+                             "folder the plan records")
 
 
 def _human_bytes(n: float) -> str:
@@ -172,7 +201,7 @@ def _run_warm(args: argparse.Namespace) -> int:
     from .warm import warm
 
     quality = _quality(args.quality, args.format)  # before the plan is read
-    plan = _load_plan(args.plan)
+    plan = _load_plan(args.plan, args.data_root)
     spec = spec_from_args(args, plan)
     state = partial_state(args.device)
     rank, world = state.process_index, state.num_processes
@@ -192,16 +221,28 @@ def _run_warm(args: argparse.Namespace) -> int:
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
     print(f"dalda-aug warm: {describe_settings(args, spec, device)}; process rank {rank} of world size {world}, "
           f"cache shard shard-{cache.shard}{note}", flush=True)
-    report = warm(
-        plan,
-        cache,
-        device=device,
-        batch_size=args.batch_size,
-        process_index=rank,
-        num_processes=world,
-        verify=args.verify,
-        progress=not args.no_progress,
-    )
+    from .warm import WarmInterrupted
+
+    try:
+        report = warm(
+            plan,
+            cache,
+            device=device,
+            batch_size=args.batch_size,
+            process_index=rank,
+            num_processes=world,
+            verify=args.verify,
+            progress=not args.no_progress,
+        )
+    except WarmInterrupted as stop:
+        print(f"dalda-aug warm: interrupted: {stop.kept} images kept ({stop.stored} written by this run, "
+              f"{stop.assigned - stop.kept} still missing); rerun the same command to continue", file=sys.stderr,
+              flush=True)
+        return 130
+    except KeyboardInterrupt:
+        print("dalda-aug warm: interrupted before any image was generated; the cache is as it was: rerun the "
+              "same command to continue", file=sys.stderr, flush=True)
+        return 130
     print(f"dalda-aug warm: {report.summary()}", flush=True)
     if args.report:
         path = args.report.replace("{rank}", str(rank))
@@ -357,6 +398,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     add_spec_arguments(p, plan_required=True)
     p.add_argument("--cache", required=True, help="cache folder")
+    add_data_root_argument(p)
     p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
     from .cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, DEFAULT_QUALITY, IMAGE_FORMATS
@@ -383,7 +425,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
     s = sub.add_parser("stats", help="entries, bytes, shards and the share of a plan covered")
     s.add_argument("--cache", required=True, help="cache folder")
-    add_spec_arguments(s, plan_required=False)
+    add_spec_arguments(s, plan_required=False, reading=True)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_run_stats)
 
@@ -417,7 +459,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "exports resume where a killed run stopped")
     s.add_argument("--shard-size", default=None, metavar="N",
                    help="samples per tar shard / rows per Parquet file (default 1000; webdataset and parquet)")
-    add_spec_arguments(s, plan_required=False)
+    add_spec_arguments(s, plan_required=False, reading=True)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_run_export)
 

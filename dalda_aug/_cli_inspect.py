@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ._cli_cache import add_spec_arguments, cache_for_plan
+from ._cli_cache import add_data_root_argument, add_spec_arguments, cache_for_plan
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -27,6 +27,10 @@ def _open(args: argparse.Namespace) -> tuple[AugmentationPlan, SyntheticCache]:
     from .plan import AugmentationPlan
 
     plan = AugmentationPlan.load(args.plan)
+    if args.data_root is not None:
+        from .warm import rebase_plan
+
+        plan = rebase_plan(plan, args.data_root)
     return plan, cache_for_plan(args, plan)
 
 
@@ -96,19 +100,21 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from .viz import plan_contact_sheet, plot_lambda_distribution, plot_score_histogram
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     plans: dict[str, AugmentationPlan] = {}
     for item in [args.plan, *args.also]:
         name, _, path = item.rpartition("=")
         plans[name or Path(path).name] = AugmentationPlan.load(path)
+    classes = _resolve_classes(next(iter(plans.values())), args.classes)  # before anything is written
+    if args.cache:
+        args.plan = args.plan.rpartition("=")[2]
+        sheet_plan, cache = _open(args)
+    out.mkdir(parents=True, exist_ok=True)
     written = [plot_score_histogram(plans, out / "clipscore_histogram.png")]
     for name, plan in plans.items():
         suffix = "" if len(plans) == 1 else f"_{name}"
         written.append(plot_lambda_distribution(plan, out / f"lambda_distribution{suffix}.png"))
     if args.cache:
-        args.plan = args.plan.rpartition("=")[2]
-        plan, cache = _open(args)
-        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        plan = sheet_plan
         sheet = plan_contact_sheet(plan, cache, classes=classes, per_class=args.per_class, tile=args.tile)
         path = out / "contact_sheet.png"
         sheet.save(path)
@@ -116,6 +122,24 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _resolve_classes(plan: AugmentationPlan, text: str | None) -> list[str] | None:
+    """``--classes``: each name in the plan's readable form ("coffee cup") or its folder's
+    ("coffee_cup"), as the plan's class names; an unknown one stops with one line."""
+    from .data import readable_class_name
+
+    if not text:
+        return None
+    known = plan.class_names
+    resolved, unknown = [], []
+    for name in (c.strip() for c in text.split(",") if c.strip()):
+        match = name if name in known else readable_class_name(name)
+        (resolved if match in known else unknown).append(match if match in known else name)
+    if unknown or not resolved:
+        raise InputError(f"--classes: unknown class name(s) {unknown}; the plan's classes are {sorted(known)} "
+                         "(folder names such as coffee_cup work too)")
+    return resolved
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -127,7 +151,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     "class, plus fidelity: CLIP-I to the source image and CLIP's zero-shot accuracy. LPIPS needs "
                     "torchvision's AlexNet weights in $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth.",
     )
-    add_spec_arguments(p, plan_required=True)
+    add_spec_arguments(p, plan_required=True, reading=True)
+    add_data_root_argument(p)
     p.add_argument("--cache", required=True, help="cache folder")
     p.add_argument("--out", default=None, help="write the full report (per class, per source) as JSON")
     p.add_argument("--device", default="cpu")
@@ -143,7 +168,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     "(Low and High sources) and, with --cache, contact_sheet.png (each real image and its "
                     "variants, labelled with λ and prompt).",
     )
-    add_spec_arguments(p, plan_required=True)
+    add_spec_arguments(p, plan_required=True, reading=True)
+    add_data_root_argument(p)
     p.add_argument("--also", action="append", default=[], metavar="NAME=PLAN",
                    help="another dataset's plan for the histogram (repeatable); --plan may be NAME=DIR too")
     p.add_argument("--cache", default=None, help="cache folder (for the contact sheet)")

@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         module = sys.modules[__name__] if name == __name__ else importlib.import_module(name)
         module.register(subparsers)
+    for each in _all_parsers(parser):
+        each.allow_abbrev = False  # long options are documented whole: --cach is a typo, not --cache
     return parser
 
 
@@ -334,11 +336,54 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str
     return f"unrecognized arguments: {' '.join(extras)}{hint}"
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> "argparse._SubParsersAction[argparse.ArgumentParser] | None":
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def _check_commands(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """An unknown (sub)command stops with one line under its parser's usage (exit status 2) that
+    suggests the command meant: a close spelling (``paln`` -> ``plan``) or the command one level
+    down that has this name (``export`` -> ``cache export``)."""
+    import difflib
+
+    current, words, i = parser, [], 0
+    while True:
+        action = _subparsers(current)
+        if action is None:
+            return
+        if current is parser:  # the top level's options take no value (--version, -h)
+            while i < len(argv) and argv[i].startswith("-"):
+                i += 1
+        if i >= len(argv) or argv[i].startswith("-") or argv[i] in action.choices:
+            if i < len(argv) and argv[i] in action.choices:
+                current, i = action.choices[argv[i]], i + 1
+                words.append(argv[i - 1])
+                continue
+            return
+        name = argv[i]
+        hints = [" ".join([*words, close]) for close in difflib.get_close_matches(name, list(action.choices), n=2)]
+        for command, sub in action.choices.items():
+            nested = _subparsers(sub)
+            if nested is not None and name in nested.choices:
+                hints.append(" ".join([*words, command, name]))
+        hint = f" (did you mean {' or '.join(f'`{parser.prog} {h}`' for h in dict.fromkeys(hints))}?)" if hints else ""
+        current.error(f"unknown command {name!r}{hint}; commands: {', '.join(action.choices)}")
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv``, an unknown option said first: argparse checks the required options (``plan
     --data/--out``) before it returns the ones it does not know, so ``plan --shtos 2`` would say
     ``--data`` is missing. A first pass with nothing required finds the unknown ones and names them
-    in one line under the chosen subcommand's usage (exit status 2); then the real pass."""
+    in one line under the chosen subcommand's usage (exit status 2); then the real pass. ``--help``
+    skips the first pass, so its usage line shows the required options as required."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_commands(parser, argv)
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    if "-h" in options or "--help" in options:
+        return parser.parse_args(argv)
     parsers = list(_all_parsers(parser))
     relaxed: list[Any] = [action for each in parsers for action in each._actions if action.required]
     relaxed += [group for each in parsers for group in each._mutually_exclusive_groups if group.required]
