@@ -1,0 +1,223 @@
+"""The CPU path and the first hour (issue 29): the tiny models' defaults travel with the plan,
+``warm`` says what it generates with, misses generated in-process are said, ``--help`` and typos
+are honest, Ctrl-C and a moved data folder say what to do. The CLI runs as a user runs it:
+``python -m dalda_aug`` in a subprocess (tests/helpers.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from helpers import cli_env, noise_folder, run_dalda
+
+pytest.importorskip("diffusers")
+
+CLASSES = ["cat", "coffee_cup"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """``tiny/`` (make-tiny-models), ``data/`` (2 classes x 2 noise images), ``plan/`` made with
+    ``--models tiny``, and ``cache/`` warmed by ``warm --plan plan --cache cache`` (no ``--models``)."""
+    from dalda_aug.cli import main
+
+    work = tmp_path_factory.mktemp("cpu-path")
+    noise_folder(work / "data", CLASSES, per_class=2, size=(40, 32))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main(["make-tiny-models", "tiny"]) == 0
+        assert main(["plan", "--data", "data", "--out", "plan", "--variants", "2", "--models", "tiny"]) == 0
+    finally:
+        os.chdir(cwd)
+    warm = run_dalda("warm", "--plan", "plan", "--cache", "cache", "--no-progress", cwd=work, timeout=300)
+    assert warm.returncode == 0, warm.stderr
+    return work, warm
+
+
+# -- point 2: warm without --models takes the plan's models and their recorded defaults -------------
+def test_warm_without_models_takes_the_plans_defaults_and_says_where_each_setting_came_from(world):
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.plan import AugmentationPlan
+
+    work, warm = world
+    first = warm.stdout.splitlines()[0]
+    where = f"defaults of {Path('plan') / 'plan.json'}, the plan's models"
+    assert first.startswith(f"dalda-aug warm: size 64 ({where}), steps 2 ({where}), dtype float32 (default on the "
+                            "CPU), device cpu ("), first
+    assert "process rank 0 of world size 1" in first
+    plan = AugmentationPlan.load(work / "plan")
+    assert plan.config["model_defaults"]["warm"] == {"size": 64, "steps": 2}  # what make-tiny-models recorded
+    spec = SyntheticCache(work / "cache").resolve_spec(plan)  # the spec warm recorded for the plan
+    assert (spec.config.height, spec.config.num_inference_steps, spec.dtype) == (64, 2, "float32")
+    assert f"{len(plan)} generated" in warm.stdout
+
+
+def test_warm_says_an_option_given_wins(world, tmp_path):
+    work, _ = world
+    proc = run_dalda("warm", "--plan", str(work / "plan"), "--cache", str(work / "cache"), "--size", "64",
+                     "--dtype", "float32", "--device", "cpu", "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("dalda-aug warm: size 64 (--size), steps 2 (defaults of ") and \
+        "dtype float32 (--dtype), device cpu (--device)" in first, first
+    assert "0 generated" in proc.stdout  # the same settings as the first warm: every image is there
+
+
+# -- point 3: one warning when on_miss="generate" starts generating in this process -----------------
+def test_on_miss_generate_warns_once_naming_the_process_the_count_and_warm(world, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from dalda_aug.cache import GenerationSpec, SyntheticCache
+    from dalda_aug.dataset import SyntheticAugmentedDataset
+    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.plan import AugmentationPlan
+
+    work, _ = world
+    plan = AugmentationPlan.load(work / "plan")
+    spec = GenerationSpec(plan.models, GenerationConfig(num_inference_steps=1, height=32, width=32), "float32")
+    cache = SyntheticCache(tmp_path / "empty", spec)  # another spec than warm's: nothing of the plan in it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = SyntheticAugmentedDataset(ImageFolder(work / "data"), plan, cache, p=1.0, seed=0)
+        ds[0], ds[1], ds[2]
+    said = [str(w.message) for w in caught if "on_miss='generate'" in str(w.message)]
+    assert len(said) == 1, said  # once, not per item
+    assert f"the main process (pid {os.getpid()})" in said[0]
+    assert f"{len(plan)} of the {len(plan)} planned variants are missing" in said[0]
+    assert "dalda-aug warm" in said[0]
+    assert len(cache.keys()) == 3  # the three items were generated here, and cached
+
+
+# -- point 4: --help -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("command, required", [(("plan",), ("--data DATA", "--out OUT")),
+                                               (("warm",), ("--plan PLAN", "--cache CACHE")),
+                                               (("cache", "stats"), ("--cache CACHE",))])
+def test_help_shows_required_options_outside_brackets(command, required):
+    proc = run_dalda(*command, "--help", timeout=60)
+    assert proc.returncode == 0
+    usage = proc.stdout.split("\n\n")[0]
+    for option in required:
+        assert option in usage and f"[{option}" not in usage, usage
+
+
+@pytest.mark.parametrize("command", [("cache", "stats"), ("cache", "export"), ("metrics",), ("inspect",)])
+def test_reading_commands_say_their_generation_options_default_to_warms_record(command):
+    proc = run_dalda(*command, "--help", timeout=60)
+    text = " ".join(proc.stdout.split())
+    for option in ("--steps STEPS", "--size SIZE", "--dtype DTYPE"):
+        help_text = text.split(option, 2)[-1][:160]  # the option's own line, after the usage
+        assert "default: the spec `warm` recorded in the cache" in help_text, (option, help_text)
+    assert "default 30" not in text and "default 512" not in text
+
+
+# -- point 12: typos -------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, hint", [(("paln",), "did you mean `dalda-aug plan`?"),
+                                        (("export", "--cache", "c"), "did you mean `dalda-aug cache export`?"),
+                                        (("cache", "stat"), "did you mean `dalda-aug cache stats`?")])
+def test_a_mistyped_command_suggests_the_command_meant(argv, hint):
+    proc = run_dalda(*argv, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert hint in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_an_abbreviated_option_is_not_taken_for_the_whole_one(world, tmp_path):
+    work, _ = world
+    proc = run_dalda("cache", "stats", "--cach", str(work / "cache"), timeout=60)
+    assert proc.returncode == 2 and "unrecognized arguments: --cach" in proc.stderr
+    assert "did you mean --cache?" in proc.stderr
+
+
+# -- point 11: Ctrl-C in warm ------------------------------------------------------------------------
+def test_ctrl_c_in_warm_says_how_many_images_are_kept_and_how_to_continue(world, tmp_path):
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.plan import AugmentationPlan
+
+    work, _ = world
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "dalda_aug", "warm", "--plan", str(work / "plan"), "--cache", str(cache),
+            "--batch-size", "1", "--steps", "30", "--no-progress"]
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (cache / "specs").is_dir() or not any((cache / "specs").iterdir()):  # the first image is stored
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    said = re.search(r"interrupted: (\d+) images kept \((\d+) written by this run, (\d+) still missing\); rerun "
+                     r"the same command to continue", err)
+    assert said is not None and "Traceback" not in err, err
+    plan = AugmentationPlan.load(work / "plan")
+    held = SyntheticCache(cache).with_spec(SyntheticCache(cache).resolve_spec(plan)).stats(plan)["plan"]["cached"]
+    assert int(said.group(1)) == held >= 1 and int(said.group(3)) == len(plan) - held
+
+
+# -- point 10: a moved data folder ---------------------------------------------------------------------
+def test_a_moved_data_folder_is_named_and_taken_with_data_root(world, tmp_path):
+    from dalda_aug.cli import main
+
+    work, _ = world
+    data = shutil.copytree(work / "data", tmp_path / "data")
+    assert main(["plan", "--data", str(data), "--out", str(tmp_path / "plan"), "--variants", "1",
+                 "--models", str(work / "tiny")]) == 0
+    moved = data.rename(tmp_path / "moved")
+    proc = run_dalda("warm", "--plan", str(tmp_path / "plan"), "--cache", str(tmp_path / "cache"), timeout=300)
+    assert proc.returncode == 2 and "--data-root" in proc.stderr and str(data) in proc.stderr, proc.stderr
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.sqlite*"))
+
+    proc = run_dalda("warm", "--plan", str(tmp_path / "plan"), "--cache", str(tmp_path / "cache"),
+                     "--data-root", str(moved), "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 generated" in proc.stdout
+
+
+def test_data_root_checks_the_images_by_their_hashes(world, tmp_path):
+    from dalda_aug.errors import InputError, MissingFileError
+    from dalda_aug.plan import AugmentationPlan
+    from dalda_aug.warm import rebase_plan
+
+    from helpers import noise
+
+    work, _ = world
+    other = shutil.copytree(work / "data", tmp_path / "other")
+    noise(99, size=(40, 32)).save(other / "cat" / "1.png")  # same name, other pixels
+    plan = AugmentationPlan.load(work / "plan")
+    with pytest.raises(InputError, match=r"--data-root .*cat/1\.png is not the image"):
+        rebase_plan(plan, other)
+    (other / "cat" / "1.png").unlink()
+    with pytest.raises(MissingFileError, match=r"source 'cat/1\.png' is not there"):
+        rebase_plan(plan, other)
+    same = shutil.copytree(work / "data", tmp_path / "same")
+    assert rebase_plan(plan, same).data_root == str(same.resolve())
+
+
+# -- point 6: class names in both forms, checked before writing ---------------------------------------
+def test_inspect_takes_the_folder_form_of_a_class_name_and_checks_before_writing(world, tmp_path):
+    pytest.importorskip("matplotlib")
+    work, _ = world
+    proc = run_dalda("inspect", "--plan", str(work / "plan"), "--cache", str(work / "cache"),
+                     "--classes", "tea", "--out", str(tmp_path / "bad"), timeout=120)
+    assert proc.returncode == 2 and "--classes: unknown class name(s) ['tea']" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bad").exists()  # nothing written
+    for form in ("coffee_cup", "coffee cup"):
+        out = tmp_path / form.replace(" ", "-")
+        proc = run_dalda("inspect", "--plan", str(work / "plan"), "--cache", str(work / "cache"),
+                         "--classes", form, "--out", str(out), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "contact_sheet.png").is_file()
