@@ -221,3 +221,28 @@ def test_inspect_takes_the_folder_form_of_a_class_name_and_checks_before_writing
                          "--classes", form, "--out", str(out), timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert (out / "contact_sheet.png").is_file()
+
+
+# -- point 9: the hub check of plan runs before the heavy imports and names the model as written --------
+def test_plan_without_the_hub_fails_at_once_naming_the_clip_model_as_written(tmp_path):
+    noise_folder(tmp_path / "data", CLASSES, per_class=1)
+    env = dict(cli_env(), HF_HOME=str(tmp_path / "hf-home"))
+    code = ("import runpy, sys; sys.argv = ['dalda-aug', 'plan', '--data', 'data', '--out', 'p']\n"
+            "try:\n    runpy.run_module('dalda_aug', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('torch' in sys.modules, 'open_clip' in sys.modules, e.code)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split() == ["False", "False", "2"], (proc.stdout, proc.stderr)  # no torch, no open_clip
+    line = proc.stderr.strip()
+    assert "\n" not in line and "open_clip ViT-B-16/openai, hub repository timm/vit_base_patch16_clip_224.openai" \
+        in line, line
+    assert "HF_HUB_OFFLINE is set" in line and "HF_HUB_OFFLINE=1" not in line  # not suggested: it is set
+    assert "--models models.json" in line
+
+
+def test_the_known_open_clip_hub_location_is_open_clips():
+    open_clip = pytest.importorskip("open_clip")
+    from dalda_aug.generators.loading import KNOWN_OPEN_CLIP_HUB
+
+    for (model, pretrained), hub in KNOWN_OPEN_CLIP_HUB.items():
+        assert open_clip.get_pretrained_cfg(model, pretrained)["hf_hub"] == hub
