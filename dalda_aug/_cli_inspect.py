@@ -49,6 +49,15 @@ def _run_metrics(args: argparse.Namespace) -> int:
     from .clipscore import CLIPScorer
     from .metrics import EmbeddingStore, diversity_metrics, load_lpips
 
+    if not args.no_lpips and not args.lpips_random:  # before anything is read: one line with the ways out
+        from .errors import ModelLoadError
+        from .metrics import ALEXNET_WEIGHTS, alexnet_weights_path
+
+        if not alexnet_weights_path().is_file():
+            raise ModelLoadError(
+                f"LPIPS needs torchvision's AlexNet ImageNet weights at {alexnet_weights_path()} (set TORCH_HOME to "
+                f"move it; download {ALEXNET_WEIGHTS} from download.pytorch.org on a machine with internet access); "
+                "or pass --no-lpips to skip LPIPS, or --lpips-random for uncalibrated random-network figures")
     plan, cache = _open(args)
     load_source = _source_loader(plan)
     variants: dict[str, list[Image.Image]] = {}
@@ -77,6 +86,9 @@ def _run_metrics(args: argparse.Namespace) -> int:
     report = diversity_metrics(variants, sources, labels, plan.class_names, scorer, lpips_net=lpips_net,
                                embeddings=store, progress=True)
     report["missing_images"] = missing
+    # Which network the LPIPS figures come from: "alexnet" (calibrated), "random" (an uncalibrated
+    # random trunk: not comparable with published LPIPS), or None (--no-lpips).
+    report["lpips_backbone"] = None if args.no_lpips else ("random" if args.lpips_random else "alexnet")
     text = json.dumps(report, indent=2, ensure_ascii=False)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
@@ -87,7 +99,8 @@ def _run_metrics(args: argparse.Namespace) -> int:
 
     print(f"{o['n_images']} images of {o['n_sources']} sources ({missing} not cached): "
           f"CLIP-I within source {fmt(o['clip_i_within_source'])}, within class {fmt(o['clip_i_within_class'])}; "
-          f"LPIPS within source {fmt(o['lpips_within_source'])}, within class {fmt(o['lpips_within_class'])}; "
+          f"LPIPS{' (random network: uncalibrated)' if args.lpips_random and not args.no_lpips else ''} within "
+          f"source {fmt(o['lpips_within_source'])}, within class {fmt(o['lpips_within_class'])}; "
           f"fidelity CLIP-I {fmt(o['fidelity_clip_i'])}, zero-shot accuracy {fmt(o['zero_shot_acc'])}")
     if args.out:
         print(f"per-class and per-source figures: {args.out}")

@@ -246,3 +246,22 @@ def test_the_known_open_clip_hub_location_is_open_clips():
 
     for (model, pretrained), hub in KNOWN_OPEN_CLIP_HUB.items():
         assert open_clip.get_pretrained_cfg(model, pretrained)["hf_hub"] == hub
+
+
+# -- point 5: metrics offline names the ways out, and random LPIPS figures say so ----------------------
+def test_metrics_without_alexnet_weights_names_no_lpips_and_lpips_random(world, tmp_path):
+    pytest.importorskip("lpips")
+    work, _ = world
+    env = dict(cli_env(), TORCH_HOME=str(tmp_path / "torch-home"))  # no AlexNet weights there
+    argv = [sys.executable, "-m", "dalda_aug", "metrics", "--plan", str(work / "plan"), "--cache", str(work / "cache")]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--no-lpips" in proc.stderr and "--lpips-random" in proc.stderr and "alexnet-owt" in proc.stderr
+
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([*argv, "--lpips-random", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "LPIPS (random network: uncalibrated) within source" in proc.stdout, proc.stdout
+    report = json.loads(out.read_text())
+    assert report["lpips_backbone"] == "random" and report["overall"]["lpips_within_source"] is not None
