@@ -265,3 +265,27 @@ def test_metrics_without_alexnet_weights_names_no_lpips_and_lpips_random(world, 
     assert "LPIPS (random network: uncalibrated) within source" in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
     assert report["lpips_backbone"] == "random" and report["overall"]["lpips_within_source"] is not None
+
+
+# -- point 7: examples/train_loop.py takes --models, and says one line offline ------------------------
+def test_train_loop_example_takes_the_plans_models_and_says_one_line_offline(world, tmp_path):
+    from dalda_aug.config import ModelConfig
+
+    work, _ = world
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_loop.py"
+    hub = ModelConfig().save(tmp_path / "hub-models.json")  # the paper's hub ids: not cached here
+    argv = [sys.executable, str(script), "--plan", str(work / "plan"), "--cache", str(work / "cache"),
+            "--test", str(work / "data"), "--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "2",
+            "--p", "1.0", "--on-miss", "error"]
+    env = dict(cli_env(), HF_HOME=str(tmp_path / "hf-home"))
+    proc = subprocess.run([*argv, "--models", str(hub)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith("train_loop.py: error: ") and "ViT-B-16/openai" in line, line
+    assert "--models models.json" in line
+
+    # without --models: the plan's (tiny) models, CLIP included; every synthetic image from warm's cache
+    proc = subprocess.run([*argv, "--out", str(tmp_path / "r.json")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["test"]["n"] == 4
