@@ -102,7 +102,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     out = plan.save(args.out)
     s = plan.summary
     print(
-        f"planned {s['variants']} images for {s['sources']} source images in {s['classes']} classes "
+        f"planned {_count(s['variants'], 'image')} for {_count(s['sources'], 'source image')} in "
+        f"{_count(s['classes'], 'class')} "
         f"(scaling {scaling.describe()}, mean score {s['mean_score']:.3f}, "
         f"Low {s['low_share']:.0%} / High {s['high_share']:.0%}) -> {out}"
     )
@@ -118,6 +119,11 @@ def _record_model_defaults(plan: Any, models: str | None) -> None:
     defaults = all_model_defaults(models) if models is not None else {}
     if defaults:
         plan.config[PLAN_DEFAULTS_KEY] = defaults
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 class``, ``2 classes``, ``1 image``, ``3 images``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
 def _launched_processes(device: str | None) -> Any:

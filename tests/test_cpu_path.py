@@ -289,3 +289,59 @@ def test_train_loop_example_takes_the_plans_models_and_says_one_line_offline(wor
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["test"]["n"] == 4
+
+
+# -- point 13: small ones ------------------------------------------------------------------------------
+def test_prompts_refuses_an_empty_class_folder_as_plan_does(tmp_path):
+    noise_folder(tmp_path / "data", ["cat"], per_class=1)
+    (tmp_path / "data" / "dog").mkdir()
+    for argv in (("prompts", "--data", "data", "--out", "bank.json", "--llm", "template", "-M", "1"),
+                 ("plan", "--data", "data", "--out", "p")):
+        proc = run_dalda(*argv, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2 and "class folder data/dog holds no image file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bank.json").exists()
+
+
+def test_a_template_bank_is_labelled_template_prompts_in_the_table(world, tmp_path):
+    from dalda_aug.fewshot import render_table, summarize
+    from dalda_aug.fewshot.methods import method_label
+    from dalda_aug.prompts import PromptBank
+
+    work, _ = world
+    proc = run_dalda("prompts", "--data", str(work / "data"), "--out", str(tmp_path / "bank.json"), "--llm",
+                     "template", "-M", "1", "--models", str(work / "tiny"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 2 prompts for 2 classes" in proc.stdout
+    bank = PromptBank.load(tmp_path / "bank.json")  # written by the template backend: no LLM answered
+    assert method_label("dalda", bank) == "DALDA (template prompts + AGS)"
+    assert method_label("llm_rs", bank) == "template prompts + RS"
+    assert method_label("base_rs", bank) == "Base prompt + RS"  # not an LLM-prompt method
+    llm = PromptBank(bank.prompts, {"backend": "openai", "model": "m"})
+    assert method_label("dalda", llm) == "DALDA (LLM prompts + AGS)"
+    row = {"dataset": "toy", "backbone": "clip", "mode": "linear", "method": "dalda", "shots": 1, "seed": 0,
+           "label": method_label("dalda", bank), "top1": 0.5, "mean_per_class": 0.5, "n_test": 2}
+    table = render_table(summarize([row]), "toy", "clip", "linear", [1])
+    assert "| DALDA (template prompts + AGS) |" in table and "LLM prompts" not in table
+
+
+def test_one_class_is_said_in_the_singular_and_shots_name_the_flag(world, tmp_path):
+    work, _ = world
+    noise_folder(tmp_path / "one", ["cat"], per_class=2)
+    proc = run_dalda("plan", "--data", str(tmp_path / "one"), "--out", str(tmp_path / "p"), "--variants", "1",
+                     "--models", str(work / "tiny"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "planned 2 images for 2 source images in 1 class (" in proc.stdout, proc.stdout
+    proc = run_dalda("plan", "--data", str(work / "data"), "--out", str(tmp_path / "q"), "--shots", "100",
+                     "--models", str(work / "tiny"), timeout=120)
+    assert proc.returncode == 2 and "fewer than the 100 shots asked for (--shots 100)" in proc.stderr, proc.stderr
+    assert "n_shot" not in proc.stderr
+
+
+def test_the_readme_synopsis_of_cache_verify_is_accepted():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    synopsis = [line for line in readme.splitlines() if line.startswith("dalda-aug cache ")]
+    verify = [line for line in synopsis if "verify" in line.split()[2]]
+    assert verify, synopsis
+    help_text = run_dalda("cache", "verify", "--help", timeout=60).stdout
+    for option in re.findall(r"--[a-z][a-z-]*", " ".join(verify)):
+        assert option in help_text, (option, verify)

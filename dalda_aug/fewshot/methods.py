@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InputError
 
@@ -24,6 +24,7 @@ __all__ = [
     "resolve_methods",
     "method_scaling",
     "uses_llm_prompts",
+    "method_label",
 ]
 
 
@@ -53,6 +54,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 DEFAULT_METHODS = tuple(name for name in METHODS if name != "llm_fixed")
 # The baselines DALDA is tested against, in table order: every other method.
 SIGNIFICANCE_BASELINE_ORDER = tuple(name for name in METHODS if name != "dalda")
+
+
+def method_label(name: str, bank: Any = None) -> str:
+    """The table label of method ``name``. An LLM-prompt method whose prompt bank no LLM wrote
+    (the ``template`` backend, ``provenance["backend"]``) says "template prompts" instead."""
+    label = METHODS[name].label
+    provenance = getattr(bank, "provenance", None) or {}
+    if METHODS[name].prompts == "llm" and provenance.get("backend") == "template":
+        label = label.replace("LLM prompts", "template prompts")
+    return label
 
 
 def uses_llm_prompts(methods: list[str]) -> bool:

@@ -114,7 +114,7 @@ def _summary_row(key: tuple[Any, ...], group: list[dict[str, Any]]) -> dict[str,
     mpc, mpc_std = mean_std(mpc_values)
     return {
         "dataset": group[0]["dataset"], "backbone": key[0], "mode": key[1], "method": key[2],
-        "label": METHODS[key[2]].label, "shots": key[3], "seeds": [r["seed"] for r in group],
+        "label": group[0].get("label") or METHODS[key[2]].label, "shots": key[3], "seeds": [r["seed"] for r in group],
         "protocol": protocol, **extra,
         **{name: group[0].get(name, COMPONENTS[name][0]) for name in COMPONENTS},
         "top1": top1, "top1_std": top1_std, "mean_per_class": mpc, "mean_per_class_std": mpc_std,
@@ -277,7 +277,7 @@ def _table_body(rows: list[dict[str, Any]], shots: list[int], protocol: str) -> 
             values = [by_key[(m, n)][field] for m in methods if (m, n) in by_key]
             best[(n, field)] = max(values) if values else None
     for m in methods:
-        cells = [METHODS[m].label]
+        cells = [next((s["label"] for s in rows if s["method"] == m and s.get("label")), METHODS[m].label)]
         for n in shots:
             s = by_key.get((m, n))
             for field in fields:
