@@ -345,3 +345,56 @@ def test_the_readme_synopsis_of_cache_verify_is_accepted():
     help_text = run_dalda("cache", "verify", "--help", timeout=60).stdout
     for option in re.findall(r"--[a-z][a-z-]*", " ".join(verify)):
         assert option in help_text, (option, verify)
+
+
+# -- point 14: `make demo` reuses a torch already installed -------------------------------------------
+# A recording stand-in for the environment's interpreter: it logs each call and answers the
+# Makefile's "is torch there?" question with $HAS_TORCH; as PYTHON, `-m venv ... DIR` writes DIR/bin/python
+# (itself). Downloading torch (gigabytes) cannot run in a test; what is checked is what make asks for.
+_STUB = """#!/bin/sh
+echo "$*" >> "$STUB_LOG"
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  for last in "$@"; do :; done
+  mkdir -p "$last/bin" && cp "$0" "$last/bin/python"
+  exit 0
+fi
+case "$*" in *"import torch, torchvision"*) exit "$HAS_TORCH";; esac
+exit 0
+"""
+
+
+def _make_demo(tmp_path: Path, has_torch: bool, *make_args: str) -> list[str]:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    stub = tmp_path / "stub-python"
+    stub.write_text(_STUB)
+    stub.chmod(0o755)
+    log = tmp_path / f"calls-{has_torch}.log"
+    env = dict(os.environ, STUB_LOG=str(log), HAS_TORCH="0" if has_torch else "1")
+    env.pop("MAKEFLAGS", None)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([make, "-C", str(root), "demo", f"PYTHON={stub}", f"DEMO_OUT={tmp_path / 'demo'}",
+                           *make_args], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return log.read_text().splitlines()
+
+
+def test_make_demo_with_an_existing_environment_keeps_its_torch(tmp_path):
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text(_STUB)  # an environment that exists, with torch (HAS_TORCH=0)
+    (env / "bin" / "python").chmod(0o755)
+    calls = _make_demo(tmp_path, True, f"VENV={env}")
+    assert not any("venv" in c for c in calls), calls  # the environment is used, not created
+    assert not any("install torch" in c for c in calls), calls  # torch is there: not downloaded
+    assert any(c.startswith("-m pip install -e .[test]") for c in calls), calls
+    assert calls[-1].startswith("-m dalda_aug.demo --out"), calls
+    assert (env / ".dalda-aug-installed").is_file()
+
+
+def test_make_demo_installs_torch_only_where_there_is_none_and_passes_venv_args(tmp_path):
+    env = tmp_path / "fresh"
+    calls = _make_demo(tmp_path, False, f"VENV={env}", "VENV_ARGS=--system-site-packages")
+    assert calls[0] == f"-m venv --system-site-packages {env}", calls
+    assert "-m pip install torch==2.14.1 torchvision==0.29.1" in calls, calls
