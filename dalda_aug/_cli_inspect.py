@@ -145,7 +145,8 @@ def _resolve_classes(plan: AugmentationPlan, text: str | None) -> list[str] | No
     if not text:
         return None
     known = plan.class_names
-    resolved, unknown = [], []
+    resolved: list[str] = []
+    unknown: list[str] = []
     for name in (c.strip() for c in text.split(",") if c.strip()):
         match = name if name in known else readable_class_name(name)
         (resolved if match in known else unknown).append(match if match in known else name)
