@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-after", choices=("plan", "warm"), default=None,
                      help="stop after writing the plans, or after warming the cache")
     run.add_argument("--overwrite", action="store_true", help="rerun runs already in OUT/runs.jsonl")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's, or the --models file's: 1 for the tiny models)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 

@@ -166,8 +166,9 @@ def describe_settings(args: argparse.Namespace, spec: GenerationSpec, device: st
     steps = getattr(config, "num_inference_steps", None)
     dtype_from = "--dtype" if args.dtype is not None else f"default on {'CUDA' if device.startswith('cuda') else 'the CPU'}"
     device_from = "--device" if args.device is not None else "accelerate's choice"
+    threads = f", {args.threads} CPU thread(s) ({origin('threads')})" if getattr(args, "threads", None) else ""
     return (f"size {size} ({origin('size')}), steps {steps} ({origin('steps')}), dtype {spec.dtype} ({dtype_from}), "
-            f"device {device} ({device_from})")
+            f"device {device} ({device_from}){threads}")
 
 
 def partial_state(device: str | None) -> Any:
@@ -201,6 +202,8 @@ def _run_warm(args: argparse.Namespace) -> int:
     from .warm import warm
 
     quality = _quality(args.quality, args.format)  # before the plan is read
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
     plan = _load_plan(args.plan, args.data_root)
     spec = spec_from_args(args, plan)
     state = partial_state(args.device)
@@ -223,6 +226,10 @@ def _run_warm(args: argparse.Namespace) -> int:
           f"cache shard shard-{cache.shard}{note}", flush=True)
     from .warm import WarmInterrupted
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         report = warm(
             plan,
@@ -410,6 +417,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "stored in each entry's header")
     p.add_argument("--shard", default=None,
                    help=f"cache shard name (default <host>-<rank>, e.g. {socket.gethostname()}-0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or the models file's: 1 for the tiny models, whose "
+                        "small layers lose more to thread hand-offs than they gain)")
     p.add_argument("--verify", action="store_true",
                    help="first decode this process's cached entries, regenerate bad ones")
     p.add_argument("--report", default=None, help="write this process's summary as JSON ({rank} is replaced)")

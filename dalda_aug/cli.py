@@ -39,7 +39,8 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 
     config = make_tiny_models(args.dir, seed=args.seed)
     print(f"wrote tiny models to {Path(args.dir).resolve()}; config: {Path(args.dir).resolve() / 'models.json'} "
-          f"(paths relative to the folder; CPU-sized defaults for warm, demo and textual-inversion)")
+          f"(paths relative to the folder; CPU-sized defaults for warm, demo, textual-inversion and "
+          f"benchmarks/fewshot.py)")
     if args.verbose:
         print(json.dumps(config.to_dict(), indent=2))
     return 0

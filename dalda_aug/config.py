@@ -27,11 +27,11 @@ DEFAULTS_KEY = "defaults"
 PLAN_DEFAULTS_KEY = "model_defaults"
 # Which options a models file may default, per command (``make-tiny-models`` writes CPU-sized ones).
 DEFAULTABLE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "warm": ("size", "steps"),
+    "warm": ("size", "steps", "threads"),
     "demo": ("size", "steps"),
-    "textual-inversion": ("resolution", "steps"),
+    "textual-inversion": ("resolution", "steps", "threads"),
     # benchmarks/fewshot.py: generation and textual-inversion sizes, and a backbone whose weights ship offline
-    "fewshot": ("size", "steps", "img2img-steps", "ti-steps", "backbone"),
+    "fewshot": ("size", "steps", "img2img-steps", "ti-steps", "backbone", "threads"),
 }
 # Options whose recorded default is a name (any other is an integer >= 1).
 TEXT_OPTIONS: frozenset[str] = frozenset({"backbone"})

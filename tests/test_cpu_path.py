@@ -57,7 +57,8 @@ def test_warm_without_models_takes_the_plans_defaults_and_says_where_each_settin
                             "CPU), device cpu ("), first
     assert "process rank 0 of world size 1" in first
     plan = AugmentationPlan.load(work / "plan")
-    assert plan.config["model_defaults"]["warm"] == {"size": 64, "steps": 2}  # what make-tiny-models recorded
+    assert plan.config["model_defaults"]["warm"] == {"size": 64, "steps": 2, "threads": 1}  # make-tiny-models' record
+    assert f", 1 CPU thread(s) ({where});" in first, first
     spec = SyntheticCache(work / "cache").resolve_spec(plan)  # the spec warm recorded for the plan
     assert (spec.config.height, spec.config.num_inference_steps, spec.dtype) == (64, 2, "float32")
     assert f"{len(plan)} generated" in warm.stdout
@@ -398,3 +399,15 @@ def test_make_demo_installs_torch_only_where_there_is_none_and_passes_venv_args(
     calls = _make_demo(tmp_path, False, f"VENV={env}", "VENV_ARGS=--system-site-packages")
     assert calls[0] == f"-m venv --system-site-packages {env}", calls
     assert "-m pip install torch==2.14.1 torchvision==0.29.1" in calls, calls
+
+
+# -- point 8: textual inversion with the tiny models takes seconds, on one thread ------------------------
+def test_tiny_textual_inversion_takes_its_cpu_defaults_one_thread_included(world, tmp_path):
+    work, _ = world
+    started = time.monotonic()
+    proc = run_dalda("textual-inversion", "--data", "data", "--shots", "1", "--out", str(tmp_path / "tokens"),
+                     "--models", "tiny", "--seed", "7", "--no-progress", cwd=work, timeout=300)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert "learned 2 class tokens (20 steps each; --resolution 64 --steps 20 --threads 1 from tiny)" in proc.stdout
+    assert seconds < 180, f"2 classes x 20 tiny steps took {seconds:.0f} s (README: about 0.3 s per step and class)"

@@ -307,8 +307,8 @@ def test_the_readme_cpu_smoke_command_runs_with_the_tiny_models_defaults(tmp_pat
     seconds = time.perf_counter() - started
     assert seconds < 180, f"the documented CPU smoke run took {seconds:.0f} s (the README says under 3 minutes)"
     err = capsys.readouterr().err
-    assert ("--size 64 --steps 2 --img2img-steps 2 --ti-steps 10 --backbone efficientnet_lite0 (recorded defaults"
-            in err), err[-2000:]
+    assert ("--size 64 --steps 2 --img2img-steps 2 --ti-steps 10 --backbone efficientnet_lite0 --threads 1 (recorded "
+            "defaults" in err), err[-2000:]
 
     out = tmp_path / "runs" / "smoke"
     config = json.loads((out / "config.json").read_text())

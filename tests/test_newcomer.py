@@ -166,8 +166,8 @@ def test_textual_inversion_reads_its_defaults_from_models_json(world):
     from dalda_aug.config import model_defaults
 
     # The values make-tiny-models records, as the README states them for a CPU.
-    assert model_defaults(world / "tiny", "textual-inversion") == {"resolution": 64, "steps": 20}
-    assert model_defaults(world / "tiny" / "models.json", "warm") == {"size": 64, "steps": 2}
+    assert model_defaults(world / "tiny", "textual-inversion") == {"resolution": 64, "steps": 20, "threads": 1}
+    assert model_defaults(world / "tiny" / "models.json", "warm") == {"size": 64, "steps": 2, "threads": 1}
 
 
 # -- point 7: the small things ------------------------------------------------------------------

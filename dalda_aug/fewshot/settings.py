@@ -127,14 +127,14 @@ def prepare(args: argparse.Namespace, argv: list[str], started: float) -> Benchm
     """Check and resolve everything the runs need, in the order the errors are reported."""
     from ..config import ModelConfig
 
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     used, where = resolve_defaults(args)
     if used:
         log("from " + where + ": " + " ".join(f"--{option} {value}" for option, value in used.items())
             + " (recorded defaults of the models; a flag given wins)")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     check_arguments(args)
     device, dtype, num_workers = resolve_device(args)
     out: Path = args.out
@@ -168,8 +168,8 @@ PAPER_DEFAULTS: dict[str, int | str] = {"size": 512, "steps": 30, "img2img-steps
 
 def resolve_defaults(args: argparse.Namespace) -> tuple[dict[str, int | str], str]:
     """Fill the options left unset (None): the ``--models`` file's recorded ``"fewshot"`` defaults
-    first (``make-tiny-models`` writes CPU-sized ones and an offline backbone), else
-    :data:`PAPER_DEFAULTS`. Returns ``(the options taken from the models file, where)``."""
+    first (``make-tiny-models`` writes CPU-sized ones, one torch thread and an offline backbone),
+    else :data:`PAPER_DEFAULTS` (and torch's thread count). Returns ``(the options taken from the models file, where)``."""
     from ..classify import BACKBONES
     from ..config import model_defaults, models_file
 
@@ -187,6 +187,8 @@ def resolve_defaults(args: argparse.Namespace) -> tuple[dict[str, int | str], st
         if option in recorded:
             used[option] = value
         setattr(args, dest, value)
+    if getattr(args, "threads", None) is None and "threads" in recorded:  # torch's own count otherwise
+        args.threads = used["threads"] = recorded["threads"]
     if args.backbone not in BACKBONES:
         raise InputError(f"{where}: defaults.fewshot.backbone {args.backbone!r} is not one of {', '.join(BACKBONES)}")
     return used, where
