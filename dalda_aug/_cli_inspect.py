@@ -41,6 +41,11 @@ def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
         raise InputError("the plan has no data_root (it was built from an in-memory dataset); "
                          "use dalda_aug.metrics.diversity_metrics from Python instead")
     root = Path(plan.data_root)
+    if not root.is_dir():
+        from .errors import MissingFileError
+
+        raise MissingFileError(f"the plan's image folder {root} is missing; if the images moved, give their new "
+                               "folder with --data-root DIR (each source is checked there by its content hash)")
     return lambda source: load_image(source_path(root, str(source)))
 
 

@@ -374,8 +374,8 @@ def warm(
     if plan.data_root and images is None:
         if not Path(plan.data_root).is_dir():
             raise MissingFileError(f"the plan's image folder {plan.data_root} is missing; if the images moved, "
-                                   "give their new folder with --data-root DIR (warm(), rebase_plan(plan, DIR)): "
-                                   "the plan's sources are checked there by their content hashes")
+                                   "give their new folder: `dalda-aug warm --data-root DIR` (in Python: "
+                                   "rebase_plan(plan, DIR)), which checks each source there by its content hash")
         for source in plan.sources():  # every row's path, before anything is generated or written
             if isinstance(source, str):
                 source_path(plan.data_root, source)
