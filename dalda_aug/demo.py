@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .errors import DaldaError
 
-    parser = argparse.ArgumentParser(prog="dalda-aug demo")
+    parser = argparse.ArgumentParser(prog="dalda-aug demo", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
