@@ -356,7 +356,8 @@ def _check_commands(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Non
     down that has this name (``export`` -> ``cache export``)."""
     import difflib
 
-    current, words, i = parser, [], 0
+    current, i = parser, 0
+    words: list[str] = []  # the commands read so far ("cache")
     while True:
         action = _subparsers(current)
         if action is None:
@@ -364,13 +365,13 @@ def _check_commands(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Non
         if current is parser:  # the top level's options take no value (--version, -h)
             while i < len(argv) and argv[i].startswith("-"):
                 i += 1
-        if i >= len(argv) or argv[i].startswith("-") or argv[i] in action.choices:
-            if i < len(argv) and argv[i] in action.choices:
-                current, i = action.choices[argv[i]], i + 1
-                words.append(argv[i - 1])
-                continue
-            return
+        if i >= len(argv) or argv[i].startswith("-"):
+            return  # no command here: argparse says what is missing
         name = argv[i]
+        if name in action.choices:
+            current, i = action.choices[name], i + 1
+            words.append(name)
+            continue
         hints = [" ".join([*words, close]) for close in difflib.get_close_matches(name, list(action.choices), n=2)]
         for command, sub in action.choices.items():
             nested = _subparsers(sub)
