@@ -22,7 +22,8 @@
   ``kill -9`` at any moment, rerunning generates exactly what is missing; nothing written is
   lost or regenerated. What counts as cached is checked first (header, metadata checksum and
   sizes; no image bytes read): a damaged entry is removed and regenerated. ``verify=True``
-  decodes this process's entries first (pixels checked too).
+  decodes this process's entries first (pixels checked too). Ctrl-C stores what was generated,
+  then raises :class:`WarmInterrupted` (a ``KeyboardInterrupt``) with how many images are kept.
 * **Cooperative.** Each batch is leased before it is generated
   (:meth:`~dalda_aug.cache.SyntheticCache.claim`): two processes writing the same shard skip
   each other's keys instead of generating everything twice. Leases are renewed while a batch
