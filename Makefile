@@ -6,9 +6,12 @@
 #   DALDA_MODELS=tiny make demo    the same, offline on a CPU with tiny random models (< 2 min)
 #
 # Both create the virtual environment $(VENV) if needed and install the package into it, editable,
-# with its test extras and this machine's torch build ($(TORCH)); the install is redone only when
-# setup.cfg or pyproject.toml is newer than the stamp file. `make test TORCH="torch torchvision"`
-# lets pip choose the newest torch instead.
+# with its test extras and, only when the environment has no torch and torchvision yet, this
+# machine's torch build ($(TORCH)); the install is redone only when setup.cfg or pyproject.toml is
+# newer than the stamp file. `make test TORCH="torch torchvision"` lets pip choose the newest torch
+# for a new environment. To reuse a torch already installed (no multi-GB download):
+#   make demo VENV=/path/to/env                        an existing virtual environment (its torch is kept)
+#   make demo VENV_ARGS=--system-site-packages         a new .venv that sees the system's torch
 #
 # `make test` does not test the source tree: it builds the wheel, installs it (without
 # dependencies, which come from $(VENV)) into $(INSTALLED), and runs pytest from there with that
@@ -18,6 +21,8 @@
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
+# Extra arguments of `python -m venv` when $(VENV) is created (e.g. --system-site-packages).
+VENV_ARGS ?=
 DEMO_OUT ?= demo_out
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 # What `make test` runs, relative to the repository root (e.g. TESTS=tests/test_package.py).
@@ -53,10 +58,10 @@ demo: $(STAMP)
 	$(PY) -m dalda_aug.demo --out $(DEMO_OUT)
 
 $(STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install $(TORCH)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install $(TORCH)
 	$(PY) -m pip install 'setuptools>=70.1'
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)

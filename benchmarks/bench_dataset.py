@@ -263,7 +263,7 @@ def bench_warm(args, work: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, default=16)
     p.add_argument("--shots", type=int, default=16, help="real images per class (default 16)")

@@ -449,7 +449,7 @@ def bench_img2img(kind: str, models, requests, *, device, dtype: str, size: int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(allow_abbrev=False,
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Time: on a 2-core CPU the defaults (tiny models, 16 images, 30 steps, batch sizes 1,4,8,16, "
                "then both img2img baselines at 50 steps) took about 16 minutes; a line per measurement on "

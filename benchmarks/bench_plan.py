@@ -81,7 +81,7 @@ def plain_loop(model: Any, preprocess: Any, text: torch.Tensor, source: ImageSou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="images (default 2000)")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--models", default=None,

@@ -395,7 +395,7 @@ def _machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sources", type=lambda s: [int(x) for x in s.split(",")], default=[2000, 20000],
                    help="comma-separated source counts (default 2000,20000)")

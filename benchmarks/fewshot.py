@@ -130,7 +130,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fewshot.py",
+        prog="fewshot.py", allow_abbrev=False,
         description="Few-shot classification with real-only, Real Guidance and DALDA-augmented training sets; "
                     "writes the paper's Table 2 layout.",
         formatter_class=_HelpFormatter,
@@ -173,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--ags-mode", choices=("truncnorm", "clip"), default="truncnorm",
                       help="AGS sampler: the paper's truncated normal or the reference code's clipped normal")
     meth.add_argument("--models", type=Path, default=None,
-                      help="models JSON (ModelConfig); default: the paper's hub models")
+                      help="models JSON (ModelConfig) or a folder holding models.json (`dalda-aug make-tiny-models "
+                           "tiny`, then --models tiny); its recorded defaults (\"defaults\": \"fewshot\") fill "
+                           "--size, --steps, --img2img-steps, --ti-steps and --backbone when not given; default: "
+                           "the paper's hub models")
     meth.add_argument("--cache", type=Path, default=None, help="synthetic image cache folder (default OUT/cache)")
     meth.add_argument("--cache-format", choices=dalda_aug.cache.IMAGE_FORMATS,
                       default=dalda_aug.cache.DEFAULT_IMAGE_FORMAT,
@@ -182,21 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
                            "loading limits training")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--steps", type=int, default=30, help="denoising steps")
-    gen.add_argument("--size", type=int, default=512, help="generated image height and width")
+    gen.add_argument("--steps", type=int, default=None,
+                     help="denoising steps (default 30, or the --models file's: 2 for the tiny models)")
+    gen.add_argument("--size", type=int, default=None,
+                     help="generated image height and width (default 512, or the --models file's: 64 for the "
+                          "tiny models)")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance weight")
-    gen.add_argument("--img2img-steps", type=int, default=50,
+    gen.add_argument("--img2img-steps", type=int, default=None,
                      help="denoising steps of the img2img baselines (Real Guidance, DA-Fusion); default 50, "
-                          "diffusers' default with which DA-Fusion's implementation ran them")
-    gen.add_argument("--ti-steps", type=int, default=1000,
-                     help="textual-inversion steps per class for da_fusion (DA-Fusion: 1000; fewer for smoke runs)")
+                          "diffusers' default with which DA-Fusion's implementation ran them (or the --models "
+                          "file's: 2 for the tiny models)")
+    gen.add_argument("--ti-steps", type=int, default=None,
+                     help="textual-inversion steps per class for da_fusion (default 1000, DA-Fusion's, or the "
+                          "--models file's: 10 for the tiny models)")
     gen.add_argument("--dtype", default=None, help="generation dtype (default float16 on CUDA, else float32)")
     gen.add_argument("--device", default=None, help="torch device for everything (default cuda if available)")
     gen.add_argument("--gen-batch-size", type=int, default=None,
                      help="images per generator call (default: warm()'s automatic choice)")
 
     clf = p.add_argument_group("classifier and training (defaults: the reference code's)")
-    clf.add_argument("--backbone", choices=BACKBONES, default="resnet50")
+    clf.add_argument("--backbone", choices=BACKBONES, default=None,
+                     help="default resnet50 (ImageNet weights from the hub), or the --models file's: "
+                          "efficientnet_lite0 for the tiny models (its weights ship with a package: offline)")
     clf.add_argument("--clip-head", choices=CLIP_HEADS, default=None,
                      help="CLIP head: normalized (unit features, logit-scaled text head; default under --protocol "
                           "honest) or reference (the reference code's raw features and raw text-feature head; "
@@ -243,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-after", choices=("plan", "warm"), default=None,
                      help="stop after writing the plans, or after warming the cache")
     run.add_argument("--overwrite", action="store_true", help="rerun runs already in OUT/runs.jsonl")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's, or the --models file's: 1 for the tiny models)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     # Filtering (issue 31): not part of the paper's method; off unless --filter is given.

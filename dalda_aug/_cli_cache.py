@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -24,17 +25,29 @@ if TYPE_CHECKING:
     from .cache import GenerationSpec, SyntheticCache
     from .plan import AugmentationPlan
 
-__all__ = ["register", "spec_from_args", "add_spec_arguments", "spec_given", "cache_for_plan", "default_dtype", "partial_state",
-           "check_device", "check_output_file", "check_output_folder"]
+__all__ = ["register", "spec_from_args", "describe_settings", "add_data_root_argument", "add_spec_arguments",
+           "spec_given", "cache_for_plan", "default_dtype", "partial_state", "check_device", "check_output_file",
+           "check_output_folder"]
 
 
 # -- argument checks made before any work (one line, exit status 2) -----------------------------
-def check_device(device: str, option: str = "--device") -> None:
-    """``device`` names a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
-    an :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise."""
-    import torch
+# torch's device types (torch.device accepts these names, optionally with ":N").
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "xla", "hpu", "ipu", "mtia", "meta", "privateuseone", "vulkan",
+                 "ve", "ort", "mkldnn", "opengl", "opencl", "ideep", "hip", "fpga", "maia", "lazy")
 
+
+def check_device(device: str, option: str = "--device", *, available: bool = True) -> None:
+    """``device`` names a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
+    an :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise. ``available=False`` checks
+    the name only, without importing torch (fast: before a hub check that must answer at once)."""
     from .errors import InputError
+
+    kind, _, index = device.partition(":")
+    if kind not in _DEVICE_TYPES or (index and not index.isdigit()) or (_ and not index):
+        raise InputError(f"{option} {device!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)")
+    if device == "cpu" or not available:  # the common case, said without importing torch
+        return
+    import torch
 
     try:
         parsed = torch.device(device)
@@ -86,13 +99,28 @@ def check_output_file(path: str, option: str = "--out") -> None:
         raise InputError(f"{option} {path}: the folder {parent} cannot be written")
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool) -> None:
-    """The options that make up a :class:`~dalda_aug.cache.GenerationSpec`."""
+def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool, reading: bool = False) -> None:
+    """The options that make up a :class:`~dalda_aug.cache.GenerationSpec`. ``reading``: the
+    command reads a warmed cache, so each option defaults to the spec ``warm`` recorded there."""
     parser.add_argument("--plan", required=plan_required, default=None, help="plan folder (dalda-aug plan)")
+    if reading:
+        recorded = "default: the spec `warm` recorded in the cache for the plan"
+        parser.add_argument("--models", default=None,
+                            help=f"models JSON (ModelConfig) the images were generated with ({recorded})")
+        parser.add_argument("--steps", type=int, default=None, help=f"denoising steps ({recorded})")
+        parser.add_argument("--size", type=int, default=None, help=f"image height and width in pixels ({recorded})")
+        parser.add_argument("--guidance-scale", type=float, default=None, help=f"classifier-free guidance ({recorded})")
+        parser.add_argument("--scheduler", default=None, help=f"ddim or dpmsolver++ ({recorded})")
+        parser.add_argument("--dtype", default=None, help=f"float16, bfloat16 or float32 ({recorded})")
+        return
     parser.add_argument("--models", default=None,
-                        help="models JSON (ModelConfig); default: the models recorded in the plan")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
-    parser.add_argument("--size", type=int, default=None, help="output height and width in pixels (default 512)")
+                        help="models JSON (ModelConfig); default: the models recorded in the plan, with the "
+                             "option defaults recorded with them")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default 30, or the models file's: 2 for the tiny models)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="output height and width in pixels (default 512, or the models file's: 64 for the "
+                             "tiny models)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default 7.5)")
     parser.add_argument("--scheduler", default=None, help="ddim (default) or dpmsolver++")
     parser.add_argument("--dtype", default=None,
@@ -164,10 +192,23 @@ def cache_for_plan(args: argparse.Namespace, plan: AugmentationPlan) -> Syntheti
     return cache.with_spec(cache.resolve_spec(plan))
 
 
-def _load_plan(path: str | None) -> AugmentationPlan | None:
+def _load_plan(path: str | None, data_root: str | None = None) -> AugmentationPlan | None:
     from .plan import AugmentationPlan
 
-    return AugmentationPlan.load(path) if path else None
+    plan = AugmentationPlan.load(path) if path else None
+    if plan is not None and data_root is not None:
+        from .warm import rebase_plan
+
+        plan = rebase_plan(plan, data_root)
+    return plan
+
+
+def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data-root DIR``: the plan's image folder, moved (checked by content hashes)."""
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="the plan's image folder if it moved since planning (the plan's sources are found "
+                             "there by their relative paths and checked by their content hashes); default: the "
+                             "folder the plan records")
 
 
 def _human_bytes(n: float) -> str:
@@ -179,6 +220,30 @@ def _human_bytes(n: float) -> str:
 
 
 # -- warm ---------------------------------------------------------------------------------------
+def describe_settings(args: argparse.Namespace, spec: GenerationSpec, device: str) -> str:
+    """``size 64 (tiny/models.json), steps 2 (tiny/models.json), dtype float32 (default on the CPU),
+    device cpu (accelerate's choice)``: the settings ``warm`` generates with, each with where it
+    came from (an option, the models file or the plan's recorded defaults, the plan, the default)."""
+    used = getattr(args, "model_defaults", None) or {}
+    where = getattr(args, "model_defaults_from", None) or args.models
+
+    def origin(option: str) -> str:
+        if option in used:
+            return f"defaults of {where}"
+        if getattr(args, option.replace("-", "_"), None) is not None:
+            return f"--{option}"
+        return "default"
+
+    config = spec.config
+    size = getattr(config, "height", None)
+    steps = getattr(config, "num_inference_steps", None)
+    dtype_from = "--dtype" if args.dtype is not None else f"default on {'CUDA' if device.startswith('cuda') else 'the CPU'}"
+    device_from = "--device" if args.device is not None else "accelerate's choice"
+    threads = f", {args.threads} CPU thread(s) ({origin('threads')})" if getattr(args, "threads", None) else ""
+    return (f"size {size} ({origin('size')}), steps {steps} ({origin('steps')}), dtype {spec.dtype} ({dtype_from}), "
+            f"device {device} ({device_from}){threads}")
+
+
 def partial_state(device: str | None) -> Any:
     """``accelerate.PartialState`` (rank and world size under ``accelerate launch``).
 
@@ -210,7 +275,9 @@ def _run_warm(args: argparse.Namespace) -> int:
     from .warm import warm
 
     quality = _quality(args.quality, args.format)  # before the plan is read
-    plan = _load_plan(args.plan)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    plan = _load_plan(args.plan, args.data_root)
     spec = spec_from_args(args, plan)
     state = partial_state(args.device)
     rank, world = state.process_index, state.num_processes
@@ -228,20 +295,34 @@ def _run_warm(args: argparse.Namespace) -> int:
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         note = ("; `accelerate launch --cpu` starts one process: for N CPU processes use "
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
-    from .config import describe_model_defaults
+    print(f"dalda-aug warm: {describe_settings(args, spec, device)}; process rank {rank} of world size {world}, "
+          f"cache shard shard-{cache.shard}{note}", flush=True)
+    from .warm import WarmInterrupted
 
-    print(f"dalda-aug warm: process rank {rank} of world size {world}, device {device}, cache shard "
-          f"shard-{cache.shard}{describe_model_defaults(args)}{note}", flush=True)
-    report = warm(
-        plan,
-        cache,
-        device=device,
-        batch_size=args.batch_size,
-        process_index=rank,
-        num_processes=world,
-        verify=args.verify,
-        progress=not args.no_progress,
-    )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        report = warm(
+            plan,
+            cache,
+            device=device,
+            batch_size=args.batch_size,
+            process_index=rank,
+            num_processes=world,
+            verify=args.verify,
+            progress=not args.no_progress,
+        )
+    except WarmInterrupted as stop:
+        print(f"dalda-aug warm: interrupted: {stop.kept} images kept ({stop.stored} written by this run, "
+              f"{stop.assigned - stop.kept} still missing); rerun the same command to continue", file=sys.stderr,
+              flush=True)
+        return 130
+    except KeyboardInterrupt:
+        print("dalda-aug warm: interrupted before any image was generated; the cache is as it was: rerun the "
+              "same command to continue", file=sys.stderr, flush=True)
+        return 130
     print(f"dalda-aug warm: {report.summary()}", flush=True)
     if args.report:
         path = args.report.replace("{rank}", str(rank))
@@ -397,6 +478,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     add_spec_arguments(p, plan_required=True)
     p.add_argument("--cache", required=True, help="cache folder")
+    add_data_root_argument(p)
     p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
     from .cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, DEFAULT_QUALITY, IMAGE_FORMATS
@@ -408,6 +490,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "stored in each entry's header")
     p.add_argument("--shard", default=None,
                    help=f"cache shard name (default <host>-<rank>, e.g. {socket.gethostname()}-0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or the models file's: 1 for the tiny models, whose "
+                        "small layers lose more to thread hand-offs than they gain)")
     p.add_argument("--verify", action="store_true",
                    help="first decode this process's cached entries, regenerate bad ones")
     p.add_argument("--report", default=None, help="write this process's summary as JSON ({rank} is replaced)")
@@ -423,7 +508,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
     s = sub.add_parser("stats", help="entries, bytes, shards and the share of a plan covered")
     s.add_argument("--cache", required=True, help="cache folder")
-    add_spec_arguments(s, plan_required=False)
+    add_spec_arguments(s, plan_required=False, reading=True)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_run_stats)
 
@@ -458,7 +543,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "exports resume where a killed run stopped")
     s.add_argument("--shard-size", default=None, metavar="N",
                    help="samples per tar shard / rows per Parquet file (default 1000; webdataset and parquet)")
-    add_spec_arguments(s, plan_required=False)
+    add_spec_arguments(s, plan_required=False, reading=True)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_run_export)
 

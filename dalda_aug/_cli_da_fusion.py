@@ -18,15 +18,24 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
     from .generators.loading import require_hub_models
 
     require_hub_models(models, ("base",))  # one line in seconds without the hub
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            from .errors import InputError
+
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device
     if device is None:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots,
                                      seed=args.seed, config=config, device=device, dtype=args.dtype,
                                      progress=not args.no_progress)
-    print(f"learned {len(tokens.class_names)} class tokens ({config.steps} steps each) -> {tokens.folder}")
+    from .config import describe_model_defaults
+
+    print(f"learned {len(tokens.class_names)} class tokens ({config.steps} steps each"
+          f"{describe_model_defaults(args)}) -> {tokens.folder}")
     return 0
 
 
@@ -53,5 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--resolution", type=int, default=None, help="training image size (default 512)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="dtype of the frozen UNet and VAE (default float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, or the models file's: 1 for the tiny models, whose "
+                        "small layers lose more to thread hand-offs than they gain)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_textual_inversion)

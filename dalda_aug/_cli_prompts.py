@@ -46,9 +46,9 @@ def read_class_file(path: str) -> list[str]:
 def _class_names(args: argparse.Namespace) -> list[str]:
     if args.classes is not None:
         return read_class_file(args.classes)
-    from .data import find_classes, readable_class_name
+    from .data import ImageSource, readable_class_name
 
-    folders, _ = find_classes(args.data)
+    folders = ImageSource.from_folder(args.data).classes  # an empty class folder is refused, as `plan` refuses it
     names = [readable_class_name(f) for f in folders]
     seen: dict[str, str] = {}
     for folder, name in zip(folders, names):
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         resume = PromptBank.load(out)
         have = sum(len(v) for v in resume.prompts.values())
-        print(f"resuming from {out} ({have} prompts for {len(resume)} classes; --overwrite starts afresh)",
+        print(f"resuming from {out} ({have} prompts for {len(resume)} class{'es' if len(resume) != 1 else ''}; --overwrite starts afresh)",
               file=sys.stderr)
     try:
         bank = generate_prompt_bank(
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dalda-aug prompts: {exc}", file=sys.stderr)
         return 1
     total = sum(len(v) for v in bank.prompts.values())
-    print(f"wrote {total} prompts for {len(bank)} classes ({backend.describe()['backend']}) -> {out}")
+    print(f"wrote {total} prompt{'s' if total != 1 else ''} for {len(bank)} class{'es' if len(bank) != 1 else ''} ({backend.describe()['backend']}) -> {out}")
     return 0
 
 

@@ -40,7 +40,8 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 
     config = make_tiny_models(args.dir, seed=args.seed)
     print(f"wrote tiny models to {Path(args.dir).resolve()}; config: {Path(args.dir).resolve() / 'models.json'} "
-          f"(paths relative to the folder; CPU-sized defaults for warm, demo and textual-inversion)")
+          f"(paths relative to the folder; CPU-sized defaults for warm, demo, textual-inversion and "
+          f"benchmarks/fewshot.py)")
     if args.verbose:
         print(json.dumps(config.to_dict(), indent=2))
     return 0
@@ -66,7 +67,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise InputError(f"--shots {args.shots}: keep at least 1 image per class")
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: must be >= 1")
-    check_device(args.device)
+    check_device(args.device, available=False)  # the name now; whether this machine has it after the hub check
     models = load_models_arg(args.models)
     scaling = Scaling.parse(args.scaling, AGSConfig(mode=args.ags_mode))
     from .data import ImageSource
@@ -75,6 +76,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if scaling.strategy == "fixed" and not 0.0 <= scaling.value <= 1.0:
         raise InputError(f"--scaling {args.scaling}: the fixed λ must lie in [0, 1]")
     require_hub_models(models, ("clip_model", "clip_pretrained"))  # before any model loads
+    check_device(args.device)  # imports torch (except for "cpu"), so after the hub check
 
     from .clipscore import CLIPScorer
     from .plan import build_plan
@@ -92,6 +94,7 @@ def _run_plan(args: argparse.Namespace) -> int:
             raise InputError("--method da-fusion needs --tokens TOKENS (dalda-aug textual-inversion) and no --prompts")
         plan = build_da_fusion_plan(args.data, args.tokens, variants=args.variants, seed=args.seed, n_shot=args.shots,
                                     models=models, scorer=scorer)
+        _record_model_defaults(plan, args.models)
         print(f"planned {len(plan)} DA-Fusion images for {plan.summary['sources']} source images "
               f"(strengths {plan.config['scaling']['strengths']}) -> {plan.save(args.out)}")
         return 0
@@ -110,14 +113,32 @@ def _run_plan(args: argparse.Namespace) -> int:
     )
     if processes is not None and not processes.is_main_process:
         return 0  # every process holds the whole plan; the main process writes it
+    _record_model_defaults(plan, args.models)
     out = plan.save(args.out)
     s = plan.summary
     print(
-        f"planned {s['variants']} images for {s['sources']} source images in {s['classes']} classes "
+        f"planned {_count(s['variants'], 'image')} for {_count(s['sources'], 'source image')} in "
+        f"{_count(s['classes'], 'class')} "
         f"(scaling {scaling.describe()}, mean score {s['mean_score']:.3f}, "
         f"Low {s['low_share']:.0%} / High {s['high_share']:.0%}) -> {out}"
     )
     return 0
+
+
+def _record_model_defaults(plan: Any, models: str | None) -> None:
+    """Copy the option defaults the ``--models`` file records (the tiny models' CPU-sized ones)
+    into the plan (``plan.json``'s ``model_defaults``), so that ``warm --plan`` without
+    ``--models`` takes them with the plan's models. Not part of any cache key."""
+    from .config import PLAN_DEFAULTS_KEY, all_model_defaults
+
+    defaults = all_model_defaults(models) if models is not None else {}
+    if defaults:
+        plan.config[PLAN_DEFAULTS_KEY] = defaults
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 class``, ``2 classes``, ``1 image``, ``3 images``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
 def _launched_processes(device: str | None) -> Any:
@@ -249,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         module = sys.modules[__name__] if name == __name__ else importlib.import_module(name)
         module.register(subparsers)
+    for each in _all_parsers(parser):
+        each.allow_abbrev = False  # long options are documented whole: --cach is a typo, not --cache
     return parser
 
 
@@ -268,22 +291,47 @@ _SPEC_COMMANDS = ("warm", "cache", "metrics", "inspect")
 
 def _apply_model_defaults(args: argparse.Namespace) -> None:
     """Options a ``--models`` file records as defaults for this command (``make-tiny-models``'
-    CPU-sized ones) fill the options not given; ``args.model_defaults`` says which, for the
-    command's startup line. ``cache stats|export``, ``metrics`` and ``inspect`` read ``warm``'s, so
-    that the same ``--models`` names the same cache keys."""
+    CPU-sized ones) fill the options not given; ``args.model_defaults`` says which, and
+    ``args.model_defaults_from`` where they were read, for the command's startup line.
+    ``cache stats|export``, ``metrics`` and ``inspect`` read ``warm``'s, so that the same
+    ``--models`` names the same cache keys. ``warm`` without ``--models`` takes the plan's models
+    and the defaults the plan recorded with them (``plan.json``'s ``model_defaults``)."""
     from .config import DEFAULTABLE_OPTIONS, model_defaults
 
     args.model_defaults = {}
+    args.model_defaults_from = None
     command = getattr(args, "command", None)
     # The commands that name a generation spec read warm's defaults, so that their keys are warm's.
     section = "warm" if command in _SPEC_COMMANDS else command
-    if section not in DEFAULTABLE_OPTIONS or section == "demo" or getattr(args, "models", None) is None:
+    if section not in DEFAULTABLE_OPTIONS or section == "demo":
         return  # the demo reads its own (its --models may be "tiny")
-    for option, value in model_defaults(args.models, section).items():
+    if getattr(args, "models", None) is not None:
+        recorded = model_defaults(args.models, section)
+        args.model_defaults_from = args.models
+    elif command == "warm" and getattr(args, "plan", None):
+        recorded = _plan_model_defaults(args.plan).get(section, {})
+        args.model_defaults_from = f"{Path(args.plan) / 'plan.json'}, the plan's models"
+    else:
+        return  # the readers take the spec warm recorded
+    for option, value in recorded.items():
         dest = option.replace("-", "_")
         if hasattr(args, dest) and getattr(args, dest) is None:
             setattr(args, dest, value)
             args.model_defaults[option] = value
+
+
+def _plan_model_defaults(plan: str) -> dict[str, dict[str, int | str]]:
+    """The option defaults a plan recorded with its models (``{}`` when none, or when the plan
+    cannot be read: the command then says why, naming the file)."""
+    from ._io import read_json_object
+    from .config import PLAN_DEFAULTS_KEY, check_model_defaults
+
+    path = Path(plan) / "plan.json"
+    try:
+        data = read_json_object(path, "plan file")
+    except DaldaError:
+        return {}
+    return check_model_defaults(data.get(PLAN_DEFAULTS_KEY, {}), path)
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -309,11 +357,55 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str
     return f"unrecognized arguments: {' '.join(extras)}{hint}"
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> "argparse._SubParsersAction[argparse.ArgumentParser] | None":
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def _check_commands(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """An unknown (sub)command stops with one line under its parser's usage (exit status 2) that
+    suggests the command meant: a close spelling (``paln`` -> ``plan``) or the command one level
+    down that has this name (``export`` -> ``cache export``)."""
+    import difflib
+
+    current, i = parser, 0
+    words: list[str] = []  # the commands read so far ("cache")
+    while True:
+        action = _subparsers(current)
+        if action is None:
+            return
+        if current is parser:  # the top level's options take no value (--version, -h)
+            while i < len(argv) and argv[i].startswith("-"):
+                i += 1
+        if i >= len(argv) or argv[i].startswith("-"):
+            return  # no command here: argparse says what is missing
+        name = argv[i]
+        if name in action.choices:
+            current, i = action.choices[name], i + 1
+            words.append(name)
+            continue
+        hints = [" ".join([*words, close]) for close in difflib.get_close_matches(name, list(action.choices), n=2)]
+        for command, sub in action.choices.items():
+            nested = _subparsers(sub)
+            if nested is not None and name in nested.choices:
+                hints.append(" ".join([*words, command, name]))
+        hint = f" (did you mean {' or '.join(f'`{parser.prog} {h}`' for h in dict.fromkeys(hints))}?)" if hints else ""
+        current.error(f"unknown command {name!r}{hint}; commands: {', '.join(action.choices)}")
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv``, an unknown option said first: argparse checks the required options (``plan
     --data/--out``) before it returns the ones it does not know, so ``plan --shtos 2`` would say
     ``--data`` is missing. A first pass with nothing required finds the unknown ones and names them
-    in one line under the chosen subcommand's usage (exit status 2); then the real pass."""
+    in one line under the chosen subcommand's usage (exit status 2); then the real pass. ``--help``
+    skips the first pass, so its usage line shows the required options as required."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_commands(parser, argv)
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    if "-h" in options or "--help" in options:
+        return parser.parse_args(argv)
     parsers = list(_all_parsers(parser))
     relaxed: list[Any] = [action for each in parsers for action in each._actions if action.required]
     relaxed += [group for each in parsers for group in each._mutually_exclusive_groups if group.required]

@@ -16,16 +16,25 @@ from typing import Any, Mapping
 from ._io import read_json_object
 from .errors import InputError
 
-__all__ = ["ModelConfig", "models_file", "model_defaults", "load_models_arg", "describe_model_defaults", "DEFAULTS_KEY", "DEFAULTABLE_OPTIONS"]
+__all__ = ["ModelConfig", "models_file", "model_defaults", "all_model_defaults", "check_model_defaults",
+           "load_models_arg", "describe_model_defaults", "DEFAULTS_KEY", "DEFAULTABLE_OPTIONS", "TEXT_OPTIONS",
+           "PLAN_DEFAULTS_KEY"]
 
 # The key of a models file that holds per-command option defaults (not a model location).
 DEFAULTS_KEY = "defaults"
+# The key of plan.json holding the defaults of the models file the plan was made with (``warm --plan``
+# without ``--models`` takes the plan's models and these).
+PLAN_DEFAULTS_KEY = "model_defaults"
 # Which options a models file may default, per command (``make-tiny-models`` writes CPU-sized ones).
 DEFAULTABLE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "warm": ("size", "steps"),
+    "warm": ("size", "steps", "threads"),
     "demo": ("size", "steps"),
-    "textual-inversion": ("resolution", "steps"),
+    "textual-inversion": ("resolution", "steps", "threads"),
+    # benchmarks/fewshot.py: generation and textual-inversion sizes, and a backbone whose weights ship offline
+    "fewshot": ("size", "steps", "img2img-steps", "ti-steps", "backbone", "threads"),
 }
+# Options whose recorded default is a name (any other is an integer >= 1).
+TEXT_OPTIONS: frozenset[str] = frozenset({"backbone"})
 
 
 def models_file(path: str | os.PathLike[str]) -> Path:
@@ -35,10 +44,13 @@ def models_file(path: str | os.PathLike[str]) -> Path:
     return path / "models.json" if path.is_dir() else path
 
 
-def _check_defaults(data: Any, where: Path) -> dict[str, dict[str, int]]:
+def check_model_defaults(data: Any, where: str | os.PathLike[str]) -> dict[str, dict[str, int | str]]:
+    """``data`` (a models file's ``"defaults"``, or the copy a plan records) checked: command ->
+    option -> value, every command and option known (:data:`DEFAULTABLE_OPTIONS`), values integers
+    >= 1 (names for :data:`TEXT_OPTIONS`); else an :class:`InputError` naming ``where``."""
     if not isinstance(data, Mapping):
         raise InputError(f"{where}: {DEFAULTS_KEY!r} must be an object of commands, got {type(data).__name__}")
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, int | str]] = {}
     for command, options in data.items():
         known = DEFAULTABLE_OPTIONS.get(command)
         if known is None:
@@ -50,19 +62,27 @@ def _check_defaults(data: Any, where: Path) -> dict[str, dict[str, int]]:
             if option not in known:
                 raise InputError(f"{where}: {DEFAULTS_KEY}.{command} names unknown option {option!r}; "
                                  f"known: {list(known)}")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if option in TEXT_OPTIONS:
+                if not isinstance(value, str) or not value.strip() or len(value) > 100:
+                    raise InputError(f"{where}: {DEFAULTS_KEY}.{command}.{option} must be a name, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{where}: {DEFAULTS_KEY}.{command}.{option} must be an integer >= 1, got {value!r}")
-        out[command] = {str(k): int(v) for k, v in options.items()}
+        out[str(command)] = {str(k): v if isinstance(v, str) else int(v) for k, v in options.items()}
     return out
 
 
-def model_defaults(path: str | os.PathLike[str], command: str) -> dict[str, int]:
+def all_model_defaults(path: str | os.PathLike[str]) -> dict[str, dict[str, int | str]]:
+    """Every command's option defaults a models file (or folder) records; ``{}`` if none."""
+    file = models_file(path)
+    data = read_json_object(file, "models file", follow_symlinks=True)
+    return check_model_defaults(data.get(DEFAULTS_KEY, {}), file)
+
+
+def model_defaults(path: str | os.PathLike[str], command: str) -> dict[str, int | str]:
     """The option defaults a models file (or folder, see :func:`models_file`) records for
     ``command`` (e.g. ``{"size": 64, "steps": 2}`` for ``warm`` with tiny models); ``{}`` if none.
     Options given explicitly win over these."""
-    file = models_file(path)
-    data = read_json_object(file, "models file", follow_symlinks=True)
-    return _check_defaults(data.get(DEFAULTS_KEY, {}), file).get(command, {})
+    return all_model_defaults(path).get(command, {})
 
 
 @dataclass(frozen=True)
@@ -126,13 +146,14 @@ class ModelConfig:
                         values[name] = location.value
         return cls(**values)
 
-    def save(self, path: str | os.PathLike[str], *, defaults: Mapping[str, Mapping[str, int]] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], *,
+             defaults: Mapping[str, Mapping[str, int | str]] | None = None) -> Path:
         """Write the models file; ``defaults`` (command -> option -> value, see
         :data:`DEFAULTABLE_OPTIONS`) is stored under ``"defaults"``."""
         path = Path(path)
         data = self.to_dict()
         if defaults:
-            data[DEFAULTS_KEY] = _check_defaults(defaults, path)
+            data[DEFAULTS_KEY] = check_model_defaults(defaults, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
@@ -149,7 +170,7 @@ class ModelConfig:
                              "writes tiny offline models there)")
         data = read_json_object(path, "models file", follow_symlinks=True)
         if DEFAULTS_KEY in data:
-            _check_defaults(data[DEFAULTS_KEY], path)
+            check_model_defaults(data[DEFAULTS_KEY], path)
             data = {k: v for k, v in data.items() if k != DEFAULTS_KEY}
         return cls.from_dict(data, base_dir=path.parent)
 
@@ -166,9 +187,11 @@ def load_models_arg(path: str | os.PathLike[str] | None) -> ModelConfig:
 
 
 def describe_model_defaults(args: Any) -> str:
-    """``"; --size 64 --steps 2 from tiny/models.json"`` when a command's options came from the models
-    file (``args.model_defaults``, ``args.models``: an ``argparse.Namespace``), else ``""``."""
-    used: dict[str, int] = getattr(args, "model_defaults", None) or {}
+    """``"; --size 64 --steps 2 from tiny"`` when a command's options came from the models file
+    (``args.model_defaults``; ``args.model_defaults_from`` names where they were read, else
+    ``args.models``: an ``argparse.Namespace``), else ``""``."""
+    used: dict[str, int | str] = getattr(args, "model_defaults", None) or {}
     if not used:
         return ""
-    return "; " + " ".join(f"--{k} {v}" for k, v in used.items()) + f" from {args.models}"
+    where = getattr(args, "model_defaults_from", None) or args.models
+    return "; " + " ".join(f"--{k} {v}" for k, v in used.items()) + f" from {where}"

@@ -288,7 +288,8 @@ def few_shot_indices(targets: Sequence[int], n_shot: int, seed: int) -> list[int
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         if members.size < n_shot:
-            raise InputError(f"class {int(label)} has only {members.size} image(s), fewer than n_shot={n_shot}")
+            raise InputError(f"class {int(label)} has only {members.size} image(s), fewer than the {n_shot} shots "
+                             f"asked for (--shots {n_shot})")
         perm = np.random.default_rng([int(seed), int(label)]).permutation(members.size)
         chosen.extend(int(i) for i in members[perm[: int(n_shot)]])
     return sorted(chosen)

@@ -743,10 +743,30 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         from .generators.base import GenerationRequest
 
         source = self._source_image(index, variant)
+        if getattr(self, "_said_generating", None) != os.getpid():  # once per process
+            self._said_generating = os.getpid()
+            self._say_generating(variant)
         generator = self._get_generator()
         image = generator.generate([GenerationRequest.from_variant(variant, source)], batch_size=1)[0]
         self.cache.put(variant, image)
         return image
+
+    def _say_generating(self, variant: Any) -> None:
+        """The one warning of a process that starts generating misses inside ``__getitem__``
+        (``on_miss="generate"``): which process, how many variants are missing, the faster way."""
+        worker = torch.utils.data.get_worker_info()
+        process = (f"DataLoader worker {worker.id} (pid {os.getpid()})" if worker is not None
+                   else f"the main process (pid {os.getpid()})")
+        if self.cached_variants is not None:
+            missing = f"{self.planned_variants - self.cached_variants} of the {self.planned_variants} planned variants"
+        else:
+            missing = "the planned variants"
+        warnings.warn(
+            f"on_miss='generate': generating variant {variant.variant} of {variant.source!r} inside __getitem__ in "
+            f"{process}, one image at a time; {missing} are missing from the cache {self.cache.directory}, and each "
+            "one drawn is generated this way. `dalda-aug warm --plan PLAN --cache CACHE` generates them faster, "
+            "batched and ahead of training (on every GPU with accelerate launch).",
+            UserWarning, stacklevel=4)
 
     def _source_image(self, index: int, variant: Any) -> Any:
         """The real image of item ``index``, checked against the plan's content hash."""

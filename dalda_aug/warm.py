@@ -22,7 +22,8 @@
   ``kill -9`` at any moment, rerunning generates exactly what is missing; nothing written is
   lost or regenerated. What counts as cached is checked first (header, metadata checksum and
   sizes; no image bytes read): a damaged entry is removed and regenerated. ``verify=True``
-  decodes this process's entries first (pixels checked too).
+  decodes this process's entries first (pixels checked too). Ctrl-C stores what was generated,
+  then raises :class:`WarmInterrupted` (a ``KeyboardInterrupt``) with how many images are kept.
 * **Cooperative.** Each batch is leased before it is generated
   (:meth:`~dalda_aug.cache.SyntheticCache.claim`): two processes writing the same shard skip
   each other's keys instead of generating everything twice. Leases are renewed while a batch
@@ -39,6 +40,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -51,7 +53,7 @@ from .cache import CacheReadOnlyError, SyntheticCache
 from .data import check_scaled_size, image_sha256, load_image, source_path, to_rgb
 from .errors import DaldaError, InputError, MissingFileError
 
-__all__ = ["warm", "WarmReport", "shard_keys", "plan_keys", "plan_share"]
+__all__ = ["warm", "WarmReport", "WarmInterrupted", "shard_keys", "plan_keys", "plan_share", "rebase_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,39 @@ def plan_share(plan: Any, cache: SyntheticCache, process_index: int = 0, num_pro
     return {key: Variant(*columns.fields(int(row))) for key, row in zip(mine, first[picked])}, int(len(distinct))
 
 
+def rebase_plan(plan: Any, data_root: str | os.PathLike[str], option: str = "--data-root") -> Any:
+    """``plan`` with its image folder moved to ``data_root`` (the plan's sources are paths relative
+    to it, as the dataset finds them after a move). Every source is checked first, as the dataset
+    checks it: a path inside ``data_root``, a file there, and pixels that match the plan's content
+    hash (files whose size and mtime match a :class:`~dalda_aug.stat_record.StatRecord` of an
+    earlier check are not decoded again). One line naming ``option`` and the file otherwise."""
+    import numpy as np
+
+    from .stat_record import StatRecord, file_stats
+
+    root = Path(data_root)
+    if not root.is_dir():
+        raise MissingFileError(f"{option} {root}: no such folder")
+    sources = plan.sources()
+    if not all(isinstance(source, str) for source in sources):
+        raise InputError(f"{option}: the plan's sources are dataset indices, not files of an image folder")
+    paths = [str(source_path(root, source).resolve()) for source in sources]  # refuses paths leaving the root
+    expected = plan.columns.source_hashes(np.arange(len(sources)))
+    record = StatRecord(paths, expected)
+    known, stats = record.load(), file_stats(paths)
+    unchanged = (known == stats).all(axis=1) & (stats[:, 0] >= 0) if known is not None else np.zeros(len(paths), bool)
+    for i in np.flatnonzero(~unchanged):
+        if stats[i, 0] < 0:
+            raise MissingFileError(f"{option} {root}: the plan's source {sources[i]!r} is not there ({paths[i]})")
+        if image_sha256(load_image(paths[i])) != expected[i]:
+            raise InputError(f"{option} {root}: {paths[i]} is not the image the plan's source {sources[i]!r} was "
+                             "made from (content hash differs); is it the folder the plan was made from?")
+    if not unchanged.all():
+        record.save_settled(stats)
+    plan.config["data_root"] = str(root.resolve())
+    return plan
+
+
 @dataclass
 class WarmReport:
     """What one warming process did."""
@@ -138,6 +173,18 @@ class WarmReport:
         return (f"{who}{self.planned} planned images, {self.assigned} in this shard, {self.already_cached} already "
                 f"cached{bad}, {self.generated} generated in {self.seconds:.1f} s{rate}{elsewhere} "
                 f"(cache shard {self.shard})")
+
+
+class WarmInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) while :func:`warm` generated: the images stored until then stay in the cache.
+
+    ``kept``: images of this process's share in the cache (found there, or stored by this run
+    before it stopped); ``stored``: of those, written by this run; ``assigned``: the share's size.
+    """
+
+    def __init__(self, kept: int, stored: int, assigned: int):
+        super().__init__(f"interrupted: {kept} of {assigned} images kept ({stored} written by this run)")
+        self.kept, self.stored, self.assigned = kept, stored, assigned
 
 
 class _SourceImages:
@@ -334,7 +381,9 @@ def warm(
                          "there, or a CUDA device")
     if plan.data_root and images is None:
         if not Path(plan.data_root).is_dir():
-            raise MissingFileError(f"the plan's image folder {plan.data_root} is missing")
+            raise MissingFileError(f"the plan's image folder {plan.data_root} is missing; if the images moved, "
+                                   "give their new folder: `dalda-aug warm --data-root DIR` (in Python: "
+                                   "rebase_plan(plan, DIR)), which checks each source there by its content hash")
         for source in plan.sources():  # every row's path, before anything is generated or written
             if isinstance(source, str):
                 source_path(plan.data_root, source)
@@ -394,7 +443,10 @@ def warm(
     recorded = threading.Event()
     record_lock = threading.Lock()
 
+    written = [0]  # images stored by this run (the writer threads count them)
+
     def stored(key: str) -> None:
+        written[0] += 1
         leases.release([key])
         if not recorded.is_set():  # the first image stored: from now on the spec holds images
             with record_lock:
@@ -410,6 +462,7 @@ def warm(
     waiting: list[tuple[str, Any]] = []  # leased by another process: written by it, or retaken on expiry
     poll = min(0.5, lease_seconds / 4)
     said_waiting = False
+    interrupted = False
     try:
         while pending or waiting:
             if not pending:
@@ -443,11 +496,16 @@ def warm(
             bar.update(len(chunk))
             if on_batch is not None:
                 on_batch(report.generated)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         bar.close()
         try:
-            writer.close()
+            writer.close()  # what was generated before Ctrl-C is stored, then kept
         finally:
             leases.close()
+        if interrupted:
+            raise WarmInterrupted(report.already_cached + written[0], written[0], report.assigned) from None
     report.seconds = time.perf_counter() - started
     return report

@@ -2,6 +2,7 @@
 
     python examples/prepare_datasets.py --out data                      # all three
     python examples/prepare_datasets.py --out data --datasets pets flowers102
+    python examples/prepare_datasets.py --out data --datasets toy       # offline: 2 classes, smoke runs
 
 writes ``OUT/<dataset>/{train,test}/<class>/<index>.jpg`` (torchvision's ``ImageFolder``
 layout, which ``dalda-aug`` and ``ImageSource.from_folder`` read) plus ``OUT/<dataset>/classes.json``
@@ -58,6 +59,10 @@ from pathlib import Path
 from typing import Sequence
 
 DATASETS = ("pets", "caltech101", "flowers102")
+# Offline and tiny, for smoke runs on a CPU (benchmarks/README.md); not in the default set.
+TOY = "toy"
+# toy: class folder -> the scikit-image photo it is cut from.
+TOY_PHOTOS = {"cat": "chelsea", "coffee_cup": "coffee"}
 
 # Oxford Flowers-102 class names, index = label in imagelabels.mat minus one.
 FLOWERS102_CLASSES = [
@@ -226,13 +231,36 @@ def prepare_caltech101(root: Path, out: Path, seed: int) -> dict:
             "reencoded": r_train + r_test}
 
 
+def prepare_toy(out: Path, per_split: int = 3) -> dict:
+    """``toy``: two classes (cat, coffee cup), ``per_split`` crops per class and split of two photos
+    that ship with scikit-image, 48x40 px; the test crops are other crops than the train ones.
+    Offline, for smoke runs on a CPU."""
+    from PIL import Image
+    from skimage import data
+
+    counts = {}
+    for split, offset in (("train", 0), ("test", per_split)):
+        for folder, photo in TOY_PHOTOS.items():
+            img = Image.fromarray(getattr(data, photo)()).convert("RGB")
+            w, h = img.size
+            (out / split / folder).mkdir(parents=True, exist_ok=True)
+            for i in range(per_split):
+                k = offset + i
+                box = (k * w // 12, k * h // 16, w // 2 + k * w // 12, h // 2 + k * h // 16)
+                img.crop(box).resize((48, 40)).save(out / split / folder / f"{i}.jpg", quality=95)
+        counts[split] = per_split * len(TOY_PHOTOS)
+    return {"classes": [folder.replace("_", " ") for folder in TOY_PHOTOS], "counts": counts}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Download Pets / Caltech-101 / Flowers-102 with torchvision and write "
                     "OUT/<dataset>/{train,test}/<class>/<index>.jpg image folders (needs internet).")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
-                        help="which datasets to prepare (default: all)")
+    parser.add_argument("--datasets", nargs="+", choices=(*DATASETS, TOY), default=list(DATASETS),
+                        help="which datasets to prepare (default: the paper's three); toy: two classes cut from "
+                             "scikit-image's photos, offline, for smoke runs")
     parser.add_argument("--download-root", type=Path, default=None,
                         help="where torchvision downloads the archives (default: OUT/_downloads)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Caltech-101 train/test split (official)")
@@ -243,13 +271,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = args.download_root or args.out / "_downloads"
-    root.mkdir(parents=True, exist_ok=True)
+    if set(args.datasets) - {TOY}:
+        root.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
         out = args.out / name
         if out.exists() and any(out.iterdir()) and not args.overwrite:
             print(f"{out} exists; skipping {name} (use --overwrite to rewrite it)")
             continue
-        if name == "pets":
+        if name == TOY:
+            info = prepare_toy(out)
+        elif name == "pets":
             info = {**prepare_pets(root, out), "split": args.split}
         elif name == "flowers102":
             info = prepare_flowers102(root, out) if args.split == "official" else prepare_flowers102_reference(root, out)

@@ -5,6 +5,10 @@
     python examples/train_loop.py --plan runs/pets-1shot/plan --cache runs/cache \
         --test data/pets/test --backbone clip --out runs/pets-1shot/clip-seed0.json
 
+``--models`` names the models (default: the ones the plan records): the CLIP backbone is its
+``clip_model``/``clip_pretrained``, so a plan made with ``--models tiny`` trains offline. Offline
+without local models, the script stops with one line naming the model and ``--models``.
+
 The cache's generation settings are the ones ``warm`` recorded in the cache folder; the
 ``--gen-*`` options override them (or set them for a cache that warm never filled).
 
@@ -25,7 +29,8 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train a classifier on a DALDA-augmented few-shot set.")
+    parser = argparse.ArgumentParser(description="Train a classifier on a DALDA-augmented few-shot set.",
+                                     allow_abbrev=False)
     parser.add_argument("--plan", required=True, type=Path, help="plan folder (dalda-aug plan --out)")
     parser.add_argument("--cache", required=True, type=Path, help="synthetic image cache folder")
     parser.add_argument("--test", required=True, type=Path, help="test image folder (root/<class>/*.jpg)")
@@ -33,7 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", default="linear", choices=["linear", "finetune"])
     parser.add_argument("--pretrained", default=None,
                         help="weight file (resnet50 / efficientnet_lite0) or open_clip tag/checkpoint (clip)")
-    parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip model name or config JSON")
+    parser.add_argument("--models", default=None,
+                        help="models JSON (ModelConfig) or a folder holding models.json (`dalda-aug make-tiny-models "
+                             "DIR` writes tiny offline ones): --backbone clip takes its clip_model/clip_pretrained, "
+                             "and an unwarmed cache its generation models; default: the models the plan records")
+    parser.add_argument("--clip-model", default=None,
+                        help="open_clip model name or config JSON (default: the --models' clip_model, ViT-B-16 "
+                             "for the paper's)")
     parser.add_argument("--p", type=float, default=0.5, help="probability of replacing an image by a synthetic one")
     parser.add_argument("--on-miss", default="generate", help="what a cache miss does (see SyntheticAugmentedDataset)")
     parser.add_argument("--gen-dtype", default=None,
@@ -52,7 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
+    from dalda_aug.errors import DaldaError
 
+    try:
+        return _train(args)
+    except DaldaError as exc:  # a missing model offline, a moved folder...: one line, no traceback
+        print(f"train_loop.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
     from torchvision.datasets import ImageFolder
@@ -61,8 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dalda_aug import (AugmentationPlan, GenerationConfig, GenerationSpec, ModelConfig, SyntheticAugmentedDataset,
                            SyntheticCache)
     from dalda_aug.classify import build_classifier, eval_transform, evaluate, train_transform
+    from dalda_aug.cli import load_models_arg
 
     plan = AugmentationPlan.load(args.plan)
+    # The models: --models, else the ones the plan was made with (the paper's hub models by default).
+    models = load_models_arg(args.models) if args.models is not None else plan.models or ModelConfig()
     # The real training images: the plan's folder, of which the dataset serves the plan's own
     # few-shot subset (items="plan", found by file path). No transform on the base: the wrapper
     # applies it to real and synthetic images alike.
@@ -75,12 +98,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(v is not None for v in overrides) or not cache.recorded_specs():
         gen_config = GenerationConfig(num_inference_steps=args.gen_steps or 30, height=args.gen_size or 512,
                                       width=args.gen_size or 512)
-        cache = SyntheticCache(args.cache, GenerationSpec(ModelConfig.from_dict(plan.config["models"]), gen_config,
-                                                          dtype=args.gen_dtype or "float32"))
+        cache = SyntheticCache(args.cache, GenerationSpec(models, gen_config, dtype=args.gen_dtype or "float32"))
 
     pretrained = args.pretrained if args.pretrained is not None else True
+    clip_model = args.clip_model
+    if args.backbone == "clip":
+        clip_model = clip_model or models.clip_model
+        if args.pretrained is None:
+            pretrained = models.clip_pretrained
+        from dalda_aug.generators.loading import require_hub_models
+
+        # offline, one line naming the model and --models, in a second (not a traceback after the hub's retries)
+        require_hub_models(ModelConfig(clip_model=clip_model, clip_pretrained=str(pretrained)),
+                           ("clip_model", "clip_pretrained"))
     model = build_classifier(args.backbone, len(class_names), class_names=class_names, mode=args.mode,
-                             pretrained=pretrained, clip_model=args.clip_model, seed=args.seed,
+                             pretrained=pretrained, clip_model=clip_model or "ViT-B-16", seed=args.seed,
                              device=args.device)
     train_set = SyntheticAugmentedDataset(base, plan, cache, p=args.p,
                                           transform=train_transform(model), on_miss=args.on_miss,

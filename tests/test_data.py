@@ -98,7 +98,7 @@ def test_few_shot_is_seeded_nested_and_validated():
     assert sorted(targets[i] for i in two) == [0, 0, 1, 1, 2, 2]
     assert few_shot_indices(targets, 2, seed=0) == two
     assert any(few_shot_indices(targets, 2, seed=s) != two for s in range(1, 6))
-    with pytest.raises(InputError, match="fewer than n_shot=4"):
+    with pytest.raises(InputError, match=r"fewer than the 4 shots asked for \(--shots 4\)"):
         few_shot_indices(targets, 4, seed=0)
     with pytest.raises(InputError, match="n_shot"):
         few_shot_indices(targets, 0, seed=0)

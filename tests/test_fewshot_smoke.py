@@ -268,3 +268,59 @@ def test_combine_pairs_over_datasets(tmp_path, capsys):
     (tmp_path / "flowers" / "results.json").write_text(json.dumps({"protocol": "reference", "summary": []}))
     assert bench.main(["--combine", str(tmp_path / "pets"), str(tmp_path / "flowers"), "--out", str(tmp_path / "x")]) == 2
     assert "mix protocols" in capsys.readouterr().err
+
+
+# -- the CPU smoke command of benchmarks/README.md (issue 29, point 1) ----------------------------------
+def _readme_smoke_commands() -> list[list[str]]:
+    """The commands of the bash block under "A smoke run on a CPU, offline" in benchmarks/README.md,
+    as a shell would split them (line continuations joined, comments dropped)."""
+    import re
+    import shlex
+
+    text = (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("### A smoke run on a CPU, offline", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block is not None, "benchmarks/README.md: no bash block under the CPU smoke heading"
+    joined = block.group(1).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if shlex.split(line, comments=True)]
+
+
+def test_the_readme_cpu_smoke_command_runs_with_the_tiny_models_defaults(tmp_path, monkeypatch, capsys):
+    import time
+
+    from dalda_aug.cli import main as dalda_aug
+
+    commands = _readme_smoke_commands()
+    assert [c[:2] for c in commands] == [["export", "HF_HUB_OFFLINE=1"], ["dalda-aug", "make-tiny-models"],
+                                         ["python", "examples/prepare_datasets.py"], ["python", "benchmarks/fewshot.py"]]
+    root = SCRIPT.parents[1]
+    monkeypatch.chdir(tmp_path)  # the relative paths of the block, as a reader runs it from a folder of their own
+    started = time.perf_counter()
+    for command in commands:
+        if command[0] == "export":
+            monkeypatch.setenv(*command[1].split("=", 1))
+        elif command[0] == "dalda-aug":
+            assert dalda_aug(command[1:]) == 0, command
+        elif command[1] == "examples/prepare_datasets.py":
+            assert load_script(root / command[1], "prepare_datasets").main(command[2:]) == 0
+        else:
+            assert run_benchmark(_load_script(), command[2:]) == 0
+    seconds = time.perf_counter() - started
+    assert seconds < 180, f"the documented CPU smoke run took {seconds:.0f} s (the README says under 3 minutes)"
+    err = capsys.readouterr().err
+    assert ("--size 64 --steps 2 --img2img-steps 2 --ti-steps 10 --backbone efficientnet_lite0 --threads 1 (recorded "
+            "defaults" in err), err[-2000:]
+
+    out = tmp_path / "runs" / "smoke"
+    config = json.loads((out / "config.json").read_text())
+    assert config["generation"]["ip_adapter"]["height"] == 64
+    assert config["generation"]["ip_adapter"]["num_inference_steps"] == 2
+    result = json.loads((out / "results.json").read_text())
+    runs = result["runs"]
+    # every default method that needs no LLM prompts ran, on the offline backbone, on the whole test split
+    assert sorted(r["method"] for r in runs) == sorted(["real", "real_guidance", "da_fusion", "fixed", "base_rs",
+                                                         "base_ags"])
+    assert {r["backbone"] for r in runs} == {"efficientnet_lite0"} and {r["n_test"] for r in runs} == {6}
+    da_fusion = config["generation"]["da_fusion"]
+    assert da_fusion["num_inference_steps"] == 2 and da_fusion["textual_inversion"]["steps"] == 10
+    assert da_fusion["textual_inversion"]["resolution"] == 64

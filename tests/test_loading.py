@@ -99,7 +99,8 @@ def test_hub_models_offline_and_not_cached_stop_in_one_line(tmp_path, monkeypatc
     message = str(info.value)
     assert "\n" not in message and "HF_HUB_OFFLINE is set" in message
     assert "CompVis/stable-diffusion-v1-4" in message and "--models models.json" in message
-    assert "HF_HUB_OFFLINE=1" in message and "h94/IP-Adapter" not in message  # only what the command loads
+    assert "h94/IP-Adapter" not in message  # only what the command loads
+    assert "HF_HUB_OFFLINE=1" not in message  # set already: not suggested again (issue 29, point 9)
 
 
 def test_a_models_folder_and_its_defaults(tmp_path):

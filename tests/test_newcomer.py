@@ -97,7 +97,7 @@ def _assert_fails_fast(proc: subprocess.CompletedProcess[str], seconds: float, c
     assert len(lines) == 1, proc.stderr  # one line: no retries, no traceback, no ERROR:root
     line = lines[0]
     assert line.startswith(f"dalda-aug {command}: error: "), line
-    assert "HF_HUB_OFFLINE=1" in line and all(w in line for w in words), line
+    assert all(w in line for w in words), line
     assert ".." not in line.replace("../", ""), line
     assert seconds < HUB_FAILURE_SECONDS, (command, seconds)
 
@@ -110,7 +110,7 @@ def test_without_the_hub_a_command_stops_at_once_when_connections_are_refused(wo
     proc = _cli(world, *_commands(world)[command], env=env, timeout=300)
     seconds = time.monotonic() - started
     hint = "--llm hf:PATH" if command == "prompts" else "--models models.json"
-    _assert_fails_fast(proc, seconds, command, f"http://127.0.0.1:{port} cannot be reached", hint)
+    _assert_fails_fast(proc, seconds, command, f"http://127.0.0.1:{port} cannot be reached", hint, "HF_HUB_OFFLINE=1")
 
 
 @pytest.mark.parametrize("command", ["plan", "warm", "prompts"])
@@ -123,7 +123,7 @@ def test_without_the_hub_a_command_stops_within_seconds_when_the_hub_never_answe
         started = time.monotonic()
         proc = _cli(world, *_commands(world)[command], env=env, timeout=300)
         seconds = time.monotonic() - started
-    _assert_fails_fast(proc, seconds, command, "cannot be reached")
+    _assert_fails_fast(proc, seconds, command, "cannot be reached", "HF_HUB_OFFLINE=1")
 
 
 def test_offline_mode_names_the_missing_models(world, tmp_path):
@@ -131,7 +131,8 @@ def test_offline_mode_names_the_missing_models(world, tmp_path):
     started = time.monotonic()
     proc = _cli(world, *_commands(world)["plan"], env=env)
     _assert_fails_fast(proc, time.monotonic() - started, "plan", "HF_HUB_OFFLINE is set",
-                       "timm/vit_base_patch16_clip_224.openai", "--models models.json")
+                       "open_clip ViT-B-16/openai", "timm/vit_base_patch16_clip_224.openai", "--models models.json")
+    assert "HF_HUB_OFFLINE=1" not in proc.stderr  # set already: not suggested (issue 29, point 9)
 
 
 # -- points 4 and 6: CPU-sized defaults from models.json, and no library noise ----------------------
@@ -139,7 +140,8 @@ def test_tiny_warm_takes_cpu_sized_defaults_from_models_json_and_prints_no_noise
     proc = _cli(world, "warm", "--plan", "plan", "--cache", "cache", "--models", "tiny", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]
-    assert first.startswith("dalda-aug warm: process rank 0") and "--size 64 --steps 2 from tiny" in first, first
+    assert first.startswith("dalda-aug warm: size 64 (defaults of tiny), steps 2 (defaults of tiny), dtype float32 "
+                            "(default on the CPU), device cpu (") and "process rank 0" in first, first
     assert "2 generated" in proc.stdout, proc.stdout
     assert not [n for n in NOISE if n in proc.stderr], proc.stderr
     plan = AugmentationPlan.load(world / "plan")
@@ -164,8 +166,8 @@ def test_textual_inversion_reads_its_defaults_from_models_json(world):
     from dalda_aug.config import model_defaults
 
     # The values make-tiny-models records, as the README states them for a CPU.
-    assert model_defaults(world / "tiny", "textual-inversion") == {"resolution": 64, "steps": 20}
-    assert model_defaults(world / "tiny" / "models.json", "warm") == {"size": 64, "steps": 2}
+    assert model_defaults(world / "tiny", "textual-inversion") == {"resolution": 64, "steps": 20, "threads": 1}
+    assert model_defaults(world / "tiny" / "models.json", "warm") == {"size": 64, "steps": 2, "threads": 1}
 
 
 # -- point 7: the small things ------------------------------------------------------------------

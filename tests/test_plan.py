@@ -117,7 +117,7 @@ def test_plan_few_shot_and_seed_reuse(folder, tiny_models):
     for v in one:
         match = [w for w in full.variants_for(v.source) if w.variant == v.variant][0]
         assert (match.seed, match.score, match.prompt) == (v.seed, v.score, v.prompt)
-    with pytest.raises(InputError, match="fewer than n_shot=3"):
+    with pytest.raises(InputError, match=r"fewer than the 3 shots asked for \(--shots 3\)"):
         build_plan(src, variants=2, n_shot=3, models=tiny_models)
 
 

@@ -27,6 +27,7 @@ from dalda_aug.prompts import (
     parse_backend,
     validate_prompt,
 )
+from helpers import noise
 from llm_server import ChatServer, per_class, reply, reply_json, stall, status
 
 PETS = ["cat", "wildcat", "bulldog", "american bulldog"]
@@ -585,6 +586,7 @@ def test_cli_data_folder_openai(tmp_path, clip_tokenizer_dir, capsys):
     data = tmp_path / "pets"
     for folder in ("american_bulldog", "Abyssinian", "wildcat"):
         (data / folder).mkdir(parents=True)
+        noise(0).save(data / folder / "0.png")  # a class folder holds an image (an empty one is refused)
     (tmp_path / "desc.txt").write_text("Photos de animaux domestiques — Oxford-IIIT Pets.\n", encoding="utf-8")
     out = tmp_path / "out" / "prompts.json"
     with ChatServer([], default=per_class(good)) as server:
@@ -798,6 +800,7 @@ def test_caltech_preset_shows_the_references_llm_class_names(tmp_path, clip_toke
     data = tmp_path / "101_ObjectCategories"
     for folder in ("accordion", "bass", "Faces", "Faces_easy"):
         (data / folder).mkdir(parents=True)
+        noise(0).save(data / folder / "0.png")  # a class folder holds an image (an empty one is refused)
     out = tmp_path / "b.json"
     with ChatServer([], default=per_class(good)) as server:
         rc = run_cli("--data", str(data), "--out", str(out), "-M", "1", "--llm", "openai:test-model",

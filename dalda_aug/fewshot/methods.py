@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InputError
 
@@ -29,6 +29,7 @@ __all__ = [
     "filtered_twin",
     "unfiltered",
     "table_position",
+    "method_label",
 ]
 
 
@@ -87,6 +88,17 @@ def method_of(name: str) -> Method:
 def table_position(name: str) -> tuple[int, int]:
     """Where a run name sorts in the outputs: its method's place, the filtered twin right after it."""
     return list(METHODS).index(unfiltered(name)), int(name.endswith(FILTERED))
+
+
+def method_label(name: str, bank: Any = None) -> str:
+    """The table label of method ``name``. An LLM-prompt method whose prompt bank no LLM wrote
+    (the ``template`` backend, ``provenance["backend"]``) says "template prompts" instead."""
+    method = method_of(name)
+    label = method.label
+    provenance = getattr(bank, "provenance", None) or {}
+    if method.prompts == "llm" and provenance.get("backend") == "template":
+        label = label.replace("LLM prompts", "template prompts")
+    return label
 
 
 def uses_llm_prompts(methods: list[str]) -> bool:

@@ -118,7 +118,7 @@ def _summary_row(key: tuple[Any, ...], group: list[dict[str, Any]]) -> dict[str,
     mpc, mpc_std = mean_std(mpc_values)
     return {
         "dataset": group[0]["dataset"], "backbone": key[0], "mode": key[1], "method": key[2],
-        "label": method_of(key[2]).label, "shots": key[3], "seeds": [r["seed"] for r in group],
+        "label": group[0].get("label") or method_of(key[2]).label, "shots": key[3], "seeds": [r["seed"] for r in group],
         "protocol": protocol, **extra,
         **{name: group[0].get(name, COMPONENTS[name][0]) for name in COMPONENTS},
         **{name: group[0].get(name, NOT_RECORDED) for name in REFERENCE_SETTINGS},
@@ -332,7 +332,7 @@ def _table_body(rows: list[dict[str, Any]], shots: list[int], protocol: str) -> 
             values = [by_key[(m, n)][field] for m in methods if (m, n) in by_key]
             best[(n, field)] = max(values) if values else None
     for m in methods:
-        cells = [method_of(m).label]
+        cells = [next((s["label"] for s in rows if s["method"] == m and s.get("label")), method_of(m).label)]
         for n in shots:
             s = by_key.get((m, n))
             for field in fields:

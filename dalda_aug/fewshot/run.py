@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InputError
 from .data import reference_few_shot_indices
-from .methods import FILTERED, method_of, method_scaling
+from .methods import FILTERED, method_label, method_of, method_scaling
 from .protocol import best_epoch, evaluation_draws, row_settings
 from .report import write_outputs
 from .settings import Benchmark, finished_runs, log, prepare, write_config
@@ -414,8 +414,8 @@ def train_one(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], p
     bench.timing["evaluate"] += test_metrics.seconds
     return {
         "run_key": bench.run_key(seed, shots, m), "dataset": bench.data.name, "backbone": args.backbone,
-        "mode": args.mode, "method": m, "label": method_of(m).label, "shots": shots, "seed": seed, **protocol_fields,
-        **components, **_settings(bench, m), "eval_pool": len(eval_set),
+        "mode": args.mode, "method": m, "label": method_label(m, bench.bank), "shots": shots, "seed": seed,
+        **protocol_fields, **components, **_settings(bench, m), "eval_pool": len(eval_set),
         "top1": metrics["top1"], "mean_per_class": metrics["mean_per_class"], "n_test": metrics["n"],
         "per_class": metrics["per_class"], "per_class_n": metrics["per_class_n"],
         **({"filter": bench.filter_info[(seed, shots, m)]} if (seed, shots, m) in bench.filter_info else {}),

@@ -34,6 +34,8 @@ __all__ = [
     "digest",
     "log",
     "prepare",
+    "PAPER_DEFAULTS",
+    "resolve_defaults",
     "check_arguments",
     "resolve_device",
     "resolve_evaluation",
@@ -127,6 +129,10 @@ def prepare(args: argparse.Namespace, argv: list[str], started: float) -> Benchm
     """Check and resolve everything the runs need, in the order the errors are reported."""
     from ..config import ModelConfig
 
+    used, where = resolve_defaults(args)
+    if used:
+        log("from " + where + ": " + " ".join(f"--{option} {value}" for option, value in used.items())
+            + " (recorded defaults of the models; a flag given wins)")
     if args.threads is not None:
         import torch
 
@@ -166,6 +172,40 @@ def prepare(args: argparse.Namespace, argv: list[str], started: float) -> Benchm
     bench.meta = {"dataset": data.name, "config": "config.json", "skipped_methods": skipped,
                   "timing_seconds": bench.timing, "paper_key": args.preset}
     return bench
+
+
+#: The paper's settings of the options a models file may default for the benchmark
+#: (:data:`~dalda_aug.config.DEFAULTABLE_OPTIONS` ``["fewshot"]``), by option name.
+PAPER_DEFAULTS: dict[str, int | str] = {"size": 512, "steps": 30, "img2img-steps": 50, "ti-steps": 1000,
+                                        "backbone": "resnet50"}
+
+
+def resolve_defaults(args: argparse.Namespace) -> tuple[dict[str, int | str], str]:
+    """Fill the options left unset (None): the ``--models`` file's recorded ``"fewshot"`` defaults
+    first (``make-tiny-models`` writes CPU-sized ones, one torch thread and an offline backbone),
+    else :data:`PAPER_DEFAULTS` (and torch's thread count). Returns ``(the options taken from the models file, where)``."""
+    from ..classify import BACKBONES
+    from ..config import model_defaults, models_file
+
+    recorded: dict[str, int | str] = {}
+    where = ""
+    if args.models is not None:
+        recorded = model_defaults(args.models, "fewshot")
+        where = str(models_file(args.models))
+    used: dict[str, int | str] = {}
+    for option, paper in PAPER_DEFAULTS.items():
+        dest = option.replace("-", "_")
+        if getattr(args, dest, None) is not None:
+            continue
+        value = recorded.get(option, paper)
+        if option in recorded:
+            used[option] = value
+        setattr(args, dest, value)
+    if getattr(args, "threads", None) is None and "threads" in recorded:  # torch's own count otherwise
+        args.threads = used["threads"] = recorded["threads"]
+    if args.backbone not in BACKBONES:
+        raise InputError(f"{where}: defaults.fewshot.backbone {args.backbone!r} is not one of {', '.join(BACKBONES)}")
+    return used, where
 
 
 def check_arguments(args: argparse.Namespace) -> None:

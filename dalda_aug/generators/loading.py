@@ -24,6 +24,7 @@ from ..errors import HubUnreachableError, ModelLoadError  # HubUnreachableError:
 from ..locations import ModelLocation, describe_location, is_local_location, parse_location  # re-exported
 
 __all__ = [
+    "KNOWN_OPEN_CLIP_HUB",
     "ModelLocation",
     "parse_location",
     "is_local_location",
@@ -204,6 +205,12 @@ HUB_PROBE_TIMEOUT = 5.0
 # What a command without the hub says to do (the demo says `DALDA_MODELS=tiny make demo` instead).
 MODELS_HINT = ("pass --models models.json naming local copies (`dalda-aug make-tiny-models DIR` writes tiny offline "
                "ones) and set HF_HUB_OFFLINE=1 on a machine without the hub")
+# The clause of MODELS_HINT left out when HF_HUB_OFFLINE is set already.
+_OFFLINE_CLAUSE = " and set HF_HUB_OFFLINE=1 on a machine without the hub"
+# open_clip's hub location of the paper's CLIP (its pretrained table, ``hf_hub``), so that the hub
+# check of the default models needs no ``import open_clip`` (which imports torch: seconds).
+# tests/test_cpu_path.py compares it with open_clip's own table.
+KNOWN_OPEN_CLIP_HUB: dict[tuple[str, str], str] = {("ViT-B-16", "openai"): "timm/vit_base_patch16_clip_224.openai/"}
 
 
 
@@ -216,6 +223,7 @@ class HubFile:
     filename: str
     revision: str | None = None
     alternatives: tuple[str, ...] = ()
+    label: str = ""  # the model as the user names it (open_clip "ViT-B-16/openai"), when not the repository
 
 
 def _env_flag(name: str) -> bool:
@@ -267,22 +275,25 @@ def _open_clip_files(model: str, pretrained: str | None) -> list[HubFile]:
         model_is_local = False
     if not pretrained or parse_location(pretrained).is_local or model_is_local:
         return []
-    try:
-        import open_clip
+    hub = KNOWN_OPEN_CLIP_HUB.get((model, pretrained))
+    if hub is None:
+        try:
+            import open_clip
 
-        cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
-    except Exception:  # an unknown name or tag: open_clip's own error says so when it loads
-        return []
-    hub = str(cfg.get("hf_hub") or "")
+            cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
+        except Exception:  # an unknown name or tag: open_clip's own error says so when it loads
+            return []
+        hub = str(cfg.get("hf_hub") or "")
     if not hub:
         return []
+    label = f"open_clip {model}/{pretrained}"
     repo, filename = hub.rstrip("/"), ""
     if not hub.endswith("/"):
         repo, filename = os.path.split(hub)
     if filename:
         stem = filename.rsplit(".", 1)[0]
-        return [HubFile(repo, filename, alternatives=(f"{stem}.safetensors",))]
-    return [HubFile(repo, "open_clip_pytorch_model.bin", alternatives=("open_clip_model.safetensors",))]
+        return [HubFile(repo, filename, alternatives=(f"{stem}.safetensors",), label=label)]
+    return [HubFile(repo, "open_clip_pytorch_model.bin", alternatives=("open_clip_model.safetensors",), label=label)]
 
 
 def _hub(location: str | None) -> bool:
@@ -350,6 +361,7 @@ def check_hub(files: Sequence[HubFile], *, hint: str = MODELS_HINT, what: str = 
         return
     if _env_flag("HF_HUB_OFFLINE"):
         why = "HF_HUB_OFFLINE is set"
+        hint = hint.replace(_OFFLINE_CLAUSE, "")  # suggest only what is not done yet
     elif hub_reachable(repo=files[0].repo if files else _PROBE_REPO):
         return
     else:
@@ -362,12 +374,15 @@ def check_hub(files: Sequence[HubFile], *, hint: str = MODELS_HINT, what: str = 
             setattr(constants, "HF_HUB_OFFLINE", True)
     missing = missing_from_hub_cache(files)
     if not missing and more is not None:
-        missing = missing_from_hub_cache(more())
+        files = more()
+        missing = missing_from_hub_cache(files)
     if missing:
+        labels = {file.repo: file.label for file in files if file.label}
+        named = [f"{labels[repo]}, hub repository {repo}" if repo in labels else repo for repo in missing]
         subject = what or ("the model" if len(missing) == 1 else "the models")
         raise HubUnreachableError(
             f"{why} and {subject} {'is' if len(missing) == 1 else 'are'} not in the local Hugging Face cache "
-            f"({', '.join(missing)}); {hint}")
+            f"({'; '.join(named)}); {hint}")
 
 
 def require_hub_models(models: Any, fields: Iterable[str], *, hint: str = MODELS_HINT, what: str = "") -> None:
