@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from ..errors import CacheFullError, CacheReadOnlyError, CacheStorageError, CorruptEntryError, InputError, require
+from ..errors import (CacheFullError, CacheReadOnlyError, CacheStorageError, CorruptEntryError, InputError,
+                      UnsafeFileError, require)
 from . import leases
 from .shards import (
     SHARD_PREFIX,
@@ -34,6 +35,7 @@ from .shards import (
     is_network_filesystem,
     safe_disk,
     sanitize_shard_name,
+    shard_refusal,
     shard_settings,
 )
 from .spec import is_entry_key
@@ -162,6 +164,13 @@ class ShardSet:
         if handle is None:
             diskcache = require("diskcache", "generate")
             path = self.directory / f"{SHARD_PREFIX}{name}"
+            # diskcache runs its own queries (and turns Settings rows into PRAGMAs) as it opens a
+            # shard: its folder, files and schema are checked first, and a shard that fails is
+            # never written (a symlinked folder would put cache.db outside the cache).
+            reason = shard_refusal(path, self.directory)
+            if reason is not None:
+                raise UnsafeFileError(f"cache shard {path / 'cache.db'} refused: {reason}; move it out of "
+                                      f"{self.directory} (or write another shard) and rerun")
             try:
                 # The SafeDisk never pickles nor unpickles: the shard may have been made by anyone.
                 handle = diskcache.Cache(str(path), timeout=self.timeout, disk=safe_disk(),
@@ -181,7 +190,8 @@ class ShardSet:
             names = []
             if self.directory.is_dir():
                 for entry in os.scandir(self.directory):
-                    if entry.name.startswith(SHARD_PREFIX) and os.path.isfile(os.path.join(entry.path, "cache.db")):
+                    # lexists: a cache.db that is a FIFO or a link is listed, so that its reader refuses it by name
+                    if entry.name.startswith(SHARD_PREFIX) and os.path.lexists(os.path.join(entry.path, "cache.db")):
                         names.append(entry.name[len(SHARD_PREFIX):])
             self._known = sorted(names, key=lambda n: (n != self.shard, n))
             self._scanned_at = now
@@ -211,7 +221,8 @@ class ShardSet:
         self._check_process()
         reader = self._shard_readers.get(name)
         if reader is None:
-            reader = ShardReader(self.directory / f"{SHARD_PREFIX}{name}", self.timeout, mmap=not self._is_network())
+            reader = ShardReader(self.directory / f"{SHARD_PREFIX}{name}", self.timeout, mmap=not self._is_network(),
+                                 root=self.directory)
             self._shard_readers[name] = reader
         return reader
 
@@ -231,6 +242,12 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.keys())
 
+    def refused_shards(self) -> dict[str, str]:
+        """``{shard name: why}`` of the shards refused (:func:`~dalda_aug.cache.shards.shard_refusal`):
+        their entries are not read; each is named once in a warning."""
+        return {name: reason for name, reader in self._readers(force_scan=True)
+                if (reason := reader.check()) is not None}
+
     def count_rows(self) -> int:
         """Rows with a raw key over all shards (an upper bound of the entries: a key in two shards
         counts twice, counter and lease rows count), by one SQL count per shard."""
@@ -245,6 +262,31 @@ class ShardSet:
 
         parts = [np.array([key_bytes(k) for k in reader.keys()], dtype="S32") for _, reader in self._readers(True)]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype="S32")
+
+    def checked_key_digests(self) -> tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]", list[dict[str, Any]]]:
+        """Every entry of every shard checked by :meth:`~dalda_aug.cache.shards.ShardReader.check_heads`
+        (the header and metadata checksum, the sizes of the row, the value file and the header;
+        no image bytes): ``(good, bad, shards)``, the good and the bad keys as sorted, distinct
+        32-byte digests (a key good in one shard and bad in another is in both), and per shard
+        ``{"name", "entries", "reader"}``. What ``cache stats`` and the dataset's coverage count."""
+        import numpy as np
+
+        from .spec import key_bytes
+
+        good: list[Any] = []  # per shard, its good keys as 32-byte digests (no Python set of keys)
+        bad: list[Any] = []
+        shards: list[dict[str, Any]] = []
+        for name, reader in self._readers(force_scan=True):
+            shard_good: list[bytes] = []
+            shard_bad: list[bytes] = []
+            for key, meta, _ in reader.check_heads():
+                (shard_bad if meta is None else shard_good).append(key_bytes(key))
+            good.append(np.array(shard_good, dtype="S32"))
+            bad.append(np.array(shard_bad, dtype="S32"))
+            shards.append({"name": name, "entries": len(shard_good), "reader": reader})
+        good_keys = np.unique(np.concatenate(good)) if good else np.zeros(0, dtype="S32")
+        bad_keys = np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype="S32")
+        return good_keys, bad_keys, shards
 
     def __contains__(self, key: Any) -> bool:
         if any(key in reader for _, reader in self._readers()):
@@ -335,7 +377,7 @@ class ShardSet:
     def put_encoded(self, key: str, blob: bytes) -> None:
         """Store an already encoded entry (from :func:`~dalda_aug.cache.encode_entry`) under ``key``."""
         if not is_entry_key(key):
-            raise InputError(f"cache keys are 64 hex characters, got {key!r}")
+            raise InputError(f"cache keys are 64 lowercase hex digits (a SHA-256), got {str(key)[:80]!r}: not stored")
         handle = self._open(self.shard)
         try:
             handle.set(key, blob, retry=True)
