@@ -499,10 +499,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         ``fingerprint``, how many the cache holds, and (when not all) how many entries it holds;
         read from the coverage record of ``token`` or counted (one digest per variant with
         :func:`~dalda_aug.cache.spec.variant_digests`, then either the cache's checked listing,
-        where it holds at most four rows per planned key, or a checked look-up of each). Entries
-        are counted as ``cache stats`` counts them: a row whose value file is missing, truncated or
-        not a regular file, or whose header fails its checks, is not held (a partial copy of a
-        cache); no image bytes are read."""
+        where it holds at most four rows per planned key, or a checked look-up of each). A row
+        whose value file is missing, of another size than the row says, or not a regular file is
+        not held (a partial copy of a cache): ``cache stats`` counts it out too. Only the rows and
+        the value files' stat are read (``cache stats`` also reads each header; an entry damaged
+        inside is refused when read, a miss warned about if construction counted every variant)."""
         record = CoverageRecord(self.cache.directory, fingerprint, digest)
         # on a network filesystem a client may see another node's write late in the stat: recount
         remembered = not self.cache._is_network()
@@ -513,11 +514,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             entries = None
             if planned.size and self.cache.count_rows() <= 4 * planned.size:
                 # listing a cache of about the plan's size costs less than a look-up per key
-                listed = self.cache.checked_key_digests()[0]
+                listed = self.cache.checked_key_digests(heads=False)[0]
                 held = int(np.isin(planned, listed, assume_unique=True).sum())
                 entries = int(listed.size)
-            elif planned.size:  # a row and a value file's first bytes per key, no listing
-                held = int(self.cache.check_present(digest_hex(planned))[0].sum())
+            elif planned.size:  # a row and a value file's stat per key, no listing
+                held = int(self.cache.check_present(digest_hex(planned), heads=False)[0].sum())
             counts = {"held": held, "planned": int(planned.size)}
             if held < planned.size:
                 counts["entries"] = entries if entries is not None else len(self.cache.keys())

@@ -263,12 +263,14 @@ class ShardSet:
         parts = [np.array([key_bytes(k) for k in reader.keys()], dtype="S32") for _, reader in self._readers(True)]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype="S32")
 
-    def checked_key_digests(self) -> tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]", list[dict[str, Any]]]:
+    def checked_key_digests(self, *, heads: bool = True
+                            ) -> tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]", list[dict[str, Any]]]:
         """Every entry of every shard checked by :meth:`~dalda_aug.cache.shards.ShardReader.check_heads`
         (the header and metadata checksum, the sizes of the row, the value file and the header;
-        no image bytes): ``(good, bad, shards)``, the good and the bad keys as sorted, distinct
-        32-byte digests (a key good in one shard and bad in another is in both), and per shard
-        ``{"name", "entries", "reader"}``. What ``cache stats`` and the dataset's coverage count."""
+        no image bytes; with ``heads=False`` the row and the value file's stat only): ``(good, bad,
+        shards)``, the good and the bad keys as sorted, distinct 32-byte digests (a key good in
+        one shard and bad in another is in both), and per shard ``{"name", "entries", "reader"}``.
+        What ``cache stats`` (heads) and the dataset's coverage (stat only) count."""
         import numpy as np
 
         from .spec import key_bytes
@@ -279,7 +281,7 @@ class ShardSet:
         for name, reader in self._readers(force_scan=True):
             shard_good: list[bytes] = []
             shard_bad: list[bytes] = []
-            for key, meta, _ in reader.check_heads():
+            for key, meta, _ in reader.check_heads(heads=heads):
                 (shard_bad if meta is None else shard_good).append(key_bytes(key))
             good.append(np.array(shard_good, dtype="S32"))
             bad.append(np.array(shard_bad, dtype="S32"))
@@ -312,7 +314,7 @@ class ShardSet:
                 out[todo] = [keys[i] in found for i in todo]
         return out
 
-    def check_present(self, keys: Sequence[str], *, remove: bool = False
+    def check_present(self, keys: Sequence[str], *, remove: bool = False, heads: bool = True
                       ) -> tuple["np.ndarray[Any, np.dtype[np.bool_]]", list[dict[str, str]]]:
         """Which of ``keys`` have an entry that passes :func:`~dalda_aug.cache.codecs.check_head`
         in some shard (a boolean array, in order), and the failing ones ``[{"shard", "key",
@@ -320,7 +322,8 @@ class ShardSet:
         bytes of its value file, never the image bytes: a garbage header, a truncated or
         missing value file fail; a changed image byte does not (``cache verify`` and the
         decoding readers catch it). With ``remove``, failing entries are deleted where the
-        folder allows it."""
+        folder allows it. With ``heads=False`` only the row and the value file's stat are checked
+        (:meth:`~dalda_aug.cache.shards.ShardReader.check_heads`)."""
         import numpy as np
 
         keys = list(keys)
@@ -331,7 +334,7 @@ class ShardSet:
             if not len(todo):
                 break
             good: set[str] = set()
-            for key, meta, error in reader.check_heads([keys[i] for i in todo]):
+            for key, meta, error in reader.check_heads([keys[i] for i in todo], heads=heads):
                 if meta is not None:
                     good.add(key)
                     bad.pop(key, None)
