@@ -270,9 +270,24 @@ SELECT n AS rowid, printf('%064x', n) AS key, 1 AS raw, 0.0 AS store_time, NULL 
 
 
 def _hostile_shards(cache_dir: Path, marker_table: str = "Planted") -> dict[str, Path]:
-    """Three shards whose cache.db is code: a recursive VIEW named Cache, diskcache's tables with
-    a trigger of their own, and diskcache's tables with a Settings row it would act on."""
+    """Five shards: three whose cache.db is code (a recursive VIEW named Cache, diskcache's tables
+    with a trigger of their own, diskcache's tables with a Settings row it would act on), one
+    whose cache.db is not a database, and a WAL database whose -wal journal is a FIFO."""
     out = {}
+    garbage = cache_dir / "shard-garbage"
+    garbage.mkdir(parents=True)
+    (garbage / "cache.db").write_bytes(np.random.default_rng(0).bytes(12 * 1024))
+    out["garbage"] = garbage / "cache.db"
+    fifowal = cache_dir / "shard-fifowal"
+    c = SyntheticCache(cache_dir, shard="fifowal")
+    c._open("fifowal")  # a real diskcache shard in WAL mode ...
+    c.close()
+    with open(fifowal / "cache.db", "rb") as fh:
+        assert fh.read(20)[18:20] == b"\x02\x02"  # WAL mode in its header: SQLite opens the -wal
+    if (fifowal / "cache.db-wal").exists():
+        (fifowal / "cache.db-wal").unlink()
+    os.mkfifo(fifowal / "cache.db-wal")  # ... whose journal would block a reader
+    out["fifowal"] = fifowal / "cache.db"
     view = cache_dir / "shard-view"
     view.mkdir(parents=True)
     with sqlite3.connect(view / "cache.db") as db:
@@ -318,11 +333,13 @@ def test_a_shard_whose_schema_is_not_diskcaches_is_refused_by_name(world, tmp_pa
     """, timeout=90)
     assert result["stats"]["entries"] == 5 and result["stats"]["plan"]["cached"] == 5  # the good shard serves
     refused = {s["name"]: s.get("refused") for s in result["stats"]["shards"]}
-    assert refused["good"] is None and all(refused[n] for n in ("view", "trigger", "settings"))
+    assert refused["good"] is None and all(refused[n] for n in ("view", "trigger", "settings", "garbage", "fifowal"))
+    assert "not a readable SQLite database" in refused["garbage"] and "cache.db-wal" in refused["fifowal"]
     assert "view" in refused["view"] or "'Cache'" in refused["view"]
     assert "planted" in refused["trigger"].lower() and "disk__directory" in refused["settings"]
-    assert result["ok"] == 5 and sorted(b["shard"] for b in result["bad"]) == ["settings", "trigger", "view"]
-    assert result["cached"] == 5 and set(result["refused"]) == {"view", "trigger", "settings"}
+    assert result["ok"] == 5
+    assert sorted(b["shard"] for b in result["bad"]) == ["fifowal", "garbage", "settings", "trigger", "view"]
+    assert result["cached"] == 5 and set(result["refused"]) == {"view", "trigger", "settings", "garbage", "fifowal"}
 
     # the CLI: one warning line naming each refused database, no traceback, no hang
     done = run_dalda("cache", "stats", "--cache", str(cache_dir), "--plan", str(base / "plan"), timeout=90)

@@ -48,6 +48,9 @@ __all__ = [
     "LEASE_PREFIX",
     "ShardReader",
     "shard_refusal",
+    "files_refusal",
+    "schema_refusal",
+    "harden_connection",
     "row_refusal",
     "safe_disk",
     "shard_settings",
@@ -301,11 +304,10 @@ def _file_refusal(path: Path, what: str) -> str | None:
     return None
 
 
-def shard_refusal(path: Path, root: Path | None = None) -> str | None:
-    """Why the shard folder ``path`` is refused, or None, checked before SQLite (or diskcache)
-    opens it: the folder stays under the cache folder ``root`` (a symlink may not lead elsewhere),
-    ``cache.db`` and its journals are regular files, and the schema is diskcache's
-    (:func:`schema_refusal`, read on a read-only connection made for the check)."""
+def files_refusal(path: Path, root: Path | None = None) -> str | None:
+    """Why the shard folder ``path`` is refused for its files, or None: the folder stays under the
+    cache folder ``root`` (a symlink may not lead elsewhere), and ``cache.db`` and its journals,
+    where they exist, are regular files (``lstat``: nothing is opened)."""
     if root is not None:
         try:
             inside(path, root, "cache shard folder")
@@ -317,29 +319,34 @@ def shard_refusal(path: Path, root: Path | None = None) -> str | None:
         reason = _file_refusal(file, what)
         if reason is not None:
             return reason
-    if not os.path.lexists(db):
-        return None
+    return None
+
+
+def shard_refusal(path: Path, root: Path | None = None, timeout: float = 60.0) -> str | None:
+    """Why the shard folder ``path`` is refused, or None, checked before diskcache opens it for
+    writing: :func:`files_refusal`, then :func:`schema_refusal` on a read-only connection made for
+    the check (waiting up to ``timeout`` seconds for a writer's lock)."""
+    reason = files_refusal(path, root)
+    db = path / "cache.db"
+    if reason is not None or not os.path.lexists(db):
+        return reason
     from urllib.request import pathname2url
 
-    uri = "file:" + pathname2url(str(db))
-    for mode in ("?mode=ro", "?immutable=1"):
-        try:
-            con = sqlite3.connect(uri + mode, uri=True, timeout=10.0, isolation_level=None)
-        except sqlite3.Error:
-            continue
-        try:
-            harden_connection(con)
-            con.execute("PRAGMA query_only = ON")
-            return schema_refusal(con)
-        except sqlite3.OperationalError as exc:
-            if mode == "?mode=ro":
-                continue
-            return f"its schema cannot be read: {exc}"
-        except sqlite3.Error as exc:
-            return f"it is not a readable SQLite database: {exc}"
-        finally:
-            con.close()
-    return None  # cannot be opened at all: the caller's own open reports it
+    try:
+        con = sqlite3.connect("file:" + pathname2url(str(db)) + "?mode=ro", uri=True, timeout=timeout,
+                              isolation_level=None)
+    except sqlite3.Error:
+        return None  # cannot be opened at all: diskcache's own open reports it
+    try:
+        harden_connection(con)
+        con.execute("PRAGMA query_only = ON")
+        return schema_refusal(con)
+    except sqlite3.OperationalError as exc:
+        return f"its schema cannot be read: {exc}"
+    except sqlite3.DatabaseError as exc:
+        return f"it is not a readable SQLite database: {exc}"
+    finally:
+        con.close()
 
 
 @functools.lru_cache(maxsize=None)
@@ -443,9 +450,18 @@ class ShardReader:
         return con
 
     def check(self) -> str | None:
-        """Check the shard (once per reader, before any query): the reason it is refused, or None."""
+        """Check the shard (once per reader, before any query): the reason it is refused, or None.
+        Its files first (:func:`files_refusal`), then its schema (:func:`schema_refusal`) on this
+        reader's own hardened connection."""
         if not self._checked:
-            reason = shard_refusal(self.path, self.root)
+            reason = files_refusal(self.path, self.root)
+            if reason is None:
+                try:
+                    reason = schema_refusal(self._con())
+                except sqlite3.OperationalError as exc:  # locked, busy: not a verdict, ask again next time
+                    raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+                except sqlite3.DatabaseError as exc:
+                    reason = f"it is not a readable SQLite database: {exc}"
             if reason is not None and (str(self.path), reason) not in _REFUSALS_WARNED:
                 _REFUSALS_WARNED.add((str(self.path), reason))  # one line per shard and process
                 log.warning("cache shard %s refused: %s; its entries are not used (the other shards still serve)",
@@ -465,8 +481,9 @@ class ShardReader:
             except sqlite3.Error:
                 try:
                     con = self._connect(db + "?immutable=1")
-                except sqlite3.Error as exc:
+                except sqlite3.OperationalError as exc:
                     raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+                # any other sqlite3.DatabaseError (not a database at all): check() refuses the shard
             self._local.con = con
             with self._lock:
                 self._connections.append(con)
