@@ -416,7 +416,7 @@ class ShardReader:
     (:func:`row_refusal`), never deserialised. Only rows keyed by 64 lowercase hex digits are
     entries (:func:`~dalda_aug.cache.spec.is_entry_key`).
 
-    Before its first query the shard is checked (:func:`shard_refusal`: regular files, diskcache's
+    Before its first query the shard is checked (:meth:`check`: regular files, diskcache's
     schema) and its connections are hardened (:func:`harden_connection`, ``query_only``). A shard
     that fails is refused: a warning naming its database, once, and it reads as empty
     (:attr:`refusal` says why), so the other shards still serve. A value file is opened with
@@ -429,7 +429,7 @@ class ShardReader:
         self.timeout = timeout
         self.mmap = mmap
         self.root = root
-        #: Why this shard is refused (:func:`shard_refusal`), or None; known after the first query.
+        #: Why this shard is refused (:meth:`check`), or None; known after the first query.
         self.refusal: str | None = None
         self._checked = False
         self._local = threading.local()
