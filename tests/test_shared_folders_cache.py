@@ -394,10 +394,21 @@ def test_a_shard_folder_linking_outside_the_cache_is_never_written(world, tmp_pa
     outside = tmp_path / "outside"
     outside.mkdir()
     own = default_shard_name(0)
+    _fill(cache_dir, plan, spec, plan.variants[:1], shard="shipped")  # a spec record, one image of 8
     (cache_dir / f"shard-{own}").symlink_to(outside, target_is_directory=True)
     with pytest.raises(UnsafeFileError, match=re.escape(f"shard-{own}") + ".* refused: .*outside"):
         SyntheticCache(cache_dir, spec, shard=own).put(plan.variants[0], _image(0, 16))
     assert list(outside.iterdir()) == []  # no cache.db written outside the cache
+
+    # warm (the CLI, rank 0: this very shard) stops before loading a model: exit 2, no traceback
+    tiny = base / "models.json"
+    spec.models.save(tiny)
+    done = run_dalda("warm", "--plan", str(base / "plan"), "--cache", str(cache_dir), "--models", str(tiny),
+                     "--steps", str(STEPS), "--size", str(SIZE), "--no-progress", "--device", "cpu", timeout=180)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"shard-{own}" in errors[0] and "outside" in errors[0], done.stderr
+    assert list(outside.iterdir()) == []
 
 
 def test_value_folders_linking_outside_the_shard_are_never_written_through(world, tmp_path):

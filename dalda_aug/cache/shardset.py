@@ -164,13 +164,7 @@ class ShardSet:
         if handle is None:
             diskcache = require("diskcache", "generate")
             path = self.directory / f"{SHARD_PREFIX}{name}"
-            # diskcache runs its own queries (and turns Settings rows into PRAGMAs) as it opens a
-            # shard: its folder, files and schema are checked first, and a shard that fails is
-            # never written (a symlinked folder would put cache.db outside the cache).
-            reason = shard_refusal(path, self.directory)
-            if reason is not None:
-                raise UnsafeFileError(f"cache shard {path / 'cache.db'} refused: {reason}; move it out of "
-                                      f"{self.directory} (or write another shard) and rerun")
+            self.check_shard(name)
             try:
                 # The SafeDisk never pickles nor unpickles: the shard may have been made by anyone.
                 handle = diskcache.Cache(str(path), timeout=self.timeout, disk=safe_disk(),
@@ -181,6 +175,18 @@ class ShardSet:
             if name not in self._known:  # e.g. our own shard, created by this write
                 self._known = sorted([*self._known, name], key=lambda n: (n != self.shard, n))
         return handle
+
+    def check_shard(self, name: str | None = None) -> None:
+        """An :class:`~dalda_aug.errors.UnsafeFileError`, one line naming its database, where the
+        shard ``name`` (default: this process's) may not be written: diskcache runs its own
+        queries (and turns Settings rows into PRAGMAs) as it opens a shard, so its folder, files
+        and schema are checked first (:func:`~dalda_aug.cache.shards.shard_refusal`); a folder that
+        is a symlink leading outside the cache would put ``cache.db`` there. Writes nothing."""
+        path = self.directory / f"{SHARD_PREFIX}{self.shard if name is None else name}"
+        reason = shard_refusal(path, self.directory, timeout=self.timeout)
+        if reason is not None:
+            raise UnsafeFileError(f"cache shard {path / 'cache.db'} refused: {reason}; move it out of "
+                                  f"{self.directory} (or write another shard) and rerun")
 
     def _scan(self, force: bool = False) -> list[str]:
         """Names of the shards on disk (rescanned at most every 0.5 s unless ``force``)."""
