@@ -40,7 +40,7 @@ Guarantees:
   that pass them.
 * **Shards are data, not code.** A shard may come from anyone (a shipped cache, a folder named
   like this process's own shard). Before SQLite or diskcache runs a query on one, its files and
-  schema are checked (:func:`~dalda_aug.cache.shards.shard_refusal`: diskcache's tables, indexes,
+  schema are checked (:func:`~dalda_aug.cache.schema.shard_refusal`: diskcache's tables, indexes,
   triggers and settings only; no view); a shard that fails is refused by name and the others
   serve. Every read and write accepts only the rows this library writes — keys of 64 lowercase
   hex digits, values of raw bytes, text or numbers — and treats any other key, or a row whose key
@@ -76,6 +76,8 @@ The package's modules import each other in one direction, bottom first:
   :func:`plan_fingerprint`, :class:`GeneratorFactory`, the spec records in ``CACHE/specs/``.
 * :mod:`~dalda_aug.cache.codecs`: an entry's header and checksums, and the image formats
   (:data:`~dalda_aug.cache.codecs.CODECS`, a registry: :data:`IMAGE_FORMATS` are its names).
+* :mod:`~dalda_aug.cache.schema`: what a shard's files and SQLite schema may be, checked before
+  any query runs on it.
 * :mod:`~dalda_aug.cache.shards`: every read and write of a shard's SQLite rows (the row rule,
   the never-pickling ``Disk``, the read-only reader).
 * :mod:`~dalda_aug.cache.leases`: which process is generating which key.

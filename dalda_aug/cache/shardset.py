@@ -35,9 +35,9 @@ from .shards import (
     is_network_filesystem,
     safe_disk,
     sanitize_shard_name,
-    shard_refusal,
     shard_settings,
 )
+from .schema import shard_refusal
 from .spec import is_entry_key
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class ShardSet:
         """An :class:`~dalda_aug.errors.UnsafeFileError`, one line naming its database, where the
         shard ``name`` (default: this process's) may not be written: diskcache runs its own
         queries (and turns Settings rows into PRAGMAs) as it opens a shard, so its folder, files
-        and schema are checked first (:func:`~dalda_aug.cache.shards.shard_refusal`); a folder that
+        and schema are checked first (:func:`~dalda_aug.cache.schema.shard_refusal`); a folder that
         is a symlink leading outside the cache would put ``cache.db`` there. Writes nothing."""
         path = self.directory / f"{SHARD_PREFIX}{self.shard if name is None else name}"
         reason = shard_refusal(path, self.directory, timeout=self.timeout)
@@ -249,7 +249,7 @@ class ShardSet:
         return len(self.keys())
 
     def refused_shards(self) -> dict[str, str]:
-        """``{shard name: why}`` of the shards refused (:func:`~dalda_aug.cache.shards.shard_refusal`):
+        """``{shard name: why}`` of the shards refused (:func:`~dalda_aug.cache.schema.shard_refusal`):
         their entries are not read; each is named once in a warning."""
         return {name: reason for name, reader in self._readers(force_scan=True)
                 if (reason := reader.check()) is not None}
