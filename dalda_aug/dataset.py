@@ -245,6 +245,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         sizes = plan.columns.group_sizes()
         self.planned_variants = int(sizes[self._item_source[self._item_source >= 0]].sum())
         self.cached_variants: int | None = None  # measured below when p > 0
+        # Whether construction counted every planned variant cached; a miss then is news (warned once).
+        self._all_cached = False
         if self.p > 0 and matched:
             if paths is not None and self.base is not base:  # items="plan": the kept items' paths
                 paths = [paths[int(i)] for i in self.base.indices]
@@ -484,6 +486,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             counts = self._coverage(spec.fingerprint, sources, digest, token)
             self.cached_variants, n_planned = counts["held"], counts["planned"]
             if n_planned and self.cached_variants == n_planned:
+                self._all_cached = True
                 return
             entries = counts.get("entries")
         held = []
@@ -513,8 +516,12 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         """``{"held", "planned"[, "entries"]}``: of the distinct keys of ``sources``' variants under
         ``fingerprint``, how many the cache holds, and (when not all) how many entries it holds;
         read from the coverage record of ``token`` or counted (one digest per variant with
-        :func:`~dalda_aug.cache.spec.variant_digests`, then either the cache's key listing, where it
-        holds at most four rows per planned key, or SQL look-ups of each: no entry bytes)."""
+        :func:`~dalda_aug.cache.spec.variant_digests`, then either the cache's checked listing,
+        where it holds at most four rows per planned key, or a checked look-up of each). A row
+        whose value file is missing, of another size than the row says, or not a regular file is
+        not held (a partial copy of a cache): ``cache stats`` counts it out too. Only the rows and
+        the value files' stat are read (``cache stats`` also reads each header; an entry damaged
+        inside is refused when read, a miss warned about if construction counted every variant)."""
         record = CoverageRecord(self.cache.directory, fingerprint, digest)
         # on a network filesystem a client may see another node's write late in the stat: recount
         remembered = not self.cache._is_network()
@@ -522,15 +529,17 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         if counts is None:
             planned = np.unique(variant_digests(fingerprint, *self._plan.columns.key_inputs(sources)))
             held = 0
+            entries = None
             if planned.size and self.cache.count_rows() <= 4 * planned.size:
                 # listing a cache of about the plan's size costs less than a look-up per key
-                listed = self.cache.key_digests()
+                listed = self.cache.checked_key_digests(heads=False)[0]
                 held = int(np.isin(planned, listed, assume_unique=True).sum())
-            elif planned.size:
-                held = int(self.cache.present(digest_hex(planned)).sum())  # SQL look-ups, no listing
+                entries = int(listed.size)
+            elif planned.size:  # a row and a value file's stat per key, no listing
+                held = int(self.cache.check_present(digest_hex(planned), heads=False)[0].sum())
             counts = {"held": held, "planned": int(planned.size)}
             if held < planned.size:
-                counts["entries"] = len(self.cache.keys())
+                counts["entries"] = entries if entries is not None else len(self.cache.keys())
             if remembered and self.cache.state_token() == token:  # nothing written meanwhile
                 record.save(token, counts)
         return counts
@@ -731,6 +740,14 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
                 "warm the cache first (dalda-aug warm) or use on_miss='generate'/'wait'/'real'"
             )
         if self.on_miss == "real":
+            if self._all_cached:  # counted cached at construction (from a coverage record, perhaps)
+                self._all_cached = False
+                warnings.warn(
+                    f"variant {variant.variant} of {variant.source!r} (key {key}) is not usable in "
+                    f"{self.cache.directory} although construction counted every planned variant cached (a value "
+                    "file removed or damaged since, outside the library?): it and any other such item is served "
+                    "real (on_miss='real'); `dalda-aug cache stats --plan` recounts, `dalda-aug warm` regenerates",
+                    UserWarning, stacklevel=3)
             if self._pool is not None:
                 self._pool.submit(key, variant, self._source_image(index, variant))
             return None

@@ -419,6 +419,7 @@ def warm(
     if not cache.writable():  # before any model loads (the spec is recorded with the first image stored)
         raise CacheReadOnlyError(f"the cache folder {cache.directory} is read-only: cannot store the {len(todo)} "
                                  "missing images")
+    cache.check_shard()  # the shard it writes: a planted one (a symlink out of the cache, a schema that is code)
 
     from tqdm.auto import tqdm
 

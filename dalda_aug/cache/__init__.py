@@ -39,10 +39,15 @@ Guarantees:
   metadata (:func:`check_entry`); :meth:`SyntheticCache.stats` and ``warm`` count only entries
   that pass them.
 * **Shards are data, not code.** A shard may come from anyone (a shipped cache, a folder named
-  like this process's own shard). Every read and write of one accepts only the rows this library
-  writes — text keys, values of raw bytes, text or numbers — and treats a row whose key or value
-  is pickled as a corrupt entry, counted by :meth:`SyntheticCache.verify` and never unpickled
-  (:func:`row_refusal`, applied by :class:`~dalda_aug.cache.shards.ShardReader` and by the writing handles' ``Disk``).
+  like this process's own shard). Before SQLite or diskcache runs a query on one, its files and
+  schema are checked (:func:`~dalda_aug.cache.schema.shard_refusal`: diskcache's tables, indexes,
+  triggers and settings only; no view); a shard that fails is refused by name and the others
+  serve. Every read and write accepts only the rows this library writes — keys of 64 lowercase
+  hex digits, values of raw bytes, text or numbers — and treats any other key, or a row whose key
+  or value is pickled, as a corrupt entry, counted by :meth:`SyntheticCache.verify` and never
+  unpickled (:func:`row_refusal`, applied by :class:`~dalda_aug.cache.shards.ShardReader` and by
+  the writing handles' ``Disk``). Value files are read as data (no symlink, FIFO or device,
+  bounded by their row's size), and nothing is written through a symlinked folder.
   Spec records name their config class, which is looked up in the generator registry, never
   imported; leases last at most :data:`LEASE_CAP_SECONDS` unless renewed.
 * **Process safety.** SQLite locking makes one shard safe for concurrent readers and writers
@@ -71,6 +76,8 @@ The package's modules import each other in one direction, bottom first:
   :func:`plan_fingerprint`, :class:`GeneratorFactory`, the spec records in ``CACHE/specs/``.
 * :mod:`~dalda_aug.cache.codecs`: an entry's header and checksums, and the image formats
   (:data:`~dalda_aug.cache.codecs.CODECS`, a registry: :data:`IMAGE_FORMATS` are its names).
+* :mod:`~dalda_aug.cache.schema`: what a shard's files and SQLite schema may be, checked before
+  any query runs on it.
 * :mod:`~dalda_aug.cache.shards`: every read and write of a shard's SQLite rows (the row rule,
   the never-pickling ``Disk``, the read-only reader).
 * :mod:`~dalda_aug.cache.leases`: which process is generating which key.

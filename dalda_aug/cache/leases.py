@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterable
 
 from ..errors import InputError
-from .shards import MODE_RAW
+from .shards import LEASE_PREFIX, MODE_RAW
 
 __all__ = [
     "LEASE_CAP_SECONDS",
@@ -27,8 +27,8 @@ __all__ = [
 ]
 
 # Leases (warm: "this process is generating that key"), kept in the writer's shard under the text
-# key "dalda_aug:lease:<key>", valued with the owner's text, with a diskcache expiry time.
-LEASE_PREFIX = "dalda_aug:lease:"
+# key LEASE_PREFIX + <key> ("dalda_aug:lease:<key>", defined beside the rule of what a row may be),
+# valued with the owner's text, with a diskcache expiry time.
 #: The longest a lease lasts without being renewed (seconds). A lease found with a later expiry
 #: (or none), e.g. planted in a shipped shard, counts as expiring this long after it is seen: it is
 #: rewritten to do so. ``warm``'s ``lease_seconds`` may not exceed it. Read when used: setting

@@ -7,6 +7,8 @@ Everything that touches a shard's SQLite rows is in this module:
   entry, never unpickled.
 * :func:`safe_disk`, the ``diskcache.Disk`` of the writing handles, which applies that rule and
   never pickles; :func:`shard_settings`, the settings they are opened with (no eviction).
+* the check of a shard's files and SQLite schema before any query runs on it (:mod:`.schema`),
+  made by :class:`ShardReader` on its own connection.
 * :class:`ShardReader`, read-only access that never writes (a read-only or full disk serves readers).
 * the persistent counter of corrupt entries removed (:func:`count_corrupt`) and the removal of a
   refused row by its rowid (:func:`delete_row`).
@@ -23,14 +25,17 @@ import os
 import re
 import socket
 import sqlite3
+import stat
 import struct
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..errors import CacheStorageError, CorruptEntryError, require
+from .._io import inside as stays_inside, open_regular
+from ..errors import CacheStorageError, CorruptEntryError, DaldaError, require
 from .codecs import HEAD_READ, HEADER, MAGIC, Refused, check_entry, check_head, head_length
+from .schema import files_refusal, harden_connection, schema_refusal
 from .spec import is_entry_key
 
 __all__ = [
@@ -40,6 +45,8 @@ __all__ = [
     "MODE_TEXT",
     "MODE_PICKLE",
     "VALUE_FILE",
+    "MAX_ENTRY_BYTES",
+    "LEASE_PREFIX",
     "ShardReader",
     "row_refusal",
     "safe_disk",
@@ -66,6 +73,15 @@ _LEGACY_CORRUPT_COUNTER = ("dalda_aug", "corrupt_removed")
 MODE_RAW, MODE_BINARY, MODE_TEXT, MODE_PICKLE = 1, 2, 3, 4
 # The value files diskcache names (Disk.filename): two levels of 2 hex digits, 28 hex digits, .val.
 VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
+#: The most bytes an entry may hold (in its row or its value file): a 9,000 x 9,000 raw RGB image
+#: fits; a row or file claiming more is a corrupt entry, never read.
+MAX_ENTRY_BYTES = 256 * 1024 * 1024
+# Leases (see leases.py) are rows of the writer's shard under this text key prefix + an entry key.
+LEASE_PREFIX = "dalda_aug:lease:"
+# The SQL condition of an entry row: a raw text key of 64 lowercase hex digits (spec.is_entry_key).
+_ENTRY_ROW = "raw = 1 AND typeof(key) = 'text' AND length(key) = 64 AND key NOT GLOB '*[^0-9a-f]*'"
+# The shards refused (path, why) this process has warned about already.
+_REFUSALS_WARNED: set[tuple[str, str]] = set()
 # Keys per SQL ``IN (...)`` query (SQLite's older builds allow 999 parameters).
 _IN_BATCH = 900
 # Network filesystems on which SQLite's WAL mode and mmap are unsafe.
@@ -207,6 +223,12 @@ def safe_disk() -> Any:
                 raise CorruptEntryError(f"a cache value: {reason}")
             return super().fetch(mode, filename, value, read)
 
+        def filename(self, key: Any = diskcache.core.UNKNOWN, value: Any = diskcache.core.UNKNOWN) -> Any:
+            name, full_path = super().filename(key, value)  # the folders are made later, by _write
+            # A folder planted as a symlink to elsewhere is never written through.
+            stays_inside(os.path.dirname(full_path), self._directory, "cache value folder")
+            return name, full_path
+
         def remove(self, file_path: Any) -> Any:
             if not (isinstance(file_path, str) and VALUE_FILE.fullmatch(file_path)):
                 log.warning("not removing %r: not a value file name diskcache writes", str(file_path)[:80])
@@ -226,13 +248,25 @@ class ShardReader:
     reader may not create — it is opened ``immutable=1``: nobody can write there anyway.
     It reads diskcache's table layout directly: a row (key, raw=1) holds the entry's bytes in
     ``value`` (mode raw) or names the file holding them (mode binary); any other row is refused
-    (:func:`row_refusal`), never deserialised.
+    (:func:`row_refusal`), never deserialised. Only rows keyed by 64 lowercase hex digits are
+    entries (:func:`~dalda_aug.cache.spec.is_entry_key`).
+
+    Before its first query the shard is checked (:meth:`check`: regular files, diskcache's
+    schema) and its connections are hardened (:func:`harden_connection`, ``query_only``). A shard
+    that fails is refused: a warning naming its database, once, and it reads as empty
+    (:attr:`refusal` says why), so the other shards still serve. A value file is opened with
+    ``O_NOFOLLOW | O_NONBLOCK``, must be a regular file, and is read up to its row's size
+    (at most :data:`MAX_ENTRY_BYTES`); anything else is a corrupt entry.
     """
 
-    def __init__(self, path: Path, timeout: float, mmap: bool) -> None:
+    def __init__(self, path: Path, timeout: float, mmap: bool, root: Path | None = None) -> None:
         self.path = path
         self.timeout = timeout
         self.mmap = mmap
+        self.root = root
+        #: Why this shard is refused (:meth:`check`), or None; known after the first query.
+        self.refusal: str | None = None
+        self._checked = False
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -240,6 +274,8 @@ class ShardReader:
     def _connect(self, uri: str) -> sqlite3.Connection:
         con = sqlite3.connect(uri, uri=True, timeout=self.timeout, check_same_thread=False, isolation_level=None)
         try:
+            harden_connection(con)
+            con.execute("PRAGMA query_only = ON")
             if not self.mmap:
                 con.execute("PRAGMA mmap_size = 0")
             con.execute("SELECT count(*) FROM sqlite_master").fetchall()  # opens the file now
@@ -247,6 +283,27 @@ class ShardReader:
             con.close()
             raise
         return con
+
+    def check(self) -> str | None:
+        """Check the shard (once per reader, before any query): the reason it is refused, or None.
+        Its files first (:func:`files_refusal`), then its schema (:func:`schema_refusal`) on this
+        reader's own hardened connection."""
+        if not self._checked:
+            reason = files_refusal(self.path, self.root)
+            if reason is None:
+                try:
+                    reason = schema_refusal(self._con())
+                except sqlite3.OperationalError as exc:  # locked, busy: not a verdict, ask again next time
+                    raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+                except sqlite3.DatabaseError as exc:
+                    reason = f"it is not a readable SQLite database: {exc}"
+            if reason is not None and (str(self.path), reason) not in _REFUSALS_WARNED:
+                _REFUSALS_WARNED.add((str(self.path), reason))  # one line per shard and process
+                log.warning("cache shard %s refused: %s; its entries are not used (the other shards still serve)",
+                            self.path / "cache.db", reason)
+            self.refusal = reason
+            self._checked = True
+        return self.refusal
 
     def _con(self) -> sqlite3.Connection:
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
@@ -259,23 +316,53 @@ class ShardReader:
             except sqlite3.Error:
                 try:
                     con = self._connect(db + "?immutable=1")
-                except sqlite3.Error as exc:
+                except sqlite3.OperationalError as exc:
                     raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+                # any other sqlite3.DatabaseError (not a database at all): check() refuses the shard
             self._local.con = con
             with self._lock:
                 self._connections.append(con)
         return con
 
-    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    def _cursor(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor | None:
+        """The rows of ``sql`` as a cursor, or None where there are none (a refused shard, one
+        without its tables yet)."""
+        if self.check() is not None:
+            return None
         try:
-            return self._con().execute(sql, params).fetchall()
+            return self._con().execute(sql, params)
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):  # a shard being created right now
-                return []
+                return None
+            raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+        except sqlite3.DatabaseError as exc:  # not a database, a malformed one
             raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
 
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        cursor = self._cursor(sql, params)
+        if cursor is None:
+            return []
+        try:
+            return cursor.fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+
+    def _iter_rows(self, sql: str, params: tuple[Any, ...] = ()) -> Iterator[Any]:
+        """:meth:`_rows`, one row at a time (a listing holding entries' bytes is never all in memory)."""
+        cursor = self._cursor(sql, params)
+        if cursor is None:
+            return
+        while True:
+            try:
+                row = cursor.fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise CacheStorageError(f"cache shard {self.path} cannot be read: {exc}") from None
+            if row is None:
+                return
+            yield row
+
     def keys(self) -> list[str]:
-        return [k for (k,) in self._rows("SELECT key FROM Cache WHERE raw = 1 ORDER BY rowid") if is_entry_key(k)]
+        return [k for (k,) in self._rows(f"SELECT key FROM Cache WHERE {_ENTRY_ROW} ORDER BY rowid")]
 
     def count_rows(self) -> int:
         """Rows stored with a raw key (entries, and the few counter and lease rows): one SQL count."""
@@ -283,50 +370,81 @@ class ShardReader:
         return int(rows[0][0]) if rows else 0
 
     def __contains__(self, key: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM Cache WHERE key = ? AND raw = 1 LIMIT 1", (key,)))
+        return is_entry_key(key) and bool(self._rows(f"SELECT 1 FROM Cache WHERE key = ? AND {_ENTRY_ROW} LIMIT 1",
+                                                     (key,)))
 
     def get(self, key: str) -> Any:
         """The stored value (normally bytes), None if absent or its value file is gone, or a
-        :class:`Refused` for a row :func:`row_refusal` refuses (decoding reports it as corrupt)."""
-        rows = self._rows("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1 "
-                          "AND (expire_time IS NULL OR expire_time > ?)", (key, time.time()))
+        :class:`Refused` for a row :func:`row_refusal` refuses or a value file that is not a
+        regular file of at most the row's size (decoding reports it as corrupt)."""
+        if not is_entry_key(key):
+            return None
+        rows = self._rows(f"SELECT mode, filename, size, length(value), CASE WHEN length(value) <= ? THEN value END "
+                          f"FROM Cache WHERE key = ? AND {_ENTRY_ROW} AND (expire_time IS NULL OR expire_time > ?)",
+                          (MAX_ENTRY_BYTES, key, time.time()))
         if not rows:
             return None
-        mode, filename, value = rows[0]
+        mode, filename, size, length, value = rows[0]
         reason = row_refusal(True, mode, filename)
         if reason is not None:
             return Refused(reason)
         if mode == MODE_RAW:
+            if value is None and length is not None:
+                return Refused(f"its value holds {length} bytes, more than the {MAX_ENTRY_BYTES} an entry may")
             return bytes(value) if isinstance(value, memoryview) else value
         if mode == MODE_TEXT:
             return Refused("its value is text, not an encoded image")
+        return self._read_value(filename, size)
+
+    def _read_value(self, filename: str, size: Any) -> Any:
+        """A value file's bytes (its row says it holds ``size``), None if it is gone, or a
+        :class:`Refused`: not a regular file (a symlink, a FIFO, a device, a folder), or larger
+        than its row or :data:`MAX_ENTRY_BYTES` allows."""
+        if type(size) is not int or not 0 <= size <= MAX_ENTRY_BYTES:
+            return Refused(f"its row gives its value file the size {str(size)[:40]}")
         path = self.path / filename
         try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
+            fd, st = open_regular(path, "cache value file")
+        except DaldaError as exc:
+            if not os.path.lexists(path):
+                return None
+            return Refused(str(exc))
+        try:
+            if st.st_size != size:
+                return Refused(f"its value file holds {st.st_size} bytes, its row says {size}")
+            return _read_fd(fd, size)
         except OSError as exc:
-            raise CacheStorageError(f"cache file {path} cannot be read: {exc}") from None
+            return Refused(f"its value file {path} cannot be read: {exc.strerror}")
+        finally:
+            os.close(fd)
 
     def head(self, key: str, limit: int = 1 << 20) -> dict[str, Any] | None:
         """An entry's metadata read from its header alone (no image bytes, no checksum: use it to
         count or name, never to trust), or None where there is none readable."""
-        rows = self._rows("SELECT mode, filename, substr(value, 1, ?) FROM Cache WHERE key = ? AND raw = 1 "
+        if not is_entry_key(key):
+            return None
+        rows = self._rows(f"SELECT mode, filename, substr(value, 1, ?) FROM Cache WHERE key = ? AND {_ENTRY_ROW} "
                           "AND (expire_time IS NULL OR expire_time > ?)", (HEADER.size + limit, key, time.time()))
         if not rows or row_refusal(True, rows[0][0], rows[0][1]) is not None:
             return None
         mode, filename, value = rows[0]
         try:
             if mode == MODE_BINARY:
-                with open(self.path / filename, "rb", buffering=0) as fh:  # unbuffered: the header only
-                    head = _read_upto(fh, HEAD_READ)
+                try:
+                    fd, _ = open_regular(self.path / filename, "cache value file")
+                except DaldaError:
+                    return None
+                try:
+                    head = _read_fd(fd, HEAD_READ)
                     if len(head) < HEADER.size:
                         return None
                     meta_len = HEADER.unpack_from(head)[2]
                     if meta_len > limit:
                         return None
                     if HEADER.size + meta_len > len(head):
-                        head += _read_upto(fh, HEADER.size + meta_len - len(head))
+                        head += _read_fd(fd, HEADER.size + meta_len - len(head))
+                finally:
+                    os.close(fd)
             elif mode == MODE_RAW and isinstance(value, (bytes, memoryview)):
                 head = bytes(value)
             else:
@@ -348,38 +466,65 @@ class ShardReader:
             batch = list(keys[start:start + _IN_BATCH])
             marks = ",".join("?" * len(batch))
             found.update(k for (k,) in self._rows(
-                f"SELECT key FROM Cache WHERE key IN ({marks}) AND raw = 1 "
+                f"SELECT key FROM Cache WHERE key IN ({marks}) AND {_ENTRY_ROW} "
                 "AND (expire_time IS NULL OR expire_time > ?)", (*batch, now)))
         return found
 
-    def check_heads(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    def check_heads(self, keys: Sequence[str] | None = None, *, heads: bool = True
+                    ) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
         """``(key, metadata, None)`` or ``(key, None, why)`` for each entry row (or those of
         ``keys`` that have one), checked by :func:`~dalda_aug.cache.codecs.check_head` without
         reading the image bytes of a value file: its size must be the row's and the one its header
         implies; only its first :data:`~dalda_aug.cache.codecs.HEAD_READ` bytes are read (more only
         for a longer metadata). An entry held inline in the row (diskcache: under 32 KB) comes
         whole with the row, so it is checked whole (:func:`~dalda_aug.cache.codecs.check_entry`:
-        its image bytes' CRC-32 too) at no extra read."""
+        its image bytes' CRC-32 too) at no extra read.
+
+        With ``heads=False`` nothing is read but the rows and each value file's ``lstat`` (about
+        a tenth of the cost): the row must pass :func:`row_refusal` and its value file be a regular
+        file of the row's size (what a partial copy, a truncation or a planted special file
+        breaks); the metadata given is then ``{}``."""
         now = time.time()
-        columns = "key, mode, filename, size, value"
+        value = "CASE WHEN length(value) <= ? THEN value END" if heads else "NULL AND ?"
+        columns = f"key, mode, filename, size, length(value), {value}"
         if keys is None:
-            batches: Iterable[list[Any]] = [self._rows(
-                f"SELECT {columns} FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND length(key) = 64 "
-                "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (now,))]
+            batches: Iterable[Iterable[Any]] = [self._iter_rows(
+                f"SELECT {columns} FROM Cache WHERE {_ENTRY_ROW} "
+                "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (MAX_ENTRY_BYTES, now))]
         else:
-            batches = (self._rows(f"SELECT {columns} FROM Cache WHERE key IN ({','.join('?' * len(batch))}) "
-                                  "AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)", (*batch, now))
+            batches = (self._iter_rows(f"SELECT {columns} FROM Cache WHERE key IN ({','.join('?' * len(batch))}) "
+                                       f"AND {_ENTRY_ROW} AND (expire_time IS NULL OR expire_time > ?)",
+                                       (MAX_ENTRY_BYTES, *batch, now))
                        for batch in (list(keys[i:i + _IN_BATCH]) for i in range(0, len(keys), _IN_BATCH)))
         for rows in batches:
-            for key, mode, filename, size, value in rows:
-                if not is_entry_key(key):
-                    continue
+            for key, mode, filename, size, length, value in rows:
                 try:
-                    meta = self._check_head(mode, filename, size, value, key)
+                    if mode == MODE_RAW and length is not None and length > MAX_ENTRY_BYTES:
+                        raise CorruptEntryError(f"entry refused: its value holds {length} bytes, more than the "
+                                                f"{MAX_ENTRY_BYTES} an entry may")
+                    meta = self._check_head(mode, filename, size, value, key) if heads \
+                        else self._check_size(mode, filename, size)
                 except CorruptEntryError as exc:
                     yield key, None, str(exc)
                     continue
                 yield key, meta, None
+
+    def _check_size(self, mode: Any, filename: Any, size: Any) -> dict[str, Any]:
+        reason = row_refusal(True, mode, filename)
+        if reason is not None:
+            raise CorruptEntryError(f"entry refused: {reason}")
+        if mode == MODE_TEXT:
+            raise CorruptEntryError("entry refused: its value is text, not an encoded image")
+        if mode == MODE_BINARY:
+            try:
+                st = os.lstat(self.path / filename)
+            except OSError:
+                raise CorruptEntryError("the entry's value file is missing") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptEntryError("the entry's value file is not a regular file")
+            if st.st_size != size:
+                raise CorruptEntryError(f"the entry's value file holds {st.st_size} bytes, its row says {size}")
+        return {}
 
     def _check_head(self, mode: Any, filename: Any, size: Any, value: Any, key: str) -> dict[str, Any]:
         reason = row_refusal(True, mode, filename)
@@ -391,34 +536,44 @@ class ShardReader:
             return check_entry(bytes(value) if isinstance(value, memoryview) else value, key)
         path = self.path / filename
         try:
-            with open(path, "rb", buffering=0) as fh:
-                on_disk = os.fstat(fh.fileno()).st_size
-                if on_disk != size:
-                    raise CorruptEntryError(f"the entry's value file holds {on_disk} bytes, its row says {size}")
-                head = _read_upto(fh, HEAD_READ)
-                need = head_length(head)
-                if need > len(head):
-                    head += _read_upto(fh, need - len(head))
-        except FileNotFoundError:
-            raise CorruptEntryError("the entry's value file is missing") from None
+            fd, st = open_regular(path, "the entry's value file")
+        except DaldaError as exc:
+            if not os.path.lexists(path):
+                raise CorruptEntryError("the entry's value file is missing") from None
+            raise CorruptEntryError(str(exc)) from None
+        try:
+            on_disk = st.st_size
+            if on_disk != size:
+                raise CorruptEntryError(f"the entry's value file holds {on_disk} bytes, its row says {size}")
+            head = _read_fd(fd, HEAD_READ)
+            need = head_length(head)
+            if need > len(head):
+                head += _read_fd(fd, need - len(head))
         except OSError as exc:
-            raise CacheStorageError(f"cache file {path} cannot be read: {exc}") from None
+            raise CorruptEntryError(f"the entry's value file cannot be read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
         return check_head(head, on_disk, key)
 
     def refused_rows(self) -> list[tuple[int, str]]:
-        """``(rowid, reason)`` of the live rows that are not entries and that :func:`row_refusal`
-        refuses (a pickled key or value): corrupt entries, never deserialised. Entry rows
-        (64-character text keys) are not listed: :meth:`get` reports them."""
+        """``(rowid, reason)`` of the live rows that are not entries and are not this library's
+        counter or leases, or are but :func:`row_refusal` refuses them (a pickled key or value):
+        corrupt entries, never deserialised, never read as entries. A key that is not 64 lowercase
+        hex digits (``../../x...``, ``/abs/...``, a dotted or upper-case one) is such a row. Entry
+        rows are not listed: :meth:`get` reports them."""
         found = []
-        rows = self._rows("SELECT rowid, key, raw, mode, filename FROM Cache "
-                          "WHERE NOT (raw = 1 AND typeof(key) = 'text' AND length(key) = 64) "
-                          "AND (raw = 0 OR mode NOT IN (1, 2, 3) OR filename IS NOT NULL) "
-                          "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (time.time(),))
-        for rowid, key, raw, mode, filename in rows:
+        for rowid, key, raw, mode, filename in self._iter_rows(
+                f"SELECT rowid, substr(key, 1, 200), raw, mode, filename FROM Cache WHERE NOT ({_ENTRY_ROW}) "
+                "AND (expire_time IS NULL OR expire_time > ?) ORDER BY rowid", (time.time(),)):
             if not raw and mode == MODE_RAW and isinstance(key, (bytes, memoryview)) \
                     and bytes(key) in _legacy_counter_keys():
                 continue  # an older version's counter: its key compared as bytes, its value a number
             reason = row_refusal(raw, mode, filename)
+            ours = raw and isinstance(key, str) and (
+                key == _CORRUPT_COUNTER or (key.startswith(LEASE_PREFIX) and is_entry_key(key[len(LEASE_PREFIX):])))
+            if reason is None and raw and not ours:
+                shown = key if isinstance(key, str) else repr(bytes(key) if isinstance(key, memoryview) else key)
+                reason = f"its key {shown[:80]!r} is not an entry key (64 lowercase hex digits): never read as one"
             if reason is not None:
                 found.append((int(rowid), reason))
         return found
@@ -448,11 +603,11 @@ class ShardReader:
 
 
 
-def _read_upto(fh: Any, n: int) -> bytes:
-    """Up to ``n`` bytes from an unbuffered file (fewer at its end), in as few reads as it takes."""
+def _read_fd(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from a file descriptor (fewer at its end), in as few reads as it takes."""
     parts = []
     while n > 0:
-        chunk = fh.read(n)
+        chunk = os.read(fd, min(n, 1 << 24))
         if not chunk:
             break
         parts.append(chunk)
@@ -475,6 +630,9 @@ def shard_settings(network: bool, journal_mode: str | None = None) -> dict[str, 
         statistics=0,
         sqlite_journal_mode=journal,
         sqlite_mmap_size=0 if network else 2**26,
+        # diskcache applies sqlite_* settings as PRAGMAs on each connection it opens: views and
+        # triggers of the shard may not call functions with side effects.
+        sqlite_trusted_schema=0,
     )
 
 

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from ..errors import CacheFullError, CacheReadOnlyError, CacheStorageError, CorruptEntryError, InputError, require
+from ..errors import (CacheFullError, CacheReadOnlyError, CacheStorageError, CorruptEntryError, InputError,
+                      UnsafeFileError, require)
 from . import leases
 from .shards import (
     SHARD_PREFIX,
@@ -36,6 +37,7 @@ from .shards import (
     sanitize_shard_name,
     shard_settings,
 )
+from .schema import shard_refusal
 from .spec import is_entry_key
 
 if TYPE_CHECKING:
@@ -162,6 +164,7 @@ class ShardSet:
         if handle is None:
             diskcache = require("diskcache", "generate")
             path = self.directory / f"{SHARD_PREFIX}{name}"
+            self.check_shard(name)
             try:
                 # The SafeDisk never pickles nor unpickles: the shard may have been made by anyone.
                 handle = diskcache.Cache(str(path), timeout=self.timeout, disk=safe_disk(),
@@ -173,6 +176,18 @@ class ShardSet:
                 self._known = sorted([*self._known, name], key=lambda n: (n != self.shard, n))
         return handle
 
+    def check_shard(self, name: str | None = None) -> None:
+        """An :class:`~dalda_aug.errors.UnsafeFileError`, one line naming its database, where the
+        shard ``name`` (default: this process's) may not be written: diskcache runs its own
+        queries (and turns Settings rows into PRAGMAs) as it opens a shard, so its folder, files
+        and schema are checked first (:func:`~dalda_aug.cache.schema.shard_refusal`); a folder that
+        is a symlink leading outside the cache would put ``cache.db`` there. Writes nothing."""
+        path = self.directory / f"{SHARD_PREFIX}{self.shard if name is None else name}"
+        reason = shard_refusal(path, self.directory, timeout=self.timeout)
+        if reason is not None:
+            raise UnsafeFileError(f"cache shard {path / 'cache.db'} refused: {reason}; move it out of "
+                                  f"{self.directory} (or write another shard) and rerun")
+
     def _scan(self, force: bool = False) -> list[str]:
         """Names of the shards on disk (rescanned at most every 0.5 s unless ``force``)."""
         self._check_process()
@@ -181,7 +196,8 @@ class ShardSet:
             names = []
             if self.directory.is_dir():
                 for entry in os.scandir(self.directory):
-                    if entry.name.startswith(SHARD_PREFIX) and os.path.isfile(os.path.join(entry.path, "cache.db")):
+                    # lexists: a cache.db that is a FIFO or a link is listed, so that its reader refuses it by name
+                    if entry.name.startswith(SHARD_PREFIX) and os.path.lexists(os.path.join(entry.path, "cache.db")):
                         names.append(entry.name[len(SHARD_PREFIX):])
             self._known = sorted(names, key=lambda n: (n != self.shard, n))
             self._scanned_at = now
@@ -211,7 +227,8 @@ class ShardSet:
         self._check_process()
         reader = self._shard_readers.get(name)
         if reader is None:
-            reader = ShardReader(self.directory / f"{SHARD_PREFIX}{name}", self.timeout, mmap=not self._is_network())
+            reader = ShardReader(self.directory / f"{SHARD_PREFIX}{name}", self.timeout, mmap=not self._is_network(),
+                                 root=self.directory)
             self._shard_readers[name] = reader
         return reader
 
@@ -231,6 +248,12 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.keys())
 
+    def refused_shards(self) -> dict[str, str]:
+        """``{shard name: why}`` of the shards refused (:func:`~dalda_aug.cache.schema.shard_refusal`):
+        their entries are not read; each is named once in a warning."""
+        return {name: reason for name, reader in self._readers(force_scan=True)
+                if (reason := reader.check()) is not None}
+
     def count_rows(self) -> int:
         """Rows with a raw key over all shards (an upper bound of the entries: a key in two shards
         counts twice, counter and lease rows count), by one SQL count per shard."""
@@ -245,6 +268,33 @@ class ShardSet:
 
         parts = [np.array([key_bytes(k) for k in reader.keys()], dtype="S32") for _, reader in self._readers(True)]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype="S32")
+
+    def checked_key_digests(self, *, heads: bool = True
+                            ) -> tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]", list[dict[str, Any]]]:
+        """Every entry of every shard checked by :meth:`~dalda_aug.cache.shards.ShardReader.check_heads`
+        (the header and metadata checksum, the sizes of the row, the value file and the header;
+        no image bytes; with ``heads=False`` the row and the value file's stat only): ``(good, bad,
+        shards)``, the good and the bad keys as sorted, distinct 32-byte digests (a key good in
+        one shard and bad in another is in both), and per shard ``{"name", "entries", "reader"}``.
+        What ``cache stats`` (heads) and the dataset's coverage (stat only) count."""
+        import numpy as np
+
+        from .spec import key_bytes
+
+        good: list[Any] = []  # per shard, its good keys as 32-byte digests (no Python set of keys)
+        bad: list[Any] = []
+        shards: list[dict[str, Any]] = []
+        for name, reader in self._readers(force_scan=True):
+            shard_good: list[bytes] = []
+            shard_bad: list[bytes] = []
+            for key, meta, _ in reader.check_heads(heads=heads):
+                (shard_bad if meta is None else shard_good).append(key_bytes(key))
+            good.append(np.array(shard_good, dtype="S32"))
+            bad.append(np.array(shard_bad, dtype="S32"))
+            shards.append({"name": name, "entries": len(shard_good), "reader": reader})
+        good_keys = np.unique(np.concatenate(good)) if good else np.zeros(0, dtype="S32")
+        bad_keys = np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype="S32")
+        return good_keys, bad_keys, shards
 
     def __contains__(self, key: Any) -> bool:
         if any(key in reader for _, reader in self._readers()):
@@ -270,7 +320,7 @@ class ShardSet:
                 out[todo] = [keys[i] in found for i in todo]
         return out
 
-    def check_present(self, keys: Sequence[str], *, remove: bool = False
+    def check_present(self, keys: Sequence[str], *, remove: bool = False, heads: bool = True
                       ) -> tuple["np.ndarray[Any, np.dtype[np.bool_]]", list[dict[str, str]]]:
         """Which of ``keys`` have an entry that passes :func:`~dalda_aug.cache.codecs.check_head`
         in some shard (a boolean array, in order), and the failing ones ``[{"shard", "key",
@@ -278,7 +328,8 @@ class ShardSet:
         bytes of its value file, never the image bytes: a garbage header, a truncated or
         missing value file fail; a changed image byte does not (``cache verify`` and the
         decoding readers catch it). With ``remove``, failing entries are deleted where the
-        folder allows it."""
+        folder allows it. With ``heads=False`` only the row and the value file's stat are checked
+        (:meth:`~dalda_aug.cache.shards.ShardReader.check_heads`)."""
         import numpy as np
 
         keys = list(keys)
@@ -289,7 +340,7 @@ class ShardSet:
             if not len(todo):
                 break
             good: set[str] = set()
-            for key, meta, error in reader.check_heads([keys[i] for i in todo]):
+            for key, meta, error in reader.check_heads([keys[i] for i in todo], heads=heads):
                 if meta is not None:
                     good.add(key)
                     bad.pop(key, None)
@@ -335,7 +386,7 @@ class ShardSet:
     def put_encoded(self, key: str, blob: bytes) -> None:
         """Store an already encoded entry (from :func:`~dalda_aug.cache.encode_entry`) under ``key``."""
         if not is_entry_key(key):
-            raise InputError(f"cache keys are 64 hex characters, got {key!r}")
+            raise InputError(f"cache keys are 64 lowercase hex digits (a SHA-256), got {str(key)[:80]!r}: not stored")
         handle = self._open(self.shard)
         try:
             handle.set(key, blob, retry=True)

@@ -16,15 +16,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .._io import read_json_object, write_atomic
+from .._io import MAX_JSON_BYTES, inside, read_json_object, read_regular, write_atomic
 from ..config import ModelConfig
-from ..errors import DaldaError, InputError
+from ..errors import DaldaError, InputError, MissingFileError, UnsafeFileError
 
 __all__ = [
     "KEY_FORMAT",
@@ -42,6 +43,8 @@ __all__ = [
     "write_spec_record",
     "read_spec_records",
 ]
+
+log = logging.getLogger("dalda_aug.cache")  # the cache's one logger, whichever of its modules speaks
 
 KEY_FORMAT = "dalda_aug.cache/1"
 # Spec records written by warm: CACHE/specs/<spec fingerprint>-<plan fingerprint>.json.
@@ -239,8 +242,10 @@ def _key_hashes(fingerprint: str, prompts: Sequence[str], prompt_codes: Sequence
 
 
 def is_entry_key(key: Any) -> bool:
-    """Whether ``key`` is an entry key (64 characters of text), not a counter or a lease."""
-    return isinstance(key, str) and len(key) == 64
+    """Whether ``key`` is an entry key: 64 lowercase hex digits (a SHA-256, as :func:`variant_key`
+    gives), not a counter or a lease. A shard from elsewhere may hold any other key; it is never
+    read as an entry (it would name files in an export, e.g. ``../../x``), and never written."""
+    return isinstance(key, str) and _LOWER_HEX.fullmatch(key) is not None
 
 
 class GeneratorFactory:
@@ -271,31 +276,52 @@ class GeneratorFactory:
 def write_spec_record(directory: Path, spec: GenerationSpec, plan: Any = None) -> tuple[Path, bool]:
     """Record in ``directory/specs/`` that images of ``plan`` are written with ``spec``: the
     record's path, and whether it was written (False: the same record was there already, nothing
-    is written, so a read-only cache stays usable). Written atomically; ``OSError`` if it cannot be."""
+    is written, so a read-only cache stays usable). Written atomically (:func:`~dalda_aug._io.write_atomic`:
+    nothing planted at a temporary's name is followed); ``OSError`` if it cannot be. The record
+    already there is read as data (no FIFO, no link, bounded); a ``specs`` folder that is a symlink
+    leading outside ``directory`` is an :class:`~dalda_aug.errors.UnsafeFileError`."""
     record: dict[str, Any] = {"format": SPEC_RECORD_FORMAT, "spec": spec.to_dict(), "plan": None}
     plan_fp = "any"
     if plan is not None:
         plan_fp = plan_fingerprint(plan)
         record["plan"] = {"fingerprint": plan_fp, "images": len(plan), "data_root": getattr(plan, "data_root", None)}
     path = directory / SPECS_DIR / f"{spec.fingerprint}-{plan_fp}.json"
+    _check_specs_folder(directory)
     text = json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
     try:
-        if path.read_text(encoding="utf-8") == text:
+        if read_regular(path, MAX_JSON_BYTES, "spec record") == text.encode("utf-8"):
             return path, False
-    except (OSError, UnicodeDecodeError):
+    except (OSError, DaldaError):  # none yet, or not a regular file: replaced by write_atomic, never followed
         pass
     write_atomic(path, text)
     return path, True
 
 
+def _check_specs_folder(directory: Path) -> None:
+    """An :class:`~dalda_aug.errors.UnsafeFileError` where ``directory/specs`` is a symlink leading
+    outside ``directory`` (records would be read from, and written to, elsewhere)."""
+    folder = directory / SPECS_DIR
+    if folder.is_symlink():
+        inside(folder, directory, "spec record folder")
+
+
 def read_spec_records(directory: Path) -> list[tuple[GenerationSpec, str | None]]:
     """``(spec, plan fingerprint or None)`` of every record in ``directory/specs/``, in file name
-    order; an unreadable record is an :class:`~dalda_aug.errors.InputError` naming it."""
+    order; an unreadable record is an :class:`~dalda_aug.errors.InputError` naming it. A record
+    that is not a regular file (a FIFO, a symlink, a device, a folder) is skipped, named in a
+    warning: no library writes one. A ``specs`` folder that is a symlink leading outside
+    ``directory`` is an :class:`~dalda_aug.errors.UnsafeFileError`."""
     records = []
     folder = directory / SPECS_DIR
+    _check_specs_folder(directory)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             data = read_json_object(path, "spec record")
+        except MissingFileError:  # removed since the listing (cache specs --forget)
+            continue
+        except UnsafeFileError as exc:
+            log.warning("%s; skipped", exc)
+            continue
         except (OSError, DaldaError) as exc:
             raise InputError(f"{exc}; delete it and rerun warm") from None
         if data.get("format") != SPEC_RECORD_FORMAT:

@@ -399,14 +399,19 @@ class SyntheticCache(ShardSet):
         """Decode every entry; report (and with ``remove`` delete) the bad ones.
 
         Returns ``{"checked", "ok", "bad": [{"shard", "key", "error"}], "removed"}``. An entry
-        whose row exists but whose value file is gone counts as bad, and so does every row that
-        is stored pickled (key or value; its ``key`` is given as ``<row N>``): it is never
-        unpickled (:func:`row_refusal`).
+        whose row exists but whose value file is gone, or is not a regular file, counts as bad,
+        and so does every row that is stored pickled (key or value) or whose key is not 64
+        lowercase hex digits (its ``key`` is given as ``<row N>``): it is never unpickled nor read
+        as an entry (:func:`row_refusal`). A shard refused whole (its schema, its files) is one
+        bad item, ``<shard>``, and is never removed.
         """
         from tqdm.auto import tqdm
 
         report: dict[str, Any] = {"checked": 0, "ok": 0, "bad": [], "removed": 0, "unchecked_metadata": 0}
         for name, reader in list(self._readers(force_scan=True)):
+            if reader.check() is not None:  # refused whole, never queried
+                report["bad"].append({"shard": name, "key": "<shard>", "error": f"shard refused: {reader.refusal}"})
+                continue
             keys = reader.keys()
             for key in tqdm(keys, desc=f"verifying {name}", unit="img", disable=not progress):
                 report["checked"] += 1
@@ -461,21 +466,16 @@ class SyntheticCache(ShardSet):
         import numpy as np
 
         shards = []
-        good: list[Any] = []  # per shard, its good keys as 32-byte digests (no Python set of keys)
-        bad: list[Any] = []
         corrupt = refused = 0
-        for name, reader in self._readers(force_scan=True):
-            shard_good: list[bytes] = []
-            shard_bad: list[bytes] = []
-            for key, meta, _ in reader.check_heads():
-                (shard_bad if meta is None else shard_good).append(key_bytes(key))
-            good.append(np.array(shard_good, dtype="S32"))
-            bad.append(np.array(shard_bad, dtype="S32"))
+        keys, bad_keys, checked = self.checked_key_digests()
+        for row in checked:
+            reader = row["reader"]
             refused += len(reader.refused_rows())
             corrupt += reader.corrupt_counter()
-            shards.append({"name": name, "entries": len(shard_good), "bytes": reader.volume()})
-        keys = np.unique(np.concatenate(good)) if good else np.zeros(0, dtype="S32")
-        bad_keys = np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype="S32")
+            shard: dict[str, Any] = {"name": row["name"], "entries": row["entries"], "bytes": reader.volume()}
+            if reader.refusal is not None:  # named in a warning; its entries are not counted
+                shard["refused"] = reader.refusal
+            shards.append(shard)
         result: dict[str, Any] = {
             "directory": str(self.directory),
             "entries": int(keys.size),
