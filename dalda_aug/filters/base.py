@@ -13,12 +13,13 @@ from __future__ import annotations
 import abc
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import InputError
+
+if TYPE_CHECKING:  # numpy only in annotations: `dalda-aug --version` builds the parser without it
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["FILTER_FORMAT", "Filter", "FilterContext", "register_filter", "filter_names", "make_filter"]
 
