@@ -127,7 +127,7 @@ def few_shot_top1(train: Path, test: Path, plan: Any, cache: Any, args: argparse
 
 def plain_clip_loop(models: Any, keys: list[str], cache: Any, class_names: list[str], labels: np.ndarray) -> Any:
     """Decode, preprocess, encode and softmax over the cached images, batches of 16: nothing else."""
-    from dalda_aug.clipscore import load_open_clip
+    from dalda_aug.plan.clipscore import load_open_clip
 
     model, preprocess, tokenizer = load_open_clip(models.clip_model, models.clip_pretrained)
     with torch.inference_mode():

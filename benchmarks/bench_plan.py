@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dalda_aug.clipscore import SCORE_BLOCK, CLIPScorer, load_open_clip  # noqa: E402
+from dalda_aug.plan.clipscore import SCORE_BLOCK, CLIPScorer, load_open_clip  # noqa: E402
 from dalda_aug.config import ModelConfig  # noqa: E402
 from dalda_aug.data import ImageSource  # noqa: E402
 from dalda_aug.plan import build_plan  # noqa: E402

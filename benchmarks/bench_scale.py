@@ -124,7 +124,7 @@ def measure_plan(root: Path, variants: int, models: ModelConfig, batch_size: int
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_plan import plain_loop  # the baseline of bench_plan.py, not a copy
 
-    from dalda_aug.clipscore import CLIPScorer, load_open_clip
+    from dalda_aug.plan.clipscore import CLIPScorer, load_open_clip
     from dalda_aug.data import ImageSource
 
     source = ImageSource.from_folder(root)
@@ -166,7 +166,7 @@ def _dataset(root: Path, plan: Any, cache: SyntheticCache, **kwargs: Any) -> Any
 
 def _forget_coverage() -> None:
     """Delete the coverage records (not the stat records) of this user's cache folder."""
-    from dalda_aug.stat_record import record_dir
+    from dalda_aug.plan.records import record_dir
 
     for path in record_dir().glob("coverage-*.json"):
         path.unlink(missing_ok=True)
@@ -178,7 +178,7 @@ def measure_construction(root: Path, plan_dir: Path, cache: SyntheticCache, repe
     coverage recounted (records deleted before each run: as after a `warm` changed the cache)."""
     from torchvision.datasets import ImageFolder
 
-    from dalda_aug.stat_record import RACY_SECONDS
+    from dalda_aug.plan.records import RACY_SECONDS
 
     newest = max(p.stat().st_mtime for p in cache.directory.rglob("cache.db*"))
     time.sleep(max(0.0, newest + RACY_SECONDS + 0.5 - time.time()))  # fill_cache just wrote it: settle

@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "ModelConfig": "config",
-    "AGSConfig": "ags",
-    "Scaling": "ags",
-    "sample_lambda": "ags",
-    "sample_scales": "ags",
-    "CLIPScorer": "clipscore",
+    "AGSConfig": "plan.ags",
+    "Scaling": "plan.ags",
+    "sample_lambda": "plan.ags",
+    "sample_scales": "plan.ags",
+    "CLIPScorer": "plan.clipscore",
     "ImageSource": "data",
     "load_image": "data",
     "image_sha256": "data",
@@ -76,7 +76,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     # Static imports for type checkers. `X as X` marks an explicit re-export: without it a user's
     # `mypy --strict` reports "does not explicitly export" (tests/test_package.py checks the form).
-    from .ags import (
+    from .plan.ags import (
         AGSConfig as AGSConfig, sample_lambda as sample_lambda, sample_scales as sample_scales,
         Scaling as Scaling,
     )
@@ -89,7 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover
         eval_transform as eval_transform, evaluate as evaluate, train_classifier as train_classifier,
         train_transform as train_transform, TrainConfig as TrainConfig,
     )
-    from .clipscore import CLIPScorer as CLIPScorer
+    from .plan.clipscore import CLIPScorer as CLIPScorer
     from .config import ModelConfig as ModelConfig
     from .data import (
         few_shot_indices as few_shot_indices, image_sha256 as image_sha256, ImageSource as ImageSource,

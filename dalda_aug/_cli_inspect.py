@@ -52,7 +52,7 @@ def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
 
 # -- metrics ---------------------------------------------------------------------------------
 def _run_metrics(args: argparse.Namespace) -> int:
-    from .clipscore import CLIPScorer
+    from .plan.clipscore import CLIPScorer
     from .metrics import EmbeddingStore, diversity_metrics, load_lpips
 
     if args.out:

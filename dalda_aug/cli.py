@@ -49,7 +49,7 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 
 # -- plan ------------------------------------------------------------------------------
 def _run_plan(args: argparse.Namespace) -> int:
-    from .ags import AGSConfig, Scaling
+    from .plan.ags import AGSConfig, Scaling
     from ._cli_cache import check_device, check_output_folder
     from .errors import InputError
     from .generators.loading import require_hub_models
@@ -78,7 +78,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     require_hub_models(models, ("clip_model", "clip_pretrained"))  # before any model loads
     check_device(args.device)  # imports torch (except for "cpu"), so after the hub check
 
-    from .clipscore import CLIPScorer
+    from .plan.clipscore import CLIPScorer
     from .plan import build_plan
 
     prompts = None

@@ -99,7 +99,7 @@ from .cache.spec import digest_hex, variant_digests
 from .data import image_sha256, load_image, to_rgb
 from .draws import STATE_FORMAT, DrawCounter, check_state, draw_name, draw_seed, pick, unlink_lock
 from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from .stat_record import STAT_FIELDS, CoverageRecord, StatRecord, file_stats
+from .plan.records import STAT_FIELDS, CoverageRecord, StatRecord, file_stats
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -181,7 +181,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             subset of a plan made with ``--shots N`` over the full folder.
         verify_sources: how construction checks the planned sources against the plan's content
             hashes: ``"stat"`` (default) decodes only the files whose ``(size, mtime_ns, inode,
-            ctime_ns)`` changed since they last matched (a :class:`~dalda_aug.stat_record.StatRecord` in
+            ctime_ns)`` changed since they last matched (a :class:`~dalda_aug.plan.records.StatRecord` in
             ``$DALDA_AUG_CACHE/stat``, as git's index; bases the dataset does not read from files
             are decoded in full), ``"full"`` decodes every source, ``"off"`` checks nothing.
 
@@ -467,7 +467,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         recorded in the folder holds more of them (an explicit spec that differs from warm's).
 
         Counts are remembered per (cache folder, spec, plan) under the shards' stat
-        (:class:`~dalda_aug.stat_record.CoverageRecord`): constructing again over an unchanged
+        (:class:`~dalda_aug.plan.records.CoverageRecord`): constructing again over an unchanged
         cache computes no key."""
         spec = self.cache.spec
         sources = self._item_source[self._item_source >= 0]

@@ -183,7 +183,7 @@ def run_demo(
     import torch
 
     from .cache import GenerationSpec, SyntheticCache
-    from .clipscore import CLIPScorer
+    from .plan.clipscore import CLIPScorer
     from .generators.ip_adapter import GenerationConfig
     from .plan import build_plan
     from .viz import plan_contact_sheet

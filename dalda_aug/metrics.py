@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .clipscore import CLIPScorer, Device
+    from .plan.clipscore import CLIPScorer, Device
 
 __all__ = [
     "mean_pairwise_cosine",
@@ -202,7 +202,7 @@ def diversity_metrics(
         sources: ``{source key: real PIL image}``.
         labels: ``{source key: class index}``.
         class_names: readable class names (for zero-shot accuracy and the report).
-        scorer: a :class:`~dalda_aug.clipscore.CLIPScorer` (its model embeds the images).
+        scorer: a :class:`~dalda_aug.plan.clipscore.CLIPScorer` (its model embeds the images).
         lpips_net: from :func:`load_lpips`, or None to skip LPIPS.
         embeddings: an :class:`EmbeddingStore` to reuse embeddings across calls.
     """

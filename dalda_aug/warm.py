@@ -113,11 +113,11 @@ def rebase_plan(plan: Any, data_root: str | os.PathLike[str], option: str = "--d
     """``plan`` with its image folder moved to ``data_root`` (the plan's sources are paths relative
     to it, as the dataset finds them after a move). Every source is checked first, as the dataset
     checks it: a path inside ``data_root``, a file there, and pixels that match the plan's content
-    hash (files whose size and mtime match a :class:`~dalda_aug.stat_record.StatRecord` of an
+    hash (files whose size and mtime match a :class:`~dalda_aug.plan.records.StatRecord` of an
     earlier check are not decoded again). One line naming ``option`` and the file otherwise."""
     import numpy as np
 
-    from .stat_record import StatRecord, file_stats
+    from .plan.records import StatRecord, file_stats
 
     root = Path(data_root)
     if not root.is_dir():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dalda_aug.ags import AGSConfig, Scaling, ags_parameters, sample_lambda, sample_scales
+from dalda_aug.plan.ags import AGSConfig, Scaling, ags_parameters, sample_lambda, sample_scales
 from dalda_aug.errors import InputError
 
 

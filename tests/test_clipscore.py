@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dalda_aug.clipscore import CLIPScorer
+from dalda_aug.plan.clipscore import CLIPScorer
 from dalda_aug.errors import InputError, ModelLoadError
 
 

@@ -21,7 +21,7 @@ from dalda_aug.cache import GenerationSpec, SyntheticCache, variant_key, variant
 from dalda_aug.dataset import SyntheticAugmentedDataset
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import build_plan
-from dalda_aug.stat_record import CoverageRecord
+from dalda_aug.plan.records import CoverageRecord
 
 CLASSES = ["ant", "bee"]
 HOUR_AGO_NS = time.time_ns() - 3600 * 10**9

@@ -187,7 +187,7 @@ def test_flop_constants_are_the_architectures(generation):
 
 
 def test_cosine_reading_figures_are_the_ags_formula():
-    from dalda_aug.ags import ags_parameters
+    from dalda_aug.plan.ags import ags_parameters
 
     mu = {s: float(ags_parameters([s], [1])[0][0]) for s in (0.25, 0.30, 0.35)}
     text = _flat(README)

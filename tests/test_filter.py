@@ -153,7 +153,7 @@ def test_clip_filters_score_with_the_plans_clipscore_and_a_plain_clip_agrees(set
     import torch
 
     from dalda_aug.cache import SyntheticCache
-    from dalda_aug.clipscore import CLIPScorer, load_open_clip
+    from dalda_aug.plan.clipscore import CLIPScorer, load_open_clip
     from dalda_aug.data import load_image
     from dalda_aug.filters import filter_plan, read_filter_record
 

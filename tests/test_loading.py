@@ -56,7 +56,7 @@ def test_models_file_resolves_relative_folders_by_the_rule(tmp_path):
 def test_tokenizer_and_open_clip_read_locations_by_the_rule(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("open_clip")
-    from dalda_aug.clipscore import load_open_clip
+    from dalda_aug.plan.clipscore import load_open_clip
     from dalda_aug.prompts import load_clip_tokenizer
 
     with pytest.raises(MissingFileError, match="tokenizer folder not found"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dalda_aug.clipscore import CLIPScorer
+from dalda_aug.plan.clipscore import CLIPScorer
 from dalda_aug.errors import InputError, ModelLoadError
 from dalda_aug.metrics import EmbeddingStore, diversity_metrics, load_lpips, mean_pairwise_cosine, mean_pairwise_lpips
 

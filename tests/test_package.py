@@ -23,7 +23,7 @@ INSTALLED = os.environ.get("DALDA_TEST_INSTALLED")
 
 def test_import_is_light():
     code = (
-        "import sys, dalda_aug, dalda_aug.cli, dalda_aug.config, dalda_aug.ags, dalda_aug.plan;"
+        "import sys, dalda_aug, dalda_aug.cli, dalda_aug.config, dalda_aug.plan.ags, dalda_aug.plan;"
         "dalda_aug.cli.build_parser();"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip', 'timm') if m in sys.modules];"
         "print(','.join(heavy))"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalda_aug.ags import AGSConfig, Scaling
+from dalda_aug.plan.ags import AGSConfig, Scaling
 from dalda_aug.cli import main
 from dalda_aug.data import ImageSource, image_sha256
 from dalda_aug.errors import InputError, MissingFileError
@@ -223,9 +223,9 @@ def test_every_forward_pass_has_the_one_block_shape(folder, tiny_models, monkeyp
     """Issue 14 / 23.4: float32 kernels round differently per batch shape on some CPUs, so every
     forward pass holds exactly SCORE_BLOCK images (the last padded with zeros), for any reading
     chunk and batch size; each source is scored exactly once, and the plan is the same."""
-    import dalda_aug.clipscore as clipscore_module
+    import dalda_aug.plan.clipscore as clipscore_module
     import dalda_aug.plan as plan_module
-    from dalda_aug.clipscore import CLIPScorer
+    from dalda_aug.plan.clipscore import CLIPScorer
 
     if block is not None:
         monkeypatch.setattr(clipscore_module, "SCORE_BLOCK", block)

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import dalda_aug.plan as plan_module
-from dalda_aug.ags import AGSConfig, Scaling, sample_scales
-from dalda_aug.clipscore import CLIPScorer
+from dalda_aug.plan.ags import AGSConfig, Scaling, sample_scales
+from dalda_aug.plan.clipscore import CLIPScorer
 from dalda_aug.data import ImageSource
 from dalda_aug.errors import ImageError, InputError
 from dalda_aug.plan import AugmentationPlan, Variant, build_plan, derive_seed, summarize

@@ -17,7 +17,7 @@ from dalda_aug.dataset import SyntheticAugmentedDataset
 from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import build_plan
-from dalda_aug.stat_record import StatRecord
+from dalda_aug.plan.records import StatRecord
 
 CLASSES = ["ant", "bee"]
 HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
@@ -403,7 +403,7 @@ def test_sources_and_hashes_decoded_in_bulk_equal_one_at_a_time(tmp_path, tiny_m
 def test_an_unsaved_plan_pickles_as_a_temporary_folder(tmp_path, tiny_models, monkeypatch):
     import gc
 
-    import dalda_aug.plan_columns as plan_columns
+    import dalda_aug.plan.columns as plan_columns
 
     spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
 
@@ -430,7 +430,7 @@ def test_an_unsaved_plan_pickles_as_a_temporary_folder(tmp_path, tiny_models, mo
 
 
 def test_a_spilled_plan_unpickled_where_its_folder_is_missing_says_so(tmp_path, tiny_models, monkeypatch):
-    import dalda_aug.plan_columns as plan_columns
+    import dalda_aug.plan.columns as plan_columns
 
     monkeypatch.setattr(plan_columns, "SPILL_ROWS", 10)
     plan = _synthetic_plan(5, tiny_models)
@@ -444,7 +444,7 @@ def test_a_spilled_plan_unpickled_where_its_folder_is_missing_says_so(tmp_path, 
 
 
 def test_spawned_worker_reads_a_spilled_plan(tmp_path, tiny_models, monkeypatch):
-    import dalda_aug.plan_columns as plan_columns
+    import dalda_aug.plan.columns as plan_columns
 
     monkeypatch.setattr(plan_columns, "SPILL_ROWS", 10)  # in this process, which pickles
     n = 40
@@ -472,7 +472,7 @@ def test_variants_for_one_source_makes_only_that_sources_variants(tmp_path, tiny
 
 
 def test_file_stats_in_bulk_equal_one_at_a_time(tmp_path):
-    from dalda_aug.stat_record import file_stat, file_stats
+    from dalda_aug.plan.records import file_stat, file_stats
 
     paths = []
     for i in range(5):

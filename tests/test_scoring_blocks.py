@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dalda_aug.clipscore import SCORE_BLOCK, CLIPScorer
+from dalda_aug.plan.clipscore import SCORE_BLOCK, CLIPScorer
 from dalda_aug.data import ImageSource
 from dalda_aug.plan import build_plan
 

@@ -245,7 +245,7 @@ def test_a_same_size_source_replaced_with_its_mtime_restored_is_noticed(tmp_path
 # -- 11: the spill folder of an unsaved plan ---------------------------------------------------------------
 _SPILL_SCRIPT = textwrap.dedent("""
     import os, pickle, resource, signal, sys
-    import dalda_aug.plan_columns as plan_columns
+    import dalda_aug.plan.columns as plan_columns
     from dalda_aug.draws import DrawCounter
     from dalda_aug.plan import AugmentationPlan, Variant
 
@@ -306,7 +306,7 @@ def test_a_full_tmpdir_is_one_line_naming_it_and_plan_save(tmp_path, kind):
 
 
 def test_a_deep_copy_owns_its_rows_after_the_original_is_gone(monkeypatch, tmp_path):
-    import dalda_aug.plan_columns as plan_columns
+    import dalda_aug.plan.columns as plan_columns
     from dalda_aug.plan import AugmentationPlan, Variant
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -331,7 +331,7 @@ def test_a_deep_copy_owns_its_rows_after_the_original_is_gone(monkeypatch, tmp_p
 
 
 def test_what_a_killed_process_left_is_swept_and_a_live_ones_is_not(tmp_path, monkeypatch):
-    import dalda_aug.plan_columns as plan_columns
+    import dalda_aug.plan.columns as plan_columns
     from dalda_aug.draws import DrawCounter
     from dalda_aug.plan import AugmentationPlan, Variant
 
@@ -535,7 +535,7 @@ def test_a_fifo_at_a_stat_or_coverage_record_does_not_hang(tmp_path, tiny_models
     from dalda_aug.dataset import SyntheticAugmentedDataset
     from dalda_aug.generation import GenerationConfig
     from dalda_aug.plan import build_plan
-    from dalda_aug.stat_record import CoverageRecord, record_dir
+    from dalda_aug.plan.records import CoverageRecord, record_dir
 
     root = _folder(tmp_path / "data")
     _age(root)

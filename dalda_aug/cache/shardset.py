@@ -211,7 +211,7 @@ class ShardSet:
         """What every shard's index files look like on disk: ``[name, inode, size, mtime_ns]`` of
         each shard's ``cache.db`` and of its ``cache.db-wal`` where that holds frames, sorted. Any
         entry written or removed changes it (SQLite appends to the WAL or rewrites the database);
-        a coverage record remembers a count under it (:class:`~dalda_aug.stat_record.CoverageRecord`)."""
+        a coverage record remembers a count under it (:class:`~dalda_aug.plan.records.CoverageRecord`)."""
         token: list[list[Any]] = []
         for name in sorted(self._scan(force=True)):
             for file in ("cache.db", "cache.db-wal"):

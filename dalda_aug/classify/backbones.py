@@ -17,7 +17,7 @@ from .spec import (BACKBONES, BN_MODES, CLIP_HEADS, DEFAULT_TEMPLATE, EFFICIENTN
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..clipscore import Device
+    from ..plan.clipscore import Device
     from .model import Classifier
 
 __all__ = ["build_classifier", "load_efficientnet_lite0"]
@@ -168,7 +168,7 @@ def _build_clip(num_classes: int, class_names: tuple[str, ...] | None, mode: str
 
     assert class_names is not None  # build_classifier requires them for CLIP
 
-    from ..clipscore import load_open_clip
+    from ..plan.clipscore import load_open_clip
 
     tag = "openai" if pretrained is True else (None if pretrained is False else str(pretrained))
     clip, _, tokenizer = load_open_clip(clip_model, tag, device)

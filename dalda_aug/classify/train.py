@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import torch
 
-    from ..clipscore import Device
+    from ..plan.clipscore import Device
 
 __all__ = ["autocast", "train_classifier", "evaluate"]
 

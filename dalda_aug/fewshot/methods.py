@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..ags import Scaling
+    from ..plan.ags import Scaling
 
 __all__ = [
     "Method",
@@ -123,7 +123,7 @@ def resolve_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, str]
 
 def method_scaling(method: Method, ags_mode: Literal["truncnorm", "clip"], fixed_lambda: float) -> Scaling:
     """The λ scaling of ``method``'s plans (``--ags-mode``, ``--fixed-lambda``)."""
-    from ..ags import AGSConfig, Scaling
+    from ..plan.ags import AGSConfig, Scaling
 
     if method.scaling == "ags":
         return Scaling("ags", ags=AGSConfig(mode=ags_mode))

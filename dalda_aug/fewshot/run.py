@@ -126,7 +126,7 @@ def few_shot_draws(bench: Benchmark, todo: list[RunKey]) -> dict[tuple[int, int]
 
 def score_few_shot(bench: Benchmark, wanted: list[int]) -> dict[Any, float]:
     """CLIPScore of each source image in ``wanted``, by its source id (computed once, shared by every plan)."""
-    from ..clipscore import CLIPScorer
+    from ..plan.clipscore import CLIPScorer
 
     source = bench.source
     if not wanted:

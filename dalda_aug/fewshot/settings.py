@@ -373,7 +373,7 @@ def write_config(bench: Benchmark) -> None:
 
     import dalda_aug
 
-    from ..ags import AGSConfig
+    from ..plan.ags import AGSConfig
 
     args, data, configs, components = bench.args, bench.data, bench.configs, bench.components
     device, bank = bench.device, bench.bank

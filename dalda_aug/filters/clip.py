@@ -1,8 +1,8 @@
 """CLIP filters: ``clip-class`` and ``clip-source``.
 
-Both score with :class:`~dalda_aug.clipscore.CLIPScorer`, the scorer ``plan`` uses for its
+Both score with :class:`~dalda_aug.plan.clipscore.CLIPScorer`, the scorer ``plan`` uses for its
 CLIPScores: the plan's CLIP model (or ``--models``), the prompt template "a photo of a {class}",
-the plan's readable class names, and forward passes of :data:`~dalda_aug.clipscore.SCORE_BLOCK`
+the plan's readable class names, and forward passes of :data:`~dalda_aug.plan.clipscore.SCORE_BLOCK`
 images (the last padded), so a variant's score does not depend on the chunk it was scored in.
 """
 
@@ -29,7 +29,7 @@ class _ClipFilter(Filter):
         self._loaded_for: Any = None
 
     def load(self, context: FilterContext) -> None:
-        from ..clipscore import CLIPScorer
+        from ..plan.clipscore import CLIPScorer
         from ..config import ModelConfig
         from ..generators.loading import require_hub_models
 

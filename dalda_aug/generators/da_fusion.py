@@ -150,7 +150,7 @@ def build_da_fusion_plan(
 
     import numpy as np
 
-    from ..ags import Scaling
+    from ..plan.ags import Scaling
     from ..data import ImageSource
     from ..plan import build_plan, derive_seed, summarize
     from .textual_inversion import TokenSet

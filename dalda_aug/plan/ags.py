@@ -30,7 +30,7 @@ from typing import Any, Literal, Mapping, Union
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters"]
 

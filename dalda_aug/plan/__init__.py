@@ -8,7 +8,7 @@ class names, prompts, scores, scaling, seed), stored as
 * ``plan.json`` — how it was made (seed, shots, scaling, models, data root, prompts);
 * ``summary.json`` — counts, the CLIPScore histogram and the share of Low/High images;
 * ``columns/`` — the rows of ``plan.jsonl`` as memory-mapped arrays
-  (:mod:`dalda_aug.plan_columns`), what readers load instead of parsing ``plan.jsonl``.
+  (:mod:`dalda_aug.plan.columns`), what readers load instead of parsing ``plan.jsonl``.
 
 ``plan.json`` records the SHA-256 of ``plan.jsonl`` and ``summary.json`` (``"digests"``) and of every
 column file (``"column_digests"``), so a
@@ -32,17 +32,17 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, Un
 
 import numpy as np
 
-from ._io import loads_bounded, read_json_object, write_atomic
+from .._io import loads_bounded, read_json_object, write_atomic
 from .ags import Scaling, ags_parameters, sample_scales
-from .config import ModelConfig
-from .data import ImageSource, SourceItem, check_scaled_size, image_sha256
-from .errors import InputError, MissingFileError
-from .plan_columns import PlanColumns, lf_sha256
-from .presets import PHOTO_TEMPLATE
+from ..config import ModelConfig
+from ..data import ImageSource, SourceItem, check_scaled_size, image_sha256
+from ..errors import InputError, MissingFileError
+from .columns import PlanColumns, lf_sha256
+from ..presets import PHOTO_TEMPLATE
 
 if TYPE_CHECKING:
     from .clipscore import CLIPScorer
-    from .prompts import PromptBank
+    from ..prompts import PromptBank
 
 # A prompt bank, or {class name: [prompts]}.
 Prompts = Union["PromptBank", Mapping[str, Sequence[str]]]
@@ -200,7 +200,7 @@ class _Variants(Sequence[Variant]):
 class AugmentationPlan:
     """An ordered list of :class:`Variant` plus how it was made. Iterate it for the variants.
 
-    The rows live in :class:`~dalda_aug.plan_columns.PlanColumns` (mapped from ``PLAN/columns``
+    The rows live in :class:`~dalda_aug.plan.columns.PlanColumns` (mapped from ``PLAN/columns``
     when loaded from a folder that has them); a :class:`Variant` is made on access.
     """
 
@@ -527,7 +527,7 @@ def _read_and_score(items: Sequence[SourceItem], class_names: Sequence[str], sco
     each task decoding, hashing and preparing ``_READ_SLICE`` sources (PIL decoding and resizing,
     hashlib and torch release the GIL), while the scorer runs on the previous chunk; results keep
     the order of ``items`` and the first unreadable item raises, as in a plain loop. The scores are
-    those :meth:`~dalda_aug.clipscore.CLIPScorer.score` gives each image alone: they do not depend on
+    those :meth:`~dalda_aug.plan.clipscore.CLIPScorer.score` gives each image alone: they do not depend on
     the chunk, the order, the number of threads or the other items.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -626,7 +626,7 @@ def _draw_lambdas(hashes: Sequence[str], scores: np.ndarray, shots: Sequence[int
     AGS's truncated normal (``ags.sample_lambda``) inverts scipy's ``truncnorm`` CDF, whose call costs
     about a millisecond whatever its size: there each source's uniforms are drawn from its own
     generator as ``sample_lambda`` draws them, and the inversion, an elementwise function, runs over
-    many sources at once. The other strategies call :func:`~dalda_aug.ags.sample_scales` per source.
+    many sources at once. The other strategies call :func:`~dalda_aug.plan.ags.sample_scales` per source.
     """
     n_sources = len(hashes)
     rngs = (np.random.default_rng(derive_seed(seed, sha, 0, "lambda")) for sha in hashes)
@@ -678,12 +678,12 @@ def build_plan(
         seed: the plan seed; every λ, prompt order and generation seed derives from it.
         n_shot: if given, keep ``n_shot`` images per class with a seeded split (nested in n);
             σ of AGS uses it. Otherwise all images are used and n is each class's image count.
-        scaling: λ strategy (:class:`~dalda_aug.ags.Scaling`).
+        scaling: λ strategy (:class:`~dalda_aug.plan.ags.Scaling`).
         prompts: a :class:`~dalda_aug.prompts.PromptBank` (or ``{class name: [prompts]}``);
             ``None`` uses "a photo of a {class}". Variant k gets prompt k of its class in a
             per-image seeded order (cycling if the class has fewer than M prompts).
         models: where the CLIP model lives (``ModelConfig()`` by default); recorded in the plan.
-        scorer: a :class:`~dalda_aug.clipscore.CLIPScorer` (built from ``models`` if omitted).
+        scorer: a :class:`~dalda_aug.plan.clipscore.CLIPScorer` (built from ``models`` if omitted).
         scores: precomputed CLIPScores, one per source image (skips the scorer).
         base_prompt_names: the class name written into the base prompt (and into a prompt
             bank's ``{name}`` placeholders): ``"readable"`` ("a photo of a american bulldog",

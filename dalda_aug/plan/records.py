@@ -38,9 +38,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._io import loads_bounded, read_regular, write_atomic
-from .errors import DaldaError, InputError
-from .locations import user_cache_dir
+from .._io import loads_bounded, read_regular, write_atomic
+from ..errors import DaldaError, InputError
+from ..locations import user_cache_dir
 
 __all__ = ["COVERAGE_FORMAT", "CoverageRecord", "RACY_SECONDS", "STAT_FIELDS", "StatRecord", "file_stat", "file_stats",
            "record_dir", "settled", "stat_row"]
@@ -160,7 +160,7 @@ class CoverageRecord:
     second at 200,000 variants); a dataset constructed again over the same plan, spec and cache
     (every run, every rank) reads the count back instead while no shard's ``cache.db`` or WAL
     changed. The record is named by the SHA-256 of the cache folder's real path, the spec's
-    fingerprint and the plan's key inputs (:meth:`~dalda_aug.plan_columns.PlanColumns.key_digest`),
+    fingerprint and the plan's key inputs (:meth:`~dalda_aug.plan.columns.PlanColumns.key_digest`),
     so it never vouches for another plan, spec or folder; it lives beside the stat records, in
     this user's cache folder, not in the (shared) cache. A token with a file modified within
     :data:`RACY_SECONDS` is not recorded. The file is JSON, read bounded (1 MiB); anything

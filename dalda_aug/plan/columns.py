@@ -53,9 +53,9 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from ._io import atomic_writer, open_regular, sweep_orphans, write_atomic
-from .errors import InputError, TemporaryFolderError
-from .stat_record import StatRecord, file_stats, stat_row
+from .._io import atomic_writer, open_regular, sweep_orphans, write_atomic
+from ..errors import InputError, TemporaryFolderError
+from .records import StatRecord, file_stats, stat_row
 
 __all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "SPILL_ROWS", "STRING_TABLES"]
 
@@ -216,10 +216,10 @@ class PlanColumns:
         JSONL reader then reads it (or refuses it against ``plan.json``). Hashing ``plan.jsonl``
         and every column on every load would cost about a second per million variants, so, as for
         the dataset's sources, a stat record of this user
-        (:class:`~dalda_aug.stat_record.StatRecord`, named by the paths and the digests) remembers
+        (:class:`~dalda_aug.plan.records.StatRecord`, named by the paths and the digests) remembers
         the ``(size, mtime_ns, inode, ctime_ns)`` each file had when it matched, and only files
         whose stat moved are hashed again (a copied folder once, a read-only one too)."""
-        from ._io import read_json_object
+        from .._io import read_json_object
 
         folder = directory / COLUMNS_DIR
         names = _file_names()
@@ -230,7 +230,7 @@ class PlanColumns:
                 or rows_digest is None or meta.get("plan.jsonl sha256") != rows_digest):
             return None
         # Files whose stat a stat record of this user says matched these digests are not hashed
-        # again (as the dataset's sources: dalda_aug.stat_record); the others are.
+        # again (as the dataset's sources: dalda_aug.plan.records); the others are.
         rows_path = directory / "plan.jsonl"
         paths = [os.path.abspath(rows_path), *(os.path.abspath(folder / name) for name in names)]
         expected = [rows_digest, *(digests[f"{COLUMNS_DIR}/{name}"] for name in names)]

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InputError, ModelLoadError, require
-from .presets import PHOTO_TEMPLATE
+from ..errors import InputError, ModelLoadError, require
+from ..presets import PHOTO_TEMPLATE
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .config import ModelConfig
+    from ..config import ModelConfig
 
 # A torch device or its name ("cpu", "cuda:1").
 Device = Union[str, "torch.device"]
@@ -62,7 +62,7 @@ def load_open_clip(model_name: str, pretrained: str | None, device: Device = "cp
     require("open_clip", "generate", package="open_clip_torch")
     import open_clip
 
-    from .locations import parse_location  # the one "hub id or local path" rule
+    from ..locations import parse_location  # the one "hub id or local path" rule
 
     name = model_name
     model_location = parse_location(model_name)
