@@ -12,7 +12,7 @@
    Target: ratio <= 1.10.
 
 2. **Warm throughput.** Images/s of the generator alone (``generate`` on the same requests,
-   nothing written) against :func:`~dalda_aug.warm.warm` into an empty cache (generation plus
+   nothing written) against :func:`~dalda_aug.cache.warm.warm` into an empty cache (generation plus
    encoding (lz4 by default) and cache writes on the writer threads) and against generating then writing in
    the same thread. Target: warm keeps the generator's throughput. Tiny random models by
    default (``--models`` takes a models JSON, e.g. real weights on a GPU). Also reported: the
@@ -49,7 +49,7 @@ from dalda_aug.config import ModelConfig  # noqa: E402
 from dalda_aug.dataset import SyntheticAugmentedDataset  # noqa: E402
 from dalda_aug.generation import GenerationConfig, GenerationRequest  # noqa: E402
 from dalda_aug.plan import build_plan  # noqa: E402
-from dalda_aug.warm import warm  # noqa: E402
+from dalda_aug.cache.warm import warm  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle")

@@ -313,7 +313,7 @@ def _rchar() -> int:
 def measure_noop(plan_dir: Path, cache_dir: Path, entries: int) -> dict:
     """Bytes read by cache.stats() and by a warm that has nothing to do, vs the cache's bytes, on a
     cache of ``entries`` 512x512 photos (generated-image size: the share of a header depends on it)."""
-    from dalda_aug.warm import warm
+    from dalda_aug.cache.warm import warm
 
     plan = AugmentationPlan.load(plan_dir)
     put = [plan[i] for i in range(min(entries, len(plan)))]

@@ -7,7 +7,7 @@ training images and its own augmentation plan; all plans share one synthetic-ima
 
 1. **score** — CLIPScore of every few-shot image, computed once and reused by every method;
 2. **plan** — ``build_plan`` with the method's prompts and λ scaling (saved under ``OUT/plans``);
-3. **warm** — generate what the cache lacks (``dalda_aug.warm.warm``);
+3. **warm** — generate what the cache lacks (``dalda_aug.cache.warm.warm``);
 4. **train** — a fresh classifier on ``SyntheticAugmentedDataset(few-shot images, plan, cache, p)``
    (real-only: the few-shot images alone), the reference code's recipe unless overridden;
 5. **evaluate** — ``--protocol honest`` (default): the model after the last epoch on the

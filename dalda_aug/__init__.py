@@ -40,11 +40,11 @@ _EXPORTS = {
     "CachedImage": "cache",
     "SyntheticAugmentedDataset": "dataset",
     "CacheMissError": "dataset",
-    "plan_indices": "bases",
+    "plan_indices": "dataset.bases",
     "ITEMS": "dataset",
-    "GeneratorPool": "pool",
-    "PoolError": "pool",
-    "WarmReport": "warm",
+    "GeneratorPool": "dataset.pool",
+    "PoolError": "dataset.pool",
+    "WarmReport": "cache.warm",
     "run_demo": "demo",
     "RealGuidanceConfig": "generators.real_guidance",
     "RealGuidanceGenerator": "generators.real_guidance",
@@ -95,7 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover
         few_shot_indices as few_shot_indices, image_sha256 as image_sha256, ImageSource as ImageSource,
         load_image as load_image, readable_class_name as readable_class_name,
     )
-    from .bases import plan_indices as plan_indices
+    from .dataset.bases import plan_indices as plan_indices
     from .dataset import (
         CacheMissError as CacheMissError, ITEMS as ITEMS, SyntheticAugmentedDataset as SyntheticAugmentedDataset,
     )
@@ -113,9 +113,9 @@ if TYPE_CHECKING:  # pragma: no cover
         AugmentationPlan as AugmentationPlan, build_plan as build_plan, derive_seed as derive_seed,
         Variant as Variant,
     )
-    from .pool import GeneratorPool as GeneratorPool, PoolError as PoolError
+    from .dataset.pool import GeneratorPool as GeneratorPool, PoolError as PoolError
     from .prompts import generate_prompt_bank as generate_prompt_bank, PromptBank as PromptBank
     from .generators.real_guidance import (
         RealGuidanceConfig as RealGuidanceConfig, RealGuidanceGenerator as RealGuidanceGenerator,
     )
-    from .warm import WarmReport as WarmReport
+    from .cache.warm import WarmReport as WarmReport

@@ -1,7 +1,7 @@
 """``dalda-aug warm`` and ``dalda-aug cache stats|verify|specs|export``.
 
 Registered into the main parser by :func:`register`; the work is done by
-:func:`dalda_aug.warm.warm` and :class:`dalda_aug.cache.SyntheticCache`.
+:func:`dalda_aug.cache.warm.warm` and :class:`dalda_aug.cache.SyntheticCache`.
 
 The generation settings (``--models``, ``--steps``, ``--size``, ``--guidance-scale``,
 ``--scheduler``, ``--dtype``) decide the cache keys. ``warm`` records them in the cache folder,
@@ -197,7 +197,7 @@ def _load_plan(path: str | None, data_root: str | None = None) -> AugmentationPl
 
     plan = AugmentationPlan.load(path) if path else None
     if plan is not None and data_root is not None:
-        from .warm import rebase_plan
+        from .cache.warm import rebase_plan
 
         plan = rebase_plan(plan, data_root)
     return plan
@@ -272,7 +272,7 @@ def _run_warm(args: argparse.Namespace) -> int:
 
     from .cache import SyntheticCache, default_shard_name
     from .errors import InputError
-    from .warm import warm
+    from .cache.warm import warm
 
     quality = _quality(args.quality, args.format)  # before the plan is read
     if args.threads is not None and args.threads < 1:
@@ -297,7 +297,7 @@ def _run_warm(args: argparse.Namespace) -> int:
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
     print(f"dalda-aug warm: {describe_settings(args, spec, device)}; process rank {rank} of world size {world}, "
           f"cache shard shard-{cache.shard}{note}", flush=True)
-    from .warm import WarmInterrupted
+    from .cache.warm import WarmInterrupted
 
     if args.threads is not None:
         import torch

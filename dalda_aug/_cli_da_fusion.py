@@ -15,7 +15,7 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
                if getattr(args, name) is not None}
     config = TextualInversionConfig(**changes)
     models = load_models_arg(args.models)
-    from .generators.loading import require_hub_models
+    from .hub import require_hub_models
 
     require_hub_models(models, ("base",))  # one line in seconds without the hub
     import torch

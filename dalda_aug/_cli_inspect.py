@@ -29,7 +29,7 @@ def _open(args: argparse.Namespace) -> tuple[AugmentationPlan, SyntheticCache]:
 
     plan = AugmentationPlan.load(args.plan)
     if args.data_root is not None:
-        from .warm import rebase_plan
+        from .cache.warm import rebase_plan
 
         plan = rebase_plan(plan, args.data_root)
     return plan, cache_for_plan(args, plan)
@@ -86,7 +86,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
     if not variants:
         raise InputError(f"none of the plan's images are in the cache {args.cache}; run `dalda-aug warm` first")
     assert cache.spec is not None  # cache_for_plan binds one
-    from .generators.loading import require_hub_models
+    from .hub import require_hub_models
 
     require_hub_models(cache.spec.models, ("clip_model", "clip_pretrained"))  # one line in seconds without the hub
     scorer = CLIPScorer.from_models(cache.spec.models, device=args.device)

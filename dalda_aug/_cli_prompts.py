@@ -101,8 +101,8 @@ def _tokenizer(args: argparse.Namespace) -> Any:
 
 def _check_hub(args: argparse.Namespace) -> None:
     """Before anything loads: the hf: chat model and the --models tokenizer, when they are hub ids,
-    must be reachable or cached (one line in seconds otherwise; see generators.loading.check_hub)."""
-    from .generators.loading import MODELS_HINT, HubFile, check_hub
+    must be reachable or cached (one line in seconds otherwise; see hub.check_hub)."""
+    from .hub import MODELS_HINT, HubFile, check_hub
     from .locations import parse_location
 
     llm = str(args.llm or "")

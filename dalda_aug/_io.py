@@ -218,7 +218,7 @@ def sweep_orphans(prefix: str, directory: str | os.PathLike[str] | None = None) 
     are removed with what they hold, files unlinked; nothing is followed (an entry that is a symlink
     is unlinked). Returns what was removed; anything that cannot be removed is left, silently: the
     sweep is housekeeping, run where such entries are made (:meth:`PlanColumns.spill
-    <dalda_aug.plan.columns.PlanColumns.spill>`, :class:`~dalda_aug.draws.DrawCounter`)."""
+    <dalda_aug.plan.columns.PlanColumns.spill>`, :class:`~dalda_aug.dataset.draws.DrawCounter`)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: nothing is swept

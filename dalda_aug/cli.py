@@ -52,7 +52,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from .plan.ags import AGSConfig, Scaling
     from ._cli_cache import check_device, check_output_folder
     from .errors import InputError
-    from .generators.loading import require_hub_models
+    from .hub import require_hub_models
     from .plan import MAX_VARIANTS
 
     out_dir = Path(args.out)

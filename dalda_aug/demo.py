@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import ModelConfig
 from .errors import InputError, ModelLoadError
-from .generators.loading import HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint, hub_reachable
+from .hub import HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint, hub_reachable
 
 if TYPE_CHECKING:
     import argparse
@@ -41,7 +41,7 @@ __all__ = [
 # The one line an offline user gets when the demo needs the hub.
 OFFLINE_HINT = "`DALDA_MODELS=tiny make demo` runs the demo offline with tiny random models"
 # HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint and hub_reachable live in
-# dalda_aug.generators.loading (every command checks the hub the same way); re-exported here.
+# dalda_aug.hub (every command checks the hub the same way); re-exported here.
 
 # class folder -> scikit-image loader name (all bundled with scikit-image, no download).
 DEMO_IMAGES = {
@@ -107,7 +107,7 @@ def _settings(models_choice: str | None, out: Path, size: int | None, steps: int
     return _Settings(models, False, size or int(recorded.get("size", 512)), steps or int(recorded.get("steps", 30)), 256)
 
 
-# -- is the hub there? (the check every command makes: dalda_aug.generators.loading) ---------------
+# -- is the hub there? (the check every command makes: dalda_aug.hub) ---------------
 def _uses_hub(choice: str | None) -> bool:
     return choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default")
 
@@ -119,16 +119,16 @@ _DEMO_FIELDS = ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained")
 def missing_from_hub_cache(models: ModelConfig, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """The hub repositories of ``models``' diffusion models (base pipeline, IP-Adapter, VAE) that
     are not in the local Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE``)."""
-    from .generators.loading import hub_files
-    from .generators.loading import missing_from_hub_cache as missing
+    from .hub import hub_files
+    from .hub import missing_from_hub_cache as missing
 
     return missing(hub_files(models, ("base", "vae", "ip_adapter")), cache_dir)
 
 
 def _check_hub(models: ModelConfig, paper: bool = True) -> None:
     """Stop within seconds, with one line suggesting the tiny models, when the hub models are
-    neither reachable nor cached (:func:`~dalda_aug.generators.loading.require_hub_models`)."""
-    from .generators.loading import require_hub_models
+    neither reachable nor cached (:func:`~dalda_aug.hub.require_hub_models`)."""
+    from .hub import require_hub_models
 
     require_hub_models(models, _DEMO_FIELDS, hint=OFFLINE_HINT, what="the paper's models" if paper else "")
 
@@ -187,7 +187,7 @@ def run_demo(
     from .generators.ip_adapter import GenerationConfig
     from .plan import build_plan
     from .viz import plan_contact_sheet
-    from .warm import warm
+    from .cache.warm import warm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")

@@ -70,7 +70,7 @@ class TemporaryFolderError(DaldaError, OSError):
     DataLoader workers to map (the message says what to do: free space, or ``plan.save(DIR)``)."""
 
 
-# Generator worker pools (dalda_aug.pool).
+# Generator worker pools (dalda_aug.dataset.pool).
 class PoolError(DaldaError, RuntimeError):
     """A generator worker crashed; the message holds its traceback or exit code."""
 
@@ -103,7 +103,7 @@ class IncompletePromptBankError(DaldaError, RuntimeError):
         self.reasons = reasons
 
 
-# Model loading (dalda_aug.generators.loading).
+# Model loading (dalda_aug.generators.loading, dalda_aug.hub).
 class HubUnreachableError(ModelLoadError):
     """Models are needed from the Hugging Face hub, which cannot be reached (offline mode or no
     answer), and they are not in the local cache."""

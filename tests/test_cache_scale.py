@@ -20,7 +20,7 @@ from dalda_aug.cache.codecs import CODECS, DEFAULT_QUALITY
 from dalda_aug.cli import main
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import PLAN_FORMAT, AugmentationPlan, Variant
-from dalda_aug.warm import warm
+from dalda_aug.cache.warm import warm
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/<pid>/io")
 
@@ -64,7 +64,7 @@ _MEASURE = r"""
 import json, sqlite3, sys
 from dalda_aug.cache import SyntheticCache
 from dalda_aug.plan import AugmentationPlan
-from dalda_aug.warm import warm
+from dalda_aug.cache.warm import warm
 
 def rchar():
     fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())

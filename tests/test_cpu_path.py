@@ -191,7 +191,7 @@ def test_a_moved_data_folder_is_named_and_taken_with_data_root(world, tmp_path):
 def test_data_root_checks_the_images_by_their_hashes(world, tmp_path):
     from dalda_aug.errors import InputError, MissingFileError
     from dalda_aug.plan import AugmentationPlan
-    from dalda_aug.warm import rebase_plan
+    from dalda_aug.cache.warm import rebase_plan
 
     from helpers import noise
 
@@ -243,7 +243,7 @@ def test_plan_without_the_hub_fails_at_once_naming_the_clip_model_as_written(tmp
 
 def test_the_known_open_clip_hub_location_is_open_clips():
     open_clip = pytest.importorskip("open_clip")
-    from dalda_aug.generators.loading import KNOWN_OPEN_CLIP_HUB
+    from dalda_aug.hub import KNOWN_OPEN_CLIP_HUB
 
     for (model, pretrained), hub in KNOWN_OPEN_CLIP_HUB.items():
         assert open_clip.get_pretrained_cfg(model, pretrained)["hf_hub"] == hub

@@ -23,8 +23,8 @@ from dalda_aug.dataset import CacheMissError, SyntheticAugmentedDataset, source_
 from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig, GenerationRequest
 from dalda_aug.plan import build_plan
-from dalda_aug.pool import GeneratorPool, PoolError
-from dalda_aug.warm import warm
+from dalda_aug.dataset.pool import GeneratorPool, PoolError
+from dalda_aug.cache.warm import warm
 
 from helpers import assert_workers_name_the_file, bomb_png
 

@@ -24,7 +24,7 @@ from PIL import Image
 from dalda_aug.cache import CacheReadOnlyError, GenerationSpec, SyntheticCache
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import build_plan
-from dalda_aug.warm import plan_keys, warm
+from dalda_aug.cache.warm import plan_keys, warm
 
 from helpers import cli_env, run_dalda
 
@@ -252,7 +252,7 @@ def test_warm_names_rank_and_world_size_and_the_one_process_cpu_launch(warmed, t
 def test_a_generator_pool_writing_to_a_read_only_cache_fails_in_one_line(warmed, tmp_path):
     import dataclasses
 
-    from dalda_aug.pool import GeneratorPool, PoolError
+    from dalda_aug.dataset.pool import GeneratorPool, PoolError
 
     base, plan, spec, _ = warmed
     src = tmp_path / "cache"

@@ -25,7 +25,7 @@ from dalda_aug.dataset import SyntheticAugmentedDataset
 from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import AugmentationPlan, build_plan
-from dalda_aug.warm import warm
+from dalda_aug.cache.warm import warm
 
 from helpers import assert_workers_name_the_file, noise, noise_folder
 

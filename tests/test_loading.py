@@ -72,7 +72,7 @@ def test_local_models_never_probe_the_hub(tiny_models, monkeypatch):
     import socket
     import time
 
-    from dalda_aug.generators.loading import hub_files, require_hub_models
+    from dalda_aug.hub import hub_files, require_hub_models
 
     fields = ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained")
     assert hub_files(tiny_models, fields) == []
@@ -87,7 +87,7 @@ def test_local_models_never_probe_the_hub(tiny_models, monkeypatch):
 
 
 def test_hub_models_offline_and_not_cached_stop_in_one_line(tmp_path, monkeypatch):
-    from dalda_aug.generators.loading import HubUnreachableError, hub_files, require_hub_models
+    from dalda_aug.hub import HubUnreachableError, hub_files, require_hub_models
 
     models = ModelConfig()
     assert [f.repo for f in hub_files(models, ("base", "vae", "ip_adapter"))] == [

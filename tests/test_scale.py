@@ -138,7 +138,7 @@ import shutil  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dalda_aug.dataset import CacheMissError  # noqa: E402
-from dalda_aug.draws import draw_name, pick  # noqa: E402
+from dalda_aug.dataset.draws import draw_name, pick  # noqa: E402
 from dalda_aug.plan import AugmentationPlan, Variant  # noqa: E402
 
 M = 10
@@ -377,7 +377,7 @@ def test_spawned_worker_private_memory_per_variant_beyond_imagefolder(tmp_path, 
 def test_paths_taken_as_they_are_only_when_abspath_would_return_them(path):
     from types import SimpleNamespace
 
-    from dalda_aug.bases import FolderAdapter, _absolute_paths
+    from dalda_aug.dataset.bases import FolderAdapter, _absolute_paths
 
     assert _absolute_paths([path], "/data/train") == [os.path.abspath(path)]
     adapter = FolderAdapter(SimpleNamespace(root="/data/train", samples=[(path, 0), ("/data/train/a/b.png", 1)]))

@@ -246,7 +246,7 @@ def test_a_same_size_source_replaced_with_its_mtime_restored_is_noticed(tmp_path
 _SPILL_SCRIPT = textwrap.dedent("""
     import os, pickle, resource, signal, sys
     import dalda_aug.plan.columns as plan_columns
-    from dalda_aug.draws import DrawCounter
+    from dalda_aug.dataset.draws import DrawCounter
     from dalda_aug.plan import AugmentationPlan, Variant
 
     plan_columns.SPILL_ROWS = 10  # pickling spills from 10 rows on (100,000 by default)
@@ -332,7 +332,7 @@ def test_a_deep_copy_owns_its_rows_after_the_original_is_gone(monkeypatch, tmp_p
 
 def test_what_a_killed_process_left_is_swept_and_a_live_ones_is_not(tmp_path, monkeypatch):
     import dalda_aug.plan.columns as plan_columns
-    from dalda_aug.draws import DrawCounter
+    from dalda_aug.dataset.draws import DrawCounter
     from dalda_aug.plan import AugmentationPlan, Variant
 
     tmpdir = tmp_path / "tmpdir"

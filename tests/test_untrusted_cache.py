@@ -29,7 +29,7 @@ from dalda_aug.cache import GenerationSpec, SyntheticCache, default_shard_name
 from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import AugmentationPlan, Variant, build_plan
-from dalda_aug.warm import warm
+from dalda_aug.cache.warm import warm
 
 from helpers import cli_env, run_dalda
 
@@ -299,7 +299,7 @@ def test_a_lease_without_end_holds_warm_up_for_the_cap_only(world, tmp_path, mon
     _plant(shard, f"dalda_aug:lease:{keys[7]}", 1, 1, value="elsewhere:1:0:1", expire=None)
     monkeypatch.setattr(cache_module, "LEASE_CAP_SECONDS", 3.0)
     generator = spec.make_generator("cpu").load()
-    caplog.set_level(logging.WARNING, logger="dalda_aug.warm")
+    caplog.set_level(logging.WARNING, logger="dalda_aug.cache.warm")
     started = time.monotonic()
     report = warm(plan, SyntheticCache(tmp_path / "cache", spec, shard="s"), generator=generator, progress=False,
                   lease_seconds=2.0)

@@ -17,7 +17,7 @@ from PIL import Image
 from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import AugmentationPlan, Variant, build_plan
-from dalda_aug.warm import plan_keys, shard_keys, warm
+from dalda_aug.cache.warm import plan_keys, shard_keys, warm
 
 STEPS, SIZE = 2, 32
 
@@ -131,7 +131,7 @@ from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.config import ModelConfig
 from dalda_aug.generation import GenerationConfig
 from dalda_aug.plan import AugmentationPlan
-from dalda_aug.warm import warm
+from dalda_aug.cache.warm import warm
 
 base, cache_dir, me, steps, size = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 spec = GenerationSpec(ModelConfig.load(base / "models.json"),
@@ -291,7 +291,7 @@ def test_accelerate_launch_two_processes_split_the_work(setup, models_json, tmp_
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
 def test_plan_share_is_the_share_of_plan_keys_without_a_variant_per_variant(tmp_path, tiny_models, n):
-    from dalda_aug.warm import plan_share
+    from dalda_aug.cache.warm import plan_share
 
     rows = [Variant(source=f"c{s % 2}/img_{s}.png", label=s % 2, class_name=f"class {s % 2}", score=0.5,
                     variant=k, prompt=f"a photo of class {s % 2}", lam=0.5, seed=k % 2,

@@ -14,7 +14,7 @@ files). It holds one entry per generated image:
   with JSON metadata (λ, prompt, seed, CLIPScore, model fingerprint, size, a CRC-32 of the
   encoded bytes). Entries of every format stay readable whatever the cache's current format.
 
-The cache describes itself: :func:`~dalda_aug.warm.warm` records in ``CACHE/specs/`` the
+The cache describes itself: :func:`~dalda_aug.cache.warm.warm` records in ``CACHE/specs/`` the
 :class:`GenerationSpec` it wrote with and for which plan (:meth:`SyntheticCache.record_spec`),
 once its first image is stored, so ``SyntheticCache(directory)`` with no spec finds the plan's
 images (:meth:`SyntheticCache.resolve_spec`: a recorded spec that holds none of them is passed

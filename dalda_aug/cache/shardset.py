@@ -438,7 +438,7 @@ class ShardSet:
 
         A key leased by another process (or another cache object) whose lease has not expired
         is left out; one leased by this object is renewed. Leases live in this process's shard,
-        so processes writing the same shard skip each other's work (:func:`~dalda_aug.warm.warm`
+        so processes writing the same shard skip each other's work (:func:`~dalda_aug.cache.warm.warm`
         leases each batch before generating it); a killed process's leases simply expire. No
         lease lasts longer than :data:`~dalda_aug.cache.LEASE_CAP_SECONDS` unless renewed: one
         found with a later expiry (or none) is cut down to expire that long from now.

@@ -128,7 +128,7 @@ class SyntheticCache(ShardSet):
     # -- the generation specs the cache describes itself with --------------------------------
     def record_spec(self, plan: Any = None, spec: GenerationSpec | None = None) -> Path:
         """Record in ``CACHE/specs/`` that images of ``plan`` are written with ``spec``
-        (default: this cache's); :func:`~dalda_aug.warm.warm` calls it once its first image
+        (default: this cache's); :func:`~dalda_aug.cache.warm.warm` calls it once its first image
         is stored, so a run that writes nothing leaves no record. One small JSON file
         per (spec, plan), written atomically: concurrent warmers writing the same record are
         safe, and copying ``specs/`` along with the shards merges caches."""

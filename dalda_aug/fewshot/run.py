@@ -209,7 +209,7 @@ def warm_plans(bench: Benchmark, plans: dict[RunKey, Any]) -> list[dict[str, Any
     DA-Fusion's. One report per plan."""
     import torch
 
-    from ..warm import warm
+    from ..cache.warm import warm
 
     caches, specs, device = bench.configs.caches, bench.configs.specs, bench.device
     warm_reports = []

@@ -31,7 +31,7 @@ class _ClipFilter(Filter):
     def load(self, context: FilterContext) -> None:
         from ..plan.clipscore import CLIPScorer
         from ..config import ModelConfig
-        from ..generators.loading import require_hub_models
+        from ..hub import require_hub_models
 
         models = context.models if context.models is not None else ModelConfig()
         wanted = (models, str(context.device), tuple(context.class_names))

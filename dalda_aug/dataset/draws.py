@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from ._io import sweep_orphans
-from .errors import InputError
+from .._io import sweep_orphans
+from ..errors import InputError
 
 __all__ = ["LOCK_PREFIX", "STATE_FORMAT", "DrawCounter", "FileLock", "WorkerRecord", "check_state", "draw_name",
            "draw_seed", "pick", "process_rank", "unlink_lock"]

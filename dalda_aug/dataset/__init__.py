@@ -72,7 +72,7 @@ Misses (a chosen variant not in the cache), by ``on_miss``:
 ``"generate"``  generate it now, in this process, with ``generator`` (an
                 :class:`~dalda_aug.generation.IPAdapterGenerator` or a zero-argument factory,
                 built lazily in each worker process), then cache it;
-``"wait"``      ask the attached :class:`~dalda_aug.pool.GeneratorPool` and wait for it
+``"wait"``      ask the attached :class:`~dalda_aug.dataset.pool.GeneratorPool` and wait for it
                 (``wait_timeout``); a crashed pool raises instead of hanging;
 ``"real"``      return the real item now, and ask the pool (if attached) to generate it;
 ``"error"``     raise :class:`CacheMissError`.
@@ -94,12 +94,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, source_ids, unwrap
-from .cache import GenerationSpec, GeneratorFactory, SyntheticCache
-from .cache.spec import digest_hex, variant_digests
-from .data import image_sha256, load_image, to_rgb
+from ..cache import GenerationSpec, GeneratorFactory, SyntheticCache
+from ..cache.spec import digest_hex, variant_digests
+from ..data import image_sha256, load_image, to_rgb
 from .draws import STATE_FORMAT, DrawCounter, check_state, draw_name, draw_seed, pick, unlink_lock
-from .errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from .plan.records import STAT_FIELDS, CoverageRecord, StatRecord, file_stats
+from ..errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
+from ..plan.records import STAT_FIELDS, CoverageRecord, StatRecord, file_stats
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -117,7 +117,7 @@ VERIFY_SOURCES = ("stat", "full", "off")
 def _check_arguments(base: Any, plan: Any, cache: Any, p: Any, on_miss: Any, seed: Any, items: Any,
                      wait_timeout: Any) -> Any:
     """The plan (loaded when given as a folder) once the arguments are valid; else :class:`InputError`."""
-    from .plan import AugmentationPlan
+    from ..plan import AugmentationPlan
 
     if isinstance(plan, (str, os.PathLike)):
         plan = AugmentationPlan.load(plan)
@@ -172,7 +172,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             a run, and two datasets built alike choose independently); it is ``self.seed``.
         source_ids: the plan source of every item of ``base`` (default :func:`source_ids`:
             file paths for folder, timm and Hugging Face datasets, else indices).
-        pool: a :class:`~dalda_aug.pool.GeneratorPool` (or its handle) for ``"wait"`` and
+        pool: a :class:`~dalda_aug.dataset.pool.GeneratorPool` (or its handle) for ``"wait"`` and
             ``"real"``; also settable later with :meth:`attach_pool`.
         wait_timeout: seconds ``"wait"`` waits for one image.
         items: ``"all"`` (default) serves every item of ``base`` (a ``UserWarning`` at
@@ -257,7 +257,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     # -- construction steps -----------------------------------------------------------------------
     def _adapt_base(self, base: Any, n: int) -> tuple[list[int] | None, list[str] | None]:
-        """Pick the base's adapter (:func:`~dalda_aug.bases.adapter_for`); its labels where it lists
+        """Pick the base's adapter (:func:`~dalda_aug.dataset.bases.adapter_for`); its labels where it lists
         them, and the files this dataset reads itself with the plan's conversion (torchvision folder
         bases with the stock loader, a timm ImageDataset over a folder: the base's __getitem__ is
         never called for them), else None."""
@@ -757,7 +757,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             self._pool.submit(key, variant, self._source_image(index, variant), force=True)
             return self._pool.wait(key, self.cache, timeout=self.wait_timeout).image
         # "generate": now, in this process, then cache it.
-        from .generators.base import GenerationRequest
+        from ..generators.base import GenerationRequest
 
         source = self._source_image(index, variant)
         if getattr(self, "_said_generating", None) != os.getpid():  # once per process

@@ -34,8 +34,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .cache import CachedImage, CacheStorageError, SyntheticCache
-from .errors import DaldaError, InputError, PoolClosedError, PoolError, WaitTimeoutError  # importable from here too
+from ..cache import CachedImage, CacheStorageError, SyntheticCache
+from ..errors import DaldaError, InputError, PoolClosedError, PoolError, WaitTimeoutError  # importable from here too
 
 __all__ = ["GeneratorPool", "PoolHandle", "PoolError", "PoolClosedError", "WaitTimeoutError"]
 
@@ -155,7 +155,7 @@ def _fail(state: Any, error: Any, message: str) -> None:
 def _worker_main(index: int, device: str, cache: SyntheticCache, batch_size: int, max_delay: float,
                  torch_threads: int | None, requests: Any, state: Any, error: Any, ready: Any) -> None:
     """Body of one worker process: load a generator, then serve batches until closed."""
-    from .generators.base import GenerationRequest
+    from ..generators.base import GenerationRequest
 
     try:
         if torch_threads is not None:

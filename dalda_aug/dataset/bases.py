@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["ADAPTERS", "BaseAdapter", "FolderAdapter", "GenericAdapter", "HuggingFaceAdapter", "SubsetAdapter",
            "TimmAdapter", "adapter_for", "adopt_transforms", "check_item_shape", "hf_columns", "is_hf_dataset", "plan_indices",
@@ -409,7 +409,7 @@ def plan_indices(dataset: Any, plan: Any, source_ids: Sequence[Any] | None = Non
     ``torch.utils.data.Subset(dataset, plan_indices(dataset, plan))`` is what
     ``SyntheticAugmentedDataset(dataset, plan, cache, items="plan")`` serves.
     """
-    from .plan import AugmentationPlan
+    from ..plan import AugmentationPlan
 
     if isinstance(plan, (str, os.PathLike)):
         plan = AugmentationPlan.load(plan)

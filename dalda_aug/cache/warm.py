@@ -48,10 +48,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import cache as _cache_module
-from .cache import CacheReadOnlyError, SyntheticCache
-from .data import check_scaled_size, image_sha256, load_image, source_path, to_rgb
-from .errors import DaldaError, InputError, MissingFileError
+from .. import cache as _cache_module
+from . import CacheReadOnlyError, SyntheticCache
+from ..data import check_scaled_size, image_sha256, load_image, source_path, to_rgb
+from ..errors import DaldaError, InputError, MissingFileError
 
 __all__ = ["warm", "WarmReport", "WarmInterrupted", "shard_keys", "plan_keys", "plan_share", "rebase_plan"]
 
@@ -95,8 +95,8 @@ def plan_share(plan: Any, cache: SyntheticCache, process_index: int = 0, num_pro
         return {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}, len(keys)
     import numpy as np
 
-    from .cache.spec import digest_hex, variant_digests
-    from .plan import Variant
+    from .spec import digest_hex, variant_digests
+    from ..plan import Variant
 
     fingerprint = cache._require_spec().fingerprint
     n = len(columns)
@@ -117,7 +117,7 @@ def rebase_plan(plan: Any, data_root: str | os.PathLike[str], option: str = "--d
     earlier check are not decoded again). One line naming ``option`` and the file otherwise."""
     import numpy as np
 
-    from .plan.records import StatRecord, file_stats
+    from ..plan.records import StatRecord, file_stats
 
     root = Path(data_root)
     if not root.is_dir():
@@ -360,7 +360,7 @@ def warm(
     :class:`~dalda_aug.cache.CacheReadOnlyError` (one line naming the folder) when the cache
     cannot be written; a read-only cache holding every image of the shard warms fine.
     """
-    from .plan import AugmentationPlan
+    from ..plan import AugmentationPlan
 
     started = time.perf_counter()
     if not isinstance(plan, AugmentationPlan):
@@ -423,14 +423,14 @@ def warm(
 
     from tqdm.auto import tqdm
 
-    from .generators.base import GenerationRequest
+    from ..generators.base import GenerationRequest
 
     # Group by source: each reference image is loaded (and embedded) once.
     order = {source: i for i, source in enumerate(plan.sources())}
     todo.sort(key=lambda v: (order.get(v.source, len(order)), v.variant))
     load_source = _SourceImages(plan, images)
     if generator is None:
-        from .generators.loading import require_hub_models
+        from ..hub import require_hub_models
 
         require_hub_models(spec.models, spec.config.model_fields())  # one line in seconds, not a minute of retries
         generator = spec.make_generator(device)
