@@ -55,7 +55,7 @@ wheel: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --no-compile --target $(INSTALLED) $(WHEEL_DIR)/dalda_aug-*.whl
 
 demo: $(STAMP)
-	$(PY) -m dalda_aug.demo --out $(DEMO_OUT)
+	$(PY) -m dalda_aug.cli.demo --out $(DEMO_OUT)
 
 $(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install $(TORCH)

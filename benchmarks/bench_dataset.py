@@ -47,7 +47,8 @@ from dalda_aug.cache import IMAGE_FORMATS, GenerationSpec, SyntheticCache  # noq
 from dalda_aug.cache.codecs import DEFAULT_QUALITY  # noqa: E402
 from dalda_aug.config import ModelConfig  # noqa: E402
 from dalda_aug.dataset import SyntheticAugmentedDataset  # noqa: E402
-from dalda_aug.generation import GenerationConfig, GenerationRequest  # noqa: E402
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
+from dalda_aug.generators.base import GenerationRequest  # noqa: E402
 from dalda_aug.plan import build_plan  # noqa: E402
 from dalda_aug.cache.warm import warm  # noqa: E402
 
@@ -114,7 +115,7 @@ def bench_epochs(args, work: Path) -> dict:
     n = args.classes * args.shots
     rng = np.random.default_rng(1)
     plan = build_plan(root, variants=args.variants, seed=0, scores=rng.uniform(0, 1, n), models=ModelConfig())
-    spec = GenerationSpec(ModelConfig(), GenerationConfig())  # 512x512: the paper's settings
+    spec = GenerationSpec(ModelConfig(), IPAdapterConfig())  # 512x512: the paper's settings
     photos = _photos()
     results: dict = {"items_per_epoch": n, "variants": len(plan), "workers": args.workers,
                      "batch_size": args.batch_size, "formats": {}}
@@ -201,14 +202,14 @@ def bench_warm(args, work: Path) -> dict:
     if args.models:
         models = ModelConfig.load(args.models)
     else:
-        from dalda_aug.testing import make_tiny_models
+        from dalda_aug.tiny_models import make_tiny_models
 
         models = make_tiny_models(work / "tiny-models")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     root = make_dataset(work / "warm-data", classes=4, shots=2, seed=3)
     plan = build_plan(root, variants=args.warm_images // 8, seed=0, scores=np.linspace(0.1, 0.9, 8), models=models)
-    config = dataclasses.replace(GenerationConfig(), num_inference_steps=args.warm_steps, height=args.warm_size,
+    config = dataclasses.replace(IPAdapterConfig(), num_inference_steps=args.warm_steps, height=args.warm_size,
                                  width=args.warm_size)
     spec = GenerationSpec(models, config, dtype)
     generator = spec.make_generator(device).load()

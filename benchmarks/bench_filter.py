@@ -154,16 +154,16 @@ def clip_rate(root: Path, arrays: dict[str, np.ndarray], args: argparse.Namespac
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.config import ModelConfig
     from dalda_aug.filters import FilterContext, filter_plan, make_filter, read_filter_record
-    from dalda_aug.generators import GenerationConfig
+    from dalda_aug.generators import IPAdapterConfig
     from dalda_aug.plan import AugmentationPlan, build_plan
-    from dalda_aug.testing import make_tiny_models
+    from dalda_aug.tiny_models import make_tiny_models
 
     per_class = max(1, args.rate_images // (8 * len(arrays)))
     data = write_split(root / "data", arrays, per_class, 2000)
     models = make_tiny_models(root / "models") if args.models == "tiny" else ModelConfig.load(args.models)
     build_plan(data, variants=8, scores=[0.5] * (per_class * len(arrays)), models=models).save(root / "P")
     plan = AugmentationPlan.load(root / "P")
-    spec = GenerationSpec(models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     cache = SyntheticCache(root / "C", spec)
     for r, v in enumerate(plan):
         cache.put(v, crop(arrays[v.class_name], 50_000 + r, size=args.rate_size))
@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.filters import filter_plan, read_filter_record, save_filter_classifier, train_filter_classifier
-    from dalda_aug.generators import GenerationConfig
+    from dalda_aug.generators import IPAdapterConfig
     from dalda_aug.plan import AugmentationPlan, build_plan
-    from dalda_aug.testing import make_tiny_models
+    from dalda_aug.tiny_models import make_tiny_models
 
     rates = [float(r) for r in args.rates.split(",")]
     results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         n_sources = args.classes * args.shots
         build_plan(train, variants=args.variants, scores=[0.5] * n_sources, models=models).save(root / "P")
         plan = AugmentationPlan.load(root / "P")
-        spec = GenerationSpec(models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+        spec = GenerationSpec(models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
         t0 = time.perf_counter()
         clf, info = train_filter_classifier(train, epochs=args.epochs, iterations_per_epoch=args.iterations,
                                             batch_size=args.batch_size, image_size=args.image_size, lr=args.lr,

@@ -5,7 +5,7 @@ On the same requests, in one process:
 
 * baseline: the reference approach, one ``set_ip_adapter_scale(λ)`` + one stock
   ``StableDiffusionPipeline`` call per image (what the paper's code does);
-* ours: :class:`dalda_aug.generation.IPAdapterGenerator`, one UNet call per step for a batch
+* ours: :class:`dalda_aug.generators.ip_adapter.IPAdapterGenerator`, one UNet call per step for a batch
   of requests with per-sample λ, reference image, prompt and seed — for each ``--batch-sizes``.
 
 The img2img baselines get the same treatment (``--img2img real_guidance,da_fusion``, default
@@ -207,8 +207,8 @@ def build_sd15_random(root: Path, seed: int = 0):
     )
 
     from dalda_aug.config import ModelConfig
-    from dalda_aug.generation import ddim_scheduler_config
-    from dalda_aug.testing import write_clip_tokenizer
+    from dalda_aug.generators.loading import ddim_scheduler_config
+    from dalda_aug.tiny_models import write_clip_tokenizer
 
     root = Path(root)
     torch.manual_seed(seed)
@@ -283,7 +283,7 @@ def build_sd15_random(root: Path, seed: int = 0):
 def prepare_models(arch: str, models_dir: Path):
     """Reuse ``models_dir/models.json`` when present, else build ``arch`` there."""
     from dalda_aug.config import ModelConfig
-    from dalda_aug.testing import make_tiny_models
+    from dalda_aug.tiny_models import make_tiny_models
 
     if (models_dir / "models.json").is_file():
         return ModelConfig.load(models_dir / "models.json")
@@ -298,7 +298,7 @@ def make_requests(num_images: int, variants_per_source: int, seed: int = 0):
     import numpy as np
     from PIL import Image
 
-    from dalda_aug.generation import GenerationRequest
+    from dalda_aug.generators.base import GenerationRequest
 
     rng = np.random.default_rng(seed)
     sizes = [(240, 320), (375, 500), (256, 256), (500, 375)]
@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels-last UNet/VAE (ours)")
     p.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="step caching (DeepCache) for ours: the full UNet every N-th step, only its shallow "
-                        "part in between (GenerationConfig.cache_interval; 1 = off, the default). "
+                        "part in between (IPAdapterConfig.cache_interval; 1 = off, the default). "
                         "Changes pixels, so the max pixel diff vs the baseline is no longer ~0")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"device bf16 peak for the utilisation figure (default {DEFAULT_PEAK_TFLOPS:g}: H100/H200)")
@@ -494,13 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from dalda_aug.generation import (
-        GenerationConfig,
-        IPAdapterGenerator,
-        estimate_sample_bytes,
-        load_reference_pipeline,
-        reference_generate,
-    )
+    from dalda_aug.generators.ip_adapter import IPAdapterConfig, IPAdapterGenerator, estimate_sample_bytes, load_reference_pipeline, reference_generate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
@@ -529,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: batch sizes above --num-images {num_images} skipped: {sorted(set(batch_sizes) - set(kept))}")
     batch_sizes = kept
 
-    config = GenerationConfig(
+    config = IPAdapterConfig(
         num_inference_steps=args.steps,
         height=size,
         width=size,

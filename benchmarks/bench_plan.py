@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
         if args.models == "tiny":
-            from dalda_aug.testing import make_tiny_models
+            from dalda_aug.tiny_models import make_tiny_models
 
             models = make_tiny_models(Path(tmp) / "models")
         else:

@@ -63,7 +63,7 @@ from PIL import Image  # noqa: E402
 
 from dalda_aug.cache import IMAGE_FORMATS, GenerationSpec, SyntheticCache, encode_entry  # noqa: E402
 from dalda_aug.config import ModelConfig  # noqa: E402
-from dalda_aug.generation import GenerationConfig  # noqa: E402
+from dalda_aug.generators.ip_adapter import IPAdapterConfig  # noqa: E402
 from dalda_aug.plan import AugmentationPlan, build_plan  # noqa: E402
 
 MEASURES = ("plan", "construction", "pickle", "memory", "epoch", "noop", "disk")
@@ -317,7 +317,7 @@ def measure_noop(plan_dir: Path, cache_dir: Path, entries: int) -> dict:
 
     plan = AugmentationPlan.load(plan_dir)
     put = [plan[i] for i in range(min(entries, len(plan)))]
-    spec = GenerationSpec(ModelConfig(), GenerationConfig())
+    spec = GenerationSpec(ModelConfig(), IPAdapterConfig())
     cache = SyntheticCache(cache_dir, spec)
     photos, rng = _photos(), np.random.default_rng(3)
     for i, v in enumerate(put):
@@ -369,7 +369,7 @@ def run_size(n: int, args: argparse.Namespace, work: Path, models: ModelConfig |
         result["plan"] = measure_plan(root, args.variants, models)
         say("plan", result["plan"])
     plan_dir = make_plan(root, args.variants, work / f"plan-{n}")
-    spec = GenerationSpec(ModelConfig(), GenerationConfig(height=SIZE, width=SIZE))
+    spec = GenerationSpec(ModelConfig(), IPAdapterConfig(height=SIZE, width=SIZE))
     cache = SyntheticCache(work / f"cache-{n}", spec)
     indices, _ = fill_cache(root, plan_dir, cache, min(args.epoch_sources, n))
     steps: list[tuple[str, Callable[[], dict]]] = [
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         models = None
         if "plan" not in args.skip:
             if args.models == "tiny":
-                from dalda_aug.testing import make_tiny_models
+                from dalda_aug.tiny_models import make_tiny_models
 
                 models = make_tiny_models(work / "models")
             else:

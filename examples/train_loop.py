@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
     from torchvision.datasets import ImageFolder
     from tqdm.auto import tqdm
 
-    from dalda_aug import (AugmentationPlan, GenerationConfig, GenerationSpec, ModelConfig, SyntheticAugmentedDataset,
+    from dalda_aug import (AugmentationPlan, IPAdapterConfig, GenerationSpec, ModelConfig, SyntheticAugmentedDataset,
                            SyntheticCache)
     from dalda_aug.classify import build_classifier, eval_transform, evaluate, train_transform
     from dalda_aug.cli import load_models_arg
@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     cache = SyntheticCache(args.cache)
     overrides = (args.gen_steps, args.gen_size, args.gen_dtype)
     if any(v is not None for v in overrides) or not cache.recorded_specs():
-        gen_config = GenerationConfig(num_inference_steps=args.gen_steps or 30, height=args.gen_size or 512,
+        gen_config = IPAdapterConfig(num_inference_steps=args.gen_steps or 30, height=args.gen_size or 512,
                                       width=args.gen_size or 512)
         cache = SyntheticCache(args.cache, GenerationSpec(models, gen_config, dtype=args.gen_dtype or "float32"))
 

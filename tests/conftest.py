@@ -44,7 +44,7 @@ def _user_cache_of_the_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """A :class:`ModelConfig` pointing at tiny random models written by ``make_tiny_models``."""
-    from dalda_aug.testing import make_tiny_models
+    from dalda_aug.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

@@ -17,7 +17,7 @@ from PIL import Image
 from dalda_aug.cache import (CorruptEntryError, GenerationSpec, SyntheticCache, decode_entry, encode_entry,
                              is_network_filesystem)
 from dalda_aug.errors import InputError
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import Variant
 
 from helpers import noise_folder
@@ -37,7 +37,7 @@ def _image(seed: int, size=(48, 40)) -> Image.Image:
 
 @pytest.fixture()
 def spec(tiny_models) -> GenerationSpec:
-    return GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    return GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
 
 
 @pytest.fixture()
@@ -90,7 +90,7 @@ def test_key_ignores_index_shots_score_and_clip_model(spec):
 
 
 def test_real_guidance_spec_builds_its_generator_and_has_its_own_keys(spec):
-    from dalda_aug.real_guidance import RealGuidanceConfig, RealGuidanceGenerator
+    from dalda_aug.generators.real_guidance import RealGuidanceConfig, RealGuidanceGenerator
 
     rg = GenerationSpec(spec.models, RealGuidanceConfig(num_inference_steps=2, height=32, width=32))
     assert isinstance(rg.make_generator(), RealGuidanceGenerator)
@@ -103,7 +103,7 @@ def test_spec_validates_inputs(tiny_models):
         GenerationSpec("not a ModelConfig")
     with pytest.raises(InputError):
         GenerationSpec(tiny_models, dtype="int8")
-    assert GenerationSpec(tiny_models).config == GenerationConfig()
+    assert GenerationSpec(tiny_models).config == IPAdapterConfig()
     assert GenerationSpec(tiny_models, dtype="fp16").dtype == "float16"
 
 
@@ -519,7 +519,7 @@ def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
     root = noise_folder(tmp_path / "data", ["red_fox", "tabby_cat"], per_class=2)
     plan = build_plan(root, variants=2, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
     plan.save(tmp_path / "plan")
-    spec = GenerationSpec(tiny_models, dataclasses.replace(GenerationConfig(), num_inference_steps=2, height=32,
+    spec = GenerationSpec(tiny_models, dataclasses.replace(IPAdapterConfig(), num_inference_steps=2, height=32,
                                                            width=32))
     cache = SyntheticCache(tmp_path / "cache", spec)
     for v in plan.variants[:4]:  # half of the plan, with stand-in pixels

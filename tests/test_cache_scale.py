@@ -18,7 +18,7 @@ from PIL import Image
 from dalda_aug.cache import GenerationSpec, SyntheticCache, decode_entry, encode_entry
 from dalda_aug.cache.codecs import CODECS, DEFAULT_QUALITY
 from dalda_aug.cli import main
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import PLAN_FORMAT, AugmentationPlan, Variant
 from dalda_aug.cache.warm import warm
 
@@ -38,7 +38,7 @@ def _noise(seed: int, side: int = SIDE) -> Image.Image:
 
 
 def _spec(tiny_models) -> GenerationSpec:
-    return GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    return GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.cli import main
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import build_plan
 
 
@@ -24,7 +24,7 @@ def test_readers_use_the_recorded_spec(tmp_path, tiny_models, capsys):
             Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
     plan = build_plan(root, variants=2, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
     plan.save(tmp_path / "plan")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=3, height=24, width=24), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=3, height=24, width=24), "float32")
     cache = SyntheticCache(tmp_path / "cache", spec)
     for v in plan:  # stand-in pixels: these commands read images, whatever made them
         cache.put(v, Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)))

@@ -28,7 +28,7 @@ from dalda_aug.config import ModelConfig
 from dalda_aug.data import few_shot_indices
 from dalda_aug.dataset import SyntheticAugmentedDataset, plan_indices
 from dalda_aug.errors import InputError
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import build_plan
 
 CLASSES = ["ant", "bee", "cat", "dog"]
@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
     n = len(CLASSES) * PER_CLASS
     plan = build_plan(root, variants=VARIANTS, seed=3, scores=np.linspace(0.05, 0.95, n), models=ModelConfig())
-    spec = GenerationSpec(ModelConfig(), GenerationConfig(num_inference_steps=2, height=16, width=16))
+    spec = GenerationSpec(ModelConfig(), IPAdapterConfig(num_inference_steps=2, height=16, width=16))
     cache = SyntheticCache(work / "cache", spec)
     for variant in plan:
         cache.put(variant, Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)))
@@ -442,7 +442,7 @@ def few_shot(setup, tmp_path_factory):
     work = tmp_path_factory.mktemp("fewshot")
     plan = build_plan(root, variants=2, seed=5, n_shot=2, scores=np.linspace(0.1, 0.9, 2 * len(CLASSES)),
                       models=ModelConfig())
-    spec = GenerationSpec(ModelConfig(), GenerationConfig(num_inference_steps=2, height=16, width=16))
+    spec = GenerationSpec(ModelConfig(), IPAdapterConfig(num_inference_steps=2, height=16, width=16))
     cache = SyntheticCache(work / "cache", spec)
     rng = np.random.default_rng(7)
     for variant in plan:

@@ -19,7 +19,7 @@ from torchvision.datasets import ImageFolder
 import dalda_aug.dataset as dataset_module
 from dalda_aug.cache import GenerationSpec, SyntheticCache, variant_key, variant_keys
 from dalda_aug.dataset import SyntheticAugmentedDataset
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import build_plan
 from dalda_aug.plan.records import CoverageRecord
 
@@ -66,7 +66,7 @@ def setup(tmp_path, tiny_models, monkeypatch):
     monkeypatch.setenv("DALDA_AUG_CACHE", str(tmp_path / "user-cache"))
     root = _write_folder(tmp_path / "folder")
     plan = build_plan(root, variants=3, seed=0, scores=np.linspace(0.1, 0.9, 8), models=tiny_models)
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=16, width=16), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=16, width=16), "float32")
     cache = SyntheticCache(tmp_path / "cache", spec)
     return root, plan, cache
 

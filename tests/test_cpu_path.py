@@ -81,12 +81,12 @@ def test_on_miss_generate_warns_once_naming_the_process_the_count_and_warm(world
 
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.dataset import SyntheticAugmentedDataset
-    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.generators.ip_adapter import IPAdapterConfig
     from dalda_aug.plan import AugmentationPlan
 
     work, _ = world
     plan = AugmentationPlan.load(work / "plan")
-    spec = GenerationSpec(plan.models, GenerationConfig(num_inference_steps=1, height=32, width=32), "float32")
+    spec = GenerationSpec(plan.models, IPAdapterConfig(num_inference_steps=1, height=32, width=32), "float32")
     cache = SyntheticCache(tmp_path / "empty", spec)  # another spec than warm's: nothing of the plan in it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -390,7 +390,7 @@ def test_make_demo_with_an_existing_environment_keeps_its_torch(tmp_path):
     assert not any("venv" in c for c in calls), calls  # the environment is used, not created
     assert not any("install torch" in c for c in calls), calls  # torch is there: not downloaded
     assert any(c.startswith("-m pip install -e .[test]") for c in calls), calls
-    assert calls[-1].startswith("-m dalda_aug.demo --out"), calls
+    assert calls[-1].startswith("-m dalda_aug.cli.demo --out"), calls
     assert (env / ".dalda-aug-installed").is_file()
 
 

@@ -21,7 +21,8 @@ from torchvision.datasets import DatasetFolder, ImageFolder
 from dalda_aug.cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from dalda_aug.dataset import CacheMissError, SyntheticAugmentedDataset, source_ids
 from dalda_aug.errors import InputError
-from dalda_aug.generation import GenerationConfig, GenerationRequest
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
+from dalda_aug.generators.base import GenerationRequest
 from dalda_aug.plan import build_plan
 from dalda_aug.dataset.pool import GeneratorPool, PoolError
 from dalda_aug.cache.warm import warm
@@ -50,7 +51,7 @@ def data(tmp_path_factory, tiny_models):
     root = _write_folder(tmp_path_factory.mktemp("data") / "folder")
     n = len(CLASSES) * PER_CLASS
     plan = build_plan(root, variants=VARIANTS, seed=1, scores=np.linspace(0.05, 0.95, n), models=tiny_models)
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     return root, plan, spec
 
 

@@ -54,7 +54,7 @@ def test_make_demo_target_is_offline_capable():
     dry = subprocess.run(["make", "-n", "-C", str(root), "demo", "DALDA_MODELS=tiny", "VENV=/nonexistent-venv"],
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    assert "-m dalda_aug.demo" in dry.stdout and "pip install" in dry.stdout
+    assert "-m dalda_aug.cli.demo" in dry.stdout and "pip install" in dry.stdout
 
 
 def test_inspect_writes_plots_and_a_selected_contact_sheet(tmp_path, monkeypatch):
@@ -104,13 +104,13 @@ def test_metrics_command_reports_diversity(tmp_path, monkeypatch, capsys):
 
 # -- the demo on a machine that cannot reach the model hub (issue 11, point 16) ------------------
 def _demo_without_models(tmp_path, **env):
-    """Run `python -m dalda_aug.demo` as `make demo` does, without DALDA_MODELS, with an empty
+    """Run `python -m dalda_aug.cli.demo` as `make demo` does, without DALDA_MODELS, with an empty
     Hugging Face cache; returns the process and the seconds it took."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("DALDA_MODELS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_ENDPOINT")}
     clean.update(HF_HOME=str(tmp_path / "hf-home"), **env)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "dalda_aug.demo", "--out", str(tmp_path / "out"), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "dalda_aug.cli.demo", "--out", str(tmp_path / "out"), "--no-progress"],
                           env=clean, capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - started
 

@@ -25,7 +25,7 @@ from PIL import Image
 from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.cli import main
 from dalda_aug.config import ModelConfig
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import Variant
 
 from helpers import noise_folder
@@ -48,7 +48,7 @@ def _image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
 @pytest.fixture()
 def spec() -> GenerationSpec:
     # The paper's models by name: nothing is loaded, the spec only makes keys.
-    return GenerationSpec(ModelConfig(), GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    return GenerationSpec(ModelConfig(), IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
 
 
 def _fill(directory: Path, spec: GenerationSpec, variants: list[Variant], size=(40, 32), **kwargs) -> dict[str, Variant]:
@@ -223,7 +223,7 @@ def _shard_ids(out: Path, pattern: str) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_rerun_skips_complete_shards_and_rewrites_the_rest(tmp_path, spec, fmt):
-    from dalda_aug.export_formats import export
+    from dalda_aug.cache.export import export
 
     suffix = ".tar" if fmt == "webdataset" else ".parquet"
     entries = _fill(tmp_path / "cache", spec, [_variant(i) for i in range(9)])

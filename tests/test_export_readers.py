@@ -29,7 +29,7 @@ from dalda_aug.cache.export import decode_parquet_batch, export
 from dalda_aug.cli import main
 from dalda_aug.config import ModelConfig
 from dalda_aug.errors import InputError
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import Variant
 
 from helpers import cli_env
@@ -55,7 +55,7 @@ def _image(seed: int) -> Image.Image:
 
 def _spec() -> GenerationSpec:
     # The paper's models by name: nothing is loaded, the spec only makes keys.
-    return GenerationSpec(ModelConfig(), GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    return GenerationSpec(ModelConfig(), IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
 
 
 @pytest.fixture(scope="module")

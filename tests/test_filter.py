@@ -46,7 +46,7 @@ def _crop(array, seed: int, size: int = 64) -> Image.Image:
 def setup(tmp_path_factory, tiny_models):
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.filters import filter_plan, save_filter_classifier, train_filter_classifier
-    from dalda_aug.generators import GenerationConfig
+    from dalda_aug.generators import IPAdapterConfig
     from dalda_aug.plan import build_plan
 
     root = tmp_path_factory.mktemp("filter")
@@ -58,7 +58,7 @@ def setup(tmp_path_factory, tiny_models):
             _crop(array, i).save(root / "data" / name / f"{i}.png")
     plan = build_plan(root / "data", variants=4, scores=[0.5] * 12, models=tiny_models)
     plan.save(root / "P")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     cache = SyntheticCache(root / "C", spec)
     first_source = plan.sources()[0]
     on_class = {}  # cache key -> planted on-class

@@ -24,7 +24,7 @@ from dalda_aug.cache import GenerationSpec
 from dalda_aug.config import ModelConfig
 from dalda_aug.generators import (
     DAFusionConfig,
-    GenerationConfig,
+    IPAdapterConfig,
     GeneratorConfig,
     Img2ImgConfig,
     RealGuidanceConfig,
@@ -77,8 +77,8 @@ PINNED: dict[str, dict[str, tuple[str, str]]] = {
 
 # name -> (config class recorded by GenerationSpec.to_dict, GeneratorConfig.fingerprint())
 PINNED_CONFIG: dict[str, tuple[str, str]] = {
-    "ip_adapter": ("dalda_aug.generators.ip_adapter:GenerationConfig", "c2153e95dd0d618c"),
-    "ip_adapter_cached": ("dalda_aug.generators.ip_adapter:GenerationConfig", "da5d69f37eb8bec6"),
+    "ip_adapter": ("dalda_aug.generators.ip_adapter:IPAdapterConfig", "c2153e95dd0d618c"),
+    "ip_adapter_cached": ("dalda_aug.generators.ip_adapter:IPAdapterConfig", "da5d69f37eb8bec6"),
     "real_guidance": ("dalda_aug.generators.real_guidance:RealGuidanceConfig", "e22f1fb12d4eb638"),
     "real_guidance_dalda": ("dalda_aug.generators.real_guidance:RealGuidanceConfig", "ccae403179ced491"),
     "da_fusion_no_tokens": ("dalda_aug.generators.da_fusion:DAFusionConfig", "3e9df02edbb56fc4"),
@@ -93,7 +93,7 @@ _IMG2IMG = _SHARED + [("vae", True, False, False), ("output_size", True, False, 
 # class -> [(field, changes pixels, omitted at default, has a digest)], in field order
 PINNED_FIELDS: dict[type, list[tuple[str, bool, bool, bool]]] = {
     GeneratorConfig: _SHARED,
-    GenerationConfig: _SHARED + [
+    IPAdapterConfig: _SHARED + [
         ("tiny_vae", True, False, False), ("cache_interval", True, True, False), ("cache_branch", True, True, False),
         ("attention", False, False, False), ("channels_last", False, False, False), ("compile", False, False, False),
         ("compile_mode", False, False, False),
@@ -108,7 +108,7 @@ _IMG2IMG_REPR = ("num_inference_steps=50, guidance_scale=7.5, height=512, width=
 PINNED_REPR: dict[type, str] = {
     GeneratorConfig: "GeneratorConfig(num_inference_steps=30, guidance_scale=7.5, height=512, width=512, "
                      "prompt_prefix='', negative_prompt='', scheduler='ddim')",
-    GenerationConfig: "GenerationConfig(num_inference_steps=30, guidance_scale=7.5, height=512, width=512, "
+    IPAdapterConfig: "IPAdapterConfig(num_inference_steps=30, guidance_scale=7.5, height=512, width=512, "
                       "prompt_prefix='best quality, high quality, ', negative_prompt='monochrome, lowres, bad "
                       "anatomy, worst quality, low quality', scheduler='ddim', tiny_vae=None, cache_interval=1, "
                       "cache_branch=0, attention='sdpa', channels_last=False, compile=False, compile_mode='default')",
@@ -132,8 +132,8 @@ def token_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _configs(token_folder: Path) -> dict[str, Any]:
     return {
-        "ip_adapter": GenerationConfig(),
-        "ip_adapter_cached": GenerationConfig(cache_interval=3, cache_branch=1, scheduler="dpmsolver++",
+        "ip_adapter": IPAdapterConfig(),
+        "ip_adapter_cached": IPAdapterConfig(cache_interval=3, cache_branch=1, scheduler="dpmsolver++",
                                               num_inference_steps=20),
         "real_guidance": RealGuidanceConfig(),
         "real_guidance_dalda": RealGuidanceConfig.with_dalda_sampler(),
@@ -222,9 +222,9 @@ def test_field_defaults_redeclare_only_inherited_fields() -> None:
             height: int = pixel_field(64)
 
     @dataclasses.dataclass(frozen=True)
-    class Small(GenerationConfig):
+    class Small(IPAdapterConfig):
         FIELD_DEFAULTS = {"height": 64, "width": 64}
 
-    assert [f.name for f in dataclasses.fields(Small)] == [name for name, *_ in PINNED_FIELDS[GenerationConfig]]
-    assert (Small().height, Small().width, Small().prompt_prefix) == (64, 64, GenerationConfig().prompt_prefix)
+    assert [f.name for f in dataclasses.fields(Small)] == [name for name, *_ in PINNED_FIELDS[IPAdapterConfig]]
+    assert (Small().height, Small().width, Small().prompt_prefix) == (64, 64, IPAdapterConfig().prompt_prefix)
     assert all(field_changes_pixels(f) for f in dataclasses.fields(Small) if f.name in ("height", "width"))

@@ -20,14 +20,9 @@ pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
 from dalda_aug.errors import InputError, ModelLoadError  # noqa: E402
-from dalda_aug.generation import (  # noqa: E402
-    GenerationConfig,
-    GenerationRequest,
-    IPAdapterGenerator,
-    ddim_scheduler_config,
-    estimate_sample_bytes,
-    generation_fingerprint,
-)
+from dalda_aug.generators.ip_adapter import # noqa: E402     IPAdapterConfig, IPAdapterGenerator, estimate_sample_bytes
+from dalda_aug.generators.base import GenerationRequest, generation_fingerprint
+from dalda_aug.generators.loading import ddim_scheduler_config
 
 TOL = 2  # max abs difference in 8-bit pixel levels (2/255)
 STEPS = 3
@@ -46,7 +41,7 @@ def _max_diff(a: Image.Image, b: Image.Image) -> int:
 
 @pytest.fixture(scope="module")
 def config():
-    return GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    return IPAdapterConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +175,7 @@ def test_order_and_batch_mates_do_not_change_a_request(generator, requests_, ima
 def test_scheduler_dpmsolver_matches_stock(tiny_models, stock, requests_):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    config = GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="dpmsolver++")
+    config = IPAdapterConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE, scheduler="dpmsolver++")
     gen = IPAdapterGenerator(tiny_models, config)
     out = gen.generate(requests_[1:3], batch_size=2)
     saved = stock.scheduler
@@ -195,7 +190,7 @@ def test_scheduler_dpmsolver_matches_stock(tiny_models, stock, requests_):
 
 
 def test_without_guidance_matches_stock(tiny_models, stock, requests_):
-    config = GenerationConfig(num_inference_steps=2, height=SIZE, width=SIZE, guidance_scale=1.0)
+    config = IPAdapterConfig(num_inference_steps=2, height=SIZE, width=SIZE, guidance_scale=1.0)
     out = IPAdapterGenerator(tiny_models, config).generate(requests_[1:4], batch_size=3)
     for ours, request in zip(out, requests_[1:4]):
         assert _max_diff(ours, _stock_call(stock, request, config)) <= TOL
@@ -333,7 +328,7 @@ def test_bad_generate_arguments(generator, requests_):
 
 # -- configuration -----------------------------------------------------------------------------
 def test_config_defaults_are_the_papers():
-    config = GenerationConfig()
+    config = IPAdapterConfig()
     assert (config.num_inference_steps, config.guidance_scale, config.height, config.width) == (30, 7.5, 512, 512)
     assert config.prompt_prefix == "best quality, high quality, "
     assert config.negative_prompt == "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -356,15 +351,15 @@ def test_config_defaults_are_the_papers():
 )
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(InputError):
-        GenerationConfig(**kwargs)
+        IPAdapterConfig(**kwargs)
 
 
 def test_fingerprint_covers_pixel_fields_only(tiny_models):
     import dataclasses
 
-    base = GenerationConfig()
-    assert base.fingerprint() == GenerationConfig().fingerprint()
-    assert GenerationConfig.from_dict(base.to_dict()) == base
+    base = IPAdapterConfig()
+    assert base.fingerprint() == IPAdapterConfig().fingerprint()
+    assert IPAdapterConfig.from_dict(base.to_dict()) == base
     for change in [
         dict(num_inference_steps=20),
         dict(guidance_scale=5.0),
@@ -401,7 +396,7 @@ def test_dtype_and_device_arguments(tiny_models):
 def test_auto_batch_size_and_memory_estimate(generator):
     assert generator.auto_batch_size(3) == 3
     assert 1 <= generator.auto_batch_size() <= 32
-    paper = GenerationConfig()
+    paper = IPAdapterConfig()
     assert estimate_sample_bytes(paper, "bfloat16") == 2 ** 30
     assert estimate_sample_bytes(paper, "float32") == 2 * 2 ** 30
 
@@ -492,8 +487,8 @@ def test_cache_interval_three_runs_fewer_full_unets_and_stays_close(tiny_models,
     import dataclasses
 
     steps = 4  # full UNet at steps 0 and 3
-    plain_config = GenerationConfig(num_inference_steps=steps, height=SIZE, width=SIZE)
-    cached_config = GenerationConfig(num_inference_steps=steps, height=SIZE, width=SIZE, cache_interval=3,
+    plain_config = IPAdapterConfig(num_inference_steps=steps, height=SIZE, width=SIZE)
+    cached_config = IPAdapterConfig(num_inference_steps=steps, height=SIZE, width=SIZE, cache_interval=3,
                                      cache_branch=branch)
     plain, cached = IPAdapterGenerator(tiny_models, plain_config), IPAdapterGenerator(tiny_models, cached_config)
     batch = requests_[1:3]
@@ -517,7 +512,7 @@ def test_cache_interval_three_runs_fewer_full_unets_and_stays_close(tiny_models,
 def test_cache_settings_fingerprint_and_validation(tiny_models):
     import dataclasses
 
-    base = GenerationConfig()
+    base = IPAdapterConfig()
     assert "cache_interval" not in base.pixel_dict() and "cache_branch" not in base.pixel_dict()
     # At their "off" defaults the step-caching fields leave the fingerprint as without them.
     assert base.fingerprint() == dataclasses.replace(base, cache_branch=1).fingerprint()
@@ -526,12 +521,12 @@ def test_cache_settings_fingerprint_and_validation(tiny_models):
     assert dataclasses.replace(on, cache_interval=5).fingerprint() != on.fingerprint()
     assert dataclasses.replace(on, cache_branch=1).fingerprint() != on.fingerprint()
     assert generation_fingerprint(tiny_models, on) != generation_fingerprint(tiny_models, base)
-    assert GenerationConfig.from_dict(on.to_dict()) == on
+    assert IPAdapterConfig.from_dict(on.to_dict()) == on
     for bad in (dict(cache_interval=0), dict(cache_interval=1.5), dict(cache_interval=True),
                 dict(cache_branch=-1), dict(cache_branch="0")):
         with pytest.raises(InputError, match="cache_"):
-            GenerationConfig(**bad)
+            IPAdapterConfig(**bad)
     # The branch's upper bound is the UNet's down-block count (2 in the tiny UNet), checked on load.
-    config = GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE, cache_interval=2, cache_branch=2)
+    config = IPAdapterConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE, cache_interval=2, cache_branch=2)
     with pytest.raises(InputError, match=r"cache_branch must lie in \[0, 1\]"):
         IPAdapterGenerator(tiny_models, config).load()

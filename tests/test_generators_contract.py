@@ -28,7 +28,7 @@ from dalda_aug.config import ModelConfig  # noqa: E402
 from dalda_aug.generators import (  # noqa: E402
     DAFusionConfig,
     DAFusionGenerator,
-    GenerationConfig,
+    IPAdapterConfig,
     GenerationRequest,
     GeneratorConfig,
     IPAdapterGenerator,
@@ -87,7 +87,7 @@ CASES = [
     Case(
         "ip_adapter",
         IPAdapterGenerator,
-        lambda tokens: GenerationConfig(num_inference_steps=3, height=SIZE, width=SIZE),
+        lambda tokens: IPAdapterConfig(num_inference_steps=3, height=SIZE, width=SIZE),
         (0.0, 1.0, 0.4, 0.8),
         ("a photo of a cat", "a dog", "a red car", "a photo of a cat"),
         lambda tokens: dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, prompt_prefix="x ",

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from dalda_aug.cache import CacheReadOnlyError, GenerationSpec, SyntheticCache
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import build_plan
 from dalda_aug.cache.warm import plan_keys, warm
 
@@ -104,7 +104,7 @@ def warmed(tmp_path_factory, tiny_models):
     plan = build_plan(base / "data", variants=2, seed=4, scores=[0.2, 0.4, 0.6, 0.8, 0.3, 0.5], models=tiny_models)
     plan.save(base / "plan")
     tiny_models.save(base / "models.json")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
     generator = spec.make_generator("cpu").load()
     report = warm(plan, SyntheticCache(base / "cache", spec), generator=generator, progress=False)
     assert report.generated == len(plan) == 12
@@ -226,7 +226,7 @@ def test_full_disk_stops_warm_in_one_line_and_a_rerun_completes(warmed, tmp_path
         done = run_dalda(*_warm_args(base, cache_dir, "--batch-size", "2", "--size", "64"))
         assert done.returncode == 0, done.stderr
         assert f"{written} already cached, {12 - written} generated" in done.stdout
-        big = GenerationSpec(spec.models, GenerationConfig(num_inference_steps=STEPS, height=64, width=64))
+        big = GenerationSpec(spec.models, IPAdapterConfig(num_inference_steps=STEPS, height=64, width=64))
         cache = SyntheticCache(cache_dir, big)
         assert cache.keys() == set(plan_keys(plan, cache))
         report = cache.verify()

@@ -23,7 +23,7 @@ from dalda_aug.cli import main
 from dalda_aug.data import class_folder_name, class_folder_names, source_path
 from dalda_aug.dataset import SyntheticAugmentedDataset
 from dalda_aug.errors import InputError
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import AugmentationPlan, build_plan
 from dalda_aug.cache.warm import warm
 
@@ -36,7 +36,7 @@ def _files_under(folder) -> set[str]:
 
 @pytest.fixture(scope="module")
 def spec(tiny_models):
-    return GenerationSpec(tiny_models, dataclasses.replace(GenerationConfig(), num_inference_steps=2, height=32,
+    return GenerationSpec(tiny_models, dataclasses.replace(IPAdapterConfig(), num_inference_steps=2, height=32,
                                                            width=32), "float32")
 
 
@@ -383,7 +383,7 @@ def test_truncated_jpeg_in_dataloader_workers_names_the_file(tmp_path, tiny_mode
 
 # -- issue 12 point 10: the CLI's generation dtype follows the device -------------------------------
 def test_cli_dtype_default_follows_the_device(tiny_models, tmp_path):
-    from dalda_aug._cli_cache import default_dtype, spec_from_args
+    from dalda_aug.cli.cache import default_dtype, spec_from_args
 
     models = tmp_path / "models.json"
     models.write_text(json.dumps(tiny_models.to_dict()), encoding="utf-8")

@@ -50,7 +50,7 @@ def _local_http(monkeypatch):
 
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory):
-    from dalda_aug.testing import write_clip_tokenizer
+    from dalda_aug.tiny_models import write_clip_tokenizer
 
     return write_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
 
@@ -487,7 +487,7 @@ def test_parse_backend(monkeypatch):
 
 def test_import_is_light():
     code = (
-        "import sys, dalda_aug.prompts, dalda_aug._cli_prompts;"
+        "import sys, dalda_aug.prompts, dalda_aug.cli.prompts;"
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -574,7 +574,7 @@ def test_hf_backend_needs_a_chat_template(tiny_chat_lm, tmp_path):
 
 # -- the command -----------------------------------------------------------------------------------
 def run_cli(*argv: str) -> int:
-    from dalda_aug._cli_prompts import register
+    from dalda_aug.cli.prompts import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

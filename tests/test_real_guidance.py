@@ -10,8 +10,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from dalda_aug.errors import InputError  # noqa: E402
-from dalda_aug.generation import GenerationConfig, GenerationRequest, generation_fingerprint  # noqa: E402
-from dalda_aug.real_guidance import RealGuidanceConfig, RealGuidanceGenerator  # noqa: E402
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
+from dalda_aug.generators.base import GenerationRequest, generation_fingerprint  # noqa: E402
+from dalda_aug.generators.real_guidance import RealGuidanceConfig, RealGuidanceGenerator  # noqa: E402
 
 CANVAS = 64
 
@@ -78,7 +79,7 @@ def test_strength_changes_output_and_keys(tiny_models, generator, config):
     req = GenerationRequest(_img(5), "a photo of a cat", 0.0, 7)
     weak = RealGuidanceGenerator(tiny_models, dataclasses.replace(config, strength=0.25))
     assert _max_diff(generator.generate([req])[0], weak.generate([req])[0]) > 0
-    rg, ours = RealGuidanceConfig(), GenerationConfig()
+    rg, ours = RealGuidanceConfig(), IPAdapterConfig()
     assert generation_fingerprint(tiny_models, rg) != generation_fingerprint(tiny_models, ours)
     assert rg.fingerprint() != RealGuidanceConfig(strength=0.6).fingerprint()
 

@@ -15,7 +15,7 @@ from torchvision.datasets import ImageFolder
 from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.dataset import SyntheticAugmentedDataset
 from dalda_aug.errors import InputError
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import build_plan
 from dalda_aug.plan.records import StatRecord
 
@@ -39,7 +39,7 @@ def setup(tmp_path, tiny_models, monkeypatch):
     monkeypatch.setenv("DALDA_AUG_CACHE", str(tmp_path / "user-cache"))
     root = _write_folder(tmp_path / "folder")
     plan = build_plan(root, variants=2, seed=0, scores=np.linspace(0.1, 0.9, 6), models=tiny_models)
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     cache = SyntheticCache(tmp_path / "cache", spec)
     return root, plan, cache
 
@@ -264,7 +264,7 @@ def test_column_files_whose_stat_matches_the_record_are_not_hashed_again(tmp_pat
 
 def _pickled_growth(tmp_path, tiny_models, n):
     folder = _synthetic_plan(n, tiny_models).save(tmp_path / f"plan-{n}")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     base = _Indexed(n)
     ds = SyntheticAugmentedDataset(base, folder, SyntheticCache(tmp_path / f"cache-{n}", spec), p=0.5,
                                    on_miss="error", seed=0, verify_sources="off")  # the hashes are made up
@@ -285,7 +285,7 @@ def test_pickled_dataset_grows_at_most_4_bytes_per_variant(tmp_path, tiny_models
 def test_spawned_worker_reads_variants_from_the_mapped_columns(tmp_path, tiny_models):
     n = 40
     folder = _synthetic_plan(n, tiny_models).save(tmp_path / "plan")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     ds = SyntheticAugmentedDataset(_Indexed(n), folder, SyntheticCache(tmp_path / "cache", spec), p=1.0,
                                    on_miss="error", seed=3, verify_sources="off")
     # Independently: the first access of item i is draw "3:0:i"; its position among the item's JSONL rows
@@ -344,7 +344,7 @@ def _worker_private_bytes(dataset, tries=3):
                     "(benchmarks/bench_scale.py measures it with its baseline)")
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc/self/smaps_rollup")
 def test_spawned_worker_private_memory_per_variant_beyond_imagefolder(tmp_path, tiny_models):
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     pixel = Image.new("RGB", (2, 2))
     grown = {}
     for n in (1_000, 10_000):
@@ -405,7 +405,7 @@ def test_an_unsaved_plan_pickles_as_a_temporary_folder(tmp_path, tiny_models, mo
 
     import dalda_aug.plan.columns as plan_columns
 
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
 
     def dataset(n):
         return SyntheticAugmentedDataset(_Indexed(n), _synthetic_plan(n, tiny_models),
@@ -449,7 +449,7 @@ def test_spawned_worker_reads_a_spilled_plan(tmp_path, tiny_models, monkeypatch)
     monkeypatch.setattr(plan_columns, "SPILL_ROWS", 10)  # in this process, which pickles
     n = 40
     plan = _synthetic_plan(n, tiny_models)
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     ds = SyntheticAugmentedDataset(_Indexed(n), plan, SyntheticCache(tmp_path / "cache", spec), p=1.0,
                                    on_miss="error", seed=3, verify_sources="off")
     rows = sorted((v for v in _synthetic_plan(n, tiny_models) if v.source == 7), key=lambda v: v.variant)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from dalda_aug.cache import GenerationSpec, SyntheticCache, default_shard_name, encode_entry
 from dalda_aug.errors import InputError, UnsafeFileError
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import build_plan
 
 from helpers import cli_env, run_dalda
@@ -59,7 +59,7 @@ def world(tmp_path_factory, tiny_models):
                 base / "data" / name / f"{i}.png")
     plan = build_plan(base / "data", variants=2, seed=3, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
     plan.save(base / "plan")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
     return base, plan, spec
 
 

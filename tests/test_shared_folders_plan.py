@@ -219,13 +219,13 @@ def test_a_same_size_source_replaced_with_its_mtime_restored_is_noticed(tmp_path
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.dataset import SyntheticAugmentedDataset
     from dalda_aug.errors import InputError
-    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.generators.ip_adapter import IPAdapterConfig
     from dalda_aug.plan import build_plan
 
     root = _folder(tmp_path / "data", suffix=".bmp")  # a BMP's size is set by its pixel count: same size
     _age(root)
     plan = build_plan(root, variants=1, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     cache = SyntheticCache(tmp_path / "cache", spec)
 
     def build():
@@ -440,7 +440,7 @@ def test_a_file_name_that_is_not_utf8_round_trips_through_plan_columns_and_datas
 
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.dataset import SyntheticAugmentedDataset
-    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.generators.ip_adapter import IPAdapterConfig
     from dalda_aug.plan import AugmentationPlan, build_plan
 
     root = _folder(tmp_path / "data")
@@ -457,7 +457,7 @@ def test_a_file_name_that_is_not_utf8_round_trips_through_plan_columns_and_datas
         assert loaded.columns.directory == folder and loaded.sources() == plan.sources()
     shutil.rmtree(folder / "columns")
     assert AugmentationPlan.load(folder).sources() == plan.sources()  # the JSONL reader too
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     base = ImageFolder(root)
     ds = SyntheticAugmentedDataset(base, AugmentationPlan.load(folder), SyntheticCache(tmp_path / "cache", spec),
                                    p=0.0, verify_sources="full")
@@ -511,9 +511,9 @@ def test_metrics_out_naming_a_folder_is_one_line_before_anything_is_read(tmp_pat
 # -- 15: records read as regular files; --forget acts on what it names ------------------------------------------
 def test_cache_specs_forget_is_not_blocked_by_a_corrupt_record(tmp_path, tiny_models):
     from dalda_aug.cache import GenerationSpec, SyntheticCache
-    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.generators.ip_adapter import IPAdapterConfig
 
-    specs = [GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=s, height=32, width=32), "float32")
+    specs = [GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=s, height=32, width=32), "float32")
              for s in (1, 2)]
     for spec in specs:
         SyntheticCache(tmp_path / "cache", spec).record_spec()
@@ -533,14 +533,14 @@ def test_a_fifo_at_a_stat_or_coverage_record_does_not_hang(tmp_path, tiny_models
 
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.dataset import SyntheticAugmentedDataset
-    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.generators.ip_adapter import IPAdapterConfig
     from dalda_aug.plan import build_plan
     from dalda_aug.plan.records import CoverageRecord, record_dir
 
     root = _folder(tmp_path / "data")
     _age(root)
     plan = build_plan(root, variants=1, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     cache = SyntheticCache(tmp_path / "cache", spec)
 
     def build():

@@ -27,7 +27,7 @@ from PIL import Image
 
 from dalda_aug.cache import GenerationSpec, SyntheticCache, default_shard_name
 from dalda_aug.errors import InputError
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import AugmentationPlan, Variant, build_plan
 from dalda_aug.cache.warm import warm
 
@@ -72,7 +72,7 @@ def world(tmp_path_factory, tiny_models):
     plan = build_plan(base / "data", variants=2, seed=3, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
     plan.save(base / "plan")
     tiny_models.save(base / "models.json")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
     return base, plan, spec
 
 
@@ -241,7 +241,7 @@ _READ_SPECS = ("import sys; folder, side = sys.argv[1], sys.argv[2]\n"
                "except InputError as exc:\n    print('refused:', exc)\n")
 
 
-@pytest.mark.parametrize("config_class", ["dalda_aug.__main__:GenerationConfig", "dalda_aug_evil:GenerationConfig"])
+@pytest.mark.parametrize("config_class", ["dalda_aug.__main__:IPAdapterConfig", "dalda_aug_evil:IPAdapterConfig"])
 def test_a_spec_record_naming_another_module_imports_nothing(world, tmp_path, config_class):
     _, _, spec = world
     workdir = tmp_path / "work"
@@ -271,11 +271,11 @@ def test_a_spec_record_naming_another_module_imports_nothing(world, tmp_path, co
 
 
 def test_registered_config_classes_still_read(world, tmp_path):
-    from dalda_aug.real_guidance import RealGuidanceConfig
+    from dalda_aug.generators.real_guidance import RealGuidanceConfig
 
     _, _, spec = world
-    for config, name in [(spec.config, "dalda_aug.generation:GenerationConfig"),
-                         (spec.config, "dalda_aug.generators.ip_adapter:GenerationConfig"),
+    for config, name in [(spec.config, "dalda_aug.generation:IPAdapterConfig"),
+                         (spec.config, "dalda_aug.generators.ip_adapter:IPAdapterConfig"),
                          (RealGuidanceConfig(num_inference_steps=2), "dalda_aug.real_guidance:RealGuidanceConfig")]:
         other = GenerationSpec(spec.models, config)
         data = dict(json.loads(json.dumps(other.to_dict())), config_class=name)
@@ -284,7 +284,7 @@ def test_registered_config_classes_still_read(world, tmp_path):
 
 # -- 18.3: leases have an upper bound -------------------------------------------------------------
 def test_a_lease_without_end_holds_warm_up_for_the_cap_only(world, tmp_path, monkeypatch, caplog):
-    import dalda_aug.cache as cache_module
+    import dalda_aug.cache.leases as cache_module
 
     _, plan, spec = world
     cache = SyntheticCache(tmp_path / "cache", spec, shard="s")

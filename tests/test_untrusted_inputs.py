@@ -90,7 +90,7 @@ def one_error_line(run: Run, *needles: str) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from dalda_aug.testing import write_clip_tokenizer
+    from dalda_aug.tiny_models import write_clip_tokenizer
 
     return write_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
 
@@ -239,7 +239,7 @@ def test_a_decompression_bomb_in_dataloader_workers_names_the_file(bomb_folder, 
 
     from dalda_aug.cache import GenerationSpec, SyntheticCache
     from dalda_aug.dataset import SyntheticAugmentedDataset
-    from dalda_aug.generation import GenerationConfig
+    from dalda_aug.generators.ip_adapter import IPAdapterConfig
     from dalda_aug.plan import build_plan
 
     root, bomb = bomb_folder
@@ -247,7 +247,7 @@ def test_a_decompression_bomb_in_dataloader_workers_names_the_file(bomb_folder, 
     shutil.copytree(root, good)
     (good / "bee" / "2.png").unlink()
     plan = build_plan(good, variants=1, scores=[0.2, 0.4, 0.6, 0.8], models=tiny_models)
-    spec = GenerationSpec(tiny_models, dataclasses.replace(GenerationConfig(), num_inference_steps=2, height=32,
+    spec = GenerationSpec(tiny_models, dataclasses.replace(IPAdapterConfig(), num_inference_steps=2, height=32,
                                                            width=32), "float32")
     ds = SyntheticAugmentedDataset(ImageFolder(root), plan, SyntheticCache(tmp_path / "cache", spec), p=0.0)
     loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=lambda batch: batch)

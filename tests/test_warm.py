@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dalda_aug.cache import GenerationSpec, SyntheticCache
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import AugmentationPlan, Variant, build_plan
 from dalda_aug.cache.warm import plan_keys, shard_keys, warm
 
@@ -38,7 +38,7 @@ def setup(tmp_path_factory, tiny_models):
     root = _write_folder(base / "data")
     plan = build_plan(root, variants=4, seed=2, scores=[0.1, 0.3, 0.5, 0.7, 0.9, 0.2], models=tiny_models)
     plan.save(base / "plan")
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=STEPS, height=SIZE, width=SIZE))
     return base, plan, spec
 
 
@@ -73,7 +73,7 @@ def test_warm_fills_the_cache_then_reruns_without_models(setup, generator, tmp_p
 
     # Same pixels as a one-by-one generation: batch companions do not matter.
     from dalda_aug.data import load_image
-    from dalda_aug.generation import GenerationRequest
+    from dalda_aug.generators.base import GenerationRequest
 
     v = plan[7]
     alone = generator.generate([GenerationRequest(load_image(plan.data_root + "/" + v.source), v.prompt, v.lam,
@@ -129,13 +129,13 @@ import json, sys, time
 from pathlib import Path
 from dalda_aug.cache import GenerationSpec, SyntheticCache
 from dalda_aug.config import ModelConfig
-from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.plan import AugmentationPlan
 from dalda_aug.cache.warm import warm
 
 base, cache_dir, me, steps, size = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 spec = GenerationSpec(ModelConfig.load(base / "models.json"),
-                      GenerationConfig(num_inference_steps=steps, height=size, width=size))
+                      IPAdapterConfig(num_inference_steps=steps, height=size, width=size))
 generator = spec.make_generator("cpu").load()
 (base / f"ready-{me}").touch()
 while not all((base / f"ready-{p}").exists() for p in "ab"):  # start together
@@ -298,7 +298,7 @@ def test_plan_share_is_the_share_of_plan_keys_without_a_variant_per_variant(tmp_
                     source_sha256=f"{s % 3:064x}")  # 6 x 2 distinct keys over 60 rows, each shared by several
             for s in range(12) for k in range(5)]
     plan = AugmentationPlan(rows, {"format": "dalda_aug.plan/1", "seed": 0, "variants_per_image": 5})
-    spec = GenerationSpec(tiny_models, GenerationConfig(num_inference_steps=2, height=32, width=32), "float32")
+    spec = GenerationSpec(tiny_models, IPAdapterConfig(num_inference_steps=2, height=32, width=32), "float32")
     cache = SyntheticCache(tmp_path / "cache", spec)
     keys = plan_keys(plan, cache)  # the old path: one Variant and one key per variant
     assert len(keys) == 12

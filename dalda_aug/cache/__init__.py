@@ -5,7 +5,7 @@ files). It holds one entry per generated image:
 
 * the **key** is a SHA-256 over the generation fingerprint (model locations and revisions,
   dtype, scheduler, steps, CFG weight, size, prompt prefix and negative prompt — see
-  :func:`~dalda_aug.generation.generation_fingerprint`) and the variant's prompt, λ, seed and
+  :func:`~dalda_aug.generators.base.generation_fingerprint`) and the variant's prompt, λ, seed and
   source-image content hash. Changing any of them gives a new key, so nothing stale is ever
   served; the n-shot setting and dataset indices are not part of it, so the images of a
   1-shot run are reused by the 2-shot run.
@@ -49,7 +49,7 @@ Guarantees:
   the writing handles' ``Disk``). Value files are read as data (no symlink, FIFO or device,
   bounded by their row's size), and nothing is written through a symlinked folder.
   Spec records name their config class, which is looked up in the generator registry, never
-  imported; leases last at most :data:`LEASE_CAP_SECONDS` unless renewed.
+  imported; leases last at most :data:`~dalda_aug.cache.leases.LEASE_CAP_SECONDS` unless renewed.
 * **Process safety.** SQLite locking makes one shard safe for concurrent readers and writers
   on one machine (DataLoader workers, several warmers). Handles are opened lazily in each
   process and reopened after a fork (pid check); a pickled cache carries only its settings.
@@ -94,8 +94,6 @@ module of it, as the command line does for :data:`IMAGE_FORMATS`) loads nothing 
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
@@ -117,7 +115,6 @@ if TYPE_CHECKING:
         decode_entry as decode_entry, encode_entry as encode_entry,
     )
     from .imagefolder import export_folder_names as export_folder_names
-    from .leases import LEASE_CAP_SECONDS as LEASE_CAP_SECONDS
     from .shards import (
         SHARD_PREFIX as SHARD_PREFIX, default_shard_name as default_shard_name,
         is_network_filesystem as is_network_filesystem, log as log, row_refusal as row_refusal,
@@ -151,7 +148,6 @@ __all__ = [
     "plan_fingerprint",
     "export_folder_names",
     "row_refusal",
-    "LEASE_CAP_SECONDS",
 ]
 
 # Public name -> the module (of this package) that defines it.
@@ -180,25 +176,3 @@ _EXPORTS = {
     "export_folder_names": "imagefolder",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-
-class _CachePackage(types.ModuleType):
-    """This package's module type. :data:`LEASE_CAP_SECONDS` lives in :mod:`.leases`, which reads
-    it whenever it leases; reading or setting ``dalda_aug.cache.LEASE_CAP_SECONDS`` reads or sets
-    that one (``warm`` checks ``lease_seconds`` against it, tests lower it), as when both lived in
-    one module."""
-
-    @property
-    def LEASE_CAP_SECONDS(self) -> float:
-        from . import leases
-
-        return leases.LEASE_CAP_SECONDS
-
-    @LEASE_CAP_SECONDS.setter
-    def LEASE_CAP_SECONDS(self, value: float) -> None:
-        from . import leases
-
-        leases.LEASE_CAP_SECONDS = value
-
-
-sys.modules[__name__].__class__ = _CachePackage

@@ -56,7 +56,7 @@ SPEC_RECORD_FORMAT = "dalda_aug.cache-spec/1"
 class GenerationSpec:
     """Everything that fixes a generated image's pixels apart from the variant itself.
 
-    ``models`` and ``config`` (a :class:`~dalda_aug.generation.GenerationConfig`, the paper's
+    ``models`` and ``config`` (a :class:`~dalda_aug.generators.ip_adapter.IPAdapterConfig`, the paper's
     settings when ``None``) and ``dtype`` ("float32", "bfloat16", "float16" or a torch dtype).
     :meth:`key` gives the cache key of a plan variant; :meth:`make_generator` builds the
     generator that produces exactly those images. Small and picklable.
@@ -67,25 +67,25 @@ class GenerationSpec:
     dtype: Any = "float32"
 
     def __post_init__(self) -> None:
-        from ..generators import GenerationConfig, GeneratorConfig, dtype_name as _dtype_name
+        from ..generators import IPAdapterConfig, GeneratorConfig, dtype_name as _dtype_name
 
         if not isinstance(self.models, ModelConfig):
             raise InputError(f"GenerationSpec.models must be a ModelConfig, got {type(self.models).__name__}")
-        config = self.config if self.config is not None else GenerationConfig()
+        config = self.config if self.config is not None else IPAdapterConfig()
         if not isinstance(config, GeneratorConfig):
-            raise InputError(f"GenerationSpec.config must be a generator config (GenerationConfig, "
+            raise InputError(f"GenerationSpec.config must be a generator config (IPAdapterConfig, "
                              f"RealGuidanceConfig, DAFusionConfig, ...), got {type(config).__name__}")
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
 
     @classmethod
     def of(cls, generator: Any) -> "GenerationSpec":
-        """The spec of an :class:`~dalda_aug.generation.IPAdapterGenerator`."""
+        """The spec of an :class:`~dalda_aug.generators.ip_adapter.IPAdapterGenerator`."""
         return cls(generator.models, generator.config, generator.dtype)
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """:func:`~dalda_aug.generation.generation_fingerprint` of models, config and dtype."""
+        """:func:`~dalda_aug.generators.base.generation_fingerprint` of models, config and dtype."""
         from ..generators.base import generation_fingerprint
 
         return generation_fingerprint(self.models, self.config, self.dtype)
@@ -96,8 +96,8 @@ class GenerationSpec:
 
     def make_generator(self, device: Any = "cpu") -> Any:
         """A (not yet loaded) generator for this spec: the one registered for the config's class
-        (:func:`~dalda_aug.generators.register_generator`; e.g. ``GenerationConfig`` ->
-        :class:`~dalda_aug.generation.IPAdapterGenerator`)."""
+        (:func:`~dalda_aug.generators.register_generator`; e.g. ``IPAdapterConfig`` ->
+        :class:`~dalda_aug.generators.ip_adapter.IPAdapterGenerator`)."""
         from ..generators import generator_class_for
 
         cls = generator_class_for(self.config)
@@ -134,7 +134,7 @@ class GenerationSpec:
         try:
             if not isinstance(data, dict):
                 raise InputError(f"a generation spec is a JSON object, got {type(data).__name__}")
-            config_cls = _registered_config_class(data.get("config_class", "dalda_aug.generation:GenerationConfig"))
+            config_cls = _registered_config_class(data.get("config_class", "dalda_aug.generators.ip_adapter:IPAdapterConfig"))
             known = {f.name for f in dataclasses.fields(config_cls)}
             fields = data.get("config") or {}
             if not isinstance(fields, dict):
@@ -148,9 +148,21 @@ class GenerationSpec:
             raise InputError(f"{where}: not a readable generation spec ({type(exc).__name__}: {exc})") from None
 
 
-# The import paths under which the built-in configs were (and are) also reachable; a spec record
-# may name a registered config class by any of them (``dalda_aug.generation:GenerationConfig``).
-_CONFIG_ALIAS_MODULES = ("dalda_aug.generation", "dalda_aug.real_guidance", "dalda_aug.generators", "dalda_aug")
+# A spec record may name a registered config class by the package's top level, by its room or by a
+# path that moved (``dalda_aug.generation:GenerationConfig``; the map of moved paths, _lazy.MOVED).
+_CONFIG_ROOMS = ("dalda_aug", "dalda_aug.generators")
+
+
+def _config_path(name: str) -> tuple[str, str]:
+    """``module:Qualname`` of a record, with a moved path read through the map of moved paths."""
+    from .._lazy import MOVED
+
+    module, _, qualname = name.partition(":")
+    moved = MOVED.get(f"{module}.{qualname}")
+    if moved is not None:
+        module, _, qualname = moved.rpartition(".")
+        return module, qualname
+    return MOVED.get(module, module), qualname
 
 
 def _registered_config_class(name: Any) -> Any:
@@ -161,10 +173,9 @@ def _registered_config_class(name: Any) -> Any:
 
     configs = list(registered_configs().values())
     if isinstance(name, str):
-        module, _, qualname = name.partition(":")
+        module, qualname = _config_path(name)
         for config_cls in configs:
-            if qualname == config_cls.__qualname__ and (
-                    module == config_cls.__module__ or module in _CONFIG_ALIAS_MODULES):
+            if qualname == config_cls.__qualname__ and (module == config_cls.__module__ or module in _CONFIG_ROOMS):
                 return config_cls
     known = sorted(f"{c.__module__}:{c.__qualname__}" for c in configs)
     raise InputError(f"config class {str(name)[:200]!r} is not a registered generator config (known: {known}); "

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .. import cache as _cache_module
+from . import leases as _leases
 from . import CacheReadOnlyError, SyntheticCache
 from ..data import check_scaled_size, image_sha256, load_image, source_path, to_rgb
 from ..errors import DaldaError, InputError, MissingFileError
@@ -372,7 +372,7 @@ def warm(
         raise InputError(f"need 0 <= process_index < num_processes, got {process_index}/{num_processes}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    cap = _cache_module.LEASE_CAP_SECONDS
+    cap = _leases.LEASE_CAP_SECONDS
     if not 0 < lease_seconds <= cap:
         raise InputError(f"lease_seconds must be > 0 and at most {cap:g} (dalda_aug.cache.LEASE_CAP_SECONDS), "
                          f"got {lease_seconds!r}")

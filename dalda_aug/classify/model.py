@@ -2,7 +2,7 @@
 
 Kept in its own module because it imports torch at import time; build one with
 :func:`dalda_aug.classify.build_classifier`. ``dalda_aug.classify.Classifier`` and
-``dalda_aug.classifier.Classifier`` are this class.
+``dalda_aug.classify.model.Classifier`` are this class.
 """
 
 from __future__ import annotations

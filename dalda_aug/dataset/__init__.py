@@ -70,7 +70,7 @@ measures how much of the plan the cache holds (below 100 % with ``on_miss="real"
 Misses (a chosen variant not in the cache), by ``on_miss``:
 
 ``"generate"``  generate it now, in this process, with ``generator`` (an
-                :class:`~dalda_aug.generation.IPAdapterGenerator` or a zero-argument factory,
+                :class:`~dalda_aug.generators.ip_adapter.IPAdapterGenerator` or a zero-argument factory,
                 built lazily in each worker process), then cache it;
 ``"wait"``      ask the attached :class:`~dalda_aug.dataset.pool.GeneratorPool` and wait for it
                 (``wait_timeout``); a crashed pool raises instead of hanging;

@@ -1,7 +1,7 @@
 """GPU worker pool: generator processes that fill the cache on request.
 
 :class:`GeneratorPool` starts one *spawned* process per device (``"cuda:0"``, ``"cuda:1"``...,
-or ``"cpu"`` for tests), each holding one :class:`~dalda_aug.generation.IPAdapterGenerator`
+or ``"cpu"`` for tests), each holding one :class:`~dalda_aug.generators.ip_adapter.IPAdapterGenerator`
 built from the cache's :class:`~dalda_aug.cache.GenerationSpec`. Datasets — in the training
 process or in its DataLoader workers — send requests through a :class:`PoolHandle` (a
 multiprocessing queue plus a little shared memory; picklable to DataLoader workers, holds no

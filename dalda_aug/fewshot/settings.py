@@ -64,7 +64,7 @@ def log(message: str) -> None:
 class Configs:
     """The generation and training configurations of one invocation, and the caches they write."""
 
-    gen_config: Any  # GenerationConfig (IP-Adapter)
+    gen_config: Any  # IPAdapterConfig (IP-Adapter)
     rg_config: Any  # RealGuidanceConfig
     da_config: Any  # DAFusionConfig; one spec (and cache binding) per token set, i.e. per (seed, shots)
     ti_config: Any  # TextualInversionConfig (DA-Fusion's tokens)
@@ -302,11 +302,11 @@ def build_configs(args: argparse.Namespace, models: ModelConfig, dtype: str, cac
     from ..cache import GenerationSpec, SyntheticCache
     from ..classify import TrainConfig
     from ..generators.da_fusion import DAFusionConfig
-    from ..generators.ip_adapter import GenerationConfig
+    from ..generators.ip_adapter import IPAdapterConfig
     from ..generators.real_guidance import RealGuidanceConfig
     from ..generators.textual_inversion import TextualInversionConfig
 
-    gen_config = GenerationConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+    gen_config = IPAdapterConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                                   height=args.size, width=args.size)
     rg_config = RealGuidanceConfig(num_inference_steps=args.img2img_steps, guidance_scale=args.guidance_scale,
                                    height=args.size, width=args.size)

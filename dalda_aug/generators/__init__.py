@@ -11,7 +11,7 @@ module                    what it holds
                           dtypes, the registry
 ``attention``             per-sample-λ attention processors (module-level classes)
 ``step_cache``            DeepCache-style step caching
-``ip_adapter``            DALDA: :class:`GenerationConfig`, :class:`IPAdapterGenerator`
+``ip_adapter``            DALDA: :class:`IPAdapterConfig`, :class:`IPAdapterGenerator`
 ``img2img``               what Real Guidance and DA-Fusion share
 ``real_guidance``         :class:`RealGuidanceConfig`, :class:`RealGuidanceGenerator`
 ``da_fusion``             :class:`DAFusionConfig`, :class:`DAFusionGenerator`
@@ -69,7 +69,7 @@ _EXPORTS = {
     "install_per_sample_processors": "attention",
     "check_step_caching_unet": "step_cache",
     "unet_step": "step_cache",
-    "GenerationConfig": "ip_adapter",
+    "IPAdapterConfig": "ip_adapter",
     "IPAdapterGenerator": "ip_adapter",
     "SCHEDULERS": "ip_adapter",
     "estimate_sample_bytes": "ip_adapter",
@@ -117,7 +117,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .img2img import Img2ImgConfig as Img2ImgConfig, Img2ImgGenerator as Img2ImgGenerator
     from .ip_adapter import (
-        SCHEDULERS as SCHEDULERS, GenerationConfig as GenerationConfig, IPAdapterGenerator as IPAdapterGenerator,
+        SCHEDULERS as SCHEDULERS, IPAdapterConfig as IPAdapterConfig, IPAdapterGenerator as IPAdapterGenerator,
         estimate_sample_bytes as estimate_sample_bytes, load_reference_pipeline as load_reference_pipeline,
         reference_generate as reference_generate,
     )

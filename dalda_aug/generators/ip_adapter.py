@@ -1,6 +1,6 @@
 """Batched Stable Diffusion 1.x + IP-Adapter generation with a per-sample image weight λ.
 
-:class:`IPAdapterGenerator` (also importable from :mod:`dalda_aug.generation`) turns a list of :class:`GenerationRequest` (reference image,
+:class:`IPAdapterGenerator` turns a list of :class:`GenerationRequest` (reference image,
 prompt, λ, seed) into images. A whole (sub)batch shares one UNet call per denoising step, yet
 every request gets, within floating-point tolerance, the image that stock diffusers gives for
 it alone::
@@ -38,6 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
+from .._lazy import module_getattr
 from ..config import ModelConfig
 from ..errors import InputError, ModelLoadError, require
 from .base import (
@@ -73,7 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 __all__ = [
-    "GenerationConfig",
+    "IPAdapterConfig",
     "IPAdapterGenerator",
     "estimate_sample_bytes",
     "load_reference_pipeline",
@@ -92,7 +93,7 @@ _CPU_AUTO_BATCH = 4
 
 
 @dataclass(frozen=True)
-class GenerationConfig(GeneratorConfig):
+class IPAdapterConfig(GeneratorConfig):
     """How DALDA's images are generated (the reference code's settings by default, which the paper does
     not state; diffusers' argument names).
 
@@ -171,7 +172,7 @@ class GenerationConfig(GeneratorConfig):
         return values
 
 
-def estimate_sample_bytes(config: GenerationConfig, dtype: Any = None) -> int:
+def estimate_sample_bytes(config: IPAdapterConfig, dtype: Any = None) -> int:
     """Rough extra peak accelerator memory one more image in a batch costs, in bytes.
 
     Model: ≈ 1 GiB per image at 512x512 in a 16-bit dtype: the VAE decode of one image
@@ -209,7 +210,7 @@ def _check_ip_adapter_folder(models: ModelConfig) -> None:
         )
 
 
-def load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device: Any, dtype: Any) -> Any:
+def load_stock_pipeline(models: ModelConfig, config: IPAdapterConfig, device: Any, dtype: Any) -> Any:
     """Stock diffusers SD1.x pipeline with the IP-Adapter loaded and the configured scheduler."""
     require("torch", "generate")
     diffusers = require("diffusers", "generate")
@@ -217,7 +218,7 @@ def load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device: A
     check_local_folder(models.base, "ModelConfig.base", "Stable Diffusion pipeline", "model_index.json")
     _check_ip_adapter_folder(models)
     if config.tiny_vae is not None:
-        check_local_folder(config.tiny_vae, "GenerationConfig.tiny_vae", "tiny VAE (AutoencoderTiny)", "config.json")
+        check_local_folder(config.tiny_vae, "IPAdapterConfig.tiny_vae", "tiny VAE (AutoencoderTiny)", "config.json")
 
     ip_rev = models.ip_adapter_revision
     ip_location = parse_location(models.ip_adapter).value
@@ -248,30 +249,30 @@ def load_stock_pipeline(models: ModelConfig, config: GenerationConfig, device: A
     )
     pipe.scheduler = make_scheduler(config.scheduler)
     if config.tiny_vae is not None:
-        pipe.vae = load_tiny_vae(config.tiny_vae, dtype, pipe.vae_scale_factor, field="GenerationConfig.tiny_vae")
+        pipe.vae = load_tiny_vae(config.tiny_vae, dtype, pipe.vae_scale_factor, field="IPAdapterConfig.tiny_vae")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def load_reference_pipeline(
-    models: ModelConfig, config: GenerationConfig | None = None, device: Any = "cpu", dtype: Any = None
+    models: ModelConfig, config: IPAdapterConfig | None = None, device: Any = "cpu", dtype: Any = None
 ) -> Any:
     """The reference approach: a stock ``StableDiffusionPipeline`` with the IP-Adapter loaded.
 
     Uses the configured scheduler (and tiny VAE, if any); generate with
     :func:`reference_generate`, one pipeline call per image. For baselines and checks.
     """
-    config = config if config is not None else GenerationConfig()
+    config = config if config is not None else IPAdapterConfig()
     import torch
 
     return load_stock_pipeline(models, config, torch.device(device), resolve_torch_dtype(dtype))
 
 
-def reference_generate(pipe: Any, request: GenerationRequest, config: GenerationConfig | None = None) -> Image.Image:
+def reference_generate(pipe: Any, request: GenerationRequest, config: IPAdapterConfig | None = None) -> Image.Image:
     """One image the stock way: ``set_ip_adapter_scale(λ)`` then one pipeline call."""
     import torch
 
-    config = config if config is not None else GenerationConfig()
+    config = config if config is not None else IPAdapterConfig()
     pipe.set_ip_adapter_scale(request.scale)
     image: Image.Image = pipe(
         prompt=config.prompt_prefix + request.prompt,
@@ -291,7 +292,7 @@ class IPAdapterGenerator(Generator):
 
     Args:
         models: where the base pipeline, VAE override, IP-Adapter weights and image encoder live.
-        config: sampling settings (:class:`GenerationConfig`; the paper's by default).
+        config: sampling settings (:class:`IPAdapterConfig`; the paper's by default).
         device: torch device ("cpu" by default, "cuda", "cuda:1", ...).
         dtype: ``None``/"float32" (default), "bfloat16" or "float16", or the torch dtype.
         max_cached_embeddings: how many reference-image embeddings to keep (LRU).
@@ -303,16 +304,16 @@ class IPAdapterGenerator(Generator):
     with :meth:`generate`, not by calling the pipeline.
     """
 
-    config_class: ClassVar[type[GeneratorConfig]] = GenerationConfig
+    config_class: ClassVar[type[GeneratorConfig]] = IPAdapterConfig
     accepts_config_subclasses: ClassVar[bool] = True
     repr_models: ClassVar[tuple[str, ...]] = ("base", "ip_adapter")
-    config: GenerationConfig
+    config: IPAdapterConfig
     _negative_text: torch.Tensor | None  # text states of the negative prompt, once encoded
 
     def __init__(
         self,
         models: ModelConfig,
-        config: GenerationConfig | None = None,
+        config: IPAdapterConfig | None = None,
         device: Any = "cpu",
         dtype: Any = None,
         *,
@@ -574,4 +575,8 @@ class IPAdapterGenerator(Generator):
         return latents
 
 
-register_generator(GenerationConfig, f"{__name__}:IPAdapterGenerator")
+register_generator(IPAdapterConfig, f"{__name__}:IPAdapterGenerator")
+
+
+# The old name of IPAdapterConfig (``GenerationConfig``) resolves through the map of moved paths.
+__getattr__ = module_getattr(__name__)

@@ -2,8 +2,8 @@
 
 :func:`unet_step` runs either the full SD1.x UNet (and returns the deep features to cache) or
 only its shallow part on cached deep features; :func:`check_step_caching_unet` fails early when
-a UNet or branch is not covered. Used by :class:`~dalda_aug.generation.IPAdapterGenerator` when
-``GenerationConfig.cache_interval > 1``.
+a UNet or branch is not covered. Used by :class:`~dalda_aug.generators.ip_adapter.IPAdapterGenerator` when
+``IPAdapterConfig.cache_interval > 1``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def check_step_caching_unet(unet: Any, branch: int) -> None:
     n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
     if not 0 <= branch < n_down:
         raise InputError(
-            f"GenerationConfig.cache_branch must lie in [0, {n_down - 1}] for this UNet "
+            f"IPAdapterConfig.cache_branch must lie in [0, {n_down - 1}] for this UNet "
             f"({n_down} down blocks), got {branch}"
         )
     cfg = unet.config

@@ -11,39 +11,39 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ._cli_cache import add_data_root_argument, add_spec_arguments, cache_for_plan, check_device, check_output_file
-from ._io import write_atomic
-from .errors import InputError
+from .cache import add_data_root_argument, add_spec_arguments, cache_for_plan, check_device, check_output_file
+from .._io import write_atomic
+from ..errors import InputError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .cache import SyntheticCache
-    from .plan import AugmentationPlan
+    from ..cache import SyntheticCache
+    from ..plan import AugmentationPlan
 
 __all__ = ["register"]
 
 
 def _open(args: argparse.Namespace) -> tuple[AugmentationPlan, SyntheticCache]:
-    from .plan import AugmentationPlan
+    from ..plan import AugmentationPlan
 
     plan = AugmentationPlan.load(args.plan)
     if args.data_root is not None:
-        from .cache.warm import rebase_plan
+        from ..cache.warm import rebase_plan
 
         plan = rebase_plan(plan, args.data_root)
     return plan, cache_for_plan(args, plan)
 
 
 def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
-    from .data import load_image, source_path
+    from ..data import load_image, source_path
 
     if not plan.data_root:
         raise InputError("the plan has no data_root (it was built from an in-memory dataset); "
                          "use dalda_aug.metrics.diversity_metrics from Python instead")
     root = Path(plan.data_root)
     if not root.is_dir():
-        from .errors import MissingFileError
+        from ..errors import MissingFileError
 
         raise MissingFileError(f"the plan's image folder {root} is missing; if the images moved, give their new "
                                "folder with --data-root DIR (each source is checked there by its content hash)")
@@ -52,15 +52,15 @@ def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
 
 # -- metrics ---------------------------------------------------------------------------------
 def _run_metrics(args: argparse.Namespace) -> int:
-    from .plan.clipscore import CLIPScorer
-    from .metrics import EmbeddingStore, diversity_metrics, load_lpips
+    from ..plan.clipscore import CLIPScorer
+    from ..metrics import EmbeddingStore, diversity_metrics, load_lpips
 
     if args.out:
         check_output_file(args.out)  # before any metric is computed
     check_device(args.device)
     if not args.no_lpips and not args.lpips_random:  # before anything is read: one line with the ways out
-        from .errors import ModelLoadError
-        from .metrics import ALEXNET_WEIGHTS, alexnet_weights_path
+        from ..errors import ModelLoadError
+        from ..metrics import ALEXNET_WEIGHTS, alexnet_weights_path
 
         if not alexnet_weights_path().is_file():
             raise ModelLoadError(
@@ -86,7 +86,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
     if not variants:
         raise InputError(f"none of the plan's images are in the cache {args.cache}; run `dalda-aug warm` first")
     assert cache.spec is not None  # cache_for_plan binds one
-    from .hub import require_hub_models
+    from ..hub import require_hub_models
 
     require_hub_models(cache.spec.models, ("clip_model", "clip_pretrained"))  # one line in seconds without the hub
     scorer = CLIPScorer.from_models(cache.spec.models, device=args.device)
@@ -121,8 +121,8 @@ def _run_metrics(args: argparse.Namespace) -> int:
 
 # -- inspect ---------------------------------------------------------------------------------
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .plan import AugmentationPlan
-    from .viz import plan_contact_sheet, plot_lambda_distribution, plot_score_histogram
+    from ..plan import AugmentationPlan
+    from ..viz import plan_contact_sheet, plot_lambda_distribution, plot_score_histogram
 
     out = Path(args.out)
     plans: dict[str, AugmentationPlan] = {}
@@ -144,11 +144,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
         path = out / "contact_sheet.png"
         sheet.save(path)
         written.append(path)
-        from .filters.derive import read_filter_record
+        from ..filters.derive import read_filter_record
 
         record = read_filter_record(args.plan)  # a derived plan (dalda-aug filter): kept and rejected, side by side
         if record is not None:
-            from .viz import filter_contact_sheet
+            from ..viz import filter_contact_sheet
 
             path = out / "filter_sheet.png"
             filter_contact_sheet(record.parent_plan(), cache, record.kept, record.scores, record.passed,
@@ -163,7 +163,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _resolve_classes(plan: AugmentationPlan, text: str | None) -> list[str] | None:
     """``--classes``: each name in the plan's readable form ("coffee cup") or its folder's
     ("coffee_cup"), as the plan's class names; an unknown one stops with one line."""
-    from .data import readable_class_name
+    from ..data import readable_class_name
 
     if not text:
         return None

@@ -10,7 +10,7 @@
    λ and its prompt.
 
 Models: ``DALDA_MODELS`` (or ``--models``) is ``tiny`` — tiny random models written by
-:func:`~dalda_aug.testing.make_tiny_models`, fully offline on a CPU in well under two minutes
+:func:`~dalda_aug.tiny_models.make_tiny_models`, fully offline on a CPU in well under two minutes
 (the images are noise: the weights are random) — or a models JSON file; unset, the paper's
 models from the Hugging Face hub. The GPU is used when there is one.
 """
@@ -24,14 +24,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import ModelConfig
-from .errors import InputError, ModelLoadError
-from .hub import HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint, hub_reachable
+from ..config import ModelConfig
+from ..errors import InputError, ModelLoadError
+from ..hub import HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint, hub_reachable
 
 if TYPE_CHECKING:
     import argparse
 
-    from .prompts import PromptBank
+    from ..prompts import PromptBank
 
 __all__ = [
     "run_demo", "write_demo_folder", "resolve_models", "register", "main", "DEMO_IMAGES",
@@ -66,7 +66,7 @@ def write_demo_folder(root: str | os.PathLike[str]) -> Path:
     """Write ``root/<class>/<name>.png``, one scikit-image photo per class (1-shot)."""
     from PIL import Image
 
-    from .errors import require
+    from ..errors import require
 
     data = require("skimage.data", "dev", package="scikit-image")
     folder_root = Path(root)
@@ -84,7 +84,7 @@ def resolve_models(choice: str | None, workdir: str | os.PathLike[str]) -> tuple
     if choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default"):
         return ModelConfig(), False
     if choice.strip().lower() == "tiny":
-        from .testing import make_tiny_models
+        from ..tiny_models import make_tiny_models
 
         folder = Path(workdir) / "tiny-models"
         if (folder / "models.json").is_file():
@@ -101,7 +101,7 @@ def _settings(models_choice: str | None, out: Path, size: int | None, steps: int
     _check_hub(models, paper=_uses_hub(models_choice))  # local models: no probe
     recorded: dict[str, int | str] = {}
     if not _uses_hub(models_choice) and models_choice is not None:
-        from .config import model_defaults
+        from ..config import model_defaults
 
         recorded = model_defaults(models_choice, "demo")  # e.g. make-tiny-models' CPU-sized options
     return _Settings(models, False, size or int(recorded.get("size", 512)), steps or int(recorded.get("steps", 30)), 256)
@@ -119,8 +119,8 @@ _DEMO_FIELDS = ("base", "vae", "ip_adapter", "clip_model", "clip_pretrained")
 def missing_from_hub_cache(models: ModelConfig, cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """The hub repositories of ``models``' diffusion models (base pipeline, IP-Adapter, VAE) that
     are not in the local Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE``)."""
-    from .hub import hub_files
-    from .hub import missing_from_hub_cache as missing
+    from ..hub import hub_files
+    from ..hub import missing_from_hub_cache as missing
 
     return missing(hub_files(models, ("base", "vae", "ip_adapter")), cache_dir)
 
@@ -128,20 +128,20 @@ def missing_from_hub_cache(models: ModelConfig, cache_dir: str | os.PathLike[str
 def _check_hub(models: ModelConfig, paper: bool = True) -> None:
     """Stop within seconds, with one line suggesting the tiny models, when the hub models are
     neither reachable nor cached (:func:`~dalda_aug.hub.require_hub_models`)."""
-    from .hub import require_hub_models
+    from ..hub import require_hub_models
 
     require_hub_models(models, _DEMO_FIELDS, hint=OFFLINE_HINT, what="the paper's models" if paper else "")
 
 
 def _prompt_bank(class_names: list[str], variants: int, llm: str | None, models: ModelConfig,
                  out: Path) -> PromptBank:
-    from .prompts import PromptBank
+    from ..prompts import PromptBank
 
     path = out / "prompts.json"
     if not llm:
         bank = PromptBank.from_template(class_names)
     else:
-        from .prompts import generate_prompt_bank, load_clip_tokenizer, parse_backend
+        from ..prompts import generate_prompt_bank, load_clip_tokenizer, parse_backend
 
         tokenizer = load_clip_tokenizer(models.base, revision=models.base_revision)
         bank = generate_prompt_bank(
@@ -182,12 +182,12 @@ def run_demo(
 
     import torch
 
-    from .cache import GenerationSpec, SyntheticCache
-    from .plan.clipscore import CLIPScorer
-    from .generators.ip_adapter import GenerationConfig
-    from .plan import build_plan
-    from .viz import plan_contact_sheet
-    from .cache.warm import warm
+    from ..cache import GenerationSpec, SyntheticCache
+    from ..plan.clipscore import CLIPScorer
+    from ..generators.ip_adapter import IPAdapterConfig
+    from ..plan import build_plan
+    from ..viz import plan_contact_sheet
+    from ..cache.warm import warm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")
@@ -195,7 +195,7 @@ def run_demo(
         torch.set_num_threads(1)  # tiny layers: thread hand-offs cost more than they save
 
     data_dir = write_demo_folder(out / "data")
-    from .data import ImageSource
+    from ..data import ImageSource
 
     source = ImageSource.from_folder(data_dir)
     bank = _prompt_bank(source.class_names, variants, llm, settings.models, out)
@@ -203,7 +203,7 @@ def run_demo(
     plan = build_plan(source, variants=variants, seed=seed, prompts=bank, models=settings.models, scorer=scorer)
     plan.save(out / "plan")
 
-    config = replace(GenerationConfig(), num_inference_steps=settings.steps, height=settings.size, width=settings.size)
+    config = replace(IPAdapterConfig(), num_inference_steps=settings.steps, height=settings.size, width=settings.size)
     spec = GenerationSpec(settings.models, config, dtype)
     cache = SyntheticCache(out / "cache", spec)
     report = warm(plan, cache, device=device, batch_size=batch_size, progress=progress)
@@ -272,10 +272,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dalda_aug.demo [options]``: the demo without the rest of the CLI."""
+    """``python -m dalda_aug.cli.demo [options]``: the demo without the rest of the CLI."""
     import argparse
 
-    from .errors import DaldaError
+    from ..errors import DaldaError
 
     parser = argparse.ArgumentParser(prog="dalda-aug demo", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")

@@ -16,27 +16,27 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import __version__
-from .config import describe_model_defaults, load_models_arg  # live with ModelConfig; importable from here too
-from .errors import DaldaError
+from .. import __version__
+from ..config import describe_model_defaults, load_models_arg  # live with ModelConfig; importable from here too
+from ..errors import DaldaError
 
 __all__ = ["main", "build_parser", "load_models_arg", "version_report", "describe_model_defaults"]
 
 # Modules contributing subcommands (each defines ``register(subparsers)``).
 _COMMAND_MODULES: tuple[str, ...] = (
     __name__,
-    "dalda_aug._cli_prompts",
-    "dalda_aug._cli_cache",
-    "dalda_aug._cli_inspect",
-    "dalda_aug.demo",
-    "dalda_aug._cli_da_fusion",
-    "dalda_aug._cli_filter",
+    "dalda_aug.cli.prompts",
+    "dalda_aug.cli.cache",
+    "dalda_aug.cli.inspect",
+    "dalda_aug.cli.demo",
+    "dalda_aug.cli.da_fusion",
+    "dalda_aug.cli.filter",
 )
 
 
 # -- make-tiny-models ------------------------------------------------------------------
 def _run_make_tiny_models(args: argparse.Namespace) -> int:
-    from .testing import make_tiny_models
+    from ..tiny_models import make_tiny_models
 
     config = make_tiny_models(args.dir, seed=args.seed)
     print(f"wrote tiny models to {Path(args.dir).resolve()}; config: {Path(args.dir).resolve() / 'models.json'} "
@@ -49,11 +49,11 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 
 # -- plan ------------------------------------------------------------------------------
 def _run_plan(args: argparse.Namespace) -> int:
-    from .plan.ags import AGSConfig, Scaling
-    from ._cli_cache import check_device, check_output_folder
-    from .errors import InputError
-    from .hub import require_hub_models
-    from .plan import MAX_VARIANTS
+    from ..plan.ags import AGSConfig, Scaling
+    from .cache import check_device, check_output_folder
+    from ..errors import InputError
+    from ..hub import require_hub_models
+    from ..plan import MAX_VARIANTS
 
     out_dir = Path(args.out)
     check_output_folder(args.out)
@@ -70,7 +70,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     check_device(args.device, available=False)  # the name now; whether this machine has it after the hub check
     models = load_models_arg(args.models)
     scaling = Scaling.parse(args.scaling, AGSConfig(mode=args.ags_mode))
-    from .data import ImageSource
+    from ..data import ImageSource
 
     ImageSource.from_folder(args.data)  # a missing or empty folder or a symlink loop is said before the hub is asked
     if scaling.strategy == "fixed" and not 0.0 <= scaling.value <= 1.0:
@@ -78,17 +78,17 @@ def _run_plan(args: argparse.Namespace) -> int:
     require_hub_models(models, ("clip_model", "clip_pretrained"))  # before any model loads
     check_device(args.device)  # imports torch (except for "cpu"), so after the hub check
 
-    from .plan.clipscore import CLIPScorer
-    from .plan import build_plan
+    from ..plan.clipscore import CLIPScorer
+    from ..plan import build_plan
 
     prompts = None
     if args.prompts:
-        from .prompts import PromptBank
+        from ..prompts import PromptBank
 
         prompts = PromptBank.load(args.prompts)
     scorer = CLIPScorer.from_models(models, device=args.device, kind=args.score_kind, batch_size=args.batch_size)
     if args.method == "da-fusion":  # DA-Fusion: class-token prompts, a drawn img2img strength per variant
-        from .generators.da_fusion import build_da_fusion_plan
+        from ..generators.da_fusion import build_da_fusion_plan
 
         if not args.tokens or prompts is not None:
             raise InputError("--method da-fusion needs --tokens TOKENS (dalda-aug textual-inversion) and no --prompts")
@@ -129,7 +129,7 @@ def _record_model_defaults(plan: Any, models: str | None) -> None:
     """Copy the option defaults the ``--models`` file records (the tiny models' CPU-sized ones)
     into the plan (``plan.json``'s ``model_defaults``), so that ``warm --plan`` without
     ``--models`` takes them with the plan's models. Not part of any cache key."""
-    from .config import PLAN_DEFAULTS_KEY, all_model_defaults
+    from ..config import PLAN_DEFAULTS_KEY, all_model_defaults
 
     defaults = all_model_defaults(models) if models is not None else {}
     if defaults:
@@ -149,7 +149,7 @@ def _launched_processes(device: str | None) -> Any:
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None
-    from ._cli_cache import partial_state
+    from .cache import partial_state
 
     return partial_state(device)
 
@@ -296,7 +296,7 @@ def _apply_model_defaults(args: argparse.Namespace) -> None:
     ``cache stats|export``, ``metrics`` and ``inspect`` read ``warm``'s, so that the same
     ``--models`` names the same cache keys. ``warm`` without ``--models`` takes the plan's models
     and the defaults the plan recorded with them (``plan.json``'s ``model_defaults``)."""
-    from .config import DEFAULTABLE_OPTIONS, model_defaults
+    from ..config import DEFAULTABLE_OPTIONS, model_defaults
 
     args.model_defaults = {}
     args.model_defaults_from = None
@@ -323,8 +323,8 @@ def _apply_model_defaults(args: argparse.Namespace) -> None:
 def _plan_model_defaults(plan: str) -> dict[str, dict[str, int | str]]:
     """The option defaults a plan recorded with its models (``{}`` when none, or when the plan
     cannot be read: the command then says why, naming the file)."""
-    from ._io import read_json_object
-    from .config import PLAN_DEFAULTS_KEY, check_model_defaults
+    from .._io import read_json_object
+    from ..config import PLAN_DEFAULTS_KEY, check_model_defaults
 
     path = Path(plan) / "plan.json"
     try:

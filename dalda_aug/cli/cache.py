@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from .cache.codecs import ImageCodec
-    from .cache import GenerationSpec, SyntheticCache
-    from .plan import AugmentationPlan
+    from ..cache.codecs import ImageCodec
+    from ..cache import GenerationSpec, SyntheticCache
+    from ..plan import AugmentationPlan
 
 __all__ = ["register", "spec_from_args", "describe_settings", "add_data_root_argument", "add_spec_arguments",
            "spec_given", "cache_for_plan", "default_dtype", "partial_state", "check_device", "check_output_file",
@@ -40,7 +40,7 @@ def check_device(device: str, option: str = "--device", *, available: bool = Tru
     """``device`` names a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
     an :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise. ``available=False`` checks
     the name only, without importing torch (fast: before a hub check that must answer at once)."""
-    from .errors import InputError
+    from ..errors import InputError
 
     kind, _, index = device.partition(":")
     if kind not in _DEVICE_TYPES or (index and not index.isdigit()) or (_ and not index):
@@ -72,7 +72,7 @@ def _first_existing(path: Path) -> Path:
 def check_output_folder(path: str, option: str = "--out") -> None:
     """``path`` is a folder, or can be made one (where it exists it is a folder; the first existing
     folder above it is writable); an :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise."""
-    from .errors import InputError
+    from ..errors import InputError
 
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -87,7 +87,7 @@ def check_output_folder(path: str, option: str = "--out") -> None:
 def check_output_file(path: str, option: str = "--out") -> None:
     """``path`` can be written as a file: not a folder, in an existing, writable folder; an
     :class:`~dalda_aug.errors.InputError` naming ``option`` otherwise."""
-    from .errors import InputError
+    from ..errors import InputError
 
     out = Path(path)
     if out.is_dir():
@@ -130,10 +130,10 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, plan_required: bool, 
 
 def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = None) -> GenerationSpec:
     """:class:`GenerationSpec` from the options of :func:`add_spec_arguments`."""
-    from .cache import GenerationSpec
-    from .config import load_models_arg
-    from .generators.ip_adapter import GenerationConfig
-    from .generators.base import GeneratorConfig
+    from ..cache import GenerationSpec
+    from ..config import load_models_arg
+    from ..generators.ip_adapter import IPAdapterConfig
+    from ..generators.base import GeneratorConfig
 
     if args.models is not None:
         models = load_models_arg(args.models)
@@ -150,10 +150,10 @@ def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = Non
         changes["guidance_scale"] = args.guidance_scale
     if args.scheduler is not None:
         changes["scheduler"] = args.scheduler
-    base: GeneratorConfig = GenerationConfig()
+    base: GeneratorConfig = IPAdapterConfig()
     recorded = plan.config.get("generator") if plan is not None else None
     if recorded:  # a plan made for another generator (e.g. DA-Fusion) names its config
-        from .generators.base import config_from_dict
+        from ..generators.base import config_from_dict
 
         base = config_from_dict(recorded["method"], recorded.get("config") or {})
     config = dataclasses.replace(base, **changes)
@@ -183,7 +183,7 @@ def spec_given(args: argparse.Namespace) -> bool:
 def cache_for_plan(args: argparse.Namespace, plan: AugmentationPlan) -> SyntheticCache:
     """The cache ``args.cache`` (must exist) bound to the spec of ``plan``'s images: the one the
     options give, else the one ``warm`` recorded in the folder."""
-    from .cache import SyntheticCache, open_cache_dir
+    from ..cache import SyntheticCache, open_cache_dir
 
     open_cache_dir(args.cache)
     if spec_given(args):
@@ -193,11 +193,11 @@ def cache_for_plan(args: argparse.Namespace, plan: AugmentationPlan) -> Syntheti
 
 
 def _load_plan(path: str | None, data_root: str | None = None) -> AugmentationPlan | None:
-    from .plan import AugmentationPlan
+    from ..plan import AugmentationPlan
 
     plan = AugmentationPlan.load(path) if path else None
     if plan is not None and data_root is not None:
-        from .cache.warm import rebase_plan
+        from ..cache.warm import rebase_plan
 
         plan = rebase_plan(plan, data_root)
     return plan
@@ -256,7 +256,7 @@ def partial_state(device: str | None) -> Any:
 
     import torch
 
-    from .errors import require
+    from ..errors import require
 
     accelerate = require("accelerate", "generate")
     cpu = (
@@ -270,9 +270,9 @@ def partial_state(device: str | None) -> Any:
 def _run_warm(args: argparse.Namespace) -> int:
     import os
 
-    from .cache import SyntheticCache, default_shard_name
-    from .errors import InputError
-    from .cache.warm import warm
+    from ..cache import SyntheticCache, default_shard_name
+    from ..errors import InputError
+    from ..cache.warm import warm
 
     quality = _quality(args.quality, args.format)  # before the plan is read
     if args.threads is not None and args.threads < 1:
@@ -297,7 +297,7 @@ def _run_warm(args: argparse.Namespace) -> int:
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
     print(f"dalda-aug warm: {describe_settings(args, spec, device)}; process rank {rank} of world size {world}, "
           f"cache shard shard-{cache.shard}{note}", flush=True)
-    from .cache.warm import WarmInterrupted
+    from ..cache.warm import WarmInterrupted
 
     if args.threads is not None:
         import torch
@@ -326,7 +326,7 @@ def _run_warm(args: argparse.Namespace) -> int:
     print(f"dalda-aug warm: {report.summary()}", flush=True)
     if args.report:
         path = args.report.replace("{rank}", str(rank))
-        from ._io import write_atomic
+        from .._io import write_atomic
 
         try:
             write_atomic(path, json.dumps(report.to_dict(), indent=2))
@@ -343,7 +343,7 @@ def _run_warm(args: argparse.Namespace) -> int:
 
 # -- cache stats | verify | export -----------------------------------------------------------
 def _cache_for_reading(args: argparse.Namespace, plan: AugmentationPlan | None = None) -> SyntheticCache:
-    from .cache import SyntheticCache, open_cache_dir
+    from ..cache import SyntheticCache, open_cache_dir
 
     if plan is not None:
         return cache_for_plan(args, plan)
@@ -386,8 +386,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .errors import InputError
-    from .cache.export import check_export_format, export
+    from ..errors import InputError
+    from ..cache.export import check_export_format, export
 
     check_export_format(args.export_as)  # before the plan and the cache are read
     try:
@@ -410,7 +410,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_specs(args: argparse.Namespace) -> int:
-    from .cache import SyntheticCache, open_cache_dir
+    from ..cache import SyntheticCache, open_cache_dir
 
     open_cache_dir(args.cache)
     cache = SyntheticCache(args.cache)
@@ -451,8 +451,8 @@ def _describe_formats(codecs: Iterable[ImageCodec], default: str) -> str:
 def _quality(text: str | None, image_format: str) -> int | None:
     """``--quality``: None, or an integer in 1..100 for a lossy ``--format``, else an
     :class:`~dalda_aug.errors.InputError` (one line, exit status 2)."""
-    from .cache.codecs import check_quality
-    from .errors import InputError
+    from ..cache.codecs import check_quality
+    from ..errors import InputError
 
     if text is None:
         return None
@@ -481,7 +481,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     add_data_root_argument(p)
     p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
-    from .cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, DEFAULT_QUALITY, IMAGE_FORMATS
+    from ..cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, DEFAULT_QUALITY, IMAGE_FORMATS
 
     p.add_argument("--format", choices=IMAGE_FORMATS, default=DEFAULT_IMAGE_FORMAT,
                    help=f"image encoding of new entries: {_describe_formats(CODECS.values(), DEFAULT_IMAGE_FORMAT)}")
@@ -535,7 +535,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="output folder (outside the cache; new, empty or an earlier export of the format): "
                         "OUT/<class>/<key>.png + OUT/samples.csv, or OUT/shard-000000.tar|parquet..., with "
                         "a manifest in OUT/.dalda-export/ or OUT/.manifest-imagefolder.json")
-    from .cache.export import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
+    from ..cache.export import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
 
     s.add_argument("--as", dest="export_as", default=DEFAULT_EXPORT_FORMAT, metavar="FORMAT",
                    help=f"{' | '.join(EXPORT_FORMATS)} (default {DEFAULT_EXPORT_FORMAT}); webdataset: tar shards "

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, MissingFileError
-from .prompts import CLIP_MAX_TOKENS, DEFAULT_PREFIX
+from ..errors import InputError, MissingFileError
+from ..prompts import CLIP_MAX_TOKENS, DEFAULT_PREFIX
 
 if TYPE_CHECKING:
-    from .presets import DatasetPreset
-    from .prompts import Instruction
+    from ..presets import DatasetPreset
+    from ..prompts import Instruction
 
 __all__ = ["register", "run", "read_class_file"]
 
@@ -46,7 +46,7 @@ def read_class_file(path: str) -> list[str]:
 def _class_names(args: argparse.Namespace) -> list[str]:
     if args.classes is not None:
         return read_class_file(args.classes)
-    from .data import ImageSource, readable_class_name
+    from ..data import ImageSource, readable_class_name
 
     folders = ImageSource.from_folder(args.data).classes  # an empty class folder is refused, as `plan` refuses it
     names = [readable_class_name(f) for f in folders]
@@ -61,13 +61,13 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 def _preset(args: argparse.Namespace) -> "DatasetPreset | None":
     if getattr(args, "preset", None) is None:
         return None
-    from .presets import get_preset
+    from ..presets import get_preset
 
     return get_preset(args.preset)
 
 
 def _instruction(args: argparse.Namespace) -> "Instruction":
-    from .prompts import Instruction
+    from ..prompts import Instruction
 
     if getattr(args, "instruction_file", None) is not None:
         return Instruction.from_file(args.instruction_file)
@@ -87,12 +87,12 @@ def _description(args: argparse.Namespace) -> str:
 
 
 def _tokenizer(args: argparse.Namespace) -> Any:
-    from .prompts import load_clip_tokenizer
+    from ..prompts import load_clip_tokenizer
 
     if args.tokenizer is not None:
         return load_clip_tokenizer(args.tokenizer)
     if args.models is not None:
-        from .config import ModelConfig
+        from ..config import ModelConfig
 
         models = ModelConfig.load(args.models)
         return load_clip_tokenizer(models.base, revision=models.base_revision)
@@ -102,8 +102,8 @@ def _tokenizer(args: argparse.Namespace) -> Any:
 def _check_hub(args: argparse.Namespace) -> None:
     """Before anything loads: the hf: chat model and the --models tokenizer, when they are hub ids,
     must be reachable or cached (one line in seconds otherwise; see hub.check_hub)."""
-    from .hub import MODELS_HINT, HubFile, check_hub
-    from .locations import parse_location
+    from ..hub import MODELS_HINT, HubFile, check_hub
+    from ..locations import parse_location
 
     llm = str(args.llm or "")
     if llm.startswith("hf:") and llm[3:].strip() and not parse_location(llm[3:].strip()).is_local:
@@ -111,7 +111,7 @@ def _check_hub(args: argparse.Namespace) -> None:
                   hint="pass --llm hf:PATH naming a local copy of the chat model and set HF_HUB_OFFLINE=1 on a "
                        "machine without the hub")
     if args.tokenizer is None and args.models is not None:
-        from .config import ModelConfig
+        from ..config import ModelConfig
 
         models = ModelConfig.load(args.models)
         if not parse_location(models.base).is_local:
@@ -120,7 +120,7 @@ def _check_hub(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .prompts import IncompletePromptBankError, PromptBank, generate_prompt_bank, parse_backend
+    from ..prompts import IncompletePromptBankError, PromptBank, generate_prompt_bank, parse_backend
 
     names = _class_names(args)
     description = _description(args)

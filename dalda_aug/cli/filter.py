@@ -11,11 +11,11 @@ __all__ = ["register"]
 
 
 def _run_filter(args: argparse.Namespace) -> int:
-    from .cache import SyntheticCache, open_cache_dir
-    from .config import load_models_arg
-    from .errors import InputError
-    from .filters import filter_plan, make_filter
-    from .plan import AugmentationPlan
+    from ..cache import SyntheticCache, open_cache_dir
+    from ..config import load_models_arg
+    from ..errors import InputError
+    from ..filters import filter_plan, make_filter
+    from ..plan import AugmentationPlan
 
     filters = [make_filter(spec) for spec in args.by]  # a bad --by is said before anything loads
     out = Path(args.out)
@@ -28,7 +28,7 @@ def _run_filter(args: argparse.Namespace) -> int:
     models = load_models_arg(args.models) if args.models is not None else None
     processes = None
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # accelerate launch / torchrun: the chunks are shared
-        from ._cli_cache import partial_state
+        from .cache import partial_state
 
         processes = partial_state(args.device)
     report = filter_plan(plan, cache, filters, out, keep=args.keep, min_pass=args.min_pass, fill=args.fill,
@@ -48,13 +48,13 @@ def _run_filter(args: argparse.Namespace) -> int:
 
 
 def _run_train_filter(args: argparse.Namespace) -> int:
-    from .errors import InputError
-    from .filters.classifier import save_filter_classifier, train_filter_classifier
+    from ..errors import InputError
+    from ..filters.classifier import save_filter_classifier, train_filter_classifier
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
-    from .data import ImageSource
+    from ..data import ImageSource
 
     ImageSource.from_folder(args.data)  # a missing or empty folder is said before a model loads
     model, info = train_filter_classifier(args.data, shots=args.shots, seed=args.seed, backbone=args.backbone,
@@ -70,7 +70,7 @@ def _run_train_filter(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from .filters.base import filter_names
+    from ..filters.base import filter_names
 
     p = subparsers.add_parser(
         "filter",

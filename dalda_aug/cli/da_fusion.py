@@ -8,21 +8,21 @@ __all__ = ["register"]
 
 
 def _run_textual_inversion(args: argparse.Namespace) -> int:
-    from .config import load_models_arg
-    from .generators.textual_inversion import TextualInversionConfig, train_textual_inversion
+    from ..config import load_models_arg
+    from ..generators.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     changes = {name: getattr(args, name) for name in ("steps", "batch_size", "learning_rate", "resolution")
                if getattr(args, name) is not None}
     config = TextualInversionConfig(**changes)
     models = load_models_arg(args.models)
-    from .hub import require_hub_models
+    from ..hub import require_hub_models
 
     require_hub_models(models, ("base",))  # one line in seconds without the hub
     import torch
 
     if args.threads is not None:
         if args.threads < 1:
-            from .errors import InputError
+            from ..errors import InputError
 
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
@@ -32,7 +32,7 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
     tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots,
                                      seed=args.seed, config=config, device=device, dtype=args.dtype,
                                      progress=not args.no_progress)
-    from .config import describe_model_defaults
+    from ..config import describe_model_defaults
 
     print(f"learned {len(tokens.class_names)} class tokens ({config.steps} steps each"
           f"{describe_model_defaults(args)}) -> {tokens.folder}")
