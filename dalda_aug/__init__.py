@@ -24,7 +24,7 @@ _EXPORTS = {
     "CacheMissError": "dataset",
     "AugmentationPlan": "plan",
     "Variant": "plan",
-    "build_plan": "plan",
+    "build_plan": "plan.build",
     "SyntheticCache": "cache",
     "GenerationSpec": "cache",
     "warm": "cache.warm",
@@ -63,5 +63,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .generators.da_fusion import DAFusionConfig as DAFusionConfig
     from .generators.ip_adapter import IPAdapterConfig as IPAdapterConfig
     from .generators.real_guidance import RealGuidanceConfig as RealGuidanceConfig
-    from .plan import AugmentationPlan as AugmentationPlan, build_plan as build_plan, Variant as Variant
+    from .plan import AugmentationPlan as AugmentationPlan, Variant as Variant
+    from .plan.build import build_plan as build_plan
     from .plan.ags import AGSConfig as AGSConfig, Scaling as Scaling

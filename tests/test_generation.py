@@ -20,9 +20,9 @@ pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
 from dalda_aug.errors import InputError, ModelLoadError  # noqa: E402
-from dalda_aug.generators.ip_adapter import # noqa: E402     IPAdapterConfig, IPAdapterGenerator, estimate_sample_bytes
-from dalda_aug.generators.base import GenerationRequest, generation_fingerprint
-from dalda_aug.generators.loading import ddim_scheduler_config
+from dalda_aug.generators.ip_adapter import IPAdapterConfig, IPAdapterGenerator, estimate_sample_bytes  # noqa: E402
+from dalda_aug.generators.base import GenerationRequest, generation_fingerprint  # noqa: E402
+from dalda_aug.generators.loading import ddim_scheduler_config  # noqa: E402
 
 TOL = 2  # max abs difference in 8-bit pixel levels (2/255)
 STEPS = 3

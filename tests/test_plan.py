@@ -188,7 +188,7 @@ def test_plan_cli_consumes_prompt_banks(folder, tmp_path, tiny_models):
 
 
 def test_plan_reads_sources_in_chunks_with_the_same_result(folder, tiny_models, monkeypatch):
-    import dalda_aug.plan as plan_module
+    import dalda_aug.plan.build as plan_module
 
     src = ImageSource.from_folder(folder)
     whole = build_plan(src, variants=2, seed=4, models=tiny_models)
@@ -224,7 +224,7 @@ def test_every_forward_pass_has_the_one_block_shape(folder, tiny_models, monkeyp
     forward pass holds exactly SCORE_BLOCK images (the last padded with zeros), for any reading
     chunk and batch size; each source is scored exactly once, and the plan is the same."""
     import dalda_aug.plan.clipscore as clipscore_module
-    import dalda_aug.plan as plan_module
+    import dalda_aug.plan.build as plan_module
     from dalda_aug.plan.clipscore import CLIPScorer
 
     if block is not None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dalda_aug.plan as plan_module
+import dalda_aug.plan.build as plan_module
 from dalda_aug.plan.ags import AGSConfig, Scaling, sample_scales
 from dalda_aug.plan.clipscore import CLIPScorer
 from dalda_aug.data import ImageSource

@@ -106,7 +106,7 @@ def _write_folder(root: Path, pictures: list[Image.Image], classes: int) -> Path
 
 
 def test_plan_scores_do_not_depend_on_chunk_order_or_subset(tiny_models, pictures, tmp_path, monkeypatch):
-    import dalda_aug.plan as plan_module
+    import dalda_aug.plan.build as plan_module
 
     src = ImageSource.from_folder(_write_folder(tmp_path / "data", pictures, 3))
     whole = build_plan(src, variants=3, seed=2, models=tiny_models)

@@ -53,7 +53,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from .cache import check_device, check_output_folder
     from ..errors import InputError
     from ..hub import require_hub_models
-    from ..plan import MAX_VARIANTS
+    from ..plan.build import MAX_VARIANTS
 
     out_dir = Path(args.out)
     check_output_folder(args.out)
@@ -79,7 +79,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     check_device(args.device)  # imports torch (except for "cpu"), so after the hub check
 
     from ..plan.clipscore import CLIPScorer
-    from ..plan import build_plan
+    from ..plan.build import build_plan
 
     prompts = None
     if args.prompts:

@@ -185,7 +185,7 @@ def run_demo(
     from ..cache import GenerationSpec, SyntheticCache
     from ..plan.clipscore import CLIPScorer
     from ..generators.ip_adapter import IPAdapterConfig
-    from ..plan import build_plan
+    from ..plan.build import build_plan
     from ..viz import plan_contact_sheet
     from ..cache.warm import warm
 

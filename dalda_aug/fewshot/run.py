@@ -157,7 +157,7 @@ def make_plans(bench: Benchmark, needs_plan: list[RunKey], fewshot: dict[tuple[i
 def _make_plan(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], scores: dict[Any, float]) -> Any:
     from ..generators.da_fusion import build_da_fusion_plan
     from ..generators.textual_inversion import train_textual_inversion
-    from ..plan import build_plan
+    from ..plan.build import build_plan
 
     args, source, out, method = bench.args, bench.source, bench.out, method_of(m)
     # honest: build_plan draws the same few-shot subset itself; reference: it is given the subset

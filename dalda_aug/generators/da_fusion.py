@@ -152,7 +152,8 @@ def build_da_fusion_plan(
 
     from ..plan.ags import Scaling
     from ..data import ImageSource
-    from ..plan import build_plan, derive_seed, summarize
+    from ..plan import derive_seed, summarize
+    from ..plan.build import build_plan
     from .textual_inversion import TokenSet
 
     token_set = TokenSet.load(tokens)
