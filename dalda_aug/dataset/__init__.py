@@ -62,20 +62,10 @@ and synthetic images alike. Any other base must be created without them.
 A file that cannot be read (truncated, corrupt) raises :class:`~dalda_aug.errors.ImageError`
 (an ``OSError``) naming it, also from DataLoader workers.
 
-At construction the dataset checks every planned source's pixels against the plan's content
-hash (a changed file is an :class:`~dalda_aug.errors.InputError`; ``verify_sources="stat"``, the
-default, decodes only files whose size, mtime, inode or ctime changed since they last matched) and
-measures how much of the plan the cache holds (below 100 % with ``on_miss="real"``: a ``UserWarning``).
-
-Misses (a chosen variant not in the cache), by ``on_miss``:
-
-``"generate"``  generate it now, in this process, with ``generator`` (an
-                :class:`~dalda_aug.generators.ip_adapter.IPAdapterGenerator` or a zero-argument factory,
-                built lazily in each worker process), then cache it;
-``"wait"``      ask the attached :class:`~dalda_aug.dataset.pool.GeneratorPool` and wait for it
-                (``wait_timeout``); a crashed pool raises instead of hanging;
-``"real"``      return the real item now, and ask the pool (if attached) to generate it;
-``"error"``     raise :class:`CacheMissError`.
+At construction the dataset checks every planned source against the plan's content hash and
+measures how much of the plan the cache holds (:mod:`~dalda_aug.dataset.checks`). A miss (a chosen
+variant not in the cache) is handled by the ``on_miss`` policy (:mod:`~dalda_aug.dataset.misses`):
+``"generate"`` (now, in this process), ``"wait"`` (for the attached pool), ``"real"`` or ``"error"``.
 
 The dataset never loads a model at construction, never touches CUDA and pickles small: no
 model, no open SQLite handle (the cache reopens itself per process).
@@ -95,54 +85,17 @@ from torch.utils.data import Dataset
 
 from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, source_ids, unwrap
 from ..cache import GenerationSpec, GeneratorFactory, SyntheticCache
-from ..cache.spec import digest_hex, variant_digests
 from ..data import image_sha256, load_image, to_rgb
+from .checks import (
+    ITEMS, ON_MISS, VERIFY_SOURCES, check_arguments, check_generator, check_sources, measure_coverage, mismatch,
+)
+from .misses import MISS_POLICIES
 from .draws import STATE_FORMAT, DrawCounter, check_state, draw_name, draw_seed, pick, unlink_lock
 from ..errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
-from ..plan.records import STAT_FIELDS, CoverageRecord, StatRecord, file_stats
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
 
-ON_MISS = ("generate", "wait", "real", "error")
-#: What ``items=`` may be: every item of the base, or only the items whose source is in the plan.
-ITEMS = ("all", "plan")
-#: What ``verify_sources=`` may be: re-hash only files whose stat changed, every file, or none.
-VERIFY_SOURCES = ("stat", "full", "off")
-
-
-# ------------------------------------------------------------------------------------------
-# construction steps that need no dataset
-# ------------------------------------------------------------------------------------------
-def _check_arguments(base: Any, plan: Any, cache: Any, p: Any, on_miss: Any, seed: Any, items: Any,
-                     wait_timeout: Any) -> Any:
-    """The plan (loaded when given as a folder) once the arguments are valid; else :class:`InputError`."""
-    from ..plan import AugmentationPlan
-
-    if isinstance(plan, (str, os.PathLike)):
-        plan = AugmentationPlan.load(plan)
-    if not isinstance(plan, AugmentationPlan):
-        raise InputError(f"plan must be an AugmentationPlan or a plan folder, got {type(plan).__name__}")
-    if not isinstance(cache, SyntheticCache):
-        raise InputError(f"cache must be a SyntheticCache, got {type(cache).__name__}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-        raise InputError(f"p must be a probability in [0, 1], got {p!r}")
-    if on_miss not in ON_MISS:
-        raise InputError(f"on_miss must be one of {list(ON_MISS)}, got {on_miss!r}")
-    if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
-        raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")
-    if items not in ITEMS:
-        raise InputError(f"items must be one of {list(ITEMS)}, got {items!r}")
-    if wait_timeout <= 0:
-        raise InputError(f"wait_timeout must be > 0, got {wait_timeout!r}")
-    if type(base).__name__ in ("DatasetDict", "IterableDatasetDict"):
-        raise InputError("the base is a Hugging Face DatasetDict: pick a split (dataset['train'])")
-    return plan
-
-
-def _check_generator(generator: Any) -> None:
-    if generator is not None and not (hasattr(generator, "generate") or callable(generator)):
-        raise InputError(f"generator must be an IPAdapterGenerator or a factory, got {type(generator).__name__}")
 
 
 class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
@@ -210,7 +163,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         items: str = "all",
         verify_sources: str = "stat",
     ) -> None:
-        plan = _check_arguments(base, plan, cache, p, on_miss, seed, items, wait_timeout)
+        plan = check_arguments(base, plan, cache, p, on_miss, seed, items, wait_timeout)
         if verify_sources not in VERIFY_SOURCES:
             raise InputError(f"verify_sources must be one of {list(VERIFY_SOURCES)}, got {verify_sources!r}")
         self.verify_sources = verify_sources
@@ -219,7 +172,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         transform, target_transform, self._adopted = adopt_transforms(self._adapter, paths is not None, transform,
                                                                       target_transform)
         self._hf_columns: tuple[str, str] | None = self._adapter.columns()
-        _check_generator(generator)
+        check_generator(generator)
 
         self.base, self.p, self.on_miss, self.items = base, float(p), on_miss, items
         self.transform, self.target_transform = transform, target_transform
@@ -250,8 +203,8 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         if self.p > 0 and matched:
             if paths is not None and self.base is not base:  # items="plan": the kept items' paths
                 paths = [paths[int(i)] for i in self.base.indices]
-            self._check_sources(paths)
-            self._measure_coverage(plan, missing_folder)
+            check_sources(self, paths)
+            measure_coverage(self, plan, missing_folder)
         self._adapter.release()
         self._start_counting()
 
@@ -414,136 +367,6 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             return os.path.join(os.fspath(self._root), source)
         return f"item {index} ({source!r})"
 
-    def _check_sources(self, listed: list[str] | None = None) -> None:
-        """Every planned source's pixels against the plan's content hash, as ``verify_sources`` says:
-        with ``"stat"``, the files read by path whose stat matches the record are not decoded."""
-        if self.verify_sources == "off":
-            return
-        planned = np.flatnonzero(self._item_source >= 0).tolist()
-        by_stat = planned if self.verify_sources == "stat" and self._reads_files else []
-        record, known, stats = None, None, np.zeros((0, len(STAT_FIELDS)), dtype=np.int64)
-        if by_stat:
-            if listed is None or len(listed) != len(self._item_source):
-                listed = self._adapter.stock_paths()  # in bulk: the same paths as stock_path(i)
-            paths = [listed[i] for i in by_stat] if listed is not None else [self._adapter.stock_path(i)
-                                                                               for i in by_stat]
-            record = StatRecord(paths, self._plan.columns.source_hashes(self._item_source[by_stat]))
-            known = record.load()
-            stats = file_stats(paths)
-        unchanged = np.zeros(len(planned), dtype=bool)
-        if known is not None:
-            unchanged = (known == stats).all(axis=1) & (stats[:, 0] >= 0)
-        for j, index in enumerate(planned):
-            if unchanged[j]:
-                continue
-            image = self._real_image(index)
-            if image_sha256(image) != self._expected_sha(index):
-                raise InputError(self._mismatch(index, "changed since the plan was made (its pixels no longer "
-                                                "match the plan's content hash): re-plan with `dalda-aug plan`, "
-                                                "or restore the file"))
-        if record is not None and not unchanged.all():
-            record.save_settled(stats)  # where it cannot be written, the next construction verifies in full
-
-    def _mismatch(self, index: int, what: str) -> str:
-        """The message for item ``index`` whose pixels differ from the plan's: when the file itself
-        still matches, the base's own loader converts it differently from the plan; say so."""
-        samples = getattr(unwrap(self.base), "samples", None)
-        ids = self._item_id(index)
-        if not self._reads_files and samples is not None and isinstance(ids, str):
-            path = os.path.join(os.fspath(self._root or ""), ids)
-            try:
-                same_file = image_sha256(load_image(path)) == self._expected_sha(index)
-            except (DaldaError, OSError):
-                same_file = False
-            if same_file:
-                return (f"{path}: the base dataset's loader gives other pixels than the file holds (it converts "
-                        "it differently from the plan, e.g. drops transparency or clips 16-bit values); give the "
-                        "base torchvision's default loader or dalda_aug.data.load_image")
-        return f"{self._describe_item(index)} {what}"
-
-    def _measure_coverage(self, plan: Any, missing_folder: bool) -> None:
-        """Count the planned variants the cache holds. With ``on_miss="real"`` anything short of
-        all of them changes what is trained on: warn. With any policy, warn when another spec
-        recorded in the folder holds more of them (an explicit spec that differs from warm's).
-
-        Counts are remembered per (cache folder, spec, plan) under the shards' stat
-        (:class:`~dalda_aug.plan.records.CoverageRecord`): constructing again over an unchanged
-        cache computes no key."""
-        spec = self.cache.spec
-        sources = self._item_source[self._item_source >= 0]
-        effect = ("items whose chosen variant is missing are served real (on_miss='real'), so fewer than "
-                  f"p={self.p:g} of the items are synthetic")
-        if missing_folder:
-            self.cached_variants = 0
-            if self.on_miss == "real":
-                warnings.warn(f"the cache folder {self.cache.directory} does not exist: {effect}; warm it with "
-                              "`dalda-aug warm`", UserWarning, stacklevel=3)
-            return
-        token = self.cache.state_token()
-        digest = self._plan.columns.key_digest(sources)
-        n_planned, self.cached_variants, entries = 0, 0, None
-        if spec is not None:
-            counts = self._coverage(spec.fingerprint, sources, digest, token)
-            self.cached_variants, n_planned = counts["held"], counts["planned"]
-            if n_planned and self.cached_variants == n_planned:
-                self._all_cached = True
-                return
-            entries = counts.get("entries")
-        held = []
-        better = False
-        for other in self.cache.recorded_specs():
-            other_counts = self._coverage(other.fingerprint, sources, digest, token)
-            held.append(f"{other.describe()} ({other_counts['held']} of these variants)")
-            better = better or other_counts["held"] > self.cached_variants
-            entries = other_counts.get("entries", entries)
-        if self.on_miss != "real" and not better:
-            return
-        if entries is None:
-            entries = len(self.cache.keys())
-        holds = "; ".join(held) if held else "no recorded spec"
-        if self.on_miss == "real":
-            consequence = effect[0].upper() + effect[1:]
-        else:
-            consequence = f"Missing variants are handled by on_miss={self.on_miss!r}"
-        warnings.warn(
-            f"{self.cached_variants}/{n_planned} synthetic variants of the plan are cached in "
-            f"{self.cache.directory} under the spec in use ({spec.describe() if spec else None}); the cache "
-            f"holds {entries} images, specs: {holds}. {consequence}. Warm the cache "
-            "(`dalda-aug warm`) or use the spec it was warmed with (SyntheticCache(directory) reads it).",
-            UserWarning, stacklevel=3)
-
-    def _coverage(self, fingerprint: str, sources: Any, digest: str, token: list[list[Any]]) -> dict[str, int]:
-        """``{"held", "planned"[, "entries"]}``: of the distinct keys of ``sources``' variants under
-        ``fingerprint``, how many the cache holds, and (when not all) how many entries it holds;
-        read from the coverage record of ``token`` or counted (one digest per variant with
-        :func:`~dalda_aug.cache.spec.variant_digests`, then either the cache's checked listing,
-        where it holds at most four rows per planned key, or a checked look-up of each). A row
-        whose value file is missing, of another size than the row says, or not a regular file is
-        not held (a partial copy of a cache): ``cache stats`` counts it out too. Only the rows and
-        the value files' stat are read (``cache stats`` also reads each header; an entry damaged
-        inside is refused when read, a miss warned about if construction counted every variant)."""
-        record = CoverageRecord(self.cache.directory, fingerprint, digest)
-        # on a network filesystem a client may see another node's write late in the stat: recount
-        remembered = not self.cache._is_network()
-        counts = record.load(token) if remembered else None
-        if counts is None:
-            planned = np.unique(variant_digests(fingerprint, *self._plan.columns.key_inputs(sources)))
-            held = 0
-            entries = None
-            if planned.size and self.cache.count_rows() <= 4 * planned.size:
-                # listing a cache of about the plan's size costs less than a look-up per key
-                listed = self.cache.checked_key_digests(heads=False)[0]
-                held = int(np.isin(planned, listed, assume_unique=True).sum())
-                entries = int(listed.size)
-            elif planned.size:  # a row and a value file's stat per key, no listing
-                held = int(self.cache.check_present(digest_hex(planned), heads=False)[0].sum())
-            counts = {"held": held, "planned": int(planned.size)}
-            if held < planned.size:
-                counts["entries"] = entries if entries is not None else len(self.cache.keys())
-            if remembered and self.cache.state_token() == token:  # nothing written meanwhile
-                record.save(token, counts)
-        return counts
-
     # -- torchvision dataset contract -----------------------------------------------------------
     def __len__(self) -> int:
         return len(self._item_source)
@@ -659,16 +482,6 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         position = self._position(index, draw_name(self.seed, int(epoch), index, int(draw), 0))
         return None if position is None else self._variant(index, position)
 
-    def _next_draw(self, index: int) -> str:
-        """Consume item ``index``'s next draw (counted across all processes) and name it."""
-        pinned, count = self._counter.take(index)
-        if pinned < 0:
-            # Never pinned: access n is epoch n's draw. Under DDP each rank counts its own
-            # accesses, so ranks other than 0 name theirs apart (never repeating rank 0's).
-            rank = self._counter.rank()
-            return draw_name(self.seed, count, index, 0, 0) + (f":r{rank}" if rank else "")
-        return draw_name(self.seed, pinned, index, count, self._counter.rank() if count else 0)
-
     def _position(self, index: int, name: str) -> int | None:
         """Which of item ``index``'s variants a draw named ``name`` picks, or None (real)."""
         return pick(name, self.p, self._count(index))
@@ -711,7 +524,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items")
         position = None
         if self.p > 0.0 and self._item_source[index] >= 0:
-            position = self._position(index, self._next_draw(index))
+            position = self._position(index, self._counter.next_name(self.seed, index))
         image = self._synthetic(index, position) if position is not None else None
         if image is None or position is None:
             image, target = self._real_item(index)
@@ -734,62 +547,13 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         entry = self.cache.get(key)
         if entry is not None:
             return entry.image
-        if self.on_miss == "error":
-            raise CacheMissError(
-                f"variant {variant.variant} of {variant.source!r} (key {key}) is not in {self.cache.directory}; "
-                "warm the cache first (dalda-aug warm) or use on_miss='generate'/'wait'/'real'"
-            )
-        if self.on_miss == "real":
-            if self._all_cached:  # counted cached at construction (from a coverage record, perhaps)
-                self._all_cached = False
-                warnings.warn(
-                    f"variant {variant.variant} of {variant.source!r} (key {key}) is not usable in "
-                    f"{self.cache.directory} although construction counted every planned variant cached (a value "
-                    "file removed or damaged since, outside the library?): it and any other such item is served "
-                    "real (on_miss='real'); `dalda-aug cache stats --plan` recounts, `dalda-aug warm` regenerates",
-                    UserWarning, stacklevel=3)
-            if self._pool is not None:
-                self._pool.submit(key, variant, self._source_image(index, variant))
-            return None
-        if self.on_miss == "wait":
-            if self._pool is None:
-                raise InputError("on_miss='wait' needs a generator pool: pass pool= or call attach_pool()")
-            self._pool.submit(key, variant, self._source_image(index, variant), force=True)
-            return self._pool.wait(key, self.cache, timeout=self.wait_timeout).image
-        # "generate": now, in this process, then cache it.
-        from ..generators.base import GenerationRequest
-
-        source = self._source_image(index, variant)
-        if getattr(self, "_said_generating", None) != os.getpid():  # once per process
-            self._said_generating = os.getpid()
-            self._say_generating(variant)
-        generator = self._get_generator()
-        image = generator.generate([GenerationRequest.from_variant(variant, source)], batch_size=1)[0]
-        self.cache.put(variant, image)
-        return image
-
-    def _say_generating(self, variant: Any) -> None:
-        """The one warning of a process that starts generating misses inside ``__getitem__``
-        (``on_miss="generate"``): which process, how many variants are missing, the faster way."""
-        worker = torch.utils.data.get_worker_info()
-        process = (f"DataLoader worker {worker.id} (pid {os.getpid()})" if worker is not None
-                   else f"the main process (pid {os.getpid()})")
-        if self.cached_variants is not None:
-            missing = f"{self.planned_variants - self.cached_variants} of the {self.planned_variants} planned variants"
-        else:
-            missing = "the planned variants"
-        warnings.warn(
-            f"on_miss='generate': generating variant {variant.variant} of {variant.source!r} inside __getitem__ in "
-            f"{process}, one image at a time; {missing} are missing from the cache {self.cache.directory}, and each "
-            "one drawn is generated this way. `dalda-aug warm --plan PLAN --cache CACHE` generates them faster, "
-            "batched and ahead of training (on every GPU with accelerate launch).",
-            UserWarning, stacklevel=4)
+        return MISS_POLICIES[self.on_miss].handle(self, index, variant, key)
 
     def _source_image(self, index: int, variant: Any) -> Any:
         """The real image of item ``index``, checked against the plan's content hash."""
         image = self._real_image(index)
         if image_sha256(image) != variant.source_sha256:
-            raise InputError(self._mismatch(index, "is not the image the plan was made from (content hash differs); "
+            raise InputError(mismatch(self, index, "is not the image the plan was made from (content hash differs); "
                                                    "re-plan after changing the dataset"))
         return image
 

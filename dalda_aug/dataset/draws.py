@@ -277,6 +277,17 @@ class DrawCounter:
         return pinned, count
 
     # -- run state -------------------------------------------------------------------------------
+    def next_name(self, seed: int, index: int) -> str:
+        """Consume item ``index``'s next draw (:meth:`take`, counted across all processes) and name
+        it (:func:`draw_name`), the rank included. Never pinned, access n is epoch n's draw; under DDP
+        each rank counts its own accesses, so ranks other than 0 name theirs apart (never repeating
+        rank 0's). Pinned, an epoch's first access is that epoch's draw on every rank."""
+        pinned, count = self.take(index)
+        rank = self.rank()
+        if pinned < 0:
+            return draw_name(seed, count, index, 0, 0) + (f":r{rank}" if rank else "")
+        return draw_name(seed, pinned, index, count, rank if count else 0)
+
     def state(self) -> dict[str, Any]:
         """The pinned epoch and every count, as of now."""
         with self.locked():
