@@ -92,6 +92,7 @@ from .checks import (
 from .misses import MISS_POLICIES
 from .draws import STATE_FORMAT, DrawCounter, check_state, draw_name, draw_seed, pick, unlink_lock
 from ..errors import CacheMissError, DaldaError, ImageError, InputError  # CacheMissError: importable from here too
+from ..plan.variant import SourceView
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
            "plan_indices"]
@@ -185,6 +186,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         self._pool: Any = None
         self._plan_repr = repr(plan)
         self._plan = plan
+        self._view = SourceView(plan.columns)  # the plan read per source
         # Whether the dataset reads each item's file itself (adapter.stock_path), with the plan's conversion.
         self._reads_files = paths is not None
         if n > 0 and paths is None:
@@ -335,13 +337,11 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
         s = int(self._item_source[index])
         if s < 0:
             return 0
-        start = self._plan.columns.arrays["group_start"]
-        return int(start[s + 1] - start[s])
+        return self._view.n_variants(s)
 
     def _variant(self, index: int, position: int) -> Any:
         """Variant ``position`` (in variant order) of item ``index``."""
-        cols = self._plan.columns
-        return self._plan.variants[int(cols.rows_of(int(self._item_source[index]))[position])]
+        return self._view.variant(int(self._item_source[index]), position)
 
     def _item_id(self, index: int) -> Any:
         """Item ``index``'s plan source, its file where the dataset reads it, else its index."""
@@ -355,9 +355,7 @@ class SyntheticAugmentedDataset(Dataset[tuple[Any, Any]]):
 
     def _expected_sha(self, index: int) -> str:
         """The plan's content hash of item ``index``'s source, read from the columns (no Variant)."""
-        cols = self._plan.columns
-        row = int(cols.rows_of(int(self._item_source[index]))[0])
-        return str(cols.string("source_sha256", int(cols.arrays["source_sha256"][row])))
+        return self._view.source_hash(int(self._item_source[index]))
 
     def _describe_item(self, index: int) -> str:
         source = self._item_id(index)

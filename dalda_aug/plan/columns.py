@@ -49,12 +49,16 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
-from .._io import atomic_writer, open_regular, sweep_orphans, write_atomic
+from .._io import atomic_writer, open_regular, sweep_orphans
 from ..errors import InputError, TemporaryFolderError
+from .arrays import (
+    StringTable, string_blob, flock_shared, grouping, lf_sha256, mapped, not_int_text, npy_bytes, remove_spill,
+    write_bytes_atomic,
+)
 from .records import StatRecord, file_stats, stat_row
 
 __all__ = ["COLUMNS_DIR", "COLUMNS_FORMAT", "KeyFields", "PlanColumns", "SPILL_ROWS", "STRING_TABLES"]
@@ -88,16 +92,6 @@ def _file_names() -> list[str]:
     return names
 
 
-def _npy_bytes(array: Any) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, data)
-
-
 class KeyFields(NamedTuple):
     """The fields of a variant its cache key reads (``GenerationSpec.key`` takes it as a variant)."""
 
@@ -105,36 +99,6 @@ class KeyFields(NamedTuple):
     lam: float
     seed: int
     source_sha256: str
-
-
-class _Table:
-    """Distinct strings, numbered in order of first appearance."""
-
-    def __init__(self) -> None:
-        self.index: dict[str, int] = {}
-
-    def add(self, text: str) -> int:
-        found = self.index.get(text)
-        if found is None:
-            found = self.index[text] = len(self.index)
-        return found
-
-    def arrays(self, errors: str = "strict", what: str = "string") -> tuple[Any, Any]:
-        return _blob(list(self.index), errors, what)
-
-
-def _blob(texts: list[str], errors: str, what: str) -> tuple[Any, Any]:
-    """``(blob, offsets)`` of ``texts`` encoded as UTF-8 (``errors``: the codec's error handler)."""
-    encoded = []
-    for text in texts:
-        try:
-            encoded.append(text.encode("utf-8", errors))
-        except UnicodeEncodeError as exc:
-            raise InputError(f"{what} {text!r} cannot be stored as UTF-8 (it holds {exc.reason}: "
-                             f"{text[exc.start:exc.end]!r})") from None
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
 
 
 class PlanColumns:
@@ -152,7 +116,7 @@ class PlanColumns:
     @classmethod
     def from_rows(cls, rows: Iterable[Any]) -> "PlanColumns":
         """Columns of ``rows`` (:class:`~dalda_aug.plan.Variant` objects)."""
-        tables = {name: _Table() for name in STRING_TABLES if name != "source"}
+        tables = {name: StringTable() for name in STRING_TABLES if name != "source"}
         sources: dict[tuple[bool, Any], int] = {}  # 3 and "3" may both be sources: keyed apart
         cols: dict[str, list[Any]] = {name: [] for name in _PER_VARIANT}
         for v in rows:
@@ -174,14 +138,14 @@ class PlanColumns:
         for name in STRING_TABLES:
             arrays[name] = np.asarray(cols[name], dtype=np.int32).reshape(-1)
             if name == "source":  # file names: any bytes the file system gave (os.fsdecode's surrogates)
-                blob, offsets = _blob([str(source) for (_, source) in sources], _DECODING["source"], "plan source")
+                blob, offsets = string_blob([str(source) for (_, source) in sources], _DECODING["source"], "plan source")
             else:
                 blob, offsets = tables[name].arrays(_DECODING.get(name, "strict"), f"plan {name.replace('_', ' ')}")
             arrays[f"{name}.blob"], arrays[f"{name}.offsets"] = blob, offsets
         for name, dtype in _NUMERIC.items():
             arrays[name] = np.asarray(cols[name], dtype=dtype).reshape(-1)
         arrays["source_is_int"] = np.asarray([is_int for (is_int, _) in sources], dtype=bool).reshape(-1)
-        arrays["order"], arrays["group_start"] = _grouping(arrays["source"], arrays["variant"], len(sources))
+        arrays["order"], arrays["group_start"] = grouping(arrays["source"], arrays["variant"], len(sources))
         return cls(arrays)
 
     # -- files -------------------------------------------------------------------------------------
@@ -193,12 +157,12 @@ class PlanColumns:
         folder.mkdir(parents=True, exist_ok=True)
         digests: dict[str, str] = {}
         for file_name in _file_names():
-            data = _npy_bytes(self.arrays[file_name[: -len(".npy")]])
-            _write_bytes_atomic(folder / file_name, data)
+            data = npy_bytes(self.arrays[file_name[: -len(".npy")]])
+            write_bytes_atomic(folder / file_name, data)
             digests[f"{COLUMNS_DIR}/{file_name}"] = hashlib.sha256(data).hexdigest()
         meta = json.dumps({"format": COLUMNS_FORMAT, "plan.jsonl bytes": int(rows_size),
                            "plan.jsonl sha256": str(rows_digest)}) + "\n"
-        _write_bytes_atomic(folder / "meta.json", meta.encode("utf-8"))
+        write_bytes_atomic(folder / "meta.json", meta.encode("utf-8"))
         return digests
 
     @classmethod
@@ -263,7 +227,7 @@ class PlanColumns:
                     checked = False
                     fh.seek(0)
                 try:
-                    arrays[name[: -len(".npy")]] = _mapped(fh)
+                    arrays[name[: -len(".npy")]] = mapped(fh)
                 except (ValueError, OSError, EOFError) as exc:
                     raise InputError(f"{path}: not a plan column: {exc}") from None
         columns = cls(arrays, directory)
@@ -349,7 +313,7 @@ class PlanColumns:
             raise InputError(f"{self._file('order')}: the rows of a source are not in variant order")
         if n_sources and (np.diff(np.minimum.reduceat(order, start[:-1])) <= 0).any():
             raise InputError(f"{self._file('source')}: sources are not numbered in order of first appearance")
-        bad_int = _not_int_text(a["source.blob"], a["source.offsets"], a["source_is_int"])
+        bad_int = not_int_text(a["source.blob"], a["source.offsets"], a["source_is_int"])
         if bad_int is not None:
             offsets = a["source.offsets"]
             text = bytes(a["source.blob"][int(offsets[bad_int]) : int(offsets[bad_int + 1])])
@@ -422,6 +386,16 @@ class PlanColumns:
         """Row indices of source ``s``'s variants, in variant order."""
         start = self.arrays["group_start"]
         return self.arrays["order"][int(start[s]) : int(start[s + 1])]
+
+    def n_variants(self, s: int) -> int:
+        """How many variants source number ``s`` has."""
+        start = self.arrays["group_start"]
+        return int(start[s + 1] - start[s])
+
+    def source_hash(self, s: int) -> str:
+        """The content hash (SHA-256) of source number ``s``, read from its first row."""
+        row = int(self.rows_of(s)[0])
+        return self.string("source_sha256", int(self.arrays["source_sha256"][row]))
 
     def group_sizes(self) -> Any:
         return np.diff(self.arrays["group_start"])
@@ -499,7 +473,7 @@ class PlanColumns:
         if self.directory is not None:
             folder = Path(self.directory) / COLUMNS_DIR
             try:
-                self.arrays = {name[: -len(".npy")]: _mapped(folder / name) for name in _file_names()}
+                self.arrays = {name[: -len(".npy")]: mapped(folder / name) for name in _file_names()}
             except OSError as exc:
                 where = (f"the temporary folder {self.directory} an in-memory plan was written to on host "
                          f"{state.get('host')!r}" if state.get("spilled") else f"the plan folder {self.directory}")
@@ -535,12 +509,12 @@ class PlanColumns:
         try:
             folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
             lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-            _flock_shared(lock)
+            flock_shared(lock)
             (folder / COLUMNS_DIR).mkdir()
             for file_name in _file_names():
                 with atomic_writer(folder / COLUMNS_DIR / file_name) as fh:
                     np.save(fh, np.ascontiguousarray(self.arrays[file_name[: -len(".npy")]]), allow_pickle=False)
-            arrays = {name[: -len(".npy")]: _mapped(folder / COLUMNS_DIR / name) for name in _file_names()}
+            arrays = {name[: -len(".npy")]: mapped(folder / COLUMNS_DIR / name) for name in _file_names()}
         except BaseException as exc:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -550,7 +524,7 @@ class PlanColumns:
                 raise self._spill_error(exc) from None
             raise
         self.arrays, self.directory = arrays, folder
-        self._spilled = weakref.finalize(self, _remove_spill, str(folder), lock, os.getpid())
+        self._spilled = weakref.finalize(self, remove_spill, str(folder), lock, os.getpid())
         return folder
 
     def _spill_error(self, exc: OSError) -> TemporaryFolderError:
@@ -579,92 +553,3 @@ class PlanColumns:
         found: PlanColumns = memo.get(id(self)) or self._copy(deep=True)
         memo[id(self)] = found
         return found
-
-
-def _not_int_text(blob: Any, offsets: Any, flagged: Any) -> int | None:
-    """The first entry marked in ``flagged`` whose bytes are not a decimal integer as ``str(int)``
-    writes it (digits after an optional ``-``, no leading zero), or None; vectorised."""
-    if not flagged.any():
-        return None
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    padded = np.concatenate([blob, np.zeros(2, dtype=np.uint8)])  # a first and second byte for every entry
-    first, second = padded[starts], padded[starts + 1]
-    negative = (lengths > 0) & (first == ord("-"))
-    lead = np.where(negative, second, first)  # the first digit
-    digits = lengths - negative
-    bad = flagged & ((digits < 1) | ((lead == ord("0")) & ((digits > 1) | negative)))
-    entry = np.repeat(np.arange(flagged.size), lengths)  # each byte's entry
-    digit = (blob >= ord("0")) & (blob <= ord("9"))
-    sign = (blob == ord("-")) & (np.arange(blob.size) == np.repeat(starts, lengths))
-    bad[entry[flagged[entry] & ~(digit | sign)]] = True
-    found = np.flatnonzero(bad)
-    return int(found[0]) if found.size else None
-
-
-def _flock_shared(fd: int) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no sweep either
-        return
-    fcntl.flock(fd, fcntl.LOCK_SH)
-
-
-def _remove_spill(folder: str, lock: int, owner: int) -> None:
-    """Remove a spilled folder, in the process that made it only (a forked child that collects its
-    copy of the columns leaves the folder to its parent)."""
-    import shutil
-
-    if os.getpid() != owner:
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        os.close(lock)
-    except OSError:
-        pass
-
-
-def lf_sha256(path: Path) -> str | None:
-    """SHA-256 of a text file read in chunks with CRLF as LF (as the JSONL reader hashes
-    ``plan.jsonl``; plan.json's digests are of LF text), or None where it cannot be read; one that
-    is not a regular file is an :class:`~dalda_aug.errors.UnsafeFileError`."""
-    digest = hashlib.sha256()
-    try:
-        fd, _ = open_regular(path, "plan rows", follow_symlinks=True)  # a FIFO or device: one line, no hang
-        with os.fdopen(fd, "rb") as fh:
-            carry = b""
-            while chunk := fh.read(1 << 22):
-                chunk = carry + chunk
-                carry = b"\r" if chunk.endswith(b"\r") else b""
-                digest.update(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
-            digest.update(carry)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
-def _mapped(file: Path | io.BufferedReader) -> Any:
-    """The ``.npy`` array in ``file`` (a path, or a binary file open at its start), memory-mapped
-    read-only, as a plain ndarray view (``np.memmap``'s own indexing costs microseconds per element).
-    Only the header is parsed (no pickle: an object dtype is refused); an empty array is made in memory."""
-    if not isinstance(file, io.BufferedReader):
-        with open(file, "rb") as fh:
-            return _mapped(fh)
-    version = np.lib.format.read_magic(file)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"unsupported .npy format version {version}")
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(file)
-    if dtype.hasobject:
-        raise ValueError("an object array (pickled data) is not a plan column")
-    if int(np.prod(shape, dtype=np.int64)) == 0:
-        return np.zeros(shape, dtype=dtype)
-    array = np.memmap(file, dtype=dtype, mode="r", offset=file.tell(), shape=shape, order="F" if fortran else "C")
-    return array.view(np.ndarray)
-
-
-def _grouping(source: Sequence[int] | Any, variant: Any, n_sources: int) -> tuple[Any, Any]:
-    order = np.lexsort((np.asarray(variant), np.asarray(source))).astype(np.int32)
-    counts = np.bincount(np.asarray(source, dtype=np.int64), minlength=n_sources)
-    group_start = np.zeros(n_sources + 1, dtype=np.int64)
-    np.cumsum(counts, out=group_start[1:])
-    return order, group_start

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 from ..errors import InputError
 from .columns import PlanColumns
 
-__all__ = ["Variant", "derive_seed", "seed_prefix", "seed_from_prefix"]
+__all__ = ["Variant", "SourceView", "derive_seed", "seed_prefix", "seed_from_prefix"]
 
 
 def seed_prefix(seed: int, source_sha256: str) -> Any:
@@ -114,3 +114,21 @@ class _Variants(Sequence[Variant]):
 
     def __iter__(self) -> Iterator[Variant]:
         return (Variant(*self._columns.fields(i)) for i in range(len(self)))
+
+
+class SourceView:
+    """A plan read per source (sources numbered in plan order), what a dataset needs of it:
+    :meth:`n_variants`, :meth:`source_hash` and :meth:`variant`, each read from the columns."""
+
+    def __init__(self, columns: PlanColumns) -> None:
+        self.columns = columns
+
+    def n_variants(self, s: int) -> int:
+        return self.columns.n_variants(s)
+
+    def source_hash(self, s: int) -> str:
+        return self.columns.source_hash(s)
+
+    def variant(self, s: int, k: int) -> Variant:
+        """Variant ``k`` (in variant order) of source number ``s``."""
+        return Variant(*self.columns.fields(int(self.columns.rows_of(s)[k])))
