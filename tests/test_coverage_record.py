@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-import dalda_aug.dataset as dataset_module
+import dalda_aug.dataset.checks as dataset_module  # the coverage count lives in its checks
 from dalda_aug.cache import GenerationSpec, SyntheticCache, variant_key, variant_keys
 from dalda_aug.dataset import SyntheticAugmentedDataset
 from dalda_aug.generators.ip_adapter import IPAdapterConfig
@@ -240,7 +240,7 @@ def test_a_cache_on_a_network_filesystem_is_always_recounted(setup, monkeypatch)
     _put(cache, list(plan)[:5])
     _settle(cache)
     counting = _CountingKeys(monkeypatch)
-    monkeypatch.setattr(type(cache), "_is_network", lambda self: True)  # as is_network_filesystem says on NFS
+    monkeypatch.setattr(type(cache), "is_network", lambda self: True)  # as is_network_filesystem says on NFS
     for calls in (1, 2):
         ds, _ = _build(root, plan, cache)
         assert ds.cached_variants == 5 and counting.calls == calls

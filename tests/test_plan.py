@@ -187,6 +187,29 @@ def test_plan_cli_consumes_prompt_banks(folder, tmp_path, tiny_models):
     assert "café" in (tmp_path / "p2" / "plan.jsonl").read_text(encoding="utf-8")
 
 
+def test_real_guidance_is_planned_from_the_command_line(folder, tmp_path, tiny_models):
+    """`plan --method` offers every registered generator: a Real Guidance plan holds the base
+    prompts, a constant λ (Real Guidance ignores it) and names its config, which `warm` reads."""
+    from dalda_aug.cli import build_parser
+    from dalda_aug.cli.cache import spec_from_args
+    from dalda_aug.generators.real_guidance import RealGuidanceConfig
+
+    choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["plan"]._actions
+                   if a.dest == "method").choices
+    assert {"dalda", "ip-adapter", "real-guidance", "da-fusion"} <= set(choices)
+    models_json = tiny_models.save(tmp_path / "models.json")
+    plan = _plan_cli(folder, tmp_path / "rg", models_json, "--method", "real-guidance")
+    assert len(plan) == 3 * len(plan.sources())
+    assert {v.lam for v in plan} == {0.0}
+    assert {v.prompt for v in plan.variants_for("coffee_cup/coffee.png")} == {"a photo of a coffee cup"}
+    assert plan.config["generator"] == {"method": "real_guidance", "config": RealGuidanceConfig().to_dict()}
+    args = build_parser().parse_args(["warm", "--plan", str(tmp_path / "rg"), "--cache", str(tmp_path / "c")])
+    assert type(spec_from_args(args, plan).config) is RealGuidanceConfig
+    # the paper's method stays the default, and its plan names no other generator
+    plan = _plan_cli(folder, tmp_path / "d", models_json)
+    assert "generator" not in plan.config
+
+
 def test_plan_reads_sources_in_chunks_with_the_same_result(folder, tiny_models, monkeypatch):
     import dalda_aug.plan.build as plan_module
 

@@ -123,7 +123,8 @@ class ShardSet:
                 reader.close()
         self._reset_handles()
 
-    def _is_network(self) -> bool:
+    def is_network(self) -> bool:
+        """Whether the cache folder is on a network filesystem (NFS, Lustre, GPFS...; read once)."""
         if self._network is None:
             self._network = is_network_filesystem(self.directory)
         return self._network
@@ -168,7 +169,7 @@ class ShardSet:
             try:
                 # The SafeDisk never pickles nor unpickles: the shard may have been made by anyone.
                 handle = diskcache.Cache(str(path), timeout=self.timeout, disk=safe_disk(),
-                                         **shard_settings(self._is_network(), self._journal_mode))
+                                         **shard_settings(self.is_network(), self._journal_mode))
             except (OSError, sqlite3.Error) as exc:
                 raise self._storage_error(exc, f"open the shard {path.name} for writing") from None
             self._handles[name] = handle
@@ -227,7 +228,7 @@ class ShardSet:
         self._check_process()
         reader = self._shard_readers.get(name)
         if reader is None:
-            reader = ShardReader(self.directory / f"{SHARD_PREFIX}{name}", self.timeout, mmap=not self._is_network(),
+            reader = ShardReader(self.directory / f"{SHARD_PREFIX}{name}", self.timeout, mmap=not self.is_network(),
                                  root=self.directory)
             self._shard_readers[name] = reader
         return reader

@@ -286,14 +286,15 @@ class SyntheticCache(ShardSet):
                               png_compress_level=self.png_compress_level, quality=self.quality)
 
     # -- keys -----------------------------------------------------------------------------
-    def _require_spec(self) -> GenerationSpec:
+    def require_spec(self) -> GenerationSpec:
+        """The spec keys are made under: the cache's own, else the recorded one (:meth:`resolve_spec`)."""
         return self.resolve_spec()
 
     def key(self, variant: Any) -> str:
         """Cache key of a plan variant (needs :attr:`spec`); a ``str`` key is returned as is."""
         if isinstance(variant, str):
             return variant
-        return self._require_spec().key(variant)
+        return self.require_spec().key(variant)
 
     def __contains__(self, variant_or_key: Any) -> bool:
         return super().__contains__(self.key(variant_or_key))
@@ -349,7 +350,7 @@ class SyntheticCache(ShardSet):
         The entry's metadata records the variant (λ, prompt, seed, score, class, source) and
         the generation and model fingerprints, plus ``metadata``.
         """
-        spec = self._require_spec()
+        spec = self.require_spec()
         key = spec.key(variant)
         meta = {
             "key": key,

@@ -98,7 +98,7 @@ def plan_share(plan: Any, cache: SyntheticCache, process_index: int = 0, num_pro
     from .spec import digest_hex, variant_digests
     from ..plan import Variant
 
-    fingerprint = cache._require_spec().fingerprint
+    fingerprint = cache.require_spec().fingerprint
     n = len(columns)
     parts = [variant_digests(fingerprint, *columns.key_inputs_of_rows(np.arange(start, min(n, start + _SHARE_CHUNK))))
              for start in range(0, n, _SHARE_CHUNK)]

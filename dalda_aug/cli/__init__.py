@@ -48,6 +48,16 @@ def _run_make_tiny_models(args: argparse.Namespace) -> int:
 
 
 # -- plan ------------------------------------------------------------------------------
+def _plan_methods() -> dict[str, str]:
+    """``plan --method`` choices -> the generator registry's ``METHOD`` (``real_guidance`` is
+    ``real-guidance`` on the command line); ``dalda`` is the IP-Adapter's, as the paper names it."""
+    from ..generators.base import registered_configs
+
+    methods = {method.replace("_", "-"): method for method in registered_configs()}
+    methods["dalda"] = "ip_adapter"
+    return methods
+
+
 def _run_plan(args: argparse.Namespace) -> int:
     from ..plan.ags import AGSConfig, Scaling
     from .cache import check_device, check_output_folder
@@ -87,7 +97,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 
         prompts = PromptBank.load(args.prompts)
     scorer = CLIPScorer.from_models(models, device=args.device, kind=args.score_kind, batch_size=args.batch_size)
-    if args.method == "da-fusion":  # DA-Fusion: class-token prompts, a drawn img2img strength per variant
+    method = _plan_methods()[args.method]
+    if method == "da_fusion":  # DA-Fusion: class-token prompts, a drawn img2img strength per variant
         from ..generators.da_fusion import build_da_fusion_plan
 
         if not args.tokens or prompts is not None:
@@ -98,6 +109,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         print(f"planned {len(plan)} DA-Fusion images for {plan.summary['sources']} source images "
               f"(strengths {plan.config['scaling']['strengths']}) -> {plan.save(args.out)}")
         return 0
+    if method not in ("ip_adapter", "da_fusion"):
+        # another generator (Real Guidance: img2img of the base prompt) ignores λ: a constant keeps its
+        # cache keys independent of the n-shot setting, as the few-shot benchmark plans it
+        scaling = Scaling("fixed", value=0.0)
     processes = _launched_processes(args.device)
     plan = build_plan(
         args.data,
@@ -113,6 +128,10 @@ def _run_plan(args: argparse.Namespace) -> int:
     )
     if processes is not None and not processes.is_main_process:
         return 0  # every process holds the whole plan; the main process writes it
+    if method != "ip_adapter":  # the plan names its generator's config, which warm reads
+        from ..generators.base import registered_configs
+
+        plan.config["generator"] = {"method": method, "config": registered_configs()[method]().to_dict()}
     _record_model_defaults(plan, args.models)
     out = plan.save(args.out)
     s = plan.summary
@@ -190,8 +209,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--score-kind", choices=("softmax", "cosine"), default="softmax")
     p.add_argument("--device", default="cpu", help="torch device for CLIP scoring (default cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per CLIP batch")
-    p.add_argument("--method", choices=("dalda", "da-fusion"), default="dalda",
-                   help="dalda (default): prompts + λ; da-fusion: 'a photo of a <class token>' + a drawn strength")
+    methods = _plan_methods()
+    p.add_argument("--method", choices=sorted(methods), default="dalda",
+                   help="the generator the plan is for, any registered one (dalda_aug.generators): dalda or "
+                        "ip-adapter (default): prompts + λ; da-fusion: 'a photo of a <class token>' + a drawn "
+                        "strength; real-guidance: the base prompts, img2img at the config's strength (λ unused)")
     p.add_argument("--tokens", default=None, help="DA-Fusion token folder (dalda-aug textual-inversion)")
     p.add_argument("--overwrite", action="store_true", help="replace a plan already in --out (refused otherwise)")
     p.set_defaults(func=_run_plan)

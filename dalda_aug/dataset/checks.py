@@ -173,7 +173,7 @@ def coverage(ds: Any, fingerprint: str, sources: Any, digest: str, token: list[l
     inside is refused when read, a miss warned about if construction counted every variant)."""
     record = CoverageRecord(ds.cache.directory, fingerprint, digest)
     # on a network filesystem a client may see another node's write late in the stat: recount
-    remembered = not ds.cache._is_network()
+    remembered = not ds.cache.is_network()
     counts = record.load(token) if remembered else None
     if counts is None:
         planned = np.unique(variant_digests(fingerprint, *ds._plan.columns.key_inputs(sources)))
