@@ -15,7 +15,8 @@ import numpy as np
 
 from .._io import loads_bounded, read_json_object, write_atomic
 from ..errors import InputError, MissingFileError
-from .columns import PlanColumns, lf_sha256
+from .arrays import lf_sha256
+from .columns import PlanColumns
 from .variant import Variant
 
 __all__ = ["PLAN_FORMAT", "save_plan", "load_plan"]
