@@ -17,23 +17,16 @@ import logging
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
-from ..errors import HubUnreachableError, ModelLoadError  # HubUnreachableError: importable from here too
+from ..errors import HubUnreachableError as HubUnreachableError, ModelLoadError  # importable from here too
 from ..locations import ModelLocation, describe_location, is_local_location, parse_location  # re-exported
 from ..hub import (  # the hub check lives in dalda_aug.hub (a bottom floor); importable from here too
-    HUB_PROBE_TIMEOUT,
-    KNOWN_OPEN_CLIP_HUB,
-    MODELS_HINT,
-    HubFile,
-    check_hub,
-    hub_endpoint,
-    hub_files,
-    hub_reachable,
-    missing_from_hub_cache,
-    require_hub_models,
+    HUB_PROBE_TIMEOUT as HUB_PROBE_TIMEOUT, KNOWN_OPEN_CLIP_HUB as KNOWN_OPEN_CLIP_HUB, MODELS_HINT as MODELS_HINT,
+    HubFile as HubFile, check_hub as check_hub, hub_endpoint as hub_endpoint, hub_files as hub_files,
+    hub_reachable as hub_reachable, missing_from_hub_cache as missing_from_hub_cache,
+    require_hub_models as require_hub_models,
 )
 
 __all__ = [
-    "KNOWN_OPEN_CLIP_HUB",
     "ModelLocation",
     "parse_location",
     "is_local_location",
@@ -45,17 +38,8 @@ __all__ = [
     "load_vae",
     "load_tiny_vae",
     "quiet_loading",
-    "HubFile",
-    "HubUnreachableError",
-    "HUB_PROBE_TIMEOUT",
-    "MODELS_HINT",
-    "hub_endpoint",
-    "hub_reachable",
-    "hub_files",
-    "missing_from_hub_cache",
-    "check_hub",
-    "require_hub_models",
-]
+]  # the hub check's names (require_hub_models, ...) live in dalda_aug.hub; importable from here too
+
 
 def check_local_folder(location: str, field: str, what: str, marker: str) -> None:
     """For a local ``location``: fail now, naming the file, unless ``location/marker`` exists."""
