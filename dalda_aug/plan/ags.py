@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from ..errors import InputError
 
-__all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters"]
+__all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters", "lambda_from_uniforms"]
 
 # Where randomness comes from: a NumPy Generator, or an integer seed for one.
 RNGLike = Union[np.random.Generator, int]
@@ -216,13 +216,19 @@ def sample_lambda(scores: npt.ArrayLike, n_shot: npt.ArrayLike, rng: RNGLike,
     gen = _as_rng(rng)
     if config.mode == "clip":
         return np.asarray(np.clip(gen.normal(mu, sigma), lo, hi), dtype=np.float64)
-    # Exact truncated normal by inversion: robust when μ sits on a bound or σ is large.
+    return lambda_from_uniforms(gen.random(mu.shape), mu, sigma, lo, hi)
+
+
+def lambda_from_uniforms(u: npt.ArrayLike, mu: npt.ArrayLike, sigma: npt.ArrayLike, lo: npt.ArrayLike,
+                         hi: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """AGS's truncated normal by inversion: the λ of uniforms ``u`` in [0, 1) under
+    (μ, σ, lo, hi) of :func:`ags_parameters`, elementwise. Exact, and robust when μ sits on a bound
+    or σ is large; :func:`sample_lambda` and the plan's bulk draw both go through it."""
     from scipy.stats import truncnorm
 
-    a = (lo - mu) / sigma
-    b = (hi - mu) / sigma
-    u = gen.random(mu.shape)
-    out = truncnorm.ppf(u, a, b, loc=mu, scale=sigma)
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    out = truncnorm.ppf(u, (lo - mu) / sigma, (hi - mu) / sigma, loc=mu, scale=sigma)
     return np.asarray(np.clip(out, lo, hi), dtype=np.float64)  # the clip guards the last ulp only
 
 

@@ -14,7 +14,7 @@ from ..data import ImageSource, SourceItem, check_scaled_size, image_sha256
 from ..errors import InputError
 from ..presets import PHOTO_TEMPLATE
 from . import AugmentationPlan
-from .ags import Scaling, ags_parameters, sample_scales
+from .ags import Scaling, ags_parameters, lambda_from_uniforms, sample_scales
 from .folder import PLAN_FORMAT
 from .variant import Variant, derive_seed, seed_from_prefix, seed_prefix
 
@@ -176,7 +176,8 @@ def _draw_lambdas(hashes: Sequence[str], scores: np.ndarray, shots: Sequence[int
     ``sample_scales(np.full(variants, scores[i]), shots[i], rng_i, scaling)`` with ``rng_i`` seeded by
     ``derive_seed(seed, hashes[i], 0, "lambda")``, exactly.
 
-    AGS's truncated normal (``ags.sample_lambda``) inverts scipy's ``truncnorm`` CDF, whose call costs
+    AGS's truncated normal (:func:`~dalda_aug.plan.ags.lambda_from_uniforms`) inverts scipy's
+    ``truncnorm`` CDF, whose call costs
     about a millisecond whatever its size: there each source's uniforms are drawn from its own
     generator as ``sample_lambda`` draws them, and the inversion, an elementwise function, runs over
     many sources at once. The other strategies call :func:`~dalda_aug.plan.ags.sample_scales` per source.
@@ -188,8 +189,6 @@ def _draw_lambdas(hashes: Sequence[str], scores: np.ndarray, shots: Sequence[int
         for i, rng in enumerate(rngs):
             out[i] = sample_scales(np.full(variants, scores[i]), shots[i], rng, scaling)
         return out
-    from scipy.stats import truncnorm
-
     # what sample_lambda draws, per source: u = rng.random(variants) after ags_parameters (no draw)
     uniforms = np.empty((n_sources, variants), dtype=np.float64)
     for i, rng in enumerate(rngs):
@@ -200,10 +199,7 @@ def _draw_lambdas(hashes: Sequence[str], scores: np.ndarray, shots: Sequence[int
     out = np.empty(u.shape, dtype=np.float64)
     for start in range(0, u.size, _LAMBDA_BLOCK):
         part = slice(start, start + _LAMBDA_BLOCK)
-        mu, sigma, lo, hi = ags_parameters(row_scores[part], row_shots[part], scaling.ags)
-        a = (lo - mu) / sigma
-        b = (hi - mu) / sigma
-        out[part] = np.clip(truncnorm.ppf(u[part], a, b, loc=mu, scale=sigma), lo, hi)
+        out[part] = lambda_from_uniforms(u[part], *ags_parameters(row_scores[part], row_shots[part], scaling.ags))
     return out.reshape(n_sources, variants)
 
 
