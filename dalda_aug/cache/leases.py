@@ -32,7 +32,7 @@ __all__ = [
 #: The longest a lease lasts without being renewed (seconds). A lease found with a later expiry
 #: (or none), e.g. planted in a shipped shard, counts as expiring this long after it is seen: it is
 #: rewritten to do so. ``warm``'s ``lease_seconds`` may not exceed it. Read when used: setting
-#: ``dalda_aug.cache.LEASE_CAP_SECONDS`` sets it here (see the package's ``__init__``).
+#: ``dalda_aug.cache.LEASE_CAP_SECONDS`` (a moved path) reads it here.
 LEASE_CAP_SECONDS = 60.0
 
 

@@ -28,7 +28,7 @@
   (:meth:`~dalda_aug.cache.SyntheticCache.claim`): two processes writing the same shard skip
   each other's keys instead of generating everything twice. Leases are renewed while a batch
   runs and expire ``lease_seconds`` after a process dies, so its keys are taken over. No lease
-  lasts longer than :data:`~dalda_aug.cache.LEASE_CAP_SECONDS` unless renewed (one planted with
+  lasts longer than :data:`~dalda_aug.cache.leases.LEASE_CAP_SECONDS` unless renewed (one planted with
   a later expiry is cut down to that), and waiting for another process's keys is said once.
 * **Clear failures.** A full disk or a read-only cache folder stops warming with one line
   naming the folder (:class:`~dalda_aug.cache.CacheFullError`,
@@ -317,6 +317,14 @@ class _Leases:
                 log.debug("could not release the leases of %d keys: %s", len(keys), exc)
 
 
+def check_dtype_on_device(dtype: str, device: str, what: str = "dtype float16") -> None:
+    """float16 cannot generate on the CPU: an :class:`InputError` naming ``what`` (the option that
+    asked for it) before anything is written; the one check ``warm`` and ``dalda-aug warm`` make."""
+    if dtype == "float16" and device.startswith("cpu"):
+        raise InputError(f"{what} cannot generate on the CPU (device {device!r}): use float32 or bfloat16 there, "
+                         "or a CUDA device")
+
+
 def warm(
     plan: Any,
     cache: SyntheticCache,
@@ -353,7 +361,7 @@ def warm(
         writer_threads: threads encoding and storing images while the generator runs.
         lease_seconds: lifetime of the lease on a batch being generated (renewed while the
             batch runs): how long other processes wait before taking over the keys of a
-            process that died; at most :data:`~dalda_aug.cache.LEASE_CAP_SECONDS`.
+            process that died; at most :data:`~dalda_aug.cache.leases.LEASE_CAP_SECONDS`.
 
     ``float16`` on a CPU device is refused (:class:`~dalda_aug.errors.InputError`) before anything
     is written: it cannot generate there. Raises :class:`~dalda_aug.cache.CacheFullError` or
@@ -374,11 +382,10 @@ def warm(
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     cap = _leases.LEASE_CAP_SECONDS
     if not 0 < lease_seconds <= cap:
-        raise InputError(f"lease_seconds must be > 0 and at most {cap:g} (dalda_aug.cache.LEASE_CAP_SECONDS), "
+        raise InputError(f"lease_seconds must be > 0 and at most {cap:g} (dalda_aug.cache.leases.LEASE_CAP_SECONDS), "
                          f"got {lease_seconds!r}")
-    if generator is None and spec.dtype == "float16" and str(device).startswith("cpu"):
-        raise InputError(f"dtype float16 cannot generate on the CPU (device {device!r}): use float32 or bfloat16 "
-                         "there, or a CUDA device")
+    if generator is None:
+        check_dtype_on_device(spec.dtype, str(device))
     if plan.data_root and images is None:
         if not Path(plan.data_root).is_dir():
             raise MissingFileError(f"the plan's image folder {plan.data_root} is missing; if the images moved, "

@@ -160,17 +160,20 @@ def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = Non
     return GenerationSpec(models, config, args.dtype or default_dtype(getattr(args, "device", None)))
 
 
+def accelerate_cpu() -> bool:
+    """Whether ``accelerate launch --cpu`` asked for the CPU (``ACCELERATE_USE_CPU``), read in one place."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
 def default_dtype(device: str | None = None) -> str:
     """The generation dtype when ``--dtype`` is not given: ``"float16"`` on a CUDA device (the
     reference code generates in float16), else ``"float32"``. Without ``device``: the device
     ``warm`` would pick (CUDA when available and accelerate is not told ``--cpu``)."""
-    import os
 
     if device is None:
         import torch
 
-        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+        device = "cuda" if torch.cuda.is_available() and not accelerate_cpu() else "cpu"
     return "float16" if str(device).startswith("cuda") else "float32"
 
 
@@ -252,7 +255,6 @@ def partial_state(device: str | None) -> Any:
     ``accelerate launch --cpu`` starts a single process unless MPI is set up; on a machine
     without GPUs, ``accelerate launch --multi_gpu --num_processes N`` starts N CPU processes.
     """
-    import os
 
     import torch
 
@@ -261,18 +263,17 @@ def partial_state(device: str | None) -> Any:
     accelerate = require("accelerate", "generate")
     cpu = (
         (device is not None and device.startswith("cpu"))
-        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or accelerate_cpu()
         or not torch.cuda.is_available()
     )
     return accelerate.PartialState(cpu=cpu)
 
 
 def _run_warm(args: argparse.Namespace) -> int:
-    import os
 
     from ..cache import SyntheticCache, default_shard_name
     from ..errors import InputError
-    from ..cache.warm import warm
+    from ..cache.warm import check_dtype_on_device, warm
 
     quality = _quality(args.quality, args.format)  # before the plan is read
     if args.threads is not None and args.threads < 1:
@@ -285,14 +286,12 @@ def _run_warm(args: argparse.Namespace) -> int:
     if args.shard and world > 1:
         shard = f"{args.shard}-{rank}"
     device = args.device or str(state.device)
-    if spec.dtype == "float16" and device.startswith("cpu"):  # before anything is written
-        raise InputError(f"--dtype {args.dtype or 'float16'}: float16 cannot generate on the CPU (device {device}); "
-                         "use --dtype float32 or bfloat16, or a CUDA device")
+    check_dtype_on_device(spec.dtype, device, f"--dtype {args.dtype or 'float16'}")  # before anything is written
     cache = SyntheticCache(args.cache, spec, image_format=args.format, shard=shard, quality=quality)
     # Say which share this process takes: e.g. `accelerate launch --cpu --num_processes 2`
     # starts ONE process (accelerate needs MPI for several CPU processes), silently otherwise.
     note = ""
-    if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+    if world == 1 and accelerate_cpu():
         note = ("; `accelerate launch --cpu` starts one process: for N CPU processes use "
                 "`accelerate launch --multi_gpu --num_processes N` on a machine without GPUs")
     print(f"dalda-aug warm: {describe_settings(args, spec, device)}; process rank {rank} of world size {world}, "
