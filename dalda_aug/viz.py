@@ -206,13 +206,12 @@ def plan_contact_sheet(plan: AugmentationPlan, cache: SyntheticCache, *, classes
     """
     from PIL import Image
 
-    from .data import load_image, source_path
+    from .plan.sources import SourceImages
 
     if load_source is None:
         if not plan.data_root:
             raise InputError("the plan has no data_root; pass load_source to load its source images")
-        root = Path(plan.data_root)
-        load_source = lambda source: load_image(source_path(root, str(source)))  # noqa: E731
+        load_source = SourceImages(plan, verify=False).load
     known = set(plan.class_names)
     unknown = sorted(set(classes or ()) - known)
     if unknown:
@@ -248,13 +247,12 @@ def filter_contact_sheet(parent: AugmentationPlan, cache: SyntheticCache, kept_r
     gives them)."""
     from PIL import Image
 
-    from .data import load_image, source_path
+    from .plan.sources import SourceImages
 
     if load_source is None:
         if not parent.data_root:
             raise InputError("the plan has no data_root; pass load_source to load its source images")
-        root = Path(parent.data_root)
-        load_source = lambda source: load_image(source_path(root, str(source)))  # noqa: E731
+        load_source = SourceImages(parent, verify=False).load
     kept = set(int(r) for r in kept_rows)
     names = list(specs) or [f"filter {j + 1}" for j in range(np.shape(scores)[1])]
     cols = parent.columns

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable
 
 from . import leases as _leases
 from . import CacheReadOnlyError, SyntheticCache
-from ..data import check_scaled_size, image_sha256, load_image, source_path, to_rgb
+from ..data import image_sha256, load_image, source_path
 from ..errors import DaldaError, InputError, MissingFileError
 
 __all__ = ["warm", "WarmReport", "WarmInterrupted", "shard_keys", "plan_keys", "plan_share", "rebase_plan"]
@@ -185,38 +185,6 @@ class WarmInterrupted(KeyboardInterrupt):
     def __init__(self, kept: int, stored: int, assigned: int):
         super().__init__(f"interrupted: {kept} of {assigned} images kept ({stored} written by this run)")
         self.kept, self.stored, self.assigned = kept, stored, assigned
-
-
-class _SourceImages:
-    """Loads plan source images (folder plans: ``data_root/source``; else ``images[source]``)
-    and checks them against the plan's content hashes."""
-
-    def __init__(self, plan: Any, images: Any = None):
-        self.root = Path(plan.data_root) if plan.data_root else None
-        self.images = images
-        self._last: tuple[Any, Any] | None = None
-
-    def __call__(self, variant: Any) -> Any:
-        if self._last is not None and self._last[0] == variant.source:
-            return self._last[1]
-        if self.images is not None:
-            item = self.images[variant.source]
-            image = to_rgb(item[0] if isinstance(item, (tuple, list)) else item, f"source {variant.source!r}")
-            what = f"source {variant.source!r}"
-        elif self.root is not None and isinstance(variant.source, str):
-            path = source_path(self.root, variant.source)  # refuses paths leaving the root
-            image, what = load_image(path), str(path)
-        else:
-            raise InputError(
-                f"plan source {variant.source!r} is a dataset index: pass images= (the dataset the plan was made from)"
-            )
-        # before IP-Adapter's feature extractor resizes its shorter side (7.5 GB for a 100000x2 PNG)
-        check_scaled_size(image.size, FEATURE_EXTRACTOR_EDGE, what)
-        if image_sha256(image) != variant.source_sha256:
-            raise InputError(f"source image {variant.source!r} differs from the one the plan was made from "
-                             "(content hash changed); re-plan")
-        self._last = (variant.source, image)
-        return image
 
 
 class _Writer:
@@ -435,7 +403,9 @@ def warm(
     # Group by source: each reference image is loaded (and embedded) once.
     order = {source: i for i, source in enumerate(plan.sources())}
     todo.sort(key=lambda v: (order.get(v.source, len(order)), v.variant))
-    load_source = _SourceImages(plan, images)
+    from ..plan.sources import SourceImages
+
+    load_source = SourceImages(plan, images, max_edge=FEATURE_EXTRACTOR_EDGE)
     if generator is None:
         from ..hub import require_hub_models
 

@@ -36,7 +36,7 @@ def _open(args: argparse.Namespace) -> tuple[AugmentationPlan, SyntheticCache]:
 
 
 def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
-    from ..data import load_image, source_path
+    from ..plan.sources import SourceImages
 
     if not plan.data_root:
         raise InputError("the plan has no data_root (it was built from an in-memory dataset); "
@@ -47,7 +47,7 @@ def _source_loader(plan: AugmentationPlan) -> Callable[[str], Image.Image]:
 
         raise MissingFileError(f"the plan's image folder {root} is missing; if the images moved, give their new "
                                "folder with --data-root DIR (each source is checked there by its content hash)")
-    return lambda source: load_image(source_path(root, str(source)))
+    return SourceImages(plan, verify=False).load
 
 
 # -- metrics ---------------------------------------------------------------------------------
