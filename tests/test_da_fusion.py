@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
-from dalda_aug import DAFusionConfig, DAFusionGenerator, train_textual_inversion  # noqa: E402
+from dalda_aug.generators.da_fusion import DAFusionConfig, DAFusionGenerator  # noqa: E402
+from dalda_aug.generators.textual_inversion import train_textual_inversion  # noqa: E402
 from dalda_aug.errors import InputError  # noqa: E402
 from dalda_aug.generators import GenerationRequest  # noqa: E402
 from dalda_aug.generators.da_fusion import DA_FUSION_STRENGTHS, build_da_fusion_plan, draw_strengths  # noqa: E402

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dalda_aug import demo, viz
+from dalda_aug import viz
+from dalda_aug.cli import demo
 from dalda_aug.config import ModelConfig
 
 

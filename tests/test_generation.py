@@ -76,7 +76,7 @@ def generator(tiny_models, config):
 
 
 def _stock_pipeline(tiny_models, with_adapter: bool):
-    """Stock diffusers, built here independently of dalda_aug.generation's loader."""
+    """Stock diffusers, built here independently of dalda_aug.generators.ip_adapter's loader."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -405,7 +405,7 @@ def test_constructor_loads_nothing_and_import_is_light(tiny_models):
     gen = IPAdapterGenerator(tiny_models)
     assert not gen.is_loaded and "not loaded" in repr(gen)
     code = (
-        "import sys, dalda_aug.generation as g; "
+        "import sys, dalda_aug.generators.ip_adapter as g; "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

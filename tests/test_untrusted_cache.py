@@ -274,7 +274,11 @@ def test_registered_config_classes_still_read(world, tmp_path):
     from dalda_aug.generators.real_guidance import RealGuidanceConfig
 
     _, _, spec = world
-    for config, name in [(spec.config, "dalda_aug.generation:IPAdapterConfig"),
+    # records written before the IP-Adapter's config was renamed (GenerationConfig) and under the
+    # import paths that moved read as before, through the map of moved paths
+    for config, name in [(spec.config, "dalda_aug.generation:GenerationConfig"),
+                         (spec.config, "dalda_aug.generators.ip_adapter:GenerationConfig"),
+                         (spec.config, "dalda_aug:GenerationConfig"),
                          (spec.config, "dalda_aug.generators.ip_adapter:IPAdapterConfig"),
                          (RealGuidanceConfig(num_inference_steps=2), "dalda_aug.real_guidance:RealGuidanceConfig")]:
         other = GenerationSpec(spec.models, config)
