@@ -4,8 +4,12 @@ the codec options still work, with a DeprecationWarning."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import subprocess
+import sys
 import warnings
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import pytest
@@ -15,7 +19,11 @@ from dalda_aug.cache import GenerationSpec, SyntheticCache, decode_entry, encode
 from dalda_aug.cache.codecs import CODECS, ImageCodec, image_formats, register_codec, resolve_format
 from dalda_aug.errors import InputError
 from dalda_aug.generation import GenerationConfig
+from dalda_aug.generators import (GeneratorConfig, config_class_for, config_from_dict, generator_class_for,
+                                  pixel_field, register_generator, registered_configs)
 from dalda_aug.plan import Variant
+
+from helpers import cli_env
 
 
 def _image(seed: int, size: tuple[int, int] = (20, 12)) -> Image.Image:
@@ -131,3 +139,68 @@ def test_old_spellings_still_work_with_a_deprecation_warning(tmp_path, spec):
         SyntheticCache(tmp_path / "c", spec, image_format="jpeg:90", quality=80)
     with pytest.raises(InputError, match="lossless"):
         SyntheticCache(tmp_path / "c", spec, image_format="png", quality=80)
+
+
+# -- generators ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EchoConfig(GeneratorConfig):
+    """A third party's generator config: one pixel field of its own."""
+
+    METHOD: ClassVar[str] = "echo_test"
+    FIELD_DEFAULTS: ClassVar[Mapping[str, Any]] = {"num_inference_steps": 3}
+    tint: int = pixel_field(7)
+
+
+class EchoGenerator:
+    """What ``register_generator`` points at (imported by name on first use)."""
+
+    def __init__(self, models: Any, config: EchoConfig, device: Any = "cpu", dtype: str = "float32") -> None:
+        self.models, self.config, self.device, self.dtype = models, config, device, dtype
+
+
+@pytest.fixture()
+def echo_registered():
+    from dalda_aug.generators import base
+
+    register_generator(EchoConfig, f"{__name__}:EchoGenerator")
+    try:
+        yield
+    finally:
+        base._REGISTRY.pop(EchoConfig, None)
+
+
+def test_generator_registered_at_run_time_is_found_by_name(echo_registered, tiny_models):
+    assert list(registered_configs()) == ["ip_adapter", "real_guidance", "da_fusion", "echo_test"]
+    assert config_class_for("echo_test") is EchoConfig
+    config = config_from_dict("echo_test", EchoConfig(tint=9).to_dict())
+    assert config == EchoConfig(tint=9) and config.num_inference_steps == 3
+    assert generator_class_for(config) is EchoGenerator
+    spec = GenerationSpec(tiny_models, config, "float32")
+    assert isinstance(spec.make_generator("cpu"), EchoGenerator) and spec.make_generator("cpu").config.tint == 9
+    # the pixel field is part of the spec's fingerprint, as a built-in's are
+    assert GenerationSpec(tiny_models, EchoConfig(tint=8), "float32").fingerprint != spec.fingerprint
+    with pytest.raises(InputError, match="unknown generation method 'echo'.*echo_test"):
+        config_class_for("echo")
+
+
+def test_register_generator_refuses_a_taken_name():
+    @dataclasses.dataclass(frozen=True)
+    class Impostor(GeneratorConfig):
+        METHOD: ClassVar[str] = "ip_adapter"
+
+    with pytest.raises(InputError, match="built-in"):
+        register_generator(Impostor, f"{__name__}:EchoGenerator")
+    assert config_class_for("ip_adapter").__name__ == "GenerationConfig"
+    with pytest.raises(InputError, match="unknown generation method"):
+        config_from_dict("no_such_method", {})
+
+
+def test_builtins_load_one_at_a_time():
+    code = ("import sys\nfrom dalda_aug.generators import config_class_for\n"
+            "config_class_for('real_guidance')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('dalda_aug.generators.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=cli_env())
+    assert out.returncode == 0, out.stderr
+    loaded = set(eval(out.stdout.strip()))
+    assert "dalda_aug.generators.real_guidance" in loaded
+    assert not loaded & {"dalda_aug.generators.ip_adapter", "dalda_aug.generators.da_fusion"}
