@@ -204,3 +204,31 @@ def test_builtins_load_one_at_a_time():
     loaded = set(eval(out.stdout.strip()))
     assert "dalda_aug.generators.real_guidance" in loaded
     assert not loaded & {"dalda_aug.generators.ip_adapter", "dalda_aug.generators.da_fusion"}
+
+
+def test_a_fewshot_method_names_its_generator_and_the_registry_does_the_rest(echo_registered, tiny_models,
+                                                                             tmp_path, monkeypatch):
+    import argparse
+
+    from dalda_aug.fewshot.methods import METHODS, Method, generator_kinds
+    from dalda_aug.fewshot.settings import build_configs
+    from dalda_aug.generators.real_guidance import RealGuidanceConfig
+
+    monkeypatch.setitem(METHODS, "echo", Method("echo", "Echo", "base", "fixed", "echo_test"))
+    args = argparse.Namespace(steps=4, img2img_steps=6, guidance_scale=5.0, size=32, ti_steps=2, cache_format="raw",
+                              epochs=1, batch_size=2, lr=0.01, iterations_per_epoch=0, autocast=None,
+                              backbone="resnet50", pretrained=None)
+    configs = build_configs(args, tiny_models, "float32", tmp_path / "cache", "cpu", 0)
+    assert generator_kinds() == list(configs.generators) == ["ip_adapter", "real_guidance", "da_fusion", "echo_test"]
+    assert configs.generators["echo_test"] == EchoConfig(num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
+    assert configs.generators["ip_adapter"] == GenerationConfig(num_inference_steps=4, guidance_scale=5.0, height=32,
+                                                                width=32)
+    # an img2img generator runs --img2img-steps
+    assert configs.generators["real_guidance"] == RealGuidanceConfig(num_inference_steps=6, guidance_scale=5.0,
+                                                                     height=32, width=32)
+    # DA-Fusion makes its config per plan (its tokens): no shared spec; the others get one, and a cache
+    assert set(configs.specs) == set(configs.caches) == {"ip_adapter", "real_guidance", "echo_test"}
+    assert configs.specs["echo_test"].fingerprint == GenerationSpec(tiny_models, configs.generators["echo_test"],
+                                                                    "float32").fingerprint
+    assert configs.caches["echo_test"].spec is configs.specs["echo_test"]
+    assert isinstance(configs.specs["echo_test"].make_generator("cpu"), EchoGenerator)

@@ -347,9 +347,10 @@ def run_identity(args: argparse.Namespace, data: Data, models: ModelConfig, conf
         "models": models.to_dict(),
         "generation": {kind: spec.fingerprint for kind, spec in configs.specs.items()},
         # a method whose plans make their own config: its generator's settings and the tokens'
-        **{METHODS[m].generator: {"generation": configs.generators[METHODS[m].generator].pixel_dict(),
-                                  "textual_inversion": configs.ti_config.to_dict(), "dtype": dtype}
-           for m in methods if m in METHODS and plans_own_config(str(METHODS[m].generator))},
+        **{kind: {"generation": configs.generators[kind].pixel_dict(), "textual_inversion": configs.ti_config.to_dict(),
+                  "dtype": dtype}
+           for kind in (str(METHODS[m].generator) for m in methods if m in METHODS and METHODS[m].generator)
+           if plans_own_config(kind)},
         "variants": args.variants, "p": args.p, "fixed_lambda": args.fixed_lambda, "ags_mode": args.ags_mode,
         "prompts": digest(bank.to_dict()) if bank is not None else None,
         "classifier": {"backbone": args.backbone, "mode": args.mode, "pretrained": str(configs.pretrained),
