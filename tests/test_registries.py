@@ -232,3 +232,21 @@ def test_a_fewshot_method_names_its_generator_and_the_registry_does_the_rest(ech
                                                                     "float32").fingerprint
     assert configs.caches["echo_test"].spec is configs.specs["echo_test"]
     assert isinstance(configs.specs["echo_test"].make_generator("cpu"), EchoGenerator)
+
+
+def test_warm_writes_the_format_its_name_asks_for(tmp_path, monkeypatch):
+    from dalda_aug.cli import main
+    from dalda_aug.plan import AugmentationPlan
+
+    from helpers import noise_folder
+
+    noise_folder(tmp_path / "data", ["cat"], per_class=1, size=(40, 32))
+    monkeypatch.chdir(tmp_path)
+    assert main(["make-tiny-models", "tiny"]) == 0
+    assert main(["plan", "--data", "data", "--out", "plan", "--variants", "2", "--models", "tiny"]) == 0
+    assert main(["warm", "--plan", "plan", "--cache", "cache", "--format", "webp:80", "--no-progress"]) == 0
+    plan = AugmentationPlan.load(tmp_path / "plan")
+    cache = SyntheticCache(tmp_path / "cache")
+    metas = [cache.get(cache.resolve_spec(plan).key(v)).metadata for v in plan]
+    assert [(m["format"], m["lossy"], m["quality"]) for m in metas] == [("webp", True, 80)] * len(plan) == \
+        [("webp", True, 80)] * 2
