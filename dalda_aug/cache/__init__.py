@@ -122,12 +122,12 @@ if TYPE_CHECKING:
     from .leases import LEASE_CAP_SECONDS as LEASE_CAP_SECONDS
     from .shards import (
         SHARD_PREFIX as SHARD_PREFIX, default_shard_name as default_shard_name,
-        is_network_filesystem as is_network_filesystem, log as log, row_refusal as row_refusal,
+        is_network_filesystem as is_network_filesystem, row_refusal as row_refusal,
     )
     from .spec import (
         KEY_FORMAT as KEY_FORMAT, SPEC_RECORD_FORMAT as SPEC_RECORD_FORMAT, SPECS_DIR as SPECS_DIR,
-        GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory, plan_fingerprint as plan_fingerprint,
-        variant_key as variant_key,
+        GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory, log as log,
+        plan_fingerprint as plan_fingerprint, variant_key as variant_key,
     )
     from .store import CachedImage as CachedImage, SyntheticCache as SyntheticCache, open_cache_dir as open_cache_dir
 
@@ -182,7 +182,7 @@ _EXPORTS = {
     "is_network_filesystem": "shards",
     "row_refusal": "shards",
     "SHARD_PREFIX": "shards",
-    "log": "shards",
+    "log": "spec",
     "export_folder_names": "imagefolder",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import re
 import socket
@@ -37,7 +36,7 @@ from ..errors import CacheStorageError, CorruptEntryError, DaldaError, require
 from ._diskcache import disk_directory, remove_value_file, sql
 from .codecs import HEAD_READ, HEADER, MAGIC, Refused, check_entry, check_head, head_length
 from .schema import files_refusal, harden_connection, schema_refusal
-from .spec import is_entry_key
+from .spec import is_entry_key, log  # the cache's one logger (defined in spec, the bottom module)
 
 __all__ = [
     "SHARD_PREFIX",
@@ -61,7 +60,6 @@ __all__ = [
     "human_bytes",
 ]
 
-log = logging.getLogger("dalda_aug.cache")  # the cache's one logger, whichever of its modules speaks
 
 SHARD_PREFIX = "shard-"
 # Persistent counter of corrupt entries removed, kept in each shard under this text key (entry
