@@ -511,10 +511,8 @@ def decode_latents(pipe: Any, latents: "torch.Tensor") -> list["Image.Image"]:
 # config class -> "module:Class" of its generator (imported on first use: heavy modules stay unloaded)
 _REGISTRY: dict[type[GeneratorConfig], str] = {}
 
-#: The built-in generators, in the order they are listed: ``METHOD -> ("module:ConfigClass",
-#: "module:GeneratorClass")``. A config module is imported only when its method is first asked
-#: for (a name, :func:`registered_configs`, a config of that class); third parties use
-#: :func:`register_generator` instead.
+#: The built-in generators, in order: ``METHOD -> ("module:ConfigClass", "module:GeneratorClass")``,
+#: each module imported when its method is first asked for; others join by :func:`register_generator`.
 BUILTIN_GENERATORS: dict[str, tuple[str, str]] = {
     "ip_adapter": (f"{__package__}.ip_adapter:GenerationConfig", f"{__package__}.ip_adapter:IPAdapterGenerator"),
     "real_guidance": (f"{__package__}.real_guidance:RealGuidanceConfig",
@@ -555,11 +553,8 @@ def _import_target(target: str) -> Any:
 def _load_builtins(method: str | None = None) -> None:
     """Register the built-in generators (``method``: only that one) not registered yet."""
     for name, (config_target, generator) in BUILTIN_GENERATORS.items():
-        if method is not None and name != method:
-            continue
-        if any(cls.METHOD == name for cls in _REGISTRY):
-            continue
-        register_generator(_import_target(config_target), generator)
+        if method in (None, name) and not any(cls.METHOD == name for cls in _REGISTRY):
+            register_generator(_import_target(config_target), generator)
 
 
 def registered_configs() -> dict[str, type[GeneratorConfig]]:
@@ -574,8 +569,7 @@ def registered_configs() -> dict[str, type[GeneratorConfig]]:
 def config_class_for(method: str) -> type[GeneratorConfig]:
     """The config class registered under ``method`` (its ``METHOD``), importing only that
     built-in; an :class:`InputError` naming the known methods for any other name."""
-    if method in BUILTIN_GENERATORS:
-        _load_builtins(method)
+    _load_builtins(method)
     for cls in _REGISTRY:
         if cls.METHOD == method:
             return cls
@@ -584,9 +578,7 @@ def config_class_for(method: str) -> type[GeneratorConfig]:
 
 def generator_class_for(config: GeneratorConfig) -> type:
     """The generator class registered for ``type(config)`` (exact type: no silent fallback)."""
-    method = getattr(type(config), "METHOD", None)
-    if isinstance(method, str) and method in BUILTIN_GENERATORS:
-        _load_builtins(method)
+    _load_builtins(str(getattr(type(config), "METHOD", "")))
     target = _REGISTRY.get(type(config))
     if target is None:
         _load_builtins()
