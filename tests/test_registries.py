@@ -125,6 +125,10 @@ def test_old_spellings_still_work_with_a_deprecation_warning(tmp_path, spec):
     with pytest.warns(DeprecationWarning, match="image_format='png:6'"):
         old = encode_entry(image, {"k": 1}, "png", png_compress_level=6)
     assert old == encode_entry(image, {"k": 1}, "png:6")
+    with pytest.raises(InputError, match="disagree"):
+        encode_entry(image, {}, "png:6", png_compress_level=3)
+    with pytest.raises(InputError, match="disagree"):
+        encode_entry(image, {}, "jpeg:90", quality=80)
     # SyntheticCache's quality= is the same setting as the option in the name
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -350,7 +350,9 @@ def encode_entry(image: Any, metadata: dict[str, Any], image_format: str = DEFAU
         if not isinstance(png_compress_level, int) or isinstance(png_compress_level, bool) \
                 or not 0 <= png_compress_level <= 9:
             raise InputError(f"png_compress_level must be in 0..9, got {png_compress_level!r}")
-        if codec.name == "png" and ":" not in str(image_format):
+        if codec.name == "png":
+            if ":" in str(image_format) and option != png_compress_level:
+                raise InputError(f"image_format {image_format!r} and png_compress_level={png_compress_level} disagree")
             option = png_compress_level
         warnings.warn(f"encode_entry(png_compress_level=...) is deprecated: name the format with its option, "
                       f"image_format='png:{png_compress_level}'", DeprecationWarning, stacklevel=2)
