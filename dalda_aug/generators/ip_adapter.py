@@ -53,7 +53,6 @@ from .base import (
     image_key,
     load_sd_pipeline,
     pixel_field,
-    register_generator,
     resolve_torch_dtype,
     speed_field,
 )
@@ -572,6 +571,3 @@ class IPAdapterGenerator(Generator):
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             bar.update()
         return latents
-
-
-register_generator(GenerationConfig, f"{__name__}:IPAdapterGenerator")
