@@ -349,7 +349,7 @@ def measure_disk() -> dict:
     out = {}
     for fmt, quality in labels:
         try:
-            sizes = [len(encode_entry(p, {}, fmt, quality=quality)) for p in photos]
+            sizes = [len(encode_entry(p, {}, fmt if quality is None else f"{fmt}:{quality}")) for p in photos]
         except Exception as error:  # noqa: BLE001 - a format this build lacks
             out[fmt if quality is None else f"{fmt}:{quality}"] = {"error": str(error)[:200]}
             continue

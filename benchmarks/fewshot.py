@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "--size, --steps, --img2img-steps, --ti-steps and --backbone when not given; default: "
                            "the paper's hub models")
     meth.add_argument("--cache", type=Path, default=None, help="synthetic image cache folder (default OUT/cache)")
-    meth.add_argument("--cache-format", choices=dalda_aug.cache.IMAGE_FORMATS,
+    meth.add_argument("--cache-format", choices=dalda_aug.cache.image_formats(),
                       default=dalda_aug.cache.DEFAULT_IMAGE_FORMAT,
-                      help="encoding of new cache entries, one of the cache's image formats (`dalda-aug warm "
+                      help="encoding of new cache entries, one of the cache's image formats, with its option as "
+                           "NAME:OPTION (jpeg:90, webp:95; `dalda-aug warm "
                            "--help` describes them); lz4 and raw decode faster than png, which matters when data "
                            "loading limits training")
 

@@ -564,3 +564,10 @@ def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
     assert main(["cache", "verify", "--cache", str(tmp_path / "cache"), "--remove", "--no-progress"]) == 0
     assert "removed 1" in capsys.readouterr().out
     assert main(["cache", "stats", "--cache", str(tmp_path / "missing")]) == 2
+
+
+def test_human_bytes_one_wording():
+    from dalda_aug.cache.shards import human_bytes
+
+    assert [human_bytes(n) for n in (0, 1023, 1024, 1536, 10 * 2**20 + 2**19, 3 * 2**30, 2**40, 5 * 2**50)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "10.5 MiB", "3.0 GiB", "1.0 TiB", "5120.0 TiB"]

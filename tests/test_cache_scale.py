@@ -233,9 +233,19 @@ def test_the_cache_writes_lossy_entries_when_told(tmp_path, tiny_models):
     (["--format", "webp", "--quality", "101"], "--quality must be an integer in 1..100, got 101"),
     (["--format", "jpeg", "--quality", "high"], "--quality must be an integer in 1..100, got 'high'"),
     (["--quality", "90"], "not to lz4"),
+    (["--format", "jpeg:90", "--quality", "80"], "'jpeg:90' and quality=80 disagree"),
 ])
 def test_warm_quality_out_of_range_is_one_line_exit_2(tmp_path, capsys, extra, says):
     code = main(["warm", "--plan", str(tmp_path / "no-plan"), "--cache", str(tmp_path / "cache"), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and says in err and err.startswith("dalda-aug warm: error:")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jpeg:0", "jpeg:101", "lz4:3", "png:10", "webp:x"])
+def test_warm_format_with_a_bad_option_is_a_usage_error(tmp_path, capsys, fmt):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["warm", "--plan", str(tmp_path / "no-plan"), "--cache", str(tmp_path / "cache"), "--format", fmt])
+    assert exit_info.value.code == 2
+    assert f"argument --format: invalid choice: {fmt!r}" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "cache").exists()

@@ -464,7 +464,8 @@ def test_no_other_temporary_file_writer_in_the_cache_package():
     root = Path(__file__).resolve().parents[1] / "dalda_aug" / "cache"
     for path in root.glob("*.py"):
         text = path.read_text()
-        for call in ("os.replace(", "os.rename(", ".tmp-", "write_text(", "write_bytes(", "mkstemp("):
+        # (export_manifest names the atomic write's temporaries, ".<name>.tmp-...", to sweep those of killed runs)
+        for call in ("os.replace(", "os.rename(", "write_text(", "write_bytes(", "mkstemp(", '.tmp-{'):
             assert call not in text, (path, call)
 
 

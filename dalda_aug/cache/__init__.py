@@ -75,7 +75,8 @@ The package's modules import each other in one direction, bottom first:
 * :mod:`~dalda_aug.cache.spec`: :class:`GenerationSpec`, keys (:func:`variant_key`),
   :func:`plan_fingerprint`, :class:`GeneratorFactory`, the spec records in ``CACHE/specs/``.
 * :mod:`~dalda_aug.cache.codecs`: an entry's header and checksums, and the image formats
-  (:data:`~dalda_aug.cache.codecs.CODECS`, a registry: :data:`IMAGE_FORMATS` are its names).
+  (:data:`~dalda_aug.cache.codecs.CODECS`, a registry: :func:`register_codec` adds to it,
+  :func:`image_formats` lists its names; a format's option is part of its name, ``jpeg:90``).
 * :mod:`~dalda_aug.cache.schema`: what a shard's files and SQLite schema may be, checked before
   any query runs on it.
 * :mod:`~dalda_aug.cache.shards`: every read and write of a shard's SQLite rows (the row rule,
@@ -87,7 +88,7 @@ The package's modules import each other in one direction, bottom first:
 * :mod:`~dalda_aug.cache.export`: the ``cache export`` formats (image folder, WebDataset, Parquet).
 
 This ``__init__`` only re-exports them, lazily: importing :mod:`dalda_aug.cache` (or one light
-module of it, as the command line does for :data:`IMAGE_FORMATS`) loads nothing else.
+module of it, as the command line does for :func:`image_formats`) loads nothing else.
 
 .. _diskcache: https://grantjenks.com/docs/diskcache/
 """
@@ -112,17 +113,18 @@ if TYPE_CHECKING:
     # Static imports for type checkers (the runtime ones are lazy, below).
     from .codecs import (
         DEFAULT_IMAGE_FORMAT as DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS as IMAGE_FORMATS, check_entry as check_entry,
-        decode_entry as decode_entry, encode_entry as encode_entry,
+        decode_entry as decode_entry, encode_entry as encode_entry, image_formats as image_formats,
+        register_codec as register_codec,
     )
     from .imagefolder import export_folder_names as export_folder_names
     from .shards import (
         SHARD_PREFIX as SHARD_PREFIX, default_shard_name as default_shard_name,
-        is_network_filesystem as is_network_filesystem, log as log, row_refusal as row_refusal,
+        is_network_filesystem as is_network_filesystem, row_refusal as row_refusal,
     )
     from .spec import (
         KEY_FORMAT as KEY_FORMAT, SPEC_RECORD_FORMAT as SPEC_RECORD_FORMAT, SPECS_DIR as SPECS_DIR,
-        GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory, plan_fingerprint as plan_fingerprint,
-        variant_key as variant_key,
+        GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory, log as log,
+        plan_fingerprint as plan_fingerprint, variant_key as variant_key,
     )
     from .store import CachedImage as CachedImage, SyntheticCache as SyntheticCache, open_cache_dir as open_cache_dir
 
@@ -144,6 +146,8 @@ __all__ = [
     "is_network_filesystem",
     "open_cache_dir",
     "IMAGE_FORMATS",
+    "image_formats",
+    "register_codec",
     "DEFAULT_IMAGE_FORMAT",
     "plan_fingerprint",
     "export_folder_names",
@@ -167,12 +171,14 @@ _EXPORTS = {
     "encode_entry": "codecs",
     "decode_entry": "codecs",
     "IMAGE_FORMATS": "codecs",
+    "image_formats": "codecs",
+    "register_codec": "codecs",
     "DEFAULT_IMAGE_FORMAT": "codecs",
     "default_shard_name": "shards",
     "is_network_filesystem": "shards",
     "row_refusal": "shards",
     "SHARD_PREFIX": "shards",
-    "log": "shards",
+    "log": "spec",
     "export_folder_names": "imagefolder",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -2,14 +2,18 @@
 
 An entry is: magic (8 bytes), layout version (1 byte), metadata length (4 bytes, big endian),
 metadata (UTF-8 JSON), encoded image. :data:`CODECS` maps each image format name to its
-encoder and decoder; :data:`IMAGE_FORMATS` (the names, in order) and every command-line choice
-and benchmark read it. Entries of every format stay readable whatever a cache's current format.
+:class:`ImageCodec` (encoder, decoder, option); :func:`register_codec` adds one, and
+:func:`image_formats` (the names, in order) is what every command-line choice and benchmark
+reads, so a codec registered at run time is offered there too. Entries of every format stay
+readable whatever a cache's current format.
 
-``lz4``, ``png`` and ``raw`` are lossless; ``jpeg`` is lossy (``quality``, default
-:data:`DEFAULT_QUALITY`); ``webp`` is lossless unless a ``quality`` is given. A lossy entry
-says so in its header (``"lossy": true, "quality": q``). The format is not part of an entry's
-key: a key names the generated image, and its entry holds that image exactly or, where lossy
-storage was asked for, its lossy encoding.
+A format's option travels in its name, as ``name:option``: ``jpeg:90`` (quality), ``webp:95``
+(lossy WebP at quality 95; ``webp`` alone is lossless), ``png:6`` (zlib level). A name
+without an option takes the codec's default (:func:`resolve_format`). ``lz4``, ``png`` and
+``raw`` are lossless; ``jpeg`` is lossy (default quality :data:`DEFAULT_QUALITY`). A lossy
+entry says so in its header (``"lossy": true, "quality": q``). The format is not part of an
+entry's key: a key names the generated image, and its entry holds that image exactly or, where
+lossy storage was asked for, its lossy encoding.
 
 :func:`check_head` checks what can be checked without the image bytes (the header, the
 metadata checksum, the total size the metadata implies); :func:`check_entry` adds the image
@@ -21,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, cast
@@ -32,6 +37,9 @@ __all__ = [
     "ImageCodec",
     "CODECS",
     "IMAGE_FORMATS",
+    "image_formats",
+    "register_codec",
+    "resolve_format",
     "DEFAULT_IMAGE_FORMAT",
     "DEFAULT_QUALITY",
     "HEAD_READ",
@@ -42,6 +50,9 @@ __all__ = [
     "Refused",
     "check_image_format",
     "check_quality",
+    "format_name",
+    "FormatNames",
+    "DEFAULT_PNG_LEVEL",
     "check_head",
     "head_length",
     "encode_entry",
@@ -65,24 +76,33 @@ META_CRC = "meta_crc32"
 class ImageCodec:
     """One image format of the cache's entries."""
 
+    #: The format's name: letters, digits, ``-`` or ``_`` (no ``:``, which starts an option).
     name: str
-    #: ``(RGB PIL image, PNG compression level, quality or None) -> payload bytes``.
-    encode: Callable[[Any, int, "int | None"], bytes]
+    #: ``(RGB PIL image, option or None) -> payload bytes``.
+    encode: Callable[[Any, "int | None"], bytes]
     #: ``(payload bytes, entry metadata) -> RGB PIL image``; :class:`CorruptEntryError` if it fails.
     decode: Callable[[bytes, dict[str, Any]], Any]
     #: What ``--format``'s help says of it.
     note: str = ""
-    #: ``quality -> whether the encoding loses information`` (``quality`` None: not given).
-    lossy: Callable[["int | None"], bool] = lambda quality: False
+    #: What the integer after ``name:`` means (``"quality"``, ``"level"``); ``""``: the codec
+    #: takes no option. A ``"quality"`` option is what the ``quality`` arguments set.
+    option: str = ""
+    #: The option's smallest and largest value.
+    option_range: tuple[int, int] = (1, 100)
+    #: The option when the name gives none (None: the codec's own behaviour without one).
+    default_option: int | None = None
+    #: ``option -> whether the encoding loses information`` (``option`` None: not given). A
+    #: lossy encoding's option is written to the entry's header as its ``quality``.
+    lossy: Callable[["int | None"], bool] = lambda option: False
 
 
-def _encode_png(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
+def _encode_png(rgb: Any, level: int | None) -> bytes:
     buf = io.BytesIO()
-    rgb.save(buf, "PNG", compress_level=png_compress_level)
+    rgb.save(buf, "PNG", compress_level=DEFAULT_PNG_LEVEL if level is None else int(level))
     return buf.getvalue()
 
 
-def _encode_webp(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
+def _encode_webp(rgb: Any, quality: int | None) -> bytes:
     buf = io.BytesIO()
     if quality is None:
         # Lossless; quality/method are the compression effort (least: ~5x faster than the default, ~10 % bigger).
@@ -92,20 +112,20 @@ def _encode_webp(rgb: Any, png_compress_level: int, quality: int | None) -> byte
     return buf.getvalue()
 
 
-def _encode_jpeg(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
+def _encode_jpeg(rgb: Any, quality: int | None) -> bytes:
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=DEFAULT_QUALITY if quality is None else int(quality))
     return buf.getvalue()
 
 
-def _encode_lz4(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
+def _encode_lz4(rgb: Any, option: int | None) -> bytes:
     lz4_block = require("lz4.block", "generate", "lz4")
     # LZ4HC level 3: ~0.8 of the raw bytes on photos (the default mode: ~0.87) at ~45 ms per
     # 512x512 encode on one core (writer threads, GIL released); decoding is as fast either way.
     return cast(bytes, lz4_block.compress(rgb.tobytes(), mode="high_compression", compression=3, store_size=False))
 
 
-def _encode_raw(rgb: Any, png_compress_level: int, quality: int | None) -> bytes:
+def _encode_raw(rgb: Any, option: int | None) -> bytes:
     return cast(bytes, rgb.tobytes())
 
 
@@ -149,30 +169,118 @@ def _decode_with_pil(payload: bytes, meta: dict[str, Any]) -> Any:
     return image
 
 
-# The JPEG quality of jpeg entries when none is given (--quality).
+# The JPEG quality of jpeg entries when none is given (``jpeg`` is ``jpeg:95``).
 DEFAULT_QUALITY = 95
+# The zlib level of png entries when none is given (``png`` is ``png:1``; 1 encodes ~3x faster
+# than 6 for ~10 % more bytes; decoding speed hardly depends on it).
+DEFAULT_PNG_LEVEL = 1
 
-#: Image format name -> codec, in the order the formats are offered.
+#: Image format name -> codec, in the order the formats are offered (:func:`register_codec` adds).
 CODECS: dict[str, ImageCodec] = {
     "lz4": ImageCodec("lz4", _encode_lz4, _decode_lz4, "fastest to read in training"),
-    "png": ImageCodec("png", _encode_png, _decode_with_pil),
-    "webp": ImageCodec("webp", _encode_webp, _decode_with_pil, "smallest lossless; lossy with --quality",
-                       lossy=lambda quality: quality is not None),
+    "png": ImageCodec("png", _encode_png, _decode_with_pil, f"png:LEVEL sets the zlib level (default {DEFAULT_PNG_LEVEL})",
+                      option="level", option_range=(0, 9), default_option=DEFAULT_PNG_LEVEL),
+    "webp": ImageCodec("webp", _encode_webp, _decode_with_pil, "smallest lossless; lossy as webp:QUALITY",
+                       option="quality", lossy=lambda quality: quality is not None),
     "raw": ImageCodec("raw", _encode_raw, _decode_raw, "uncompressed"),
-    "jpeg": ImageCodec("jpeg", _encode_jpeg, _decode_with_pil, f"lossy, --quality {DEFAULT_QUALITY} by default",
-                       lossy=lambda quality: True),
+    "jpeg": ImageCodec("jpeg", _encode_jpeg, _decode_with_pil, f"lossy, jpeg:QUALITY (default {DEFAULT_QUALITY})",
+                       option="quality", default_option=DEFAULT_QUALITY, lossy=lambda quality: True),
 }
-IMAGE_FORMATS = tuple(CODECS)
 # The format new entries are written in unless told otherwise: LZ4-compressed raw RGB decodes
 # in ~0.2 ms at 512x512 (PNG: ~10 ms), so a training epoch at p = 0.5 costs about as much as
 # one on the real JPEGs (benchmarks/bench_dataset.py), still lossless.
 DEFAULT_IMAGE_FORMAT = "lz4"
 
 
+class FormatNames(tuple[str, ...]):
+    """The registered format names, in order; ``in`` also accepts a name with a valid option
+    (``"jpeg:90" in image_formats()``), so the names serve as a command line's choices."""
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, str):
+            return False
+        try:
+            resolve_format(item)
+        except InputError:
+            return False
+        return True
+
+
+def image_formats() -> FormatNames:
+    """The names of the registered image formats, in the order they are offered (the built-ins,
+    then those :func:`register_codec` added). A name takes its option as ``name:option``."""
+    return FormatNames(CODECS)
+
+
+def register_codec(codec: ImageCodec, *, replace: bool = False) -> ImageCodec:
+    """Add ``codec`` to :data:`CODECS`, so that caches write and read its format and
+    :func:`image_formats` (every ``--format`` choice) offers it. A name already registered is
+    an :class:`InputError` unless ``replace``. Register before the command line or the cache
+    that should use it is built; entries name their format, so readers need it registered too."""
+    if not isinstance(codec, ImageCodec):
+        raise InputError(f"register_codec takes an ImageCodec, got {type(codec).__name__}")
+    name = codec.name
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise InputError(f"codec name must be letters, digits, '-' or '_', got {name!r}")
+    low, high = codec.option_range
+    if codec.default_option is not None and not low <= codec.default_option <= high:
+        raise InputError(f"codec {name}: default option {codec.default_option} is outside {low}..{high}")
+    if name in CODECS and not replace:
+        raise InputError(f"image format {name!r} is registered already (replace=True to replace it)")
+    CODECS[name] = codec
+    return codec
+
+
+def _parse_format(image_format: Any) -> tuple[ImageCodec, int | None]:
+    if not isinstance(image_format, str):
+        raise InputError(f"image_format must be one of {list(CODECS)}, got {image_format!r}")
+    name, sep, option_text = image_format.partition(":")
+    codec = CODECS.get(name)
+    if codec is None:
+        raise InputError(f"image_format must be one of {list(CODECS)} (with an option as name:N), got {image_format!r}")
+    if not sep:
+        return codec, None
+    if not codec.option:
+        raise InputError(f"image format {name} takes no option, got {image_format!r}")
+    low, high = codec.option_range
+    try:
+        option = int(option_text, 10)
+    except ValueError:
+        option = None
+    if option is None or not option_text.isdigit() or not low <= option <= high:
+        raise InputError(f"{image_format!r}: the {codec.option} of {name} must be an integer in {low}..{high}")
+    return codec, option
+
+
+def resolve_format(image_format: Any, quality: Any = None) -> tuple[ImageCodec, int | None]:
+    """``(codec, option)`` of a format name, ``"name"`` or ``"name:option"`` (``jpeg:90``,
+    ``webp:95``, ``png:6``), the option being the codec's default where the name gives none;
+    :class:`InputError` for an unknown name or a bad option. ``quality`` (the older spelling,
+    ``"jpeg"`` with ``quality=90``) sets a ``"quality"`` option, and is refused for a format
+    that takes none or where the name gives another."""
+    codec, option = _parse_format(image_format)
+    if quality is not None:
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise InputError(f"quality must be an integer in 1..100, got {quality!r}")
+        if codec.option != "quality" or not codec.lossy(quality):
+            lossy = [n for n, c in CODECS.items() if c.option == "quality" and c.lossy(quality)]
+            raise InputError(f"quality applies to the lossy formats ({', '.join(lossy)}), not to {codec.name} "
+                             "(lossless)")
+        if option is not None and option != quality:
+            raise InputError(f"image_format {image_format!r} and quality={quality} disagree")
+        option = int(quality)
+    return codec, codec.default_option if option is None else option
+
+
+def format_name(codec: ImageCodec, option: int | None) -> str:
+    """The spelling of ``(codec, option)``: ``"jpeg:95"``, ``"png:1"``, ``"lz4"``."""
+    return codec.name if option is None else f"{codec.name}:{option}"
+
+
 def check_image_format(image_format: Any) -> str:
-    """``image_format`` if it names one of :data:`IMAGE_FORMATS`, else an :class:`InputError`."""
-    if image_format not in IMAGE_FORMATS:
-        raise InputError(f"image_format must be one of {list(IMAGE_FORMATS)}, got {image_format!r}")
+    """``image_format`` if it names a registered format (with a valid option, if any), else an
+    :class:`InputError`."""
+    _parse_format(image_format)
     return str(image_format)
 
 
@@ -183,11 +291,16 @@ def check_quality(quality: Any, image_format: str | None = None) -> int | None:
         return None
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise InputError(f"quality must be an integer in 1..100, got {quality!r}")
-    if image_format is not None and not CODECS[check_image_format(image_format)].lossy(quality):
-        lossy = [name for name, codec in CODECS.items() if codec.lossy(quality)]
-        raise InputError(f"quality applies to the lossy formats ({', '.join(lossy)}), not to {image_format} "
-                         "(lossless)")
+    if image_format is not None:
+        resolve_format(image_format, quality)
     return int(quality)
+
+
+def __getattr__(name: str) -> Any:
+    # IMAGE_FORMATS: the registered names when read (a codec registered later is in it).
+    if name == "IMAGE_FORMATS":
+        return image_formats()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,32 +319,51 @@ class Refused:
         return f"<refused cache row: {self.reason}>"
 
 
+_UNSET: Any = object()
+
+
 def encode_entry(image: Any, metadata: dict[str, Any], image_format: str = DEFAULT_IMAGE_FORMAT, *,
-                 png_compress_level: int = 1, quality: int | None = None) -> bytes:
+                 png_compress_level: Any = _UNSET, quality: Any = _UNSET) -> bytes:
     """Encode ``image`` behind a header holding ``metadata``.
 
-    ``image_format``: ``"lz4"`` (default: the 8-bit RGB pixels compressed with LZ4's block
-    format; ~0.8 of the raw bytes on photos, decoded in well under 1 ms per 512x512 image), ``"png"``,
-    ``"webp"`` (lossless without ``quality``: the smallest lossless, slowest to decode; lossy
-    with one), ``"raw"`` (the pixels, uncompressed: decoding is a copy instead of ~9 ms of PNG
-    inflating and unfiltering) or ``"jpeg"`` (lossy, ``quality`` default :data:`DEFAULT_QUALITY`).
-    ``quality`` (1..100) is refused for the lossless formats.
-    ``width``, ``height``, ``format``, ``nbytes`` and ``crc32`` (of the encoded image) are
-    added to the metadata; for a lossy encoding also ``lossy`` (True) and ``quality``.
+    ``image_format``: a registered format name, with its option as ``name:option``
+    (:func:`resolve_format`): ``"lz4"`` (default: the 8-bit RGB pixels compressed with LZ4's
+    block format; ~0.8 of the raw bytes on photos, decoded in well under 1 ms per 512x512
+    image), ``"png"`` / ``"png:LEVEL"`` (zlib level, default 1), ``"webp"`` (lossless: the
+    smallest lossless, slowest to decode) / ``"webp:QUALITY"`` (lossy), ``"raw"`` (the pixels,
+    uncompressed: decoding is a copy instead of ~9 ms of PNG inflating and unfiltering) or
+    ``"jpeg"`` / ``"jpeg:QUALITY"`` (lossy, default :data:`DEFAULT_QUALITY`).
+    ``png_compress_level`` and ``quality`` are the older spellings of those options: still
+    read, with a :class:`DeprecationWarning`.
+    ``width``, ``height``, ``format`` (the codec's name), ``nbytes`` and ``crc32`` (of the
+    encoded image) are added to the metadata; for a lossy encoding also ``lossy`` (True) and
+    ``quality``.
     """
     from ..data import to_rgb
 
-    check_image_format(image_format)
-    check_quality(quality, image_format)
-    codec = CODECS[image_format]
+    old_quality = None if quality is _UNSET else quality
+    codec, option = resolve_format(image_format, old_quality)
+    if quality is not _UNSET:
+        warnings.warn(f"encode_entry(quality=...) is deprecated: name the format with its option, "
+                      f"image_format={format_name(codec, option)!r}", DeprecationWarning, stacklevel=2)
+    if png_compress_level is not _UNSET:
+        if not isinstance(png_compress_level, int) or isinstance(png_compress_level, bool) \
+                or not 0 <= png_compress_level <= 9:
+            raise InputError(f"png_compress_level must be in 0..9, got {png_compress_level!r}")
+        if codec.name == "png":
+            if ":" in str(image_format) and option != png_compress_level:
+                raise InputError(f"image_format {image_format!r} and png_compress_level={png_compress_level} disagree")
+            option = png_compress_level
+        warnings.warn(f"encode_entry(png_compress_level=...) is deprecated: name the format with its option, "
+                      f"image_format='png:{png_compress_level}'", DeprecationWarning, stacklevel=2)
     rgb = to_rgb(image)
-    payload = codec.encode(rgb, png_compress_level, quality)
+    payload = codec.encode(rgb, option)
     meta = dict(metadata)
     meta.pop("lossy", None)
     meta.pop("quality", None)
-    if codec.lossy(quality):
-        meta.update(lossy=True, quality=DEFAULT_QUALITY if quality is None else int(quality))
-    meta.update(format=image_format, width=rgb.width, height=rgb.height, nbytes=len(payload),
+    if codec.lossy(option):
+        meta.update(lossy=True, quality=option)
+    meta.update(format=codec.name, width=rgb.width, height=rgb.height, nbytes=len(payload),
                 crc32=zlib.crc32(payload))
     meta.pop(META_CRC, None)
     meta[META_CRC] = _meta_checksum(meta)

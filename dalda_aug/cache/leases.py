@@ -14,6 +14,7 @@ import time
 from typing import Any, Iterable
 
 from ..errors import InputError
+from ._diskcache import sql
 from .shards import LEASE_PREFIX, MODE_RAW
 
 __all__ = [
@@ -51,8 +52,8 @@ def lease_row(handle: Any, key: str, now: float, owner: str) -> tuple[float, boo
     An expiry further than :data:`LEASE_CAP_SECONDS` from ``now`` (or none) is rewritten to
     ``now`` + the cap: a lease cannot hold a key longer than that without being renewed.
     """
-    rows = handle._sql("SELECT rowid, expire_time, mode, value FROM Cache WHERE key = ? AND raw = 1",
-                       (LEASE_PREFIX + key,)).fetchall()
+    rows = sql(handle, "SELECT rowid, expire_time, mode, value FROM Cache WHERE key = ? AND raw = 1",
+               (LEASE_PREFIX + key,)).fetchall()
     if not rows:
         return None
     rowid, expire, mode, value = rows[0]
@@ -60,7 +61,7 @@ def lease_row(handle: Any, key: str, now: float, owner: str) -> tuple[float, boo
         return None  # not a lease this library writes (a text owner): nobody's, overwritten
     cap = now + LEASE_CAP_SECONDS
     if not isinstance(expire, (int, float)) or expire > cap:
-        handle._sql("UPDATE Cache SET expire_time = ? WHERE rowid = ?", (cap, rowid))
+        sql(handle, "UPDATE Cache SET expire_time = ? WHERE rowid = ?", (cap, rowid))
         expire = cap
     if expire <= now:
         return None

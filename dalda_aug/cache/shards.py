@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import re
 import socket
@@ -34,9 +33,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from .._io import inside as stays_inside, open_regular
 from ..errors import CacheStorageError, CorruptEntryError, DaldaError, require
+from ._diskcache import disk_directory, remove_value_file, sql
 from .codecs import HEAD_READ, HEADER, MAGIC, Refused, check_entry, check_head, head_length
 from .schema import files_refusal, harden_connection, schema_refusal
-from .spec import is_entry_key
+from .spec import is_entry_key, log  # the cache's one logger (defined in spec, the bottom module)
 
 __all__ = [
     "SHARD_PREFIX",
@@ -60,7 +60,6 @@ __all__ = [
     "human_bytes",
 ]
 
-log = logging.getLogger("dalda_aug.cache")  # the cache's one logger, whichever of its modules speaks
 
 SHARD_PREFIX = "shard-"
 # Persistent counter of corrupt entries removed, kept in each shard under this text key (entry
@@ -140,9 +139,11 @@ def existing_parent(path: Path) -> Path:
 
 
 def human_bytes(n: float) -> str:
+    """``"512 B"``, ``"1.5 KiB"``, ... ``"3.0 TiB"`` (powers of 1024; TiB the largest unit):
+    the one byte-count wording of the messages and the ``cache stats`` lines."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
 
@@ -226,7 +227,7 @@ def safe_disk() -> Any:
         def filename(self, key: Any = diskcache.core.UNKNOWN, value: Any = diskcache.core.UNKNOWN) -> Any:
             name, full_path = super().filename(key, value)  # the folders are made later, by _write
             # A folder planted as a symlink to elsewhere is never written through.
-            stays_inside(os.path.dirname(full_path), self._directory, "cache value folder")
+            stays_inside(os.path.dirname(full_path), disk_directory(self), "cache value folder")
             return name, full_path
 
         def remove(self, file_path: Any) -> Any:
@@ -640,8 +641,7 @@ def count_corrupt(handle: Any) -> None:
     """Add one to the shard's persistent counter of corrupt entries removed (a number under a
     text key; whatever else is found there is replaced, never loaded)."""
     with handle.transact(retry=True):
-        rows = handle._sql("SELECT mode, value FROM Cache WHERE key = ? AND raw = 1",
-                           (_CORRUPT_COUNTER,)).fetchall()
+        rows = sql(handle, "SELECT mode, value FROM Cache WHERE key = ? AND raw = 1", (_CORRUPT_COUNTER,)).fetchall()
         count = rows[0][1] if rows and rows[0][0] == MODE_RAW and isinstance(rows[0][1], int) else 0
         handle.set(_CORRUPT_COUNTER, max(count, 0) + 1, retry=True)
 
@@ -650,8 +650,8 @@ def delete_row(handle: Any, rowid: int) -> bool:
     """Delete a row :func:`row_refusal` refuses, by its rowid (its key is never unpickled), and
     its value file (the :func:`safe_disk` removes only a file named as diskcache names them)."""
     with handle.transact(retry=True):
-        rows = handle._sql("SELECT filename FROM Cache WHERE rowid = ?", (rowid,)).fetchall()
-        handle._sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+        rows = sql(handle, "SELECT filename FROM Cache WHERE rowid = ?", (rowid,)).fetchall()
+        sql(handle, "DELETE FROM Cache WHERE rowid = ?", (rowid,))
     if rows and rows[0][0] is not None:
-        handle._disk.remove(rows[0][0])
+        remove_value_file(handle, rows[0][0])
     return bool(rows)

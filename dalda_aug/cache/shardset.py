@@ -12,7 +12,6 @@ line naming the folder (read-only, full); reads an entry, checking it, in one pl
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
 import socket
@@ -38,14 +37,13 @@ from .shards import (
     shard_settings,
 )
 from .schema import shard_refusal
-from .spec import is_entry_key
+from .spec import is_entry_key, log  # the cache's one logger (defined in spec, the bottom module)
 
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["ShardSet", "JOURNAL_MODES", "check_journal_mode"]
 
-log = logging.getLogger("dalda_aug.cache")  # the cache's one logger, whichever of its modules speaks
 
 T = TypeVar("T")
 

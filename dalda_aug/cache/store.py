@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import InputError, MissingFileError
-from .codecs import (DEFAULT_IMAGE_FORMAT, META_CRC, check_entry, check_image_format, check_quality, decode_entry,
-                     encode_entry)
+from .codecs import (DEFAULT_IMAGE_FORMAT, DEFAULT_PNG_LEVEL, META_CRC, check_entry, decode_entry, encode_entry,
+                     format_name, resolve_format)
 from .imagefolder import export_folder_names, write_image_folder
 from .shardset import ShardSet, check_journal_mode
 from .spec import (SPECS_DIR, GenerationSpec, key_bytes, plan_fingerprint, read_spec_records, variant_digests,
@@ -52,20 +52,23 @@ class SyntheticCache(ShardSet):
             recorded in the folder (:meth:`resolve_spec`) — the only one, or the one recorded
             for the plan in use. Low-level methods take keys and need no spec.
         image_format: ``"lz4"`` (default), ``"png"``, ``"webp"``, ``"raw"`` (lossless) or
-            ``"jpeg"`` (lossy; see :func:`encode_entry`); used for new entries, entries in any
+            ``"jpeg"`` (lossy), or any format :func:`~dalda_aug.cache.codecs.register_codec`
+            added, with its option as ``name:option``: ``"jpeg:90"``, ``"webp:95"`` (lossy
+            WebP), ``"png:6"`` (see :func:`encode_entry`); used for new entries, entries in any
             format are read. ``"lz4"`` is fast enough for a training epoch with p = 0.5 to cost
             about as much as one on the real JPEGs; ``"png"`` and ``"webp"`` take less disk,
-            ``"jpeg"`` (and ``"webp"`` with a ``quality``) far less, at a loss.
-        quality: 1..100, for the lossy encodings only: ``"jpeg"`` (default 95) and ``"webp"``
-            (lossless without one). Stored in each entry's header; an
-            :class:`~dalda_aug.errors.InputError` for a lossless format.
+            ``"jpeg"`` (and ``"webp:QUALITY"``) far less, at a loss.
+        quality: the older spelling of a lossy format's option (``image_format="jpeg",
+            quality=90`` is ``"jpeg:90"``); an :class:`~dalda_aug.errors.InputError` for a
+            lossless format or one whose name gives another quality.
         shard: name of the shard this process writes to (``CACHE/shard-<shard>/``); default
             :func:`default_shard_name` (``<host>-<rank>``).
         journal_mode: SQLite journal of the shards: ``"wal"`` (local disks), ``"delete"``
             (network filesystems) or ``None`` to pick from the filesystem type.
         timeout: seconds a writer waits for a SQLite lock before retrying.
-        png_compress_level: zlib level of PNG entries (0-9; 1 encodes ~3x faster than 6 for
-            ~10 % more bytes; decoding speed hardly depends on it).
+        png_compress_level: zlib level of PNG files exported from the cache, and of PNG entries
+            where ``image_format`` is ``"png"`` without a level (0-9; 1 encodes ~3x faster than 6
+            for ~10 % more bytes; decoding speed hardly depends on it).
 
     Example::
 
@@ -84,21 +87,30 @@ class SyntheticCache(ShardSet):
         shard: str | None = None,
         journal_mode: str | None = None,
         timeout: float = 60.0,
-        png_compress_level: int = 1,
+        png_compress_level: int = DEFAULT_PNG_LEVEL,
         quality: int | None = None,
     ):
         if spec is not None and not isinstance(spec, GenerationSpec):
             raise InputError(f"spec must be a GenerationSpec or None, got {type(spec).__name__}")
-        check_image_format(image_format)
-        check_quality(quality, image_format)
+        codec, option = resolve_format(image_format, quality)
         check_journal_mode(journal_mode)
         if not 0 <= int(png_compress_level) <= 9:
             raise InputError(f"png_compress_level must be in 0..9, got {png_compress_level!r}")
+        named = ":" in image_format
+        if codec.option == "level" and codec.name == "png":
+            if named:
+                png_compress_level = int(option) if option is not None else png_compress_level
+            else:
+                option = int(png_compress_level)
         super().__init__(directory, shard=shard, journal_mode=journal_mode, timeout=timeout)
         self.spec = spec
-        self.image_format = image_format
+        #: The codec's name (``"jpeg"``); :attr:`codec_name` adds its option (``"jpeg:95"``).
+        self.image_format = codec.name
         self.png_compress_level = int(png_compress_level)
-        self.quality = quality
+        #: The quality asked for, by the name (``"jpeg:90"``) or by ``quality``; None if none was.
+        self.quality = option if codec.option == "quality" and (named or quality is not None) else None
+        #: The full format name new entries are written with.
+        self.codec_name = format_name(codec, option)
         self._recorded: list[tuple[GenerationSpec, str | None]] | None = None
         self._resolved: GenerationSpec | None = None  # resolve_spec() without a plan, once found
 
@@ -372,8 +384,7 @@ class SyntheticCache(ShardSet):
         }
         if metadata:
             meta.update(metadata)
-        self.put_encoded(key, encode_entry(image, meta, self.image_format, png_compress_level=self.png_compress_level,
-                                           quality=self.quality))
+        self.put_encoded(key, encode_entry(image, meta, self.codec_name))
         return key
 
     def delete(self, variant_or_key: Any) -> bool:

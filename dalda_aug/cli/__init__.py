@@ -307,7 +307,7 @@ def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
-# Commands taking the generation options (--models --size --steps ...; _cli_cache.add_spec_arguments).
+# Commands taking the generation options (--models --size --steps ...; cli.cache.add_spec_arguments).
 _SPEC_COMMANDS = ("warm", "cache", "metrics", "inspect")
 
 

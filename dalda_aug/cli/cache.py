@@ -480,9 +480,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     add_data_root_argument(p)
     p.add_argument("--batch-size", type=int, default=None, help="images per generator call (default: automatic)")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's device for this process)")
-    from ..cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, DEFAULT_QUALITY, IMAGE_FORMATS
+    from ..cache.codecs import CODECS, DEFAULT_IMAGE_FORMAT, DEFAULT_QUALITY, image_formats
 
-    p.add_argument("--format", choices=IMAGE_FORMATS, default=DEFAULT_IMAGE_FORMAT,
+    p.add_argument("--format", choices=image_formats(), default=DEFAULT_IMAGE_FORMAT,
                    help=f"image encoding of new entries: {_describe_formats(CODECS.values(), DEFAULT_IMAGE_FORMAT)}")
     p.add_argument("--quality", default=None,
                    help=f"1-100, lossy encodings only: jpeg (default {DEFAULT_QUALITY}), webp (lossless without it); "

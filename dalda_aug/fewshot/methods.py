@@ -8,6 +8,7 @@ tested against (:data:`SIGNIFICANCE_BASELINE_ORDER`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Method",
     "METHODS",
+    "generator_kinds",
+    "plans_own_config",
     "DEFAULT_METHODS",
     "SIGNIFICANCE_BASELINE_ORDER",
     "resolve_methods",
@@ -39,9 +42,17 @@ class Method:
 
     name: str
     label: str
-    prompts: str | None  # "base" ("a photo of a {class}"), "llm" (the prompt bank) or None (no synthetic images)
-    scaling: str | None  # "ags", "rs", "fixed" (--fixed-lambda), "none" (λ unused) or None
-    generator: str | None  # "ip_adapter", "real_guidance", "da_fusion" or None
+    # "base" ("a photo of a {class}"), "llm" (the prompt bank), "tokens" (textual-inversion tokens
+    # learned per seed: the plan carries its own generator config) or None (no synthetic images)
+    prompts: str | None
+    scaling: str | None  # "ags", "rs", "fixed" (--fixed-lambda), "none" (λ unused), "strength" or None
+    # The generator config it plans for, by its registered name (``METHOD``: "ip_adapter",
+    # "real_guidance", "da_fusion", or one added with dalda_aug.generators.register_generator);
+    # the registry gives the config class, so settings, caches and warming follow. None: real images only.
+    generator: str | None
+    # Whether --class-names sets the class-name form of its prompts (the reference's DALDA prompts);
+    # otherwise the readable name, as DA-Fusion's code, which the paper ran.
+    class_names: bool = False
 
 
 # Table order: baselines, then the ablations, then DALDA.
@@ -49,16 +60,34 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("real", "Real images only", None, None, None),
     Method("real_guidance", "Real Guidance (img2img, strength 0.5)", "base", "none", "real_guidance"),
     Method("da_fusion", "DA-Fusion (textual inversion + img2img)", "tokens", "strength", "da_fusion"),
-    Method("fixed", "Base prompt + fixed λ", "base", "fixed", "ip_adapter"),
-    Method("llm_fixed", "LLM prompts + fixed λ", "llm", "fixed", "ip_adapter"),
-    Method("base_rs", "Base prompt + RS", "base", "rs", "ip_adapter"),
-    Method("llm_rs", "LLM prompts + RS", "llm", "rs", "ip_adapter"),
-    Method("base_ags", "Base prompt + AGS", "base", "ags", "ip_adapter"),
-    Method("dalda", "DALDA (LLM prompts + AGS)", "llm", "ags", "ip_adapter"),
+    Method("fixed", "Base prompt + fixed λ", "base", "fixed", "ip_adapter", class_names=True),
+    Method("llm_fixed", "LLM prompts + fixed λ", "llm", "fixed", "ip_adapter", class_names=True),
+    Method("base_rs", "Base prompt + RS", "base", "rs", "ip_adapter", class_names=True),
+    Method("llm_rs", "LLM prompts + RS", "llm", "rs", "ip_adapter", class_names=True),
+    Method("base_ags", "Base prompt + AGS", "base", "ags", "ip_adapter", class_names=True),
+    Method("dalda", "DALDA (LLM prompts + AGS)", "llm", "ags", "ip_adapter", class_names=True),
 )}
 DEFAULT_METHODS = tuple(name for name in METHODS if name != "llm_fixed")
 # The baselines DALDA is tested against, in table order: every other method.
 SIGNIFICANCE_BASELINE_ORDER = tuple(name for name in METHODS if name != "dalda")
+
+
+def generator_kinds() -> list[str]:
+    """The generator configs the methods name, in the registry's order (the built-ins first)."""
+    from ..generators import registered_configs
+
+    named = {m.generator for m in METHODS.values() if m.generator is not None}
+    unknown = sorted(named - set(registered_configs()))
+    if unknown:
+        raise InputError(f"few-shot method(s) name unregistered generator(s) {unknown}; register them with "
+                         "dalda_aug.generators.register_generator")
+    return [kind for kind in registered_configs() if kind in named]
+
+
+def plans_own_config(kind: str) -> bool:
+    """Whether the methods of generator ``kind`` make their generator config per plan (textual-
+    inversion tokens learned per seed): one spec and cache binding per plan, none shared."""
+    return any(m.generator == kind and m.prompts == "tokens" for m in METHODS.values())
 
 
 #: Suffix of a method's filtered twin (``fewshot.py --filter SPEC --oversample K``): the method's
@@ -82,7 +111,7 @@ def method_of(name: str) -> Method:
     base = METHODS[unfiltered(name)]
     if name == base.name:
         return base
-    return Method(name, f"{base.label} + filter", base.prompts, base.scaling, base.generator)
+    return dataclasses.replace(base, name=name, label=f"{base.label} + filter")
 
 
 def table_position(name: str) -> tuple[int, int]:

@@ -96,7 +96,7 @@ def row_settings(method: Method, ags_mode: str, class_names: str, pool: str) -> 
     ``class_names`` for the IP-Adapter methods (Real Guidance and DA-Fusion always use the readable
     name, as DA-Fusion's code), None where the setting does not apply; ``pool`` for every run."""
     return {"ags_mode": ags_mode if method.scaling == "ags" else None,
-            "class_names": class_names if method.generator == "ip_adapter" else None,
+            "class_names": class_names if method.class_names else None,
             "pool": pool}
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InputError
 from .data import reference_few_shot_indices
-from .methods import FILTERED, method_label, method_of, method_scaling
+from .methods import FILTERED, generator_kinds, method_label, method_of, method_scaling
 from .protocol import best_epoch, evaluation_draws, row_settings
 from .report import write_outputs
 from .settings import Benchmark, finished_runs, log, prepare, write_config
@@ -164,7 +164,7 @@ def _make_plan(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], 
     # (σ still uses n = shots, each class holding `shots` images)
     plan_source, plan_shots = (source, shots) if args.protocol == "honest" else (source.subset(idx), None)
     plan_scores = [scores[source.items[i].source] for i in idx]
-    if method.generator == "da_fusion":  # tokens learned on this seed's few-shot images, cached by content
+    if method.prompts == "tokens":  # tokens learned on this seed's few-shot images, cached by content
         configs = bench.configs
         tokens = train_textual_inversion(plan_source, out / "tokens" / f"seed{seed}-{shots}shot", models=bench.models,
                                          shots=plan_shots, seed=seed, config=configs.ti_config, device=bench.device,
@@ -172,10 +172,11 @@ def _make_plan(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], 
                                          progress=bench.progress)
         variants = args.variants * (args.oversample if m.endswith(FILTERED) else 1)
         plan = build_da_fusion_plan(plan_source, tokens.folder, variants=variants, seed=seed,
-                                    n_shot=plan_shots, models=bench.models, config=configs.da_config,
+                                    n_shot=plan_shots, models=bench.models,
+                                    config=configs.generators[str(method.generator)],
                                     scores=plan_scores, progress=False)
         plan.save(out / "plans" / (f"seed{seed}-{shots}shot-{m}" + ("-candidates" if m.endswith(FILTERED) else "")))
-        _bind_da_fusion_cache(bench, (seed, shots, m), plan)
+        _bind_plan_cache(bench, (seed, shots, m), plan)
         return plan
     variants = args.variants * (args.oversample if m.endswith(FILTERED) else 1)  # a twin: K x M candidates
     plan = build_plan(plan_source, variants=variants, seed=seed, n_shot=plan_shots,
@@ -189,15 +190,17 @@ def _make_plan(bench: Benchmark, seed: int, shots: int, m: str, idx: list[int], 
 def _class_names(bench: Benchmark, method: Any) -> str:
     """The class-name form of ``method``'s prompts: ``--class-names`` for the IP-Adapter methods (the
     reference's DALDA prompts); readable for Real Guidance, as DA-Fusion's code, which the paper ran."""
-    return str(bench.args.class_names) if method.generator == "ip_adapter" else "readable"
+    return str(bench.args.class_names) if method.class_names else "readable"
 
 
-def _bind_da_fusion_cache(bench: Benchmark, key: RunKey, plan: Any) -> None:
-    """A DA-Fusion plan's token set makes its own generation spec, so its own cache binding."""
+def _bind_plan_cache(bench: Benchmark, key: RunKey, plan: Any) -> None:
+    """A plan that records its own generator config (DA-Fusion's: its token set) makes its own
+    generation spec, so its own cache binding; the registry rebuilds the config by name."""
     from ..cache import GenerationSpec, SyntheticCache
-    from ..generators.da_fusion import DAFusionConfig
+    from ..generators import config_from_dict
 
-    spec = GenerationSpec(bench.models, DAFusionConfig.from_dict(plan.config["generator"]["config"]), bench.dtype)
+    recorded = plan.config["generator"]
+    spec = GenerationSpec(bench.models, config_from_dict(recorded["method"], recorded["config"]), bench.dtype)
     bench.configs.caches[key] = SyntheticCache(bench.cache_dir, spec, image_format=bench.args.cache_format)
 
 
@@ -205,15 +208,15 @@ def _bind_da_fusion_cache(bench: Benchmark, key: RunKey, plan: Any) -> None:
 # 3. warm the cache
 # ---------------------------------------------------------------------------------------------
 def warm_plans(bench: Benchmark, plans: dict[RunKey, Any]) -> list[dict[str, Any]]:
-    """Generate what the cache lacks: every IP-Adapter plan, then every Real Guidance plan, then
-    DA-Fusion's. One report per plan."""
+    """Generate what the cache lacks, one generator kind after the other in the registry's order
+    (IP-Adapter, Real Guidance, DA-Fusion, then any registered later). One report per plan."""
     import torch
 
     from ..cache.warm import warm
 
     caches, specs, device = bench.configs.caches, bench.configs.specs, bench.device
     warm_reports = []
-    for kind in ("ip_adapter", "real_guidance", "da_fusion"):
+    for kind in generator_kinds():
         keys = [k for k in plans if method_of(k[2]).generator == kind]
         if not keys:
             continue
@@ -221,7 +224,7 @@ def warm_plans(bench: Benchmark, plans: dict[RunKey, Any]) -> list[dict[str, Any
         # than warming a small plan).
         holder = _generator_of(specs.get(kind), device)
         for key in keys:
-            if key in caches:  # da_fusion: a token set, so a spec and generator, per plan
+            if key in caches:  # a plan with its own config (DA-Fusion's token set): its own spec and generator
                 holder.instance = None
                 holder = _generator_of(caches[key].spec, device)
             report = warm(plans[key], caches[key] if key in caches else caches[kind], generator=holder,

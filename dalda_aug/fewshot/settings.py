@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .data import Data, load_data
-from .methods import filtered_twin, method_of, resolve_methods, uses_llm_prompts
+from .methods import (METHODS, filtered_twin, generator_kinds, method_of, plans_own_config, resolve_methods,
+                      uses_llm_prompts)
 from .protocol import BN_BACKBONES, COMPONENTS, differing_components, resolve_components, row_settings
 from .report import FORMAT
 
@@ -64,12 +65,13 @@ def log(message: str) -> None:
 class Configs:
     """The generation and training configurations of one invocation, and the caches they write."""
 
-    gen_config: Any  # IPAdapterConfig (IP-Adapter)
-    rg_config: Any  # RealGuidanceConfig
-    da_config: Any  # DAFusionConfig; one spec (and cache binding) per token set, i.e. per (seed, shots)
-    ti_config: Any  # TextualInversionConfig (DA-Fusion's tokens)
-    specs: dict[str, Any]  # generator kind -> GenerationSpec
-    caches: dict[Any, Any]  # generator kind, or (seed, shots, method) for da_fusion -> SyntheticCache
+    # generator kind (a method's ``generator``, its registered name) -> its config, in the registry's order
+    generators: dict[str, Any]
+    ti_config: Any  # TextualInversionConfig (the tokens of the "tokens" methods: DA-Fusion)
+    # generator kind -> GenerationSpec, for the kinds that share one spec (not those whose
+    # plans make their own config: one spec and cache binding per token set, i.e. per (seed, shots))
+    specs: dict[str, Any]
+    caches: dict[Any, Any]  # generator kind, or (seed, shots, method) of a plan with its own config -> SyntheticCache
     train_config: TrainConfig
     pretrained: bool | str
 
@@ -301,21 +303,23 @@ def build_configs(args: argparse.Namespace, models: ModelConfig, dtype: str, cac
     """The generators' configurations and caches, the training configuration and the backbone weights."""
     from ..cache import GenerationSpec, SyntheticCache
     from ..classify import TrainConfig
-    from ..generators.da_fusion import DAFusionConfig
-    from ..generators.ip_adapter import IPAdapterConfig
-    from ..generators.real_guidance import RealGuidanceConfig
+    from ..generators import registered_configs
+    from ..generators.img2img import Img2ImgConfig
     from ..generators.textual_inversion import TextualInversionConfig
 
-    gen_config = IPAdapterConfig(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                  height=args.size, width=args.size)
-    rg_config = RealGuidanceConfig(num_inference_steps=args.img2img_steps, guidance_scale=args.guidance_scale,
-                                   height=args.size, width=args.size)
-    # DA-Fusion: one spec (and cache binding) per token set, i.e. per (seed, shots); see make_plans.
-    da_config = DAFusionConfig(num_inference_steps=args.img2img_steps, guidance_scale=args.guidance_scale,
-                               height=args.size, width=args.size)
+    # Every generator a method names, from the registry: img2img ones run --img2img-steps of the
+    # full schedule, the others --steps. A kind whose plans make their own config (DA-Fusion: its
+    # tokens) gets its spec and cache binding per plan (see make_plans).
+    configs = registered_configs()
+    generators = {}
+    for kind in generator_kinds():
+        config_class = configs[kind]
+        steps = args.img2img_steps if issubclass(config_class, Img2ImgConfig) else args.steps
+        generators[kind] = config_class(num_inference_steps=steps, guidance_scale=args.guidance_scale,
+                                        height=args.size, width=args.size)
     ti_config = TextualInversionConfig(steps=args.ti_steps, resolution=args.size)  # DA-Fusion: 512, as --size
-    specs = {"ip_adapter": GenerationSpec(models, gen_config, dtype),
-             "real_guidance": GenerationSpec(models, rg_config, dtype)}
+    specs = {kind: GenerationSpec(models, config, dtype) for kind, config in generators.items()
+             if not plans_own_config(kind)}
     caches: dict[Any, Any] = {kind: SyntheticCache(cache_dir, spec, image_format=args.cache_format)
                               for kind, spec in specs.items()}
     train_config = TrainConfig(
@@ -330,7 +334,7 @@ def build_configs(args: argparse.Namespace, models: ModelConfig, dtype: str, cac
             raise InputError("--pretrained is for resnet50/efficientnet_lite0; CLIP weights come from --models")
     elif args.pretrained is not None:
         pretrained = args.pretrained
-    return Configs(gen_config, rg_config, da_config, ti_config, specs, caches, train_config, pretrained)
+    return Configs(generators, ti_config, specs, caches, train_config, pretrained)
 
 
 def run_identity(args: argparse.Namespace, data: Data, models: ModelConfig, configs: Configs, methods: list[str],
@@ -342,9 +346,11 @@ def run_identity(args: argparse.Namespace, data: Data, models: ModelConfig, conf
         "classes": data.source.classes,
         "models": models.to_dict(),
         "generation": {kind: spec.fingerprint for kind, spec in configs.specs.items()},
-        **({"da_fusion": {"generation": configs.da_config.pixel_dict(),
-                          "textual_inversion": configs.ti_config.to_dict(),
-                          "dtype": dtype}} if "da_fusion" in methods else {}),
+        # a method whose plans make their own config: its generator's settings and the tokens'
+        **{kind: {"generation": configs.generators[kind].pixel_dict(), "textual_inversion": configs.ti_config.to_dict(),
+                  "dtype": dtype}
+           for kind in (str(METHODS[m].generator) for m in methods if m in METHODS and METHODS[m].generator)
+           if plans_own_config(kind)},
         "variants": args.variants, "p": args.p, "fixed_lambda": args.fixed_lambda, "ags_mode": args.ags_mode,
         "prompts": digest(bank.to_dict()) if bank is not None else None,
         "classifier": {"backbone": args.backbone, "mode": args.mode, "pretrained": str(configs.pretrained),
@@ -396,10 +402,9 @@ def write_config(bench: Benchmark) -> None:
         "prompts": {"path": str(args.prompts.resolve()), "provenance": bank.provenance} if bank is not None else None,
         "models": bench.models.to_dict(),
         "generation": {
-            "ip_adapter": {**configs.gen_config.pixel_dict(), "fingerprint": configs.specs["ip_adapter"].fingerprint},
-            "real_guidance": {**configs.rg_config.pixel_dict(),
-                              "fingerprint": configs.specs["real_guidance"].fingerprint},
-            "da_fusion": {**configs.da_config.pixel_dict(), "textual_inversion": configs.ti_config.to_dict()},
+            **{kind: {**config.pixel_dict(), **({"fingerprint": configs.specs[kind].fingerprint} if kind in configs.specs
+                                                else {"textual_inversion": configs.ti_config.to_dict()})}
+               for kind, config in configs.generators.items()},
             "dtype": bench.dtype, "batch_size": args.gen_batch_size,
         },
         "cache": {"folder": str(Path(bench.cache_dir).resolve()), "format": args.cache_format},

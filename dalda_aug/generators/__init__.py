@@ -18,12 +18,17 @@ module                    what it holds
 ``textual_inversion``     :func:`train_textual_inversion` (DA-Fusion's class tokens)
 ========================  ===========================================================
 
-A new generator: a config dataclass derived from :class:`GeneratorConfig` whose fields use
-:func:`pixel_field` / :func:`speed_field` (``FIELD_DEFAULTS`` changes the shared fields' defaults),
-a generator class derived from :class:`Generator` with ``load``/``generate``, and one
-:func:`register_generator` call; ``GenerationSpec.make_generator``
-finds it. ``tests/test_generators_contract.py`` runs the family contract on it once it is added
-to that file's list. Names are imported on first use: ``import dalda_aug.generators`` is light.
+The registry: :data:`~dalda_aug.generators.base.BUILTIN_GENERATORS` is the one table of the
+built-in generators (``METHOD -> (config class, generator class)``, as "module:Class" strings),
+each imported the first time its method is asked for. A new generator: a config dataclass
+derived from :class:`GeneratorConfig` with its own ``METHOD`` and fields using
+:func:`pixel_field` / :func:`speed_field` (``FIELD_DEFAULTS`` changes the shared fields'
+defaults), a generator class derived from :class:`Generator` with ``load``/``generate``, and one
+``register_generator(MyConfig, "my_package.module:MyGenerator")`` call (the generator's module is
+imported on first use); :func:`config_class_for`, :func:`registered_configs`,
+``GenerationSpec.make_generator`` and the few-shot benchmark's methods find it by name.
+``tests/test_generators_contract.py`` runs the family contract on it once it is added to that
+file's list. Names are imported on first use: ``import dalda_aug.generators`` is light.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ _EXPORTS = {
     "image_key": "base",
     "check_requests": "base",
     "register_generator": "base",
+    "BUILTIN_GENERATORS": "base",
+    "config_class_for": "base",
     "generator_class_for": "base",
     "registered_configs": "base",
     "config_from_dict": "base",
@@ -103,6 +110,7 @@ if TYPE_CHECKING:  # pragma: no cover
         install_per_sample_processors as install_per_sample_processors,
     )
     from .base import (
+        BUILTIN_GENERATORS as BUILTIN_GENERATORS, config_class_for as config_class_for,
         GenerationRequest as GenerationRequest, Generator as Generator, GeneratorConfig as GeneratorConfig,
         check_requests as check_requests, config_from_dict as config_from_dict, dtype_name as dtype_name,
         field_changes_pixels as field_changes_pixels, generation_fingerprint as generation_fingerprint,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import InputError
 from ..presets import PHOTO_TEMPLATE
-from .base import GenerationRequest, pixel_field, register_generator
+from .base import GenerationRequest, pixel_field
 from .img2img import Img2ImgConfig, Img2ImgGenerator
 from .loading import call_loader
 
@@ -184,6 +184,3 @@ def build_da_fusion_plan(
                               "tokens_digest": token_set.digest}
     plan_config["generator"] = {"method": DAFusionConfig.METHOD, "config": gen_config.to_dict()}
     return type(plan)(rows, plan_config, summarize(rows, plan_config))
-
-
-register_generator(DAFusionConfig, f"{__name__}:DAFusionGenerator")

@@ -54,7 +54,6 @@ from .base import (
     image_key,
     load_sd_pipeline,
     pixel_field,
-    register_generator,
     resolve_torch_dtype,
     speed_field,
 )
@@ -573,9 +572,6 @@ class IPAdapterGenerator(Generator):
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             bar.update()
         return latents
-
-
-register_generator(IPAdapterConfig, f"{__name__}:IPAdapterGenerator")
 
 
 # The old name of IPAdapterConfig (``GenerationConfig``) resolves through the map of moved paths.

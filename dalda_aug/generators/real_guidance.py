@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import GenerationRequest, check_real, pixel_field, register_generator
+from .base import GenerationRequest, check_real, pixel_field
 from .img2img import Img2ImgConfig, Img2ImgGenerator
 
 __all__ = ["RealGuidanceConfig", "RealGuidanceGenerator"]
@@ -61,6 +61,3 @@ class RealGuidanceGenerator(Img2ImgGenerator):
 
     def strength_of(self, request: GenerationRequest) -> float:
         return self.config.strength
-
-
-register_generator(RealGuidanceConfig, f"{__name__}:RealGuidanceGenerator")
