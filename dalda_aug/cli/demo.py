@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "run_demo", "write_demo_folder", "resolve_models", "register", "main", "DEMO_IMAGES",
-    "hub_endpoint", "hub_reachable", "missing_from_hub_cache", "HubUnreachableError", "OFFLINE_HINT",
+    "hub_endpoint", "hub_reachable", "missing_from_hub_cache", "OFFLINE_HINT",
 ]
 
 # The one line an offline user gets when the demo needs the hub.
