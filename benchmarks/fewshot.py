@@ -90,7 +90,7 @@ from dalda_aug.fewshot import (BN_BACKBONES, COMPONENT_TEXT, COMPONENTS, CSV_COL
                                reference_class_order, reference_few_shot_indices, reference_halves, render_table,
                                resolve_components, resolve_methods, run, split_per_class, summarize, write_outputs,
                                write_prompts)
-from dalda_aug.presets import PRESETS
+from dalda_aug.prompts.presets import PRESETS
 from dalda_aug.prompts import INSTRUCTIONS
 
 

@@ -38,6 +38,7 @@ MOVED: dict[str, str] = {
     "dalda_aug._cli_da_fusion": "dalda_aug.cli.da_fusion",
     "dalda_aug._cli_filter": "dalda_aug.cli.filter",
     "dalda_aug.testing": "dalda_aug.tiny_models",
+    "dalda_aug.presets": "dalda_aug.prompts.presets",
     # the former shim modules
     "dalda_aug.generation": "dalda_aug.generators.ip_adapter",
     "dalda_aug.generation.GenerationConfig": "dalda_aug.generators.ip_adapter.IPAdapterConfig",

@@ -15,7 +15,7 @@ from ..errors import InputError, MissingFileError
 from ..prompts import CLIP_MAX_TOKENS, DEFAULT_PREFIX
 
 if TYPE_CHECKING:
-    from ..presets import DatasetPreset
+    from ..prompts.presets import DatasetPreset
     from ..prompts import Instruction
 
 __all__ = ["register", "run", "read_class_file"]
@@ -61,7 +61,7 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 def _preset(args: argparse.Namespace) -> "DatasetPreset | None":
     if getattr(args, "preset", None) is None:
         return None
-    from ..presets import get_preset
+    from ..prompts.presets import get_preset
 
     return get_preset(args.preset)
 

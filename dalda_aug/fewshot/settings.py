@@ -260,7 +260,7 @@ def write_prompts(args: argparse.Namespace, class_names: list[str], models: Mode
 
     description, llm_names = "", None
     if args.preset is not None:
-        from ..presets import get_preset
+        from ..prompts.presets import get_preset
 
         preset = get_preset(args.preset)
         description, llm_names = preset.description, preset.llm_names(class_names)

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
-from ..presets import PHOTO_TEMPLATE
+from ..prompts.presets import PHOTO_TEMPLATE
 from .base import Filter, FilterContext, parse_unit_float
 
 __all__ = ["ClipClassFilter", "ClipSourceFilter"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import InputError
-from ..presets import PHOTO_TEMPLATE
+from ..prompts.presets import PHOTO_TEMPLATE
 from .base import GenerationRequest, pixel_field
 from .img2img import Img2ImgConfig, Img2ImgGenerator
 from .loading import call_loader

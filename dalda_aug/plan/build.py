@@ -12,7 +12,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..data import ImageSource, SourceItem, check_scaled_size, image_sha256
 from ..errors import InputError
-from ..presets import PHOTO_TEMPLATE
+from ..prompts.presets import PHOTO_TEMPLATE
 from . import AugmentationPlan
 from .ags import Scaling, ags_parameters, lambda_from_uniforms, sample_scales
 from .folder import PLAN_FORMAT

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError, ModelLoadError, require
-from ..presets import PHOTO_TEMPLATE
+from ..prompts.presets import PHOTO_TEMPLATE
 
 if TYPE_CHECKING:
     import torch

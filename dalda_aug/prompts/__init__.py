@@ -20,6 +20,8 @@ tokenizer needs them.
 
 Layout (each module imports only those listed before it):
 
+* :mod:`.presets`: the paper's dataset descriptions (its Table 5) and the ``"a photo of a {}"``
+  template CLIPScore, the filters and DA-Fusion share;
 * :mod:`._text`: how names and prompts are compared, the class list check, ``{name}``;
 * :mod:`.bank`: :class:`PromptBank` and its file format (:data:`PROMPTS_FORMAT`);
 * :mod:`.validate`: :func:`validate_prompt` (class matching, one sentence, CLIP tokens, duplicates);

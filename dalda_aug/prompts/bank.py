@@ -9,7 +9,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .._io import read_json_object, write_atomic
 from ..errors import InputError
-from ..presets import PHOTO_TEMPLATE
+from .presets import PHOTO_TEMPLATE
 from ._text import NAME_PLACEHOLDER, check_class_names, check_template, fill_template, name_key, utc_now
 
 __all__ = ["PromptBank", "PROMPTS_FORMAT", "DEFAULT_TEMPLATE"]

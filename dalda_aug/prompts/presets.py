@@ -23,7 +23,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["DatasetPreset", "PRESETS", "get_preset", "PHOTO_TEMPLATE"]
 
