@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import InputError
-from ..plan.ags import DA_FUSION_STRENGTHS, sample_strengths
-from ..presets import PHOTO_TEMPLATE
+from ..presets import DA_FUSION_STRENGTHS, PHOTO_TEMPLATE
 from .base import GenerationRequest, pixel_field
 from .img2img import Img2ImgConfig, Img2ImgGenerator
 from .loading import call_loader
@@ -45,6 +44,8 @@ def draw_strengths(n: int, rng: "np.random.Generator", strengths: Sequence[float
     """``n`` strengths drawn uniformly (with replacement) from ``strengths``, as DA-Fusion draws them
     (:func:`~dalda_aug.plan.ags.sample_strengths`; :data:`DA_FUSION_STRENGTHS` are DA-Fusion's four,
     the strengths it composes with equal probability in its launch scripts)."""
+    from ..plan.ags import sample_strengths
+
     return sample_strengths(n, rng, strengths)
 
 

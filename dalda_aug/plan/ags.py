@@ -36,18 +36,16 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
+from ..presets import DA_FUSION_STRENGTHS  # DA-Fusion's four, the default of Scaling.strengths
 
 __all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters", "lambda_from_uniforms",
-           "sample_strengths", "DA_FUSION_STRENGTHS"]
+           "sample_strengths"]
 
 # Where randomness comes from: a NumPy Generator, or an integer seed for one.
 RNGLike = Union[np.random.Generator, int]
 
 _MODES = ("truncnorm", "clip")
 _STRATEGIES = ("ags", "rs", "fixed", "da-fusion-strength")
-#: The four img2img strengths DA-Fusion composes with equal probability (its launch scripts; see
-#: :mod:`dalda_aug.generators.da_fusion`), the default of :attr:`Scaling.strengths`.
-DA_FUSION_STRENGTHS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
 
 
 def _check_strengths(strengths: Any) -> tuple[float, ...]:
