@@ -9,7 +9,8 @@ strengths 1.0, 0.75, 0.5 and 0.25 "in parallel" with probabilities 0.25 each
 (``semantic_aug/augmentations/compose.py``: ``ComposeParallel`` picks one per generated image),
 i.e. each image's strength is drawn uniformly from those four: :data:`DA_FUSION_STRENGTHS`,
 :func:`draw_strengths`. A plan draws them while planning, as the λ strategy
-``Scaling("da-fusion-strength", strengths=...)`` of :mod:`dalda_aug.plan.ags`. The pipeline settings are those of :class:`~dalda_aug.generators.img2img.Img2ImgConfig`
+``Scaling("da-fusion-strength", strengths=...)`` of :mod:`dalda_aug.plan.ags`. The pipeline settings
+are those of :class:`~dalda_aug.generators.img2img.Img2ImgConfig`
 (DA-Fusion's: the base model's scheduler at 50 steps, its own VAE, guidance 7.5, 512x512
 canvas, output resized back to the source size).
 
