@@ -135,6 +135,30 @@ def test_strategies():
     np.testing.assert_array_equal(ags, sample_lambda([0.2, 0.9], 1, 0))
 
 
+def test_da_fusion_strength_strategy_draws_uniformly_from_its_strengths():
+    scaling = Scaling("da-fusion-strength")
+    assert scaling.strengths == (1.0, 0.75, 0.5, 0.25)  # DA-Fusion's launch scripts: 1.0-0.75-0.5-0.25
+    assert (scaling.draws_strength, scaling.seed_purpose) == (True, "strength")
+    assert (Scaling("ags").draws_strength, Scaling("ags").seed_purpose) == (False, "lambda")
+    # the draw is rng.integers over the strengths' positions (DA-Fusion's ComposeParallel picks one of
+    # four with equal probability); recomputed here from a fresh generator of the same seed
+    drawn = sample_scales(np.full(12, 0.5), 1, np.random.default_rng(7), scaling)
+    positions = np.random.default_rng(7).integers(0, 4, size=12)
+    np.testing.assert_array_equal(drawn, np.array([1.0, 0.75, 0.5, 0.25])[positions])
+    many = sample_scales(np.full(8000, 0.5), 1, 0, Scaling("da-fusion-strength", strengths=(0.9, 0.3)))
+    values, counts = np.unique(many, return_counts=True)
+    assert values.tolist() == [0.3, 0.9] and np.all(np.abs(counts / 8000 - 0.5) < 0.02)
+    record = {"strategy": "da-fusion-strength", "strengths": [1.0, 0.75, 0.5, 0.25]}  # what plan.json has held
+    assert scaling.to_dict() == record and Scaling.from_dict(record) == scaling
+    assert scaling.describe() == "da-fusion-strength(1,0.75,0.5,0.25)"
+    assert "strengths" not in Scaling("rs").to_dict()  # the other strategies' records are as before
+    for bad in ((), (0.0, 0.5), (1.5,), (float("nan"),), ("x",), 0.5):
+        with pytest.raises(InputError, match="strengths must be numbers in \\(0, 1\\]"):
+            Scaling("da-fusion-strength", strengths=bad)
+    with pytest.raises(InputError, match="strengths must be a list"):
+        Scaling.from_dict({"strategy": "da-fusion-strength", "strengths": "1.0"})
+
+
 def test_parse_scaling():
     assert Scaling.parse("ags").strategy == "ags"
     assert Scaling.parse("rs").strategy == "rs"

@@ -157,6 +157,49 @@ def test_plan_rows_carry_the_strength_and_the_token_prompt(tiny_models, data, to
     assert plan.config["generator"]["method"] == "da_fusion"
 
 
+def _sha256_seed(text):
+    """The seed rule written out here (SHA-256 of "plan seed:source hash:variant:purpose", first 8 bytes >> 1)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+@pytest.mark.parametrize("seed,shots,variants,strengths", [(1, 2, 6, DA_FUSION_STRENGTHS), (4, None, 3, (0.9, 0.123456789))])
+def test_strengths_are_drawn_while_planning_as_da_fusion_plans_have_drawn_them(tiny_models, data, tokens, tmp_path, seed,
+                                                                              shots, variants, strengths):
+    from dalda_aug.plan import AugmentationPlan
+    from dalda_aug.plan.ags import Scaling
+    from dalda_aug.plan.build import build_plan
+
+    n = 6 if shots is None else 2 * shots
+    scores = list(np.linspace(0.1, 0.9, n))
+    plan = build_da_fusion_plan(data, tokens.folder, variants=variants, seed=seed, n_shot=shots, models=tiny_models,
+                                scores=scores, strengths=strengths)
+    assert len(plan) == n * variants
+    # Each source's strengths: numpy's default_rng seeded by (plan seed, source hash, 0, "strength"), then
+    # integers(0, len(strengths), size=variants) picks one strength per variant (draw_strengths' rule since
+    # the first DA-Fusion plans); the row's λ is the same value, unrounded.
+    for v in plan:
+        rng = np.random.default_rng(_sha256_seed(f"{seed}:{v.source_sha256}:0:strength"))
+        expected = float(np.asarray(strengths)[rng.integers(0, len(strengths), size=variants)][v.variant])
+        assert (v.strength, v.lam) == (expected, expected)
+        assert v.seed == _sha256_seed(f"{seed}:{v.source_sha256}:{v.variant}:generation")
+    assert plan.config["scaling"] == {"strategy": "da-fusion-strength", "strengths": [float(x) for x in strengths]}
+    assert plan.config["method"] == "da-fusion" and plan.config["prompts"]["backend"] == "da-fusion"
+    lams = [v.lam for v in plan]
+    assert plan.summary["lambda"] == {"mean": round(float(np.mean(lams)), 6), "min": round(min(lams), 6),
+                                      "max": round(max(lams), 6)}
+    # the scaling is a plain build_plan strategy: the same rows come out of build_plan with it
+    direct = build_plan(data, variants=variants, seed=seed, n_shot=shots, models=tiny_models, scores=scores,
+                        scaling=Scaling("da-fusion-strength", strengths=strengths),
+                        prompts={name: [f"a photo of a {class_token(name)}"] for name in plan.class_names})
+    assert list(direct) == list(plan)
+    # saved and loaded, the record reads back as the Scaling that drew it
+    loaded = AugmentationPlan.load(plan.save(tmp_path / "plan"))
+    assert list(loaded) == list(plan) and loaded.config["scaling"] == plan.config["scaling"]
+    assert Scaling.from_dict(loaded.config["scaling"]) == Scaling("da-fusion-strength", strengths=strengths)
+
+
 def test_bad_inputs(tiny_models, tokens, data, tmp_path):
     generator = DAFusionGenerator(tiny_models, DAFusionConfig(num_inference_steps=2, height=CANVAS, width=CANVAS,
                                                               tokens=str(tokens.folder)))
@@ -166,6 +209,8 @@ def test_bad_inputs(tiny_models, tokens, data, tmp_path):
         DAFusionGenerator(tiny_models, DAFusionConfig())
     with pytest.raises(Exception, match="tokens.json"):
         DAFusionConfig(tokens=str(tmp_path)).fingerprint()
+    with pytest.raises(InputError, match=r"strengths must be numbers in \(0, 1\]"):
+        build_da_fusion_plan(data, tokens.folder, variants=2, models=tiny_models, scores=[0.5] * 6, strengths=(0.5, 2.0))
     (data / "extra class").mkdir()
     try:
         _image(5).save(data / "extra class" / "0.png")

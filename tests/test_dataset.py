@@ -19,7 +19,8 @@ from torchvision import transforms as T
 from torchvision.datasets import DatasetFolder, ImageFolder
 
 from dalda_aug.cache import GenerationSpec, GeneratorFactory, SyntheticCache
-from dalda_aug.dataset import CacheMissError, SyntheticAugmentedDataset, source_ids
+from dalda_aug.dataset import BaseAdapter, CacheMissError, SyntheticAugmentedDataset, register_base_adapter, source_ids
+from dalda_aug.dataset.bases import ADAPTERS, FolderAdapter, GenericAdapter, adapter_for
 from dalda_aug.errors import InputError
 from dalda_aug.generators.ip_adapter import IPAdapterConfig
 from dalda_aug.generators.base import GenerationRequest
@@ -296,6 +297,128 @@ def test_subset_and_plain_datasets(data, warm_cache):
     for j, i in enumerate((8, 1, 5)):
         assert ds.choose(j).source == source_ids(folder)[i]
         assert ds[j][1] == folder.targets[i]
+
+
+class _Album(torch.utils.data.Dataset):
+    """A dataset class of one's own: photos decoded into memory, newest file name first, each with the
+    file it came from in ``files`` and its label in ``labels`` (no ``samples``, no ``targets``)."""
+
+    def __init__(self, root):
+        self.root = root
+        self.files = sorted(root.glob("*/*.png"), key=lambda f: (f.name, f.parent.name), reverse=True)
+        self.labels = [CLASSES.index(f.parent.name) for f in self.files]
+        self.images = []
+        for f in self.files:
+            with Image.open(f) as image:
+                self.images.append(image.convert("RGB"))
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return self.images[index].copy(), self.labels[index]
+
+
+class _AlbumAdapter(BaseAdapter):
+    kind = "album"
+
+    @classmethod
+    def matches(cls, dataset):
+        return isinstance(dataset, _Album)
+
+    def source_ids(self, root=None):
+        return [f.relative_to(self.dataset.root).as_posix() for f in self.dataset.files], "album files"
+
+    def targets(self):
+        return list(self.dataset.labels)
+
+    def item_file(self, index):
+        return str(self.dataset.files[index])
+
+
+@pytest.fixture
+def adapters():
+    """The registry as the test found it, restored afterwards (a registration lasts for the process)."""
+    saved = dict(ADAPTERS)
+    yield ADAPTERS
+    ADAPTERS.clear()
+    ADAPTERS.update(saved)
+
+
+def test_a_registered_adapter_serves_a_dataset_class_of_ones_own(data, warm_cache, adapters):
+    root, plan, _ = data
+    album = _Album(root)
+    expected_sources = [f"{f.parent.name}/{f.name}" for f in album.files]  # the plan's ids: folder-relative paths
+    assert sorted(expected_sources) == sorted(plan.sources()) and expected_sources != plan.sources()
+    # unregistered, the generic kind names its items by index, which the plan does not list
+    with pytest.raises(InputError, match="none of the 9 items.*item indices"):
+        SyntheticAugmentedDataset(album, plan, warm_cache, p=1.0)
+    assert register_base_adapter(_AlbumAdapter) is _AlbumAdapter
+    assert list(adapters) == ["subset", "folder", "timm", "huggingface", "album", "generic"]
+    assert type(adapter_for(album)) is _AlbumAdapter and type(adapter_for([(1, 0)])) is GenericAdapter
+
+    ds = SyntheticAugmentedDataset(album, plan, warm_cache, p=1.0, on_miss="error", transform=TO_TENSOR)
+    assert ds.targets == album.labels
+    for i in range(len(ds)):
+        x, y = ds[i]
+        variant = ds.choose(i)
+        assert variant.source == expected_sources[i] and variant in plan.variants_for(expected_sources[i])
+        assert y == album.labels[i] == variant.label
+        assert torch.equal(x, _tensor(warm_cache.get(variant).image))  # the cached synthetic pixels
+    real = SyntheticAugmentedDataset(album, plan, warm_cache, p=0.0, transform=TO_TENSOR)
+    assert all(torch.equal(real[i][0], _tensor(album.images[i])) and real[i][1] == album.labels[i]
+               for i in range(len(real)))
+    # a Subset of it goes through the subset kind to the registered one
+    part = SyntheticAugmentedDataset(Subset(album, [4, 0]), plan, warm_cache, p=1.0, on_miss="error")
+    assert [part.choose(j).source for j in range(2)] == [expected_sources[4], expected_sources[0]]
+    assert [part[j][1] for j in range(2)] == [album.labels[4], album.labels[0]]
+
+
+def test_register_base_adapter_keeps_first_match_order_and_refuses_bad_adapters(data, adapters):
+    folder = ImageFolder(data[0])
+
+    class ListingAdapter(BaseAdapter):  # accepts what the folder kind accepts too
+        kind = "listing"
+
+        @classmethod
+        def matches(cls, dataset):
+            return isinstance(dataset, ImageFolder)
+
+    class EarlyListingAdapter(ListingAdapter):
+        kind = "early-listing"
+
+    register_base_adapter(ListingAdapter)
+    assert type(adapter_for(folder)) is FolderAdapter  # the first kind that accepts it wins
+    register_base_adapter(EarlyListingAdapter, before="folder")
+    assert list(adapters) == ["subset", "early-listing", "folder", "timm", "huggingface", "listing", "generic"]
+    assert type(adapter_for(folder)) is EarlyListingAdapter
+    assert type(adapter_for(Subset(folder, [0])).innermost()) is EarlyListingAdapter
+
+    class NoKind(BaseAdapter):
+        @classmethod
+        def matches(cls, dataset):
+            return False
+
+    class NoMatches(BaseAdapter):
+        kind = "no-matches"
+
+    class Folder2(ListingAdapter):
+        kind = "folder"
+
+    before = list(adapters)
+    for bad, kwargs, message in (
+        (lambda dataset: None, {}, "needs a subclass of dalda_aug.dataset.bases.BaseAdapter, got <function"),
+        (Subset, {}, "needs a subclass of dalda_aug.dataset.bases.BaseAdapter, got <class 'torch.utils"),
+        (_AlbumAdapter(None), {}, "needs a subclass"),
+        (NoKind, {}, "NoKind names no kind of its own"),
+        (Folder2, {}, "kind 'folder' of Folder2 is taken \\(by FolderAdapter\\)"),
+        (ListingAdapter, {}, "kind 'listing' of ListingAdapter is taken"),
+        (NoMatches, {}, "NoMatches does not define matches"),
+        (_AlbumAdapter, {"before": "albums"}, "before='albums'\\): no such kind; the kinds are \\['subset'"),
+    ):
+        with pytest.raises(InputError, match=message):
+            register_base_adapter(bad, **kwargs)
+        assert list(adapters) == before  # nothing was added
 
 
 # -- the GPU worker pool (CPU workers here) ------------------------------------------------------------

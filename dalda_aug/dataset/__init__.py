@@ -44,7 +44,8 @@ Base datasets: torchvision ``ImageFolder``/``DatasetFolder`` (and ``Subset`` of 
 ``ImageDataset`` (file paths from its reader), Hugging Face ``datasets`` image folders (dict
 items with ``image``/``label``; paths from the image column), or any dataset of
 ``(image, label)`` with ``source_ids=`` naming each item's plan source (plans made from an
-in-memory dataset use indices).
+in-memory dataset use indices). A dataset class of one's own can name its items' sources and labels
+through an adapter, :func:`register_base_adapter` (:mod:`~dalda_aug.dataset.bases`).
 
 Real images: every real image served, every reference image handed to the generator and every
 content hash go through one conversion, :func:`~dalda_aug.data.to_rgb` (the plan's): 8-bit RGB,
@@ -83,7 +84,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .bases import SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, source_ids, unwrap
+from .bases import (
+    BaseAdapter, SubsetAdapter, adopt_transforms, adapter_for, check_item_shape, plan_indices, register_base_adapter,
+    source_ids, unwrap,
+)
 from ..cache import GenerationSpec, GeneratorFactory, SyntheticCache
 from ..data import image_sha256, load_image, to_rgb
 from .checks import (
@@ -95,7 +99,7 @@ from ..errors import CacheMissError, DaldaError, ImageError, InputError  # Cache
 from ..plan.variant import SourceView
 
 __all__ = ["SyntheticAugmentedDataset", "CacheMissError", "ON_MISS", "ITEMS", "VERIFY_SOURCES", "source_ids",
-           "plan_indices"]
+           "plan_indices", "BaseAdapter", "register_base_adapter"]
 
 
 

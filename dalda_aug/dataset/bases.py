@@ -10,6 +10,10 @@ the first kind in :data:`ADAPTERS` whose :meth:`~BaseAdapter.matches` accepts th
 ``huggingface``   a Hugging Face ``datasets`` image dataset (dict items, image and label columns);
 ``generic``       any dataset of ``(image, label)``: item indices (or ``source_ids=``).
 
+:func:`register_base_adapter` adds a kind (a :class:`BaseAdapter` subclass) for a dataset class of
+one's own, tried before ``generic`` (which takes any dataset, so it stays last) or before a kind
+named with ``before=``.
+
 An adapter answers what the wrapper needs to know about its base: each item's plan source id
 (:meth:`~BaseAdapter.source_ids`), the files it may read itself with the plan's conversion
 (:meth:`~BaseAdapter.stock_paths`), labels, ``class_to_idx``, attributes such as ``transform``
@@ -28,7 +32,7 @@ import torch
 from ..errors import InputError
 
 __all__ = ["ADAPTERS", "BaseAdapter", "FolderAdapter", "GenericAdapter", "HuggingFaceAdapter", "SubsetAdapter",
-           "TimmAdapter", "adapter_for", "adopt_transforms", "check_item_shape", "hf_columns", "is_hf_dataset", "plan_indices",
+           "TimmAdapter", "adapter_for", "adopt_transforms", "register_base_adapter", "check_item_shape", "hf_columns", "is_hf_dataset", "plan_indices",
            "source_ids", "timm_reader", "unwrap"]
 
 
@@ -375,11 +379,50 @@ class SubsetAdapter(BaseAdapter):
         return self.inner.innermost()
 
 
-#: The kinds of base dataset, in the order :func:`adapter_for` tries them (the last takes any).
+#: The kinds of base dataset, in the order :func:`adapter_for` tries them (the last takes any);
+#: :func:`register_base_adapter` adds one.
 ADAPTERS: dict[str, type[BaseAdapter]] = {
     adapter.kind: adapter for adapter in (SubsetAdapter, FolderAdapter, TimmAdapter, HuggingFaceAdapter,
                                           GenericAdapter)
 }
+
+
+def register_base_adapter(adapter_class: type[BaseAdapter], *, before: str | None = None) -> type[BaseAdapter]:
+    """Add ``adapter_class`` to :data:`ADAPTERS`, the kinds of base dataset :func:`adapter_for` tries
+    in order (the first whose :meth:`~BaseAdapter.matches` accepts a dataset reads it).
+
+    It is tried just before ``generic``, the last kind, which takes any dataset (so after the built-in
+    kinds and the kinds registered before it), or, with ``before=KIND`` (``"folder"``, ``"subset"``,
+    a registered kind...), just before that kind: for a dataset another kind would also accept (one
+    listing ``samples`` would be read as a ``folder``). Keep ``subset`` first to have a
+    ``torch.utils.data.Subset`` of your dataset mapped through its indices to your adapter. ``adapter_class`` must be a :class:`BaseAdapter` subclass with a
+    :attr:`~BaseAdapter.kind` of its own and its own :meth:`~BaseAdapter.matches` (the default accepts
+    every dataset); anything else is an :class:`InputError`. Returns ``adapter_class`` (so it can
+    decorate the class). A DataLoader worker reads the adapter the dataset picked at construction,
+    so registering in the main process is enough.
+    """
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, BaseAdapter)):
+        raise InputError(f"register_base_adapter needs a subclass of dalda_aug.dataset.bases.BaseAdapter, "
+                         f"got {adapter_class!r}")
+    kind = adapter_class.kind
+    if not isinstance(kind, str) or not kind or (kind == BaseAdapter.kind and "kind" not in adapter_class.__dict__):
+        raise InputError(f"{adapter_class.__name__} names no kind of its own: set the class attribute kind "
+                         f"(the kinds taken are {list(ADAPTERS)})")
+    if kind in ADAPTERS:
+        raise InputError(f"the base dataset kind {kind!r} of {adapter_class.__name__} is taken (by "
+                         f"{ADAPTERS[kind].__name__}); the kinds taken are {list(ADAPTERS)}")
+    if getattr(adapter_class.matches, "__func__", None) is getattr(BaseAdapter.matches, "__func__"):
+        raise InputError(f"{adapter_class.__name__} does not define matches(dataset): the default accepts every "
+                         "dataset, which would take every base the generic kind reads now")
+    anchor = GenericAdapter.kind if before is None else before
+    if anchor not in ADAPTERS:
+        raise InputError(f"register_base_adapter(before={before!r}): no such kind; the kinds are {list(ADAPTERS)}")
+    order = list(ADAPTERS.items())
+    at = [name for name, _ in order].index(anchor)
+    order.insert(at, (kind, adapter_class))
+    ADAPTERS.clear()  # the same dict, in the new order (a module that imported ADAPTERS sees it)
+    ADAPTERS.update(order)
+    return adapter_class
 
 
 def adapter_for(dataset: Any) -> BaseAdapter:

@@ -8,7 +8,9 @@ in github.com/brandontrabucco/da-fusion) compose four textual-inversion augmenta
 strengths 1.0, 0.75, 0.5 and 0.25 "in parallel" with probabilities 0.25 each
 (``semantic_aug/augmentations/compose.py``: ``ComposeParallel`` picks one per generated image),
 i.e. each image's strength is drawn uniformly from those four: :data:`DA_FUSION_STRENGTHS`,
-:func:`draw_strengths`. The pipeline settings are those of :class:`~dalda_aug.generators.img2img.Img2ImgConfig`
+:func:`draw_strengths`. A plan draws them while planning, as the λ strategy
+``Scaling("da-fusion-strength", strengths=...)`` of :mod:`dalda_aug.plan.ags`. The pipeline settings
+are those of :class:`~dalda_aug.generators.img2img.Img2ImgConfig`
 (DA-Fusion's: the base model's scheduler at 50 steps, its own VAE, guidance 7.5, 512x512
 canvas, output resized back to the source size).
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..errors import InputError
-from ..prompts.presets import PHOTO_TEMPLATE
+from ..prompts.presets import DA_FUSION_STRENGTHS, PHOTO_TEMPLATE
 from .base import GenerationRequest, pixel_field
 from .img2img import Img2ImgConfig, Img2ImgGenerator
 from .loading import call_loader
@@ -35,20 +37,17 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["DAFusionConfig", "DAFusionGenerator", "DA_FUSION_STRENGTHS", "draw_strengths", "DA_FUSION_PROMPT",
            "build_da_fusion_plan"]
 
-# The four strengths DA-Fusion composes with equal probability (its launch scripts).
-DA_FUSION_STRENGTHS = (1.0, 0.75, 0.5, 0.25)
 # DA-Fusion's prompt ("--prompt 'a photo of a {name}'") with the class token as the name.
 DA_FUSION_PROMPT = PHOTO_TEMPLATE
 
 
 def draw_strengths(n: int, rng: "np.random.Generator", strengths: Sequence[float] = DA_FUSION_STRENGTHS) -> "np.ndarray":
-    """``n`` strengths drawn uniformly (with replacement) from ``strengths``, as DA-Fusion draws them."""
-    import numpy as np
+    """``n`` strengths drawn uniformly (with replacement) from ``strengths``, as DA-Fusion draws them
+    (:func:`~dalda_aug.plan.ags.sample_strengths`; :data:`DA_FUSION_STRENGTHS` are DA-Fusion's four,
+    the strengths it composes with equal probability in its launch scripts)."""
+    from ..plan.ags import sample_strengths
 
-    values = np.asarray(list(strengths), dtype=np.float64)
-    if values.ndim != 1 or values.size == 0 or not np.all((values > 0) & (values <= 1)):
-        raise InputError(f"strengths must be numbers in (0, 1], got {list(strengths)}")
-    return values[rng.integers(0, values.size, size=int(n))]
+    return sample_strengths(n, rng, strengths)
 
 
 def _tokens_digest(location: str | None) -> str | None:
@@ -140,22 +139,21 @@ def build_da_fusion_plan(
     """A DA-Fusion :class:`~dalda_aug.plan.AugmentationPlan`: M variants per source image, each with
     the prompt "a photo of a <class token>" and a strength drawn uniformly from ``strengths``.
 
-    Like :func:`~dalda_aug.plan.build_plan` (same few-shot split, seeds and CLIP scores, which only
-    describe the sources here); each row's ``strength`` (also its ``lambda``) is drawn from a seed
-    derived from (plan seed, source content hash, "strength"). The plan records the DA-Fusion
-    generation config (``plan.config["generator"]``), so ``dalda-aug warm`` builds the right generator.
+    It is :func:`~dalda_aug.plan.build_plan` (same few-shot split, seeds and CLIP scores, which only
+    describe the sources here) with the scaling ``Scaling("da-fusion-strength", strengths=strengths)``:
+    each row's ``strength`` (also its ``lambda``) is drawn while planning, from a generator seeded by
+    (plan seed, source content hash, "strength"). The plan records the DA-Fusion generation config
+    (``plan.config["generator"]``), so ``dalda-aug warm`` builds the right generator.
     """
     import dataclasses
     from pathlib import Path
 
-    import numpy as np
-
-    from ..plan.ags import Scaling
     from ..data import ImageSource
-    from ..plan import derive_seed, summarize
+    from ..plan.ags import Scaling
     from ..plan.build import build_plan
     from .textual_inversion import TokenSet
 
+    scaling = Scaling("da-fusion-strength", strengths=tuple(strengths))  # checks the strengths before any work
     token_set = TokenSet.load(tokens)
     folder = str(Path(token_set.folder).resolve())
     if not isinstance(source, ImageSource):
@@ -165,22 +163,12 @@ def build_da_fusion_plan(
         raise InputError(f"the tokens in {folder} have no token for class(es) {missing[:5]}; "
                          "train them on the same data (dalda-aug textual-inversion)")
     prompts = {name: [DA_FUSION_PROMPT.format(token_set.token_of(name))] for name in set(source.class_names)}
-    draw_strengths(1, np.random.default_rng(0), strengths)  # validates strengths before any work
-    plan = build_plan(source, variants=variants, seed=seed, n_shot=n_shot, scaling=Scaling(strategy="fixed", value=1.0),
+    plan = build_plan(source, variants=variants, seed=seed, n_shot=n_shot, scaling=scaling,
                       prompts=prompts, models=models, scorer=scorer, scores=scores, progress=progress)
-    rows = []
-    drawn: dict[str, Any] = {}
-    for v in plan.variants:
-        if v.source_sha256 not in drawn:
-            rng = np.random.default_rng(derive_seed(seed, v.source_sha256, 0, "strength"))
-            drawn[v.source_sha256] = draw_strengths(variants, rng, strengths)
-        s = float(drawn[v.source_sha256][v.variant])
-        rows.append(dataclasses.replace(v, lam=s, strength=s))
     gen_config = dataclasses.replace(config, tokens=folder) if config is not None else DAFusionConfig(tokens=folder)
     plan_config = dict(plan.config)
     plan_config["method"] = "da-fusion"
-    plan_config["scaling"] = {"strategy": "da-fusion-strength", "strengths": [float(x) for x in strengths]}
     plan_config["prompts"] = {"backend": "da-fusion", "template": DA_FUSION_PROMPT, "tokens": folder,
                               "tokens_digest": token_set.digest}
     plan_config["generator"] = {"method": DAFusionConfig.METHOD, "config": gen_config.to_dict()}
-    return type(plan)(rows, plan_config, summarize(rows, plan_config))
+    return type(plan)([], plan_config, plan.summary, columns=plan.columns)

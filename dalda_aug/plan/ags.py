@@ -19,6 +19,11 @@ Strategies, selected with the one explicit field :attr:`Scaling.strategy`:
     Random scaling: λ ~ U(0, 1).
 ``"fixed"``
     The same λ = :attr:`Scaling.value` for every image.
+``"da-fusion-strength"``
+    DA-Fusion's img2img strength (:mod:`dalda_aug.generators.da_fusion`): each image's strength,
+    also its λ, drawn uniformly from :attr:`Scaling.strengths` (:func:`sample_strengths`), from a
+    generator seeded for the purpose ``"strength"`` (:attr:`Scaling.seed_purpose`) where the others
+    use ``"lambda"``. The scores do not enter the draw.
 """
 
 from __future__ import annotations
@@ -31,14 +36,27 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
+from ..prompts.presets import DA_FUSION_STRENGTHS  # DA-Fusion's four, the default of Scaling.strengths
 
-__all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters", "lambda_from_uniforms"]
+__all__ = ["AGSConfig", "Scaling", "sample_lambda", "sample_scales", "ags_parameters", "lambda_from_uniforms",
+           "sample_strengths"]
 
 # Where randomness comes from: a NumPy Generator, or an integer seed for one.
 RNGLike = Union[np.random.Generator, int]
 
 _MODES = ("truncnorm", "clip")
-_STRATEGIES = ("ags", "rs", "fixed")
+_STRATEGIES = ("ags", "rs", "fixed", "da-fusion-strength")
+
+
+def _check_strengths(strengths: Any) -> tuple[float, ...]:
+    """``strengths`` as a tuple of floats, each in (0, 1]; else one :class:`InputError` line."""
+    try:
+        values = tuple(float(x) for x in strengths)
+    except (TypeError, ValueError):
+        raise InputError(f"strengths must be numbers in (0, 1], got {strengths!r}") from None
+    if not values or not all(0.0 < x <= 1.0 for x in values):
+        raise InputError(f"strengths must be numbers in (0, 1], got {list(values)}")
+    return values
 
 
 def _check_range(name: str, rng_: tuple[float, float]) -> tuple[float, float]:
@@ -96,12 +114,15 @@ class AGSConfig:
 
 @dataclass(frozen=True)
 class Scaling:
-    """Which λ strategy to use: ``"ags"`` (with :attr:`ags`), ``"rs"``, or ``"fixed"`` (:attr:`value`)."""
+    """Which λ strategy to use: ``"ags"`` (with :attr:`ags`), ``"rs"``, ``"fixed"`` (:attr:`value`) or
+    ``"da-fusion-strength"`` (:attr:`strengths`)."""
 
-    strategy: Literal["ags", "rs", "fixed"] = "ags"
+    strategy: Literal["ags", "rs", "fixed", "da-fusion-strength"] = "ags"
     ags: AGSConfig = field(default_factory=AGSConfig)
     # λ for strategy "fixed" (ignored otherwise).
     value: float = 0.5
+    # The img2img strengths strategy "da-fusion-strength" draws from, uniformly (ignored otherwise).
+    strengths: tuple[float, ...] = DA_FUSION_STRENGTHS
 
     def __post_init__(self) -> None:
         if self.strategy not in _STRATEGIES:
@@ -110,6 +131,17 @@ class Scaling:
             raise InputError(f"Scaling.ags must be an AGSConfig, got {type(self.ags).__name__}")
         if self.strategy == "fixed" and not (0.0 <= float(self.value) and math.isfinite(self.value)):
             raise InputError(f"fixed λ must be a finite number >= 0, got {self.value!r}")
+        object.__setattr__(self, "strengths", _check_strengths(self.strengths))
+
+    @property
+    def draws_strength(self) -> bool:
+        """Whether each drawn value is an img2img strength (a plan row's ``strength`` as well as its λ)."""
+        return self.strategy == "da-fusion-strength"
+
+    @property
+    def seed_purpose(self) -> str:
+        """The purpose in :func:`~dalda_aug.plan.variant.derive_seed` of a source's draw generator."""
+        return "strength" if self.draws_strength else "lambda"
 
     @classmethod
     def parse(cls, text: str, ags: AGSConfig | None = None) -> "Scaling":
@@ -134,6 +166,8 @@ class Scaling:
             return f"fixed:{self.value:g}"
         if self.strategy == "ags":
             return f"ags({self.ags.mode})"
+        if self.draws_strength:
+            return f"da-fusion-strength({','.join(f'{x:g}' for x in self.strengths)})"
         return "rs"
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,12 +176,17 @@ class Scaling:
             out["ags"] = self.ags.to_dict()
         if self.strategy == "fixed":
             out["value"] = self.value
+        if self.draws_strength:
+            out["strengths"] = list(self.strengths)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Scaling":
         ags = AGSConfig.from_dict(data["ags"]) if "ags" in data else AGSConfig()
-        return cls(strategy=data["strategy"], ags=ags, value=data.get("value", 0.5))
+        strengths = data.get("strengths", DA_FUSION_STRENGTHS)
+        if isinstance(strengths, (str, bytes, Mapping)):
+            raise InputError(f"scaling strengths must be a list of numbers, got {strengths!r}")
+        return cls(strategy=data["strategy"], ags=ags, value=data.get("value", 0.5), strengths=strengths)
 
 
 def _validate_scores(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -232,13 +271,22 @@ def lambda_from_uniforms(u: npt.ArrayLike, mu: npt.ArrayLike, sigma: npt.ArrayLi
     return np.asarray(np.clip(out, lo, hi), dtype=np.float64)  # the clip guards the last ulp only
 
 
+def sample_strengths(n: int, rng: RNGLike, strengths: Any = DA_FUSION_STRENGTHS) -> npt.NDArray[np.float64]:
+    """``n`` values drawn uniformly (with replacement) from ``strengths`` (each in (0, 1]), as
+    DA-Fusion draws its img2img strengths: ``strengths[rng.integers(0, len(strengths), size=n)]``."""
+    values = np.asarray(_check_strengths(strengths), dtype=np.float64)
+    return np.asarray(values[_as_rng(rng).integers(0, values.size, size=int(n))], dtype=np.float64)
+
+
 def sample_scales(scores: npt.ArrayLike, n_shot: npt.ArrayLike, rng: RNGLike,
                   scaling: Scaling = Scaling()) -> npt.NDArray[np.float64]:
-    """One λ per score under ``scaling`` (``ags``, ``rs`` or ``fixed``)."""
+    """One λ per score under ``scaling`` (``ags``, ``rs``, ``fixed`` or ``da-fusion-strength``)."""
     s = _validate_scores(scores)
     if scaling.strategy == "ags":
         return sample_lambda(s, n_shot, rng, scaling.ags)
     _validate_n_shot(n_shot)
     if scaling.strategy == "rs":
         return _as_rng(rng).uniform(0.0, 1.0, size=s.shape)
+    if scaling.draws_strength:
+        return sample_strengths(s.size, rng, scaling.strengths)
     return np.full(s.shape, float(scaling.value))

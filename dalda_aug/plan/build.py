@@ -174,7 +174,8 @@ def _draw_lambdas(hashes: Sequence[str], scores: np.ndarray, shots: Sequence[int
                   scaling: Scaling) -> np.ndarray:
     """The ``(sources, variants)`` λ of a plan: row ``i`` is
     ``sample_scales(np.full(variants, scores[i]), shots[i], rng_i, scaling)`` with ``rng_i`` seeded by
-    ``derive_seed(seed, hashes[i], 0, "lambda")``, exactly.
+    ``derive_seed(seed, hashes[i], 0, scaling.seed_purpose)`` (``"lambda"``; ``"strength"`` for
+    DA-Fusion's strengths), exactly.
 
     AGS's truncated normal (:func:`~dalda_aug.plan.ags.lambda_from_uniforms`) inverts scipy's
     ``truncnorm`` CDF, whose call costs
@@ -183,7 +184,7 @@ def _draw_lambdas(hashes: Sequence[str], scores: np.ndarray, shots: Sequence[int
     many sources at once. The other strategies call :func:`~dalda_aug.plan.ags.sample_scales` per source.
     """
     n_sources = len(hashes)
-    rngs = (np.random.default_rng(derive_seed(seed, sha, 0, "lambda")) for sha in hashes)
+    rngs = (np.random.default_rng(derive_seed(seed, sha, 0, scaling.seed_purpose)) for sha in hashes)
     if scaling.strategy != "ags" or scaling.ags.mode != "truncnorm":
         out = np.empty((n_sources, variants), dtype=np.float64)
         for i, rng in enumerate(rngs):
@@ -227,7 +228,8 @@ def build_plan(
         seed: the plan seed; every λ, prompt order and generation seed derives from it.
         n_shot: if given, keep ``n_shot`` images per class with a seeded split (nested in n);
             σ of AGS uses it. Otherwise all images are used and n is each class's image count.
-        scaling: λ strategy (:class:`~dalda_aug.plan.ags.Scaling`).
+        scaling: λ strategy (:class:`~dalda_aug.plan.ags.Scaling`); under ``"da-fusion-strength"``
+            each drawn value is the row's img2img ``strength`` as well as its λ.
         prompts: a :class:`~dalda_aug.prompts.PromptBank` (or ``{class name: [prompts]}``);
             ``None`` uses "a photo of a {class}". Variant k gets prompt k of its class in a
             per-image seeded order (cycling if the class has fewer than M prompts).
@@ -304,6 +306,7 @@ def build_plan(
     per_class = Counter(labels)
     shots = [n_shot if n_shot is not None else per_class[label] for label in labels]
     lams = _draw_lambdas(hashes, scores_arr, shots, int(variants), seed, scaling)
+    strength = scaling.draws_strength
     options_of: dict[int, list[str]] = {}  # each class's prompts, built once
     rows: list[Variant] = []
     for item, sha, score, source_lams in zip(source.items, hashes, scores_arr, lams):
@@ -318,8 +321,9 @@ def build_plan(
                  if len(options) > 1 else [0])
         rounded = round(float(score), 8)
         for k, (lam, variant_seed) in enumerate(zip(source_lams.tolist(), _variant_seeds(seed, sha, int(variants)))):
+            # a strength is one of the given values, kept as given (a drawn λ is rounded)
             rows.append(Variant(item.source, label, name, rounded, k, options[order[k % len(options)]],
-                                round(lam, 8), variant_seed, sha))
+                                lam if strength else round(lam, 8), variant_seed, sha, lam if strength else None))
     provenance = dict(getattr(prompts, "provenance", None) or {"backend": "unknown"}) if prompts is not None else None
     config = {
         "format": PLAN_FORMAT,

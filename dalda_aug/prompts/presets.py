@@ -25,12 +25,17 @@ from typing import Mapping
 
 from ..errors import InputError
 
-__all__ = ["DatasetPreset", "PRESETS", "get_preset", "PHOTO_TEMPLATE"]
+__all__ = ["DatasetPreset", "PRESETS", "get_preset", "PHOTO_TEMPLATE", "DA_FUSION_STRENGTHS"]
 
 # "a photo of a {class}": the text of CLIPScore's zero-shot classifier (the paper and CLIP's own
 # template), DALDA's base prompt, DA-Fusion's prompt (with the learned token as the name) and the
 # template backend's default. Written once here; every module that needs it imports it.
 PHOTO_TEMPLATE = "a photo of a {}"
+
+# The four img2img strengths DA-Fusion composes with equal probability (its launch scripts; see
+# dalda_aug.generators.da_fusion), which the scaling "da-fusion-strength" draws from by default
+# (dalda_aug.plan.ags). Here, below both (with the photo template they share), so the command line reads it without importing NumPy.
+DA_FUSION_STRENGTHS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
 
 
 @dataclass(frozen=True)
