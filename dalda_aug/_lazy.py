@@ -54,6 +54,11 @@ MOVED: dict[str, str] = {
     "dalda_aug.cache.LEASE_CAP_SECONDS": "dalda_aug.cache.leases.LEASE_CAP_SECONDS",
     # hub checks: dalda_aug.hub
     "dalda_aug.demo.HubUnreachableError": "dalda_aug.hub.HubUnreachableError",
+    # the cache's spec records: out of cache/spec.py (GenerationSpec and keys) into cache/specs.py
+    "dalda_aug.cache.spec.SPECS_DIR": "dalda_aug.cache.specs.SPECS_DIR",
+    "dalda_aug.cache.spec.SPEC_RECORD_FORMAT": "dalda_aug.cache.specs.SPEC_RECORD_FORMAT",
+    "dalda_aug.cache.spec.write_spec_record": "dalda_aug.cache.specs.write_spec_record",
+    "dalda_aug.cache.spec.read_spec_records": "dalda_aug.cache.specs.read_spec_records",
 }
 # names that left ``dalda_aug.__all__`` (importable from their room)
 for _name, _where in {
