@@ -567,7 +567,7 @@ def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
 
 
 def test_human_bytes_one_wording():
-    from dalda_aug.cache.shards import human_bytes
+    from dalda_aug.cache.disks import human_bytes
 
     assert [human_bytes(n) for n in (0, 1023, 1024, 1536, 10 * 2**20 + 2**19, 3 * 2**30, 2**40, 5 * 2**50)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "10.5 MiB", "3.0 GiB", "1.0 TiB", "5120.0 TiB"]

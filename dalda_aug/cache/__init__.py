@@ -79,6 +79,8 @@ The package's modules import each other in one direction, bottom first:
   :func:`image_formats` lists its names; a format's option is part of its name, ``jpeg:90``).
 * :mod:`~dalda_aug.cache.schema`: what a shard's files and SQLite schema may be, checked before
   any query runs on it.
+* :mod:`~dalda_aug.cache.disks`: the disk under the shards (shard names, network filesystems,
+  byte counts in words).
 * :mod:`~dalda_aug.cache.shards`: every read and write of a shard's SQLite rows (the row rule,
   the never-pickling ``Disk``, the read-only reader).
 * :mod:`~dalda_aug.cache.leases`: which process is generating which key.
@@ -119,10 +121,8 @@ if TYPE_CHECKING:
         register_codec as register_codec,
     )
     from .imagefolder import export_folder_names as export_folder_names
-    from .shards import (
-        SHARD_PREFIX as SHARD_PREFIX, default_shard_name as default_shard_name,
-        is_network_filesystem as is_network_filesystem, row_refusal as row_refusal,
-    )
+    from .disks import default_shard_name as default_shard_name, is_network_filesystem as is_network_filesystem
+    from .shards import SHARD_PREFIX as SHARD_PREFIX, row_refusal as row_refusal
     from .spec import (
         KEY_FORMAT as KEY_FORMAT, GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory, log as log,
         plan_fingerprint as plan_fingerprint, variant_key as variant_key,
@@ -176,8 +176,8 @@ _EXPORTS = {
     "image_formats": "codecs",
     "register_codec": "codecs",
     "DEFAULT_IMAGE_FORMAT": "codecs",
-    "default_shard_name": "shards",
-    "is_network_filesystem": "shards",
+    "default_shard_name": "disks",
+    "is_network_filesystem": "disks",
     "row_refusal": "shards",
     "SHARD_PREFIX": "shards",
     "log": "spec",

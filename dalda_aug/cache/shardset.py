@@ -23,19 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, T
 from ..errors import (CacheFullError, CacheReadOnlyError, CacheStorageError, CorruptEntryError, InputError,
                       UnsafeFileError, require)
 from . import leases
-from .shards import (
-    SHARD_PREFIX,
-    ShardReader,
-    count_corrupt,
-    default_shard_name,
-    delete_row,
-    existing_parent,
-    human_bytes,
-    is_network_filesystem,
-    safe_disk,
-    sanitize_shard_name,
-    shard_settings,
-)
+from .disks import default_shard_name, existing_parent, human_bytes, is_network_filesystem, sanitize_shard_name
+from .shards import SHARD_PREFIX, ShardReader, count_corrupt, delete_row, safe_disk, shard_settings
 from .schema import shard_refusal
 from .spec import is_entry_key, log  # the cache's one logger (defined in spec, the bottom module)
 
