@@ -414,6 +414,19 @@ def test_pickles_without_handles(cache):
     assert clone.get(key) is not None
 
 
+def test_a_pickled_cache_reads_the_spec_records_again(tmp_path, spec):
+    directory = tmp_path / "c"
+    SyntheticCache(directory, spec).record_spec()
+    bare = SyntheticCache(directory)
+    assert bare.resolve_spec() == spec  # the records, read once and kept by this object
+    other = dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_inference_steps=3))
+    SyntheticCache(directory, spec).forget_spec(spec.fingerprint)
+    SyntheticCache(directory, other).record_spec()
+    blob = pickle.dumps(bare)
+    assert spec.fingerprint.encode() not in blob  # what it read stays behind
+    assert pickle.loads(blob).resolve_spec() == other  # the copy reads the folder as it is now
+
+
 def _child_writes(cache, start, count, queue):
     try:
         for i in range(start, start + count):
