@@ -117,7 +117,7 @@ class SpecRecords:
         try:
             path, written = write_spec_record(self.shards.directory, spec, plan)
         except OSError as exc:
-            raise self.shards._storage_error(exc, f"record the generation spec in {SPECS_DIR}/") from None
+            raise self.shards.storage_error(exc, f"record the generation spec in {SPECS_DIR}/") from None
         if written:
             self._forget_read()
         return path
@@ -184,18 +184,16 @@ class SpecRecords:
         counts, not checks). With ``stop_at_one``, reading stops once each of ``wanted`` was seen."""
         counts: dict[str, int] = {}
         seen: set[str] = set()
-        for _, reader in self.shards._readers(force_scan=True):
-            for key in reader.keys():
-                if key in seen:
-                    continue
-                meta = reader.head(key)
-                fingerprint = meta.get("generation_fingerprint") if meta is not None else None
-                if not isinstance(fingerprint, str) or (wanted is not None and fingerprint not in wanted):
-                    continue
-                seen.add(key)
-                counts[fingerprint] = counts.get(fingerprint, 0) + 1
-                if stop_at_one and wanted is not None and wanted <= set(counts):
-                    return counts
+        for key, meta in self.shards.entry_heads():
+            if key in seen:
+                continue
+            fingerprint = meta.get("generation_fingerprint") if meta is not None else None
+            if not isinstance(fingerprint, str) or (wanted is not None and fingerprint not in wanted):
+                continue
+            seen.add(key)
+            counts[fingerprint] = counts.get(fingerprint, 0) + 1
+            if stop_at_one and wanted is not None and wanted <= set(counts):
+                return counts
         return counts
 
     def summary(self, plan: Any = None) -> list[dict[str, Any]]:
@@ -235,6 +233,6 @@ class SpecRecords:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise self.shards._storage_error(exc, f"remove the spec record {path.name}") from None
+                raise self.shards.storage_error(exc, f"remove the spec record {path.name}") from None
         self._forget_read()
         return paths
