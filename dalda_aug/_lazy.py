@@ -55,6 +55,17 @@ MOVED: dict[str, str] = {
     "dalda_aug.cache.LEASE_CAP_SECONDS": "dalda_aug.cache.leases.LEASE_CAP_SECONDS",
     # hub checks: dalda_aug.hub
     "dalda_aug.demo.HubUnreachableError": "dalda_aug.hub.HubUnreachableError",
+    # the cache's spec records: out of cache/spec.py (GenerationSpec and keys) into cache/specs.py
+    "dalda_aug.cache.spec.SPECS_DIR": "dalda_aug.cache.specs.SPECS_DIR",
+    "dalda_aug.cache.spec.SPEC_RECORD_FORMAT": "dalda_aug.cache.specs.SPEC_RECORD_FORMAT",
+    "dalda_aug.cache.spec.write_spec_record": "dalda_aug.cache.specs.write_spec_record",
+    "dalda_aug.cache.spec.read_spec_records": "dalda_aug.cache.specs.read_spec_records",
+    # shard names and filesystems: out of cache/shards.py (the SQLite rows) into cache/disks.py
+    "dalda_aug.cache.shards.default_shard_name": "dalda_aug.cache.disks.default_shard_name",
+    "dalda_aug.cache.shards.sanitize_shard_name": "dalda_aug.cache.disks.sanitize_shard_name",
+    "dalda_aug.cache.shards.is_network_filesystem": "dalda_aug.cache.disks.is_network_filesystem",
+    "dalda_aug.cache.shards.existing_parent": "dalda_aug.cache.disks.existing_parent",
+    "dalda_aug.cache.shards.human_bytes": "dalda_aug.cache.disks.human_bytes",
 }
 # names that left ``dalda_aug.__all__`` (importable from their room)
 for _name, _where in {

@@ -414,6 +414,19 @@ def test_pickles_without_handles(cache):
     assert clone.get(key) is not None
 
 
+def test_a_pickled_cache_reads_the_spec_records_again(tmp_path, spec):
+    directory = tmp_path / "c"
+    SyntheticCache(directory, spec).record_spec()
+    bare = SyntheticCache(directory)
+    assert bare.resolve_spec() == spec  # the records, read once and kept by this object
+    other = dataclasses.replace(spec, config=dataclasses.replace(spec.config, num_inference_steps=3))
+    SyntheticCache(directory, spec).forget_spec(spec.fingerprint)
+    SyntheticCache(directory, other).record_spec()
+    blob = pickle.dumps(bare)
+    assert spec.fingerprint.encode() not in blob  # what it read stays behind
+    assert pickle.loads(blob).resolve_spec() == other  # the copy reads the folder as it is now
+
+
 def _child_writes(cache, start, count, queue):
     try:
         for i in range(start, start + count):
@@ -567,7 +580,7 @@ def test_cli_stats_verify_export(tmp_path, tiny_models, capsys):
 
 
 def test_human_bytes_one_wording():
-    from dalda_aug.cache.shards import human_bytes
+    from dalda_aug.cache.disks import human_bytes
 
     assert [human_bytes(n) for n in (0, 1023, 1024, 1536, 10 * 2**20 + 2**19, 3 * 2**30, 2**40, 5 * 2**50)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "10.5 MiB", "3.0 GiB", "1.0 TiB", "5120.0 TiB"]

@@ -73,17 +73,21 @@ Layout
 The package's modules import each other in one direction, bottom first:
 
 * :mod:`~dalda_aug.cache.spec`: :class:`GenerationSpec`, keys (:func:`variant_key`),
-  :func:`plan_fingerprint`, :class:`GeneratorFactory`, the spec records in ``CACHE/specs/``.
+  :func:`plan_fingerprint`, :class:`GeneratorFactory`.
 * :mod:`~dalda_aug.cache.codecs`: an entry's header and checksums, and the image formats
   (:data:`~dalda_aug.cache.codecs.CODECS`, a registry: :func:`register_codec` adds to it,
   :func:`image_formats` lists its names; a format's option is part of its name, ``jpeg:90``).
 * :mod:`~dalda_aug.cache.schema`: what a shard's files and SQLite schema may be, checked before
   any query runs on it.
+* :mod:`~dalda_aug.cache.disks`: the disk under the shards (shard names, network filesystems,
+  byte counts in words).
 * :mod:`~dalda_aug.cache.shards`: every read and write of a shard's SQLite rows (the row rule,
   the never-pickling ``Disk``, the read-only reader).
 * :mod:`~dalda_aug.cache.leases`: which process is generating which key.
 * :mod:`~dalda_aug.cache.shardset`: the shards of a folder as one store of encoded entries.
 * :mod:`~dalda_aug.cache.imagefolder`: the image-folder export (class folder names, writing).
+* :mod:`~dalda_aug.cache.specs`: the spec records in ``CACHE/specs/`` (record, list, resolve,
+  forget: :class:`SyntheticCache`'s spec methods delegate to its :class:`~dalda_aug.cache.specs.SpecRecords`).
 * :mod:`~dalda_aug.cache.store`: :class:`SyntheticCache`.
 * :mod:`~dalda_aug.cache.export`: the ``cache export`` formats (image folder, WebDataset, Parquet).
 
@@ -117,15 +121,13 @@ if TYPE_CHECKING:
         register_codec as register_codec,
     )
     from .imagefolder import export_folder_names as export_folder_names
-    from .shards import (
-        SHARD_PREFIX as SHARD_PREFIX, default_shard_name as default_shard_name,
-        is_network_filesystem as is_network_filesystem, row_refusal as row_refusal,
-    )
+    from .disks import default_shard_name as default_shard_name, is_network_filesystem as is_network_filesystem
+    from .shards import SHARD_PREFIX as SHARD_PREFIX, row_refusal as row_refusal
     from .spec import (
-        KEY_FORMAT as KEY_FORMAT, SPEC_RECORD_FORMAT as SPEC_RECORD_FORMAT, SPECS_DIR as SPECS_DIR,
-        GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory, log as log,
+        KEY_FORMAT as KEY_FORMAT, GenerationSpec as GenerationSpec, GeneratorFactory as GeneratorFactory, log as log,
         plan_fingerprint as plan_fingerprint, variant_key as variant_key,
     )
+    from .specs import SPEC_RECORD_FORMAT as SPEC_RECORD_FORMAT, SPECS_DIR as SPECS_DIR
     from .store import CachedImage as CachedImage, SyntheticCache as SyntheticCache, open_cache_dir as open_cache_dir
 
 __all__ = [
@@ -165,8 +167,8 @@ _EXPORTS = {
     "variant_key": "spec",
     "variant_keys": "spec",
     "KEY_FORMAT": "spec",
-    "SPECS_DIR": "spec",
-    "SPEC_RECORD_FORMAT": "spec",
+    "SPECS_DIR": "specs",
+    "SPEC_RECORD_FORMAT": "specs",
     "check_entry": "codecs",
     "encode_entry": "codecs",
     "decode_entry": "codecs",
@@ -174,8 +176,8 @@ _EXPORTS = {
     "image_formats": "codecs",
     "register_codec": "codecs",
     "DEFAULT_IMAGE_FORMAT": "codecs",
-    "default_shard_name": "shards",
-    "is_network_filesystem": "shards",
+    "default_shard_name": "disks",
+    "is_network_filesystem": "disks",
     "row_refusal": "shards",
     "SHARD_PREFIX": "shards",
     "log": "spec",

@@ -260,8 +260,7 @@ def resolve_format(image_format: Any, quality: Any = None) -> tuple[ImageCodec, 
     that takes none or where the name gives another."""
     codec, option = _parse_format(image_format)
     if quality is not None:
-        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-            raise InputError(f"quality must be an integer in 1..100, got {quality!r}")
+        quality = _quality_value(quality)
         if codec.option != "quality" or not codec.lossy(quality):
             lossy = [n for n, c in CODECS.items() if c.option == "quality" and c.lossy(quality)]
             raise InputError(f"quality applies to the lossy formats ({', '.join(lossy)}), not to {codec.name} "
@@ -284,16 +283,23 @@ def check_image_format(image_format: Any) -> str:
     return str(image_format)
 
 
-def check_quality(quality: Any, image_format: str | None = None) -> int | None:
+def _quality_value(quality: Any, what: str = "quality") -> int:
+    """The one range rule of a quality: an integer in 1..100, else an :class:`InputError` naming ``what``."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InputError(f"{what} must be an integer in 1..100, got {quality!r}")
+    return int(quality)
+
+
+def check_quality(quality: Any, image_format: str | None = None, *, what: str = "quality") -> int | None:
     """``quality`` (None, or an integer in 1..100) if valid for ``image_format``, else an
-    :class:`InputError`: a quality is refused for a format it does not apply to (lz4, png, raw)."""
+    :class:`InputError` (a value out of range names ``what``, e.g. ``"--quality"``): a quality is
+    refused for a format it does not apply to (lz4, png, raw)."""
     if quality is None:
         return None
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise InputError(f"quality must be an integer in 1..100, got {quality!r}")
+    value = _quality_value(quality, what)
     if image_format is not None:
-        resolve_format(image_format, quality)
-    return int(quality)
+        resolve_format(image_format, value)
+    return value
 
 
 def __getattr__(name: str) -> Any:

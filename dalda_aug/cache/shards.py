@@ -12,8 +12,8 @@ Everything that touches a shard's SQLite rows is in this module:
 * :class:`ShardReader`, read-only access that never writes (a read-only or full disk serves readers).
 * the persistent counter of corrupt entries removed (:func:`count_corrupt`) and the removal of a
   refused row by its rowid (:func:`delete_row`).
-* shard names (:func:`default_shard_name`) and network filesystem detection
-  (:func:`is_network_filesystem`).
+
+Shard names and the filesystem under them are :mod:`~dalda_aug.cache.disks`'.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import re
-import socket
 import sqlite3
 import stat
 import struct
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .._io import inside as stays_inside, open_regular
+from .._lazy import module_getattr
 from ..errors import CacheStorageError, CorruptEntryError, DaldaError, require
 from ._diskcache import disk_directory, remove_value_file, sql
 from .codecs import HEAD_READ, HEADER, MAGIC, Refused, check_entry, check_head, head_length
@@ -53,11 +53,6 @@ __all__ = [
     "shard_settings",
     "count_corrupt",
     "delete_row",
-    "default_shard_name",
-    "sanitize_shard_name",
-    "is_network_filesystem",
-    "existing_parent",
-    "human_bytes",
 ]
 
 
@@ -83,70 +78,6 @@ _ENTRY_ROW = "raw = 1 AND typeof(key) = 'text' AND length(key) = 64 AND key NOT 
 _REFUSALS_WARNED: set[tuple[str, str]] = set()
 # Keys per SQL ``IN (...)`` query (SQLite's older builds allow 999 parameters).
 _IN_BATCH = 900
-# Network filesystems on which SQLite's WAL mode and mmap are unsafe.
-_NETWORK_FS = {
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
-    "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.juicefs", "9p", "afs", "panfs", "wekafs",
-}
-
-
-# ------------------------------------------------------------------------------------------
-# shard names and filesystems
-# ------------------------------------------------------------------------------------------
-def sanitize_shard_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "x"
-
-
-def default_shard_name(rank: int | None = None) -> str:
-    """``<host>-<rank>``: the shard this process writes to (rank: argument, ``$RANK`` or 0)."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0") or 0)
-    return f"{sanitize_shard_name(socket.gethostname())}-{int(rank)}"
-
-
-def _mount_fstype(path: Path) -> str | None:
-    """Filesystem type of the mount holding ``path`` (Linux ``/proc/mounts``), else None."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    target = str(path.resolve())
-    best, best_type = "", None
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount_point = parts[1].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, parts[2]
-    return best_type
-
-
-def is_network_filesystem(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` (or its nearest existing parent) is on a known network filesystem."""
-    p = Path(path).expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return (_mount_fstype(p) or "").lower() in _NETWORK_FS
-
-
-def existing_parent(path: Path) -> Path:
-    """``path`` or its nearest existing parent."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def human_bytes(n: float) -> str:
-    """``"512 B"``, ``"1.5 KiB"``, ... ``"3.0 TiB"`` (powers of 1024; TiB the largest unit):
-    the one byte-count wording of the messages and the ``cache stats`` lines."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -655,3 +586,7 @@ def delete_row(handle: Any, rowid: int) -> bool:
     if rows and rows[0][0] is not None:
         remove_value_file(handle, rows[0][0])
     return bool(rows)
+
+
+# shard names and filesystems moved to disks.py; their old paths here resolve through the map of moved paths
+__getattr__ = module_getattr(__name__)

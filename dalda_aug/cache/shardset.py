@@ -23,19 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, T
 from ..errors import (CacheFullError, CacheReadOnlyError, CacheStorageError, CorruptEntryError, InputError,
                       UnsafeFileError, require)
 from . import leases
-from .shards import (
-    SHARD_PREFIX,
-    ShardReader,
-    count_corrupt,
-    default_shard_name,
-    delete_row,
-    existing_parent,
-    human_bytes,
-    is_network_filesystem,
-    safe_disk,
-    sanitize_shard_name,
-    shard_settings,
-)
+from .disks import default_shard_name, existing_parent, human_bytes, is_network_filesystem, sanitize_shard_name
+from .shards import SHARD_PREFIX, ShardReader, count_corrupt, delete_row, safe_disk, shard_settings
 from .schema import shard_refusal
 from .spec import is_entry_key, log  # the cache's one logger (defined in spec, the bottom module)
 
@@ -136,7 +125,7 @@ class ShardSet:
         """Free space on the cache folder's filesystem, in bytes."""
         return int(shutil.disk_usage(existing_parent(self.directory)).free)
 
-    def _storage_error(self, exc: BaseException, doing: str) -> CacheStorageError:
+    def storage_error(self, exc: BaseException, doing: str) -> CacheStorageError:
         """One line naming the folder: read-only, full, or another write failure."""
         if isinstance(exc, CacheStorageError):
             return exc
@@ -169,7 +158,7 @@ class ShardSet:
                 handle = diskcache.Cache(str(path), timeout=self.timeout, disk=safe_disk(),
                                          **shard_settings(self.is_network(), self._journal_mode))
             except (OSError, sqlite3.Error) as exc:
-                raise self._storage_error(exc, f"open the shard {path.name} for writing") from None
+                raise self.storage_error(exc, f"open the shard {path.name} for writing") from None
             self._handles[name] = handle
             if name not in self._known:  # e.g. our own shard, created by this write
                 self._known = sorted([*self._known, name], key=lambda n: (n != self.shard, n))
@@ -246,6 +235,14 @@ class ShardSet:
 
     def __len__(self) -> int:
         return len(self.keys())
+
+    def entry_heads(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """``(key, metadata or None)`` of every entry of every shard, read from its header alone
+        (:meth:`~dalda_aug.cache.shards.ShardReader.head`: no image bytes, not checked; to count or
+        name by, never to trust); a key held by several shards comes once from each."""
+        for _, reader in self._readers(force_scan=True):
+            for key in reader.keys():
+                yield key, reader.head(key)
 
     def refused_shards(self) -> dict[str, str]:
         """``{shard name: why}`` of the shards refused (:func:`~dalda_aug.cache.schema.shard_refusal`):
@@ -390,7 +387,7 @@ class ShardSet:
         try:
             handle.set(key, blob, retry=True)
         except (OSError, sqlite3.Error) as exc:
-            raise self._storage_error(exc, f"store entry {key[:16]}") from None
+            raise self.storage_error(exc, f"store entry {key[:16]}") from None
 
     def delete(self, key: Any) -> bool:
         """Remove the entry ``key`` from every shard; True if one was there."""
@@ -400,7 +397,7 @@ class ShardSet:
                 try:
                     found = bool(self._open(name).delete(key, retry=True)) or found
                 except (OSError, sqlite3.Error) as exc:
-                    raise self._storage_error(exc, f"delete entry {key[:16]}") from None
+                    raise self.storage_error(exc, f"delete entry {key[:16]}") from None
         return found
 
     # -- removing corrupt entries ----------------------------------------------------------------
@@ -422,7 +419,7 @@ class ShardSet:
             delete(handle)
             count_corrupt(handle)
         except Exception as exc:
-            error = self._storage_error(exc, f"remove {what}") \
+            error = self.storage_error(exc, f"remove {what}") \
                 if isinstance(exc, (OSError, sqlite3.Error)) else exc
             if strict:
                 raise error from None
@@ -448,7 +445,7 @@ class ShardSet:
         try:
             return leases.claim(handle, keys, seconds, self._owner)
         except (OSError, sqlite3.Error) as exc:
-            raise self._storage_error(exc, "lease keys") from None
+            raise self.storage_error(exc, "lease keys") from None
 
     def renew(self, keys: Iterable[str], seconds: float) -> None:
         """Extend this object's leases of ``keys`` by ``seconds`` from now."""
@@ -463,7 +460,7 @@ class ShardSet:
         try:
             leases.update_own(handle, keys, seconds, self._owner)
         except (OSError, sqlite3.Error) as exc:
-            raise self._storage_error(exc, "update leases") from None
+            raise self.storage_error(exc, "update leases") from None
 
     def leased_for(self, keys: Iterable[str]) -> float:
         """Seconds until the last of the other processes' live leases on ``keys`` (in this
@@ -473,4 +470,4 @@ class ShardSet:
         try:
             return leases.longest_foreign(handle, keys, self._owner)
         except (OSError, sqlite3.Error) as exc:
-            raise self._storage_error(exc, "read leases") from None
+            raise self.storage_error(exc, "read leases") from None

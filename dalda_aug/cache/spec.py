@@ -1,14 +1,12 @@
-"""What fixes a cached image's pixels: :class:`GenerationSpec`, the entry keys, the spec records.
+"""What fixes a cached image's pixels: :class:`GenerationSpec` and the entry keys.
 
 The bottom floor of :mod:`dalda_aug.cache`: nothing here imports another cache module.
 
 * :func:`variant_key` hashes a generation fingerprint and a plan variant into an entry's key
   (:data:`KEY_FORMAT` is part of every key: changing it would change them all).
-* :func:`plan_fingerprint` names a plan in the spec records.
-* A spec record, ``CACHE/specs/<spec fingerprint>-<plan fingerprint>.json`` of format
-  :data:`SPEC_RECORD_FORMAT`, says which spec wrote a plan's images (:func:`write_spec_record`,
-  :func:`read_spec_records`). It names its config class, which is looked up in the generator
-  registry, never imported.
+* :func:`plan_fingerprint` names a plan in the spec records (:mod:`~dalda_aug.cache.specs`).
+* :meth:`GenerationSpec.to_dict` and :meth:`GenerationSpec.from_dict` are what a spec record
+  holds: its config class is named, and looked up in the generator registry, never imported.
 """
 
 from __future__ import annotations
@@ -20,17 +18,14 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .._io import MAX_JSON_BYTES, inside, read_json_object, read_regular, write_atomic
+from .._lazy import module_getattr
 from ..config import ModelConfig
-from ..errors import DaldaError, InputError, MissingFileError, UnsafeFileError
+from ..errors import DaldaError, InputError
 
 __all__ = [
     "KEY_FORMAT",
-    "SPECS_DIR",
-    "SPEC_RECORD_FORMAT",
     "GenerationSpec",
     "GeneratorFactory",
     "plan_fingerprint",
@@ -40,16 +35,11 @@ __all__ = [
     "key_bytes",
     "digest_hex",
     "is_entry_key",
-    "write_spec_record",
-    "read_spec_records",
 ]
 
 log = logging.getLogger("dalda_aug.cache")  # the cache's one logger, whichever of its modules speaks
 
 KEY_FORMAT = "dalda_aug.cache/1"
-# Spec records written by warm: CACHE/specs/<spec fingerprint>-<plan fingerprint>.json.
-SPECS_DIR = "specs"
-SPEC_RECORD_FORMAT = "dalda_aug.cache-spec/1"
 
 
 @dataclass(frozen=True)
@@ -279,65 +269,5 @@ class GeneratorFactory:
         return f"GeneratorFactory(device={self.device!r}, fingerprint={self.spec.fingerprint!r})"
 
 
-
-
-# ------------------------------------------------------------------------------------------
-# spec records: CACHE/specs/<spec fingerprint>-<plan fingerprint>.json
-# ------------------------------------------------------------------------------------------
-def write_spec_record(directory: Path, spec: GenerationSpec, plan: Any = None) -> tuple[Path, bool]:
-    """Record in ``directory/specs/`` that images of ``plan`` are written with ``spec``: the
-    record's path, and whether it was written (False: the same record was there already, nothing
-    is written, so a read-only cache stays usable). Written atomically (:func:`~dalda_aug._io.write_atomic`:
-    nothing planted at a temporary's name is followed); ``OSError`` if it cannot be. The record
-    already there is read as data (no FIFO, no link, bounded); a ``specs`` folder that is a symlink
-    leading outside ``directory`` is an :class:`~dalda_aug.errors.UnsafeFileError`."""
-    record: dict[str, Any] = {"format": SPEC_RECORD_FORMAT, "spec": spec.to_dict(), "plan": None}
-    plan_fp = "any"
-    if plan is not None:
-        plan_fp = plan_fingerprint(plan)
-        record["plan"] = {"fingerprint": plan_fp, "images": len(plan), "data_root": getattr(plan, "data_root", None)}
-    path = directory / SPECS_DIR / f"{spec.fingerprint}-{plan_fp}.json"
-    _check_specs_folder(directory)
-    text = json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
-    try:
-        if read_regular(path, MAX_JSON_BYTES, "spec record") == text.encode("utf-8"):
-            return path, False
-    except (OSError, DaldaError):  # none yet, or not a regular file: replaced by write_atomic, never followed
-        pass
-    write_atomic(path, text)
-    return path, True
-
-
-def _check_specs_folder(directory: Path) -> None:
-    """An :class:`~dalda_aug.errors.UnsafeFileError` where ``directory/specs`` is a symlink leading
-    outside ``directory`` (records would be read from, and written to, elsewhere)."""
-    folder = directory / SPECS_DIR
-    if folder.is_symlink():
-        inside(folder, directory, "spec record folder")
-
-
-def read_spec_records(directory: Path) -> list[tuple[GenerationSpec, str | None]]:
-    """``(spec, plan fingerprint or None)`` of every record in ``directory/specs/``, in file name
-    order; an unreadable record is an :class:`~dalda_aug.errors.InputError` naming it. A record
-    that is not a regular file (a FIFO, a symlink, a device, a folder) is skipped, named in a
-    warning: no library writes one. A ``specs`` folder that is a symlink leading outside
-    ``directory`` is an :class:`~dalda_aug.errors.UnsafeFileError`."""
-    records = []
-    folder = directory / SPECS_DIR
-    _check_specs_folder(directory)
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = read_json_object(path, "spec record")
-        except MissingFileError:  # removed since the listing (cache specs --forget)
-            continue
-        except UnsafeFileError as exc:
-            log.warning("%s; skipped", exc)
-            continue
-        except (OSError, DaldaError) as exc:
-            raise InputError(f"{exc}; delete it and rerun warm") from None
-        if data.get("format") != SPEC_RECORD_FORMAT:
-            raise InputError(f"{path}: not a spec record of format {SPEC_RECORD_FORMAT!r}")
-        spec = GenerationSpec.from_dict(data.get("spec") or {}, str(path))
-        plan = data.get("plan") or {}
-        records.append((spec, plan.get("fingerprint") if isinstance(plan, dict) else None))
-    return records
+# the spec records moved to specs.py; their old paths here resolve through the map of moved paths
+__getattr__ = module_getattr(__name__)

@@ -8,7 +8,6 @@ class extends with the generation spec, variants, images and maintenance.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,8 @@ from .codecs import (DEFAULT_IMAGE_FORMAT, DEFAULT_PNG_LEVEL, META_CRC, check_en
                      format_name, resolve_format)
 from .imagefolder import export_folder_names, write_image_folder
 from .shardset import ShardSet, check_journal_mode
-from .spec import (SPECS_DIR, GenerationSpec, key_bytes, plan_fingerprint, read_spec_records, variant_digests,
-                   write_spec_record)
+from .spec import GenerationSpec, key_bytes, variant_digests
+from .specs import SpecRecords
 
 __all__ = ["SyntheticCache", "CachedImage", "open_cache_dir"]
 
@@ -111,19 +110,16 @@ class SyntheticCache(ShardSet):
         self.quality = option if codec.option == "quality" and (named or quality is not None) else None
         #: The full format name new entries are written with.
         self.codec_name = format_name(codec, option)
-        self._recorded: list[tuple[GenerationSpec, str | None]] | None = None
-        self._resolved: GenerationSpec | None = None  # resolve_spec() without a plan, once found
+        self._spec_records = SpecRecords(self)  # read once, rebuilt after unpickling
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("_recorded", "_resolved"):
-            state.pop(name, None)
+        state.pop("_spec_records", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._recorded = None
-        self._resolved = None
+        self._spec_records = SpecRecords(self)
 
     def __repr__(self) -> str:
         fp = self.spec.fingerprint if self.spec is not None else None
@@ -137,7 +133,7 @@ class SyntheticCache(ShardSet):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- the generation specs the cache describes itself with --------------------------------
+    # -- the generation specs the cache describes itself with (the records: specs.SpecRecords) ------
     def record_spec(self, plan: Any = None, spec: GenerationSpec | None = None) -> Path:
         """Record in ``CACHE/specs/`` that images of ``plan`` are written with ``spec``
         (default: this cache's); :func:`~dalda_aug.cache.warm.warm` calls it once its first image
@@ -147,29 +143,11 @@ class SyntheticCache(ShardSet):
         spec = spec if spec is not None else self.spec
         if spec is None:
             raise InputError("record_spec needs a GenerationSpec (this cache has none)")
-        try:
-            path, written = write_spec_record(self.directory, spec, plan)
-        except OSError as exc:
-            raise self._storage_error(exc, f"record the generation spec in {SPECS_DIR}/") from None
-        if written:
-            self._recorded = None
-            self._resolved = None
-        return path
+        return self._spec_records.record(spec, plan)
 
     def recorded_specs(self, plan: Any = None) -> list[GenerationSpec]:
         """The specs recorded in the cache folder (by fingerprint), or those recorded for ``plan``."""
-        records = self._read_records()
-        wanted = plan_fingerprint(plan) if plan is not None else None
-        found: dict[str, GenerationSpec] = {}
-        for spec, plan_fp in records:
-            if wanted is None or plan_fp == wanted:
-                found.setdefault(spec.fingerprint, spec)
-        return list(found.values())
-
-    def _read_records(self) -> list[tuple[GenerationSpec, str | None]]:
-        if self._recorded is None:
-            self._recorded = read_spec_records(self.directory)
-        return list(self._recorded)
+        return self._spec_records.specs(plan)
 
     def resolve_spec(self, plan: Any = None) -> GenerationSpec:
         """The spec to read ``plan``'s images with.
@@ -182,112 +160,26 @@ class SyntheticCache(ShardSet):
         """
         if self.spec is not None:
             return self.spec
-        specs = self.recorded_specs()
-        if len(specs) == 1:
-            return specs[0]
-        if not specs:
-            where = "does not exist" if not self.directory.is_dir() else "records no generation spec"
-            raise InputError(
-                f"the cache folder {self.directory} {where}: give the spec the images were made with "
-                "(SyntheticCache(dir, GenerationSpec(...))) or fill the folder with `dalda-aug warm`")
-        if plan is None:
-            if self._resolved is None:
-                counts = self._entries_per_fingerprint({s.fingerprint for s in specs}, stop_at_one=True)
-                holding = [s for s in specs if counts.get(s.fingerprint)]
-                if len(holding) != 1:
-                    listing = "; ".join(s.describe() for s in specs)
-                    held = "none holds images" if not holding else f"{len(holding)} of them hold images"
-                    raise InputError(
-                        f"the cache folder {self.directory} records {len(specs)} generation specs ({listing}), "
-                        f"{held} and no plan says which one to use: pass the spec explicitly "
-                        "(SyntheticCache(dir, spec)), or forget the ones not wanted (`dalda-aug cache specs --forget`)")
-                self._resolved = holding[0]
-            return self._resolved
-        cached = {s.fingerprint: self.count_present({s.key(v) for v in plan}) for s in specs}
-        holding = [s for s in specs if cached[s.fingerprint]]
-        if len(holding) == 1:
-            return holding[0]
-        mine = {s.fingerprint for s in self.recorded_specs(plan)}
-        among = holding or specs
-        chosen = [s for s in among if s.fingerprint in mine]
-        if len(chosen) == 1:
-            return chosen[0]
-        listing = "; ".join(f"{s.describe()}: {cached[s.fingerprint]} images of this plan" for s in specs)
-        if holding:
-            why = f"{len(holding)} of them hold images of this plan, and {'several' if chosen else 'none'} of those " \
-                  "are recorded for it"
-        else:
-            why = f"none holds images of this plan and {'several' if chosen else 'none'} of them are recorded for it"
-        raise InputError(
-            f"the cache folder {self.directory} records {len(specs)} generation specs ({listing}); {why}: "
-            "pass the spec explicitly (SyntheticCache(dir, spec))")
-
-    def _entries_per_fingerprint(self, wanted: set[str] | None = None, *, stop_at_one: bool = False
-                                 ) -> dict[str, int]:
-        """``{generation fingerprint: entries}`` read from the entries' headers (no image bytes;
-        counts, not checks). With ``stop_at_one``, reading stops once each of ``wanted`` was seen."""
-        counts: dict[str, int] = {}
-        seen: set[str] = set()
-        for _, reader in self._readers(force_scan=True):
-            for key in reader.keys():
-                if key in seen:
-                    continue
-                meta = reader.head(key)
-                fingerprint = meta.get("generation_fingerprint") if meta is not None else None
-                if not isinstance(fingerprint, str) or (wanted is not None and fingerprint not in wanted):
-                    continue
-                seen.add(key)
-                counts[fingerprint] = counts.get(fingerprint, 0) + 1
-                if stop_at_one and wanted is not None and wanted <= set(counts):
-                    return counts
-        return counts
+        return self._spec_records.resolve(plan)
 
     def spec_summary(self, plan: Any = None) -> list[dict[str, Any]]:
         """Each recorded spec: ``{"fingerprint", "description", "plans"`` (the plan
         fingerprints it is recorded for), ``"entries"`` (entries made with it, by their
         headers)``}``, with ``plan`` also ``"plan_images"`` and ``"plan_cached"`` (its keys for
         the plan, and how many of them the cache holds)."""
-        records = self._read_records()
-        counts = self._entries_per_fingerprint()
-        summary: dict[str, dict[str, Any]] = {}
-        for spec, plan_fp in records:
-            row = summary.setdefault(spec.fingerprint, {
-                "fingerprint": spec.fingerprint, "description": spec.describe(), "plans": [],
-                "entries": counts.get(spec.fingerprint, 0)})
-            if plan_fp is not None and plan_fp not in row["plans"]:
-                row["plans"].append(plan_fp)
-            if plan is not None and "plan_images" not in row:
-                keys = {spec.key(v) for v in plan}
-                row.update(plan_images=len(keys), plan_cached=self.count_present(keys))
-        return list(summary.values())
+        return self._spec_records.summary(plan)
 
     def entries_of_spec(self, fingerprint: str) -> int:
         """How many entries were made with the spec of ``fingerprint`` (read from the entries'
         headers, as :meth:`spec_summary` counts them; no spec record is read)."""
-        return self._entries_per_fingerprint({fingerprint}).get(fingerprint, 0)
+        return self._spec_records.entries_of(fingerprint)
 
     def forget_spec(self, fingerprint: str) -> list[Path]:
         """Delete the records of the spec with ``fingerprint`` from ``CACHE/specs/`` (its entries
         stay), named by their file names: no record is read, so a corrupt one elsewhere in the
         folder does not stand in the way; returns the files removed. :class:`~dalda_aug.errors.InputError` when none is
         recorded under it."""
-        if not (isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{16}", fingerprint)):
-            raise InputError(f"a spec fingerprint is 16 hex digits, got {str(fingerprint)[:80]!r}")
-        folder = self.directory / SPECS_DIR
-        paths = sorted(folder.glob(f"{fingerprint}-*.json")) if folder.is_dir() else []
-        if not paths:  # the fingerprints as the records' names give them: no record is read
-            known = sorted({p.name.split("-", 1)[0] for p in folder.glob("*.json")}) if folder.is_dir() else []
-            raise InputError(f"no spec with fingerprint {fingerprint} is recorded in {folder} (recorded: {known})")
-        for path in paths:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise self._storage_error(exc, f"remove the spec record {path.name}") from None
-        self._recorded = None
-        self._resolved = None
-        return paths
+        return self._spec_records.forget(fingerprint)
 
     def with_spec(self, spec: GenerationSpec) -> "SyntheticCache":
         """The same cache folder and settings, serving ``spec``."""

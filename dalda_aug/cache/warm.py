@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterable
 
 from . import leases as _leases
 from . import CacheReadOnlyError, SyntheticCache
+from .spec import GenerationSpec, digest_hex, variant_digests
 from ..data import image_sha256, load_image, source_path
 from ..errors import DaldaError, InputError, MissingFileError
 
@@ -67,8 +68,9 @@ def shard_keys(keys: Iterable[str], process_index: int, num_processes: int) -> l
     return sorted(set(keys))[process_index::num_processes]
 
 
-def plan_keys(plan: Any, cache: SyntheticCache) -> dict[str, Any]:
-    """``{key: variant}`` for a plan's variants, first variant per key, in plan order."""
+def plan_keys(plan: Any, cache: SyntheticCache | GenerationSpec) -> dict[str, Any]:
+    """``{key: variant}`` for a plan's variants, first variant per key, in plan order (the keys of
+    ``cache``'s spec, or of a spec)."""
     keys: dict[str, Any] = {}
     for variant in plan:
         keys.setdefault(cache.key(variant), variant)
@@ -89,16 +91,20 @@ def plan_share(plan: Any, cache: SyntheticCache, process_index: int = 0, num_pro
     (every n-th key in sorted order, each key's first variant in plan order, in key order), but
     computed from the plan's columns as 32-byte digests, so a process holds a ``Variant`` only
     for its own share (plan_keys makes one per variant of the plan: gigabytes at ImageNet size)."""
+    return _share(plan, cache.require_spec(), process_index, num_processes)
+
+
+def _share(plan: Any, spec: GenerationSpec, process_index: int, num_processes: int) -> tuple[dict[str, Any], int]:
+    """:func:`plan_share` under ``spec`` (resolved once by the caller)."""
     columns = getattr(plan, "columns", None)
     if columns is None:  # any iterable of variants
-        keys = plan_keys(plan, cache)
+        keys = plan_keys(plan, spec)
         return {k: keys[k] for k in shard_keys(keys, process_index, num_processes)}, len(keys)
     import numpy as np
 
-    from .spec import digest_hex, variant_digests
     from ..plan import Variant
 
-    fingerprint = cache.require_spec().fingerprint
+    fingerprint = spec.fingerprint
     n = len(columns)
     parts = [variant_digests(fingerprint, *columns.key_inputs_of_rows(np.arange(start, min(n, start + _SHARE_CHUNK))))
              for start in range(0, n, _SHARE_CHUNK)]
@@ -341,7 +347,7 @@ def warm(
     started = time.perf_counter()
     if not isinstance(plan, AugmentationPlan):
         plan = AugmentationPlan.load(plan)
-    spec = cache.resolve_spec(plan)
+    spec = cache.resolve_spec(plan)  # once: the keys below, the generator and the record all use it
     if cache.spec is None:
         cache = cache.with_spec(spec)
     if int(num_processes) != num_processes or num_processes < 1 or not 0 <= process_index < num_processes:
@@ -363,7 +369,7 @@ def warm(
             if isinstance(source, str):
                 source_path(plan.data_root, source)
 
-    mine, planned = plan_share(plan, cache, process_index, num_processes)
+    mine, planned = _share(plan, spec, process_index, num_processes)
     removed = 0
     if verify:
         before = cache.corrupt_removed
@@ -375,7 +381,7 @@ def warm(
     # garbage, truncated or missing entry is removed where the folder allows it and regenerated.
     # A changed image byte is left to `cache verify` and to the readers that decode.
     good, bad = cache.check_present(list(mine), remove=True)
-    todo = [v for v, here in zip(mine.values(), good) if not here]
+    todo = [(key, v) for (key, v), here in zip(mine.items(), good) if not here]  # keys made once, above
     report = WarmReport(
         planned=planned, assigned=len(mine), already_cached=len(mine) - len(todo), generated=0, seconds=0.0,
         process_index=int(process_index), num_processes=int(num_processes), shard=cache.shard,
@@ -402,7 +408,7 @@ def warm(
 
     # Group by source: each reference image is loaded (and embedded) once.
     order = {source: i for i, source in enumerate(plan.sources())}
-    todo.sort(key=lambda v: (order.get(v.source, len(order)), v.variant))
+    todo.sort(key=lambda kv: (order.get(kv[1].source, len(order)), kv[1].variant))
     from ..plan.sources import SourceImages
 
     load_source = SourceImages(plan, images, max_edge=FEATURE_EXTRACTOR_EDGE)
@@ -436,7 +442,7 @@ def warm(
     desc = f"warming [{process_index + 1}/{num_processes}]" if num_processes > 1 else "warming"
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                position=process_index if num_processes > 1 else None)
-    pending = collections.deque((cache.key(v), v) for v in todo)
+    pending = collections.deque(todo)
     waiting: list[tuple[str, Any]] = []  # leased by another process: written by it, or retaken on expiry
     poll = min(0.5, lease_seconds / 4)
     said_waiting = False

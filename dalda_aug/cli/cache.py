@@ -214,14 +214,6 @@ def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
                              "folder the plan records")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 # -- warm ---------------------------------------------------------------------------------------
 def describe_settings(args: argparse.Namespace, spec: GenerationSpec, device: str) -> str:
     """``size 64 (tiny/models.json), steps 2 (tiny/models.json), dtype float32 (default on the CPU),
@@ -351,19 +343,21 @@ def _cache_for_reading(args: argparse.Namespace, plan: AugmentationPlan | None =
 
 
 def _run_stats(args: argparse.Namespace) -> int:
+    from ..cache.disks import human_bytes
+
     plan = _load_plan(args.plan)
     cache = _cache_for_reading(args, plan)
     stats = cache.stats(plan)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    print(f"cache {stats['directory']}: {stats['entries']} images, {_human_bytes(stats['bytes'])} on disk, "
+    print(f"cache {stats['directory']}: {stats['entries']} images, {human_bytes(stats['bytes'])} on disk, "
           f"{len(stats['shards'])} shard(s), {stats['corrupt_removed']} corrupt entries removed so far")
     if stats["bad"]:
         print(f"  {stats['bad']} damaged entries not counted (they fail their checksums): `dalda-aug cache verify "
               "--remove` removes them, `dalda-aug warm` regenerates them")
     for shard in stats["shards"]:
-        print(f"  shard {shard['name']}: {shard['entries']} images, {_human_bytes(shard['bytes'])}")
+        print(f"  shard {shard['name']}: {shard['entries']} images, {human_bytes(shard['bytes'])}")
     if plan is not None:
         p = stats["plan"]
         print(f"plan {args.plan}: {p['cached']}/{p['images']} images cached ({p['coverage']:.1%}), "
@@ -456,13 +450,12 @@ def _quality(text: str | None, image_format: str) -> int | None:
     if text is None:
         return None
     try:
-        value = int(text)
+        number: Any = int(text)
     except ValueError:
-        raise InputError(f"--quality must be an integer in 1..100, got {text!r}") from None
-    if not 1 <= value <= 100:
-        raise InputError(f"--quality must be an integer in 1..100, got {value}")
+        number = text  # refused by the range check below, as it was given
+    value = check_quality(number, what="--quality")  # the range: one line naming the option
     try:
-        return check_quality(value, image_format)
+        return check_quality(value, image_format)  # a quality the format takes
     except InputError as exc:
         raise InputError(f"--quality {value}: {exc} (--format {image_format})") from None
 
