@@ -82,7 +82,7 @@ def write_demo_folder(root: str | os.PathLike[str]) -> Path:
 
 def resolve_models(choice: str | None, workdir: str | os.PathLike[str]) -> tuple[ModelConfig, bool]:
     """``(ModelConfig, tiny?)`` for ``choice``: ``"tiny"``, a models JSON path, or None (the hub)."""
-    if choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default"):
+    if choice is None or _uses_hub(choice):
         return ModelConfig(), False
     if choice.strip().lower() == "tiny":
         from ..tiny_models import make_tiny_models
@@ -110,6 +110,7 @@ def _settings(models_choice: str | None, out: Path, size: int | None, steps: int
 
 # -- is the hub there? (the check every command makes: dalda_aug.hub) ---------------
 def _uses_hub(choice: str | None) -> bool:
+    """``--models``/``DALDA_MODELS`` names the paper's hub models: unset, empty, hub, paper or default."""
     return choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default")
 
 

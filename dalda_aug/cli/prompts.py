@@ -93,9 +93,9 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     if args.tokenizer is not None:
         return load_clip_tokenizer(args.tokenizer)
     if args.models is not None:
-        from ..config import ModelConfig
+        from ..config import load_models_arg
 
-        models = ModelConfig.load(args.models)
+        models = load_models_arg(args.models)
         return load_clip_tokenizer(models.base, revision=models.base_revision)
     return load_clip_tokenizer()
 
@@ -112,9 +112,9 @@ def _check_hub(args: argparse.Namespace) -> None:
                   hint="pass --llm hf:PATH naming a local copy of the chat model and set HF_HUB_OFFLINE=1 on a "
                        "machine without the hub")
     if args.tokenizer is None and args.models is not None:
-        from ..config import ModelConfig
+        from ..config import load_models_arg
 
-        models = ModelConfig.load(args.models)
+        models = load_models_arg(args.models)
         if not parse_location(models.base).is_local:
             check_hub([HubFile(models.base, "tokenizer/tokenizer_config.json", models.base_revision)],
                       what="the base model's tokenizer", hint=MODELS_HINT)
