@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 from .. import __version__
 from ..config import describe_model_defaults, load_models_arg  # live with ModelConfig; importable from here too
 from ..errors import DaldaError
-from ._common import add_command, launched_processes, refuse_taken_plan_folder
+from ._common import add_command, add_data_argument, launched_processes, refuse_taken_plan_folder
 
 __all__ = ["main", "build_parser", "load_models_arg", "version_report", "describe_model_defaults"]
 
@@ -172,7 +172,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     help="score source images and plan M variants per image (prompt, λ, seed)",
                     description="Score every source image with CLIP, draw λ per variant and write "
                                 "OUT/plan.jsonl, OUT/plan.json and OUT/summary.json.")
-    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+    add_data_argument(p)
     p.add_argument("--out", required=True, help="output plan folder")
     p.add_argument("--shots", type=int, default=None,
                    help="keep N images per class (seeded split); default: all images")

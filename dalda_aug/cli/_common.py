@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["add_command", "options", "refuse_taken_plan_folder", "launched_processes", "default_device"]
+__all__ = ["add_command", "add_data_argument", "options", "refuse_taken_plan_folder", "launched_processes", "default_device"]
 
 def add_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str,
                 run: Callable[[argparse.Namespace], int], help: str, description: str) -> argparse.ArgumentParser:
@@ -21,6 +21,11 @@ def add_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
     parser = subparsers.add_parser(name, help=help, description=description)
     parser.set_defaults(func=run)
     return parser
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data``, the image folder of real images a command reads (required)."""
+    parser.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
 
 
 def options(args: argparse.Namespace, *names: str, given: bool = False) -> dict[str, Any]:

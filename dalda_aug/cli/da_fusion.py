@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_command, default_device, options
+from ._common import add_command, add_data_argument, default_device, options
 
 __all__ = ["register"]
 
@@ -43,7 +43,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                                 "'the'): writes TOKENS/tokens.json and one diffusers textual-inversion file per class; "
                                 "learned tokens are cached by content, so a rerun reuses them. Then: dalda-aug plan "
                                 "--method da-fusion --tokens TOKENS.")
-    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+    add_data_argument(p)
     p.add_argument("--out", required=True, help="token folder to write")
     p.add_argument("--shots", type=int, default=None,
                    help="keep N images per class, the same seeded split as `dalda-aug plan --shots N --seed S`")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_command, launched_processes, refuse_taken_plan_folder
+from ._common import add_command, add_data_argument, launched_processes, refuse_taken_plan_folder
 
 __all__ = ["register"]
 
@@ -100,7 +100,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     description="Train a classifier on the real images of --data (its --shots subset with --seed, the "
                                 "one `plan --shots N --seed S` plans for) with the few-shot benchmark's honest recipe "
                                 "(linear probe, last epoch) and save it as one safetensors file.")
-    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+    add_data_argument(p)
     p.add_argument("--shots", type=int, default=None, help="images per class (seeded split); default: all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", choices=("efficientnet_lite0", "resnet50"), default="efficientnet_lite0")
