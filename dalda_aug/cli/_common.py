@@ -1,5 +1,6 @@
-"""What several commands do the same way: declare a subcommand, pass options on by name, refuse a
-plan folder that is taken, find the processes of ``accelerate launch``, pick the default device.
+"""What several commands do the same way: declare a subcommand and its ``--data`` folder, pass
+options on by name, refuse a plan folder that is taken, find the processes of ``accelerate
+launch``, pick the default device.
 
 The command modules import from here (never from the dispatcher, :mod:`dalda_aug.cli`), so each
 small thing a command does has one place.
@@ -12,7 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["add_command", "add_data_argument", "options", "refuse_taken_plan_folder", "launched_processes", "default_device"]
+__all__ = ["add_command", "add_data_argument", "options", "refuse_taken_plan_folder", "launched_processes",
+           "default_device"]
+
 
 def add_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str,
                 run: Callable[[argparse.Namespace], int], help: str, description: str) -> argparse.ArgumentParser:

@@ -26,8 +26,8 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
 
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots,
-                                     seed=args.seed, config=config, device=default_device(args.device), dtype=args.dtype,
+    tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots, seed=args.seed,
+                                     config=config, device=default_device(args.device), dtype=args.dtype,
                                      progress=not args.no_progress)
     from ..config import describe_model_defaults
 
