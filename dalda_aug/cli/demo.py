@@ -248,8 +248,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p = add_command(subparsers, "demo", _run,
                     help="end-to-end demo: scikit-image photos -> prompts, plan, cache -> contact sheet PNG",
                     description="Build a 1-shot folder from photos bundled with scikit-image, write prompts, plan, "
-                                "warm the cache and write OUT/contact_sheet.png. DALDA_MODELS=tiny runs offline on a "
-                                "CPU.")
+                                "warm the cache and write OUT/contact_sheet.png. DALDA_MODELS=tiny runs offline on a CPU.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--models", default=None,
                    help="'tiny', a models JSON, or omit for the paper's hub models (default: $DALDA_MODELS)")
