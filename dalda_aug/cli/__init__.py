@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 from .. import __version__
 from ..config import describe_model_defaults, load_models_arg  # live with ModelConfig; importable from here too
 from ..errors import DaldaError
+from ._common import add_command, add_data_argument, launched_processes, refuse_taken_plan_folder
 
 __all__ = ["main", "build_parser", "load_models_arg", "version_report", "describe_model_defaults"]
 
@@ -65,10 +66,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     from ..hub import require_hub_models
     from ..plan.build import MAX_VARIANTS
 
-    out_dir = Path(args.out)
     check_output_folder(args.out)
-    if (out_dir / "plan.json").exists() and not args.overwrite:
-        raise InputError(f"--out {out_dir} already holds a plan; pass --overwrite to replace it")
+    refuse_taken_plan_folder(Path(args.out), args.overwrite)
     if not 1 <= args.variants <= MAX_VARIANTS:
         raise InputError(f"--variants {args.variants}: plan between 1 and {MAX_VARIANTS} images per source image")
     if args.seed < 0:
@@ -113,7 +112,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         # another generator (Real Guidance: img2img of the base prompt) ignores λ: a constant keeps its
         # cache keys independent of the n-shot setting, as the few-shot benchmark plans it
         scaling = Scaling("fixed", value=0.0)
-    processes = _launched_processes(args.device)
+    processes = launched_processes(args.device)
     plan = build_plan(
         args.data,
         variants=args.variants,
@@ -160,38 +159,20 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
-def _launched_processes(device: str | None) -> Any:
-    """``accelerate.PartialState`` when the command was started by ``accelerate launch`` or
-    ``torchrun`` with more than one process (``WORLD_SIZE`` > 1): the processes then split the
-    reading and scoring of the sources and the main process writes the plan. ``None`` otherwise."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return None
-    from .cache import partial_state
-
-    return partial_state(device)
-
-
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = subparsers.add_parser(
-        "make-tiny-models",
-        help="write tiny random models (offline) and DIR/models.json",
-        description="Write tiny random-weight SD 1.x, IP-Adapter and open_clip models in the real "
-                    "formats, plus DIR/models.json pointing at them (for tests, CI and offline demos).",
-    )
+    p = add_command(subparsers, "make-tiny-models", _run_make_tiny_models,
+                    help="write tiny random models (offline) and DIR/models.json",
+                    description="Write tiny random-weight SD 1.x, IP-Adapter and open_clip models in the real "
+                                "formats, plus DIR/models.json pointing at them (for tests, CI and offline demos).")
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=_run_make_tiny_models)
 
-    p = subparsers.add_parser(
-        "plan",
-        help="score source images and plan M variants per image (prompt, λ, seed)",
-        description="Score every source image with CLIP, draw λ per variant and write "
-                    "OUT/plan.jsonl, OUT/plan.json and OUT/summary.json.",
-    )
-    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+    p = add_command(subparsers, "plan", _run_plan,
+                    help="score source images and plan M variants per image (prompt, λ, seed)",
+                    description="Score every source image with CLIP, draw λ per variant and write "
+                                "OUT/plan.jsonl, OUT/plan.json and OUT/summary.json.")
+    add_data_argument(p)
     p.add_argument("--out", required=True, help="output plan folder")
     p.add_argument("--shots", type=int, default=None,
                    help="keep N images per class (seeded split); default: all images")
@@ -216,7 +197,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "strength; real-guidance: the base prompts, img2img at the config's strength (λ unused)")
     p.add_argument("--tokens", default=None, help="DA-Fusion token folder (dalda-aug textual-inversion)")
     p.add_argument("--overwrite", action="store_true", help="replace a plan already in --out (refused otherwise)")
-    p.set_defaults(func=_run_plan)
 
 
 # -- --version -------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_command, add_data_argument, default_device, options
+
 __all__ = ["register"]
 
 
@@ -11,9 +13,7 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
     from ..config import load_models_arg
     from ..generators.textual_inversion import TextualInversionConfig, train_textual_inversion
 
-    changes = {name: getattr(args, name) for name in ("steps", "batch_size", "learning_rate", "resolution")
-               if getattr(args, name) is not None}
-    config = TextualInversionConfig(**changes)
+    config = TextualInversionConfig(**options(args, "steps", "batch_size", "learning_rate", "resolution", given=True))
     models = load_models_arg(args.models)
     from ..hub import require_hub_models
 
@@ -26,11 +26,8 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
 
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots,
-                                     seed=args.seed, config=config, device=device, dtype=args.dtype,
+    tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots, seed=args.seed,
+                                     config=config, device=default_device(args.device), dtype=args.dtype,
                                      progress=not args.no_progress)
     from ..config import describe_model_defaults
 
@@ -39,16 +36,14 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser(
-        "textual-inversion",
-        help="learn one DA-Fusion token per class on its few-shot images",
-        description="Textual inversion with DA-Fusion's settings (1000 steps, batch 4, lr 5e-4 x 4, init 'the'): "
-                    "writes TOKENS/tokens.json and one diffusers textual-inversion file per class; learned "
-                    "tokens are cached by content, so a rerun reuses them. Then: dalda-aug plan --method "
-                    "da-fusion --tokens TOKENS.",
-    )
-    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = add_command(subparsers, "textual-inversion", _run_textual_inversion,
+                    help="learn one DA-Fusion token per class on its few-shot images",
+                    description="Textual inversion with DA-Fusion's settings (1000 steps, batch 4, lr 5e-4 x 4, init "
+                                "'the'): writes TOKENS/tokens.json and one diffusers textual-inversion file per class; "
+                                "learned tokens are cached by content, so a rerun reuses them. Then: dalda-aug plan "
+                                "--method da-fusion --tokens TOKENS.")
+    add_data_argument(p)
     p.add_argument("--out", required=True, help="token folder to write")
     p.add_argument("--shots", type=int, default=None,
                    help="keep N images per class, the same seeded split as `dalda-aug plan --shots N --seed S`")
@@ -66,4 +61,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="torch CPU threads (default: torch's, or the models file's: 1 for the tiny models, whose "
                         "small layers lose more to thread hand-offs than they gain)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run_textual_inversion)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..config import ModelConfig
 from ..errors import InputError, ModelLoadError
 from ..hub import HUB_PROBE_TIMEOUT, HubUnreachableError, hub_endpoint, hub_reachable
+from ._common import add_command, default_device, options
 
 if TYPE_CHECKING:
     import argparse
@@ -81,7 +82,7 @@ def write_demo_folder(root: str | os.PathLike[str]) -> Path:
 
 def resolve_models(choice: str | None, workdir: str | os.PathLike[str]) -> tuple[ModelConfig, bool]:
     """``(ModelConfig, tiny?)`` for ``choice``: ``"tiny"``, a models JSON path, or None (the hub)."""
-    if choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default"):
+    if choice is None or _uses_hub(choice):
         return ModelConfig(), False
     if choice.strip().lower() == "tiny":
         from ..tiny_models import make_tiny_models
@@ -109,6 +110,7 @@ def _settings(models_choice: str | None, out: Path, size: int | None, steps: int
 
 # -- is the hub there? (the check every command makes: dalda_aug.hub) ---------------
 def _uses_hub(choice: str | None) -> bool:
+    """``--models``/``DALDA_MODELS`` names the paper's hub models: unset, empty, hub, paper or default."""
     return choice is None or not choice.strip() or choice.strip().lower() in ("hub", "paper", "default")
 
 
@@ -189,7 +191,7 @@ def run_demo(
     from ..viz import plan_contact_sheet
     from ..cache.warm import warm
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")
     if settings.tiny and str(device) == "cpu":
         torch.set_num_threads(1)  # tiny layers: thread hand-offs cost more than they save
@@ -232,14 +234,8 @@ def _run(args: argparse.Namespace) -> int:
         args.out,
         models=args.models if args.models is not None else os.environ.get("DALDA_MODELS"),
         llm=args.llm if args.llm is not None else os.environ.get("DALDA_LLM"),
-        variants=args.variants,
-        device=args.device,
-        dtype=args.dtype,
-        size=args.size,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
         progress=not args.no_progress,
+        **options(args, "variants", "device", "dtype", "size", "steps", "batch_size", "seed"),
     )
     w, h = result["size"]
     print(f"dalda-aug demo: {result['warm'].summary()}")
@@ -249,12 +245,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="end-to-end demo: scikit-image photos -> prompts, plan, cache -> contact sheet PNG",
-        description="Build a 1-shot folder from photos bundled with scikit-image, write prompts, plan, warm the "
-                    "cache and write OUT/contact_sheet.png. DALDA_MODELS=tiny runs offline on a CPU.",
-    )
+    p = add_command(subparsers, "demo", _run,
+                    help="end-to-end demo: scikit-image photos -> prompts, plan, cache -> contact sheet PNG",
+                    description="Build a 1-shot folder from photos bundled with scikit-image, write prompts, plan, "
+                                "warm the cache and write OUT/contact_sheet.png. DALDA_MODELS=tiny runs offline on a CPU.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--models", default=None,
                    help="'tiny', a models JSON, or omit for the paper's hub models (default: $DALDA_MODELS)")
@@ -268,7 +262,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

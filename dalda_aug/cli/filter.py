@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from ._common import add_command, add_data_argument, launched_processes, refuse_taken_plan_folder
 
 __all__ = ["register"]
 
@@ -19,18 +20,13 @@ def _run_filter(args: argparse.Namespace) -> int:
 
     filters = [make_filter(spec) for spec in args.by]  # a bad --by is said before anything loads
     out = Path(args.out)
-    if (out / "plan.json").exists() and not args.overwrite:
-        raise InputError(f"--out {out} already holds a plan; pass --overwrite to replace it")
+    refuse_taken_plan_folder(out, args.overwrite)
     plan = AugmentationPlan.load(args.plan)
     open_cache_dir(args.cache)
     cache = SyntheticCache(args.cache)
     cache = cache.with_spec(cache.resolve_spec(plan))
     models = load_models_arg(args.models) if args.models is not None else None
-    processes = None
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # accelerate launch / torchrun: the chunks are shared
-        from .cache import partial_state
-
-        processes = partial_state(args.device)
+    processes = launched_processes(args.device)  # accelerate launch / torchrun: the chunks are shared
     report = filter_plan(plan, cache, filters, out, keep=args.keep, min_pass=args.min_pass, fill=args.fill,
                          device=args.device, models=models, overwrite=args.overwrite, progress=not args.quiet,
                          chunk=args.chunk, processes=processes)
@@ -72,14 +68,12 @@ def _run_train_filter(args: argparse.Namespace) -> int:
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from ..filters.base import filter_names
 
-    p = subparsers.add_parser(
-        "filter",
-        help="judge a warmed plan's images and write a derived plan of the best variants per source",
-        description="Score every variant of a warmed plan from the cache with one or more filters (all must pass, "
-                    "the first ranks), keep at most --keep per source, and write OUT as a plan folder "
-                    "(same variants, same cache entries) plus OUT/filter.json. Not part of DALDA's method. "
-                    f"Filters: {', '.join(filter_names())}.",
-    )
+    p = add_command(subparsers, "filter", _run_filter,
+                    help="judge a warmed plan's images and write a derived plan of the best variants per source",
+                    description="Score every variant of a warmed plan from the cache with one or more filters (all "
+                                "must pass, the first ranks), keep at most --keep per source, and write OUT as a plan "
+                                "folder (same variants, same cache entries) plus OUT/filter.json. Not part of DALDA's "
+                                f"method. Filters: {', '.join(filter_names())}.")
     p.add_argument("--plan", required=True, help="plan folder (dalda-aug plan), warmed")
     p.add_argument("--cache", required=True, help="cache folder holding the plan's images (dalda-aug warm)")
     p.add_argument("--by", action="append", required=True, metavar="SPEC",
@@ -100,16 +94,13 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="variants scored and recorded at a time (a killed run resumes after its last chunk)")
     p.add_argument("--overwrite", action="store_true", help="replace a plan already in --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_filter)
 
-    p = subparsers.add_parser(
-        "train-filter",
-        help="train the classifier of --by classifier:PATH on the real images only",
-        description="Train a classifier on the real images of --data (its --shots subset with --seed, the one "
-                    "`plan --shots N --seed S` plans for) with the few-shot benchmark's honest recipe (linear "
-                    "probe, last epoch) and save it as one safetensors file.",
-    )
-    p.add_argument("--data", required=True, help="image folder: ROOT/<class>/<image>")
+    p = add_command(subparsers, "train-filter", _run_train_filter,
+                    help="train the classifier of --by classifier:PATH on the real images only",
+                    description="Train a classifier on the real images of --data (its --shots subset with --seed, the "
+                                "one `plan --shots N --seed S` plans for) with the few-shot benchmark's honest recipe "
+                                "(linear probe, last epoch) and save it as one safetensors file.")
+    add_data_argument(p)
     p.add_argument("--shots", type=int, default=None, help="images per class (seeded split); default: all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", choices=("efficientnet_lite0", "resnet50"), default="efficientnet_lite0")
@@ -124,4 +115,3 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=_run_train_filter)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ._common import add_command
 from .cache import add_data_root_argument, add_spec_arguments, cache_for_plan, check_device, check_output_file
 from .._io import write_atomic
 from ..errors import InputError
@@ -180,14 +181,13 @@ def _resolve_classes(plan: AugmentationPlan, text: str | None) -> list[str] | No
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = subparsers.add_parser(
-        "metrics",
-        help="diversity (CLIP-I, LPIPS) and fidelity of the cached images of a plan",
-        description="CLIP-I (mean pairwise cosine of CLIP image embeddings; lower = more diverse) and LPIPS "
-                    "(mean pairwise; higher = more diverse) within each source image's variants and within each "
-                    "class, plus fidelity: CLIP-I to the source image and CLIP's zero-shot accuracy. LPIPS needs "
-                    "torchvision's AlexNet weights in $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth.",
-    )
+    p = add_command(subparsers, "metrics", _run_metrics,
+                    help="diversity (CLIP-I, LPIPS) and fidelity of the cached images of a plan",
+                    description="CLIP-I (mean pairwise cosine of CLIP image embeddings; lower = more diverse) and "
+                                "LPIPS (mean pairwise; higher = more diverse) within each source image's variants and "
+                                "within each class, plus fidelity: CLIP-I to the source image and CLIP's zero-shot "
+                                "accuracy. LPIPS needs torchvision's AlexNet weights in "
+                                "$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth.")
     add_spec_arguments(p, plan_required=True, reading=True)
     add_data_root_argument(p)
     p.add_argument("--cache", required=True, help="cache folder")
@@ -196,16 +196,14 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--lpips-random", action="store_true",
                    help="random AlexNet trunk for LPIPS (testing only: uncalibrated distances)")
-    p.set_defaults(func=_run_metrics)
 
-    p = subparsers.add_parser(
-        "inspect",
-        help="plots: CLIPScore histogram, λ distribution, contact sheet of real images and their variants",
-        description="Write clipscore_histogram.png (α marked, as the paper's Figure 4), lambda_distribution.png "
-                    "(Low and High sources) and, with --cache, contact_sheet.png (each real image and its "
-                    "variants, labelled with λ and prompt); for a plan `dalda-aug filter` derived, also "
-                    "filter_sheet.png (per source, the kept and the rejected variants side by side, with their scores).",
-    )
+    p = add_command(subparsers, "inspect", _run_inspect,
+                    help="plots: CLIPScore histogram, λ distribution, contact sheet of real images and their variants",
+                    description="Write clipscore_histogram.png (α marked, as the paper's Figure 4), "
+                                "lambda_distribution.png (Low and High sources) and, with --cache, contact_sheet.png "
+                                "(each real image and its variants, labelled with λ and prompt); for a plan `dalda-aug "
+                                "filter` derived, also filter_sheet.png (per source, the kept and the rejected variants "
+                                "side by side, with their scores).")
     add_spec_arguments(p, plan_required=True, reading=True)
     add_data_root_argument(p)
     p.add_argument("--also", action="append", default=[], metavar="NAME=PLAN",
@@ -215,4 +213,3 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--per-class", type=int, default=1, help="source images per class on the contact sheet")
     p.add_argument("--tile", type=int, default=192, help="contact-sheet tile size in pixels")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
-    p.set_defaults(func=_run_inspect)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, MissingFileError
 from ..prompts import CLIP_MAX_TOKENS, DEFAULT_PREFIX
+from ._common import add_command, options
 
 if TYPE_CHECKING:
     from ..prompts.presets import DatasetPreset
@@ -92,9 +93,9 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     if args.tokenizer is not None:
         return load_clip_tokenizer(args.tokenizer)
     if args.models is not None:
-        from ..config import ModelConfig
+        from ..config import load_models_arg
 
-        models = ModelConfig.load(args.models)
+        models = load_models_arg(args.models)
         return load_clip_tokenizer(models.base, revision=models.base_revision)
     return load_clip_tokenizer()
 
@@ -111,9 +112,9 @@ def _check_hub(args: argparse.Namespace) -> None:
                   hint="pass --llm hf:PATH naming a local copy of the chat model and set HF_HUB_OFFLINE=1 on a "
                        "machine without the hub")
     if args.tokenizer is None and args.models is not None:
-        from ..config import ModelConfig
+        from ..config import load_models_arg
 
-        models = ModelConfig.load(args.models)
+        models = load_models_arg(args.models)
         if not parse_location(models.base).is_local:
             check_hub([HubFile(models.base, "tokenizer/tokenizer_config.json", models.base_revision)],
                       what="the base model's tokenizer", hint=MODELS_HINT)
@@ -126,19 +127,11 @@ def run(args: argparse.Namespace) -> int:
     description = _description(args)
     preset = _preset(args)
     instruction = _instruction(args)
-    backend = parse_backend(
-        args.llm,
-        base_url=args.base_url,
-        api_key_env=args.api_key_env,
-        api_version=args.api_version,
-        timeout=args.timeout,
-        max_retries=args.max_retries,
-        base_delay=args.retry_delay,
-        json_mode=args.json_mode,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-    )  # builds nothing yet: a bad option is said before the hub is asked
+    backend = parse_backend(  # builds nothing yet: a bad option is said before the hub is asked
+        args.llm, base_delay=args.retry_delay,
+        **options(args, "base_url", "api_key_env", "api_version", "timeout", "max_retries", "json_mode", "device",
+                  "dtype", "seed"),
+    )
     _check_hub(args)
     out = Path(args.out)
     resume = None
@@ -151,14 +144,9 @@ def run(args: argparse.Namespace) -> int:
         bank = generate_prompt_bank(
             names,
             backend,
-            m=args.m,
             description=description,
-            temperature=args.temperature,
             tokenizer=_tokenizer(args),
-            prefix=args.prefix,
-            max_tokens=args.max_tokens,
-            chunk_size=args.chunk_size,
-            max_rounds=args.max_rounds,
+            **options(args, "m", "temperature", "prefix", "max_tokens", "chunk_size", "max_rounds"),
             out=out,
             resume_from=resume,
             progress=not args.no_progress,
@@ -175,14 +163,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = subparsers.add_parser(
-        "prompts",
-        help="write a prompt bank: M LLM-written sentences per class (JSON)",
-        description="Ask an LLM for M realistic one-sentence prompts per class, check each one (names its "
-                    "class and no other, one sentence, fits CLIP's 77 tokens with the prefix, no duplicate), "
-                    "re-ask the failures and write the bank to --out after every request. An existing --out "
-                    "is resumed. Exit status 1 when some classes are still short after --max-rounds.",
-    )
+    p = add_command(subparsers, "prompts", run,
+                    help="write a prompt bank: M LLM-written sentences per class (JSON)",
+                    description="Ask an LLM for M realistic one-sentence prompts per class, check each one (names its "
+                                "class and no other, one sentence, fits CLIP's 77 tokens with the prefix, no "
+                                "duplicate), re-ask the failures and write the bank to --out after every request. An "
+                                "existing --out is resumed. Exit status 1 when some classes are still short after "
+                                "--max-rounds.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="image folder ROOT/<class>/...: the class names are its sub-folders, "
                                     "made readable (american_bulldog -> american bulldog)")
@@ -245,4 +232,3 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     hf.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out exists")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run)

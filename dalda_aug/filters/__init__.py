@@ -26,25 +26,13 @@ from __future__ import annotations
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "Filter": "base",
-    "FilterContext": "base",
-    "FILTER_FORMAT": "base",
-    "register_filter": "base",
-    "filter_names": "base",
-    "make_filter": "base",
-    "ClipClassFilter": "clip",
-    "ClipSourceFilter": "clip",
-    "ClassifierFilter": "classifier",
-    "CLASSIFIER_FORMAT": "classifier",
-    "train_filter_classifier": "classifier",
-    "save_filter_classifier": "classifier",
-    "load_filter_classifier": "classifier",
-    "FILL": "derive",
-    "FilterReport": "derive",
-    "FilterRecord": "derive",
-    "filter_plan": "derive",
-    "read_filter_record": "derive",
-}
+# module -> the names it holds (the table above); imported on first use.
+_EXPORTS = {name: module for module, names in {
+    "base": ("Filter", "FilterContext", "FILTER_FORMAT", "register_filter", "filter_names", "make_filter"),
+    "clip": ("ClipClassFilter", "ClipSourceFilter"),
+    "classifier": ("ClassifierFilter", "CLASSIFIER_FORMAT", "train_filter_classifier", "save_filter_classifier",
+                   "load_filter_classifier"),
+    "derive": ("FILL", "FilterReport", "FilterRecord", "filter_plan", "read_filter_record"),
+}.items() for name in names}
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

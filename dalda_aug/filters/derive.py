@@ -342,6 +342,7 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
     derived plan from the record, the same files byte for byte as one process writes (a score
     depends on its image alone), and every process returns it."""
     from ..plan import AugmentationPlan
+    from ..plan.build import _process_share  # the rank and world-size check the planning processes make
     from .base import make_filter
 
     if isinstance(plan, (str, os.PathLike)):
@@ -422,15 +423,6 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
     if world > 1:
         _barrier(world)
     return FilterReport(AugmentationPlan.load(out), out, table, totals, scored, resumed)
-
-
-def _process_share(processes: Any) -> tuple[int, int]:
-    if processes is None:
-        return 0, 1
-    rank, world = int(processes.process_index), int(processes.num_processes)
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(f"processes: process_index {rank} is not in [0, num_processes={world})")
-    return rank, world
 
 
 def _barrier(world: int) -> None:
