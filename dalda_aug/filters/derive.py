@@ -342,7 +342,7 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
     derived plan from the record, the same files byte for byte as one process writes (a score
     depends on its image alone), and every process returns it."""
     from ..plan import AugmentationPlan
-    from ..plan.build import _process_share  # the rank and world-size check the planning processes make
+    from ..plan.build import process_share
     from .base import make_filter
 
     if isinstance(plan, (str, os.PathLike)):
@@ -367,7 +367,7 @@ def filter_plan(plan: Any, cache: Any, filters: Sequence[Filter | str], out: str
         flt.load(context)
     run = _run_name(plan, cache.spec.fingerprint, built, chunk)
     progress_dir = out / PROGRESS_DIR / run
-    rank, world = _process_share(processes)
+    rank, world = process_share(processes)
     if world > 1:  # each process scores its share into the record, then everyone reads it whole
         _, _, scored, resumed = _score_all(plan, cache, keys, built, progress_dir, progress and rank == 0, chunk,
                                            (rank, world))

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # A prompt bank, or {class name: [prompts]}.
 Prompts = Union["PromptBank", Mapping[str, Sequence[str]]]
 
-__all__ = ["build_plan", "MAX_VARIANTS", "BASE_TEMPLATE", "Processes", "Prompts"]
+__all__ = ["build_plan", "MAX_VARIANTS", "BASE_TEMPLATE", "Processes", "Prompts", "process_share"]
 
 #: The most variants per source image a plan may hold (the paper uses 10; a mistyped -M 1000000000
 #: would ask for tens of GiB before anything else happens).
@@ -128,7 +128,10 @@ def _read_and_score(items: Sequence[SourceItem], class_names: Sequence[str], sco
     return hashes, np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float64)
 
 
-def _process_share(processes: Processes | None) -> tuple[int, int]:
+def process_share(processes: Processes | None) -> tuple[int, int]:
+    """(rank, world size) of an accelerate-like ``processes`` (``process_index``/``num_processes``),
+    (0, 1) for ``None``; an index outside ``[0, num_processes)`` is an :class:`InputError`. The
+    planning and filtering processes share the work by it."""
     if processes is None:
         return 0, 1
     rank, world = int(processes.process_index), int(processes.num_processes)
@@ -280,7 +283,7 @@ def build_plan(
     # Each process (one without `processes`) reads, hashes and scores its contiguous share of the
     # sources; the shares are gathered in process order. A score does not depend on which images
     # share its forward pass (clipscore.SCORE_BLOCK), so any split gives the one-process plan.
-    rank, world = _process_share(processes)
+    rank, world = process_share(processes)
     lo, hi = rank * len(labels) // world, (rank + 1) * len(labels) // world
     show = (progress if progress is not None else len(labels) > _CHUNK) and rank == 0
     hashes, read_scores = _read_and_score(source.items[lo:hi], class_names, scorer if scores is None else None,
