@@ -198,7 +198,7 @@ _MOVED_MODULES = {old: new for old, new in MOVED.items()
                   if old.count(".") == 1 and old.rpartition(".")[2] in {
                       "plan_columns", "stat_record", "ags", "clipscore", "bases", "draws", "pool", "warm",
                       "demo", "_cli_cache", "_cli_prompts", "_cli_inspect", "_cli_da_fusion", "_cli_filter",
-                      "testing", "generation", "real_guidance", "classifier", "export_formats"}}
+                      "testing", "presets", "generation", "real_guidance", "classifier", "export_formats"}}
 
 
 def install_finder() -> None:
