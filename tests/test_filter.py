@@ -189,6 +189,24 @@ def test_clip_filters_score_with_the_plans_clipscore_and_a_plain_clip_agrees(set
     assert 0 < len(record.kept) < len(parent)
 
 
+def test_clip_source_refuses_a_source_changed_since_the_plan(setup, tmp_path):
+    """clip-source compares each variant with its source: a source file whose pixels changed after
+    planning is refused by name (the plan's one source loader checks the content hash)."""
+    from dalda_aug.cache import SyntheticCache
+    from dalda_aug.errors import InputError
+    from dalda_aug.filters import filter_plan
+
+    victim = setup.root / "data" / "coffee" / "2.png"
+    kept = victim.read_bytes()
+    try:
+        _crop(_photos()["rocket"], 7).save(victim)
+        with pytest.raises(InputError, match=r"coffee/2\.png.*differs from the one the plan was made from"):
+            filter_plan(setup.root / "P", SyntheticCache(setup.root / "C", setup.spec), ["clip-source:0.0,1.0"],
+                        tmp_path / "P", keep=4)
+    finally:
+        victim.write_bytes(kept)
+
+
 # -- the command line -----------------------------------------------------------------------------------
 def test_filter_command_prints_the_table_and_writes_filter_json(setup, tmp_path, capsys):
     clf = setup.root / "clf.pt"

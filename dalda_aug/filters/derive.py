@@ -213,24 +213,14 @@ def _read_progress(folder: Path, start: int, n: int, n_filters: int) -> npt.NDAr
     return np.asarray(array)
 
 
-def _source_images(plan: Any, rows: Sequence[int], cache: dict[str, Any]) -> list[Any]:
-    """The source image of each row (decoded once per source hash within a chunk; checked)."""
-    from ..data import image_sha256, load_image, source_path
+def _source_loader(plan: Any) -> Any:
+    """The plan's one source loader (:class:`~dalda_aug.plan.sources.SourceImages`), each source
+    checked against its content hash."""
+    from ..plan.sources import SourceImages
 
-    root = plan.data_root
-    if root is None:
+    if plan.data_root is None:
         raise InputError("clip-source needs the plan's source images, but the plan records no data_root")
-    out = []
-    for r in rows:
-        v = plan.variants[int(r)]
-        image = cache.get(v.source_sha256)
-        if image is None:
-            image = load_image(source_path(root, str(v.source)))
-            if image_sha256(image) != v.source_sha256:
-                raise InputError(f"source {v.source!r} changed since the plan was made (content hash differs)")
-            cache[v.source_sha256] = image
-        out.append(image)
-    return out
+    return SourceImages(plan)
 
 
 def _score_all(plan: Any, cache: Any, keys: list[str], filters: Sequence[Filter], progress_dir: Path,
@@ -245,7 +235,7 @@ def _score_all(plan: Any, cache: Any, keys: list[str], filters: Sequence[Filter]
     scores = np.empty((n, f), dtype=np.float64)
     passed = np.empty((n, f), dtype=bool)
     labels = np.asarray(plan.columns.arrays["label"], dtype=np.int64)
-    needs_sources = any(flt.NEEDS_SOURCES for flt in filters)
+    load_source = _source_loader(plan) if any(flt.NEEDS_SOURCES for flt in filters) else None
     scored = resumed = 0
     progress_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=n, desc="filtering", unit="img", disable=not progress) as bar:
@@ -261,7 +251,7 @@ def _score_all(plan: Any, cache: Any, keys: list[str], filters: Sequence[Filter]
                         raise InputError(f"cache entry {key} vanished (or was corrupt and removed) while filtering: "
                                          "fill the cache again with `dalda-aug warm`, then rerun (scored chunks are kept)")
                     images.append(image)
-                sources = _source_images(plan, range(start, stop), {}) if needs_sources else None
+                sources = None if load_source is None else [load_source(plan.variants[r]) for r in range(start, stop)]
                 done = np.empty((stop - start, 2 * f), dtype=np.float64)
                 for j, flt in enumerate(filters):
                     s, ok = flt.score(images, labels[start:stop], sources if flt.NEEDS_SOURCES else None)

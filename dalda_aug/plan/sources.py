@@ -1,5 +1,5 @@
-"""Loading a plan's source images: the one loader (:class:`SourceImages`) that ``warm``, ``inspect``
-and the contact sheets use."""
+"""Loading a plan's source images: the one loader (:class:`SourceImages`) that ``warm``, ``inspect``,
+the contact sheets and the filters use."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class SourceImages:
         self.max_edge = max_edge
         self.hint = hint
         self._last: tuple[Any, Any] | None = None
+        self._checked: tuple[Any, str] | None = None  # (source, content hash) of the last image verified
 
     def load(self, source: Any) -> Any:
         """The RGB image of plan source ``source`` (not checked against the plan)."""
@@ -51,14 +52,17 @@ class SourceImages:
             raise InputError(f"plan source {source!r} is a dataset index: {self.hint}")
         if self.max_edge is not None:
             check_scaled_size(image.size, self.max_edge, what)
-        self._last = (source, image)
+        self._last, self._checked = (source, image), None
         return image
 
     def __call__(self, variant: Any) -> Any:
         """The source image of a plan variant, checked against its content hash when ``verify``."""
         image = self.load(variant.source)
-        if self.verify and image_sha256(image) != variant.source_sha256:
+        if not self.verify or self._checked == (variant.source, variant.source_sha256):
+            return image  # the variants of one source hash it once
+        if image_sha256(image) != variant.source_sha256:
             self._last = None
             raise InputError(f"source image {variant.source!r} differs from the one the plan was made from "
                              "(content hash changed); re-plan")
+        self._checked = (variant.source, variant.source_sha256)
         return image
