@@ -146,8 +146,10 @@ def test_ctrl_c_in_warm_says_how_many_images_are_kept_and_how_to_continue(world,
 
     work, _ = world
     cache = tmp_path / "cache"
+    # 400 steps an image: the 8 images take long enough that the signal lands mid-run even on a loaded
+    # machine (at 30 steps a busy CI runner saw the whole warm finish before the signal was sent)
     argv = [sys.executable, "-m", "dalda_aug", "warm", "--plan", str(work / "plan"), "--cache", str(cache),
-            "--batch-size", "1", "--steps", "30", "--no-progress"]
+            "--batch-size", "1", "--steps", "400", "--no-progress"]
     proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
