@@ -146,11 +146,13 @@ def test_ctrl_c_in_warm_says_how_many_images_are_kept_and_how_to_continue(world,
 
     work, _ = world
     cache = tmp_path / "cache"
-    # 400 steps an image: the 8 images take long enough that the signal lands mid-run even on a loaded
-    # machine (at 30 steps a busy CI runner saw the whole warm finish before the signal was sent)
+    # 400 steps an image: the signal lands while the 8 images are being made, even on a loaded machine
     argv = [sys.executable, "-m", "dalda_aug", "warm", "--plan", str(work / "plan"), "--cache", str(cache),
             "--batch-size", "1", "--steps", "400", "--no-progress"]
-    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child, so Python turns it into KeyboardInterrupt: a test run started
+    # in the background of a non-interactive shell (`cmd &`) inherits SIGINT ignored, and so would warm
+    proc = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not (cache / "specs").is_dir() or not any((cache / "specs").iterdir()):  # the first image is stored

@@ -169,6 +169,6 @@ def test_suite_runs_against_the_installed_wheel():
     # The CLI in a subprocess (as the CLI tests run it) imports the installed package too.
     code = "import dalda_aug.cli; print(dalda_aug.cli.__file__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert Path(out.stdout.strip()).resolve() == installed / "cli.py"
+    assert Path(out.stdout.strip()).resolve() == installed / "cli" / "__init__.py"
     # Every file the package reads at run time (all of its non-code files) was installed.
     assert sorted(_package_files(SOURCE_PACKAGE) - _package_files(installed)) == []
