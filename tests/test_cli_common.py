@@ -59,3 +59,19 @@ def test_options_hands_on_the_named_ones():
     assert options(args, "steps", "size", "seed", given=True) == {"steps": 3, "seed": 0}
     with pytest.raises(AttributeError):
         options(args, "nope")
+
+
+@pytest.mark.parametrize("command", [
+    ["warm", "--plan", "{missing}", "--cache", "{missing}"],
+    ["textual-inversion", "--data", "{missing}", "--out", "{missing}", "--models", "{models}"],
+])
+def test_threads_below_one_is_one_line_naming_the_option(tmp_path, capsys, tiny_models, command):
+    """warm and textual-inversion take --threads alike: 0 is refused in one line (exit 2), before
+    the plan or the images are read."""
+    from pathlib import Path
+
+    models = Path(tiny_models.base).parent  # the folder make_tiny_models wrote, with its models.json
+    assert (models / "models.json").is_file()
+    argv = [word.format(missing=tmp_path / "missing", models=models) for word in command] + ["--threads", "0"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"dalda-aug {command[0]}: error: --threads must be >= 1, got 0\n"

@@ -1,6 +1,6 @@
 """What several commands do the same way: declare a subcommand and its ``--data`` folder, pass
 options on by name, refuse a plan folder that is taken, find the processes of ``accelerate
-launch``, pick the default device.
+launch``, pick the default device, take ``--threads``.
 
 The command modules import from here (never from the dispatcher, :mod:`dalda_aug.cli`), so each
 small thing a command does has one place.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["add_command", "add_data_argument", "options", "refuse_taken_plan_folder", "launched_processes",
-           "default_device"]
+           "default_device", "accelerate_cpu", "partial_state", "add_threads_argument", "check_threads", "set_threads"]
 
 
 def add_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str,
@@ -51,9 +51,34 @@ def launched_processes(device: str | None) -> Any:
     work and the main process writes the result. ``None`` otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None
-    from .cache import partial_state
-
     return partial_state(device)
+
+
+def accelerate_cpu() -> bool:
+    """Whether ``accelerate launch --cpu`` asked for the CPU (``ACCELERATE_USE_CPU``), read in one place."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def partial_state(device: str | None) -> Any:
+    """``accelerate.PartialState`` (rank and world size under ``accelerate launch``).
+
+    Processes run on the CPU (gloo) when ``--device cpu`` is given, when accelerate was told
+    ``--cpu`` (``ACCELERATE_USE_CPU``) or when there is no CUDA device. Note that
+    ``accelerate launch --cpu`` starts a single process unless MPI is set up; on a machine
+    without GPUs, ``accelerate launch --multi_gpu --num_processes N`` starts N CPU processes.
+    """
+
+    import torch
+
+    from ..errors import require
+
+    accelerate = require("accelerate", "generate")
+    cpu = (
+        (device is not None and device.startswith("cpu"))
+        or accelerate_cpu()
+        or not torch.cuda.is_available()
+    )
+    return accelerate.PartialState(cpu=cpu)
 
 
 def default_device(device: str | None) -> str:
@@ -63,3 +88,27 @@ def default_device(device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for the command's model work."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, or the models file's: 1 for the tiny models, whose "
+                             "small layers lose more to thread hand-offs than they gain)")
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads`` is None or at least 1; else one line naming it."""
+    if threads is not None and threads < 1:
+        from ..errors import InputError
+
+        raise InputError(f"--threads must be >= 1, got {threads}")
+
+
+def set_threads(threads: int | None) -> None:
+    """Give torch ``--threads`` CPU threads (checked); nothing when it is not given."""
+    check_threads(threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)

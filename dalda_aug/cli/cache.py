@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ._common import accelerate_cpu, add_threads_argument, check_threads, partial_state, set_threads
+
 if TYPE_CHECKING:
     from ..cache.codecs import ImageCodec
     from ..cache import GenerationSpec, SyntheticCache
@@ -160,11 +162,6 @@ def spec_from_args(args: argparse.Namespace, plan: AugmentationPlan | None = Non
     return GenerationSpec(models, config, args.dtype or default_dtype(getattr(args, "device", None)))
 
 
-def accelerate_cpu() -> bool:
-    """Whether ``accelerate launch --cpu`` asked for the CPU (``ACCELERATE_USE_CPU``), read in one place."""
-    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-
-
 def default_dtype(device: str | None = None) -> str:
     """The generation dtype when ``--dtype`` is not given: ``"float16"`` on a CUDA device (the
     reference code generates in float16), else ``"float32"``. Without ``device``: the device
@@ -239,28 +236,6 @@ def describe_settings(args: argparse.Namespace, spec: GenerationSpec, device: st
             f"device {device} ({device_from}){threads}")
 
 
-def partial_state(device: str | None) -> Any:
-    """``accelerate.PartialState`` (rank and world size under ``accelerate launch``).
-
-    Processes run on the CPU (gloo) when ``--device cpu`` is given, when accelerate was told
-    ``--cpu`` (``ACCELERATE_USE_CPU``) or when there is no CUDA device. Note that
-    ``accelerate launch --cpu`` starts a single process unless MPI is set up; on a machine
-    without GPUs, ``accelerate launch --multi_gpu --num_processes N`` starts N CPU processes.
-    """
-
-    import torch
-
-    from ..errors import require
-
-    accelerate = require("accelerate", "generate")
-    cpu = (
-        (device is not None and device.startswith("cpu"))
-        or accelerate_cpu()
-        or not torch.cuda.is_available()
-    )
-    return accelerate.PartialState(cpu=cpu)
-
-
 def _run_warm(args: argparse.Namespace) -> int:
 
     from ..cache import SyntheticCache, default_shard_name
@@ -268,8 +243,7 @@ def _run_warm(args: argparse.Namespace) -> int:
     from ..cache.warm import check_dtype_on_device, warm
 
     quality = _quality(args.quality, args.format)  # before the plan is read
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
     plan = _load_plan(args.plan, args.data_root)
     spec = spec_from_args(args, plan)
     state = partial_state(args.device)
@@ -290,10 +264,7 @@ def _run_warm(args: argparse.Namespace) -> int:
           f"cache shard shard-{cache.shard}{note}", flush=True)
     from ..cache.warm import WarmInterrupted
 
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         report = warm(
             plan,
@@ -482,9 +453,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "stored in each entry's header")
     p.add_argument("--shard", default=None,
                    help=f"cache shard name (default <host>-<rank>, e.g. {socket.gethostname()}-0)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, or the models file's: 1 for the tiny models, whose "
-                        "small layers lose more to thread hand-offs than they gain)")
+    add_threads_argument(p)
     p.add_argument("--verify", action="store_true",
                    help="first decode this process's cached entries, regenerate bad ones")
     p.add_argument("--report", default=None, help="write this process's summary as JSON ({rank} is replaced)")

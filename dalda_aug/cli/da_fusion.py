@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_command, add_data_argument, default_device, options
+from ._common import add_command, add_data_argument, add_threads_argument, default_device, options, set_threads
 
 __all__ = ["register"]
 
@@ -18,14 +18,7 @@ def _run_textual_inversion(args: argparse.Namespace) -> int:
     from ..hub import require_hub_models
 
     require_hub_models(models, ("base",))  # one line in seconds without the hub
-    import torch
-
-    if args.threads is not None:
-        if args.threads < 1:
-            from ..errors import InputError
-
-            raise InputError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     tokens = train_textual_inversion(args.data, args.out, models=models, shots=args.shots, seed=args.seed,
                                      config=config, device=default_device(args.device), dtype=args.dtype,
                                      progress=not args.no_progress)
@@ -57,7 +50,5 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--resolution", type=int, default=None, help="training image size (default 512)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="dtype of the frozen UNet and VAE (default float32)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's, or the models file's: 1 for the tiny models, whose "
-                        "small layers lose more to thread hand-offs than they gain)")
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true")
