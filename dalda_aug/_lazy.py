@@ -19,9 +19,8 @@ import types
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
-# old path -> new path. A key naming a module (``dalda_aug.plan_columns``) moves the module; a key
-# naming a name of a module (``dalda_aug.GenerationConfig``) moves that name.
-MOVED: dict[str, str] = {
+# old module path -> new module path: the modules that moved (an old path imports the new module).
+_MOVED_MODULES: dict[str, str] = {
     # modules that moved into their room
     "dalda_aug.plan_columns": "dalda_aug.plan.columns",
     "dalda_aug.stat_record": "dalda_aug.plan.records",
@@ -41,13 +40,18 @@ MOVED: dict[str, str] = {
     "dalda_aug.presets": "dalda_aug.prompts.presets",
     # the former shim modules
     "dalda_aug.generation": "dalda_aug.generators.ip_adapter",
+    "dalda_aug.real_guidance": "dalda_aug.generators.real_guidance",
+    "dalda_aug.classifier": "dalda_aug.classify.model",
+    "dalda_aug.export_formats": "dalda_aug.cache.export",
+}
+# old path -> new path, the one map: the moved modules above, and each name of a module that moved
+# (``dalda_aug.GenerationConfig``).
+MOVED: dict[str, str] = {
+    **_MOVED_MODULES,
     "dalda_aug.generation.GenerationConfig": "dalda_aug.generators.ip_adapter.IPAdapterConfig",
     "dalda_aug.generation.GenerationRequest": "dalda_aug.generators.base.GenerationRequest",
     "dalda_aug.generation.generation_fingerprint": "dalda_aug.generators.base.generation_fingerprint",
     "dalda_aug.generation.ddim_scheduler_config": "dalda_aug.generators.loading.ddim_scheduler_config",
-    "dalda_aug.real_guidance": "dalda_aug.generators.real_guidance",
-    "dalda_aug.classifier": "dalda_aug.classify.model",
-    "dalda_aug.export_formats": "dalda_aug.cache.export",
     # renamed: the IP-Adapter's config sat one letter from the base GeneratorConfig
     "dalda_aug.generators.ip_adapter.GenerationConfig": "dalda_aug.generators.ip_adapter.IPAdapterConfig",
     "dalda_aug.generators.GenerationConfig": "dalda_aug.generators.ip_adapter.IPAdapterConfig",
@@ -191,14 +195,6 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         _warn(module.__name__, _MOVED_MODULES[module.__name__])
         importlib.import_module(_MOVED_MODULES[module.__name__])
-
-
-# the keys of MOVED that name modules (nothing else lives at them)
-_MOVED_MODULES = {old: new for old, new in MOVED.items()
-                  if old.count(".") == 1 and old.rpartition(".")[2] in {
-                      "plan_columns", "stat_record", "ags", "clipscore", "bases", "draws", "pool", "warm",
-                      "demo", "_cli_cache", "_cli_prompts", "_cli_inspect", "_cli_da_fusion", "_cli_filter",
-                      "testing", "presets", "generation", "real_guidance", "classifier", "export_formats"}}
 
 
 def install_finder() -> None:
