@@ -32,8 +32,8 @@ import torch
 from ..errors import InputError
 
 __all__ = ["ADAPTERS", "BaseAdapter", "FolderAdapter", "GenericAdapter", "HuggingFaceAdapter", "SubsetAdapter",
-           "TimmAdapter", "adapter_for", "adopt_transforms", "register_base_adapter", "check_item_shape", "hf_columns", "is_hf_dataset", "plan_indices",
-           "source_ids", "timm_reader", "unwrap"]
+           "TimmAdapter", "adapter_for", "adopt_transforms", "register_base_adapter", "check_item_shape", "hf_columns",
+           "is_hf_dataset", "plan_indices", "source_ids", "timm_reader", "unwrap"]
 
 
 def is_hf_dataset(dataset: Any) -> bool:
@@ -395,9 +395,10 @@ def register_base_adapter(adapter_class: type[BaseAdapter], *, before: str | Non
     kinds and the kinds registered before it), or, with ``before=KIND`` (``"folder"``, ``"subset"``,
     a registered kind...), just before that kind: for a dataset another kind would also accept (one
     listing ``samples`` would be read as a ``folder``). Keep ``subset`` first to have a
-    ``torch.utils.data.Subset`` of your dataset mapped through its indices to your adapter. ``adapter_class`` must be a :class:`BaseAdapter` subclass with a
-    :attr:`~BaseAdapter.kind` of its own and its own :meth:`~BaseAdapter.matches` (the default accepts
-    every dataset); anything else is an :class:`InputError`. Returns ``adapter_class`` (so it can
+    ``torch.utils.data.Subset`` of your dataset mapped through its indices to your adapter.
+    ``adapter_class`` must be a :class:`BaseAdapter` subclass with a :attr:`~BaseAdapter.kind` of its
+    own and its own :meth:`~BaseAdapter.matches` (the default accepts every dataset); anything else
+    is an :class:`InputError`. Returns ``adapter_class`` (so it can
     decorate the class). A DataLoader worker reads the adapter the dataset picked at construction,
     so registering in the main process is enough.
     """
